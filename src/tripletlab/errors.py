@@ -1,0 +1,29 @@
+"""Exception types raised by tripletlab.
+
+Every error that a user can cause (bad input, bad file, bad option) is a :class:`TripletLabError`,
+so the command line can print its message and exit 1 without a traceback. Subclasses also derive
+from the matching built-in type (``ValueError``, ``TypeError``, ``FileNotFoundError``) so that
+plain Python code can catch them the usual way.
+"""
+
+from __future__ import annotations
+
+
+class TripletLabError(Exception):
+    """Base class of all errors tripletlab raises on purpose."""
+
+
+class InputError(TripletLabError, ValueError):
+    """An argument has the wrong shape, dtype, value or name (e.g. NaN embeddings)."""
+
+
+class InputTypeError(TripletLabError, TypeError):
+    """An argument has the wrong type (e.g. float labels where integer labels are required)."""
+
+
+class FileFormatError(TripletLabError, ValueError):
+    """A file exists but is unreadable, truncated, corrupt or of the wrong kind."""
+
+
+class MissingFileError(TripletLabError, FileNotFoundError):
+    """A required file or directory does not exist."""
