@@ -1,8 +1,8 @@
 """Pairwise distance matrices that are exact where it matters and safe at d = 0.
 
 All functions take ``x`` of shape (B, D) and optionally ``y`` of shape (R, D) and return the
-(B, R) matrix ``dist[i, j] = d(x_i, y_j)``; with ``y=None`` the reference set is ``x`` itself and the
-diagonal is exactly 0.
+(B, R) matrix ``dist[i, j] = d(x_i, y_j)``; with ``y=None`` the reference set is ``x`` itself and
+the diagonal is exactly 0.
 
 * ``euclidean``   d(x, y) = ||x - y||_2
 * ``sqeuclidean`` d(x, y) = ||x - y||_2^2

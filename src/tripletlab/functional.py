@@ -15,7 +15,8 @@ Negatives relative to a positive pair (a, p) (Schroff et al. 2015):
 
 Strategies (:data:`STRATEGIES`):
 
-* ``all`` — batch-all: every valid triplet (FaceNet-style; averaged over active triplets by default).
+* ``all`` — batch-all: every valid triplet (FaceNet-style; averaged over active triplets by
+  default).
 * ``hard`` — batch-hard (Hermans, Beyer & Leibe 2017, "In Defense of the Triplet Loss"): per anchor,
   its farthest positive and its closest negative.
 * ``semihard`` — FaceNet (Schroff, Kalenichenko & Philbin 2015): per positive pair, the closest

@@ -35,7 +35,8 @@ class TripletLoss(nn.Module):
     are not renormalised by the loss (the model head L2-normalises them).
 
     Index tuples ``(anchors, positives, negatives)`` follow pytorch-metric-learning, so its miners
-    can feed this loss (``indices_tuple=``) and :func:`tripletlab.mine_triplets` can feed its losses.
+    can feed this loss (``indices_tuple=``) and :func:`tripletlab.mine_triplets` can feed its
+    losses.
 
     After each call, :attr:`stats` holds a dict: ``n_triplets``, ``n_active``, ``active_fraction``,
     ``mean_d_ap``, ``mean_d_an``, ``mean_distance`` (collapse signal), ``batch_size``,
