@@ -1,0 +1,192 @@
+"""Every strategy and reduction against the brute-force triple loop (tests/oracle.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracle import mined_triplets, reference_distances, reference_loss
+
+from tripletlab import TripletLoss, mine_triplets
+from tripletlab.functional import (
+    REDUCTIONS,
+    mine_from_distances,
+    triplet_loss_from_distances,
+)
+
+DETERMINISTIC = ["all", "hard", "semihard", "hardest-negative", "easy-positive"]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-9}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOL[dtype]
+    assert torch.allclose(a.double(), b.double(), rtol=tol, atol=tol), (a.item(), b.item())
+
+
+@st.composite
+def tie_batches(draw):
+    """Small batches with integer distances (many exact ties), any label pattern."""
+    b = draw(st.integers(0, 9))
+    n_cls = draw(st.integers(1, 4))
+    labels = draw(st.lists(st.integers(0, n_cls - 1), min_size=b, max_size=b))
+    vals = draw(st.lists(st.integers(0, 4), min_size=b * b, max_size=b * b))
+    dist = torch.tensor(vals, dtype=torch.float64).reshape(b, b) / 2
+    dist = (dist + dist.t()) / 2
+    if b:
+        dist.fill_diagonal_(0)
+    return dist, torch.tensor(labels, dtype=torch.long)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("strategy", DETERMINISTIC)
+@pytest.mark.parametrize("soft", [False, True])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=tie_batches(),
+    margin=st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.5]),
+    reduction=st.sampled_from(REDUCTIONS),
+    fallback=st.sampled_from(["easiest", "drop"]),
+)
+def test_loss_matches_bruteforce_with_ties(
+    dtype, strategy, soft, batch, margin, reduction, fallback
+):
+    dist, labels = batch
+    dist = dist.to(dtype)
+    loss, stats = triplet_loss_from_distances(
+        dist,
+        labels,
+        strategy=strategy,
+        margin=margin,
+        soft_margin=soft,
+        reduction=reduction,
+        semihard_fallback=fallback,
+    )
+    ref, n_trip, n_active = reference_loss(
+        dist, labels, strategy, margin, soft, reduction, fallback
+    )
+    _close(loss, ref, dtype)
+    assert torch.isfinite(loss)
+    assert stats.as_dict()["n_triplets"] == n_trip
+    assert stats.as_dict()["n_active"] == n_active
+
+
+@pytest.mark.parametrize("strategy", DETERMINISTIC)
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=tie_batches(),
+    margin=st.sampled_from([0.0, 0.5, 1.0]),
+    fallback=st.sampled_from(["easiest", "drop"]),
+)
+def test_mined_triplets_valid_and_equal_loss(strategy, batch, margin, fallback):
+    """Mined triplets are valid; on tie-free picks they are exactly the oracle's triplets."""
+    dist, labels = batch
+    a, p, n = mine_from_distances(
+        dist, labels, strategy=strategy, margin=margin, semihard_fallback=fallback
+    )
+    for ai, pi, ni in zip(a.tolist(), p.tolist(), n.tolist(), strict=True):
+        assert ai != pi and labels[ai] == labels[pi] and labels[ni] != labels[ai]
+    ref = mined_triplets(dist, labels, strategy, margin, fallback)
+    if strategy == "all":  # the miner returns only active triplets (pml convention)
+        ref = [t for t in ref if dist[t[0], t[1]] - dist[t[0], t[2]] + margin > 0]
+        assert sorted(zip(a.tolist(), p.tolist(), n.tolist(), strict=True)) == sorted(ref)
+    else:
+        # ties may pick a different but equally-distant index: compare the distances picked
+        got = sorted(
+            (ai, pi, float(dist[ai, ni]), float(dist[ai, pi]))
+            for ai, pi, ni in zip(a.tolist(), p.tolist(), n.tolist(), strict=True)
+        )
+        want = sorted((ai, pi, float(dist[ai, ni]), float(dist[ai, pi])) for ai, pi, ni in ref)
+        if strategy in ("hard", "easy-positive"):
+            got = sorted((g[0], g[2], g[3]) for g in got)
+            want = sorted((w[0], w[2], w[3]) for w in want)
+        assert got == want
+
+
+def _random_batch(b, d, n_cls, dtype, seed, dup=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=dtype), dim=1)
+    if dup:
+        emb[-dup:] = emb[:dup]  # duplicate embeddings (zero distances)
+    labels = torch.randint(0, n_cls, (b,), generator=g)
+    return emb, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("distance", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("strategy", DETERMINISTIC)
+@pytest.mark.parametrize("soft", [False, True])
+def test_end_to_end_value_and_gradient(dtype, distance, strategy, soft):
+    """Embeddings -> loss and d loss / d embeddings equal the oracle's (tie-free random data)."""
+    for seed in range(4):
+        emb, labels = _random_batch(12, 5, 3, dtype, seed)
+        emb.requires_grad_(True)
+        loss_fn = TripletLoss(margin=0.3, strategy=strategy, distance=distance, soft_margin=soft)
+        loss = loss_fn(emb, labels)
+        (g,) = torch.autograd.grad(loss, emb)
+        emb_ref = emb.detach().clone().requires_grad_(True)
+        ref, _, _ = reference_loss(
+            reference_distances(emb_ref, distance), labels, strategy, 0.3, soft, loss_fn.reduction
+        )
+        (g_ref,) = torch.autograd.grad(ref, emb_ref, allow_unused=True)
+        g_ref = torch.zeros_like(emb_ref) if g_ref is None else g_ref
+        _close(loss, ref, dtype)
+        tol = TOL[dtype] * 10
+        assert torch.allclose(g, g_ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("strategy", DETERMINISTIC)
+def test_duplicates_singletons_and_one_class(strategy):
+    """Duplicate embeddings, singleton classes, one class: finite, equal to the oracle."""
+    for seed in range(6):
+        emb, labels = _random_batch(10, 4, 4, torch.float64, seed, dup=4)
+        labels[0] = 99  # a singleton class
+        for lab in (labels, torch.zeros_like(labels)):
+            emb_g = emb.clone().requires_grad_(True)
+            loss_fn = TripletLoss(margin=0.2, strategy=strategy)
+            loss = loss_fn(emb_g, lab)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(emb_g.grad).all()
+            dist = reference_distances(emb, "euclidean")
+            ref, _, _ = reference_loss(dist, lab, strategy, 0.2, False, loss_fn.reduction)
+            _close(loss, ref, torch.float64)
+
+
+@pytest.mark.parametrize("strategy", DETERMINISTIC)
+def test_reference_bank_mining(strategy):
+    """Anchors from the batch, positives/negatives from a memory bank (no self-exclusion)."""
+    emb, labels = _random_batch(8, 4, 3, torch.float64, 0)
+    bank, bank_labels = _random_batch(11, 4, 3, torch.float64, 1)
+    loss_fn = TripletLoss(margin=0.4, strategy=strategy)
+    loss = loss_fn(emb, labels, ref_embeddings=bank, ref_labels=bank_labels)
+    dist = reference_distances(emb, "euclidean", bank)
+    ref, n_trip, _ = reference_loss(
+        dist, labels, strategy, 0.4, False, loss_fn.reduction, ref_labels=bank_labels
+    )
+    _close(loss, ref, torch.float64)
+    assert loss_fn.stats["n_triplets"] == n_trip
+
+
+def test_given_indices_tuple_matches_manual_computation():
+    emb, labels = _random_batch(12, 6, 3, torch.float64, 3)
+    a, p, n = mine_triplets(emb, labels, strategy="all", margin=None)
+    loss = TripletLoss(margin=0.2, strategy="hard", reduction="mean")(
+        emb, labels, indices_tuple=(a, p, n)
+    )
+    d_ap = (emb[a] - emb[p]).norm(dim=1)
+    d_an = (emb[a] - emb[n]).norm(dim=1)
+    _close(loss, torch.relu(d_ap - d_an + 0.2).mean(), torch.float64)
+
+
+def test_all_miner_without_margin_enumerates_every_valid_triplet_and_caps():
+    emb, labels = _random_batch(14, 3, 3, torch.float64, 5)
+    a, p, n = mine_triplets(emb, labels, strategy="all", margin=None)
+    dist = reference_distances(emb, "euclidean")
+    ref = mined_triplets(dist, labels, "all", 0.0)
+    assert sorted(zip(a.tolist(), p.tolist(), n.tolist(), strict=True)) == sorted(ref)
+    g = torch.Generator().manual_seed(0)
+    a2, p2, n2 = mine_triplets(
+        emb, labels, strategy="all", margin=None, max_triplets=25, generator=g
+    )
+    sub = list(zip(a2.tolist(), p2.tolist(), n2.tolist(), strict=True))
+    assert len(sub) == 25 and len(set(sub)) == 25 and set(sub) <= set(ref)
