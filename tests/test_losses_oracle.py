@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import mined_triplets, reference_distances, reference_loss
 
+from oracle import mined_triplets, reference_distances, reference_loss
 from tripletlab import TripletLoss, mine_triplets
 from tripletlab.functional import (
     REDUCTIONS,
