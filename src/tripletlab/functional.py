@@ -268,22 +268,45 @@ def _row_chunks(b: int, r: int) -> list[slice]:
 # --------------------------------------------------------------------------------------------
 
 
-def _hinge_all_chunk(
-    d: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a block of anchor rows: per positive entry, count c and loss sum of active negatives."""
-    inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
-    sneg = torch.where(neg, d, inf).sort(dim=1).values
-    prefix = torch.where(torch.isinf(sneg), 0.0, sneg.double()).cumsum(dim=1)
-    prefix = F.pad(prefix, (1, 0))
-    thr = torch.where(pos, d + margin, -inf)
-    c = torch.searchsorted(sneg, thr, side="left")  # number of negatives with d_an < d_ap + m
-    s = c.double() * torch.where(pos, thr.double(), 0.0) - prefix.gather(1, c)
-    return c, s, sneg
+def _positive_slots(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column indices of each row's positives, left-aligned in a (rows, P) table.
+
+    ``P`` is the largest number of positives of a row (``K - 1`` for a PK batch); ``valid`` marks
+    the real entries. Built from ``nonzero`` (row-major), so no sort of the (rows, R) mask.
+    """
+    rows = pos.shape[0]
+    n_pos = pos.sum(dim=1)
+    width = max(int(n_pos.max()), 1) if rows else 1
+    r_idx, c_idx = pos.nonzero(as_tuple=True)
+    first = n_pos.cumsum(0) - n_pos
+    rank = torch.arange(r_idx.numel(), device=pos.device) - first[r_idx]
+    slots = torch.zeros(rows, width, dtype=torch.long, device=pos.device)
+    slots[r_idx, rank] = c_idx
+    valid = torch.arange(width, device=pos.device)[None, :] < n_pos[:, None]
+    return slots, valid
+
+
+def _hinge_all_chunk(d: torch.Tensor, pos: torch.Tensor, margin: float):
+    """Per anchor row: its positives' thresholds ``t = d_ap + margin``, sorted (rows, P), the sort
+    permutation, the slot table, and for every column ``j`` = #thresholds <= d (rows, R).
+
+    For a negative n of anchor a, ``P - j`` thresholds lie strictly above ``d(a, n)``: that many
+    triplets (a, ., n) are active, and their summed loss is ``suffix_sum_thr[j] - (P - j) d_an``.
+    """
+    slots, valid = _positive_slots(pos)
+    ninf = torch.tensor(-float("inf"), dtype=d.dtype, device=d.device)
+    thr = torch.where(valid, d.gather(1, slots) + margin, ninf)
+    sthr, perm = thr.sort(dim=1)
+    j = torch.searchsorted(sthr, d.contiguous(), side="right")
+    return sthr, perm, slots, valid, j
 
 
 class _BatchAllHinge(torch.autograd.Function):
-    """Sum of max(0, d_ap - d_an + m) over all valid triplets, with its exact gradient."""
+    """Sum of max(0, d_ap - d_an + m) over all valid triplets, with its exact gradient.
+
+    Per anchor the positive thresholds are sorted (P of them) and every negative is located among
+    them by binary search: O(B² log P) time, O(B²) memory, no triplet is enumerated.
+    """
 
     @staticmethod
     def forward(ctx, dist, labels, ref_labels, exclude_self, margin):  # noqa: D102
@@ -292,9 +315,14 @@ class _BatchAllHinge(torch.autograd.Function):
         n_active = torch.zeros((), dtype=torch.int64, device=dist.device)
         for rows in _row_chunks(b, r):
             pos, neg = _masks(labels, ref_labels, exclude_self, rows)
-            c, s, _ = _hinge_all_chunk(dist[rows], pos, neg, margin)
-            total += s.sum()
-            n_active += c.sum()
+            d = dist[rows]
+            sthr, _, _, _, j = _hinge_all_chunk(d, pos, margin)
+            width = sthr.shape[1]
+            finite = torch.where(torch.isfinite(sthr), sthr.double(), 0.0)
+            suffix = F.pad(finite.flip(1).cumsum(1).flip(1), (0, 1))  # suffix[q] = sum_{>=q}
+            cnt = torch.where(neg, width - j, 0)
+            total += (suffix.gather(1, j) * neg).sum() - (cnt * d.double()).sum()
+            n_active += cnt.sum()
         ctx.save_for_backward(dist, labels, ref_labels)
         ctx.exclude_self = exclude_self
         ctx.margin = margin
@@ -304,48 +332,52 @@ class _BatchAllHinge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_count):  # noqa: D102
         dist, labels, ref_labels = ctx.saved_tensors
-        grad = torch.zeros_like(dist)
+        grad = torch.empty_like(dist)
         b, r = dist.shape
         for rows in _row_chunks(b, r):
             pos, neg = _masks(labels, ref_labels, ctx.exclude_self, rows)
             d = dist[rows]
-            c, _, _ = _hinge_all_chunk(d, pos, neg, ctx.margin)
-            ninf = torch.tensor(-float("inf"), dtype=d.dtype, device=d.device)
-            sthr = torch.where(pos, d + ctx.margin, ninf).sort(dim=1).values
-            # number of positives p with d_an < d_ap + m, i.e. thresholds strictly above d_an
-            above = r - torch.searchsorted(sthr, d.contiguous(), side="right")
-            g = torch.where(pos, c.to(d.dtype), 0.0) - torch.where(neg, above.to(d.dtype), 0.0)
+            sthr, perm, slots, valid, j = _hinge_all_chunk(d, pos, ctx.margin)
+            width = sthr.shape[1]
+            # dL/d(a, n) = -#{p : d_an < d_ap + m}
+            g = torch.where(neg, j - width, 0).to(d.dtype)
+            # dL/d(a, p) = #{n : d_an < t_p}; the sorted threshold q counts negatives with j <= q
+            hist = torch.zeros(d.shape[0], width + 1, dtype=d.dtype, device=d.device)
+            hist.scatter_add_(1, j, neg.to(d.dtype))
+            c_sorted = hist.cumsum(dim=1)[:, :width]
+            c_slot = torch.zeros_like(c_sorted).scatter_(1, perm, c_sorted)
+            g.scatter_add_(1, slots, c_slot * valid)
             grad[rows] = g
         return grad * grad_total, None, None, None, None
 
 
-def _soft_all_chunk(d, pos, neg, pos_idx, pos_valid):
-    d_ap = d.gather(1, pos_idx).masked_fill(~pos_valid, -float("inf"))  # (rows, P)
+def _soft_all_chunk(d, neg, slots, valid):
+    d_ap = d.gather(1, slots).masked_fill(~valid, -float("inf"))  # (rows, P)
     d_an = d.masked_fill(~neg, float("inf"))  # (rows, R)
     return d_ap[:, :, None] - d_an[:, None, :]  # (rows, P, R), -inf where invalid
 
 
-def _padded_positives(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n_pos = pos.sum(dim=1)
-    width = max(int(n_pos.max()) if n_pos.numel() else 0, 1)
-    # stable sort puts the positive columns first, in index order
-    order = torch.sort((~pos).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    valid = torch.arange(width, device=pos.device)[None, :] < n_pos[:, None]
-    return order, valid
-
-
 def _soft_row_chunks(labels, ref_labels, exclude_self, b, r):
     """Row chunks sized so that (rows x max_positives x R) stays bounded."""
-    pos_all, _ = _masks(labels, ref_labels, exclude_self)
-    n_pos = pos_all.sum(dim=1)
+    n_pos = (
+        torch.cat(
+            [
+                _masks(labels, ref_labels, exclude_self, rows)[0].sum(dim=1)
+                for rows in _row_chunks(b, r)
+            ]
+        )
+        if b
+        else torch.zeros(0, dtype=torch.long)
+    )
     chunks = []
     start = 0
+    n_pos_l = n_pos.tolist()
     while start < b:
-        width = 1
-        end = start
+        width = max(n_pos_l[start], 1)
+        end = start + 1
         while end < b:
-            w = max(width, int(n_pos[end]))
-            if end > start and (end - start + 1) * max(w, 1) * max(r, 1) > _CHUNK_ELEMS:
+            w = max(width, n_pos_l[end])
+            if (end - start + 1) * w * max(r, 1) > _CHUNK_ELEMS:
                 break
             width = w
             end += 1
@@ -368,9 +400,8 @@ class _BatchAllSoft(torch.autograd.Function):
         n_active = torch.zeros((), dtype=torch.int64, device=dist.device)
         for rows in _soft_row_chunks(labels, ref_labels, exclude_self, b, r):
             pos, neg = _masks(labels, ref_labels, exclude_self, rows)
-            pos_idx, pos_valid = _padded_positives(pos)
-            x = _soft_all_chunk(dist[rows], pos, neg, pos_idx, pos_valid)
-            sp = F.softplus(x)
+            slots, valid = _positive_slots(pos)
+            sp = F.softplus(_soft_all_chunk(dist[rows], neg, slots, valid))
             total += sp.sum(dtype=torch.float64)
             n_active += (sp > 0).sum()
         ctx.save_for_backward(dist, labels, ref_labels)
@@ -385,11 +416,10 @@ class _BatchAllSoft(torch.autograd.Function):
         b, r = dist.shape
         for rows in _soft_row_chunks(labels, ref_labels, ctx.exclude_self, b, r):
             pos, neg = _masks(labels, ref_labels, ctx.exclude_self, rows)
-            pos_idx, pos_valid = _padded_positives(pos)
-            sig = torch.sigmoid(_soft_all_chunk(dist[rows], pos, neg, pos_idx, pos_valid))
-            g = torch.zeros_like(dist[rows])
-            g.scatter_add_(1, pos_idx, sig.sum(dim=2) * pos_valid)
-            g -= sig.sum(dim=1)
+            slots, valid = _positive_slots(pos)
+            sig = torch.sigmoid(_soft_all_chunk(dist[rows], neg, slots, valid))
+            g = -sig.sum(dim=1)
+            g.scatter_add_(1, slots, sig.sum(dim=2) * valid)
             grad[rows] = g
         return grad * grad_total, None, None, None
 
@@ -477,6 +507,30 @@ def _empty_triplets(device) -> IndexTuple:
     return e, e.clone(), e.clone()
 
 
+# Up to this many positives per anchor, semi-hard negatives are found by one masked argmin per
+# positive (O(B² P)); beyond it, by sorting each anchor's negatives once (O(B² log B)).
+_DIRECT_SLOTS = 24
+
+
+def _semihard_slots(d, neg, d_ap):
+    """Per (row, slot): index of the closest negative with d_an > d_ap, and whether one exists."""
+    inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
+    rows, width = d_ap.shape
+    if width <= _DIRECT_SLOTS:
+        idx = torch.empty(rows, width, dtype=torch.long, device=d.device)
+        found = torch.empty(rows, width, dtype=torch.bool, device=d.device)
+        for q in range(width):
+            cand = torch.where(neg & (d > d_ap[:, q : q + 1]), d, inf)
+            val, arg = cand.min(dim=1)
+            idx[:, q] = arg
+            found[:, q] = torch.isfinite(val)
+        return idx, found
+    sneg, order = torch.where(neg, d, inf).sort(dim=1, stable=True)
+    jj = torch.searchsorted(sneg, d_ap.contiguous(), side="right")
+    found = jj < neg.sum(dim=1, keepdim=True)
+    return order.gather(1, jj.clamp_max(d.shape[1] - 1)), found
+
+
 def _per_pair_negatives(
     dist: torch.Tensor,
     labels: torch.Tensor,
@@ -496,53 +550,41 @@ def _per_pair_negatives(
     inf = float("inf")
     for rows in _row_chunks(b, r):
         pos, neg = _masks(labels, ref_labels, exclude_self, rows)
-        d = dist[rows]
-        pa, pp = pos.nonzero(as_tuple=True)
-        if pa.numel() == 0:
+        if not bool(pos.any()):
             continue
-        has_neg = neg.any(dim=1)
-        n_neg = neg.sum(dim=1)
+        d = dist[rows]
+        slots, valid = _positive_slots(pos)
+        width = slots.shape[1]
+        has_neg = neg.any(dim=1, keepdim=True)
+        keep = valid & has_neg
         if strategy == "semihard":
-            sneg, order = torch.where(neg, d, inf).sort(dim=1)
-            # first negative strictly farther than d(a, p), searched per anchor row
-            j = torch.searchsorted(sneg, d.contiguous(), side="right")[pa, pp]
-            found = j < n_neg[pa]
-            if fallback == "easiest":
-                j = torch.where(found, j, (n_neg[pa] - 1).clamp_min(0))
-                keep = has_neg[pa]
+            nn, found = _semihard_slots(d, neg, d.gather(1, slots))
+            if fallback == "easiest":  # farthest negative (TF-Addons)
+                far = torch.where(neg, d, -inf).argmax(dim=1, keepdim=True)
+                nn = torch.where(found, nn, far)
             else:
-                keep = found
-            j = j.clamp_max(r - 1)
-            nn = order[pa, j]
+                keep = keep & found
         elif strategy == "hardest-negative":
-            nn = torch.where(neg, d, inf).argmin(dim=1)[pa]
-            keep = has_neg[pa]
+            nn = torch.where(neg, d, inf).argmin(dim=1, keepdim=True).expand(-1, width)
         elif strategy == "random":
-            # negatives first in each row (stable: index order), then one uniform draw per pair
-            order = torch.sort((~neg).to(torch.int8), dim=1, stable=True).indices
-            u = torch.rand(pa.shape[0], generator=generator, device="cpu").to(d.device)
-            j = (u * n_neg[pa].to(u.dtype)).long().clamp_max((n_neg[pa] - 1).clamp_min(0))
-            nn = order[pa, j]
-            keep = has_neg[pa]
+            # the k-th negative of a row (1-based) is the first column whose running count is k
+            cum = neg.cumsum(dim=1)
+            n_neg = cum[:, -1:]
+            u = torch.rand(d.shape[0], width, generator=generator, dtype=torch.float64)
+            k = (u.to(d.device) * n_neg).long().clamp_max((n_neg - 1).clamp_min(0)) + 1
+            nn = torch.searchsorted(cum, k).clamp_max(r - 1)
         elif strategy == "distance-weighted":
             w = distance_weighted_probabilities(
                 d, neg, dim=dim, cutoff=cutoff, nonzero_loss_cutoff=nonzero_loss_cutoff
             )
-            keep = has_neg[pa]
-            if not bool(keep.any()):
-                continue
-            # one draw per positive pair: draw max_positives per anchor row, use the k-th draw
-            # for the anchor's k-th positive (memory rows x max_positives, not pairs x R)
-            n_pos = pos.sum(dim=1)
-            safe = torch.where(has_neg[:, None], w, torch.ones_like(w)).cpu().double()
-            draws = torch.multinomial(safe, int(n_pos.max()), replacement=True, generator=generator)
-            rank = (pos.cumsum(dim=1) - 1)[pa, pp]
-            nn = draws.to(d.device)[pa, rank]
+            safe = torch.where(has_neg, w, torch.ones_like(w)).cpu().double()
+            nn = torch.multinomial(safe, width, replacement=True, generator=generator)
+            nn = nn.to(d.device)
         else:  # pragma: no cover - guarded by the caller
             raise InputError(f"strategy {strategy!r} does not mine one negative per pair")
-        start = rows.start
-        out_a.append(pa[keep] + start)
-        out_p.append(pp[keep])
+        a = torch.arange(rows.start, rows.stop, device=d.device)[:, None].expand(-1, width)
+        out_a.append(a[keep])
+        out_p.append(slots[keep])
         out_n.append(nn[keep])
     if not out_a:
         return _empty_triplets(dist.device)
