@@ -71,33 +71,96 @@ def _recompute_tolerance(dtype: torch.dtype) -> float:
     return 8.0 * torch.finfo(dtype).eps ** 0.5
 
 
-def sqeuclidean_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared euclidean distances ``||x_i - y_j||^2`` (B, R), exact 0 for identical rows."""
-    _check_pair(x, y)
+def _sq_forward(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """Squared distances without autograd: one GEMM, in-place clamp, exact near-zero pairs."""
     same = y is None
     yy = x if same else y
     xn = (x * x).sum(dim=1)
     yn = xn if same else (yy * yy).sum(dim=1)
     # ||x||^2 + ||y||^2 - 2 x.y in one fused GEMM
-    sq = torch.addmm(xn[:, None] + yn[None, :], x, yy.t(), beta=1.0, alpha=-2.0)
-    with torch.no_grad():
-        tol = _recompute_tolerance(x.dtype)
-        near = sq <= tol * (xn[:, None] + yn[None, :]).clamp_min(torch.finfo(x.dtype).tiny)
-        if same:
-            near.fill_diagonal_(False)
-        idx = near.nonzero()
-    sq = sq.clamp_min(0.0)  # a fresh tensor: safe to edit in place below
+    sq = torch.addmm(yn[None, :], x, yy.t(), beta=1.0, alpha=-2.0)
+    sq.add_(xn[:, None]).clamp_min_(0.0)
+    if sq.numel() == 0:
+        return sq
+    tol = _recompute_tolerance(x.dtype)
+    # pairs small relative to the norms involved lose precision in the GEMM: recompute them
+    scale = (xn + yn.max()).mul_(tol)
+    near = sq <= scale[:, None]
     if same:
+        near.fill_diagonal_(False)
         sq.fill_diagonal_(0.0)
-    if idx.shape[0] > 0:
-        parts = []
-        for start in range(0, idx.shape[0], _RECOMPUTE_CHUNK):
-            i, j = idx[start : start + _RECOMPUTE_CHUNK].unbind(1)
-            diff = x[i] - yy[j]
-            parts.append((diff * diff).sum(dim=1))
-        exact = torch.cat(parts)
-        sq.index_put_((idx[:, 0], idx[:, 1]), exact)
+    idx = near.nonzero()
+    del near
+    for start in range(0, idx.shape[0], _RECOMPUTE_CHUNK):
+        i, j = idx[start : start + _RECOMPUTE_CHUNK].unbind(1)
+        diff = x[i] - yy[j]
+        sq[i, j] = (diff * diff).sum(dim=1)
     return sq
+
+
+def _sq_input_grads(
+    w: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of sum(w * ||x_i - y_j||^2) w.r.t. x and y (two GEMMs)."""
+    # a column of ones appended to the GEMM operand yields the row/column sums of w for free
+    ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    if y is None:  # x appears on both sides: rows and columns of w both contribute
+        x1 = torch.cat([x, ones], dim=1)
+        both = (w @ x1).add_(w.t() @ x1)
+        return 2.0 * (both[:, -1:] * x - both[:, :-1]), None
+    y1 = torch.cat([y, torch.ones(y.shape[0], 1, dtype=y.dtype, device=y.device)], dim=1)
+    x1 = torch.cat([x, ones], dim=1)
+    wy = w @ y1
+    wx = w.t() @ x1
+    gx = 2.0 * (wy[:, -1:] * x - wy[:, :-1])
+    gy = 2.0 * (wx[:, -1:] * y - wx[:, :-1])
+    return gx, gy
+
+
+class _SqEuclidean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y):  # noqa: D102
+        sq = _sq_forward(x, y)
+        ctx.save_for_backward(x, y, sq)
+        ctx.same = y is None
+        return sq
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, y, sq = ctx.saved_tensors
+        # clamped entries (GEMM rounding below 0) have zero gradient, like clamp_min
+        w = grad.masked_fill(sq <= 0, 0.0)
+        gx, gy = _sq_input_grads(w, x, None if ctx.same else y)
+        return gx, gy
+
+
+class _Euclidean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y):  # noqa: D102
+        d = _sq_forward(x, y).sqrt_()
+        ctx.save_for_backward(x, y, d)
+        ctx.same = y is None
+        return d
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, y, d = ctx.saved_tensors
+        # d ||x-y|| = d ||x-y||^2 / (2 ||x-y||); defined as 0 at d = 0 (subgradient 0)
+        w = grad.div(d).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(0.5)
+        gx, gy = _sq_input_grads(w, x, None if ctx.same else y)
+        return gx, gy
+
+
+def sqeuclidean_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared euclidean distances ``||x_i - y_j||^2`` (B, R), exact 0 for identical rows."""
+    _check_pair(x, y)
+    return _SqEuclidean.apply(x, y)
+
+
+def euclidean_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Euclidean distances ``||x_i - y_j||_2`` (B, R); exactly 0 with gradient 0 at d = 0."""
+    _check_pair(x, y)
+    return _Euclidean.apply(x, y)
 
 
 def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
@@ -105,11 +168,6 @@ def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
     zero = sq <= 0
     safe = torch.where(zero, torch.ones_like(sq), sq)
     return torch.where(zero, torch.zeros_like(sq), safe.sqrt())
-
-
-def euclidean_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Euclidean distances ``||x_i - y_j||_2`` (B, R); exactly 0 with gradient 0 at d = 0."""
-    return _safe_sqrt(sqeuclidean_distance(x, y))
 
 
 def cosine_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

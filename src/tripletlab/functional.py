@@ -286,46 +286,87 @@ def _positive_slots(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return slots, valid
 
 
-def _hinge_all_chunk(d: torch.Tensor, pos: torch.Tensor, margin: float):
-    """Per anchor row: its positives' thresholds ``t = d_ap + margin``, sorted (rows, P), the sort
-    permutation, the slot table, and for every column ``j`` = #thresholds <= d (rows, R).
+# Up to this many positives per anchor, counts are taken with one vectorised comparison per
+# positive (uint8 accumulators); beyond it, with ``searchsorted`` on each anchor's sorted ones.
+_DIRECT_SLOTS = 24
+
+
+def _same_and_slots(labels, ref_labels, exclude_self, rows):
+    """``same`` (rows, R): y_a == y_r, self included (so ``~same`` is exactly the negatives),
+    and the positive slot table (self excluded)."""
+    la = labels[rows]
+    same = la[:, None] == ref_labels[None, :]
+    r_idx, c_idx = same.nonzero(as_tuple=True)
+    if exclude_self:
+        keep = c_idx != r_idx + rows.start
+        r_idx, c_idx = r_idx[keep], c_idx[keep]
+    n = la.shape[0]
+    n_pos = torch.bincount(r_idx, minlength=n) if n else torch.zeros(0, dtype=torch.long)
+    width = max(int(n_pos.max()), 1) if n else 1
+    first = n_pos.cumsum(0) - n_pos
+    rank = torch.arange(r_idx.numel(), device=same.device) - first[r_idx]
+    slots = torch.zeros(n, width, dtype=torch.long, device=same.device)
+    slots[r_idx, rank] = c_idx
+    valid = torch.arange(width, device=same.device)[None, :] < n_pos[:, None]
+    return same, slots, valid
+
+
+def _count_at_or_below(sorted_thr: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``j[a, n] = #{q : sorted_thr[a, q] <= d[a, n]}`` as a float tensor of d's dtype."""
+    width = sorted_thr.shape[1]
+    if width <= _DIRECT_SLOTS:
+        j = torch.zeros(d.shape, dtype=torch.uint8, device=d.device)
+        for q in range(width):
+            j += d >= sorted_thr[:, q : q + 1]
+        return j.to(d.dtype)
+    return torch.searchsorted(sorted_thr, d.contiguous(), side="right").to(d.dtype)
+
+
+def _hinge_all_chunk(d: torch.Tensor, same, slots, valid, margin: float):
+    """Sorted positive thresholds ``t = d_ap + margin`` of each anchor row (rows, P), their sort
+    permutation, ``j`` (rows, R) = #thresholds <= d(a, n) for negatives (P elsewhere), and
+    ``c`` (rows, P) = #negatives below each sorted threshold.
 
     For a negative n of anchor a, ``P - j`` thresholds lie strictly above ``d(a, n)``: that many
-    triplets (a, ., n) are active, and their summed loss is ``suffix_sum_thr[j] - (P - j) d_an``.
+    triplets (a, ., n) are active; the summed loss is ``sum_q c_q t_q - sum_n (P - j_n) d_an``.
     """
-    slots, valid = _positive_slots(pos)
     ninf = torch.tensor(-float("inf"), dtype=d.dtype, device=d.device)
     thr = torch.where(valid, d.gather(1, slots) + margin, ninf)
     sthr, perm = thr.sort(dim=1)
-    j = torch.searchsorted(sthr, d.contiguous(), side="right")
-    return sthr, perm, slots, valid, j
+    width = sthr.shape[1]
+    j = _count_at_or_below(sthr, d).masked_fill_(same, float(width))
+    # c_q = #{n : j_n <= q}: a histogram of j per row, then a running sum
+    hist = torch.zeros(d.shape[0], width + 1, dtype=d.dtype, device=d.device)
+    hist.scatter_add_(1, j.long(), torch.ones(1, 1, dtype=d.dtype, device=d.device).expand_as(j))
+    c = hist.cumsum(dim=1)[:, :width]
+    return sthr, perm, j, c
 
 
 class _BatchAllHinge(torch.autograd.Function):
     """Sum of max(0, d_ap - d_an + m) over all valid triplets, with its exact gradient.
 
     Per anchor the positive thresholds are sorted (P of them) and every negative is located among
-    them by binary search: O(B² log P) time, O(B²) memory, no triplet is enumerated.
+    them: O(B² P) (small P) or O(B² log P) time, O(B²) memory, no triplet is enumerated.
     """
 
     @staticmethod
     def forward(ctx, dist, labels, ref_labels, exclude_self, margin):  # noqa: D102
         b, r = dist.shape
         total = torch.zeros((), dtype=torch.float64, device=dist.device)
-        n_active = torch.zeros((), dtype=torch.int64, device=dist.device)
+        n_active = torch.zeros((), dtype=torch.float64, device=dist.device)
         for rows in _row_chunks(b, r):
-            pos, neg = _masks(labels, ref_labels, exclude_self, rows)
+            same, slots, valid = _same_and_slots(labels, ref_labels, exclude_self, rows)
             d = dist[rows]
-            sthr, _, _, _, j = _hinge_all_chunk(d, pos, margin)
-            width = sthr.shape[1]
-            finite = torch.where(torch.isfinite(sthr), sthr.double(), 0.0)
-            suffix = F.pad(finite.flip(1).cumsum(1).flip(1), (0, 1))  # suffix[q] = sum_{>=q}
-            cnt = torch.where(neg, width - j, 0)
-            total += (suffix.gather(1, j) * neg).sum() - (cnt * d.double()).sum()
-            n_active += cnt.sum()
+            sthr, _, j, c = _hinge_all_chunk(d, same, slots, valid, margin)
+            cnt = j.neg_().add_(sthr.shape[1])  # active triplets per (anchor, negative)
+            finite = torch.where(torch.isfinite(sthr), sthr, 0.0)
+            total += (c * finite).sum(dim=1, dtype=torch.float64).sum()
+            total -= (cnt * d).sum(dim=1).double().sum()
+            n_active += cnt.sum(dim=1).double().sum()
         ctx.save_for_backward(dist, labels, ref_labels)
         ctx.exclude_self = exclude_self
         ctx.margin = margin
+        n_active = n_active.round().long()
         ctx.mark_non_differentiable(n_active)
         return total.to(dist.dtype), n_active
 
@@ -335,20 +376,15 @@ class _BatchAllHinge(torch.autograd.Function):
         grad = torch.empty_like(dist)
         b, r = dist.shape
         for rows in _row_chunks(b, r):
-            pos, neg = _masks(labels, ref_labels, ctx.exclude_self, rows)
-            d = dist[rows]
-            sthr, perm, slots, valid, j = _hinge_all_chunk(d, pos, ctx.margin)
-            width = sthr.shape[1]
+            same, slots, valid = _same_and_slots(labels, ref_labels, ctx.exclude_self, rows)
+            _, perm, j, c = _hinge_all_chunk(dist[rows], same, slots, valid, ctx.margin)
+            g = grad[rows]
             # dL/d(a, n) = -#{p : d_an < d_ap + m}
-            g = torch.where(neg, j - width, 0).to(d.dtype)
-            # dL/d(a, p) = #{n : d_an < t_p}; the sorted threshold q counts negatives with j <= q
-            hist = torch.zeros(d.shape[0], width + 1, dtype=d.dtype, device=d.device)
-            hist.scatter_add_(1, j, neg.to(d.dtype))
-            c_sorted = hist.cumsum(dim=1)[:, :width]
-            c_slot = torch.zeros_like(c_sorted).scatter_(1, perm, c_sorted)
+            torch.sub(j, float(perm.shape[1]), out=g)
+            # dL/d(a, p) = #{n : d_an < d_ap + m}
+            c_slot = torch.zeros_like(c).scatter_(1, perm, c)
             g.scatter_add_(1, slots, c_slot * valid)
-            grad[rows] = g
-        return grad * grad_total, None, None, None, None
+        return grad.mul_(grad_total), None, None, None, None
 
 
 def _soft_all_chunk(d, neg, slots, valid):
@@ -424,17 +460,40 @@ class _BatchAllSoft(torch.autograd.Function):
         return grad * grad_total, None, None, None
 
 
-def _all_triplet_moments(
-    dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Number of valid triplets and the sums of d_ap and d_an over them (no enumeration)."""
+def _all_triplet_moments(dist, labels, ref_labels, exclude_self) -> dict[str, torch.Tensor]:
+    """Counts and distance sums over all valid triplets, without enumerating them.
+
+    ``n_triplets = sum_a P_a N_a``, ``sum d_ap = sum_a N_a sum_p d_ap``,
+    ``sum d_an = sum_a P_a sum_n d_an`` (P_a positives, N_a negatives of anchor a).
+    """
+    b, r = dist.shape
+    acc = {
+        k: torch.zeros((), dtype=torch.float64, device=dist.device)
+        for k in ("n_triplets", "sum_d_ap", "sum_d_an", "n_positive_pairs", "n_anchors", "sum_dist")
+    }
     with torch.no_grad():
-        n_pos = pos.sum(dim=1).to(dist.dtype)
-        n_neg = neg.sum(dim=1).to(dist.dtype)
-        n_trip = (n_pos * n_neg).sum().long()
-        sum_ap = ((dist * pos).sum(dim=1) * n_neg).sum()
-        sum_an = ((dist * neg).sum(dim=1) * n_pos).sum()
-    return n_trip, sum_ap, sum_an
+        for rows in _row_chunks(b, r):
+            same, slots, valid = _same_and_slots(labels, ref_labels, exclude_self, rows)
+            d = dist[rows]
+            n_pos = valid.sum(dim=1).double()
+            n_neg = (r - torch.count_nonzero(same, dim=1)).double()
+            row_sum = d.sum(dim=1).double()
+            ap_sum = (d.gather(1, slots) * valid).sum(dim=1).double()
+            same_sum = ap_sum
+            if exclude_self:  # the anchor itself is "same" but not a positive
+                ar = torch.arange(d.shape[0], device=d.device)
+                cols = ar + rows.start
+                inside = cols < r
+                self_d = torch.zeros_like(row_sum)
+                self_d[inside] = d[ar[inside], cols[inside]].double()
+                same_sum = same_sum + self_d
+            acc["n_triplets"] += (n_pos * n_neg).sum()
+            acc["sum_d_ap"] += (ap_sum * n_neg).sum()
+            acc["sum_d_an"] += ((row_sum - same_sum) * n_pos).sum()
+            acc["n_positive_pairs"] += n_pos.sum()
+            acc["n_anchors"] += ((n_pos > 0) & (n_neg > 0)).sum()
+            acc["sum_dist"] += row_sum.sum()
+    return acc
 
 
 def batch_all_triplet_loss(
@@ -465,13 +524,20 @@ def batch_all_triplet_loss(
         ``(loss, stats)``.
     """
     ref_labels, exclude_self = _resolve_ref(labels, ref_labels, exclude_self)
-    stats = _batch_facts(dist, labels, ref_labels, exclude_self)
-    pos, neg = _masks(labels, ref_labels, exclude_self)
-    n_trip, sum_ap, sum_an = _all_triplet_moments(dist, pos, neg)
-    stats.n_triplets, stats.sum_d_ap, stats.sum_d_an = n_trip, sum_ap, sum_an
-    stats.n_positive_pairs = int(pos.sum())
-    stats.n_anchors = int((pos.any(dim=1) & neg.any(dim=1)).sum())
-    del pos, neg
+    m = _all_triplet_moments(dist, labels, ref_labels, exclude_self)
+    b, r = dist.shape
+    n_pairs = b * r - (min(b, r) if exclude_self else 0)
+    stats = TripletStats(
+        n_triplets=m["n_triplets"].round().long(),
+        sum_d_ap=m["sum_d_ap"],
+        sum_d_an=m["sum_d_an"],
+        n_positive_pairs=int(m["n_positive_pairs"]),
+        n_anchors=int(m["n_anchors"]),
+        mean_distance=m["sum_dist"] / max(n_pairs, 1),
+        batch_size=b,
+        n_classes=torch.unique(torch.cat([labels, ref_labels])).numel() if b + r else 0,
+    )
+    n_trip = stats.n_triplets
     if soft_margin:
         total, n_active = _BatchAllSoft.apply(dist, labels, ref_labels, exclude_self)
     else:
@@ -505,11 +571,6 @@ def _resolve_ref(labels, ref_labels, exclude_self):
 def _empty_triplets(device) -> IndexTuple:
     e = torch.empty(0, dtype=torch.long, device=device)
     return e, e.clone(), e.clone()
-
-
-# Up to this many positives per anchor, semi-hard negatives are found by one masked argmin per
-# positive (O(B² P)); beyond it, by sorting each anchor's negatives once (O(B² log B)).
-_DIRECT_SLOTS = 24
 
 
 def _semihard_slots(d, neg, d_ap):
