@@ -12,12 +12,14 @@ from .distances import pairwise_distance
 from .errors import FileFormatError, InputError, InputTypeError, MissingFileError, TripletLabError
 from .functional import STRATEGIES, mine_triplets, triplet_loss, triplet_margin_loss
 from .losses import TripletLoss
+from .memory import CrossBatchMemory
 from .miners import TripletMiner
 
 __version__ = "0.1.0"
 
 __all__ = [
     "STRATEGIES",
+    "CrossBatchMemory",
     "FileFormatError",
     "InputError",
     "InputTypeError",
