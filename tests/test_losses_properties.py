@@ -361,3 +361,14 @@ def test_batch_all_without_cubic_memory_at_large_batch():
     dense = t.sum() / (t > 0).sum()
     ours, _ = batch_all_triplet_loss(dist, lab, margin=0.2)
     assert torch.allclose(ours, dense, rtol=1e-5)
+
+
+def test_all_miner_warns_before_materialising_huge_outputs(monkeypatch):
+    from tripletlab import functional
+
+    monkeypatch.setattr(functional, "_LARGE_TRIPLET_COUNT", 10)
+    emb, labels = _batch(12, 4, 3, seed=0)
+    with pytest.warns(UserWarning, match="max_triplets"):
+        mine_triplets(emb, labels, strategy="all", margin=None)
+    a, _, _ = mine_triplets(emb, labels, strategy="all", margin=None, max_triplets=5)
+    assert a.numel() == 5

@@ -50,6 +50,7 @@ loss > 0, ``sum``. With no triplet (or no active one) the loss is 0 and still ba
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,8 @@ IndexTuple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 # Elements per temporary (rows x columns) while processing a distance matrix in row chunks.
 _CHUNK_ELEMS = 1 << 22
+# The 'all' miner warns before materialising more index triplets than this.
+_LARGE_TRIPLET_COUNT = 1 << 24
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,6 +755,13 @@ def _all_triplets(
     if total == 0:
         return _empty_triplets(dist.device)
     ends = cnt.cumsum(0)
+    if max_triplets is None and total > _LARGE_TRIPLET_COUNT:
+        warnings.warn(
+            f"the 'all' miner is materialising {total:,} triplets "
+            f"(~{3 * 8 * total / 2**30:.1f} GiB of indices); pass max_triplets= to subsample, or "
+            "use TripletLoss(strategy='all'), which never enumerates them",
+            stacklevel=3,
+        )
     if max_triplets is not None and total > max_triplets:
         t = _sample_without_replacement(total, max_triplets, generator).to(dist.device)
         pair = torch.searchsorted(ends, t, side="right")
