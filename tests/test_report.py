@@ -1,0 +1,83 @@
+"""Report plots and HTML (pure parts); run-directory reports are tested in test_report_run.py."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+
+from tripletlab.report import (
+    ReportSection,
+    embedding_map_2d,
+    plot_distance_histograms,
+    plot_embedding_map,
+    plot_retrieval_gallery,
+    plot_roc,
+    plot_training_curves,
+    render_html,
+)
+
+
+def _figures():
+    rng = np.random.default_rng(0)
+    train = [
+        {"step": i, "loss": 1 / (i + 1), "active_fraction": 0.5, "mean_distance": 1.0}
+        for i in range(50)
+    ]
+    evals = [
+        {"step": 0, "precision_at_1": 0.5, "map_at_r": 0.3},
+        {"step": 49, "precision_at_1": 0.9, "map_at_r": 0.7},
+    ]
+    emb = rng.normal(size=(60, 5))
+    lab = rng.integers(0, 4, 60)
+    xy, method = embedding_map_2d(emb)
+    return {
+        "training": plot_training_curves(train, evals),
+        "distances": plot_distance_histograms(
+            [
+                ("before", rng.random(20), rng.random(80)),
+                ("after", rng.random(20) / 2, rng.random(80)),
+            ],
+            margin=0.2,
+            threshold=0.4,
+        ),
+        "map": plot_embedding_map(xy, lab, method, [f"c{i}" for i in range(4)]),
+        "gallery": plot_retrieval_gallery(
+            rng.random((60, 1, 8, 8)), lab, [0, 1], rng.integers(0, 60, (2, 4)), rng.random((2, 4))
+        ),
+        "roc": plot_roc(
+            np.linspace(0, 1, 20), np.linspace(0, 1, 20) ** 0.3, 0.9, 0.12, {1e-3: 0.2, 1e-2: 0.4}
+        ),
+    }, method
+
+
+def test_html_embeds_every_plot_and_writes_pngs(tmp_path):
+    figs, method = _figures()
+    assert method == "t-SNE"
+    sections = [
+        ReportSection(
+            name,
+            text="x < y & z",
+            figures={name: fig},
+            tables=[("config", [("lr", 0.001), ("nested", {"a": 1})])],
+        )
+        for name, fig in figs.items()
+    ]
+    page = render_html("run <1>", "subtitle", [("ROC AUC", "0.99")], sections, tmp_path)
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "run &lt;1&gt;" in page and "x &lt; y &amp; z" in page  # escaped
+    plots = re.findall(r"data-plot='([^']+)' src='data:image/png;base64,([^']+)'", page)
+    assert sorted(p for p, _ in plots) == sorted(figs)
+    for name, b64 in plots:
+        png = base64.b64decode(b64)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / f"{name}.png").read_bytes() == png
+    assert "http://" not in page and "https://" not in page  # opens offline
+
+
+def test_embedding_map_small_and_large_inputs():
+    xy, method = embedding_map_2d(np.zeros((2, 4)))
+    assert xy.shape == (2, 2)
+    xy, method = embedding_map_2d(np.random.default_rng(0).normal(size=(3500, 3)))
+    assert method == "PCA" and xy.shape == (3500, 2)
