@@ -1,0 +1,70 @@
+"""N-way K-shot nearest-prototype classification (Snell et al. 2017 protocol) on embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ._common import as_embeddings, as_labels, block_distances, check_distance, normalize_rows
+
+__all__ = ["few_shot_accuracy"]
+
+
+def few_shot_accuracy(
+    embeddings,
+    labels,
+    *,
+    n_way: int = 5,
+    k_shot: int = 1,
+    n_query: int = 5,
+    n_episodes: int = 500,
+    seed: int = 0,
+    distance: str = "euclidean",
+) -> dict:
+    """Mean accuracy over random episodes and its 95% confidence half-width.
+
+    Each episode draws ``n_way`` classes (among those with >= k_shot + n_query items), ``k_shot``
+    support and ``n_query`` query items per class; a query is assigned to the class whose
+    prototype (mean support embedding) is nearest. ``ci95 = 1.96 * std / sqrt(n_episodes)``.
+    """
+    check_distance(distance)
+    emb = as_embeddings(embeddings).double()
+    y = as_labels(labels, emb.shape[0]).numpy()
+    if n_way < 2 or k_shot < 1 or n_query < 1 or n_episodes < 1:
+        raise InputError("need n_way >= 2, k_shot >= 1, n_query >= 1, n_episodes >= 1")
+    if distance == "cosine":
+        emb = normalize_rows(emb)
+    classes, counts = np.unique(y, return_counts=True)
+    eligible = classes[counts >= k_shot + n_query]
+    if len(eligible) < n_way:
+        raise InputError(
+            f"{n_way}-way {k_shot}-shot with {n_query} queries needs {n_way} classes with >= "
+            f"{k_shot + n_query} items; only {len(eligible)} qualify"
+        )
+    by_class = {int(c): np.flatnonzero(y == c) for c in eligible}
+    rng = np.random.default_rng(seed)
+    accs = np.empty(n_episodes)
+    for e in range(n_episodes):
+        chosen = rng.choice(eligible, size=n_way, replace=False)
+        protos, queries, q_lab = [], [], []
+        for ci, c in enumerate(chosen):
+            idx = rng.choice(by_class[int(c)], size=k_shot + n_query, replace=False)
+            protos.append(emb[idx[:k_shot]].mean(0))
+            queries.append(emb[idx[k_shot:]])
+            q_lab += [ci] * n_query
+        p = torch.stack(protos)
+        if distance == "cosine":
+            p = normalize_rows(p)
+        d = block_distances(torch.cat(queries), p, distance)
+        accs[e] = float((d.argmin(1).numpy() == np.asarray(q_lab)).mean())
+    return {
+        "accuracy": float(accs.mean()),
+        "ci95": float(1.96 * accs.std() / math.sqrt(n_episodes)),
+        "n_way": n_way,
+        "k_shot": k_shot,
+        "n_query": n_query,
+        "n_episodes": n_episodes,
+    }
