@@ -1,0 +1,180 @@
+"""The in-memory :class:`Dataset` and seeded, reusable train/test splits."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+__all__ = ["Dataset", "apply_split", "split_dataset"]
+
+
+@dataclass
+class Dataset:
+    """Samples, integer labels and class names.
+
+    Example:
+        >>> from tripletlab.data import load_dataset
+        >>> ds = load_dataset("digits")
+        >>> ds.kind, ds.input_shape, len(ds.classes)
+        ('vector', (64,), 10)
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+    paths: list[str] | None
+    kind: str
+    name: str
+    predefined_split: dict[str, list[int]] | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise InputError(f"{self.x.shape[0]} samples but {self.y.shape[0]} labels")
+        if self.paths is not None and len(self.paths) != self.x.shape[0]:
+            raise InputError(f"{self.x.shape[0]} samples but {len(self.paths)} paths")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.x.shape[1:])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, indices) -> Dataset:
+        """The items at ``indices`` (class ids and names unchanged)."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return Dataset(
+            x=self.x[idx],
+            y=self.y[idx],
+            classes=self.classes,
+            paths=None if self.paths is None else [self.paths[i] for i in idx.tolist()],
+            kind=self.kind,
+            name=self.name,
+            info=dict(self.info),
+        )
+
+    def summary(self) -> dict:
+        """Counts for reports: items, classes present, items per class (min/median/max)."""
+        counts = torch.bincount(self.y, minlength=len(self.classes)) if len(self) else None
+        present = counts[counts > 0] if counts is not None else torch.zeros(0)
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "items": len(self),
+            "classes": int((present > 0).sum()) if len(present) else 0,
+            "input_shape": list(self.input_shape),
+            "per_class_min": int(present.min()) if len(present) else 0,
+            "per_class_median": float(present.float().median()) if len(present) else 0.0,
+            "per_class_max": int(present.max()) if len(present) else 0,
+        }
+
+
+def split_dataset(
+    ds: Dataset,
+    *,
+    by: str = "class",
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    test_classes: list[str] | None = None,
+) -> tuple[Dataset, Dataset, dict]:
+    """Split into (train, test, split_info).
+
+    * ``by="class"`` (open-set, the metric-learning protocol): whole classes are held out — the
+      ``test_classes`` named, or a seeded random ``test_fraction`` of the classes.
+    * ``by="sample"``: a seeded, per-class stratified ``test_fraction`` of each class's items.
+    * ``by="predefined"``: the data set's own split (e.g. MNIST-style train/t10k files).
+
+    ``split_info`` is JSON-serialisable; :func:`apply_split` reproduces the split from it.
+    """
+    if not 0.0 < test_fraction < 1.0 and test_classes is None and by != "predefined":
+        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    info: dict = {"by": by, "seed": int(seed), "test_fraction": float(test_fraction)}
+    if by == "class":
+        present = sorted({ds.classes[i] for i in ds.y.unique().tolist()})
+        if test_classes is not None:
+            # an entry names a class, or a folder of classes ("Latin" = "Latin/character01", ...)
+            def matches(c: str, t: str) -> bool:
+                return c == t or c.startswith(t.rstrip("/") + "/")
+
+            unknown = sorted(t for t in test_classes if not any(matches(c, t) for c in present))
+            if unknown:
+                raise InputError(f"test classes not in the data: {unknown[:5]}")
+            test_set = sorted(c for c in present if any(matches(c, t) for t in test_classes))
+            if len(test_set) == len(present):
+                raise InputError("every class is a test class: nothing left to train on")
+        else:
+            rng = np.random.default_rng(seed)
+            n_test = max(1, round(len(present) * test_fraction))
+            if n_test >= len(present):
+                raise InputError(
+                    f"cannot hold out {n_test} of {len(present)} classes and still train"
+                )
+            test_set = sorted(rng.choice(present, size=n_test, replace=False).tolist())
+        info["test_classes"] = test_set
+        info["train_classes"] = [c for c in present if c not in set(test_set)]
+    elif by == "sample":
+        rng = np.random.default_rng(seed)
+        test_idx = []
+        y = ds.y.numpy()
+        for c in np.unique(y):
+            idx = np.flatnonzero(y == c)
+            n_test = int(round(len(idx) * test_fraction))
+            if len(idx) >= 2:
+                n_test = min(max(n_test, 1), len(idx) - 1)
+            else:
+                n_test = 0
+            test_idx += rng.choice(idx, size=n_test, replace=False).tolist()
+        info["test_indices"] = sorted(int(i) for i in test_idx)
+        info["n_items"] = len(ds)
+    elif by == "predefined":
+        if not ds.predefined_split or "test" not in ds.predefined_split:
+            raise InputError(f"data set {ds.name!r} has no predefined train/test split")
+        info["n_items"] = len(ds)
+    else:
+        raise InputError(f"unknown split {by!r}; choose 'class', 'sample' or 'predefined'")
+    train, test = apply_split(ds, info)
+    return train, test, info
+
+
+def apply_split(ds: Dataset, info: dict) -> tuple[Dataset, Dataset]:
+    """Rebuild (train, test) from a saved ``split_info``."""
+    by = info.get("by")
+    if by == "class":
+        test_names = set(info["test_classes"])
+        name_of = np.asarray(ds.classes, dtype=object)[ds.y.numpy()]
+        is_test = np.array([n in test_names for n in name_of], dtype=bool)
+    elif by in ("sample", "predefined"):
+        if info.get("n_items") not in (None, len(ds)):
+            raise InputError(
+                f"the split was made for {info['n_items']} items but the data has {len(ds)}"
+            )
+        is_test = np.zeros(len(ds), dtype=bool)
+        if by == "sample":
+            is_test[np.asarray(info["test_indices"], dtype=np.int64)] = True
+        else:
+            if not ds.predefined_split:
+                raise InputError(f"data set {ds.name!r} has no predefined split")
+            is_test[np.asarray(ds.predefined_split["test"], dtype=np.int64)] = True
+    else:
+        raise InputError(f"split info has unknown kind {by!r}")
+    train = ds.subset(np.flatnonzero(~is_test))
+    test = ds.subset(np.flatnonzero(is_test))
+    if len(test):
+        counts = torch.bincount(test.y)
+        small = int(((counts > 0) & (counts < 2)).sum())
+        if small:
+            warnings.warn(
+                f"{small} test classes have a single item (no positive pair to retrieve)",
+                stacklevel=2,
+            )
+    return train, test

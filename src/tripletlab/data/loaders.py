@@ -1,0 +1,395 @@
+"""Loaders for the built-in digits, image folders, MNIST idx files and vector files."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FileFormatError, InputError, MissingFileError
+from .dataset import Dataset
+
+__all__ = ["IMAGE_EXTENSIONS", "load_dataset", "load_image_files"]
+
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".pgm",
+    ".ppm",
+    ".pbm",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _display(path: str | os.PathLike[str]) -> str:
+    """A printable form of a path, even with undecodable bytes in it."""
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _contiguous_labels(raw: list) -> tuple[torch.Tensor, list[str]]:
+    names = [str(v) for v in raw]
+    classes = sorted(set(names), key=_natural_key)
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[n] for n in names], dtype=torch.long), classes
+
+
+def _natural_key(s: str):
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+# ------------------------------------------------------------------------------------- digits
+
+
+def load_digits_dataset() -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 items, 10 classes) as 64-d vectors in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    return Dataset(
+        x=x,
+        y=y,
+        classes=[str(i) for i in range(10)],
+        paths=None,
+        kind="vector",
+        name="digits",
+        info={"source": "sklearn.datasets.load_digits"},
+    )
+
+
+# -------------------------------------------------------------------------------------- images
+
+
+def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[str]]:
+    """(files, class names, skipped non-image files), walking without following symlinked dirs."""
+    files, labels, other = [], [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        for fn in sorted(filenames):
+            full = os.path.join(dirpath, fn)
+            if fn.startswith("."):
+                continue
+            if rel == ".":
+                other.append(full)  # files directly under ROOT have no class
+                continue
+            if os.path.splitext(fn)[1].lower() in IMAGE_EXTENSIONS:
+                files.append(full)
+                labels.append(_display(rel).replace(os.sep, "/"))
+            else:
+                other.append(full)
+    return files, labels, other
+
+
+def _read_image(path: str, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            raise FileFormatError(f"empty image file: {_display(path)}")
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert(mode)
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileFormatError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise FileFormatError(f"cannot read image {_display(path)}: {e}") from None
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = np.transpose(arr, (2, 0, 1))
+    return arr
+
+
+def _image_mode(paths: list[str], grayscale: bool | None) -> str:
+    if grayscale is not None:
+        return "L" if grayscale else "RGB"
+    from PIL import Image
+
+    for p in paths[:50]:
+        try:
+            with Image.open(p) as im:
+                if im.mode not in ("1", "L", "LA", "I", "I;16", "F", "P"):
+                    return "RGB"
+                if im.mode == "P" and "RGB" in str(im.palette.mode if im.palette else ""):
+                    return "RGB"
+        except Exception:  # noqa: BLE001 - unreadable files are reported when loaded
+            continue
+    return "L"
+
+
+def load_image_files(
+    paths: list[str],
+    *,
+    image_size: tuple[int, int] | None = None,
+    grayscale: bool | None = None,
+    skip_bad: bool = False,
+) -> tuple[torch.Tensor, list[int]]:
+    """Read images into a float tensor (N, C, H, W) in [0, 1]; returns (x, indices kept).
+
+    Without ``image_size`` every image must have the size of the first one.
+    """
+    mode = _image_mode(paths, grayscale)
+    arrays, kept, bad = [], [], []
+    size = image_size
+    for i, p in enumerate(paths):
+        try:
+            arr = _read_image(p, mode, size)
+        except FileFormatError as e:
+            if not skip_bad:
+                raise
+            bad.append(str(e))
+            continue
+        if size is None:
+            size = (arr.shape[1], arr.shape[2])
+        elif arr.shape[1:] != tuple(size):
+            raise FileFormatError(
+                f"image {_display(p)} is {arr.shape[2]}x{arr.shape[1]} but earlier images are "
+                f"{size[1]}x{size[0]}; pass an image size (e.g. --image-size H W) to resize all"
+            )
+        arrays.append(arr)
+        kept.append(i)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable images: " + "; ".join(bad[:3]), stacklevel=3)
+    if not arrays:
+        raise FileFormatError("no readable images")
+    x = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
+    return x, kept
+
+
+def load_image_folder(root: Path, image_size=None, grayscale=None, skip_bad=False) -> Dataset:
+    files, labels, other = _scan_image_folder(root)
+    if other:
+        msg = (
+            f"{len(other)} files in {_display(root)} are not images in a class folder "
+            f"(e.g. {_display(other[0])})"
+        )
+        if not skip_bad:
+            raise FileFormatError(msg + "; move them away or pass --skip-bad to ignore them")
+        warnings.warn(msg + ": ignored", stacklevel=3)
+    if not files:
+        raise FileFormatError(
+            f"no images found under {_display(root)} (expected ROOT/<class>/<image>, "
+            f"extensions {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    x, kept = load_image_files(files, image_size=image_size, grayscale=grayscale, skip_bad=skip_bad)
+    y, classes = _contiguous_labels([labels[i] for i in kept])
+    return Dataset(
+        x=x,
+        y=y,
+        classes=classes,
+        paths=[_display(files[i]) for i in kept],
+        kind="image",
+        name=root.name or str(root),
+        info={
+            "source": str(root),
+            "skipped_files": len(files) - len(kept) + len(other) if skip_bad else 0,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------- idx
+
+
+def _open_maybe_gz(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise FileFormatError(f"cannot read {path}: {e}") from None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an MNIST-style idx file (optionally gzip-compressed)."""
+    data = _open_maybe_gz(path)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise FileFormatError(f"{path} is not an idx file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if dtype_code not in dtypes or ndim == 0:
+        raise FileFormatError(f"{path}: unsupported idx type 0x{dtype_code:02x} / {ndim} dims")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise FileFormatError(f"{path} is truncated (header)")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dt = np.dtype(dtypes[dtype_code])
+    need = int(np.prod(shape)) * dt.itemsize
+    if len(data) - header != need:
+        raise FileFormatError(
+            f"{path} is truncated or corrupt: {len(data) - header} data bytes, expected {need}"
+        )
+    return np.frombuffer(data, dtype=dt, offset=header).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for cand in (root / stem, root / f"{stem}.gz", root / stem.replace("-idx", ".idx")):
+        if cand.exists():
+            return cand
+    return None
+
+
+def is_idx_dir(root: Path) -> bool:
+    return root.is_dir() and _find_idx(root, _IDX_FILES["train"][0]) is not None
+
+
+def load_idx_dir(root: Path) -> Dataset:
+    xs, ys, split = [], [], {}
+    offset = 0
+    for part, (img_stem, lab_stem) in _IDX_FILES.items():
+        img, lab = _find_idx(root, img_stem), _find_idx(root, lab_stem)
+        if img is None or lab is None:
+            if part == "train":
+                raise MissingFileError(f"{root}: missing {img_stem}[.gz] or {lab_stem}[.gz]")
+            continue
+        x, y = read_idx(img), read_idx(lab)
+        if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise FileFormatError(f"{img} / {lab}: shapes {x.shape} and {y.shape} do not match")
+        xs.append(x)
+        ys.append(y)
+        split[part] = list(range(offset, offset + len(y)))
+        offset += len(y)
+    x = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)[:, None]
+    y, classes = _contiguous_labels(np.concatenate(ys).tolist())
+    return Dataset(
+        x=x,
+        y=y,
+        classes=classes,
+        paths=None,
+        kind="image",
+        name=root.name,
+        predefined_split=split if "test" in split else None,
+        info={"source": str(root)},
+    )
+
+
+# ------------------------------------------------------------------------------------- vectors
+
+
+def _vectors(x: np.ndarray, y: np.ndarray, path: Path) -> Dataset:
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise FileFormatError(f"{path}: features must be a non-empty 2-D array, got {x.shape}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise FileFormatError(f"{path}: {x.shape[0]} rows but labels of shape {y.shape}")
+    try:
+        xf = x.astype(np.float32)
+    except (TypeError, ValueError):
+        raise FileFormatError(f"{path}: features are not numeric") from None
+    if not np.isfinite(xf).all():
+        bad = int((~np.isfinite(xf)).any(axis=1).sum())
+        raise FileFormatError(f"{path}: {bad} rows contain NaN or Inf")
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all() or not np.all(y == np.round(y)):
+            raise FileFormatError(f"{path}: labels must be integers or strings")
+        y = y.astype(np.int64)
+    labels, classes = _contiguous_labels(y.tolist())
+    return Dataset(
+        x=torch.from_numpy(xf),
+        y=labels,
+        classes=classes,
+        paths=None,
+        kind="vector",
+        name=path.stem,
+        info={"source": str(path)},
+    )
+
+
+def load_vector_file(path: Path) -> Dataset:
+    """``.npz`` with ``x``/``embeddings`` and ``y``/``labels``; ``.npy`` (N, D+1) with the label
+    in the last column; ``.csv`` with a header and a ``label`` column (other columns numeric)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                xk = next((k for k in ("x", "embeddings", "features") if k in z.files), None)
+                yk = next((k for k in ("y", "labels", "label") if k in z.files), None)
+                if xk is None or yk is None:
+                    raise FileFormatError(
+                        f"{path}: needs arrays 'x' (or 'embeddings') and 'y' (or 'labels'); "
+                        f"found {z.files}"
+                    )
+                return _vectors(z[xk], z[yk], path)
+        if suffix == ".npy":
+            a = np.load(path, allow_pickle=False)
+            if a.ndim != 2 or a.shape[1] < 2:
+                raise FileFormatError(
+                    f"{path}: expected shape (N, D+1) with the label in the last column, "
+                    f"got {a.shape}"
+                )
+            return _vectors(a[:, :-1], a[:, -1], path)
+        if suffix == ".csv":
+            import csv
+
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+            if not rows:
+                raise FileFormatError(f"{path} is empty")
+            header = [h.strip() for h in rows[0]]
+            if "label" not in header:
+                raise FileFormatError(f"{path}: no 'label' column in the header {header[:8]}")
+            li = header.index("label")
+            body = [r for r in rows[1:] if r]
+            if any(len(r) != len(header) for r in body):
+                raise FileFormatError(f"{path}: rows have differing numbers of columns")
+            try:
+                x = np.array([[float(v) for j, v in enumerate(r) if j != li] for r in body])
+            except ValueError as e:
+                raise FileFormatError(f"{path}: non-numeric feature value ({e})") from None
+            y = np.array([r[li].strip() for r in body], dtype=object)
+            return _vectors(x.reshape(len(body), -1), y, path)
+    except (OSError, ValueError, EOFError) as e:
+        if isinstance(e, FileFormatError):
+            raise
+        raise FileFormatError(f"cannot read {path}: {e}") from None
+    raise FileFormatError(f"{path}: unsupported vector file type {suffix!r} (.npz, .npy, .csv)")
+
+
+# --------------------------------------------------------------------------------------- entry
+
+
+def load_dataset(
+    spec: str,
+    *,
+    image_size: tuple[int, int] | None = None,
+    grayscale: bool | None = None,
+    skip_bad: bool = False,
+) -> Dataset:
+    """Load ``"digits"``, an image folder, a directory of idx files, or a vector file."""
+    if spec == "digits":
+        return load_digits_dataset()
+    path = Path(spec)
+    if not path.exists():
+        raise MissingFileError(f"data not found: {spec} (expected 'digits', a folder or a file)")
+    if path.is_dir():
+        if is_idx_dir(path):
+            ds = load_idx_dir(path)
+            if image_size is not None and tuple(image_size) != ds.input_shape[1:]:
+                ds.x = torch.nn.functional.interpolate(
+                    ds.x, size=tuple(image_size), mode="bilinear", align_corners=False
+                )
+            return ds
+        return load_image_folder(path, image_size, grayscale, skip_bad)
+    if path.suffix.lower() in (".npz", ".npy", ".csv"):
+        return load_vector_file(path)
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise InputError(f"{spec} is a single image; give the folder of class folders instead")
+    raise FileFormatError(f"{spec}: unsupported data file (use a folder, .npz, .npy or .csv)")

@@ -1,0 +1,162 @@
+"""Embedding networks with an L2-normalised head, a name -> factory registry, and augmentation.
+
+``build_model(config)`` rebuilds a model from the dict saved in a run's ``config.json``; only
+names in :data:`MODELS` are accepted, so a config file can never import arbitrary code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError, InputTypeError
+from .augment import Augment, build_augment
+
+__all__ = ["MODELS", "Augment", "EmbeddingCNN", "EmbeddingMLP", "build_augment", "build_model"]
+
+
+class EmbeddingHead(nn.Module):
+    """Linear projection to ``embedding_dim``, L2-normalised when ``normalize``."""
+
+    def __init__(self, in_features: int, embedding_dim: int, normalize: bool = True) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_features, embedding_dim)
+        self.normalize = normalize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.proj(x)
+        return F.normalize(e, dim=1) if self.normalize else e
+
+
+class EmbeddingMLP(nn.Module):
+    """MLP for vectors: (Linear-BN-ReLU) blocks then the embedding head.
+
+    Example:
+        >>> m = EmbeddingMLP(input_shape=[64], embedding_dim=16)
+        >>> m(torch.randn(4, 64)).shape
+        torch.Size([4, 16])
+    """
+
+    def __init__(
+        self,
+        input_shape,
+        embedding_dim: int = 64,
+        normalize: bool = True,
+        hidden=(256, 256),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 1:
+            raise InputError(f"the mlp model takes vectors, got input shape {list(input_shape)}")
+        layers: list[nn.Module] = []
+        width = int(input_shape[0])
+        for h in hidden:
+            layers += [nn.Linear(width, int(h)), nn.BatchNorm1d(int(h)), nn.ReLU(inplace=True)]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = int(h)
+        self.body = nn.Sequential(*layers)
+        self.head = EmbeddingHead(width, embedding_dim, normalize)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x.flatten(1)))
+
+
+class EmbeddingCNN(nn.Module):
+    """Small CNN for images of any size: (conv3x3-BN-ReLU, conv3x3-BN-ReLU, maxpool) blocks,
+    global average pooling, then the embedding head.
+
+    Example:
+        >>> m = EmbeddingCNN(input_shape=[1, 28, 28], embedding_dim=32)
+        >>> m(torch.rand(2, 1, 28, 28)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(
+        self,
+        input_shape,
+        embedding_dim: int = 64,
+        normalize: bool = True,
+        channels=(32, 64, 128, 128),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise InputError(f"the cnn model takes images (C, H, W), got {list(input_shape)}")
+        layers: list[nn.Module] = []
+        c_in = int(input_shape[0])
+        h, w = int(input_shape[1]), int(input_shape[2])
+        for c in channels:
+            c = int(c)
+            layers += [
+                nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+            ]
+            if min(h, w) >= 2:
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            c_in = c
+        self.body = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.head = EmbeddingHead(c_in, embedding_dim, normalize)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.body(x).mean(dim=(2, 3))
+        return self.head(self.dropout(f))
+
+
+MODELS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
+    "mlp": (EmbeddingMLP, {"hidden": [256, 256], "dropout": 0.0}),
+    "cnn": (EmbeddingCNN, {"channels": [32, 64, 128, 128], "dropout": 0.0}),
+}
+_COMMON = {"embedding_dim": 64, "normalize": True}
+
+
+def build_model(config: dict) -> nn.Module:
+    """Build a model from its config dict; ``model.config`` holds the full resolved config.
+
+    Keys: ``name`` (see :data:`MODELS`), ``input_shape``, ``embedding_dim`` (64), ``normalize``
+    (True), and the model's own keys (mlp: ``hidden``, ``dropout``; cnn: ``channels``,
+    ``dropout``). Unknown names or keys raise :class:`~tripletlab.errors.InputError`.
+    """
+    if not isinstance(config, dict):
+        raise InputTypeError(f"model config must be a dict, got {type(config).__name__}")
+    name = config.get("name")
+    if name not in MODELS:
+        raise InputError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    factory, defaults = MODELS[name]
+    allowed = {"name", "input_shape", *defaults, *_COMMON}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise InputError(f"unknown keys for model {name!r}: {unknown}")
+    if "input_shape" not in config:
+        raise InputError("model config needs 'input_shape'")
+    full = {"name": name, **_COMMON, **defaults, **config}
+    shape = full["input_shape"]
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise InputError(f"input_shape must be a list of positive ints, got {shape!r}")
+    dim = full["embedding_dim"]
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise InputError(f"embedding_dim must be a positive int, got {dim!r}")
+    if not isinstance(full["normalize"], bool):
+        raise InputError(f"normalize must be true or false, got {full['normalize']!r}")
+    kwargs = {k: v for k, v in full.items() if k != "name"}
+    try:
+        model = factory(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"invalid model config for {name!r}: {e}") from None
+    model.config = {**full, "input_shape": list(shape)}
+    return model
+
+
+def default_model_config(input_shape, embedding_dim: int = 64) -> dict:
+    """The default model for a data set: a CNN for images, an MLP for vectors."""
+    name = "cnn" if len(input_shape) == 3 else "mlp"
+    return {"name": name, "input_shape": list(input_shape), "embedding_dim": embedding_dim}

@@ -1,0 +1,121 @@
+"""PK batch sampling: P classes x K samples per batch (Hermans et al. 2017)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+__all__ = ["PKSampler"]
+
+
+class PKSampler:
+    """Batches of ``p`` distinct classes with ``k`` samples each; never a single-class batch.
+
+    Within an epoch each class's items are visited in a seeded random order (cycled), and classes
+    are drawn so that every class appears about equally often. Classes with fewer than ``k``
+    items are sampled with replacement (counted in a warning). The order depends only on
+    ``(seed, epoch)``; ``state_dict()`` stores the epoch and the position within it so a resumed
+    run continues with exactly the same batches.
+
+    Example:
+        >>> import torch
+        >>> from tripletlab.samplers import PKSampler
+        >>> sampler = PKSampler(torch.arange(10).repeat(8), p=4, k=4, seed=0)
+        >>> batch = next(iter(sampler))
+        >>> len(batch)
+        16
+    """
+
+    def __init__(
+        self, labels, p: int, k: int, seed: int = 0, batches_per_epoch: int | None = None
+    ) -> None:
+        y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+        if y.ndim != 1 or y.size == 0:
+            raise InputError("PKSampler needs a non-empty 1-D array of labels")
+        if p < 2 or k < 1:
+            raise InputError(f"PKSampler needs p >= 2 and k >= 1, got p={p}, k={k}")
+        classes = np.unique(y)
+        if len(classes) < 2:
+            raise InputError(
+                "PKSampler needs at least 2 classes (a one-class batch has no negatives)"
+            )
+        if p > len(classes):
+            warnings.warn(
+                f"p={p} exceeds the {len(classes)} classes; using p={len(classes)}", stacklevel=2
+            )
+            p = len(classes)
+        self.p, self.k, self.seed = int(p), int(k), int(seed)
+        self.classes = classes
+        self.by_class = [np.flatnonzero(y == c) for c in classes]
+        self.small = [int(c) for c, idx in zip(classes, self.by_class, strict=True) if len(idx) < k]
+        if self.small:
+            warnings.warn(
+                f"{len(self.small)} classes have fewer than k={k} items and are sampled with "
+                "replacement",
+                stacklevel=2,
+            )
+        self.batches_per_epoch = int(batches_per_epoch or math.ceil(len(y) / (self.p * self.k)))
+        self.epoch = 0
+        self.position = 0  # batches already produced in the current epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.position = 0
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        n_cls = len(self.classes)
+        cursors = [0] * n_cls
+        orders = [rng.permutation(idx) for idx in self.by_class]
+        class_queue: list[int] = []
+        batches = []
+        for _ in range(self.batches_per_epoch):
+            chosen: list[int] = []
+            while len(chosen) < self.p:
+                if not class_queue:
+                    class_queue = rng.permutation(n_cls).tolist()
+                c = class_queue.pop()
+                if c not in chosen:
+                    chosen.append(c)
+            batch = []
+            for c in chosen:
+                idx = orders[c]
+                if len(idx) < self.k:
+                    batch += rng.choice(idx, size=self.k, replace=True).tolist()
+                    continue
+                for _ in range(self.k):
+                    if cursors[c] >= len(idx):
+                        orders[c] = rng.permutation(self.by_class[c])
+                        cursors[c] = 0
+                        idx = orders[c]
+                    batch.append(int(idx[cursors[c]]))
+                    cursors[c] += 1
+            batches.append(batch)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._epoch_batches(self.epoch)
+        while self.position < len(batches):
+            b = batches[self.position]
+            self.position += 1
+            yield b
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise InputError("sampler state was saved with another seed")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
