@@ -1,0 +1,129 @@
+"""Training defaults in one place; a JSON file overrides them, command-line flags override both."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import FileFormatError, InputError
+
+__all__ = ["TrainConfig", "load_config_file", "resolve_config"]
+
+
+@dataclass
+class TrainConfig:
+    """Every training option, with the reason for its default."""
+
+    data: str = "digits"  # scikit-learn's bundled digits: no download, trains in about a minute
+    out: str | None = None  # run directory; default runs/<data>-<timestamp>
+    seed: int = 0  # everything (init, split, sampler, augmentation) derives from it
+    # --- data and split
+    split_by: str | None = None  # None: "predefined" if the data has one, "sample" for digits,
+    #                              else "class" (open-set: test identities never trained on)
+    test_fraction: float = 0.25  # share of classes (or items) held out for the final test
+    test_classes: list[str] | None = None  # explicit held-out classes (or class folders)
+    val_fraction: float = 0.1  # share of the training split used for validation; 0 = none
+    image_size: list[int] | None = None  # [H, W]; None keeps the images' own size
+    grayscale: bool | None = None  # None: grey if every image is single-channel
+    skip_bad: bool = False  # skip unreadable files with a warning instead of failing
+    # --- model
+    model: str | None = None  # "cnn" for images, "mlp" for vectors when None
+    embedding_dim: int = 64  # enough for faces/characters; cheap retrieval
+    model_options: dict = field(default_factory=dict)  # e.g. {"channels": [32, 64, 128]}
+    augment: Any = None  # preset name or dict; None: "light" for images, off for vectors
+    # --- loss
+    strategy: str = "semihard"  # FaceNet semi-hard: stable from the first step
+    margin: float = 0.2  # suits L2-normalised embeddings (distances in [0, 2])
+    distance: str = "euclidean"
+    soft_margin: bool = False
+    semihard_fallback: str = "easiest"
+    # --- optimisation
+    p: int = 16  # classes per batch
+    k: int = 4  # samples per class: K-1 positives per anchor
+    steps: int | None = None  # total optimisation steps; overrides epochs
+    epochs: int = 20  # passes over the training split (PK batches per epoch ~ N / (P*K))
+    lr: float = 1e-3  # AdamW
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50  # linear warm-up, then cosine decay to 0
+    grad_clip: float = 5.0  # max gradient norm; 0 disables
+    skip_nonfinite: bool = False  # skip a step with NaN/Inf loss or gradients instead of stopping
+    compile: bool = False  # torch.compile the model (rarely worth it on CPU)
+    amp: bool = False  # bfloat16 autocast (CPU) / float16 (CUDA)
+    device: str = "cpu"
+    # --- evaluation and checkpoints
+    eval_every: int | None = None  # steps between validations; None = once per epoch
+    patience: int = 0  # stop after this many evaluations without MAP@R improvement; 0 = never
+    checkpoint_every: int | None = None  # steps between resumable checkpoints; None = eval_every
+    log_every: int = 10  # steps between metrics.jsonl lines
+    eval_batch_size: int = 512
+    report: bool = True  # write report.html at the end
+    quiet: bool = False  # no progress bar
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_types(values: dict, source: str) -> None:
+    for k, v in values.items():
+        if k not in _FIELDS:
+            raise InputError(f"{source}: unknown option {k!r}")
+        default = getattr(TrainConfig(), k)
+        if v is None or default is None:
+            continue
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise InputError(f"{source}: option {k!r} must be true/false, got {v!r}")
+        if (
+            isinstance(default, int)
+            and not isinstance(default, bool)
+            and (not isinstance(v, int) or isinstance(v, bool))
+        ):
+            raise InputError(f"{source}: option {k!r} must be an integer, got {v!r}")
+        if isinstance(default, float) and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise InputError(f"{source}: option {k!r} must be a number, got {v!r}")
+        if isinstance(default, str) and not isinstance(v, str):
+            raise InputError(f"{source}: option {k!r} must be a string, got {v!r}")
+        if isinstance(default, dict) and not isinstance(v, dict):
+            raise InputError(f"{source}: option {k!r} must be an object, got {v!r}")
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a JSON config file: an object whose keys are TrainConfig fields."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileFormatError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FileFormatError(f"cannot read config file {p}: {e}") from None
+    if not isinstance(obj, dict):
+        raise FileFormatError(f"config file {p} must hold a JSON object")
+    _check_types(obj, f"config file {p}")
+    return obj
+
+
+def resolve_config(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults <- file <- overrides (flags); unknown keys and wrong types are errors."""
+    values: dict = {}
+    for src, vals in (("config file", file_values or {}), ("options", overrides or {})):
+        _check_types(vals, src)
+        values.update({k: v for k, v in vals.items() if v is not None or k in values})
+    cfg = TrainConfig(**values)
+    if cfg.p < 2 or cfg.k < 2:
+        raise InputError(f"need p >= 2 classes and k >= 2 samples per class (got {cfg.p}, {cfg.k})")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise InputError("steps must be >= 1")
+    if cfg.epochs < 1:
+        raise InputError("epochs must be >= 1")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise InputError("val_fraction must be in [0, 1)")
+    if cfg.image_size is not None and (
+        len(cfg.image_size) != 2 or any(int(s) < 4 for s in cfg.image_size)
+    ):
+        raise InputError(f"image_size must be [H, W] with sides >= 4, got {cfg.image_size}")
+    return cfg
