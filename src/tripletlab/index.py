@@ -1,0 +1,343 @@
+"""A nearest-neighbour index over embeddings (faiss; exact numpy fallback), with save/load.
+
+Directory layout written by :meth:`EmbeddingIndex.save`::
+
+    manifest.json   format, dim, metric, kind, backend, count, fingerprint, sha256 of every file
+    index.faiss     the faiss index (faiss backend) | vectors.npy (numpy backend)
+    ids.npy         int64 ids (allow_pickle=False)
+    labels.npy      int64 labels (-1 where unknown)
+    meta.json       paths and class names (JSON, never pickle)
+
+Distances are in the metric's own units: euclidean distance, or cosine distance ``1 - cos``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FileFormatError, InputError, MissingFileError
+from .utils import atomic_write_bytes, atomic_write_json, sha256_file
+
+__all__ = ["EmbeddingIndex"]
+
+FORMAT = 1
+KINDS = ("flat", "hnsw", "ivf")
+METRICS = ("cosine", "euclidean")
+
+try:  # faiss is a dependency, but keep an exact fallback where it cannot be imported
+    import faiss  # type: ignore
+
+    HAVE_FAISS = True
+except ImportError:  # pragma: no cover
+    faiss = None
+    HAVE_FAISS = False
+
+
+def _as_matrix(x, dim: int | None, what: str) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    a = np.asarray(x)
+    if a.ndim == 1 and dim is not None and a.shape[0] == dim:
+        a = a[None]
+    if a.ndim != 2:
+        raise InputError(f"{what} must be 2-D (n, dim), got shape {a.shape}")
+    if dim is not None and a.shape[1] != dim:
+        raise InputError(f"{what} have dimension {a.shape[1]} but the index has dimension {dim}")
+    if a.dtype.kind not in "fiu":
+        raise InputError(f"{what} must be numeric, got dtype {a.dtype}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise InputError(f"{what} contain NaN or Inf")
+    return a
+
+
+class EmbeddingIndex:
+    """Search embeddings by nearest neighbour; holds ids, labels and optional paths.
+
+    ``kind``: ``flat`` (exact, default), ``hnsw`` (graph, approximate), ``ivf`` (inverted lists,
+    approximate; trained on the first ``add``). ``backend``: ``faiss``, ``numpy`` (exact brute
+    force, flat only) or ``auto``.
+
+    Example:
+        >>> import numpy as np
+        >>> from tripletlab.index import EmbeddingIndex
+        >>> index = EmbeddingIndex(dim=4, metric="cosine")
+        >>> index.add(np.eye(4), labels=[0, 1, 2, 3])
+        >>> d, ids = index.search(np.eye(4)[:1], k=2)
+        >>> int(ids[0, 0])
+        0
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        metric: str = "cosine",
+        kind: str = "flat",
+        backend: str = "auto",
+        hnsw_m: int = 32,
+        ivf_nlist: int = 64,
+        nprobe: int = 8,
+    ) -> None:
+        if not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise InputError(f"index dimension must be a positive integer, got {dim!r}")
+        if metric not in METRICS:
+            raise InputError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+        if kind not in KINDS:
+            raise InputError(f"unknown index kind {kind!r}; choose one of {list(KINDS)}")
+        if backend == "auto":
+            backend = "faiss" if HAVE_FAISS else "numpy"
+        if backend not in ("faiss", "numpy"):
+            raise InputError(f"unknown backend {backend!r}; choose 'faiss', 'numpy' or 'auto'")
+        if backend == "faiss" and not HAVE_FAISS:
+            raise InputError("faiss is not installed; use backend='numpy'")
+        if backend == "numpy" and kind != "flat":
+            raise InputError("the numpy backend supports only the exact 'flat' index")
+        self.dim, self.metric, self.kind, self.backend = int(dim), metric, kind, backend
+        self.hnsw_m, self.ivf_nlist, self.nprobe = hnsw_m, ivf_nlist, nprobe
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.labels = np.zeros(0, dtype=np.int64)
+        self.paths: list[str] | None = None
+        self.classes: list[str] | None = None
+        self._vectors = np.zeros((0, self.dim), dtype=np.float32)  # numpy backend
+        self._index = self._new_faiss() if backend == "faiss" else None
+
+    # ------------------------------------------------------------------ build
+    def _new_faiss(self):
+        ip = self.metric == "cosine"
+        mt = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
+        if self.kind == "flat":
+            return faiss.IndexFlatIP(self.dim) if ip else faiss.IndexFlatL2(self.dim)
+        if self.kind == "hnsw":
+            return faiss.IndexHNSWFlat(self.dim, self.hnsw_m, mt)
+        quant = faiss.IndexFlatIP(self.dim) if ip else faiss.IndexFlatL2(self.dim)
+        idx = faiss.IndexIVFFlat(quant, self.dim, self.ivf_nlist, mt)
+        self._quantizer = quant  # faiss does not own it: keep it alive
+        return idx
+
+    def _prep(self, x: np.ndarray) -> np.ndarray:
+        if self.metric == "cosine":
+            n = np.linalg.norm(x, axis=1, keepdims=True)
+            x = x / np.maximum(n, 1e-12)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def add(self, embeddings, labels=None, paths=None, ids=None) -> None:
+        """Add vectors with optional labels (ints), paths (str) and ids (default: running)."""
+        x = self._prep(_as_matrix(embeddings, self.dim, "embeddings"))
+        n = x.shape[0]
+        lab = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels)
+        if lab.shape != (n,):
+            raise InputError(f"{n} embeddings but labels of shape {lab.shape}")
+        if lab.dtype.kind not in "iu":
+            raise InputError(f"labels must be integers, got dtype {lab.dtype}")
+        new_ids = (
+            np.arange(len(self), len(self) + n, dtype=np.int64)
+            if ids is None
+            else np.asarray(ids, dtype=np.int64)
+        )
+        if new_ids.shape != (n,):
+            raise InputError(f"{n} embeddings but {new_ids.shape} ids")
+        if paths is not None and len(paths) != n:
+            raise InputError(f"{n} embeddings but {len(paths)} paths")
+        if paths is None and self.paths is not None:
+            paths = [""] * n
+        if paths is not None and self.paths is None:
+            self.paths = [""] * len(self)
+        if self.backend == "faiss":
+            if self.kind == "ivf" and not self._index.is_trained:
+                if n < self.ivf_nlist:
+                    raise InputError(
+                        f"an IVF index with {self.ivf_nlist} lists needs at least "
+                        f"{self.ivf_nlist} vectors in the first add, got {n}"
+                    )
+                self._index.train(x)
+            self._index.add(x)
+        else:
+            self._vectors = np.concatenate([self._vectors, x])
+        self.ids = np.concatenate([self.ids, new_ids])
+        self.labels = np.concatenate([self.labels, lab.astype(np.int64)])
+        if paths is not None:
+            self.paths = list(self.paths or []) + [str(p) for p in paths]
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest items of each query: ``(distances, ids)`` of shape (n_queries, k).
+
+        ``k`` larger than the index is clamped to its size. Distances are euclidean distances
+        or cosine distances (1 - cos), ascending.
+        """
+        if len(self) == 0:
+            raise InputError("the index is empty: add embeddings before searching")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"k must be a positive integer, got {k!r}")
+        q = self._prep(_as_matrix(queries, self.dim, "queries"))
+        k = min(int(k), len(self))
+        if self.backend == "faiss":
+            if self.kind == "ivf":
+                self._index.nprobe = self.nprobe
+            scores, pos = self._index.search(q, k)
+        else:
+            if self.metric == "cosine":
+                sim = q @ self._vectors.T
+                pos = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+                scores = np.take_along_axis(sim, pos, axis=1)
+            else:
+                d2 = (
+                    (q * q).sum(1)[:, None]
+                    + (self._vectors**2).sum(1)[None, :]
+                    - 2.0 * q @ self._vectors.T
+                )
+                pos = np.argsort(d2, axis=1, kind="stable")[:, :k]
+                scores = np.take_along_axis(d2, pos, axis=1)
+        if self.metric == "cosine":
+            dist = np.clip(1.0 - scores, 0.0, 2.0)
+        else:
+            dist = np.sqrt(np.maximum(scores, 0.0))
+        valid = pos >= 0
+        ids = np.where(valid, self.ids[np.clip(pos, 0, None)], -1)
+        dist = np.where(valid, dist, np.inf)
+        return dist.astype(np.float32), ids.astype(np.int64)
+
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        order = np.argsort(self.ids, kind="stable")
+        where = np.searchsorted(self.ids[order], ids)
+        where = np.clip(where, 0, len(order) - 1)
+        pos = order[where]
+        return np.where(self.ids[pos] == ids, pos, -1)
+
+    def labels_of(self, ids) -> np.ndarray:
+        """Labels of the given ids (-1 for unknown ids)."""
+        ids = np.asarray(ids)
+        pos = self._positions(ids.ravel()).reshape(ids.shape)
+        return np.where(pos >= 0, self.labels[np.clip(pos, 0, None)], -1)
+
+    def paths_of(self, ids) -> list:
+        """Paths of the given ids (None where unknown or not stored)."""
+        ids = np.asarray(ids)
+        pos = self._positions(ids.ravel())
+        out = [self.paths[p] if (self.paths is not None and p >= 0) else None for p in pos]
+        return np.asarray(out, dtype=object).reshape(ids.shape).tolist()
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory, fingerprint: str | None = None) -> None:
+        """Write the index to ``directory`` (files atomically, the manifest last)."""
+        d = Path(directory)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create index directory {d}: {e}") from None
+        if not os.access(d, os.W_OK):
+            raise InputError(f"index directory {d} is not writable")
+        files = {}
+        if self.backend == "faiss":
+            atomic_write_bytes(d / "index.faiss", faiss.serialize_index(self._index).tobytes())
+            files["index.faiss"] = None
+        else:
+            self._save_npy(d / "vectors.npy", self._vectors)
+            files["vectors.npy"] = None
+        self._save_npy(d / "ids.npy", self.ids)
+        self._save_npy(d / "labels.npy", self.labels)
+        atomic_write_json(d / "meta.json", {"paths": self.paths, "classes": self.classes})
+        for name in [*files, "ids.npy", "labels.npy", "meta.json"]:
+            files[name] = sha256_file(d / name)
+        atomic_write_json(
+            d / "manifest.json",
+            {
+                "format": FORMAT,
+                "dim": self.dim,
+                "metric": self.metric,
+                "kind": self.kind,
+                "backend": self.backend,
+                "count": len(self),
+                "fingerprint": fingerprint,
+                "nprobe": self.nprobe,
+                "files": files,
+            },
+        )
+
+    @staticmethod
+    def _save_npy(path: Path, arr: np.ndarray) -> None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, directory, expected_fingerprint: str | None = None) -> EmbeddingIndex:
+        """Load and verify an index; a missing, truncated, corrupted or mismatched index (or a
+        fingerprint other than ``expected_fingerprint``) is a clear error naming the file."""
+        d = Path(directory)
+        man_path = d / "manifest.json"
+        if not d.is_dir():
+            raise MissingFileError(f"index directory not found: {d}")
+        if not man_path.exists():
+            raise MissingFileError(f"not an index directory (no manifest.json): {d}")
+        try:
+            man = json.loads(man_path.read_text(encoding="utf-8"))
+            if not isinstance(man, dict) or man.get("format") != FORMAT:
+                raise ValueError(f"unsupported format {man.get('format')!r}")
+            dim, metric, kind = int(man["dim"]), str(man["metric"]), str(man["kind"])
+            backend, count, files = str(man["backend"]), int(man["count"]), man["files"]
+            if not isinstance(files, dict):
+                raise ValueError("'files' must be an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FileFormatError(f"corrupt index manifest {man_path}: {e}") from None
+        for name, digest in files.items():
+            p = d / name
+            if not p.exists():
+                raise FileFormatError(f"index file missing: {p}")
+            if sha256_file(p) != digest:
+                raise FileFormatError(f"index file {p} is corrupted (checksum mismatch)")
+        fp = man.get("fingerprint")
+        if expected_fingerprint is not None and fp != expected_fingerprint:
+            raise InputError(
+                f"the index in {d} was built with another model (fingerprint {str(fp)[:12]}…, "
+                f"this model {expected_fingerprint[:12]}…); rebuild it with `tripletlab index`"
+            )
+        if backend == "faiss" and not HAVE_FAISS:
+            raise FileFormatError(f"{d} is a faiss index but faiss is not installed")
+        index = cls(
+            dim, metric=metric, kind=kind, backend=backend, nprobe=int(man.get("nprobe", 8))
+        )
+        try:
+            index.ids = np.load(d / "ids.npy", allow_pickle=False)
+            index.labels = np.load(d / "labels.npy", allow_pickle=False)
+            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+            index.paths, index.classes = meta.get("paths"), meta.get("classes")
+            if backend == "faiss":
+                raw = np.frombuffer((d / "index.faiss").read_bytes(), dtype=np.uint8)
+                index._index = faiss.deserialize_index(raw)
+                n_vec, vdim = index._index.ntotal, index._index.d
+            else:
+                index._vectors = np.load(d / "vectors.npy", allow_pickle=False)
+                n_vec, vdim = index._vectors.shape
+        except (OSError, ValueError, RuntimeError) as e:
+            raise FileFormatError(f"cannot read index in {d}: {e}") from None
+        if (
+            vdim != dim
+            or n_vec != count
+            or index.ids.shape != (count,)
+            or index.labels.shape != (count,)
+        ):
+            raise FileFormatError(
+                f"index in {d} is inconsistent with its manifest "
+                f"({n_vec} vectors of dim {vdim}; manifest {count} x {dim})"
+            )
+        return index
+
+    @staticmethod
+    def remove(directory) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
