@@ -1,0 +1,7 @@
+"""``python -m tripletlab``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
