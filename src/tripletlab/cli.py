@@ -477,9 +477,8 @@ def _cmd_search(args) -> int:
         print(f"query: {r['query']}")
         print(f"  {'rank':>4}  {'distance':>9}  {'label':<20} path")
         for h in r["neighbours"]:
-            print(
-                f"  {h['rank']:>4}  {h['distance']:>9.4f}  {str(h['label']):<20} {h['path'] or ''}"
-            )
+            path = (h["path"] or "").encode("utf-8", "backslashreplace").decode("utf-8")
+            print(f"  {h['rank']:>4}  {h['distance']:>9.4f}  {str(h['label']):<20} {path}")
     return 0
 
 

@@ -154,7 +154,7 @@ def load_image_files(
     size = image_size
     for i, p in enumerate(paths):
         try:
-            arr = _read_image(p, mode, size)
+            arr = _read_image(p, mode, image_size)
         except FileFormatError as e:
             if not skip_bad:
                 raise
@@ -198,7 +198,7 @@ def load_image_folder(root: Path, image_size=None, grayscale=None, skip_bad=Fals
         x=x,
         y=y,
         classes=classes,
-        paths=[_display(files[i]) for i in kept],
+        paths=[files[i] for i in kept],
         kind="image",
         name=root.name or str(root),
         info={

@@ -1,0 +1,235 @@
+"""Data loaders, splits, PK sampler and models."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_image_folder, shared_data
+from tripletlab import FileFormatError, InputError, MissingFileError
+from tripletlab.data import apply_split, load_dataset, split_dataset
+from tripletlab.models import build_augment, build_model
+from tripletlab.samplers import PKSampler
+
+
+def test_digits_builtin():
+    ds = load_dataset("digits")
+    assert ds.x.shape == (1797, 64) and ds.x.min() >= 0 and ds.x.max() <= 1
+    assert ds.classes == [str(i) for i in range(10)] and ds.kind == "vector"
+
+
+def test_image_folder_nested_classes_formats_and_modes(tmp_path):
+    root = make_image_folder(tmp_path / "a", n_classes=4, per_class=4, nested=True)
+    ds = load_dataset(str(root))
+    assert ds.x.shape == (16, 1, 12, 10) and ds.kind == "image"
+    assert ds.classes == ["group0/class0", "group0/class2", "group1/class1", "group1/class3"]
+    assert all(os.path.exists(p) for p in ds.paths)
+    rgb = load_dataset(
+        str(make_image_folder(tmp_path / "b", rgb=True)), grayscale=False, image_size=(8, 8)
+    )
+    assert rgb.x.shape[1:] == (3, 8, 8)
+
+
+def test_image_folder_bad_files(tmp_path):
+    root = make_image_folder(tmp_path / "c", n_classes=3, per_class=3)
+    (root / "class0" / "empty.png").write_bytes(b"")
+    (root / "class1" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(FileFormatError, match="empty.png"):
+        load_dataset(str(root))
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        ds = load_dataset(str(root), skip_bad=True)
+    assert len(ds) == 9
+    (root / "notes.txt").write_text("hello")
+    with pytest.raises(FileFormatError, match="not images"):
+        load_dataset(str(root))
+
+
+def test_mixed_sizes_need_image_size_and_symlink_loop(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_classes=2, per_class=2)
+    make_image_folder(tmp_path / "e", n_classes=1, per_class=2, size=(20, 20))
+    os.rename(tmp_path / "e" / "class0", root / "big")
+    with pytest.raises(FileFormatError, match="image-size"):
+        load_dataset(str(root))
+    os.symlink(root, root / "class0" / "loop")  # a directory symlink loop must not hang
+    ds = load_dataset(str(root), image_size=(16, 16))
+    assert ds.x.shape == (6, 1, 16, 16)
+
+
+def test_non_utf8_file_names(tmp_path):
+    root = make_image_folder(tmp_path / "f", n_classes=2, per_class=2)
+    src = root / "class0" / "img0.png"
+    os.rename(src, os.path.join(os.fsencode(root / "class0"), b"caf\xe9.png"))
+    ds = load_dataset(str(root))
+    assert len(ds) == 4 and all(os.path.exists(p) for p in ds.paths)
+    assert any("\udce9" in p for p in ds.paths)  # the real (undecodable) name is kept
+
+
+def _write_idx(path, arr, gz):
+    code = {np.uint8: 0x08}[arr.dtype.type]
+    data = struct.pack(">BBBB", 0, 0, code, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data += arr.tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_directory(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    _write_idx(
+        tmp_path / f"train-images-idx3-ubyte{suffix}",
+        rng.integers(0, 255, (20, 6, 6)).astype(np.uint8),
+        gz,
+    )
+    _write_idx(
+        tmp_path / f"train-labels-idx1-ubyte{suffix}", (np.arange(20) % 4).astype(np.uint8), gz
+    )
+    _write_idx(
+        tmp_path / f"t10k-images-idx3-ubyte{suffix}",
+        rng.integers(0, 255, (8, 6, 6)).astype(np.uint8),
+        gz,
+    )
+    _write_idx(
+        tmp_path / f"t10k-labels-idx1-ubyte{suffix}", (np.arange(8) % 4).astype(np.uint8), gz
+    )
+    ds = load_dataset(str(tmp_path))
+    assert ds.x.shape == (28, 1, 6, 6) and ds.predefined_split["test"] == list(range(20, 28))
+    train, test, info = split_dataset(ds, by="predefined")
+    assert len(train) == 20 and len(test) == 8
+    p = tmp_path / f"t10k-images-idx3-ubyte{suffix}"
+    raw = gzip.decompress(p.read_bytes()) if gz else p.read_bytes()
+    (gzip.open if gz else open)(p, "wb").write(raw[:-5])
+    with pytest.raises(FileFormatError, match="truncated"):
+        load_dataset(str(tmp_path))
+
+
+def test_vector_files(tmp_path):
+    x = np.random.default_rng(0).normal(size=(10, 3))
+    y = np.arange(10) % 2
+    np.savez(tmp_path / "v.npz", x=x, y=y)
+    assert load_dataset(str(tmp_path / "v.npz")).x.shape == (10, 3)
+    np.save(tmp_path / "v.npy", np.hstack([x, y[:, None]]))
+    assert load_dataset(str(tmp_path / "v.npy")).n_classes == 2
+    (tmp_path / "v.csv").write_text("a,b,label\n1,2,cat\n3,4,dog\n5,6,cat\n")
+    ds = load_dataset(str(tmp_path / "v.csv"))
+    assert ds.classes == ["cat", "dog"] and ds.x.shape == (3, 2)
+    (tmp_path / "nolabel.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(FileFormatError, match="label"):
+        load_dataset(str(tmp_path / "nolabel.csv"))
+    xn = x.copy()
+    xn[2, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", x=xn, y=y)
+    with pytest.raises(FileFormatError, match="NaN"):
+        load_dataset(str(tmp_path / "nan.npz"))
+    np.savez(tmp_path / "short.npz", x=x, y=y[:4])
+    with pytest.raises(FileFormatError, match="labels"):
+        load_dataset(str(tmp_path / "short.npz"))
+    with pytest.raises(MissingFileError):
+        load_dataset(str(tmp_path / "missing.npz"))
+
+
+def test_splits_are_seeded_disjoint_and_reproducible():
+    ds = load_dataset("digits")
+    for by in ("class", "sample"):
+        tr, te, info = split_dataset(ds, by=by, test_fraction=0.3, seed=3)
+        tr2, te2 = apply_split(ds, info)
+        assert torch.equal(te.x, te2.x) and len(tr) + len(te) == len(ds)
+        _, te3, _ = split_dataset(ds, by=by, test_fraction=0.3, seed=3)
+        assert torch.equal(te.y, te3.y)
+        if by == "class":
+            assert not set(tr.y.tolist()) & set(te.y.tolist())
+    tr, te, info = split_dataset(ds, by="class", test_classes=["3", "7"])
+    assert sorted(set(te.y.tolist())) == [3, 7]
+    with pytest.raises(InputError, match="not in the data"):
+        split_dataset(ds, by="class", test_classes=["x"])
+
+
+def test_real_att_faces_and_fashion_mnist_load():
+    att = load_dataset(str(shared_data("att_faces")), image_size=(56, 46))
+    assert len(att) == 400 and att.n_classes == 40
+    tr, te, _ = split_dataset(att, by="class", test_classes=[f"s{i}" for i in range(31, 41)])
+    assert len(te) == 100 and len(tr) == 300
+    fm = load_dataset(str(shared_data("fashion-mnist")))
+    assert len(fm) == 70000 and len(fm.predefined_split["test"]) == 10000
+
+
+# ------------------------------------------------------------------------------ sampler
+
+
+def test_pk_sampler_invariants_and_resume():
+    labels = torch.arange(12).repeat_interleave(5)
+    s = PKSampler(labels, p=4, k=3, seed=1)
+    batches = list(s)
+    assert len(batches) == len(s) == int(np.ceil(60 / 12))
+    for b in batches:
+        lab = labels[b]
+        assert len(b) == 12 and len(set(lab.tolist())) == 4
+        assert all(c == 3 for c in torch.bincount(lab).tolist() if c)
+    # determinism + mid-epoch resume
+    a = PKSampler(labels, p=4, k=3, seed=1)
+    it = iter(a)
+    first = [next(it) for _ in range(2)]
+    state = a.state_dict()
+    rest = list(it)
+    b = PKSampler(labels, p=4, k=3, seed=1)
+    b.load_state_dict(state)
+    assert first + list(b) == first + rest
+    assert list(PKSampler(labels, p=4, k=3, seed=2)) != batches
+
+
+def test_pk_sampler_small_classes_and_errors():
+    labels = torch.tensor([0, 0, 0, 0, 1, 2, 2])
+    with pytest.warns(UserWarning, match="with replacement"):
+        s = PKSampler(labels, p=2, k=3, seed=0)
+    for b in s:
+        assert len(set(labels[b].tolist())) == 2
+    with pytest.raises(InputError, match="2 classes"):
+        PKSampler(torch.zeros(5, dtype=torch.long), p=2, k=2)
+
+
+# ------------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("shape", [[1, 28, 28], [3, 17, 23], [1, 5, 5]])
+def test_cnn_any_size_unit_norm_and_rebuild(shape):
+    m = build_model({"name": "cnn", "input_shape": shape, "embedding_dim": 16, "channels": [8, 16]})
+    e = m(torch.rand(3, *shape))
+    assert e.shape == (3, 16) and torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
+    m2 = build_model(m.config)
+    assert {k: v.shape for k, v in m.state_dict().items()} == {
+        k: v.shape for k, v in m2.state_dict().items()
+    }
+
+
+def test_mlp_and_config_errors():
+    m = build_model({"name": "mlp", "input_shape": [64], "normalize": False})
+    assert m(torch.rand(4, 64)).shape == (4, 64)
+    with pytest.raises(InputError, match="unknown model"):
+        build_model({"name": "os.system", "input_shape": [4]})
+    with pytest.raises(InputError, match="unknown keys"):
+        build_model({"name": "mlp", "input_shape": [4], "evil": 1})
+    with pytest.raises(InputError, match="embedding_dim"):
+        build_model({"name": "mlp", "input_shape": [4], "embedding_dim": "64"})
+
+
+def test_augment_shapes_and_determinism():
+    x = torch.rand(5, 1, 20, 16)
+    a1 = build_augment("faces", seed=0)
+    a2 = build_augment(
+        {"affine_degrees": 10.0, "translate": 0.06, "scale": [0.9, 1.1], "hflip": True}, seed=0
+    )
+    y1, y2 = a1(x), a2(x)
+    assert y1.shape == x.shape and torch.equal(y1, y2) and not torch.equal(y1, x)
+    state = a1.get_state()
+    z = a1(x)
+    a1.set_state(state)
+    assert torch.equal(a1(x), z)
+    assert build_augment("none") is None
+    with pytest.raises(InputError, match="preset"):
+        build_augment("wild")
+    crop = build_augment({"crop_pad": 2}, seed=1)
+    assert crop(x).shape == x.shape
