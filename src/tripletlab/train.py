@@ -410,7 +410,7 @@ class Trainer:
                 f"checkpoint in {self.run_dir} does not fit this model: {e}"
             ) from None
         sched = state["scheduler"]
-        self.sched.load_state_dict({k: v for k, v in sched.items() if k != "lr_lambdas"})
+        self.sched.load_state_dict({**sched, "lr_lambdas": [None]})
         torch.set_rng_state(tensors["rng.torch"])
         if self.augment is not None and "rng.augment" in tensors:
             self.augment.set_state(tensors["rng.augment"])

@@ -1,0 +1,162 @@
+"""Trainer: determinism, exact resume, checkpoints, non-finite detection, config handling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tripletlab import FileFormatError, InputError
+from tripletlab.config import TrainConfig, load_config_file, resolve_config
+from tripletlab.train import NonFiniteError, Trainer, load_checkpoint, load_run
+
+
+def _cfg(tmp_path, name="run", **kw):
+    base = {
+        "data": "digits",
+        "out": str(tmp_path / name),
+        "steps": 24,
+        "eval_every": 8,
+        "checkpoint_every": 8,
+        "log_every": 4,
+        "quiet": True,
+        "report": False,
+        "embedding_dim": 16,
+        "model_options": {"hidden": [32]},
+        "p": 5,
+        "k": 4,
+    }
+    base.update(kw)
+    return resolve_config(overrides=base)
+
+
+def _weights(run):
+    return load_file(str(run / "checkpoint" / "state.safetensors"))
+
+
+def test_train_writes_run_directory(tmp_path):
+    t = Trainer(_cfg(tmp_path))
+    result = t.fit()
+    run = tmp_path / "run"
+    for f in (
+        "config.json",
+        "split.json",
+        "model.safetensors",
+        "metrics.jsonl",
+        "eval.json",
+        "checkpoint/manifest.json",
+    ):
+        assert (run / f).exists(), f
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r.get("type") != "eval"]
+    assert [r["step"] for r in train] == [4, 8, 12, 16, 20, 24]
+    assert all(0 <= r["active_fraction"] <= 1 and r["samples_per_s"] > 0 for r in train)
+    assert sum(r.get("type") == "eval" for r in recs) == 3
+    assert result["retrieval"]["precision_at_1"] > 0.5
+    model, cfg = load_run(run)
+    assert cfg["model"]["embedding_dim"] == 16
+    assert "threshold" in json.loads((run / "eval.json").read_text())
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full = Trainer(_cfg(tmp_path, "full"))
+    full.fit()
+    half = Trainer(_cfg(tmp_path, "half", steps=24))
+    half.total_steps = 16  # stop early, as if killed after the checkpoint at step 16
+    half.fit()
+    resumed = Trainer(_cfg(tmp_path, "half"), resume=True)
+    assert resumed.state.step == 16
+    resumed.fit()
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "half")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.startswith("model."):
+            assert torch.equal(a[k], b[k]), k
+    ea = json.loads((tmp_path / "full" / "eval.json").read_text())
+    eb = json.loads((tmp_path / "half" / "eval.json").read_text())
+    assert ea["retrieval"] == eb["retrieval"]
+
+
+def test_same_seed_same_result_and_existing_run_protected(tmp_path):
+    Trainer(_cfg(tmp_path, "a", steps=8)).fit()
+    Trainer(_cfg(tmp_path, "b", steps=8)).fit()
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa if k.startswith("model."))
+    with pytest.raises(InputError, match="--resume"):
+        Trainer(_cfg(tmp_path, "a", steps=8))
+
+
+def test_corrupted_checkpoint_is_rejected_naming_the_file(tmp_path):
+    Trainer(_cfg(tmp_path, steps=8)).fit()
+    p = tmp_path / "run" / "checkpoint" / "optimizer.pt"
+    p.write_bytes(p.read_bytes()[:-10])
+    with pytest.raises(FileFormatError, match="optimizer.pt"):
+        load_checkpoint(tmp_path / "run")
+    with pytest.raises(FileFormatError, match="optimizer.pt"):
+        Trainer(_cfg(tmp_path, steps=8), resume=True)
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+    t = Trainer(_cfg(tmp_path, steps=24))
+    calls = {"n": 0}
+    real = t.loss_fn.forward
+
+    def poisoned(emb, labels, *a, **k):
+        calls["n"] += 1
+        loss = real(emb, labels, *a, **k)
+        return loss * float("nan") if calls["n"] == 11 else loss
+
+    monkeypatch.setattr(t.loss_fn, "forward", poisoned)
+    with pytest.raises(NonFiniteError, match="step 11"):
+        t.fit()
+    _, _, state = load_checkpoint(tmp_path / "run")
+    assert state["step"] == 8  # the last good checkpoint is intact
+
+
+def test_skip_nonfinite_counts_skipped_steps(tmp_path, monkeypatch):
+    t = Trainer(_cfg(tmp_path, steps=12, skip_nonfinite=True))
+    calls = {"n": 0}
+    real = t.loss_fn.forward
+
+    def poisoned(emb, labels, *a, **k):
+        calls["n"] += 1
+        loss = real(emb, labels, *a, **k)
+        return loss * float("inf") if calls["n"] in (3, 5) else loss
+
+    monkeypatch.setattr(t.loss_fn, "forward", poisoned)
+    result = t.fit()
+    assert result["skipped_nonfinite_steps"] == 2
+
+
+def test_collapse_is_detected(tmp_path):
+    t = Trainer(_cfg(tmp_path, steps=6))
+    with torch.no_grad():  # a model whose embeddings are all the same point
+        for p in t.model.parameters():
+            p.zero_()
+        t.model.head.proj.bias.fill_(1.0)
+    t.opt = torch.optim.SGD(t.model.parameters(), lr=0.0)  # stays collapsed
+    t.sched = torch.optim.lr_scheduler.LambdaLR(t.opt, lambda s: 1.0)
+    with pytest.warns(UserWarning, match="collapse"):
+        result = t.fit()
+    assert result["collapse"]["mean_distance"] < 1e-3
+
+
+def test_config_file_flags_and_errors(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"margin": 0.3, "strategy": "hard", "epochs": 3}))
+    cfg = resolve_config(load_config_file(f), {"margin": 0.5})
+    assert (cfg.margin, cfg.strategy, cfg.epochs) == (0.5, "hard", 3)
+    assert TrainConfig().strategy == "semihard"
+    f.write_text(json.dumps({"marginn": 0.3}))
+    with pytest.raises(InputError, match="marginn"):
+        load_config_file(f)
+    f.write_text(json.dumps({"epochs": "3"}))
+    with pytest.raises(InputError, match="epochs"):
+        load_config_file(f)
+    f.write_text("[1, 2")
+    with pytest.raises(FileFormatError, match="c.json"):
+        load_config_file(f)
+    with pytest.raises(InputError, match="p >= 2"):
+        resolve_config(overrides={"p": 1})
