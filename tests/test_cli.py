@@ -1,0 +1,172 @@
+"""The `tripletlab` command, driven in-process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_image_folder
+from tripletlab.cli import main
+
+FAST = [
+    "--steps",
+    "12",
+    "--eval-every",
+    "6",
+    "--log-every",
+    "3",
+    "--embedding-dim",
+    "16",
+    "--quiet",
+    "--no-report",
+]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "digits"
+    assert main(["train", "--out", str(run), "--p", "5", *FAST]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli_img")
+    data = make_image_folder(base / "faces", n_classes=6, per_class=6, size=(16, 12))
+    run = base / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--p",
+            "3",
+            "--k",
+            "3",
+            "--test-classes",
+            "class4,class5",
+            "--val-fraction",
+            "0",
+            *FAST,
+        ]
+    )
+    assert code == 0
+    return run, data
+
+
+def test_help_and_usage_errors(capsys):
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    for cmd in ("train", "eval", "embed", "index", "search", "verify", "report", "bench"):
+        assert main([cmd, "--help"]) == 0
+        assert "usage" in capsys.readouterr().out
+    assert main([]) == 2
+    assert main(["train", "--epochs", "x"]) == 2
+    assert main(["frobnicate"]) == 2
+    assert main(["eval"]) == 2  # --model is required
+
+
+def test_runtime_errors_exit_1_without_traceback(tmp_path, capsys):
+    assert main(["train", "--strategy", "bogus", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "error: unknown strategy" in err and "Traceback" not in err
+    assert main(["eval", "--model", str(tmp_path / "missing")]) == 1
+    assert "run directory not found" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 1
+    assert "data not found" in capsys.readouterr().err
+
+
+def test_train_prints_metrics_and_eval_embed(digits_run, tmp_path, capsys):
+    assert (digits_run / "eval.json").exists()
+    assert main(["eval", "--model", str(digits_run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 <= out["retrieval"]["precision_at_1"] <= 1 and "verification" in out
+    npz = tmp_path / "e.npz"
+    assert main(["embed", "--model", str(digits_run), "--data", "digits", "--out", str(npz)]) == 0
+    z = np.load(npz)
+    assert z["embeddings"].shape == (1797, 16) and z["labels"].shape == (1797,)
+    assert np.allclose(np.linalg.norm(z["embeddings"], axis=1), 1, atol=1e-5)
+
+
+def test_index_and_search_vectors(digits_run, tmp_path, capsys):
+    idx = tmp_path / "idx"
+    assert main(["index", "--model", str(digits_run), "--data", "digits", "--out", str(idx)]) == 0
+    from sklearn.datasets import load_digits
+
+    q = tmp_path / "q.npy"
+    np.save(q, (load_digits().data[:3] / 16).astype(np.float32))
+    capsys.readouterr()
+    assert (
+        main(
+            ["search", str(q), "--model", str(digits_run), "--index", str(idx), "-k", "4", "--json"]
+        )
+        == 0
+    )
+    res = json.loads(capsys.readouterr().out)
+    assert len(res) == 3 and len(res[0]["neighbours"]) == 4
+    assert res[0]["neighbours"][0]["distance"] == pytest.approx(0, abs=1e-4)
+    assert res[0]["neighbours"][0]["id"] == 0 and res[0]["neighbours"][0]["label"] == "0"
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((2, 5), dtype=np.float32))
+    assert main(["search", str(bad), "--model", str(digits_run), "--index", str(idx)]) == 1
+    assert "model expects [64]" in capsys.readouterr().err
+
+
+def test_search_rejects_index_of_another_model(digits_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert main(["train", "--out", str(other), "--p", "5", "--seed", "7", *FAST]) == 0
+    idx = tmp_path / "idx2"
+    assert main(["index", "--model", str(other), "--data", "digits", "--out", str(idx)]) == 0
+    q = tmp_path / "q.npy"
+    np.save(q, np.zeros((1, 64), dtype=np.float32))
+    capsys.readouterr()
+    assert main(["search", str(q), "--model", str(digits_run), "--index", str(idx)]) == 1
+    assert "another model" in capsys.readouterr().err
+
+
+def test_image_run_verify_search_eval_folder_and_report(image_run, tmp_path, capsys):
+    run, data = image_run
+    a = data / "class4" / "img0.png"
+    b = data / "class4" / "img1.pgm"
+    c = data / "class5" / "img0.png"
+    capsys.readouterr()
+    assert main(["verify", str(a), str(b), "--model", str(run), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == {"threshold", "distance", "pairs"} and len(res["pairs"]) == 1
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"{a},{b}\n{a},{c}\n")
+    assert main(["verify", "--pairs", str(pairs), "--model", str(run), "--threshold", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("d=") == 2
+    assert main(["eval", "--model", str(run), "--data", str(data)]) == 0  # whole folder
+    assert "36 items, 6 classes" in capsys.readouterr().out
+    idx = tmp_path / "idx"
+    assert main(["index", "--model", str(run), "--data", str(data), "--out", str(idx)]) == 0
+    capsys.readouterr()
+    assert main(["search", str(a), "--model", str(run), "--index", str(idx), "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "img0.png" in out and "class4" in out
+    assert main(["verify", str(a), "--model", str(run)]) == 1
+    assert main(["report", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    for name in (
+        "training_curves",
+        "distance_histograms",
+        "embedding_map",
+        "retrieval_gallery",
+        "roc",
+    ):
+        assert f"data-plot='{name}'" in html and (run / "plots" / f"{name}.png").exists()
+
+
+def test_resume_via_cli(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", "--out", str(run), "--p", "5", *FAST]) == 0
+    assert main(["train", "--out", str(run), "--p", "5", *FAST]) == 1  # would overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert main(["train", "--resume", str(run), "--lr", "0.1"]) == 1
