@@ -622,6 +622,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 runtime error, 2 usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv[:1] == ["bench"]:  # the benchmark parses its own options (see `tripletlab bench -h`)
+        from .bench import run_benchmark
+
+        try:
+            return run_benchmark(argv[1:])
+        except SystemExit as e:
+            return int(e.code or 0)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
