@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = 1
+_STUCK_STEPS = 200  # consecutive steps with loss == margin and every triplet active
 
 
 class NonFiniteError(TripletLabError):
@@ -505,7 +506,10 @@ class Trainer:
 
     def _check_collapse(self, stats: dict, loss: float) -> None:
         md = stats.get("mean_distance", 1.0)
-        stuck = stats.get("active_fraction", 0) > 0.99 and abs(loss - self.cfg.margin) < 1e-3
+        at_margin = stats.get("active_fraction", 0) > 0.99 and abs(loss - self.cfg.margin) < 1e-3
+        # loss pinned at the margin is normal for a few early batch-hard steps; persistent = bad
+        self._stuck_steps = self._stuck_steps + 1 if at_margin else 0
+        stuck = self._stuck_steps >= _STUCK_STEPS
         if (md < 1e-3 or stuck) and not self.state.collapse_warned:
             self.state.collapse_warned = True
             warnings.warn(
@@ -523,6 +527,7 @@ class Trainer:
 
         cfg, st = self.cfg, self.state
         self.collapse = None
+        self._stuck_steps = 0
         show = not cfg.quiet and sys.stderr.isatty()
         bar = tqdm(
             total=self.total_steps,
