@@ -197,8 +197,10 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict]
         tensors = load_file(str(ckpt / "state.safetensors"))
         optim_state = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
         state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as e:
-        raise FileFormatError(f"cannot read checkpoint in {ckpt}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. UnpicklingError from weights_only=True
+        raise FileFormatError(
+            f"cannot read checkpoint in {ckpt}: {type(e).__name__}: {e}"
+        ) from None
     return tensors, optim_state, state
 
 

@@ -112,7 +112,15 @@ def _read_image(path: str, mode: str, size: tuple[int, int] | None) -> np.ndarra
             arr = np.asarray(im, dtype=np.uint8)
     except FileFormatError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        MemoryError,
+        EOFError,
+    ) as e:
         raise FileFormatError(f"cannot read image {_display(path)}: {e}") from None
     if arr.ndim == 2:
         arr = arr[None]
@@ -215,7 +223,7 @@ def _open_maybe_gz(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
         return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, EOFError, zlib.error, BadGzipFile
         raise FileFormatError(f"cannot read {path}: {e}") from None
 
 
@@ -356,10 +364,10 @@ def load_vector_file(path: Path) -> Dataset:
                 raise FileFormatError(f"{path}: non-numeric feature value ({e})") from None
             y = np.array([r[li].strip() for r in body], dtype=object)
             return _vectors(x.reshape(len(body), -1), y, path)
-    except (OSError, ValueError, EOFError) as e:
-        if isinstance(e, FileFormatError):
-            raise
-        raise FileFormatError(f"cannot read {path}: {e}") from None
+    except FileFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zipfile, numpy and csv raise many error types
+        raise FileFormatError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     raise FileFormatError(f"{path}: unsupported vector file type {suffix!r} (.npz, .npy, .csv)")
 
 
