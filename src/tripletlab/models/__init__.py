@@ -67,7 +67,9 @@ class EmbeddingMLP(nn.Module):
 
 class EmbeddingCNN(nn.Module):
     """Small CNN for images of any size: (conv3x3-BN-ReLU, conv3x3-BN-ReLU, maxpool) blocks,
-    global average pooling, then the embedding head.
+    global average pooling (or, with ``pool="flatten"``, the flattened feature map, which keeps
+    the spatial layout of aligned inputs such as faces), then the embedding head.
+    ``input_norm="per_image"`` standardises each image (brightness/contrast invariance).
 
     Example:
         >>> m = EmbeddingCNN(input_shape=[1, 28, 28], embedding_dim=32)
@@ -82,8 +84,15 @@ class EmbeddingCNN(nn.Module):
         normalize: bool = True,
         channels=(32, 64, 128, 128),
         dropout: float = 0.0,
+        pool: str = "avg",
+        input_norm: str = "none",
     ) -> None:
         super().__init__()
+        if pool not in ("avg", "flatten"):
+            raise InputError(f"pool must be 'avg' or 'flatten', got {pool!r}")
+        if input_norm not in ("none", "per_image"):
+            raise InputError(f"input_norm must be 'none' or 'per_image', got {input_norm!r}")
+        self.pool, self.input_norm = pool, input_norm
         if len(input_shape) != 3:
             raise InputError(f"the cnn model takes images (C, H, W), got {list(input_shape)}")
         layers: list[nn.Module] = []
@@ -105,16 +114,26 @@ class EmbeddingCNN(nn.Module):
             c_in = c
         self.body = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.head = EmbeddingHead(c_in, embedding_dim, normalize)
+        # "flatten" keeps the spatial layout (aligned inputs such as faces); "avg" is size-free
+        features = c_in * h * w if pool == "flatten" else c_in
+        self.head = EmbeddingHead(features, embedding_dim, normalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.body(x).mean(dim=(2, 3))
+        if self.input_norm == "per_image":  # remove brightness/contrast differences
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+            x = (x - mean) / std
+        f = self.body(x)
+        f = f.flatten(1) if self.pool == "flatten" else f.mean(dim=(2, 3))
         return self.head(self.dropout(f))
 
 
 MODELS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
     "mlp": (EmbeddingMLP, {"hidden": [256, 256], "dropout": 0.0}),
-    "cnn": (EmbeddingCNN, {"channels": [32, 64, 128, 128], "dropout": 0.0}),
+    "cnn": (
+        EmbeddingCNN,
+        {"channels": [32, 64, 128, 128], "dropout": 0.0, "pool": "avg", "input_norm": "none"},
+    ),
 }
 _COMMON = {"embedding_dim": 64, "normalize": True}
 
