@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_image_folder
 from tripletlab.cli import main
+
+from conftest import make_image_folder
 
 FAST = [
     "--steps",

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image_folder, shared_data
 from tripletlab import FileFormatError, InputError, MissingFileError
 from tripletlab.data import apply_split, load_dataset, split_dataset
 from tripletlab.models import build_augment, build_model
 from tripletlab.samplers import PKSampler
+
+from conftest import make_image_folder, shared_data
 
 
 def test_digits_builtin():

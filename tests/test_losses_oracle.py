@@ -7,13 +7,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oracle import mined_triplets, reference_distances, reference_loss
 from tripletlab import TripletLoss, mine_triplets
 from tripletlab.functional import (
     REDUCTIONS,
     mine_from_distances,
     triplet_loss_from_distances,
 )
+
+from oracle import mined_triplets, reference_distances, reference_loss
 
 DETERMINISTIC = ["all", "hard", "semihard", "hardest-negative", "easy-positive"]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-9}
