@@ -576,6 +576,12 @@ def _empty_triplets(device) -> IndexTuple:
     return e, e.clone(), e.clone()
 
 
+def _cat_triplets(out_a: list, out_p: list, out_n: list, device) -> IndexTuple:
+    if not out_a:
+        return _empty_triplets(device)
+    return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
+
+
 def _semihard_slots(d, neg, d_ap):
     """Per (row, slot): index of the closest negative with d_an > d_ap, and whether one exists."""
     inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
@@ -650,9 +656,7 @@ def _per_pair_negatives(
         out_a.append(a[keep])
         out_p.append(slots[keep])
         out_n.append(nn[keep])
-    if not out_a:
-        return _empty_triplets(dist.device)
-    return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
+    return _cat_triplets(out_a, out_p, out_n, dist.device)
 
 
 def distance_weighted_probabilities(
@@ -711,9 +715,7 @@ def _per_anchor_triplets(
         out_a.append(a[keep])
         out_p.append(p[keep])
         out_n.append(n[keep])
-    if not out_a:
-        return _empty_triplets(dist.device)
-    return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
+    return _cat_triplets(out_a, out_p, out_n, dist.device)
 
 
 def _all_triplets(
