@@ -195,7 +195,7 @@ def plot_embedding_map(
         ax.scatter(xy[sel, 0], xy[sel, 1], s=12, color=cmap(i % cmap.N), label=str(name))
     if len(classes) <= 20:
         ax.legend(fontsize=7, markerscale=1.5, loc="best", ncol=2 if len(classes) > 10 else 1)
-    ax.set_title(f"validation embeddings ({method}), {len(classes)} classes")
+    ax.set_title(f"held-out embeddings ({method}), {len(classes)} classes")
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
