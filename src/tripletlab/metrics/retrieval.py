@@ -39,6 +39,27 @@ _FULL_SORT_MAX = 4096
 _BLOCK_ELEMS = 1 << 24
 
 
+def _knn_blocks(queries, reference, k, distance, exclude_self):
+    """Yield ``(start, stop, distances, indices)`` of the exact k-NN, one query block at a time."""
+    nq, nr = queries.shape[0], reference.shape[0]
+    if distance == "cosine":
+        queries, reference = normalize_rows(queries), normalize_rows(reference)
+    r_sq = (reference * reference).sum(1)
+    block = max(1, min(nq, _BLOCK_ELEMS // max(nr, 1)))
+    for s in range(0, nq, block):
+        e = min(nq, s + block)
+        d = block_distances(queries[s:e], reference, distance, r_sq)
+        if exclude_self:
+            ar = torch.arange(s, e)
+            d[ar - s, ar] = float("inf")
+        if nr <= _FULL_SORT_MAX:
+            vals, idx = torch.sort(d, dim=1, stable=True)
+            vals, idx = vals[:, :k], idx[:, :k]
+        else:
+            vals, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        yield s, e, vals, idx
+
+
 def knn_search(
     queries: torch.Tensor,
     reference: torch.Tensor,
@@ -56,23 +77,9 @@ def knn_search(
     k = min(k, nr - (1 if exclude_self else 0))
     if k <= 0 or nq == 0:
         return torch.zeros(nq, 0, dtype=queries.dtype), torch.zeros(nq, 0, dtype=torch.long)
-    if distance == "cosine":
-        queries, reference = normalize_rows(queries), normalize_rows(reference)
-    r_sq = (reference * reference).sum(1)
-    block = max(1, min(nq, _BLOCK_ELEMS // max(nr, 1)))
     out_d = torch.empty(nq, k, dtype=queries.dtype)
     out_i = torch.empty(nq, k, dtype=torch.long)
-    for s in range(0, nq, block):
-        e = min(nq, s + block)
-        d = block_distances(queries[s:e], reference, distance, r_sq)
-        if exclude_self:
-            ar = torch.arange(s, e)
-            d[ar - s, ar] = float("inf")
-        if nr <= _FULL_SORT_MAX:
-            vals, idx = torch.sort(d, dim=1, stable=True)
-            vals, idx = vals[:, :k], idx[:, :k]
-        else:
-            vals, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
+    for s, e, vals, idx in _knn_blocks(queries, reference, k, distance, exclude_self):
         out_d[s:e] = vals
         out_i[s:e] = idx
     return out_d, out_i
@@ -151,32 +158,40 @@ def retrieval_metrics(
             "R-Precision and MAP@R are computed on the first max_k neighbours only",
             stacklevel=2,
         )
-    dists, idx = knn_search(q, ref, k, distance=distance, exclude_self=loo)
-    rel = (ref_y[idx] == q_y[:, None]).double()  # (Nq, k)
     valid = r > 0
     n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise InputError("no query has another item of its label: retrieval metrics undefined")
+    k = min(k, ref.shape[0] - (1 if loo else 0))
+    # accumulate per query block: memory O(block x k), never (N x k)
+    sums = {"p1": 0.0, "rp": 0.0, "map": 0.0, **{f"r{kk}": 0.0 for kk in ks}}
+    ranks = torch.arange(1, k + 1, dtype=torch.float64)
+    for s, e, _, idx in _knn_blocks(q, ref, k, distance, loo):
+        ok = valid[s:e]
+        if not bool(ok.any()):
+            continue
+        rel = (ref_y[idx[ok]] == q_y[s:e][ok][:, None]).double()
+        r_b = r[s:e][ok].clamp_max(k).double()
+        sums["p1"] += float(rel[:, 0].sum()) if k else 0.0
+        for kk in ks:
+            sums[f"r{kk}"] += float((rel[:, :kk].sum(1) > 0).sum())
+        rel_r = rel * (ranks[None, :] <= r_b[:, None])
+        sums["rp"] += float((rel_r.sum(1) / r_b).sum())
+        sums["map"] += float(((rel_r.cumsum(1) / ranks[None, :] * rel_r).sum(1) / r_b).sum())
     out: dict = {
         "n_queries": int(q.shape[0]),
         "n_queries_evaluated": n_valid,
         "n_queries_skipped": int(q.shape[0]) - n_valid,
-        "k_searched": int(idx.shape[1]),
+        "k_searched": int(k),
         "truncated_queries": truncated,
         "r_metrics_exact": truncated == 0,
         "distance": distance,
+        "precision_at_1": sums["p1"] / n_valid,
     }
-    if n_valid == 0:
-        raise InputError("no query has another item of its label: retrieval metrics undefined")
-    rel_v = rel[valid]
-    r_v = r[valid].clamp_max(rel.shape[1]).double()
-    out["precision_at_1"] = float(rel_v[:, 0].mean()) if rel_v.shape[1] else 0.0
     for kk in ks:
-        out[f"recall_at_{kk}"] = float((rel_v[:, :kk].sum(1) > 0).double().mean())
-    ranks = torch.arange(1, rel_v.shape[1] + 1, dtype=torch.float64)
-    within_r = ranks[None, :] <= r_v[:, None]
-    rel_r = rel_v * within_r
-    out["r_precision"] = float((rel_r.sum(1) / r_v).mean())
-    prec_at_i = rel_r.cumsum(1) / ranks[None, :]
-    out["map_at_r"] = float(((prec_at_i * rel_r).sum(1) / r_v).mean())
+        out[f"recall_at_{kk}"] = sums[f"r{kk}"] / n_valid
+    out["r_precision"] = sums["rp"] / n_valid
+    out["map_at_r"] = sums["map"] / n_valid
     if nmi:
         out["nmi"] = nmi_score(ref, ref_y, seed=seed) if loo else nmi_score(q, q_y, seed=seed)
     for key, v in list(out.items()):
