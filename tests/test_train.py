@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tripletlab import FileFormatError, InputError
 from tripletlab.config import TrainConfig, load_config_file, resolve_config
-from tripletlab.train import NonFiniteError, Trainer, load_checkpoint, load_run
+from tripletlab.train import NonFiniteError, Trainer, load_checkpoint, load_run, summary_lines
 
 
 def _cfg(tmp_path, name="run", **kw):
@@ -160,3 +160,15 @@ def test_config_file_flags_and_errors(tmp_path):
         load_config_file(f)
     with pytest.raises(InputError, match="p >= 2"):
         resolve_config(overrides={"p": 1})
+
+
+def test_summary_names_the_kept_model(tmp_path):
+    """Without a validation split the summary says the final model is kept, not step -1."""
+    run = tmp_path / "novar"
+    res = Trainer(_cfg(tmp_path, "novar", val_fraction=0.0, steps=8)).fit()
+    assert res["best_step"] == -1 and res["best_val_map_at_r"] is None
+    text = "\n".join(summary_lines(res, run))
+    assert "final model is kept" in text and "step -1" not in text
+    res2 = Trainer(_cfg(tmp_path, "withval", steps=8)).fit()
+    assert res2["best_step"] > 0
+    assert f"best validation step {res2['best_step']}" in "\n".join(summary_lines(res2, run))

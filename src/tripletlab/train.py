@@ -685,7 +685,11 @@ def summary_lines(result: dict, run_dir: Path) -> list[str]:
     lines = [
         f"run: {run_dir}",
         f"trained {result.get('steps')} steps in {result.get('train_time_s', 0):.1f}s "
-        f"(best validation step {result.get('best_step')})",
+        + (
+            f"(best validation step {result.get('best_step')})"
+            if (result.get("best_step") if result.get("best_step") is not None else -1) >= 0
+            else "(no validation split: the final model is kept)"
+        ),
         f"test: {result.get('n_items', 0)} items, {result.get('n_classes', 0)} classes, "
         f"distance {result.get('distance')}",
     ]
