@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -10,7 +11,13 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["Dataset", "apply_split", "split_dataset"]
+__all__ = ["Dataset", "apply_split", "natural_key", "split_dataset"]
+
+
+def natural_key(s: str) -> tuple:
+    """Sort key that orders embedded numbers by value (``s2`` < ``s10``); ties (``s01``/``s1``)
+    fall back to the plain string, so the order never depends on set iteration order."""
+    return ([int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)], s)
 
 
 @dataclass
@@ -86,11 +93,14 @@ def split_dataset(
     test_fraction: float = 0.25,
     seed: int = 0,
     test_classes: list[str] | None = None,
+    class_order: str = "random",
 ) -> tuple[Dataset, Dataset, dict]:
     """Split into (train, test, split_info).
 
     * ``by="class"`` (open-set, the metric-learning protocol): whole classes are held out — the
-      ``test_classes`` named, or a seeded random ``test_fraction`` of the classes.
+      ``test_classes`` named, or a ``test_fraction`` of the classes: a seeded random choice
+      (``class_order="random"``) or the last ones in natural sort order (``"sorted"``: with
+      AT&T's ``s1``..``s40`` and 0.25, the test classes are ``s31``..``s40``).
     * ``by="sample"``: a seeded, per-class stratified ``test_fraction`` of each class's items.
     * ``by="predefined"``: the data set's own split (e.g. MNIST-style train/t10k files).
 
@@ -98,9 +108,11 @@ def split_dataset(
     """
     if not 0.0 < test_fraction < 1.0 and test_classes is None and by != "predefined":
         raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if class_order not in ("random", "sorted"):
+        raise InputError(f"class_order must be 'random' or 'sorted', got {class_order!r}")
     info: dict = {"by": by, "seed": int(seed), "test_fraction": float(test_fraction)}
     if by == "class":
-        present = sorted({ds.classes[i] for i in ds.y.unique().tolist()})
+        present = sorted({ds.classes[i] for i in ds.y.unique().tolist()}, key=natural_key)
         if test_classes is not None:
             # an entry names a class, or a folder of classes ("Latin" = "Latin/character01", ...)
             def matches(c: str, t: str) -> bool:
@@ -109,17 +121,22 @@ def split_dataset(
             unknown = sorted(t for t in test_classes if not any(matches(c, t) for c in present))
             if unknown:
                 raise InputError(f"test classes not in the data: {unknown[:5]}")
-            test_set = sorted(c for c in present if any(matches(c, t) for t in test_classes))
+            test_set = [c for c in present if any(matches(c, t) for t in test_classes)]
             if len(test_set) == len(present):
                 raise InputError("every class is a test class: nothing left to train on")
         else:
-            rng = np.random.default_rng(seed)
             n_test = max(1, round(len(present) * test_fraction))
             if n_test >= len(present):
                 raise InputError(
                     f"cannot hold out {n_test} of {len(present)} classes and still train"
                 )
-            test_set = sorted(rng.choice(present, size=n_test, replace=False).tolist())
+            if class_order == "sorted":
+                test_set = present[-n_test:]
+            else:
+                rng = np.random.default_rng(seed)
+                test_set = rng.choice(present, size=n_test, replace=False).tolist()
+            info["class_order"] = class_order
+        test_set = sorted(test_set, key=natural_key)
         info["test_classes"] = test_set
         info["train_classes"] = [c for c in present if c not in set(test_set)]
     elif by == "sample":

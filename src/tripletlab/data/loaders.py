@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import FileFormatError, InputError, MissingFileError
-from .dataset import Dataset
+from .dataset import Dataset, natural_key
 
 __all__ = ["IMAGE_EXTENSIONS", "load_dataset", "load_image_files"]
 
@@ -42,15 +42,9 @@ def _display(path: str | os.PathLike[str]) -> str:
 
 def _contiguous_labels(raw: list) -> tuple[torch.Tensor, list[str]]:
     names = [str(v) for v in raw]
-    classes = sorted(set(names), key=_natural_key)
+    classes = sorted(set(names), key=natural_key)
     index = {c: i for i, c in enumerate(classes)}
     return torch.tensor([index[n] for n in names], dtype=torch.long), classes
-
-
-def _natural_key(s: str):
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 # ------------------------------------------------------------------------------------- digits
