@@ -171,3 +171,28 @@ def test_resume_via_cli(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert main(["train", "--resume", str(run), "--lr", "0.1"]) == 1
+
+
+def test_eval_text_summary(digits_run, capsys):
+    assert main(["eval", "--model", str(digits_run)]) == 0
+    out = capsys.readouterr().out
+    assert "retrieval: precision_at_1=" in out and "verification: ROC AUC=" in out
+    assert "trained" not in out
+
+
+def test_no_eval_trains_on_all_training_items_and_skips_evaluation(tmp_path, capsys):
+    run = tmp_path / "noeval"
+    assert main(["train", "--out", str(run), "--p", "5", "--no-eval", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "evaluation skipped" in out and "test:" not in out
+    assert (run / "model.safetensors").exists() and not (run / "eval.json").exists()
+    assert not (run / "report.html").exists()
+    split = json.loads((run / "split.json").read_text())
+    assert split["val"] is None  # no validation share taken from the training items
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["evaluate"] is False
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines and not any(rec.get("type") == "eval" for rec in lines)
+    # the model is still usable; verify needs an explicit threshold
+    assert main(["eval", "--model", str(run), "--json"]) == 0
+    assert "retrieval" in json.loads(capsys.readouterr().out)

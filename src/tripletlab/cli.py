@@ -63,6 +63,13 @@ _TRAIN_FLAGS = [
     ),
     ("--test-fraction", "test_fraction", float, "share of classes/items held out for test (0.25)"),
     (
+        "--class-order",
+        "class_order",
+        str,
+        "which classes --test-fraction holds out: random (seeded, default) | sorted (the "
+        "last ones in natural order, e.g. s31..s40 of s1..s40)",
+    ),
+    (
         "--val-fraction",
         "val_fraction",
         float,
@@ -161,6 +168,14 @@ def _add_train(sub) -> None:
         help="mixed precision (bfloat16 on CPU)",
     )
     p.add_argument(
+        "--no-eval",
+        dest="evaluate",
+        action="store_false",
+        default=None,
+        help="no validation (the final model is kept, --val-fraction ignored) and no test "
+        "evaluation, eval.json or report at the end",
+    )
+    p.add_argument(
         "--no-report",
         dest="report",
         action="store_false",
@@ -199,6 +214,7 @@ def _cmd_train(args) -> int:
         "compile",
         "amp",
         "report",
+        "evaluate",
         "quiet",
         "test_classes",
     ]
@@ -230,7 +246,7 @@ def _cmd_train(args) -> int:
         file=sys.stderr,
     )
     result = trainer.fit()
-    if cfg.report:
+    if cfg.report and cfg.evaluate:
         try:
             from .report import build_report
 

@@ -25,6 +25,8 @@ class TrainConfig:
     #                              else "class" (open-set: test identities never trained on)
     test_fraction: float = 0.25  # share of classes (or items) held out for the final test
     test_classes: list[str] | None = None  # explicit held-out classes (or class folders)
+    class_order: str = "random"  # which classes test_fraction holds out: seeded "random" choice,
+    #                              or "sorted": the last ones in natural order (s31..s40 of s1..s40)
     val_fraction: float = 0.1  # share of the training split used for validation; 0 = none
     image_size: list[int] | None = None  # [H, W]; None keeps the images' own size
     grayscale: bool | None = None  # None: grey if every image is single-channel
@@ -59,6 +61,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between resumable checkpoints; None = eval_every
     log_every: int = 10  # steps between metrics.jsonl lines
     eval_batch_size: int = 512
+    evaluate: bool = True  # validate and test; False (--no-eval) just trains on all train items
     report: bool = True  # write report.html at the end
     quiet: bool = False  # no progress bar
 
@@ -120,6 +123,8 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError("steps must be >= 1")
     if cfg.epochs < 1:
         raise InputError("epochs must be >= 1")
+    if cfg.class_order not in ("random", "sorted"):
+        raise InputError(f"class_order must be 'random' or 'sorted', got {cfg.class_order!r}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise InputError("val_fraction must be in [0, 1)")
     if cfg.image_size is not None and (

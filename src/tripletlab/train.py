@@ -318,10 +318,11 @@ class Trainer:
                 test_fraction=cfg.test_fraction,
                 seed=cfg.seed,
                 test_classes=cfg.test_classes if by == "class" else None,
+                class_order=cfg.class_order,
             )
             self.train_full = train
             val, val_info = None, None
-            if cfg.val_fraction > 0:
+            if cfg.val_fraction > 0 and cfg.evaluate:
                 vby = "class" if by == "class" else "sample"
                 train, val, val_info = split_dataset(
                     train, by=vby, test_fraction=cfg.val_fraction, seed=cfg.seed + 1
@@ -622,8 +623,16 @@ class Trainer:
                     break
         bar.close()
         train_time = time.perf_counter() - t_start
-        result = self.final_evaluation(train_time)
-        return result
+        if not cfg.evaluate:
+            return {
+                "evaluated": False,
+                "train_time_s": train_time,
+                "steps": st.step,
+                "best_step": st.best_step,
+                "skipped_nonfinite_steps": st.skipped_nonfinite,
+                "collapse": self.collapse,
+            }
+        return self.final_evaluation(train_time)
 
     def final_evaluation(self, train_time: float) -> dict:
         """Evaluate the best model on the held-out test split; write eval.json."""
@@ -682,17 +691,26 @@ def summary_lines(result: dict, run_dir: Path) -> list[str]:
     r = result.get("retrieval", {})
     v = result.get("verification", {})
     fs = result.get("few_shot")
+    best = result.get("best_step")
     lines = [
         f"run: {run_dir}",
         f"trained {result.get('steps')} steps in {result.get('train_time_s', 0):.1f}s "
         + (
-            f"(best validation step {result.get('best_step')})"
-            if (result.get("best_step") if result.get("best_step") is not None else -1) >= 0
-            else "(no validation split: the final model is kept)"
+            f"(best validation step {best})"
+            if isinstance(best, int) and best >= 0
+            else "(no validation: the final model is kept)"
         ),
-        f"test: {result.get('n_items', 0)} items, {result.get('n_classes', 0)} classes, "
-        f"distance {result.get('distance')}",
     ]
+    if result.get("evaluated") is False:
+        lines.append(
+            f"evaluation skipped (--no-eval): `tripletlab eval --model {run_dir}` evaluates "
+            "the test split; `tripletlab verify` then needs --threshold"
+        )
+        return lines
+    lines.append(
+        f"test: {result.get('n_items', 0)} items, {result.get('n_classes', 0)} classes, "
+        f"distance {result.get('distance')}"
+    )
     r2 = result.get("retrieval_test_to_train")
     if r2:
         lines.append(
