@@ -1,4 +1,4 @@
-"""Data loaders, splits, PK sampler and models."""
+"""Data loaders and splits (the PK sampler and the models have their own test files)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import torch
 
 from tripletlab import FileFormatError, InputError, MissingFileError
 from tripletlab.data import apply_split, load_dataset, split_dataset
-from tripletlab.models import build_augment, build_model
-from tripletlab.samplers import PKSampler
 
 from conftest import make_image_folder, shared_data
 
@@ -149,6 +147,21 @@ def test_splits_are_seeded_disjoint_and_reproducible():
         split_dataset(ds, by="class", test_classes=["x"])
 
 
+def test_class_split_by_ratio_in_sorted_order(tmp_path):
+    root = tmp_path / "ids"
+    for i in range(1, 13):  # s1..s12: natural order puts s10..s12 last, not s9
+        make_image_folder(root / f"s{i}", n_classes=1, per_class=2, seed=i)
+    ds = load_dataset(str(root))
+    assert ds.classes[:3] == ["s1/class0", "s2/class0", "s3/class0"]
+    _, te, info = split_dataset(ds, by="class", test_fraction=0.25, class_order="sorted")
+    assert info["test_classes"] == ["s10/class0", "s11/class0", "s12/class0"]
+    assert info["class_order"] == "sorted" and len(te) == 6
+    _, _, info_random = split_dataset(ds, by="class", test_fraction=0.25, seed=0)
+    assert len(info_random["test_classes"]) == 3
+    with pytest.raises(InputError, match="class_order"):
+        split_dataset(ds, by="class", class_order="alphabetical")
+
+
 def test_real_att_faces_and_fashion_mnist_load():
     att = load_dataset(str(shared_data("att_faces")), image_size=(56, 46))
     assert len(att) == 400 and att.n_classes == 40
@@ -156,81 +169,3 @@ def test_real_att_faces_and_fashion_mnist_load():
     assert len(te) == 100 and len(tr) == 300
     fm = load_dataset(str(shared_data("fashion-mnist")))
     assert len(fm) == 70000 and len(fm.predefined_split["test"]) == 10000
-
-
-# ------------------------------------------------------------------------------ sampler
-
-
-def test_pk_sampler_invariants_and_resume():
-    labels = torch.arange(12).repeat_interleave(5)
-    s = PKSampler(labels, p=4, k=3, seed=1)
-    batches = list(s)
-    assert len(batches) == len(s) == int(np.ceil(60 / 12))
-    for b in batches:
-        lab = labels[b]
-        assert len(b) == 12 and len(set(lab.tolist())) == 4
-        assert all(c == 3 for c in torch.bincount(lab).tolist() if c)
-    # determinism + mid-epoch resume
-    a = PKSampler(labels, p=4, k=3, seed=1)
-    it = iter(a)
-    first = [next(it) for _ in range(2)]
-    state = a.state_dict()
-    rest = list(it)
-    b = PKSampler(labels, p=4, k=3, seed=1)
-    b.load_state_dict(state)
-    assert first + list(b) == first + rest
-    assert list(PKSampler(labels, p=4, k=3, seed=2)) != batches
-
-
-def test_pk_sampler_small_classes_and_errors():
-    labels = torch.tensor([0, 0, 0, 0, 1, 2, 2])
-    with pytest.warns(UserWarning, match="with replacement"):
-        s = PKSampler(labels, p=2, k=3, seed=0)
-    for b in s:
-        assert len(set(labels[b].tolist())) == 2
-    with pytest.raises(InputError, match="2 classes"):
-        PKSampler(torch.zeros(5, dtype=torch.long), p=2, k=2)
-
-
-# ------------------------------------------------------------------------------- models
-
-
-@pytest.mark.parametrize("shape", [[1, 28, 28], [3, 17, 23], [1, 5, 5]])
-def test_cnn_any_size_unit_norm_and_rebuild(shape):
-    m = build_model({"name": "cnn", "input_shape": shape, "embedding_dim": 16, "channels": [8, 16]})
-    e = m(torch.rand(3, *shape))
-    assert e.shape == (3, 16) and torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
-    m2 = build_model(m.config)
-    assert {k: v.shape for k, v in m.state_dict().items()} == {
-        k: v.shape for k, v in m2.state_dict().items()
-    }
-
-
-def test_mlp_and_config_errors():
-    m = build_model({"name": "mlp", "input_shape": [64], "normalize": False})
-    assert m(torch.rand(4, 64)).shape == (4, 64)
-    with pytest.raises(InputError, match="unknown model"):
-        build_model({"name": "os.system", "input_shape": [4]})
-    with pytest.raises(InputError, match="unknown keys"):
-        build_model({"name": "mlp", "input_shape": [4], "evil": 1})
-    with pytest.raises(InputError, match="embedding_dim"):
-        build_model({"name": "mlp", "input_shape": [4], "embedding_dim": "64"})
-
-
-def test_augment_shapes_and_determinism():
-    x = torch.rand(5, 1, 20, 16)
-    a1 = build_augment("faces", seed=0)
-    a2 = build_augment(
-        {"affine_degrees": 10.0, "translate": 0.06, "scale": [0.9, 1.1], "hflip": True}, seed=0
-    )
-    y1, y2 = a1(x), a2(x)
-    assert y1.shape == x.shape and torch.equal(y1, y2) and not torch.equal(y1, x)
-    state = a1.get_state()
-    z = a1(x)
-    a1.set_state(state)
-    assert torch.equal(a1(x), z)
-    assert build_augment("none") is None
-    with pytest.raises(InputError, match="preset"):
-        build_augment("wild")
-    crop = build_augment({"crop_pad": 2}, seed=1)
-    assert crop(x).shape == x.shape
