@@ -71,8 +71,16 @@ def test_help_and_usage_errors(capsys):
     assert main(["eval"]) == 2  # --model is required
 
 
+def test_enumerated_options_are_usage_errors(capsys):
+    for flag in ("--strategy", "--distance", "--model", "--augment", "--split-by", "--class-order"):
+        assert main(["train", flag, "bogus"]) == 2
+        assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
 def test_runtime_errors_exit_1_without_traceback(tmp_path, capsys):
-    assert main(["train", "--strategy", "bogus", "--out", str(tmp_path / "x")]) == 1
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"strategy": "bogus"}))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "error: unknown strategy" in err and "Traceback" not in err
     assert main(["eval", "--model", str(tmp_path / "missing")]) == 1

@@ -105,6 +105,25 @@ _TRAIN_FLAGS = [
 ]
 
 
+def _train_choices() -> dict[str, list[str]]:
+    """Allowed values of the enumerated train flags, from the library's registries (a bad value
+    is a usage error, exit 2)."""
+    from .distances import DISTANCES
+    from .functional import SEMIHARD_FALLBACKS, STRATEGIES
+    from .models import MODELS
+    from .models.augment import AUGMENT_PRESETS
+
+    return {
+        "split_by": ["class", "sample", "predefined"],
+        "class_order": ["random", "sorted"],
+        "model": sorted(MODELS),
+        "augment": list(AUGMENT_PRESETS),
+        "strategy": list(STRATEGIES),
+        "distance": list(DISTANCES),
+        "semihard_fallback": list(SEMIHARD_FALLBACKS),
+    }
+
+
 @register_command("train")
 def _add_train(sub) -> None:
     p = sub.add_parser(
@@ -114,8 +133,9 @@ def _add_train(sub) -> None:
         "batches, validate, evaluate on held-out data, write a run "
         "directory and a report.",
     )
+    choices = _train_choices()
     for flag, dest, typ, hlp in _TRAIN_FLAGS:
-        p.add_argument(flag, dest=dest, type=typ, default=None, help=hlp)
+        p.add_argument(flag, dest=dest, type=typ, default=None, choices=choices.get(dest), help=hlp)
     p.add_argument(
         "--test-classes",
         dest="test_classes",

@@ -110,6 +110,26 @@ def load_config_file(path: str | Path) -> dict:
     return obj
 
 
+def _check_choices(cfg: TrainConfig) -> None:
+    """Names must come from the library's registries (checked before any data is loaded)."""
+    from .distances import DISTANCES
+    from .functional import SEMIHARD_FALLBACKS, STRATEGIES
+    from .models import MODELS
+
+    for key, allowed in (
+        ("split_by", [None, "class", "sample", "predefined"]),
+        ("class_order", ["random", "sorted"]),
+        ("model", [None, *sorted(MODELS)]),
+        ("strategy", list(STRATEGIES)),
+        ("distance", list(DISTANCES)),
+        ("semihard_fallback", list(SEMIHARD_FALLBACKS)),
+    ):
+        value = getattr(cfg, key)
+        if value not in allowed:
+            names = ", ".join(repr(a) for a in allowed if a is not None)
+            raise InputError(f"unknown {key.replace('_', ' ')} {value!r}; choose one of {names}")
+
+
 def resolve_config(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults <- file <- overrides (flags); unknown keys and wrong types are errors."""
     values: dict = {}
@@ -123,8 +143,7 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError("steps must be >= 1")
     if cfg.epochs < 1:
         raise InputError("epochs must be >= 1")
-    if cfg.class_order not in ("random", "sorted"):
-        raise InputError(f"class_order must be 'random' or 'sorted', got {cfg.class_order!r}")
+    _check_choices(cfg)
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise InputError("val_fraction must be in [0, 1)")
     if cfg.image_size is not None and (
