@@ -13,17 +13,25 @@ the i-th nearest reference has label y_q:
                       (k = number of labels; seeded)
 
 Queries whose label has no other reference item (R = 0) are left out of every metric and counted
-in ``n_queries_skipped``. Labels are compared as integers. Neighbours are ordered by distance;
-ties are ordered by reference index when the reference set has at most 4096 items (a full stable
-sort), and otherwise resolved by ``torch.topk`` (arbitrary among exactly equal distances).
-The search keeps the ``k = max(ks, largest class size)`` nearest items so that R-Precision and
-MAP@R are exact; ``max_k`` caps k, in which case queries with R > max_k are truncated and the
-result says so (``truncated_queries``, ``r_metrics_exact``).
+in ``n_queries_skipped``. Labels are compared as int64 (never cast to float).
+
+Ties: neighbours are ordered by distance, and exactly equal distances by increasing reference
+index, whatever the size of the reference set (the order of a full stable sort; a tie across the
+k-th neighbour is detected and that row fully sorted). Distances are computed in the input's
+precision (float32, or float64 for float64 input) by GEMM, so two distances that differ only by
+rounding may be ordered either way.
+
+The search keeps the ``k = max(max(ks), largest class size)`` nearest items so that R-Precision
+and MAP@R are exact; ``max_k`` caps k, in which case queries with R > max_k are truncated, a
+warning is issued and the result says so (``truncated_queries`` > 0, ``r_metrics_exact`` False).
+A ``k`` in ``ks`` larger than the number of candidates (N - 1 leave-one-out) is clamped to it, so
+``recall_at_k`` is then the fraction of queries with any same-label item.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -31,33 +39,115 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ._common import as_embeddings, as_labels, block_distances, check_distance, normalize_rows
+from ._common import as_embeddings, as_labels, check_distance, normalize_rows
 
 __all__ = ["knn_search", "retrieval_metrics", "nmi_score"]
 
-_FULL_SORT_MAX = 4096
-_BLOCK_ELEMS = 1 << 24
+_FULL_SORT_MAX = 4096  # float64 only: up to this many references, one full stable sort
+_BLOCK_ELEMS = 1 << 24  # query block size x references per step (bounded memory)
 
 
-def _knn_blocks(queries, reference, k, distance, exclude_self):
-    """Yield ``(start, stop, distances, indices)`` of the exact k-NN, one query block at a time."""
+def _block_scores(q: torch.Tensor, ref: torch.Tensor, r_sq: torch.Tensor, distance: str):
+    """Non-negative scores in the order of the distances: squared euclidean (one ``addmm``
+    plus in-place ops), or ``1 - cos`` for rows already L2-normalised."""
+    if distance == "cosine":
+        sc = torch.mm(q, ref.t()).neg_().add_(1.0)
+    else:
+        sc = torch.addmm(r_sq[None, :], q, ref.t(), alpha=-2.0)
+        sc.add_((q * q).sum(1, keepdim=True))
+    return sc.clamp_min_(0.0)
+
+
+def _smallest_packed(sc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k smallest of each row of non-negative float32 scores, ordered by (score, index).
+
+    A non-negative float32's bit pattern orders like its value, so ``bits << 32 | index`` is
+    one int64 key whose order is exactly (score, then index); numpy's ``partition`` and
+    ``sort`` on it select and order the k nearest exactly, ties included, without the
+    separate tie handling that ``torch.topk`` needs.
+    """
+    b, n = sc.shape
+    if sys.byteorder == "little":  # write both 32-bit halves of the key: no shift/or passes
+        words = np.empty((b, n, 2), dtype=np.int32)
+        np.maximum(sc.numpy().view(np.int32), 0, out=words[:, :, 1])  # -0.0 -> +0.0
+        words[:, :, 0] = np.arange(n, dtype=np.int32)[None, :]
+        a = words.view(np.int64).reshape(b, n)
+    else:  # pragma: no cover
+        key = sc.view(torch.int32).to(torch.int64)
+        a = key.bitwise_left_shift_(32).bitwise_or_(torch.arange(n)).numpy()
+    if k < n:
+        a = np.partition(a, k - 1, axis=1)[:, :k]
+    a.sort(axis=1)
+    idx = torch.from_numpy(a & 0xFFFFFFFF)
+    vals = torch.from_numpy((a >> 32).astype(np.int32)).view(torch.float32)
+    return vals, idx
+
+
+def _order_ties_by_index(vals: torch.Tensor, idx: torch.Tensor):
+    """Reorder each row so that equal distances come in increasing reference index."""
+    by_idx = torch.sort(idx, dim=1, stable=True).indices
+    vals, idx = vals.gather(1, by_idx), idx.gather(1, by_idx)
+    by_val = torch.sort(vals, dim=1, stable=True).indices
+    return vals.gather(1, by_val), idx.gather(1, by_val)
+
+
+def _smallest_float64(sc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k smallest of each row, ordered by (score, index), for float64 scores: a full stable
+    sort for small rows; otherwise ``topk`` of k + 1, ties ordered by index, and rows with a
+    tie across the k-th/(k+1)-th score redone with a full stable sort."""
+    n = sc.shape[1]
+    if n <= _FULL_SORT_MAX or k + 1 >= n:
+        vals, idx = torch.sort(sc, dim=1, stable=True)
+        return vals[:, :k], idx[:, :k]
+    vals, idx = torch.topk(sc, k + 1, dim=1, largest=False, sorted=True)
+    vals, idx = _order_ties_by_index(vals, idx)
+    cut_tie = (vals[:, k] == vals[:, k - 1]).nonzero().flatten()
+    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+    if cut_tie.numel():
+        full_v, full_i = torch.sort(sc[cut_tie], dim=1, stable=True)
+        vals[cut_tie], idx[cut_tie] = full_v[:, :k], full_i[:, :k]
+    return vals, idx
+
+
+def _knn_blocks(queries, reference, k, distance, exclude_self, need_distances=True):
+    """Yield ``(start, stop, distances, indices)`` of the exact k-NN, one query block at a time.
+
+    Neighbours are ordered by distance, then by reference index (the order of a full stable
+    sort). ``k`` must be in [1, number of candidates]. Distances are None when not needed.
+    """
     nq, nr = queries.shape[0], reference.shape[0]
     if distance == "cosine":
         queries, reference = normalize_rows(queries), normalize_rows(reference)
     r_sq = (reference * reference).sum(1)
     block = max(1, min(nq, _BLOCK_ELEMS // max(nr, 1)))
+    packed = reference.dtype == torch.float32 and nr < 2**31
     for s in range(0, nq, block):
         e = min(nq, s + block)
-        d = block_distances(queries[s:e], reference, distance, r_sq)
+        sc = _block_scores(queries[s:e], reference, r_sq, distance)
         if exclude_self:
             ar = torch.arange(s, e)
-            d[ar - s, ar] = float("inf")
-        if nr <= _FULL_SORT_MAX:
-            vals, idx = torch.sort(d, dim=1, stable=True)
-            vals, idx = vals[:, :k], idx[:, :k]
-        else:
-            vals, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
-        yield s, e, vals, idx
+            sc[ar - s, ar] = float("inf")
+        vals, idx = _smallest_packed(sc, k) if packed else _smallest_float64(sc, k)
+        del sc
+        if need_distances and distance == "euclidean":
+            vals = vals.sqrt()
+        yield s, e, (vals if need_distances else None), idx
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_ks(ks) -> list[int]:
+    if _is_int(ks):
+        ks = (ks,)
+    try:
+        ks = list(ks)
+    except TypeError:
+        raise InputError(f"ks must be a sequence of positive integers, got {ks!r}") from None
+    if not ks or not all(_is_int(k) and k >= 1 for k in ks):
+        raise InputError(f"ks must be positive integers, got {ks!r}")
+    return sorted({int(k) for k in ks})
 
 
 def knn_search(
@@ -71,8 +161,20 @@ def knn_search(
     """Exact k nearest references of every query, in blocks: ``(distances, indices)`` (Nq, k).
 
     With ``exclude_self`` the queries are the reference set itself and item i never retrieves i.
+    ``k`` is clamped to the number of candidates; ties are ordered by reference index.
     """
     check_distance(distance)
+    if not _is_int(k) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
+    reference = as_embeddings(reference, "reference")
+    queries = as_embeddings(queries, "queries")
+    if queries.shape[1] != reference.shape[1]:
+        raise InputError(
+            f"queries have dimension {queries.shape[1]}, reference {reference.shape[1]}"
+        )
+    if exclude_self and queries.shape[0] != reference.shape[0]:
+        raise InputError("exclude_self needs the queries to be the reference set itself")
+    queries = queries.to(reference.dtype)
     nq, nr = queries.shape[0], reference.shape[0]
     k = min(k, nr - (1 if exclude_self else 0))
     if k <= 0 or nq == 0:
@@ -127,9 +229,9 @@ def retrieval_metrics(
     check_distance(distance)
     ref = as_embeddings(embeddings)
     ref_y = as_labels(labels, ref.shape[0])
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise InputError(f"ks must be positive integers, got {list(ks)}")
+    ks = _check_ks(ks)
+    if max_k is not None and (not _is_int(max_k) or max_k < 1):
+        raise InputError(f"max_k must be a positive integer or None, got {max_k!r}")
     loo = query_embeddings is None
     if loo:
         if query_labels is not None:
@@ -166,7 +268,7 @@ def retrieval_metrics(
     # accumulate per query block: memory O(block x k), never (N x k)
     sums = {"p1": 0.0, "rp": 0.0, "map": 0.0, **{f"r{kk}": 0.0 for kk in ks}}
     ranks = torch.arange(1, k + 1, dtype=torch.float64)
-    for s, e, _, idx in _knn_blocks(q, ref, k, distance, loo):
+    for s, e, _, idx in _knn_blocks(q, ref, k, distance, loo, need_distances=False):
         ok = valid[s:e]
         if not bool(ok.any()):
             continue

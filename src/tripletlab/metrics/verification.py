@@ -23,11 +23,48 @@ from ._common import as_embeddings, as_labels, check_distance
 __all__ = ["best_threshold", "pair_distances", "pairs_from_labels", "verification_metrics"]
 
 
+_MAX_ALL_PAIRS = 200_000_000
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_pairs(pairs, n: int) -> np.ndarray:
+    p = np.asarray(pairs)
+    if p.size == 0:
+        p = p.reshape(0, 2)
+    if p.ndim != 2 or p.shape[1] != 2:
+        raise InputError(f"pairs must have shape (M, 2), got {p.shape}")
+    if p.dtype.kind not in "iu":
+        raise InputError(f"pairs must be integer indices, got dtype {p.dtype}")
+    if p.size and (int(p.min()) < 0 or int(p.max()) >= n):
+        raise InputError(f"pair indices out of range [0, {n})")
+    return p.astype(np.int64)
+
+
+def _check_pair_labels(pair_labels, m: int) -> np.ndarray:
+    s = np.asarray(pair_labels)
+    if s.ndim != 1 or s.shape[0] != m:
+        raise InputError(f"pair_labels must have shape ({m},), got {s.shape}")
+    if s.dtype.kind not in "biu" or (s.size and not np.isin(s, (0, 1)).all()):
+        raise InputError("pair_labels must be booleans or 0/1 (1 = same identity)")
+    return s.astype(bool)
+
+
 def pairs_from_labels(labels, *, max_pairs: int | None = None, seed: int = 0) -> np.ndarray:
     """All pairs i < j (M, 2), or ``max_pairs`` distinct pairs drawn uniformly with ``seed``."""
     y = np.asarray(labels)
+    if y.ndim != 1:
+        raise InputError(f"labels must be 1-D, got shape {y.shape}")
+    if max_pairs is not None and (not _is_int(max_pairs) or max_pairs < 1):
+        raise InputError(f"max_pairs must be a positive integer or None, got {max_pairs!r}")
     n = y.shape[0]
     total = n * (n - 1) // 2
+    if max_pairs is None and total > _MAX_ALL_PAIRS:
+        raise InputError(
+            f"{n} items make {total:,} pairs, too many to enumerate; pass max_pairs to sample pairs"
+        )
     if max_pairs is None or total <= max_pairs:
         i, j = np.triu_indices(n, k=1)
         return np.stack([i, j], axis=1)
@@ -43,26 +80,40 @@ def pairs_from_labels(labels, *, max_pairs: int | None = None, seed: int = 0) ->
 
 
 def pair_distances(embeddings, pairs, distance: str = "cosine") -> np.ndarray:
-    """Distances of the given index pairs (M,) in float64."""
+    """Distances of the index pairs ``(M, 2)`` as a float64 array (M,): euclidean, or cosine
+    distance 1 - cos. Computed in float64 from the embeddings.
+
+    Example:
+        >>> import numpy as np
+        >>> from tripletlab.metrics import pair_distances
+        >>> pair_distances(np.array([[0.0, 1.0], [1.0, 0.0]]), [[0, 1]], distance="cosine")
+        array([1.])
+    """
     check_distance(distance)
     emb = as_embeddings(embeddings).double()
-    p = torch.as_tensor(np.asarray(pairs), dtype=torch.long)
+    p = torch.from_numpy(_check_pairs(pairs, emb.shape[0]))
     if p.numel() == 0:
         return np.zeros(0)
-    if p.dim() != 2 or p.shape[1] != 2:
-        raise InputError(f"pairs must have shape (M, 2), got {tuple(p.shape)}")
-    if int(p.min()) < 0 or int(p.max()) >= emb.shape[0]:
-        raise InputError(f"pair indices out of range [0, {emb.shape[0]})")
-    a, b = emb[p[:, 0]], emb[p[:, 1]]
     if distance == "cosine":
-        a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        return (1.0 - (a * b).sum(1)).clamp(0, 2).numpy()
-    return (a - b).norm(dim=1).numpy()
+        emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    out = torch.empty(p.shape[0], dtype=torch.float64)
+    step = max(1, (1 << 22) // max(emb.shape[1], 1))  # bounded memory for millions of pairs
+    for s in range(0, p.shape[0], step):
+        a, b = emb[p[s : s + step, 0]], emb[p[s : s + step, 1]]
+        if distance == "cosine":
+            out[s : s + step] = (1.0 - (a * b).sum(1)).clamp(0, 2)
+        else:
+            out[s : s + step] = (a - b).norm(dim=1)
+    return out.numpy()
 
 
 def best_threshold(d: np.ndarray, same: np.ndarray) -> tuple[float, float]:
-    """Distance threshold maximising accuracy of ``same <=> d <= t``; returns (t, accuracy)."""
+    """Distance threshold maximising the accuracy of ``same <=> d <= t``: ``(t, accuracy)``.
+
+    Only cuts between distinct distances are considered (so ``d <= t`` reproduces the accuracy);
+    t is the midpoint between the last accepted and the first rejected distance. Among equally
+    good cuts the one accepting fewest pairs wins.
+    """
     order = np.argsort(d, kind="stable")
     ds, ss = d[order], same[order].astype(np.int64)
     n = len(ds)
@@ -75,13 +126,17 @@ def best_threshold(d: np.ndarray, same: np.ndarray) -> tuple[float, float]:
     cut_ok[1:n] = ds[1:] > ds[:-1]
     correct = np.where(cut_ok, correct, -1)
     i = int(np.argmax(correct))
+    if n == 0:
+        return 0.0, 0.0
     if i == 0:
-        t = float(ds[0]) - 1e-12 if n else 0.0
+        t = float(np.nextafter(ds[0], -np.inf))  # accept nothing
     elif i == n:
         t = float(ds[-1])
     else:
         t = float((ds[i - 1] + ds[i]) / 2.0)
-    return t, float(correct[i]) / max(n, 1)
+        if not ds[i - 1] <= t < ds[i]:  # adjacent floats: the midpoint rounds onto ds[i]
+            t = float(ds[i - 1])
+    return t, float(correct[i]) / n
 
 
 def _roc(d: np.ndarray, same: np.ndarray):
@@ -119,8 +174,15 @@ def verification_metrics(
     n_folds: int = 10,
     return_curve: bool = False,
 ) -> dict:
-    """Verification metrics from embeddings + labels (all pairs, or ``max_pairs`` sampled), from
-    explicit ``pairs`` (M, 2) with ``pair_labels`` (1 = same), or from precomputed ``distances``.
+    """Verification metrics (see the module docstring for the definitions).
+
+    Pairs come from ``embeddings`` + ``labels`` (all pairs i < j, or ``max_pairs`` distinct pairs
+    drawn uniformly with ``seed`` when there are more), from explicit ``pairs`` (M, 2) with
+    ``pair_labels`` (1 = same) or ``labels``, or from precomputed ``distances`` + ``pair_labels``.
+    ``max_pairs`` defaults to 2,000,000 (not None) so that evaluating a large set stays bounded;
+    pass ``None`` for all pairs. The folds of the 10-fold accuracy are drawn with ``seed``.
+    ``return_curve`` adds ``fpr``, ``tpr`` and ``thresholds`` (distance thresholds, ascending;
+    the first is -inf, accepting nothing) plus ``pair_distances`` and ``pair_same``.
 
     Example:
         >>> import torch
@@ -131,25 +193,44 @@ def verification_metrics(
         True
     """
     check_distance(distance)
+    if not _is_int(n_folds) or n_folds < 2:
+        raise InputError(f"n_folds must be an integer >= 2, got {n_folds!r}")
+    try:
+        fars = [float(f) for f in fars]
+    except (TypeError, ValueError):
+        raise InputError(f"fars must be a sequence of numbers, got {fars!r}") from None
+    if not all(0.0 < f <= 1.0 for f in fars):
+        raise InputError(f"fars must lie in (0, 1], got {fars}")
     if distances is not None:
-        d = np.asarray(distances, dtype=np.float64)
-        same = np.asarray(pair_labels).astype(bool)
+        if embeddings is not None or pairs is not None:
+            raise InputError("give either precomputed distances or embeddings/pairs, not both")
+        if pair_labels is None:
+            raise InputError("precomputed distances need pair_labels (1 = same identity)")
+        d = np.asarray(distances)
+        if d.ndim != 1 or d.dtype.kind not in "fiu":
+            raise InputError(f"distances must be a 1-D numeric array, got shape {d.shape}")
+        d = d.astype(np.float64)
+        same = _check_pair_labels(pair_labels, d.shape[0])
     else:
+        if embeddings is None:
+            raise InputError("verification_metrics needs embeddings (or precomputed distances)")
         emb = as_embeddings(embeddings)
         if pairs is None:
+            if labels is None:
+                raise InputError("labels are needed unless pairs and pair_labels are given")
             y = as_labels(labels, emb.shape[0]).numpy()
             pairs = pairs_from_labels(y, max_pairs=max_pairs, seed=seed)
             same = y[pairs[:, 0]] == y[pairs[:, 1]]
         else:
-            pairs = np.asarray(pairs)
-            if pair_labels is None:
+            pairs = _check_pairs(pairs, emb.shape[0])
+            if pair_labels is not None:
+                same = _check_pair_labels(pair_labels, pairs.shape[0])
+            elif labels is not None:
                 y = as_labels(labels, emb.shape[0]).numpy()
                 same = y[pairs[:, 0]] == y[pairs[:, 1]]
             else:
-                same = np.asarray(pair_labels).astype(bool)
+                raise InputError("explicit pairs need pair_labels or labels")
         d = pair_distances(emb, pairs, distance)
-    if d.shape != same.shape:
-        raise InputError(f"{d.shape[0]} distances but {same.shape[0]} pair labels")
     if not np.isfinite(d).all():
         raise InputError("pair distances contain NaN or Inf")
     n_same, n_diff = int(same.sum()), int((~same).sum())
@@ -158,7 +239,9 @@ def verification_metrics(
             f"verification needs same and different pairs (got {n_same} same, {n_diff} different)"
         )
     fpr, tpr, thr, auc = _roc(d, same)
-    tar = {float(f): float(tpr[fpr <= f].max()) if (fpr <= f).any() else 0.0 for f in fars}
+    # TPR and FPR grow with the threshold: the largest TAR with FAR <= f is the TAR at the
+    # largest threshold with FAR <= f (roc_curve keeps every distinct threshold here)
+    tar = {f: float(tpr[fpr <= f].max()) if (fpr <= f).any() else 0.0 for f in fars}
     t, acc = best_threshold(d, same)
     rng = np.random.default_rng(seed)
     fold = rng.permutation(len(d)) % n_folds
