@@ -102,6 +102,12 @@ _TRAIN_FLAGS = [
     ("--checkpoint-every", "checkpoint_every", int, "steps between resumable checkpoints"),
     ("--log-every", "log_every", int, "steps between metrics.jsonl lines (10)"),
     ("--device", "device", str, "cpu | cuda (cpu)"),
+    (
+        "--threads",
+        "threads",
+        int,
+        "torch CPU threads (default: one per core); 1 is faster for small models on a busy machine",
+    ),
 ]
 
 

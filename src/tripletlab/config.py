@@ -55,6 +55,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (rarely worth it on CPU)
     amp: bool = False  # bfloat16 autocast (CPU) / float16 (CUDA)
     device: str = "cpu"
+    threads: int | None = None  # torch CPU threads; None: torch default (one per core). Use 1
+    #                             on a busy machine (oversubscribed threads slow small models)
     # --- evaluation and checkpoints
     eval_every: int | None = None  # steps between validations; None = once per epoch
     patience: int = 0  # stop after this many evaluations without MAP@R improvement; 0 = never
@@ -143,6 +145,8 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError("steps must be >= 1")
     if cfg.epochs < 1:
         raise InputError("epochs must be >= 1")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise InputError("threads must be >= 1")
     _check_choices(cfg)
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise InputError("val_fraction must be in [0, 1)")

@@ -287,6 +287,8 @@ class Trainer:
                 "it or choose another --out"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self._prepare_data()
         self._build()
 
@@ -545,6 +547,7 @@ class Trainer:
         )
         t_start = time.perf_counter()
         t_log, seen = time.perf_counter(), 0
+        self._step_seconds, self._step_samples = 0.0, 0  # training steps only (throughput)
         if st.step == 0:
             self._save()
             if self.val_set is None:
@@ -552,7 +555,10 @@ class Trainer:
         stop = False
         while st.step < self.total_steps and not stop:
             for idx in self.sampler:
+                t_step = time.perf_counter()
                 loss, stats = self._step(idx)
+                self._step_seconds += time.perf_counter() - t_step
+                self._step_samples += len(idx)
                 st.step += 1
                 seen += len(idx)
                 bar.update(1)
@@ -627,12 +633,19 @@ class Trainer:
             return {
                 "evaluated": False,
                 "train_time_s": train_time,
+                "train_samples_per_s": self._throughput(),
                 "steps": st.step,
                 "best_step": st.best_step,
                 "skipped_nonfinite_steps": st.skipped_nonfinite,
                 "collapse": self.collapse,
             }
         return self.final_evaluation(train_time)
+
+    def _throughput(self) -> float | None:
+        """Training samples per second over the optimisation steps of this session (data
+        indexing, augmentation, forward, loss, backward and update; no validation)."""
+        secs = getattr(self, "_step_seconds", 0.0)
+        return self._step_samples / secs if secs > 0 else None
 
     def final_evaluation(self, train_time: float) -> dict:
         """Evaluate the best model on the held-out test split; write eval.json."""
@@ -644,6 +657,7 @@ class Trainer:
             "split": "test",
             "distance": dist,
             "train_time_s": train_time,
+            "train_samples_per_s": self._throughput(),
             "steps": self.state.step,
             "best_step": self.state.best_step,
             "best_val_map_at_r": self.state.best if self.state.best >= 0 else None,
@@ -695,6 +709,11 @@ def summary_lines(result: dict, run_dir: Path) -> list[str]:
     lines = [
         f"run: {run_dir}",
         f"trained {result.get('steps')} steps in {result.get('train_time_s', 0):.1f}s "
+        + (
+            f"({result['train_samples_per_s']:.0f} samples/s) "
+            if isinstance(result.get("train_samples_per_s"), float)
+            else ""
+        )
         + (
             f"(best validation step {best})"
             if isinstance(best, int) and best >= 0
