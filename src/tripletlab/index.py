@@ -61,6 +61,27 @@ def _as_matrix(x, dim: int | None, what: str) -> np.ndarray:
     return a
 
 
+def _exact_search(q: np.ndarray, x: np.ndarray, k: int, metric: str, block: int = 1 << 22):
+    """Exact k-NN by brute force in query blocks: (scores, positions) in faiss's conventions
+    (inner products for cosine, squared L2 for euclidean); ties in insertion order."""
+    nq, n = q.shape[0], x.shape[0]
+    scores = np.empty((nq, k), dtype=np.float32)
+    pos = np.empty((nq, k), dtype=np.int64)
+    x_sq = (x.astype(np.float64) ** 2).sum(1)
+    step = max(1, block // max(n, 1))
+    for s in range(0, nq, step):
+        qb = q[s : s + step].astype(np.float64)
+        if metric == "cosine":
+            key = -(qb @ x.T.astype(np.float64))
+        else:
+            key = np.maximum((qb**2).sum(1)[:, None] + x_sq[None, :] - 2.0 * (qb @ x.T), 0.0)
+        p = np.argsort(key, axis=1, kind="stable")[:, :k]
+        sc = np.take_along_axis(key, p, axis=1)
+        scores[s : s + step] = -sc if metric == "cosine" else sc
+        pos[s : s + step] = p
+    return scores, pos
+
+
 class EmbeddingIndex:
     """Search embeddings by nearest neighbour; holds ids, labels and optional paths.
 
@@ -134,7 +155,9 @@ class EmbeddingIndex:
         return int(self.ids.shape[0])
 
     def add(self, embeddings, labels=None, paths=None, ids=None) -> None:
-        """Add vectors with optional labels (ints), paths (str) and ids (default: running)."""
+        """Add vectors with optional labels (ints; -1 = unknown), paths (str) and unique int
+        ids (default: consecutive, after the largest id so far). Cosine indexes store the
+        L2-normalised vectors."""
         x = self._prep(_as_matrix(embeddings, self.dim, "embeddings"))
         n = x.shape[0]
         lab = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels)
@@ -142,13 +165,19 @@ class EmbeddingIndex:
             raise InputError(f"{n} embeddings but labels of shape {lab.shape}")
         if lab.dtype.kind not in "iu":
             raise InputError(f"labels must be integers, got dtype {lab.dtype}")
-        new_ids = (
-            np.arange(len(self), len(self) + n, dtype=np.int64)
-            if ids is None
-            else np.asarray(ids, dtype=np.int64)
-        )
+        if ids is None:
+            start = int(self.ids.max()) + 1 if len(self) else 0
+            new_ids = np.arange(start, start + n, dtype=np.int64)
+        else:
+            new_ids = np.asarray(ids)
+            if new_ids.dtype.kind not in "iu":
+                raise InputError(f"ids must be integers, got dtype {new_ids.dtype}")
+            new_ids = new_ids.astype(np.int64)
         if new_ids.shape != (n,):
             raise InputError(f"{n} embeddings but {new_ids.shape} ids")
+        all_ids = np.concatenate([self.ids, new_ids])
+        if np.unique(all_ids).size != all_ids.size:
+            raise InputError("ids must be unique (within this add and across the index)")
         if paths is not None and len(paths) != n:
             raise InputError(f"{n} embeddings but {len(paths)} paths")
         if paths is None and self.paths is not None:
@@ -175,12 +204,15 @@ class EmbeddingIndex:
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest items of each query: ``(distances, ids)`` of shape (n_queries, k).
 
-        ``k`` larger than the index is clamped to its size. Distances are euclidean distances
-        or cosine distances (1 - cos), ascending.
+        ``k`` larger than the index is clamped to its size (so the result may have fewer than
+        k columns). Distances are euclidean distances or cosine distances (1 - cos), ascending,
+        float32. The numpy backend orders equal distances by insertion order; faiss's order of
+        exact ties is its own. Approximate kinds (hnsw, ivf) may find fewer than k items for a
+        query: the missing slots have id -1 and distance inf, as in faiss.
         """
         if len(self) == 0:
             raise InputError("the index is empty: add embeddings before searching")
-        if not isinstance(k, (int, np.integer)) or k < 1:
+        if not isinstance(k, (int, np.integer)) or isinstance(k, (bool, np.bool_)) or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")
         q = self._prep(_as_matrix(queries, self.dim, "queries"))
         k = min(int(k), len(self))
@@ -189,18 +221,7 @@ class EmbeddingIndex:
                 self._index.nprobe = self.nprobe
             scores, pos = self._index.search(q, k)
         else:
-            if self.metric == "cosine":
-                sim = q @ self._vectors.T
-                pos = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-                scores = np.take_along_axis(sim, pos, axis=1)
-            else:
-                d2 = (
-                    (q * q).sum(1)[:, None]
-                    + (self._vectors**2).sum(1)[None, :]
-                    - 2.0 * q @ self._vectors.T
-                )
-                pos = np.argsort(d2, axis=1, kind="stable")[:, :k]
-                scores = np.take_along_axis(d2, pos, axis=1)
+            scores, pos = _exact_search(q, self._vectors, k, self.metric)
         if self.metric == "cosine":
             dist = np.clip(1.0 - scores, 0.0, 2.0)
         else:
@@ -277,8 +298,13 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, directory, expected_fingerprint: str | None = None) -> EmbeddingIndex:
-        """Load and verify an index; a missing, truncated, corrupted or mismatched index (or a
-        fingerprint other than ``expected_fingerprint``) is a clear error naming the file."""
+        """Load and verify an index written by :meth:`save`.
+
+        Raises MissingFileError for a missing directory, manifest or listed file;
+        FileFormatError naming the file for a bad manifest, a checksum mismatch (truncated or
+        corrupted file) or data inconsistent with the manifest; InputError when
+        ``expected_fingerprint`` is given and differs from the stored model fingerprint.
+        Nothing is unpickled (``allow_pickle=False``, JSON metadata)."""
         d = Path(directory)
         man_path = d / "manifest.json"
         if not d.is_dir():
@@ -287,20 +313,35 @@ class EmbeddingIndex:
             raise MissingFileError(f"not an index directory (no manifest.json): {d}")
         try:
             man = json.loads(man_path.read_text(encoding="utf-8"))
-            if not isinstance(man, dict) or man.get("format") != FORMAT:
-                raise ValueError(f"unsupported format {man.get('format')!r}")
+            if not isinstance(man, dict):
+                raise ValueError("not a JSON object")
+            if man.get("format") != FORMAT:
+                raise ValueError(f"unsupported format {man.get('format')!r} (expected {FORMAT})")
             dim, metric, kind = int(man["dim"]), str(man["metric"]), str(man["kind"])
             backend, count, files = str(man["backend"]), int(man["count"]), man["files"]
             if not isinstance(files, dict):
                 raise ValueError("'files' must be an object")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise FileFormatError(f"corrupt index manifest {man_path}: {e}") from None
+        data_file = "index.faiss" if backend == "faiss" else "vectors.npy"
+        required = {data_file, "ids.npy", "labels.npy", "meta.json"}
+        if not required <= set(files) or not all(
+            isinstance(name, str) and name == Path(name).name and isinstance(h, str)
+            for name, h in files.items()
+        ):
+            raise FileFormatError(
+                f"corrupt index manifest {man_path}: 'files' must list {sorted(required)} "
+                "with their sha256"
+            )
         for name, digest in files.items():
             p = d / name
             if not p.exists():
-                raise FileFormatError(f"index file missing: {p}")
+                raise MissingFileError(f"index file missing: {p}")
             if sha256_file(p) != digest:
-                raise FileFormatError(f"index file {p} is corrupted (checksum mismatch)")
+                raise FileFormatError(
+                    f"index file {p} is corrupted or truncated (sha256 does not match "
+                    "manifest.json)"
+                )
         fp = man.get("fingerprint")
         if expected_fingerprint is not None and fp != expected_fingerprint:
             raise InputError(
@@ -309,13 +350,18 @@ class EmbeddingIndex:
             )
         if backend == "faiss" and not HAVE_FAISS:
             raise FileFormatError(f"{d} is a faiss index but faiss is not installed")
-        index = cls(
-            dim, metric=metric, kind=kind, backend=backend, nprobe=int(man.get("nprobe", 8))
-        )
+        try:
+            index = cls(
+                dim, metric=metric, kind=kind, backend=backend, nprobe=int(man.get("nprobe", 8))
+            )
+        except (InputError, ValueError, TypeError) as e:
+            raise FileFormatError(f"corrupt index manifest {man_path}: {e}") from None
         try:
             index.ids = np.load(d / "ids.npy", allow_pickle=False)
             index.labels = np.load(d / "labels.npy", allow_pickle=False)
             meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("meta.json must hold an object")
             index.paths, index.classes = meta.get("paths"), meta.get("classes")
             if backend == "faiss":
                 raw = np.frombuffer((d / "index.faiss").read_bytes(), dtype=np.uint8)
@@ -323,18 +369,29 @@ class EmbeddingIndex:
                 n_vec, vdim = index._index.ntotal, index._index.d
             else:
                 index._vectors = np.load(d / "vectors.npy", allow_pickle=False)
+                if index._vectors.dtype != np.float32:
+                    raise ValueError(f"vectors.npy has dtype {index._vectors.dtype}, not float32")
                 n_vec, vdim = index._vectors.shape
         except (OSError, ValueError, RuntimeError) as e:
             raise FileFormatError(f"cannot read index in {d}: {e}") from None
-        if (
-            vdim != dim
-            or n_vec != count
-            or index.ids.shape != (count,)
-            or index.labels.shape != (count,)
+        bad = []
+        if (vdim, n_vec) != (dim, count):
+            bad.append(f"{data_file} holds {n_vec} vectors of dim {vdim}")
+        for name, arr in (("ids.npy", index.ids), ("labels.npy", index.labels)):
+            if arr.shape != (count,) or arr.dtype != np.int64:
+                bad.append(f"{name} has shape {arr.shape} and dtype {arr.dtype}")
+        if index.paths is not None and (
+            not isinstance(index.paths, list)
+            or len(index.paths) != count
+            or not all(isinstance(x, str) for x in index.paths)
         ):
+            bad.append("meta.json paths are not a list of strings of the index's length")
+        if not bad and np.unique(index.ids).size != count:
+            bad.append("ids.npy holds duplicate ids")
+        if bad:
             raise FileFormatError(
-                f"index in {d} is inconsistent with its manifest "
-                f"({n_vec} vectors of dim {vdim}; manifest {count} x {dim})"
+                f"index in {d} is inconsistent with its manifest ({count} x {dim}): "
+                + "; ".join(bad)
             )
         return index
 

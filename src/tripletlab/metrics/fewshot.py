@@ -28,13 +28,30 @@ def few_shot_accuracy(
 
     Each episode draws ``n_way`` classes (among those with >= k_shot + n_query items), ``k_shot``
     support and ``n_query`` query items per class; a query is assigned to the class whose
-    prototype (mean support embedding) is nearest. ``ci95 = 1.96 * std / sqrt(n_episodes)``.
+    prototype (mean support embedding) is nearest (Snell et al. 2017, "Prototypical Networks";
+    with ``distance="cosine"`` the prototypes are the normalised means). Ties go to the first
+    class of the episode. ``ci95 = 1.96 * std / sqrt(n_episodes)`` with the population std of
+    the per-episode accuracies. Episodes are drawn with ``numpy.random.default_rng(seed)``.
+
+    Example:
+        >>> import numpy as np
+        >>> from tripletlab.metrics import few_shot_accuracy
+        >>> y = np.repeat(np.arange(6), 4)
+        >>> emb = np.eye(6)[y] + 0.01 * np.random.default_rng(0).normal(size=(24, 6))
+        >>> few_shot_accuracy(emb, y, n_way=5, k_shot=1, n_query=3, n_episodes=20)["accuracy"]
+        1.0
     """
     check_distance(distance)
     emb = as_embeddings(embeddings).double()
     y = as_labels(labels, emb.shape[0]).numpy()
-    if n_way < 2 or k_shot < 1 or n_query < 1 or n_episodes < 1:
-        raise InputError("need n_way >= 2, k_shot >= 1, n_query >= 1, n_episodes >= 1")
+    for name, v, lo in (
+        ("n_way", n_way, 2),
+        ("k_shot", k_shot, 1),
+        ("n_query", n_query, 1),
+        ("n_episodes", n_episodes, 1),
+    ):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < lo:
+            raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
     if distance == "cosine":
         emb = normalize_rows(emb)
     classes, counts = np.unique(y, return_counts=True)
