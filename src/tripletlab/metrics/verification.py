@@ -9,7 +9,11 @@ same-identity pairs as positives: TAR(t) = P(d <= t | same), FAR(t) = P(d <= t |
 * ``accuracy`` / ``threshold``: the best accuracy over all thresholds on all pairs, and that
   (distance) threshold — the calibrated value a deployment would use.
 * ``accuracy_10fold_mean/std``: the LFW protocol (Huang et al. 2007): the pairs are split into 10
-  seeded folds; for each fold the best threshold on the other 9 is applied to it.
+  folds (pair m goes to fold ``numpy.random.default_rng(seed).permutation(M)[m] % 10``); each
+  fold is scored with the best-accuracy threshold of the other 9 (population std over folds).
+
+``tar_at_far`` keys are the requested FAR values as floats; ``eer`` interpolates linearly between
+the two ROC points around FAR = FRR.
 """
 
 from __future__ import annotations
