@@ -31,7 +31,10 @@ def few_shot_accuracy(
     prototype (mean support embedding) is nearest (Snell et al. 2017, "Prototypical Networks";
     with ``distance="cosine"`` the prototypes are the normalised means). Ties go to the first
     class of the episode. ``ci95 = 1.96 * std / sqrt(n_episodes)`` with the population std of
-    the per-episode accuracies. Episodes are drawn with ``numpy.random.default_rng(seed)``.
+    the per-episode accuracies. Episodes are drawn with ``rng = numpy.random.default_rng(seed)``:
+    ``rng.choice(eligible_classes, n_way, replace=False)`` (classes in increasing order), then per
+    chosen class ``rng.choice(its_items, k_shot + n_query, replace=False)`` (items in increasing
+    index order); the first ``k_shot`` are the support set, the rest the queries.
 
     Example:
         >>> import numpy as np
