@@ -1,16 +1,25 @@
-"""Time retrieval_metrics on 70,000 x 128 embeddings against pml's AccuracyCalculator.
+"""Time retrieval_metrics against pytorch-metric-learning's AccuracyCalculator.
 
-    python benchmarks/bench_metrics.py [--n 70000] [--skip-pml]
+    python benchmarks/bench_metrics.py                     # 70,000 and 10,000 items
+    python benchmarks/bench_metrics.py --sizes 70000 --skip-pml
 
-Embeddings: Fashion-MNIST (train + test, 70,000 images) raw pixels times a fixed random
-projection 784 -> 128 (random Gaussian data if ../shared/data is absent). k is the largest class
-size (7,000) so R-Precision and MAP@R are exact for both libraries.
+Embeddings: Fashion-MNIST raw pixels (train + test, 70,000 images, parsed here from the idx.gz
+files with gzip + numpy), times a fixed random projection 784 -> 128 (seeded); random Gaussian
+data with 10 classes if ../shared/data/fashion-mnist is absent. A size n < 70,000 uses the first
+n items. Leave-one-out, euclidean, nmi=False. pml's k is "max_bin_count" (the largest class
+size minus one, 6,999 at 70k), so that both libraries' R-Precision and MAP@R are exact.
+
+Each run is a separate worker process (its own peak RSS, and a memory limit so that a library
+running out of memory fails alone instead of waking the system's OOM killer).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,56 +27,50 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tripletlab.metrics import retrieval_metrics
-
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fashion-mnist"
+METRICS = ("precision_at_1", "r_precision", "map_at_r")
+
+
+def read_idx_gz(path: Path) -> np.ndarray:
+    """An MNIST idx file (gzip): big-endian magic (0, 0, dtype 0x08, ndim), dims, uint8 data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if raw[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path}: not an unsigned-byte idx file")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def embeddings(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """n x 128 float32 embeddings and int64 labels."""
     if DATA.exists():
-        from tripletlab.data import load_dataset
-
-        ds = load_dataset(str(DATA))
-        x, y, src = ds.x.flatten(1), ds.y, "Fashion-MNIST pixels x random 784->128"
+        xs, ys = [], []
+        for split in ("train", "t10k"):
+            xs.append(read_idx_gz(DATA / f"{split}-images-idx3-ubyte.gz").reshape(-1, 784))
+            ys.append(read_idx_gz(DATA / f"{split}-labels-idx1-ubyte.gz"))
+        x = torch.from_numpy(np.concatenate(xs)[:n].astype(np.float32) / 255.0)
+        y = torch.from_numpy(np.concatenate(ys)[:n].astype(np.int64))
+        src = "Fashion-MNIST pixels x random 784->128"
     else:
         g = torch.Generator().manual_seed(0)
-        x, y, src = torch.randn(n, 784, generator=g), torch.arange(n) % 10, "random"
-    g = torch.Generator().manual_seed(0)
-    proj = torch.randn(x.shape[1], 128, generator=g) / 28.0
-    return (x[:n] @ proj).contiguous(), y[:n].contiguous(), src
+        x, y, src = torch.randn(n, 784, generator=g), torch.arange(n) % 10, "random Gaussian"
+    proj = torch.randn(784, 128, generator=torch.Generator().manual_seed(0)) / 28.0
+    return (x @ proj).contiguous(), y.contiguous(), src
 
 
-def run_pml(n: int) -> tuple:
-    """pml's AccuracyCalculator on the same embeddings, in a subprocess (it may run out of
-    memory: its k-NN holds all N x k neighbours and several N x k label/float tensors)."""
-    import json
-    import subprocess
+def worker(impl: str, n: int) -> dict:
+    emb, y, _ = embeddings(n)
+    if impl == "tripletlab":
+        from tripletlab.metrics import retrieval_metrics
 
-    cmd = [sys.executable, __file__, "--pml-worker", "--n", str(n)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        why = (
-            "killed: out of memory"
-            if proc.returncode in (-9, 137)
-            else (proc.stderr.strip().splitlines() or ["failed"])[-1][:50]
-        )
-        return (f"pml AccuracyCalculator ({why})", float("nan"), *[float("nan")] * 3)
-    sec, p1, rp, mapr = json.loads(proc.stdout.strip().splitlines()[-1])
-    return ("pml AccuracyCalculator", sec, p1, rp, mapr)
-
-
-def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--n", type=int, default=70000)
-    p.add_argument("--skip-pml", action="store_true")
-    p.add_argument("--pml-worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.pml_worker:
-        import json
-
+        t = time.perf_counter()
+        m = retrieval_metrics(emb, y, ks=(1,), distance="euclidean", nmi=False)
+        sec = time.perf_counter() - t
+        vals = [m[k] for k in METRICS]
+    else:
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-        emb, y, _ = embeddings(args.n)
         calc = AccuracyCalculator(
             include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
             k="max_bin_count",
@@ -75,47 +78,68 @@ def main() -> int:
         )
         t = time.perf_counter()
         m = calc.get_accuracy(emb, y)
-        print(
-            json.dumps(
-                [
-                    time.perf_counter() - t,
-                    m["precision_at_1"],
-                    m["r_precision"],
-                    m["mean_average_precision_at_r"],
-                ]
-            )
+        sec = time.perf_counter() - t
+        vals = [m["precision_at_1"], m["r_precision"], m["mean_average_precision_at_r"]]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"time": sec, "values": vals, "peak_rss_gib": rss}
+
+
+def run_worker(impl: str, n: int, mem_gib: float, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--sizes", str(n)]
+
+    def limit() -> None:
+        cap = int(mem_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, preexec_fn=limit, timeout=timeout
         )
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {timeout:.0f} s"}
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["killed"])[-1]
+        if proc.returncode in (-9, 137) or "memory" in err.lower() or "alloc" in err.lower():
+            return {"error": f"out of memory (limit {mem_gib:g} GiB): {err[:80]}"}
+        return {"error": err[:100]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="70000,10000", help="comma-separated item counts")
+    p.add_argument("--skip-pml", action="store_true", help="time tripletlab only")
+    p.add_argument("--mem-gib", type=float, default=16.0, help="memory limit per worker")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker")
+    p.add_argument("--worker", choices=["tripletlab", "pml"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.worker:
+        print(json.dumps(worker(args.worker, sizes[0])))
         return 0
-    emb, y, src = embeddings(args.n)
-    print(
-        f"{emb.shape[0]} x {emb.shape[1]} embeddings ({src}), {len(y.unique())} classes, "
-        f"torch threads {torch.get_num_threads()}"
-    )
-    rows = []
-    t = time.perf_counter()
-    ours = retrieval_metrics(emb, y, ks=(1,), distance="euclidean", nmi=False)
-    rows.append(
-        (
-            "tripletlab retrieval_metrics",
-            time.perf_counter() - t,
-            ours["precision_at_1"],
-            ours["r_precision"],
-            ours["map_at_r"],
-        )
-    )
-    peak_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"tripletlab: {rows[0][1]:.1f} s, peak RSS {peak_ours:.2f} GiB", flush=True)
-    if not args.skip_pml:
-        rows.append(run_pml(args.n))
-    print(f"{'implementation':<32} {'time (s)':>9} {'P@1':>8} {'R-Prec':>8} {'MAP@R':>8}")
-    for name, sec, p1, rp, mapr in rows:
-        print(f"{name:<32} {sec:>9.1f} {p1:>8.4f} {rp:>8.4f} {mapr:>8.4f}")
-    if len(rows) == 2 and np.isfinite(rows[1][1]):
-        print(
-            f"speed-up {rows[1][1] / rows[0][1]:.1f}x; max |difference| "
-            f"{max(abs(a - b) for a, b in zip(rows[0][2:], rows[1][2:], strict=True)):.2e}"
-        )
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    _, _, src = embeddings(10)
+    print(f"embeddings: {src}; D = 128; torch threads {torch.get_num_threads()}")
+    head = f"| N | implementation | time (s) | peak RSS (GiB) | {' | '.join(METRICS)} | agree |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for n in sizes:
+        impls = ["tripletlab"] + ([] if args.skip_pml else ["pml"])
+        res = {impl: run_worker(impl, n, args.mem_gib, args.timeout) for impl in impls}
+        ours = res["tripletlab"]
+        for impl, r in res.items():
+            name = "tripletlab retrieval_metrics" if impl == "tripletlab" else "pml AccuracyCalc."
+            if "error" in r:
+                rows.append(f"| {n:,} | {name} | {r['error']} | | | | | |")
+                continue
+            agree = ""
+            if impl == "pml" and "values" in ours:
+                diff = max(abs(a - b) for a, b in zip(r["values"], ours["values"], strict=True))
+                agree = f"{'yes' if diff < 1e-4 else 'NO'} (max diff {diff:.1e})"
+            vals = " | ".join(f"{v:.4f}" for v in r["values"])
+            rows.append(
+                f"| {n:,} | {name} | {r['time']:.1f} | {r['peak_rss_gib']:.2f} | {vals} | {agree} |"
+            )
+        print("\n".join(rows[-len(res) :]), flush=True)
+    print("\n".join(rows))
     return 0
 
 
