@@ -98,6 +98,8 @@ def test_train_prints_metrics_and_eval_embed(digits_run, tmp_path, capsys):
     assert main(["embed", "--model", str(digits_run), "--data", "digits", "--out", str(npz)]) == 0
     z = np.load(npz)
     assert z["embeddings"].shape == (1797, 16) and z["labels"].shape == (1797,)
+    assert z["paths"].shape == (1797,) and z["paths"][5] == "digits[5]"
+    assert np.allclose(np.linalg.norm(z["embeddings"], axis=1), 1.0, atol=1e-5)
     assert np.allclose(np.linalg.norm(z["embeddings"], axis=1), 1, atol=1e-5)
 
 

@@ -383,7 +383,11 @@ def _cmd_embed(args) -> int:
         buf,
         embeddings=emb,
         labels=ds.y.numpy(),
-        paths=np.asarray(ds.paths if ds.paths is not None else [], dtype=str),
+        # data without files (digits, vectors, idx): "<data>[row]" identifies each item
+        paths=np.asarray(
+            ds.paths if ds.paths is not None else [f"{args.data}[{i}]" for i in range(len(ds))],
+            dtype=str,
+        ),
         classes=np.asarray(ds.classes, dtype=str),
     )
     out = Path(args.out)
