@@ -188,8 +188,11 @@ def knn_search(
 
 
 def nmi_score(embeddings, labels, seed: int = 0) -> float:
-    """NMI between labels and k-means clusters (k = number of distinct labels)."""
+    """NMI between labels and k-means clusters (k = number of distinct labels; scikit-learn's
+    KMeans with ``n_init=3`` and ``random_state=seed``). NaN with fewer than 2 labels or no
+    more items than labels."""
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import normalized_mutual_info_score
 
     emb = as_embeddings(embeddings).double().numpy()
@@ -197,7 +200,9 @@ def nmi_score(embeddings, labels, seed: int = 0) -> float:
     n_cls = len(np.unique(y))
     if n_cls < 2 or emb.shape[0] <= n_cls:
         return float("nan")
-    pred = KMeans(n_clusters=n_cls, n_init=3, random_state=seed).fit_predict(emb)
+    with warnings.catch_warnings():  # collapsed embeddings: fewer distinct points than labels
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        pred = KMeans(n_clusters=n_cls, n_init=3, random_state=seed).fit_predict(emb)
     return float(normalized_mutual_info_score(y, pred))
 
 
