@@ -590,6 +590,13 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         f"{env.get('loadavg', ['?'])[0]} -> {env.get('loadavg_after', ['?'])[0]}; "
         f"{time.time() - t0:.0f} s" + ("; in-process: no memory figures" if args.in_process else "")
     )
+    load = env.get("loadavg", [0.0])[0]
+    if env["cpus"] and load > env["cpus"] - 0.5:
+        print(
+            f"note: the machine was busy (load {load} on {env['cpus']} CPUs): timings are "
+            "inflated and noisy; ratios within this run still compare like with like"
+            + ("" if env["torch_threads"] == 1 else "; prefer --threads 1 on a busy machine")
+        )
     print(format_table(table))
     if args.json_out:
         from .utils import atomic_write_json
