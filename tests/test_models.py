@@ -150,3 +150,37 @@ def test_augment_options_errors():
         build_augment({"rotate": 5})
     with pytest.raises(InputError, match=">= 0"):
         build_augment({"affine_degrees": -1.0})
+
+
+# --------------------------------------------------------------- test-time augmentation
+
+
+def test_tta_averages_views_in_eval_mode_only():
+    torch.manual_seed(0)
+    cfg = {"name": "cnn", "input_shape": [1, 16, 12], "channels": [4, 8], "embedding_dim": 8}
+    plain = build_model(cfg)
+    tta = build_model({**cfg, "tta": {"scales": [0.9, 1.0, 1.1], "hflip": True}})
+    tta.load_state_dict(plain.state_dict())
+    x = torch.rand(5, 1, 16, 12)
+    torch.manual_seed(1)
+    a = plain.train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(tta.train()(x), a)  # training sees the plain forward
+    plain.eval(), tta.eval()
+    e = tta(x)
+    assert torch.allclose(e.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert not torch.allclose(e, plain(x), atol=1e-4)
+    assert torch.allclose(e, tta(x.flip(3)), atol=1e-5)  # mirrored views: flip-invariant
+    assert tta.config["tta"] == {"scales": [0.9, 1.0, 1.1], "hflip": True}
+    rebuilt = build_model(dict(tta.config))
+    rebuilt.load_state_dict(tta.state_dict())
+    assert torch.equal(rebuilt.eval()(x), e)  # config.json carries the TTA views
+
+
+@pytest.mark.parametrize(
+    "tta",
+    [{"scales": []}, {"scales": [0.0]}, {"scales": ["1"]}, {"hflip": "yes"}, {"zoom": 1}, [1.0]],
+)
+def test_tta_bad_options(tta):
+    with pytest.raises(InputError, match="tta"):
+        build_model({"name": "cnn", "input_shape": [1, 8, 8], "tta": tta})

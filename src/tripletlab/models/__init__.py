@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, InputTypeError
-from .augment import Augment, build_augment
+from .augment import Augment, build_augment, zoom
 
 __all__ = ["MODELS", "Augment", "EmbeddingCNN", "EmbeddingMLP", "build_augment", "build_model"]
 
@@ -70,6 +70,9 @@ class EmbeddingCNN(nn.Module):
     global average pooling (or, with ``pool="flatten"``, the flattened feature map, which keeps
     the spatial layout of aligned inputs such as faces), then the embedding head.
     ``input_norm="per_image"`` standardises each image (brightness/contrast invariance).
+    ``tta={"scales": [0.9, 1.0, 1.1], "hflip": true}`` averages the embeddings of zoomed and
+    mirrored views in eval mode (test-time augmentation; training is unaffected), which makes
+    the embedding robust to the scale of the subject at a cost of one forward pass per view.
 
     Example:
         >>> m = EmbeddingCNN(input_shape=[1, 28, 28], embedding_dim=32)
@@ -86,8 +89,10 @@ class EmbeddingCNN(nn.Module):
         dropout: float = 0.0,
         pool: str = "avg",
         input_norm: str = "none",
+        tta: dict | None = None,
     ) -> None:
         super().__init__()
+        self.tta = _check_tta(tta)
         if pool not in ("avg", "flatten"):
             raise InputError(f"pool must be 'avg' or 'flatten', got {pool!r}")
         if input_norm not in ("none", "per_image"):
@@ -119,6 +124,15 @@ class EmbeddingCNN(nn.Module):
         self.head = EmbeddingHead(features, embedding_dim, normalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not self.tta:
+            return self._embed(x)
+        views = [zoom(x, s) for s in self.tta["scales"]]
+        if self.tta["hflip"]:
+            views += [v.flip(3) for v in views]
+        e = torch.stack([self._embed(v) for v in views]).mean(0)
+        return F.normalize(e, dim=1) if self.head.normalize else e
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_norm == "per_image":  # remove brightness/contrast differences
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
@@ -128,11 +142,38 @@ class EmbeddingCNN(nn.Module):
         return self.head(self.dropout(f))
 
 
+def _check_tta(tta: dict | None) -> dict | None:
+    if tta is None:
+        return None
+    if not isinstance(tta, dict) or set(tta) - {"scales", "hflip"}:
+        raise InputError(f"tta must be an object with 'scales' and/or 'hflip', got {tta!r}")
+    scales = tta.get("scales", [1.0])
+    hflip = tta.get("hflip", False)
+    if (
+        not isinstance(scales, (list, tuple))
+        or not scales
+        or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scales)
+        or not all(0.25 <= s <= 4.0 for s in scales)
+    ):
+        raise InputError(
+            f"tta scales must be a non-empty list of numbers in [0.25, 4], got {scales!r}"
+        )
+    if not isinstance(hflip, bool):
+        raise InputError(f"tta hflip must be true or false, got {hflip!r}")
+    return {"scales": [float(s) for s in scales], "hflip": hflip}
+
+
 MODELS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
     "mlp": (EmbeddingMLP, {"hidden": [256, 256], "dropout": 0.0}),
     "cnn": (
         EmbeddingCNN,
-        {"channels": [32, 64, 128, 128], "dropout": 0.0, "pool": "avg", "input_norm": "none"},
+        {
+            "channels": [32, 64, 128, 128],
+            "dropout": 0.0,
+            "pool": "avg",
+            "input_norm": "none",
+            "tta": None,
+        },
     ),
 }
 _COMMON = {"embedding_dim": 64, "normalize": True}

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["AUGMENT_PRESETS", "Augment", "build_augment"]
+__all__ = ["AUGMENT_PRESETS", "Augment", "build_augment", "zoom"]
 
 
 class Augment(nn.Module):
@@ -77,6 +77,16 @@ class Augment(nn.Module):
 
     def set_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
+
+
+def zoom(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Zoom a batch (N, C, H, W) about its centre: ``scale`` > 1 enlarges the content, < 1
+    shrinks it (border pixels fill the margin). ``scale == 1`` returns ``x`` unchanged."""
+    if scale == 1.0:
+        return x
+    theta = torch.tensor([[1.0 / scale, 0.0, 0.0], [0.0, 1.0 / scale, 0.0]], dtype=x.dtype)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 AUGMENT_PRESETS: dict[str, dict] = {
