@@ -176,6 +176,23 @@ def test_config_file_flags_and_errors(tmp_path):
         resolve_config(overrides={"p": 1})
 
 
+def test_recipes_resolve_and_are_copies(tmp_path):
+    from tripletlab.config import RECIPES
+
+    assert set(RECIPES) == {"att_faces", "omniglot", "fashion_mnist"}
+    for name in RECIPES:
+        got = load_config_file(name)
+        got["model_options"]["dropout"] = 0.9  # callers may mutate their copy
+        assert RECIPES[name]["model_options"].get("dropout") != 0.9
+        resolve_config(got)
+    cfg = resolve_config(load_config_file("att_faces"), {"steps": 5})
+    assert cfg.steps == 5 and cfg.test_classes[0] == "s31" and cfg.split_by == "class"
+    (tmp_path / "att_faces").write_text(json.dumps({"steps": 7}))  # a real file wins
+    assert load_config_file(tmp_path / "att_faces") == {"steps": 7}
+    with pytest.raises(FileFormatError, match="recipes: att_faces"):
+        load_config_file("att_facez")
+
+
 def test_summary_names_the_kept_model(tmp_path):
     """Without a validation split the summary says the final model is kept, not step -1."""
     run = tmp_path / "novar"

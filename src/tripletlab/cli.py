@@ -215,7 +215,9 @@ def _add_train(sub) -> None:
         "--config",
         dest="config_file",
         default=None,
-        help="JSON file with training options (flags override it)",
+        metavar="FILE_OR_RECIPE",
+        help="JSON file with training options, or a built-in recipe for the real data sets: "
+        "att_faces, omniglot, fashion_mnist (flags override it)",
     )
     p.add_argument(
         "--resume",
