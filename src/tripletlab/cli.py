@@ -106,7 +106,8 @@ _TRAIN_FLAGS = [
         "--threads",
         "threads",
         int,
-        "torch CPU threads (default: one per core); 1 is faster for small models on a busy machine",
+        "torch CPU threads (default: 1 for vector data, else one per core); 1 is often "
+        "faster for small models on a busy machine",
     ),
 ]
 

@@ -56,8 +56,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (rarely worth it on CPU)
     amp: bool = False  # bfloat16 autocast (CPU) / float16 (CUDA)
     device: str = "cpu"
-    threads: int | None = None  # torch CPU threads; None: torch default (one per core). Use 1
-    #                             on a busy machine (oversubscribed threads slow small models)
+    threads: int | None = None  # torch CPU threads; None: 1 for vectors (a small MLP gains nothing
+    #                             from more, and oversubscribed threads are slow), else one per core
     # --- evaluation and checkpoints
     eval_every: int | None = None  # steps between validations; None = once per epoch
     patience: int = 0  # stop after this many evaluations without MAP@R improvement; 0 = never

@@ -287,8 +287,6 @@ class Trainer:
                 "it or choose another --out"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         self._prepare_data()
         self._build()
 
@@ -530,8 +528,25 @@ class Trainer:
             )
             self.collapse = {"step": self.state.step, "mean_distance": md}
 
+    def threads(self) -> int | None:
+        """CPU threads for this run: ``cfg.threads``; by default 1 for vector data (a small MLP
+        step gains nothing from more threads and slows down badly on a busy machine), else
+        torch's default (None)."""
+        if self.cfg.threads:
+            return self.cfg.threads
+        return 1 if self.cfg.device == "cpu" and self.train_set.kind == "vector" else None
+
     def fit(self) -> dict:
         """Train to the configured number of steps, evaluate on the test split, return eval."""
+        previous, n = torch.get_num_threads(), self.threads()
+        if n:
+            torch.set_num_threads(n)
+        try:
+            return self._fit()
+        finally:
+            torch.set_num_threads(previous)
+
+    def _fit(self) -> dict:
         from tqdm import tqdm
 
         cfg, st = self.cfg, self.state
