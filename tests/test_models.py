@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tripletlab import InputError, InputTypeError
-from tripletlab.models import MODELS, build_augment, build_model
+from tripletlab.models import MODEL_DEFAULTS, MODELS, build_augment, build_model
 from tripletlab.models import default_model_config as default_config
 from tripletlab.models.augment import AUGMENT_PRESETS, Augment
 
@@ -61,7 +61,11 @@ def test_normalize_off_and_per_image_standardisation():
 
 
 def test_registry_is_the_single_list_of_models():
-    assert sorted(MODELS) == ["cnn", "mlp"]
+    assert sorted(MODELS) == sorted(MODEL_DEFAULTS) == ["cnn", "mlp"]
+    m = MODELS["mlp"](input_shape=[6], embedding_dim=3)  # a registry entry is a plain factory
+    assert m(torch.rand(2, 6)).shape == (2, 3)
+    no_hidden = build_model({"name": "mlp", "input_shape": [6], "hidden": []})
+    assert no_hidden(torch.rand(2, 6)).shape == (2, 64)
     assert default_config([64])["name"] == "mlp"
     assert default_config([3, 32, 32], embedding_dim=32) == {
         "name": "cnn",
@@ -87,7 +91,11 @@ def test_registry_is_the_single_list_of_models():
         ({"name": "cnn", "input_shape": [64]}, InputError, "images"),
         ({"name": "cnn", "input_shape": [1, 8, 8], "pool": "max"}, InputError, "pool"),
         ({"name": "cnn", "input_shape": [1, 8, 8], "input_norm": "x"}, InputError, "input_norm"),
-        ({"name": "mlp", "input_shape": [4], "hidden": 7}, InputError, "invalid model config"),
+        ({"name": "mlp", "input_shape": [4], "hidden": 7}, InputError, "hidden"),
+        ({"name": "mlp", "input_shape": [4], "hidden": [-1]}, InputError, "hidden"),
+        ({"name": "cnn", "input_shape": [1, 8, 8], "channels": []}, InputError, "channels"),
+        ({"name": "cnn", "input_shape": [1, 8, 8], "channels": [8.5]}, InputError, "channels"),
+        ({"name": "cnn", "input_shape": [1, 8, 8], "dropout": 1.0}, InputError, "dropout"),
         (["mlp"], InputTypeError, "dict"),
     ],
 )
@@ -150,6 +158,9 @@ def test_augment_options_errors():
         build_augment({"rotate": 5})
     with pytest.raises(InputError, match=">= 0"):
         build_augment({"affine_degrees": -1.0})
+    for bad in ({"scale": 1.1}, {"scale": [1.2, 0.9]}, {"translate": 2.0}):
+        with pytest.raises(InputError, match="invalid augmentation"):
+            build_augment(bad)
 
 
 # --------------------------------------------------------------- test-time augmentation

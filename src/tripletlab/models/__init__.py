@@ -15,7 +15,15 @@ from torch import nn
 from ..errors import InputError, InputTypeError
 from .augment import Augment, build_augment, zoom
 
-__all__ = ["MODELS", "Augment", "EmbeddingCNN", "EmbeddingMLP", "build_augment", "build_model"]
+__all__ = [
+    "MODELS",
+    "MODEL_DEFAULTS",
+    "Augment",
+    "EmbeddingCNN",
+    "EmbeddingMLP",
+    "build_augment",
+    "build_model",
+]
 
 
 class EmbeddingHead(nn.Module):
@@ -163,19 +171,21 @@ def _check_tta(tta: dict | None) -> dict | None:
     return {"scales": [float(s) for s in scales], "hflip": hflip}
 
 
-MODELS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
-    "mlp": (EmbeddingMLP, {"hidden": [256, 256], "dropout": 0.0}),
-    "cnn": (
-        EmbeddingCNN,
-        {
-            "channels": [32, 64, 128, 128],
-            "dropout": 0.0,
-            "pool": "avg",
-            "input_norm": "none",
-            "tta": None,
-        },
-    ),
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": EmbeddingMLP, "cnn": EmbeddingCNN}
+"""Registry name -> factory (keyword arguments: ``input_shape``, ``embedding_dim``, ``normalize``
+and the model's own keys). Use :func:`build_model` to get a model with its ``config``."""
+
+MODEL_DEFAULTS: dict[str, dict] = {
+    "mlp": {"hidden": [256, 256], "dropout": 0.0},
+    "cnn": {
+        "channels": [32, 64, 128, 128],
+        "dropout": 0.0,
+        "pool": "avg",
+        "input_norm": "none",
+        "tta": None,
+    },
 }
+"""The model-specific config keys of each registered model and their defaults."""
 _COMMON = {"embedding_dim": 64, "normalize": True}
 
 
@@ -183,15 +193,21 @@ def build_model(config: dict) -> nn.Module:
     """Build a model from its config dict; ``model.config`` holds the full resolved config.
 
     Keys: ``name`` (see :data:`MODELS`), ``input_shape``, ``embedding_dim`` (64), ``normalize``
-    (True), and the model's own keys (mlp: ``hidden``, ``dropout``; cnn: ``channels``,
-    ``dropout``). Unknown names or keys raise :class:`~tripletlab.errors.InputError`.
+    (True), and the model's own keys (:data:`MODEL_DEFAULTS`; mlp: ``hidden``, ``dropout``;
+    cnn: ``channels``, ``dropout``, ``pool``, ``input_norm``, ``tta``). Unknown names or keys
+    raise :class:`~tripletlab.errors.InputError`; nothing outside :data:`MODELS` is ever built.
+
+    Example:
+        >>> m = build_model({"name": "mlp", "input_shape": [64], "embedding_dim": 16})
+        >>> m.config["hidden"], m(torch.rand(2, 64)).shape
+        ([256, 256], torch.Size([2, 16]))
     """
     if not isinstance(config, dict):
         raise InputTypeError(f"model config must be a dict, got {type(config).__name__}")
     name = config.get("name")
     if name not in MODELS:
         raise InputError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    factory, defaults = MODELS[name]
+    factory, defaults = MODELS[name], MODEL_DEFAULTS[name]
     allowed = {"name", "input_shape", *defaults, *_COMMON}
     unknown = sorted(set(config) - allowed)
     if unknown:
@@ -207,13 +223,31 @@ def build_model(config: dict) -> nn.Module:
         raise InputError(f"embedding_dim must be a positive int, got {dim!r}")
     if not isinstance(full["normalize"], bool):
         raise InputError(f"normalize must be true or false, got {full['normalize']!r}")
+    for key in ("hidden", "channels"):
+        if key in full and not _positive_ints(full[key], allow_empty=key == "hidden"):
+            raise InputError(f"{key} must be a list of positive ints, got {full[key]!r}")
+    drop = full.get("dropout", 0.0)
+    if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0.0 <= drop < 1.0:
+        raise InputError(f"dropout must be a number in [0, 1), got {drop!r}")
     kwargs = {k: v for k, v in full.items() if k != "name"}
     try:
         model = factory(**kwargs)
     except (TypeError, ValueError) as e:
         raise InputError(f"invalid model config for {name!r}: {e}") from None
-    model.config = {**full, "input_shape": list(shape)}
+    model.config = {
+        **full,
+        "input_shape": list(shape),
+        **{k: list(full[k]) for k in ("hidden", "channels") if k in full},
+    }
     return model
+
+
+def _positive_ints(v, allow_empty: bool) -> bool:
+    return (
+        isinstance(v, (list, tuple))
+        and (allow_empty or len(v) > 0)
+        and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in v)
+    )
 
 
 def default_model_config(input_shape, embedding_dim: int = 64) -> dict:

@@ -37,6 +37,10 @@ class Augment(nn.Module):
         super().__init__()
         if affine_degrees < 0 or translate < 0 or crop_pad < 0:
             raise InputError("augmentation amounts must be >= 0")
+        if translate > 1:
+            raise InputError(f"translate is a fraction of the image size (<= 1), got {translate}")
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+            raise InputError(f"scale must be a range (lo, hi) with 0 < lo <= hi, got {scale!r}")
         self.affine_degrees = float(affine_degrees)
         self.translate = float(translate)
         self.scale = (float(scale[0]), float(scale[1]))
@@ -111,4 +115,7 @@ def build_augment(config: dict | str | None, seed: int | None = None) -> Augment
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise InputError(f"unknown augmentation keys: {unknown}")
-    return Augment(**config, seed=seed)
+    try:
+        return Augment(**config, seed=seed)
+    except (TypeError, ValueError) as e:  # e.g. "scale": 1.1 instead of a range
+        raise InputError(f"invalid augmentation options {config!r}: {e}") from None
