@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tripletlab import FileFormatError, InputError, MissingFileError
-from tripletlab.data import apply_split, load_dataset, split_dataset
+from tripletlab.data import Dataset, apply_split, load_dataset, split_dataset
 
 from conftest import make_image_folder, shared_data
 
@@ -32,6 +32,48 @@ def test_image_folder_nested_classes_formats_and_modes(tmp_path):
         str(make_image_folder(tmp_path / "b", rgb=True)), grayscale=False, image_size=(8, 8)
     )
     assert rgb.x.shape[1:] == (3, 8, 8)
+
+
+def test_channels_default_grey_unless_some_image_has_colour(tmp_path):
+    from PIL import Image
+
+    root = make_image_folder(tmp_path / "m", n_classes=2, per_class=3, size=(6, 6))
+    grey = load_dataset(str(root))
+    assert grey.input_shape == (1, 6, 6)
+    # a palette GIF with only grey colours is grey
+    Image.fromarray(np.full((6, 6), 77, np.uint8), mode="L").convert("P").save(
+        root / "class0" / "zz_pal.gif"
+    )
+    assert load_dataset(str(root)).input_shape == (1, 6, 6)
+    # one colour image (sorted last) turns the whole set RGB; grey images are replicated
+    rgb = np.zeros((6, 6, 3), np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb, mode="RGB").save(root / "class1" / "zz_colour.png")
+    ds = load_dataset(str(root))
+    assert ds.input_shape == (3, 6, 6) and len(ds) == 8
+    i = ds.paths.index(str(root / "class0" / "img0.png"))
+    assert torch.equal(ds.x[i, 0], ds.x[i, 1]) and torch.equal(ds.x[i, 0], grey.x[0, 0])
+    j = ds.paths.index(str(root / "class1" / "zz_colour.png"))
+    assert ds.x[j, 0].min() > 0.78 and ds.x[j, 1:].max() == 0
+    assert load_dataset(str(root), grayscale=True).input_shape == (1, 6, 6)
+
+
+def test_subset_keeps_the_predefined_split_renumbered():
+    x = torch.arange(6, dtype=torch.float32)[:, None]
+    ds = Dataset(
+        x=x,
+        y=torch.tensor([0, 1, 0, 1, 0, 1]),
+        classes=["a", "b"],
+        paths=None,
+        kind="vector",
+        name="t",
+        predefined_split={"train": [0, 1, 2, 3], "test": [4, 5]},
+    )
+    sub = ds.subset([5, 1, 2])
+    assert sub.predefined_split == {"train": [1, 2], "test": [0]}
+    assert sub.x[sub.predefined_split["test"]].flatten().tolist() == [5.0]
+    with pytest.raises(InputError, match="out of range"):
+        ds.subset([6])
 
 
 def test_image_folder_bad_files(tmp_path):
@@ -99,6 +141,8 @@ def test_idx_directory(tmp_path, gz):
     assert ds.x.shape == (28, 1, 6, 6) and ds.predefined_split["test"] == list(range(20, 28))
     train, test, info = split_dataset(ds, by="predefined")
     assert len(train) == 20 and len(test) == 8
+    resized = load_dataset(str(tmp_path), image_size=(4, 5), grayscale=False)
+    assert resized.input_shape == (3, 4, 5) and resized.predefined_split == ds.predefined_split
     p = tmp_path / f"t10k-images-idx3-ubyte{suffix}"
     raw = gzip.decompress(p.read_bytes()) if gz else p.read_bytes()
     (gzip.open if gz else open)(p, "wb").write(raw[:-5])

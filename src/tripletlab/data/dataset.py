@@ -58,15 +58,28 @@ class Dataset:
         return len(self.classes)
 
     def subset(self, indices) -> Dataset:
-        """The items at ``indices`` (class ids and names unchanged)."""
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        """The items at ``indices`` (class ids and names unchanged). A predefined split is kept,
+        renumbered to the new positions."""
+        idx_np = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx_np) and (idx_np.min() < -len(self) or idx_np.max() >= len(self)):
+            raise InputError(f"subset indices out of range for {len(self)} items")
+        idx_np = np.where(idx_np < 0, idx_np + len(self), idx_np)
+        idx = torch.from_numpy(idx_np)
+        split = None
+        if self.predefined_split:
+            position = {int(old): new for new, old in enumerate(idx_np.tolist())}
+            split = {
+                part: [position[i] for i in members if i in position]
+                for part, members in self.predefined_split.items()
+            }
         return Dataset(
             x=self.x[idx],
             y=self.y[idx],
             classes=self.classes,
-            paths=None if self.paths is None else [self.paths[i] for i in idx.tolist()],
+            paths=None if self.paths is None else [self.paths[i] for i in idx_np.tolist()],
             kind=self.kind,
             name=self.name,
+            predefined_split=split,
             info=dict(self.info),
         )
 

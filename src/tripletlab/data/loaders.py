@@ -92,7 +92,12 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[str]]:
     return files, labels, other
 
 
-def _read_image(path: str, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def _read_image(path: str, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
+    """One image as uint8 (C, H, W). ``mode`` "L" or "RGB" converts; ``None`` keeps grey images
+    grey (C=1; palette images whose colours are all grey count as grey) and others RGB (C=3)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -100,7 +105,11 @@ def _read_image(path: str, mode: str, size: tuple[int, int] | None) -> np.ndarra
             raise FileFormatError(f"empty image file: {_display(path)}")
         with Image.open(path) as im:
             im.load()
-            im = im.convert(mode)
+            palette = im.mode in ("P", "PA")
+            if mode is None:
+                im = im.convert("L" if im.mode in _GREY_MODES else "RGB")
+            else:
+                im = im.convert(mode)
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
@@ -117,27 +126,11 @@ def _read_image(path: str, mode: str, size: tuple[int, int] | None) -> np.ndarra
     ) as e:
         raise FileFormatError(f"cannot read image {_display(path)}: {e}") from None
     if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = np.transpose(arr, (2, 0, 1))
+        return arr[None]
+    arr = np.transpose(arr, (2, 0, 1))
+    if mode is None and palette and (arr[0] == arr[1]).all() and (arr[0] == arr[2]).all():
+        return np.ascontiguousarray(arr[:1])  # e.g. a GIF with a grey palette
     return arr
-
-
-def _image_mode(paths: list[str], grayscale: bool | None) -> str:
-    if grayscale is not None:
-        return "L" if grayscale else "RGB"
-    from PIL import Image
-
-    for p in paths[:50]:
-        try:
-            with Image.open(p) as im:
-                if im.mode not in ("1", "L", "LA", "I", "I;16", "F", "P"):
-                    return "RGB"
-                if im.mode == "P" and "RGB" in str(im.palette.mode if im.palette else ""):
-                    return "RGB"
-        except Exception:  # noqa: BLE001 - unreadable files are reported when loaded
-            continue
-    return "L"
 
 
 def load_image_files(
@@ -149,9 +142,13 @@ def load_image_files(
 ) -> tuple[torch.Tensor, list[int]]:
     """Read images into a float tensor (N, C, H, W) in [0, 1]; returns (x, indices kept).
 
-    Without ``image_size`` every image must have the size of the first one.
+    ``grayscale=None``: one channel if every image is grey, else RGB (grey images replicated);
+    True/False force one/three channels. Without ``image_size`` every image must have the size
+    of the first one (else a :class:`FileFormatError` naming the file). Unreadable files raise a
+    :class:`FileFormatError` naming the file, or with ``skip_bad`` are left out and counted in a
+    warning.
     """
-    mode = _image_mode(paths, grayscale)
+    mode = None if grayscale is None else ("L" if grayscale else "RGB")
     arrays, kept, bad = [], [], []
     size = image_size
     for i, p in enumerate(paths):
@@ -175,6 +172,9 @@ def load_image_files(
         warnings.warn(f"skipped {len(bad)} unreadable images: " + "; ".join(bad[:3]), stacklevel=3)
     if not arrays:
         raise FileFormatError("no readable images")
+    if mode is None and any(a.shape[0] == 3 for a in arrays):
+        # some image has colour: RGB throughout (grey -> RGB replicates the channel, as Pillow)
+        arrays = [a if a.shape[0] == 3 else np.repeat(a, 3, axis=0) for a in arrays]
     x = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
     return x, kept
 
@@ -375,7 +375,25 @@ def load_dataset(
     grayscale: bool | None = None,
     skip_bad: bool = False,
 ) -> Dataset:
-    """Load ``"digits"``, an image folder, a directory of idx files, or a vector file."""
+    """Load a data set into memory.
+
+    ``spec`` is one of:
+
+    * ``"digits"``: scikit-learn's bundled 8x8 digits as 64-d vectors in [0, 1], classes "0".."9";
+    * a folder ``ROOT/<class>/.../<image>`` (class = the folder path relative to ROOT, e.g.
+      ``Greek/character03``; png/jpg/pgm/gif/bmp/...; files sorted; symlinked folders are not
+      followed, so links cannot loop); ``image_size`` (H, W) resizes, ``grayscale`` forces the
+      channels (default: grey if every image is grey, else RGB);
+    * a folder of MNIST-style idx files (``train-images-idx3-ubyte[.gz]``, ``...-labels-...``,
+      ``t10k-...``): images (N, 1, H, W) with ``predefined_split`` {"train", "test"};
+    * a vector file: ``.npz`` with ``x``/``embeddings`` and ``y``/``labels``; ``.csv`` with a
+      header, a ``label`` column and numeric feature columns; ``.npy`` of shape (N, D+1) whose last
+      column is the (integer) label.
+
+    Labels become contiguous ids 0..C-1 in natural order of their names (``classes``).
+    Unreadable or non-image files raise :class:`FileFormatError` naming the file; with
+    ``skip_bad=True`` they are left out and counted in a warning.
+    """
     if spec == "digits":
         return load_digits_dataset()
     path = Path(spec)
@@ -388,6 +406,8 @@ def load_dataset(
                 ds.x = torch.nn.functional.interpolate(
                     ds.x, size=tuple(image_size), mode="bilinear", align_corners=False
                 )
+            if grayscale is False:
+                ds.x = ds.x.expand(-1, 3, -1, -1).contiguous()
             return ds
         return load_image_folder(path, image_size, grayscale, skip_bad)
     if path.suffix.lower() in (".npz", ".npy", ".csv"):
