@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -79,7 +80,7 @@ def test_deterministic_given_seed_and_different_across_seeds():
     assert list(PKSampler(labels, p=4, k=3, seed=8)) != list(PKSampler(labels, p=4, k=3, seed=7))
 
 
-@pytest.mark.parametrize("stop_after", [0, 1, 4, 5, 9, 13])
+@pytest.mark.parametrize("stop_after", [0, 1, 4, 5, 6, 9, 12, 13])
 def test_state_dict_resumes_exactly_across_epochs(stop_after):
     labels = torch.arange(9).repeat_interleave(4)
     ref = PKSampler(labels, p=3, k=2, seed=3)  # 6 batches per epoch
@@ -100,12 +101,22 @@ def test_state_dict_resumes_exactly_across_epochs(stop_after):
     assert got[: len(expected)] == expected
 
 
-def test_load_state_from_another_seed_is_rejected():
+def test_state_is_json_ints_and_a_state_from_other_settings_is_rejected():
     labels = torch.arange(4).repeat(3)
-    with pytest.raises(InputError, match="seed"):
-        PKSampler(labels, p=2, k=2, seed=1).load_state_dict(
-            PKSampler(labels, p=2, k=2, seed=2).state_dict()
-        )
+    state = PKSampler(labels, p=2, k=2, seed=1).state_dict()
+    assert json.loads(json.dumps(state)) == state and all(type(v) is int for v in state.values())
+    others = [
+        (labels, {"p": 2, "k": 2, "seed": 2}, "seed"),
+        (labels, {"p": 3, "k": 2, "seed": 1}, "p="),
+        (labels, {"p": 2, "k": 3, "seed": 1}, "k="),
+        (torch.arange(4).repeat(4), {"p": 2, "k": 2, "seed": 1}, "n_items"),
+        (labels, {"p": 2, "k": 2, "seed": 1, "batches_per_epoch": 9}, "batches_per_epoch"),
+    ]
+    for lab, kwargs, match in others:
+        with pytest.raises(InputError, match=match):
+            PKSampler(lab, **kwargs).load_state_dict(state)
+    with pytest.raises(InputError, match="invalid sampler state"):
+        PKSampler(labels, p=2, k=2, seed=1).load_state_dict({**state, "position": 99})
 
 
 def test_small_classes_are_sampled_with_replacement_and_counted():

@@ -61,6 +61,7 @@ class PKSampler:
                 stacklevel=2,
             )
         self.batches_per_epoch = int(batches_per_epoch or math.ceil(len(y) / (self.p * self.k)))
+        self.n_items = int(len(y))
         self.epoch = 0
         self.position = 0  # batches already produced in the current epoch
 
@@ -112,10 +113,27 @@ class PKSampler:
         self.position = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        """JSON-serialisable ints: where the next batch comes from, plus the settings it
+        depends on (checked by :meth:`load_state_dict`)."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "p": self.p,
+            "k": self.k,
+            "n_items": self.n_items,
+            "batches_per_epoch": self.batches_per_epoch,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state.get("seed", self.seed)) != self.seed:
-            raise InputError("sampler state was saved with another seed")
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        """Continue from ``state``; a state saved with other settings is an InputError."""
+        for key in ("seed", "p", "k", "n_items", "batches_per_epoch"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise InputError(
+                    f"sampler state was saved with {key}={state[key]}, this sampler has "
+                    f"{key}={getattr(self, key)}; the batches would differ"
+                )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
+            raise InputError(f"invalid sampler state: epoch={epoch}, position={position}")
+        self.epoch, self.position = epoch, position
