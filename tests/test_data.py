@@ -97,8 +97,27 @@ def test_mixed_sizes_need_image_size_and_symlink_loop(tmp_path):
     with pytest.raises(FileFormatError, match="image-size"):
         load_dataset(str(root))
     os.symlink(root, root / "class0" / "loop")  # a directory symlink loop must not hang
-    ds = load_dataset(str(root), image_size=(16, 16))
+    with pytest.warns(UserWarning, match="ignored 1 folders"):
+        ds = load_dataset(str(root), image_size=(16, 16))
     assert ds.x.shape == (6, 1, 16, 16)
+
+
+def test_symlinked_folders_outside_root_are_read_once_and_hidden_folders_ignored(tmp_path):
+    root = make_image_folder(tmp_path / "g", n_classes=2, per_class=2)
+    outside = make_image_folder(tmp_path / "elsewhere", n_classes=1, per_class=3, seed=1)
+    os.symlink(outside / "class0", root / "linked")  # a class kept elsewhere: read
+    os.symlink(outside / "class0", root / "linked_again")  # same target again: ignored
+    os.symlink(root / "class1", root / "alias")  # a second name inside ROOT: ignored
+    os.symlink(outside, outside / "class0" / "up")  # a loop outside ROOT: ignored
+    make_image_folder(root / ".ipynb_checkpoints", n_classes=1, per_class=1)
+    with pytest.warns(UserWarning, match="ignored 3 folders") as record:
+        ds = load_dataset(str(root))
+    assert ds.classes == ["class0", "class1", "linked"] and len(ds) == 7
+    assert sorted(ds.paths)[-1].startswith(str(root / "linked"))
+    assert "alias" in str(record[0].message)
+    os.symlink(tmp_path / "nowhere.png", root / "class0" / "broken.png")
+    with pytest.raises(FileFormatError, match="broken.png"), pytest.warns(UserWarning):
+        load_dataset(str(root))
 
 
 def test_non_utf8_file_names(tmp_path):

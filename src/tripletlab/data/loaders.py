@@ -71,11 +71,39 @@ def load_digits_dataset() -> Dataset:
 # -------------------------------------------------------------------------------------- images
 
 
-def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[str]]:
-    """(files, class names, skipped non-image files), walking without following symlinked dirs."""
-    files, labels, other = [], [], []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(files, class names, non-image files, ignored folders), in sorted order.
+
+    Hidden files and folders (``.name``) are ignored. Symlinked folders are followed when they
+    point outside ROOT; every folder is read at most once (by device and inode), and links back
+    into ROOT are ignored, so loops end and no image is read under two names.
+    """
+    files, labels, other, ignored_links = [], [], [], []
+    real_root = os.path.realpath(root)
+    st = os.stat(root)
+    seen: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            full = os.path.join(dirpath, d)
+            try:
+                st = os.stat(full)
+            except OSError:  # broken link, or unreadable
+                ignored_links.append(full)
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen or (os.path.islink(full) and _inside(os.path.realpath(full), real_root)):
+                ignored_links.append(full)  # a loop, or a folder reached a second way
+                continue
+            seen.add(key)
+            keep.append(d)
+        dirnames[:] = keep
         rel = os.path.relpath(dirpath, root)
         for fn in sorted(filenames):
             full = os.path.join(dirpath, fn)
@@ -89,7 +117,7 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[str]]:
                 labels.append(_display(rel).replace(os.sep, "/"))
             else:
                 other.append(full)
-    return files, labels, other
+    return files, labels, other, ignored_links
 
 
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
@@ -180,7 +208,13 @@ def load_image_files(
 
 
 def load_image_folder(root: Path, image_size=None, grayscale=None, skip_bad=False) -> Dataset:
-    files, labels, other = _scan_image_folder(root)
+    files, labels, other, ignored_links = _scan_image_folder(root)
+    if ignored_links:
+        warnings.warn(
+            f"ignored {len(ignored_links)} folders under {_display(root)} reached again "
+            f"through a symlink, or broken links (e.g. {_display(ignored_links[0])})",
+            stacklevel=3,
+        )
     if other:
         msg = (
             f"{len(other)} files in {_display(root)} are not images in a class folder "
