@@ -180,8 +180,26 @@ def test_vector_files(tmp_path):
     ds = load_dataset(str(tmp_path / "v.csv"))
     assert ds.classes == ["cat", "dog"] and ds.x.shape == (3, 2)
     (tmp_path / "nolabel.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(FileFormatError, match="label"):
+    with pytest.raises(FileFormatError, match="nolabel.csv: no 'label' column"):
         load_dataset(str(tmp_path / "nolabel.csv"))
+    for name, text, match in [
+        ("onlylabel.csv", "label\na\nb\n", "non-empty 2-D"),
+        ("header.csv", "a,label\n", "no data rows"),
+        ("ragged.csv", "a,b,label\n1,2,x\n3,y\n", "differing numbers of columns"),
+        ("text.csv", "a,label\nhello,x\n", "non-numeric"),
+    ]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(FileFormatError, match=match):
+            load_dataset(str(tmp_path / name))
+    np.save(tmp_path / "flat.npy", np.zeros(5))
+    with pytest.raises(FileFormatError, match=r"flat.npy: expected shape \(N, D\+1\)"):
+        load_dataset(str(tmp_path / "flat.npy"))
+    np.savez(tmp_path / "names.npz", embeddings=x[:3], labels=np.array(["b", "a", "b"]))
+    named = load_dataset(str(tmp_path / "names.npz"))
+    assert named.classes == ["a", "b"] and named.y.tolist() == [1, 0, 1]
+    np.savez(tmp_path / "nokeys.npz", a=x)
+    with pytest.raises(FileFormatError, match="nokeys.npz: needs arrays"):
+        load_dataset(str(tmp_path / "nokeys.npz"))
     xn = x.copy()
     xn[2, 1] = np.nan
     np.savez(tmp_path / "nan.npz", x=xn, y=y)

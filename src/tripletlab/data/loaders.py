@@ -322,7 +322,7 @@ def load_idx_dir(root: Path) -> Dataset:
 
 
 def _vectors(x: np.ndarray, y: np.ndarray, path: Path) -> Dataset:
-    if x.ndim != 2 or x.shape[0] == 0:
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise FileFormatError(f"{path}: features must be a non-empty 2-D array, got {x.shape}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise FileFormatError(f"{path}: {x.shape[0]} rows but labels of shape {y.shape}")
@@ -384,6 +384,8 @@ def load_vector_file(path: Path) -> Dataset:
                 raise FileFormatError(f"{path}: no 'label' column in the header {header[:8]}")
             li = header.index("label")
             body = [r for r in rows[1:] if r]
+            if not body:
+                raise FileFormatError(f"{path} has a header but no data rows")
             if any(len(r) != len(header) for r in body):
                 raise FileFormatError(f"{path}: rows have differing numbers of columns")
             try:
