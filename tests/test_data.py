@@ -228,6 +228,36 @@ def test_splits_are_seeded_disjoint_and_reproducible():
         split_dataset(ds, by="class", test_classes=["x"])
 
 
+def test_sample_split_is_stratified_json_roundtrips_and_warns_on_single_item_classes():
+    import json
+
+    y = torch.tensor([0] * 8 + [1] * 12 + [2] * 2)
+    ds = Dataset(
+        x=torch.rand(22, 3), y=y, classes=["a", "b", "c"], paths=None, kind="vector", name="t"
+    )
+    with pytest.warns(UserWarning, match="1 test classes have a single item"):
+        tr, te, info = split_dataset(ds, by="sample", test_fraction=0.25, seed=1)
+    assert torch.bincount(te.y).tolist() == [2, 3, 1]  # per class, at least one left to train
+    assert torch.bincount(tr.y).tolist() == [6, 9, 1]
+    info2 = json.loads(json.dumps(info))
+    with pytest.warns(UserWarning):
+        tr2, te2 = apply_split(ds, info2)
+    assert torch.equal(te2.x, te.x) and torch.equal(tr2.x, tr.x)
+    with pytest.raises(InputError, match="made for 22 items"):
+        apply_split(ds.subset(range(20)), info2)
+    with pytest.raises(InputError, match="unknown split"):
+        split_dataset(ds, by="random")
+    with pytest.raises(InputError, match="no predefined"):
+        split_dataset(ds, by="predefined")
+
+
+def test_test_classes_may_name_a_folder_of_classes(tmp_path):
+    root = make_image_folder(tmp_path / "alph", n_classes=4, per_class=2, nested=True)
+    _, te, info = split_dataset(load_dataset(str(root)), by="class", test_classes=["group1"])
+    assert info["test_classes"] == ["group1/class1", "group1/class3"] and len(te) == 4
+    assert info["train_classes"] == ["group0/class0", "group0/class2"]
+
+
 def test_class_split_by_ratio_in_sorted_order(tmp_path):
     root = tmp_path / "ids"
     for i in range(1, 13):  # s1..s12: natural order puts s10..s12 last, not s9
