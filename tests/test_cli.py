@@ -206,3 +206,18 @@ def test_no_eval_trains_on_all_training_items_and_skips_evaluation(tmp_path, cap
     # the model is still usable; verify needs an explicit threshold
     assert main(["eval", "--model", str(run), "--json"]) == 0
     assert "retrieval" in json.loads(capsys.readouterr().out)
+
+
+def test_class_split_by_sorted_ratio_overrides_a_config_list(tmp_path, capsys):
+    data = tmp_path / "ids"
+    for i in range(1, 9):  # s1..s8, one class each; natural order puts s7, s8 last
+        make_image_folder(data / f"s{i}", n_classes=1, per_class=4, size=(8, 8), seed=i)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"test_classes": ["s1"], "val_fraction": 0.0}))
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--config", str(cfg), "--out", str(run), "--p", "3"]
+    extra = ["--test-classes", "", "--test-fraction", "0.25", "--class-order", "sorted"]
+    assert main([*args, *extra, "--no-eval", *FAST]) == 0
+    split = json.loads((run / "split.json").read_text())["test"]
+    assert split["test_classes"] == ["s7/class0", "s8/class0"]
+    assert split["class_order"] == "sorted"

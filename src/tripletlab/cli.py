@@ -249,9 +249,9 @@ def _cmd_train(args) -> int:
     ]
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if "test_classes" in overrides:
-        overrides["test_classes"] = [
-            c.strip() for c in overrides["test_classes"].split(",") if c.strip()
-        ]
+        # an empty list (--test-classes "") clears a config file's list: --test-fraction decides
+        names = [c.strip() for c in overrides["test_classes"].split(",") if c.strip()]
+        overrides["test_classes"] = names or None
         overrides.setdefault("split_by", "class")
     if args.resume:
         from .train import _read_json

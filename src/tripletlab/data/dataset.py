@@ -119,14 +119,14 @@ def split_dataset(
 
     ``split_info`` is JSON-serialisable; :func:`apply_split` reproduces the split from it.
     """
-    if not 0.0 < test_fraction < 1.0 and test_classes is None and by != "predefined":
+    if not 0.0 < test_fraction < 1.0 and not test_classes and by != "predefined":
         raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if class_order not in ("random", "sorted"):
         raise InputError(f"class_order must be 'random' or 'sorted', got {class_order!r}")
     info: dict = {"by": by, "seed": int(seed), "test_fraction": float(test_fraction)}
     if by == "class":
         present = sorted({ds.classes[i] for i in ds.y.unique().tolist()}, key=natural_key)
-        if test_classes is not None:
+        if test_classes:  # None or [] -> test_fraction decides
             # an entry names a class, or a folder of classes ("Latin" = "Latin/character01", ...)
             def matches(c: str, t: str) -> bool:
                 return c == t or c.startswith(t.rstrip("/") + "/")
