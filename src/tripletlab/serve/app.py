@@ -190,8 +190,13 @@ class _Metrics:
 
 
 class _MetricsMiddleware:
-    def __init__(self, app, metrics: _Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: _Metrics, routes) -> None:
+        self.app, self.metrics, self._routes, self._known = app, metrics, routes, None
+
+    def known_paths(self) -> set:
+        if self._known is None:
+            self._known = {getattr(r, "path", None) for r in self._routes}
+        return self._known
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -209,7 +214,9 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "(unmatched)"
+            path = getattr(route, "path", None)
+            if path is None:  # rejected before routing (e.g. by the body limit)
+                path = scope["path"] if scope["path"] in self.known_paths() else "(unmatched)"
             self.metrics.record(scope["method"], path, status, time.perf_counter() - t0)
 
 
@@ -320,6 +327,8 @@ def create_app(
             405: "method_not_allowed",
             409: "conflict",
             413: "request_too_large",
+            415: "unsupported_media_type",
+            422: "invalid_request",
         }.get(e.status_code, "bad_request")
         headers = getattr(e, "headers", None)
         return JSONResponse(_err(code, str(e.detail)), status_code=e.status_code, headers=headers)
@@ -351,7 +360,7 @@ def create_app(
         return JSONResponse(_err("internal", f"{type(e).__name__}: {e}"), status_code=500)
 
     app.add_middleware(_BodyLimit, max_bytes=s.max_upload_bytes)
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    app.add_middleware(_MetricsMiddleware, metrics=metrics, routes=app.router.routes)
 
     # -------------------------------------------------------------- auth
     bearer = HTTPBearer(auto_error=False, description="--token (all routes) or --read-token")
