@@ -461,3 +461,92 @@ def test_enrolments_survive_sigkill(env, tmp_path):
             s2.stop()
     finally:
         s.stop()
+
+
+# ------------------------------------------------------------------------- the page
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+]
+
+
+def test_page_in_headless_chromium_on_a_phone_sized_window(env, server, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (dev extra)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    drv = shutil.which("chromedriver")
+    if exe is None or drv is None:
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = exe
+    for f in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=390,844"]:
+        opts.add_argument(f)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=drv))
+    driver.set_page_load_timeout(60)
+    wait = WebDriverWait(driver, 60)
+    enrolled: list[int] = []
+    try:
+        driver.get(server.url + "/")
+        driver.execute_script("localStorage.setItem('tripletlab-token', arguments[0])", TOKEN)
+        driver.refresh()
+        wait.until(lambda d: "gallery 70" in d.find_element(By.ID, "model-info").text)
+        # search: pick a query photo; five result cards with thumbnails, green or red
+        inp = driver.find_element(By.ID, "search-file")
+        driver.execute_script("arguments[0].hidden = false", inp)
+        inp.send_keys(str(env["queries"][0]))
+        wait.until(lambda d: d.find_element(By.ID, "results").get_attribute("data-state") == "done")
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
+        assert len(cards) == 5
+        expected = post_image(server.url, "/search", env["queries"][0], k=5).json()["neighbours"]
+        assert [int(c.get_attribute("data-id")) for c in cards] == [h["id"] for h in expected]
+        for c, h in zip(cards, expected, strict=True):
+            assert ("nomatch" if not h["match"] else "match") in c.get_attribute("class").split()
+            assert h["label"] in c.text
+        wait.until(
+            lambda d: all(
+                d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
+                for i in d.find_elements(By.CSS_SELECTOR, "#results img")
+            )
+        )
+        assert driver.find_element(By.ID, "identify").text.strip()
+        driver.execute_script("arguments[0].hidden = true", inp)
+        png = driver.get_screenshot_as_png()
+        if os.environ.get("TRIPLETLAB_SCREENSHOT"):  # docs/serve-page.png is made this way
+            Path(os.environ["TRIPLETLAB_SCREENSHOT"]).write_bytes(png)
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+        assert pixels.std() > 20  # not a blank page
+        assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 50  # photos, not just text
+        # verify two photos of the same person
+        driver.find_element(By.ID, "verify-a").send_keys(str(env["queries"][0]))
+        driver.find_element(By.ID, "verify-b").send_keys(str(env["queries"][1]))
+        driver.find_element(By.ID, "verify-btn").click()
+        wait.until(lambda d: "distance" in d.find_element(By.ID, "verify-result").text)
+        assert driver.find_element(By.ID, "verify-result").text.split()[0] in ("SAME", "DIFFERENT")
+        # enrol a photo under a label
+        driver.find_element(By.ID, "enrol-files").send_keys(str(env["queries"][2]))
+        driver.find_element(By.ID, "enrol-label").send_keys("browser-enrolled")
+        driver.find_element(By.ID, "enrol-btn").click()
+        wait.until(lambda d: "enrolled 1 image" in d.find_element(By.ID, "enrol-result").text)
+        listing = httpx.get(server.url + "/gallery", params={"limit": 1000}, headers=AUTH).json()
+        enrolled = [it["id"] for it in listing["items"] if it["label"] == "browser-enrolled"]
+        assert len(enrolled) == 1
+        # usable at phone width: nothing wider than the window
+        width = driver.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth]"
+        )
+        assert width[0] <= width[1], width
+    finally:
+        driver.quit()
+        for i in enrolled:
+            httpx.delete(f"{server.url}/gallery/{i}", headers=AUTH)
