@@ -10,7 +10,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -568,11 +567,11 @@ def create_app(
     @app.post("/search", tags=["model"], dependencies=Read)
     async def search(
         image: Annotated[UploadFile, File(description="the query image")],
-        k: Annotated[int, Form(description="neighbours to return")] = 5,
+        k: Annotated[int | None, Form(description="neighbours to return (5)")] = None,
     ) -> dict:
         """The k nearest gallery items of a query image: id, label, path, distance and whether
         the distance passes the verification threshold (`match`)."""
-        check_k(k)
+        k = check_k(min(5, s.max_k) if k is None else k)
         ((im, _),) = await read_images([image], "image")
         if len(store) == 0:
             raise HTTPException(409, "the gallery is empty: enrol images with POST /gallery")
@@ -687,36 +686,40 @@ def create_app(
         fut = asyncio.get_running_loop().create_future()
         await writes["queue"].put((item_id, fut))
         r = await fut
+        thumbs.pop(item_id, None)
         if isinstance(r, KeyError):
             raise HTTPException(404, f"no gallery item with id {item_id}")
         if isinstance(r, Exception):
             raise HTTPException(422, str(r))
         return {"deleted": item_id, "gallery_size": len(store)}
 
-    thumbs: dict[tuple[int, str], bytes] = {}
+    thumbs: dict[int, bytes] = {}
 
     @app.get("/gallery/{item_id}/image", tags=["gallery"], dependencies=Read)
     async def gallery_image(item_id: int) -> Response:
         """A PNG thumbnail of a gallery item's image (when its file is readable)."""
-        try:
-            path = store.path_of(item_id)
-        except KeyError:
-            raise HTTPException(404, f"no gallery item with id {item_id}") from None
-        if not path or not os.path.isfile(path):
-            raise HTTPException(404, f"gallery item {item_id} has no image file")
-        key = (item_id, path)
-        if key not in thumbs:
+        if item_id not in thumbs:
 
-            def make() -> bytes:
-                with open(path, "rb") as f:
-                    im = decode_image(f.read(), s.max_pixels, Path(path).name)
+            def make() -> bytes | None:
+                data = store.image_bytes(item_id)
+                if data is None:
+                    return None
+                im = decode_image(data, s.max_pixels, f"gallery item {item_id}")
                 return thumbnail_png(im, s.thumbnail_size)
 
+            try:
+                png = await run_in_threadpool(make)
+            except KeyError:
+                raise HTTPException(404, f"no gallery item with id {item_id}") from None
+            if png is None:
+                raise HTTPException(404, f"gallery item {item_id} has no image file")
             if len(thumbs) > 4096:
                 thumbs.clear()
-            thumbs[key] = await run_in_threadpool(make)
+            thumbs[item_id] = png
         return Response(
-            thumbs[key], media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+            thumbs[item_id],
+            media_type="image/png",
+            headers={"Cache-Control": "private, max-age=3600"},
         )
 
     return app

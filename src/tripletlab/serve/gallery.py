@@ -105,6 +105,7 @@ class GalleryStore:
         else:
             self.images_dir = None
         self.version = 0
+        self._memory_images: dict[int, bytes] = {}  # enrolled images of an in-memory gallery
 
     def __len__(self) -> int:
         return len(self.index)
@@ -137,11 +138,18 @@ class GalleryStore:
         with self.lock:
             return self.describe(self.index.ids[offset : offset + limit])
 
-    def path_of(self, item_id: int) -> str | None:
+    def image_bytes(self, item_id: int) -> bytes | None:
+        """The stored image file of an item (``None`` without one); KeyError for unknown ids."""
         with self.lock:
             if not (self.index.ids == item_id).any():
                 raise KeyError(item_id)
-            return self.index.paths_of([item_id])[0]
+            if item_id in self._memory_images:
+                return self._memory_images[item_id]
+            path = self.index.paths_of([item_id])[0]
+        if not path or not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            return f.read()
 
     # ------------------------------------------------------------------ writes
     def apply(self, changes: list) -> list:
@@ -188,6 +196,8 @@ class GalleryStore:
             path = str(p.resolve())
         new_id = int(self.index.ids.max()) + 1 if len(self.index) else 0
         self.index.add(e.embedding[None], labels=np.array([lab]), paths=[path], ids=[new_id])
+        if e.data is not None and self.images_dir is None:
+            self._memory_images[new_id] = e.data
         return new_id
 
     def _persist(self) -> None:
