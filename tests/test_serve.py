@@ -108,10 +108,25 @@ def env(tmp_path_factory):
     run = base / "run"
     with redirect_stdout(io.StringIO()):
         rc = main(
-            ["train", "--data", str(att), "--config", "att_faces", "--steps", "30",
-             "--image-size", "28", "23", "--threads", "1", "--no-report", "--quiet",
-             "--out", str(run)]
-        )  # fmt: skip
+            [
+                "train",
+                "--data",
+                str(att),
+                "--config",
+                "att_faces",
+                "--steps",
+                "30",
+                "--image-size",
+                "28",
+                "23",
+                "--threads",
+                "1",
+                "--no-report",
+                "--quiet",
+                "--out",
+                str(run),
+            ]
+        )
     assert rc == 0
     gallery, queries = base / "gallery", []
     for i in range(31, 41):
@@ -132,11 +147,19 @@ def server(env):
     live = env["base"] / "live-index"
     shutil.copytree(env["index"], live)
     s = Server(
-        ["--model", str(env["run"]), "--index", str(live), "--threads", "1",
-         "--max-upload-mb", "1"],
+        [
+            "--model",
+            str(env["run"]),
+            "--index",
+            str(live),
+            "--threads",
+            "1",
+            "--max-upload-mb",
+            "1",
+        ],
         env["base"] / "server.log",
         env={"TRIPLETLAB_TOKEN": TOKEN, "TRIPLETLAB_READ_TOKEN": READ_TOKEN},
-    )  # fmt: skip
+    )
     yield s
     s.stop()
 
@@ -152,9 +175,18 @@ def post_image(url: str, route: str, path: Path, headers=AUTH, **data) -> httpx.
 def test_search_verify_identify_equal_the_cli(env, server):
     queries = env["queries"][::3]  # one photo of each person
     cli = cli_json(
-        ["search", "--model", str(env["run"]), "--index", str(env["index"]), "-k", "5", "--json",
-         *map(str, queries)]
-    )  # fmt: skip
+        [
+            "search",
+            "--model",
+            str(env["run"]),
+            "--index",
+            str(env["index"]),
+            "-k",
+            "5",
+            "--json",
+            *map(str, queries),
+        ]
+    )
     thr = json.loads((env["run"] / "eval.json").read_text())["threshold"]
     for q, expected in zip(queries, cli, strict=True):
         r = post_image(server.url, "/search", q, k=5)
@@ -164,9 +196,10 @@ def test_search_verify_identify_equal_the_cli(env, server):
         assert [h["label"] for h in got] == [h["label"] for h in expected["neighbours"]]
         assert [h["path"] for h in got] == [h["path"] for h in expected["neighbours"]]
         np.testing.assert_allclose(
-            [h["distance"] for h in got], [h["distance"] for h in expected["neighbours"]],
+            [h["distance"] for h in got],
+            [h["distance"] for h in expected["neighbours"]],
             atol=1e-6,
-        )  # fmt: skip
+        )
         assert all(h["match"] == (h["distance"] <= thr) for h in got)
         who = post_image(server.url, "/identify", q).json()
         best = got[0]
@@ -193,8 +226,20 @@ def test_embed_equals_cli_embed(env, server, tmp_path):
     for p in picks:
         shutil.copy(p, folder / p.name)
     with redirect_stdout(io.StringIO()):
-        assert main(["embed", "--model", str(env["run"]), "--data", str(folder.parent),
-                     "--out", str(tmp_path / "e.npz")]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "embed",
+                    "--model",
+                    str(env["run"]),
+                    "--data",
+                    str(folder.parent),
+                    "--out",
+                    str(tmp_path / "e.npz"),
+                ]
+            )
+            == 0
+        )
     ref = np.load(tmp_path / "e.npz")
     order = [Path(p).name for p in ref["paths"]]
     files = [("images", (n, (folder / n).read_bytes())) for n in order]
@@ -203,8 +248,12 @@ def test_embed_equals_cli_embed(env, server, tmp_path):
     np.testing.assert_allclose(np.asarray(r.json()["embeddings"]), ref["embeddings"], atol=1e-5)
     # raw model inputs as JSON vectors give the same embeddings as the decoded images
     x = np.asarray(Image.open(folder / order[0]).resize((23, 28), Image.BILINEAR), np.float32)
-    r = httpx.post(server.url + "/embed", json={"vectors": [(x / 255)[None].tolist()]},
-                   headers=AUTH, timeout=60)  # fmt: skip
+    r = httpx.post(
+        server.url + "/embed",
+        json={"vectors": [(x / 255)[None].tolist()]},
+        headers=AUTH,
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["embeddings"][0], ref["embeddings"][0], atol=1e-5)
 
@@ -226,8 +275,19 @@ def test_gallery_enrol_list_thumbnail_delete(env, server):
     # the index on disk verifies and the CLI finds the enrolled photo first
     live = env["base"] / "live-index"
     assert len(EmbeddingIndex.load(live)) == 72
-    hit = cli_json(["search", "--model", str(env["run"]), "--index", str(live), "-k", "1",
-                    "--json", str(new[0])])[0]["neighbours"][0]  # fmt: skip
+    hit = cli_json(
+        [
+            "search",
+            "--model",
+            str(env["run"]),
+            "--index",
+            str(live),
+            "-k",
+            "1",
+            "--json",
+            str(new[0]),
+        ]
+    )[0]["neighbours"][0]
     assert hit["id"] == ids[0] and hit["label"] == "alice" and hit["distance"] < 1e-5
     # thumbnails are PNGs (of PGM files from `tripletlab index` and of uploads alike)
     for i in (0, ids[0]):
@@ -269,52 +329,75 @@ def test_bad_requests_get_4xx_json_and_the_server_stays_up(env, server):
     assert struct.unpack(">II", bomb[16:24]) == (20000, 20000)  # IHDR width, height
     u = server.url
     cases = {
-        "not an image": lambda: httpx.post(u + "/search", files={"image": ("a.png", b"hello")},
-                                           headers=AUTH),
+        "not an image": lambda: httpx.post(
+            u + "/search", files={"image": ("a.png", b"hello")}, headers=AUTH
+        ),
         "truncated image": lambda: httpx.post(
-            u + "/search", files={"image": ("t.png", png[: len(png) // 2])}, headers=AUTH),
-        "empty file": lambda: httpx.post(u + "/search", files={"image": ("e.png", b"")},
-                                         headers=AUTH),
-        "decompression bomb": lambda: httpx.post(u + "/search", files={"image": ("b.png", bomb)},
-                                                 headers=AUTH),
+            u + "/search", files={"image": ("t.png", png[: len(png) // 2])}, headers=AUTH
+        ),
+        "empty file": lambda: httpx.post(
+            u + "/search", files={"image": ("e.png", b"")}, headers=AUTH
+        ),
+        "decompression bomb": lambda: httpx.post(
+            u + "/search", files={"image": ("b.png", bomb)}, headers=AUTH
+        ),
         "above the size limit": lambda: httpx.post(
-            u + "/search", files={"image": ("big.png", os.urandom(1_500_000))}, headers=AUTH),
+            u + "/search", files={"image": ("big.png", os.urandom(1_500_000))}, headers=AUTH
+        ),
         "k not an integer": lambda: httpx.post(
-            u + "/search", files={"image": ("q.pgm", good)}, data={"k": "five"}, headers=AUTH),
-        "image sent as text": lambda: httpx.post(u + "/search", data={"image": "x", "k": "3"},
-                                                 headers=AUTH),
+            u + "/search", files={"image": ("q.pgm", good)}, data={"k": "five"}, headers=AUTH
+        ),
+        "image sent as text": lambda: httpx.post(
+            u + "/search", data={"image": "x", "k": "3"}, headers=AUTH
+        ),
         "k = 0": lambda: post_image(u, "/search", q, k=0),
         "k < 0": lambda: post_image(u, "/search", q, k=-3),
         "k huge": lambda: post_image(u, "/search", q, k=10**9),
         "k overflow": lambda: post_image(u, "/search", q, k="9" * 40),
         "verify with one image": lambda: httpx.post(
-            u + "/verify", files={"image_a": ("a.pgm", good)}, headers=AUTH),
+            u + "/verify", files={"image_a": ("a.pgm", good)}, headers=AUTH
+        ),
         "vectors of the wrong shape": lambda: httpx.post(
-            u + "/embed", json={"vectors": [[1.0, 2.0]]}, headers=AUTH),
+            u + "/embed", json={"vectors": [[1.0, 2.0]]}, headers=AUTH
+        ),
         "vectors not numbers": lambda: httpx.post(
-            u + "/embed", json={"vectors": [["a"]]}, headers=AUTH),
+            u + "/embed", json={"vectors": [["a"]]}, headers=AUTH
+        ),
         "embed as plain text": lambda: httpx.post(u + "/embed", content=b"x", headers=AUTH),
-        "label missing": lambda: httpx.post(u + "/gallery", files={"images": ("a.pgm", good)},
-                                            headers=AUTH),
+        "label missing": lambda: httpx.post(
+            u + "/gallery", files={"images": ("a.pgm", good)}, headers=AUTH
+        ),
         "delete a non-integer id": lambda: httpx.delete(u + "/gallery/abc", headers=AUTH),
         "missing token": lambda: post_image(u, "/search", q, headers={}),
         "wrong token": lambda: post_image(u, "/search", q, headers={"Authorization": "Bearer x"}),
         "missing token on a write": lambda: httpx.post(
-            u + "/gallery", files={"images": ("a.pgm", good)}, data={"label": "x"}),
+            u + "/gallery", files={"images": ("a.pgm", good)}, data={"label": "x"}
+        ),
         "read-only token on a write route": lambda: httpx.post(
-            u + "/gallery", files={"images": ("a.pgm", good)}, data={"label": "x"},
-            headers={"Authorization": f"Bearer {READ_TOKEN}"}),
+            u + "/gallery",
+            files={"images": ("a.pgm", good)},
+            data={"label": "x"},
+            headers={"Authorization": f"Bearer {READ_TOKEN}"},
+        ),
         "read-only token on delete": lambda: httpx.delete(
-            u + "/gallery/0", headers={"Authorization": f"Bearer {READ_TOKEN}"}),
+            u + "/gallery/0", headers={"Authorization": f"Bearer {READ_TOKEN}"}
+        ),
         "unknown route": lambda: httpx.get(u + "/nope", headers=AUTH),
-    }  # fmt: skip
+    }
     expected = {
-        "decompression bomb": 413, "above the size limit": 413, "missing token": 401,
-        "wrong token": 401, "missing token on a write": 401,
-        "read-only token on a write route": 403, "read-only token on delete": 403,
-        "unknown route": 404, "embed as plain text": 415, "not an image": 400,
-        "truncated image": 400, "empty file": 400,
-    }  # fmt: skip
+        "decompression bomb": 413,
+        "above the size limit": 413,
+        "missing token": 401,
+        "wrong token": 401,
+        "missing token on a write": 401,
+        "read-only token on a write route": 403,
+        "read-only token on delete": 403,
+        "unknown route": 404,
+        "embed as plain text": 415,
+        "not an image": 400,
+        "truncated image": 400,
+        "empty file": 400,
+    }
     for name, call in cases.items():
         r = call()
         assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
@@ -345,10 +428,18 @@ def test_load_16_clients_torch_and_onnx(env, server):
     m = httpx.get(server.url + "/metrics", headers=AUTH).json()
     assert m["batching"]["mean_batch"] > 1  # concurrent requests shared model calls
     onnx = Server(
-        ["--model", str(env["run"]), "--index", str(env["index"]), "--runtime", "onnx",
-         "--threads", "1"],
+        [
+            "--model",
+            str(env["run"]),
+            "--index",
+            str(env["index"]),
+            "--runtime",
+            "onnx",
+            "--threads",
+            "1",
+        ],
         env["base"] / "server-onnx.log",
-    )  # fmt: skip
+    )
     try:
         onnx_r = run_load(onnx.url, images, clients=16, requests=10, timeout_s=60)
         assert onnx_r["errors"] == 0, onnx_r["first_errors"]
@@ -356,8 +447,9 @@ def test_load_16_clients_torch_and_onnx(env, server):
         a = post_image(server.url, "/search", q, k=5).json()["neighbours"]
         b = post_image(onnx.url, "/search", q, headers={}, k=5).json()["neighbours"]
         assert [h["id"] for h in a] == [h["id"] for h in b]
-        np.testing.assert_allclose([h["distance"] for h in a], [h["distance"] for h in b],
-                                   atol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(
+            [h["distance"] for h in a], [h["distance"] for h in b], atol=1e-4
+        )
         info = httpx.get(onnx.url + "/info").json()
         assert info["runtime"] == "onnx"
     finally:
@@ -374,8 +466,20 @@ def test_onnx_export_matches_torch_on_real_images(env, tmp_path):
     out = tmp_path / "model.onnx"
     buf = io.StringIO()
     with redirect_stdout(buf):
-        rc = main(["export", "--model", str(env["run"]), "--format", "onnx", "--out", str(out),
-                   "--check-data", str(env["gallery"]), "--json"])  # fmt: skip
+        rc = main(
+            [
+                "export",
+                "--model",
+                str(env["run"]),
+                "--format",
+                "onnx",
+                "--out",
+                str(out),
+                "--check-data",
+                str(env["gallery"]),
+                "--json",
+            ]
+        )
     assert rc == 0, buf.getvalue()
     check = json.loads(buf.getvalue().split("\n", 1)[1])
     assert check["ok"] and check["max_abs_diff"] <= 1e-4 and check["n_images"] >= 60
@@ -387,8 +491,9 @@ def test_onnx_export_matches_torch_on_real_images(env, tmp_path):
         json.loads((env["run"] / "eval.json").read_text())["threshold"]
     )
     # dynamic batch: 1 and 30 images in one call, every query photo
-    r = compare_onnx(env["run"], out, [str(p) for p in env["queries"]], repeats=2,
-                     batch_sizes=(1, 30))  # fmt: skip
+    r = compare_onnx(
+        env["run"], out, [str(p) for p in env["queries"]], repeats=2, batch_sizes=(1, 30)
+    )
     assert r["n_images"] == 30 and r["max_abs_diff"] <= 1e-4
     # an ONNX file from another run is refused
     other = tmp_path / "other"
@@ -420,8 +525,13 @@ def test_enrolments_survive_sigkill(env, tmp_path):
     def enrol(i: int):
         p = photos[i % len(photos)]
         label = f"{p.parent.name}-{i}"
-        r = httpx.post(s.url + "/gallery", files={"images": (p.name, p.read_bytes())},
-                       data={"label": label}, headers=AUTH, timeout=60)  # fmt: skip
+        r = httpx.post(
+            s.url + "/gallery",
+            files={"images": (p.name, p.read_bytes())},
+            data={"label": label},
+            headers=AUTH,
+            timeout=60,
+        )
         return label, r
 
     try:

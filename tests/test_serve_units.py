@@ -127,10 +127,28 @@ def tiny_run(tmp_path_factory):
     run = base / "run"
     with redirect_stdout(io.StringIO()):
         rc = main(
-            ["train", "--data", str(data), "--out", str(run), "--steps", "5", "--p", "3",
-             "--k", "3", "--test-classes", "class4,class5", "--embedding-dim", "8", "--quiet",
-             "--no-report", "--threads", "1"]
-        )  # fmt: skip
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--steps",
+                "5",
+                "--p",
+                "3",
+                "--k",
+                "3",
+                "--test-classes",
+                "class4,class5",
+                "--embedding-dim",
+                "8",
+                "--quiet",
+                "--no-report",
+                "--threads",
+                "1",
+            ]
+        )
     assert rc == 0
     return run, data
 
