@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             r["runtime"], r["mean_batch"] = rt, m["mean_batch"]
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
+        n_gallery = sum(not f.is_dir() for f in gallery.rglob("*"))
         print(
-            f"gallery {sum(not f.is_dir() for f in gallery.rglob('*'))} items; {len(queries)} query photos; "
+            f"gallery {n_gallery} items; {len(queries)} query photos; "
             f"{args.clients} clients x {args.requests} searches (k=5), {args.threads} thread(s)"
         )
         print("| runtime | requests | errors | p50 ms | p99 ms | throughput req/s | mean batch |")
