@@ -742,8 +742,9 @@ def _cmd_serve(args) -> int:
             file=sys.stderr,
         )
     emb = app.state.embedder
+    rt = getattr(emb, "runtime", "torch")
     print(
-        f"serving {args.model} ({emb.runtime}, {emb.distance}, threshold {emb.threshold}) with "
+        f"serving {args.model} ({rt}, {emb.distance}, threshold {emb.threshold}) with "
         f"a gallery of {len(app.state.store)} items on http://{args.host}:{args.port}/",
         flush=True,
     )

@@ -258,7 +258,8 @@ def create_app(
         else model
     )
     threshold = s.threshold if s.threshold is not None else embedder.threshold
-    store = GalleryStore(index, embedder.dim, embedder.distance, embedder.fingerprint)
+    runtime_name = getattr(embedder, "runtime", "torch")
+    store = GalleryStore(index, embedder.embedding_dim, embedder.distance, embedder.fingerprint)
     batcher = BatchQueue(
         {
             "images": embedder.embed_images,
@@ -413,15 +414,6 @@ def create_app(
     async def embed_images(images: list) -> np.ndarray:
         return await batcher.submit("images", images)
 
-    def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        import torch
-
-        from ..distances import paired_distance
-
-        with torch.no_grad():
-            d = paired_distance(torch.from_numpy(a), torch.from_numpy(b), embedder.distance)
-        return d.numpy().astype(np.float64)
-
     def hits(dist: np.ndarray, ids: np.ndarray) -> list[dict]:
         out = []
         for rank, (d, item) in enumerate(zip(dist, store.describe(ids), strict=True), start=1):
@@ -458,9 +450,9 @@ def create_app(
         """The model, its threshold and this server's limits (used by the page)."""
         return {
             "model": embedder.run_dir.name,
-            "runtime": embedder.runtime,
+            "runtime": runtime_name,
             "input_shape": embedder.input_shape,
-            "embedding_dim": embedder.dim,
+            "embedding_dim": embedder.embedding_dim,
             "distance": embedder.distance,
             "threshold": threshold,
             "threshold_info": embedder.threshold_info,
@@ -596,13 +588,14 @@ def create_app(
             )
         (a, _), (b, _) = await read_images([image_a, image_b], "image")
         e = await embed_images([a, b])
-        d = float(distance(e[:1], e[1:])[0])
+        d = float(embedder.distance_between(e[:1], e[1:])[0])
         ti = embedder.threshold_info or {}
+        far = ti.get("far", ti.get("far_at_threshold"))
         return {
             "distance": d,
             "same": d <= threshold,
             "threshold": threshold,
-            "far": ti.get("far"),
+            "far": far,
             "metric": embedder.distance,
             "threshold_info": embedder.threshold_info,
         }

@@ -28,7 +28,7 @@ class Embedder(Protocol):
 
     run_dir: Path
     input_shape: list[int]
-    dim: int
+    embedding_dim: int
     distance: str  # "cosine" or "euclidean": the index metric and the verification distance
     threshold: float | None
     threshold_info: dict | None
@@ -41,6 +41,10 @@ class Embedder(Protocol):
 
     def embed_vectors(self, x: np.ndarray) -> np.ndarray:
         """Embeddings (N, dim) float32 of raw model inputs (N, *input_shape)."""
+        ...
+
+    def distance_between(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Row-wise distances (N,) float64 in the run's distance."""
         ...
 
 
@@ -83,6 +87,19 @@ def _check_vectors(x, input_shape: list[int]) -> np.ndarray:
     if not np.isfinite(a).all():
         raise InputError("inputs contain NaN or Inf")
     return a
+
+
+def _distance_between(a: np.ndarray, b: np.ndarray, distance: str) -> np.ndarray:
+    import torch
+
+    from ..distances import paired_distance
+
+    ta = torch.from_numpy(np.atleast_2d(np.asarray(a, dtype=np.float64)))
+    tb = torch.from_numpy(np.atleast_2d(np.asarray(b, dtype=np.float64)))
+    if ta.shape != tb.shape:
+        raise InputError(f"pairs need equal shapes, got {tuple(ta.shape)} and {tuple(tb.shape)}")
+    with torch.no_grad():
+        return paired_distance(ta, tb, distance).numpy()
 
 
 def _run_metadata(run_dir: Path, cfg: dict) -> tuple[str, float | None, dict | None]:
@@ -134,7 +151,7 @@ class TorchEmbedder:
         self.device = device
         self.model.to(device).eval()
         self.input_shape = list(self.config["model"]["input_shape"])
-        self.dim = int(self.config["model"]["embedding_dim"])
+        self.embedding_dim = int(self.config["model"]["embedding_dim"])
         self.distance, self.threshold, self.threshold_info = _run_metadata(
             self.run_dir, self.config
         )
@@ -153,6 +170,9 @@ class TorchEmbedder:
 
     def embed_vectors(self, x: np.ndarray) -> np.ndarray:
         return self._forward(_check_vectors(x, self.input_shape))
+
+    def distance_between(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return _distance_between(a, b, self.distance)
 
 
 class OnnxEmbedder:
@@ -187,7 +207,7 @@ class OnnxEmbedder:
                 "(fingerprints differ); export it again with `tripletlab export`"
             )
         self.input_shape = list(meta["input_shape"])
-        self.dim = int(meta["embedding_dim"])
+        self.embedding_dim = int(meta["embedding_dim"])
         self.distance, self.threshold, self.threshold_info = _run_metadata(
             self.run_dir, self.config
         )
@@ -211,6 +231,9 @@ class OnnxEmbedder:
 
     def embed_vectors(self, x: np.ndarray) -> np.ndarray:
         return self._forward(_check_vectors(x, self.input_shape))
+
+    def distance_between(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return _distance_between(a, b, self.distance)
 
 
 def load_embedder(
