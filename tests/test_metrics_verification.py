@@ -65,6 +65,9 @@ def _check_against_bruteforce(m, d, same, fars=(1e-3, 1e-2)):
     lo = max(min(fa, 1 - ta) for ta, fa in rates)
     hi = min(max(fa, 1 - ta) for ta, fa in rates)
     assert lo - 1e-12 <= m["eer"] <= hi + 1e-12
+    # the error rates of the calibrated threshold itself
+    ta, fa = _rates(d, same, m["threshold"])
+    assert m["tar_at_threshold"] == pytest.approx(ta) and m["far_at_threshold"] == pytest.approx(fa)
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])

@@ -216,7 +216,9 @@ def test_search_verify_identify_equal_the_cli(env, server):
         assert v["threshold"] == pytest.approx(expected["threshold"])
         assert v["distance"] == pytest.approx(expected["pairs"][0]["distance"], abs=1e-6)
         assert v["same"] == expected["pairs"][0]["same"]
-        assert "far" in v and v["metric"] == expected["distance"]
+        assert v["metric"] == expected["distance"]
+        ver = json.loads((env["run"] / "eval.json").read_text())["verification"]
+        assert v["far"] == ver["far_at_threshold"] and 0 <= v["far"] < 1
 
 
 def test_embed_equals_cli_embed(env, server, tmp_path):
