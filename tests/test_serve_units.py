@@ -181,3 +181,30 @@ def test_app_in_process_with_an_in_memory_gallery(tiny_run):
         assert {"/search", "/verify", "/identify", "/embed", "/gallery", "/healthz"} <= set(
             schema["paths"]
         )
+
+
+def test_vector_model_export_and_embed_vectors(tmp_path):
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime (serve extra)")
+    from fastapi.testclient import TestClient
+
+    from tripletlab.export import export_onnx, read_onnx_metadata
+    from tripletlab.serve import create_app
+    from tripletlab.serve.engine import OnnxEmbedder, TorchEmbedder
+
+    run = tmp_path / "digits"
+    with redirect_stdout(io.StringIO()):
+        assert main(["train", "--steps", "5", "--out", str(run), "--quiet", "--no-report"]) == 0
+    out = export_onnx(run, tmp_path / "digits.onnx")
+    meta = read_onnx_metadata(out)
+    assert meta["input_shape"] == [64] and meta["preprocessing"]["dtype"] == "float32"
+    x = np.random.default_rng(0).random((7, 64)).astype(np.float32) * 16
+    ref = TorchEmbedder(run).embed_vectors(x)
+    np.testing.assert_allclose(OnnxEmbedder(run, out).embed_vectors(x), ref, atol=1e-4)
+    with TestClient(create_app(run)) as c:
+        r = c.post("/embed", json={"vectors": x.tolist()})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.asarray(r.json()["embeddings"]), ref, atol=1e-5)
+        img = io.BytesIO()
+        Image.new("L", (8, 8)).save(img, "PNG")
+        r = c.post("/embed", files={"images": ("a.png", img.getvalue())})
+        assert r.status_code == 422 and "vectors" in r.json()["error"]["message"]
