@@ -515,10 +515,14 @@ def create_app(
         },
     )
     async def embed(request: Request) -> dict:
-        """Embeddings of uploaded images (multipart field `images`, repeatable) or of raw model
-        inputs (JSON `{"vectors": [[...], ...]}`)."""
+        """Embeddings of uploaded images (multipart field `images`, repeatable; image models) or
+        of input vectors (JSON `{"vectors": [[...], ...]}`; vector models)."""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("application/json"):
+            if len(embedder.input_shape) == 3:
+                raise HTTPException(
+                    422, "this model takes images: send multipart/form-data with 'images'"
+                )
             try:
                 body = await request.json()
             except (ValueError, UnicodeDecodeError):
