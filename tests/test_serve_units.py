@@ -54,6 +54,18 @@ def test_gallery_persists_and_recovers_an_interrupted_swap(tmp_path):
         GalleryStore(d, dim=3, metric="cosine", fingerprint="fp")
 
 
+def test_gallery_refuses_a_directory_that_is_not_an_index(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="not an index directory"):
+        GalleryStore(tmp_path / "photos", dim=2, metric="cosine", fingerprint="fp")
+    assert (tmp_path / "photos" / "keep.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    s = GalleryStore(tmp_path / "empty", dim=2, metric="cosine", fingerprint="fp")
+    s.apply([Enrolment(vec(1, 0), "a")])
+    assert len(EmbeddingIndex.load(tmp_path / "empty")) == 1
+
+
 def test_gallery_failed_persist_reloads_from_disk(tmp_path, monkeypatch):
     d = tmp_path / "gal"
     s = GalleryStore(d, dim=2, metric="euclidean", fingerprint="fp")

@@ -85,6 +85,15 @@ class GalleryStore:
         self._write_lock = threading.Lock()  # serialises apply() (changes + persist)
         if self.directory is not None:
             recover_gallery(self.directory)
+            d = self.directory
+            if d.exists() and (
+                not d.is_dir() or (any(d.iterdir()) and not (d / "manifest.json").exists())
+            ):
+                # every change replaces the directory: never adopt one holding other files
+                raise InputError(
+                    f"{d} is not an index directory (no manifest.json) and not empty; give a "
+                    "new directory or one written by `tripletlab index`"
+                )
         if self.directory is not None and (self.directory / "manifest.json").exists():
             self.index = EmbeddingIndex.load(self.directory, expected_fingerprint=fingerprint)
             if self.index.dim != dim or self.index.metric != metric:
