@@ -52,41 +52,34 @@ def _hinge_all_chunk(d: torch.Tensor, same, slots, valid, margin: float):
     return sthr, perm, j, c
 
 
-class _BatchAllHinge(torch.autograd.Function):
-    """Sum of max(0, d_ap - d_an + m) over all valid triplets, with its exact gradient."""
+def _hinge_sum(dist, labels, ref_labels, exclude_self, margin):
+    """Sum of max(0, d_ap - d_an + m) over all valid triplets and the number of active ones."""
+    total = torch.zeros((), dtype=torch.float64, device=dist.device)
+    n_active = torch.zeros((), dtype=torch.float64, device=dist.device)
+    for s in iter_label_slots(labels, ref_labels, exclude_self):
+        d = dist[s.rows]
+        sthr, _, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
+        cnt = j.neg_().add_(sthr.shape[1])  # active triplets per (anchor, negative)
+        finite = torch.where(torch.isfinite(sthr), sthr, 0.0)
+        total += (c * finite).sum(dim=1, dtype=torch.float64).sum()
+        total -= (cnt * d).sum(dim=1).double().sum()
+        n_active += cnt.sum(dim=1).double().sum()
+    return total, n_active.round().long()  # a float64 sum of exact counts
 
-    @staticmethod
-    def forward(ctx, dist, labels, ref_labels, exclude_self, margin):  # noqa: D102
-        total = torch.zeros((), dtype=torch.float64, device=dist.device)
-        n_active = torch.zeros((), dtype=torch.float64, device=dist.device)
-        for s in iter_label_slots(labels, ref_labels, exclude_self):
-            d = dist[s.rows]
-            sthr, _, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
-            cnt = j.neg_().add_(sthr.shape[1])  # active triplets per (anchor, negative)
-            finite = torch.where(torch.isfinite(sthr), sthr, 0.0)
-            total += (c * finite).sum(dim=1, dtype=torch.float64).sum()
-            total -= (cnt * d).sum(dim=1).double().sum()
-            n_active += cnt.sum(dim=1).double().sum()
-        ctx.save_for_backward(dist, labels, ref_labels)
-        ctx.exclude_self = exclude_self
-        ctx.margin = margin
-        n_active = n_active.round().long()
-        ctx.mark_non_differentiable(n_active)
-        return total.to(dist.dtype), n_active
 
-    @staticmethod
-    def backward(ctx, grad_total, _grad_count):  # noqa: D102
-        dist, labels, ref_labels = ctx.saved_tensors
-        grad = torch.empty_like(dist)
-        for s in iter_label_slots(labels, ref_labels, ctx.exclude_self):
-            _, perm, j, c = _hinge_all_chunk(dist[s.rows], s.same, s.slots, s.valid, ctx.margin)
-            g = grad[s.rows]
-            # dL/d(a, n) = -#{p : d_an < d_ap + m}
-            torch.sub(j, float(perm.shape[1]), out=g)
-            # dL/d(a, p) = #{n : d_an < d_ap + m}
-            c_slot = torch.zeros_like(c).scatter_(1, perm, c)
-            g.scatter_add_(1, s.slots, c_slot * s.valid)
-        return grad.mul_(grad_total), None, None, None, None
+def _hinge_grad(dist, labels, ref_labels, exclude_self, margin):
+    """d(sum of hinge losses)/d dist: -#{p : d_an < d_ap + m} at (a, n), the count of active
+    negatives at (a, p)."""
+    grad = torch.empty_like(dist)
+    for s in iter_label_slots(labels, ref_labels, exclude_self):
+        _, perm, j, c = _hinge_all_chunk(dist[s.rows], s.same, s.slots, s.valid, margin)
+        g = grad[s.rows]
+        # dL/d(a, n) = -#{p : d_an < d_ap + m}
+        torch.sub(j, float(perm.shape[1]), out=g)
+        # dL/d(a, p) = #{n : d_an < d_ap + m}
+        c_slot = torch.zeros_like(c).scatter_(1, perm, c)
+        g.scatter_add_(1, s.slots, c_slot * s.valid)
+    return grad
 
 
 def _soft_all_chunk(d, neg, slots, valid):
@@ -116,34 +109,53 @@ def _soft_row_chunks(labels, ref_labels, exclude_self) -> list[slice]:
     return chunks
 
 
-class _BatchAllSoft(torch.autograd.Function):
-    """Sum of softplus(d_ap - d_an) over all valid triplets; exact, recomputed in backward."""
+def _soft_sum(dist, labels, ref_labels, exclude_self):
+    """Sum of softplus(d_ap - d_an) over all valid triplets and the number with loss > 0."""
+    total = torch.zeros((), dtype=torch.float64, device=dist.device)
+    n_active = torch.zeros((), dtype=torch.int64, device=dist.device)
+    for rows in _soft_row_chunks(labels, ref_labels, exclude_self):
+        s = label_slots(labels, ref_labels, exclude_self, rows)
+        sp = F.softplus(_soft_all_chunk(dist[rows], ~s.same, s.slots, s.valid))
+        total += sp.sum(dtype=torch.float64)
+        n_active += (sp > 0).sum()
+    return total, n_active
+
+
+def _soft_grad(dist, labels, ref_labels, exclude_self):
+    """d(sum of soft-margin losses)/d dist, recomputed chunk by chunk."""
+    grad = torch.zeros_like(dist)
+    for rows in _soft_row_chunks(labels, ref_labels, exclude_self):
+        s = label_slots(labels, ref_labels, exclude_self, rows)
+        sig = torch.sigmoid(_soft_all_chunk(dist[rows], ~s.same, s.slots, s.valid))
+        g = -sig.sum(dim=1)
+        g.scatter_add_(1, s.slots, sig.sum(dim=2) * s.valid)
+        grad[rows] = g
+    return grad
+
+
+class _BatchAllSum(torch.autograd.Function):
+    """Sum of the losses of all valid triplets and the number of active ones, with the exact
+    gradient; ``margin=None`` is the soft margin. Backward recomputes the chunks (O(B²) memory)."""
 
     @staticmethod
-    def forward(ctx, dist, labels, ref_labels, exclude_self):  # noqa: D102
-        total = torch.zeros((), dtype=torch.float64, device=dist.device)
-        n_active = torch.zeros((), dtype=torch.int64, device=dist.device)
-        for rows in _soft_row_chunks(labels, ref_labels, exclude_self):
-            s = label_slots(labels, ref_labels, exclude_self, rows)
-            sp = F.softplus(_soft_all_chunk(dist[rows], ~s.same, s.slots, s.valid))
-            total += sp.sum(dtype=torch.float64)
-            n_active += (sp > 0).sum()
+    def forward(ctx, dist, labels, ref_labels, exclude_self, margin):  # noqa: D102
+        if margin is None:
+            total, n_active = _soft_sum(dist, labels, ref_labels, exclude_self)
+        else:
+            total, n_active = _hinge_sum(dist, labels, ref_labels, exclude_self, margin)
         ctx.save_for_backward(dist, labels, ref_labels)
-        ctx.exclude_self = exclude_self
+        ctx.exclude_self, ctx.margin = exclude_self, margin
         ctx.mark_non_differentiable(n_active)
         return total.to(dist.dtype), n_active
 
     @staticmethod
     def backward(ctx, grad_total, _grad_count):  # noqa: D102
         dist, labels, ref_labels = ctx.saved_tensors
-        grad = torch.zeros_like(dist)
-        for rows in _soft_row_chunks(labels, ref_labels, ctx.exclude_self):
-            s = label_slots(labels, ref_labels, ctx.exclude_self, rows)
-            sig = torch.sigmoid(_soft_all_chunk(dist[rows], ~s.same, s.slots, s.valid))
-            g = -sig.sum(dim=1)
-            g.scatter_add_(1, s.slots, sig.sum(dim=2) * s.valid)
-            grad[rows] = g
-        return grad * grad_total, None, None, None
+        if ctx.margin is None:
+            grad = _soft_grad(dist, labels, ref_labels, ctx.exclude_self)
+        else:
+            grad = _hinge_grad(dist, labels, ref_labels, ctx.exclude_self, ctx.margin)
+        return grad.mul_(grad_total), None, None, None, None
 
 
 def _all_triplet_moments(dist, labels, ref_labels, exclude_self) -> dict[str, torch.Tensor]:
@@ -204,10 +216,8 @@ def batch_all_loss(
         n_classes=n_classes(labels, ref_labels),
     )
     n_trip = stats.n_triplets
-    if soft_margin:
-        total, n_active = _BatchAllSoft.apply(dist, labels, ref_labels, exclude_self)
-    else:
-        total, n_active = _BatchAllHinge.apply(dist, labels, ref_labels, exclude_self, margin)
+    hinge_margin = None if soft_margin else margin
+    total, n_active = _BatchAllSum.apply(dist, labels, ref_labels, exclude_self, hinge_margin)
     stats.n_active = n_active
     if int(n_trip) == 0:
         stats.reason = zero_reason(stats, stats.n_positive_pairs, stats.n_anchors > 0)

@@ -23,17 +23,21 @@ from .triplets import loss_on_indices
 def loss_from_distances(
     dist: torch.Tensor,
     labels: torch.Tensor,
-    ref_labels: torch.Tensor,
-    exclude_self: bool,
+    ref_labels: torch.Tensor | None,
+    exclude_self: bool | None,
     strategy: str,
-    margin: float,
     soft_margin: bool,
     reduction: str,
     opts: MineOptions,
-    indices: IndexTuple | None,
+    indices_tuple: IndexTuple | None,
 ) -> tuple[torch.Tensor, TripletStats]:
-    """:func:`triplet_loss_from_distances` on checked inputs, resolved ``ref_labels`` and
-    ``exclude_self``, and checked ``indices`` (or None to mine with ``strategy``)."""
+    """:func:`triplet_loss_from_distances` after its option and tensor checks: checks only the
+    user's ``indices_tuple`` (None: mine with ``strategy``). The margin is ``opts.margin``."""
+    margin = opts.margin
+    indices = None
+    if indices_tuple is not None:
+        indices = check_indices(indices_tuple, dist.shape[0], dist.shape[1])
+    ref_labels, exclude_self = resolve_ref(labels, ref_labels, exclude_self)
     if indices is None and strategy == "all":  # batch-all never enumerates its triplets
         return batch_all_loss(
             dist, labels, ref_labels, exclude_self, margin, soft_margin, reduction
@@ -87,12 +91,17 @@ def triplet_loss_from_distances(
         reduction = default_reduction(strategy)
     check_options(strategy, margin, soft_margin, reduction, semihard_fallback)
     check_distances(dist, labels, ref_labels)
-    if indices_tuple is not None:
-        indices_tuple = check_indices(indices_tuple, dist.shape[0], dist.shape[1])
-    ref_l, excl = resolve_ref(labels, ref_labels, exclude_self)
     opts = MineOptions(margin, semihard_fallback, generator, dim)
     return loss_from_distances(
-        dist, labels, ref_l, excl, strategy, margin, soft_margin, reduction, opts, indices_tuple
+        dist,
+        labels,
+        ref_labels,
+        exclude_self,
+        strategy,
+        soft_margin,
+        reduction,
+        opts,
+        indices_tuple,
     )
 
 
@@ -171,17 +180,9 @@ def triplet_loss(
     check_options(strategy, margin, soft_margin, reduction, semihard_fallback)
     check_inputs(embeddings, labels, ref_embeddings, ref_labels)
     dist = pairwise_distance(embeddings, ref_embeddings, distance)
-    if indices_tuple is not None:
-        indices_tuple = check_indices(indices_tuple, dist.shape[0], dist.shape[1])
-    ref_l, excl = resolve_ref(labels, ref_labels, None)
-    opts = MineOptions(
-        margin=margin,
-        semihard_fallback=semihard_fallback,
-        generator=generator,
-        dim=embeddings.shape[1],
-    )
+    opts = MineOptions(margin, semihard_fallback, generator, embeddings.shape[1])
     return loss_from_distances(
-        dist, labels, ref_l, excl, strategy, margin, soft_margin, reduction, opts, indices_tuple
+        dist, labels, ref_labels, None, strategy, soft_margin, reduction, opts, indices_tuple
     )
 
 
