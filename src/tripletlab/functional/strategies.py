@@ -35,6 +35,8 @@ class Strategy:
     default_reduction: str = "mean"
     # the loss's stats reason when the batch has pairs and negatives but nothing was mined
     empty_reason: str = "no triplets"
+    # False for the strategies that draw negatives at random (they read ``opts.generator``)
+    deterministic: bool = True
 
 
 STRATEGY_TABLE: dict[str, Strategy] = {
@@ -45,8 +47,10 @@ STRATEGY_TABLE: dict[str, Strategy] = {
     ),
     "hardest-negative": Strategy(_mine_hardest_negative),
     "easy-positive": Strategy(_mine_easy_positive, "Xuan, Stylianou, Liu & Pless 2020"),
-    "distance-weighted": Strategy(_mine_distance_weighted, "Wu, Manmatha, Smola & Krähenbühl 2017"),
-    "random": Strategy(_mine_random),
+    "distance-weighted": Strategy(
+        _mine_distance_weighted, "Wu, Manmatha, Smola & Krähenbühl 2017", deterministic=False
+    ),
+    "random": Strategy(_mine_random, deterministic=False),
 }
 STRATEGIES: tuple[str, ...] = tuple(STRATEGY_TABLE)
 
