@@ -178,11 +178,9 @@ def _all_triplet_moments(dist, labels, ref_labels, exclude_self) -> dict[str, to
             ap_sum = (d.gather(1, s.slots) * s.valid).sum(dim=1).double()
             same_sum = ap_sum
             if exclude_self:  # the anchor itself is "same" but not a positive
-                ar = torch.arange(d.shape[0], device=d.device)
-                cols = ar + s.rows.start
-                inside = cols < r
+                self_rows, self_cols = s.self_pairs()
                 self_d = torch.zeros_like(row_sum)
-                self_d[inside] = d[ar[inside], cols[inside]].double()
+                self_d[self_rows] = d[self_rows, self_cols].double()
                 same_sum = same_sum + self_d
             acc["n_triplets"] += (n_pos * n_neg).sum()
             acc["sum_d_ap"] += (ap_sum * n_neg).sum()

@@ -104,20 +104,18 @@ def per_anchor(
 ) -> IndexTuple:
     """Per anchor its farthest (or closest) positive and its closest negative.
 
-    Ties go to the lowest column: the slot table lists positives in column order and
-    ``argmax``/``argmin`` return the first extremum.
+    Ties go to the lowest column (``argmax``/``argmin`` return the first extremum).
     """
     out_a, out_p, out_n = [], [], []
     for s in iter_label_slots(labels, ref_labels, exclude_self):
         d = dist[s.rows]
-        d_ap = d.gather(1, s.slots)
+        pos = s.pos
         if farthest_positive:
-            q = d_ap.masked_fill_(~s.valid, -_INF).argmax(dim=1, keepdim=True)
+            p = d.masked_fill(~pos, -_INF).argmax(dim=1)
         else:
-            q = d_ap.masked_fill_(~s.valid, _INF).argmin(dim=1, keepdim=True)
-        p = s.slots.gather(1, q).squeeze(1)
+            p = d.masked_fill(~pos, _INF).argmin(dim=1)
         n = d.masked_fill(s.same, _INF).argmin(dim=1)
-        keep = (s.n_pos > 0) & (torch.count_nonzero(s.same, dim=1) < d.shape[1])
+        keep = pos.any(dim=1) & ~s.same.all(dim=1)
         a = torch.arange(s.rows.start, s.rows.stop, device=dist.device)
         out_a.append(a[keep])
         out_p.append(p[keep])

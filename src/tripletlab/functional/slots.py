@@ -8,7 +8,8 @@ below ``tripletlab.functional._CHUNK_ELEMS`` elements. For a chunk, :func:`label
 * ``slots`` (rows, P): the column indices of each row's positives (the anchor itself excluded when
   ``exclude_self``), left-aligned in ascending column order; ``P`` is the largest number of
   positives of a row (``K - 1`` for a PK batch), at least 1;
-* ``valid`` (rows, P): which slots are real; ``n_pos`` (rows,): positives per row.
+* ``valid`` (rows, P): which slots are real; ``n_pos`` (rows,): positives per row;
+* ``pos`` (rows, R): the positive mask, for consumers that scan whole rows.
 
 The slot table is built from ``nonzero`` (row-major), so nothing of size (rows, R) is sorted, and
 a reduction over a row's positives is a ``gather`` of P values instead of a pass over R.
@@ -17,21 +18,11 @@ a reduction over a row's positives is a ``gather`` of P values instead of a pass
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
+from functools import cached_property
 
 import torch
 
 from .. import functional as _knobs  # tuning knobs are read from the package at call time
-
-
-class LabelSlots(NamedTuple):
-    """Label structure of the anchor rows ``rows`` (see the module docstring)."""
-
-    rows: slice
-    same: torch.Tensor
-    slots: torch.Tensor
-    valid: torch.Tensor
-    n_pos: torch.Tensor
 
 
 def resolve_ref(
@@ -53,28 +44,81 @@ def row_chunks(b: int, r: int) -> list[slice]:
     return [slice(s, min(b, s + step)) for s in range(0, b, step)]
 
 
+class LabelSlots:
+    """Label structure of the anchor rows ``rows`` (see the module docstring).
+
+    ``same`` is built at once; ``pos`` (the (rows, R) positive mask) and the slot table
+    (``slots``, ``valid``, ``n_pos``) are built on first use, so each consumer pays only for what
+    it reads.
+    """
+
+    def __init__(
+        self, labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: bool, rows: slice
+    ) -> None:
+        self.rows = rows
+        self.exclude_self = exclude_self
+        self.same = labels[rows][:, None] == ref_labels[None, :]
+
+    def self_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of the pairs (i, i) inside this chunk."""
+        n, r = self.same.shape
+        ar = torch.arange(n, device=self.same.device)
+        cols = ar + self.rows.start
+        inside = cols < r
+        return ar[inside], cols[inside]
+
+    @cached_property
+    def pos(self) -> torch.Tensor:
+        """(rows, R) positives: ``same`` without the anchor itself when ``exclude_self``."""
+        if not self.exclude_self:
+            return self.same
+        pos = self.same.clone()
+        pos[self.self_pairs()] = False
+        return pos
+
+    @cached_property
+    def _table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        same = self.same
+        n = same.shape[0]
+        r_idx, c_idx = same.nonzero(as_tuple=True)
+        if self.exclude_self:
+            keep = c_idx != r_idx + self.rows.start
+            r_idx, c_idx = r_idx[keep], c_idx[keep]
+        device = same.device
+        n_pos = (
+            torch.bincount(r_idx, minlength=n)
+            if n
+            else torch.zeros(0, dtype=torch.long, device=device)
+        )
+        width = max(int(n_pos.max()), 1) if n else 1
+        first = n_pos.cumsum(0) - n_pos
+        rank = torch.arange(r_idx.numel(), device=device) - first[r_idx]
+        slots = torch.zeros(n, width, dtype=torch.long, device=device)
+        slots[r_idx, rank] = c_idx
+        valid = torch.arange(width, device=device)[None, :] < n_pos[:, None]
+        return slots, valid, n_pos
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """(rows, P) column indices of each row's positives, left-aligned, ascending."""
+        return self._table[0]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(rows, P) which slots are real."""
+        return self._table[1]
+
+    @property
+    def n_pos(self) -> torch.Tensor:
+        """(rows,) positives per row."""
+        return self._table[2]
+
+
 def label_slots(
     labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: bool, rows: slice
 ) -> LabelSlots:
-    """``same``, the positive slot table, ``valid`` and ``n_pos`` of the anchor rows ``rows``."""
-    la = labels[rows]
-    n = la.shape[0]
-    same = la[:, None] == ref_labels[None, :]
-    r_idx, c_idx = same.nonzero(as_tuple=True)
-    if exclude_self:
-        keep = c_idx != r_idx + rows.start
-        r_idx, c_idx = r_idx[keep], c_idx[keep]
-    device = same.device
-    n_pos = (
-        torch.bincount(r_idx, minlength=n) if n else torch.zeros(0, dtype=torch.long, device=device)
-    )
-    width = max(int(n_pos.max()), 1) if n else 1
-    first = n_pos.cumsum(0) - n_pos
-    rank = torch.arange(r_idx.numel(), device=device) - first[r_idx]
-    slots = torch.zeros(n, width, dtype=torch.long, device=device)
-    slots[r_idx, rank] = c_idx
-    valid = torch.arange(width, device=device)[None, :] < n_pos[:, None]
-    return LabelSlots(rows, same, slots, valid, n_pos)
+    """The :class:`LabelSlots` of the anchor rows ``rows``."""
+    return LabelSlots(labels, ref_labels, exclude_self, rows)
 
 
 def iter_label_slots(
