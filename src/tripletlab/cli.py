@@ -35,9 +35,9 @@ def register_command(name: str):
 
 
 def _print_json(obj) -> None:
-    from .train import _jsonable
+    from .utils import jsonable
 
-    print(json.dumps(_jsonable(obj), indent=2))
+    print(json.dumps(jsonable(obj), indent=2))
 
 
 # ----------------------------------------------------------------------------------- train
@@ -254,10 +254,10 @@ def _cmd_train(args) -> int:
         overrides["test_classes"] = names or None
         overrides.setdefault("split_by", "class")
     if args.resume:
-        from .train import _read_json
+        from .rundir import read_json
 
         run = Path(args.resume)
-        saved = _read_json(run / "config.json", "run config").get("train", {})
+        saved = read_json(run / "config.json", "run config").get("train", {})
         extra = sorted(set(overrides) - {"quiet", "report"})
         if extra:
             raise InputError(f"--resume continues the saved configuration; drop {extra}")
@@ -298,12 +298,12 @@ def _cmd_train(args) -> int:
 def _load_inputs(cfg: dict, data: str | None, run_dir: Path, skip_bad: bool = False):
     """A data set embedded whole, or the run's own test split when no data is given."""
     from .data import apply_split
-    from .train import _read_json, load_dataset_for_run
+    from .rundir import load_dataset_for_run, read_json
 
     if data is None:
         train_cfg = cfg.get("train", {})
         ds = load_dataset_for_run(cfg, train_cfg.get("data", "digits"), skip_bad)
-        split = _read_json(run_dir / "split.json", "split")
+        split = read_json(run_dir / "split.json", "split")
         _, test = apply_split(ds, split["test"])
         return test
     return load_dataset_for_run(cfg, data, skip_bad)
@@ -554,7 +554,7 @@ def _add_verify(sub) -> None:
 def _cmd_verify(args) -> int:
     import csv
 
-    from .train import _read_json, eval_distance, load_run
+    from .rundir import eval_distance, load_run, read_json
 
     model, cfg = load_run(args.model)
     if args.pairs:
@@ -575,7 +575,7 @@ def _cmd_verify(args) -> int:
         raise InputError("give two inputs, or --pairs FILE")
     threshold = args.threshold
     if threshold is None:
-        ev = _read_json(Path(args.model) / "eval.json", "evaluation")
+        ev = read_json(Path(args.model) / "eval.json", "evaluation")
         threshold = ev.get("threshold")
         if not isinstance(threshold, (int, float)):
             raise InputError(

@@ -374,19 +374,6 @@ def write_html(path: str | os.PathLike[str], page: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
 def _sample_pairs(labels: np.ndarray, max_pairs: int, seed: int):
     from .metrics import pairs_from_labels
 
@@ -406,20 +393,21 @@ def build_report(
     import torch
 
     from .data import apply_split
+    from .evaluate import embed, eval_distance
     from .metrics import pair_distances, retrieval_metrics, verification_metrics
     from .models import build_model
-    from .train import _read_json, embed, eval_distance, load_dataset_for_run, load_run
+    from .rundir import load_dataset_for_run, load_run, read_json, read_jsonl
 
     run = Path(run_dir)
     model, cfg = load_run(run)
     train_cfg = cfg.get("train", {})
     seed = int(train_cfg.get("seed", 0))
-    ev = _read_json(run / "eval.json", "evaluation") if (run / "eval.json").exists() else {}
-    records = _read_jsonl(run / "metrics.jsonl")
+    ev = read_json(run / "eval.json", "evaluation") if (run / "eval.json").exists() else {}
+    records = read_jsonl(run / "metrics.jsonl")
     train_recs = [r for r in records if r.get("type") != "eval"]
     eval_recs = [r for r in records if r.get("type") == "eval"]
     ds = load_dataset_for_run(cfg, train_cfg.get("data", "digits"))
-    split = _read_json(run / "split.json", "split")
+    split = read_json(run / "split.json", "split")
     _, test = apply_split(ds, split["test"])
     rng = np.random.default_rng(seed)
     if len(test) > max_points:
