@@ -279,7 +279,7 @@ def distance_matrix(q: torch.Tensor, ref: torch.Tensor, distance: str) -> torch.
 @torch.no_grad()
 def rowwise_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
     """Distances ``d(a_i, b_i)`` of the row pairs (N,) without autograd, in blocks (bounded
-    memory for millions of pairs); identical rows have distance exactly 0.
+    memory for millions of pairs); identical rows have euclidean distance exactly 0.
 
     Example:
         >>> a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])

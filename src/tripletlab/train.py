@@ -78,9 +78,12 @@ class CollapseDetector:
     pairwise distance below 1e-3, is reported once.
 
     Example:
+        >>> import warnings
         >>> det = CollapseDetector(margin=0.2, soft_margin=True, patience=3)
         >>> stats = {"active_fraction": 1.0, "mean_distance": 0.5}
-        >>> [det.update(stats, math.log(2), step) is not None for step in range(3)]
+        >>> with warnings.catch_warnings(record=True):
+        ...     found = [det.update(stats, math.log(2), step) for step in range(3)]
+        >>> [f is not None for f in found]
         [False, False, True]
     """
 
