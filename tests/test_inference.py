@@ -79,8 +79,8 @@ def test_distances_verify_and_search(image_run, tmp_path):
 
 
 def test_vector_model_inputs(tmp_path):
-    x = np.random.default_rng(0).normal(size=(60, 6)).astype(np.float32)
-    y = np.repeat(np.arange(6), 10)
+    x = np.random.default_rng(0).normal(size=(120, 6)).astype(np.float32)
+    y = np.repeat(np.arange(6), 20)
     np.savez(tmp_path / "v.npz", x=x, y=y)
     run = tmp_path / "run"
     args = ["train", "--data", str(tmp_path / "v.npz"), "--out", str(run), "--p", "3", *FAST]

@@ -102,50 +102,39 @@ def _sq_input_grads(
     return gx, gy
 
 
-class _SqEuclidean(torch.autograd.Function):
+class _GemmDistance(torch.autograd.Function):
+    """Euclidean (``squared=False``) or squared euclidean distances with GEMM gradients."""
+
     @staticmethod
-    def forward(ctx, x, y):  # noqa: D102
-        sq = _sq_forward(x, y)
-        ctx.save_for_backward(x, y, sq)
-        ctx.same = y is None
-        return sq
+    def forward(ctx, x, y, squared: bool):  # noqa: D102
+        out = _sq_forward(x, y)
+        if not squared:
+            out.sqrt_()
+        ctx.save_for_backward(x, y, out)
+        ctx.same, ctx.squared = y is None, squared
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        x, y, sq = ctx.saved_tensors
-        # clamped entries (GEMM rounding below 0) have zero gradient, like clamp_min
-        w = grad.masked_fill(sq <= 0, 0.0)
+        x, y, out = ctx.saved_tensors
+        if ctx.squared:  # clamped entries (GEMM rounding below 0) have zero gradient
+            w = grad.masked_fill(out <= 0, 0.0)
+        else:  # d ||x-y|| = d ||x-y||^2 / (2 ||x-y||); defined as 0 at d = 0 (subgradient 0)
+            w = grad.div(out).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(0.5)
         gx, gy = _sq_input_grads(w, x, None if ctx.same else y)
-        return gx, gy
-
-
-class _Euclidean(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y):  # noqa: D102
-        d = _sq_forward(x, y).sqrt_()
-        ctx.save_for_backward(x, y, d)
-        ctx.same = y is None
-        return d
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        x, y, d = ctx.saved_tensors
-        # d ||x-y|| = d ||x-y||^2 / (2 ||x-y||); defined as 0 at d = 0 (subgradient 0)
-        w = grad.div(d).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(0.5)
-        gx, gy = _sq_input_grads(w, x, None if ctx.same else y)
-        return gx, gy
+        return gx, gy, None
 
 
 def sqeuclidean_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Squared euclidean distances ``||x_i - y_j||^2`` (B, R), exact 0 for identical rows."""
     check_embedding_pair(x, y)
-    return _SqEuclidean.apply(x, y)
+    return _GemmDistance.apply(x, y, True)
 
 
 def euclidean_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Euclidean distances ``||x_i - y_j||_2`` (B, R); exactly 0 with gradient 0 at d = 0."""
     check_embedding_pair(x, y)
-    return _Euclidean.apply(x, y)
+    return _GemmDistance.apply(x, y, False)
 
 
 def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import plots
 from .html import ReportSection, render_html, write_html
 from .plots import (
     embedding_map_2d,
@@ -30,18 +31,7 @@ from .plots import (
     plot_training_curves,
 )
 
-__all__ = [
-    "ReportSection",
-    "build_report",
-    "embedding_map_2d",
-    "plot_distance_histograms",
-    "plot_embedding_map",
-    "plot_retrieval_gallery",
-    "plot_roc",
-    "plot_training_curves",
-    "render_html",
-    "write_html",
-]
+__all__ = ["ReportSection", "build_report", "render_html", "write_html", *plots.__all__]
 
 
 def _sample_pairs(labels: np.ndarray, max_pairs: int, seed: int):
