@@ -212,7 +212,7 @@ def test_collapse_reference_is_the_loss_of_collapsed_embeddings(soft_margin):
     import math
     import warnings
 
-    from tripletlab.train import CollapseDetector
+    from tripletlab.collapse import CollapseDetector
 
     ref = math.log(2.0) if soft_margin else 0.2
     other = 0.2 if soft_margin else math.log(2.0)

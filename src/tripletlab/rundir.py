@@ -50,6 +50,7 @@ __all__ = [
     "save_checkpoint",
     "save_weights",
     "trim_metrics",
+    "write_run_config",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -103,6 +104,28 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor]) -> None:
     """Write a model's weights as safetensors, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     atomic_write_bytes(path, safetensors_bytes(tensors))
+
+
+def write_run_config(
+    run_dir: str | Path, train: dict, model: dict, dataset: Dataset, splits: dict
+) -> None:
+    """Write ``run_dir/config.json``: the resolved training options, the model config (enough
+    to rebuild the model with no code), the data summary and the evaluation distance."""
+    from . import __version__
+    from .evaluate import eval_distance
+
+    data = {k: (v.summary() if v is not None else None) for k, v in splits.items()}
+    data["classes"] = dataset.classes if len(dataset.classes) <= 5000 else None
+    atomic_write_json(
+        Path(run_dir) / "config.json",
+        {
+            "tripletlab_version": __version__,
+            "train": train,
+            "model": model,
+            "data": data,
+            "eval_distance": eval_distance(model),
+        },
+    )
 
 
 # -------------------------------------------------------------------------------- checkpoints

@@ -13,13 +13,12 @@ from __future__ import annotations
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import __version__
+from .collapse import CollapseDetector
 from .config import TrainConfig
 from .data import apply_split, load_dataset, split_dataset
 from .errors import FileFormatError, InputError, NonFiniteError
@@ -37,6 +36,7 @@ from .rundir import (
     save_checkpoint,
     save_weights,
     trim_metrics,
+    write_run_config,
 )
 from .samplers import PKSampler
 from .utils import atomic_write_json, jsonable
@@ -57,7 +57,6 @@ __all__ = [
     "summary_lines",
 ]
 
-_STUCK_STEPS = 200  # consecutive steps with the loss of collapsed embeddings, all triplets active
 _LOGGED_STATS = ("active_fraction", "mean_d_ap", "mean_d_an", "mean_distance", "n_triplets")
 _VAL_METRICS = ("precision_at_1", "recall_at_4", "r_precision", "map_at_r")
 
@@ -67,50 +66,6 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-class CollapseDetector:
-    """Detects embedding collapse from the loss statistics of each step.
-
-    Collapsed embeddings (all one point) have d(a,p) = d(a,n) = 0, so every triplet is active and
-    the loss equals the loss of a zero gap: the margin for the hinge, ln 2 ~ 0.693 for the soft
-    margin (softplus(0)). A loss pinned there for ``patience`` consecutive steps, or a mean
-    pairwise distance below 1e-3, is reported once.
-
-    Example:
-        >>> import warnings
-        >>> det = CollapseDetector(margin=0.2, soft_margin=True, patience=3)
-        >>> stats = {"active_fraction": 1.0, "mean_distance": 0.5}
-        >>> with warnings.catch_warnings(record=True):
-        ...     found = [det.update(stats, math.log(2), step) for step in range(3)]
-        >>> [f is not None for f in found]
-        [False, False, True]
-    """
-
-    def __init__(self, margin: float, soft_margin: bool, patience: int = _STUCK_STEPS) -> None:
-        self.reference_loss = math.log(2.0) if soft_margin else float(margin)
-        self.patience = patience
-        self.stuck_steps = 0
-        self.warned = False
-
-    def update(self, stats: dict, loss: float, step: int) -> dict | None:
-        """Feed one step; returns ``{"step", "mean_distance"}`` the first time collapse shows."""
-        md = stats.get("mean_distance", 1.0)
-        active = stats.get("active_fraction", 0)
-        pinned = active > 0.99 and abs(loss - self.reference_loss) < 1e-3
-        # loss pinned at the reference is normal for a few early batch-hard steps; persistent = bad
-        self.stuck_steps = self.stuck_steps + 1 if pinned else 0
-        if (md < 1e-3 or self.stuck_steps >= self.patience) and not self.warned:
-            self.warned = True
-            warnings.warn(
-                f"embedding collapse at step {step}: mean pairwise distance {md:.2e}, "
-                f"active fraction {active:.2f}, loss {loss:.4f} (the loss of collapsed "
-                f"embeddings is {self.reference_loss:.4f}). Advice: lower the learning rate, use "
-                "strategy 'semihard' instead of 'hard', or a larger batch with more classes (--p).",
-                stacklevel=3,
-            )
-            return {"step": step, "mean_distance": md}
-        return None
 
 
 @dataclass
@@ -191,6 +146,10 @@ class Trainer:
         if len(torch.unique(train.y)) < 2:
             raise InputError("the training split has fewer than 2 classes")
 
+    def splits(self) -> dict:
+        """The train / val / test data sets of this run (val None without validation)."""
+        return {"train": self.train_set, "test": self.test_set, "val": self.val_set}
+
     def _build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
@@ -226,20 +185,8 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.state = _Running()
         self.model_config = self.model.config
-        atomic_write_json(
-            self.run_dir / "config.json",
-            {
-                "tripletlab_version": __version__,
-                "train": cfg.to_dict(),
-                "model": self.model_config,
-                "data": {
-                    "train": self.train_set.summary(),
-                    "test": self.test_set.summary(),
-                    "val": self.val_set.summary() if self.val_set is not None else None,
-                    "classes": self.dataset.classes if len(self.dataset.classes) <= 5000 else None,
-                },
-                "eval_distance": eval_distance(self.model_config),
-            },
+        write_run_config(
+            self.run_dir, cfg.to_dict(), self.model_config, self.dataset, self.splits()
         )
         if self.resume:
             self._restore()
