@@ -116,9 +116,11 @@ def _add_index(sub) -> None:
     )
     _add_model_data(p, data_required=True)
     p.add_argument("--out", required=True, help="index directory")
+    from ..index import KINDS
+
     p.add_argument(
         "--kind",
-        choices=["flat", "hnsw", "ivf"],
+        choices=list(KINDS),
         default="flat",
         help="flat = exact (default); hnsw / ivf = approximate, for large sets",
     )
