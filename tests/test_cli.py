@@ -240,3 +240,15 @@ def test_train_flags_are_generated_from_the_config(capsys):
     for name in option_choices()["strategy"]:
         assert name in text
     assert "att_faces, fashion_mnist, omniglot" in text
+
+
+def test_bench_without_the_benchmark_file_says_where_to_get_it(monkeypatch, capsys):
+    """From an installed wheel (no benchmarks/ folder) `tripletlab bench` exits 1 with advice."""
+    import sys
+
+    from tripletlab.cli import bench
+
+    monkeypatch.setattr(bench, "_candidates", lambda: [])
+    monkeypatch.delitem(sys.modules, "bench_mining", raising=False)
+    assert main(["bench", "--quick"]) == 1
+    assert "TRIPLETLAB_BENCHMARKS" in capsys.readouterr().err

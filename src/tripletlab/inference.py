@@ -139,7 +139,7 @@ class Inference:
         """Embeddings of raw input vectors (N, D_in) for a vector model (one row: (D_in,))."""
         if self.takes_images:
             raise InputError(f"this model takes images of shape {self.input_shape}, not vectors")
-        a = as_matrix(x, None, "vectors")
+        a = as_matrix(np.atleast_2d(np.asarray(x)), None, "vectors")
         if list(a.shape[1:]) != self.input_shape:
             raise InputError(
                 f"vectors of shape {list(a.shape[1:])}, model expects {self.input_shape}"
