@@ -12,38 +12,11 @@ import math
 import torch
 
 from ..errors import InputError, InputTypeError
+from ..validation import check_embeddings, check_labels
 from .mining import IndexTuple
 from .reductions import REDUCTIONS
 from .semihard import SEMIHARD_FALLBACKS
 from .strategies import STRATEGIES
-
-
-def check_labels(labels: torch.Tensor, n: int, what: str = "labels") -> None:
-    """Raise unless ``labels`` is a 1-D integer tensor with ``n`` entries."""
-    if not isinstance(labels, torch.Tensor):
-        raise InputTypeError(f"{what} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dim() != 1:
-        raise InputError(f"{what} must be 1-D (B,), got shape {tuple(labels.shape)}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise InputTypeError(
-            f"{what} must be an integer tensor, got dtype {labels.dtype} "
-            "(float labels can silently merge classes; convert with labels.long())"
-        )
-    if labels.shape[0] != n:
-        raise InputError(f"{what} has {labels.shape[0]} entries but there are {n} embeddings")
-
-
-def check_embeddings(emb: torch.Tensor, what: str = "embeddings") -> None:
-    """Raise unless ``emb`` is a finite 2-D floating-point tensor."""
-    if not isinstance(emb, torch.Tensor):
-        raise InputTypeError(f"{what} must be a torch.Tensor, got {type(emb).__name__}")
-    if emb.dim() != 2:
-        raise InputError(f"{what} must be 2-D (B, D), got shape {tuple(emb.shape)}")
-    if not emb.is_floating_point():
-        raise InputTypeError(f"{what} must be a floating-point tensor, got dtype {emb.dtype}")
-    if emb.numel() > 0 and not bool(torch.isfinite(emb).all()):
-        bad = int((~torch.isfinite(emb)).any(dim=1).sum())
-        raise InputError(f"{what} contain NaN or Inf values (in {bad} of {emb.shape[0]} rows)")
 
 
 def check_options(
