@@ -29,7 +29,7 @@ from PIL import Image
 import tripletlab
 from tripletlab.cli import main
 
-from conftest import SHARED_DATA
+from conftest import shared_data
 
 httpx = pytest.importorskip("httpx", reason="needs the serve extra (httpx)")
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'tripletlab[serve]'")
@@ -41,10 +41,7 @@ SRC = str(Path(tripletlab.__file__).resolve().parents[1])
 
 
 def att_faces() -> Path:
-    for root in (SHARED_DATA, Path(os.environ.get("TRIPLETLAB_SHARED_DATA", "/nonexistent"))):
-        if (root / "att_faces").is_dir():
-            return root / "att_faces"
-    pytest.skip(f"AT&T faces not found under {SHARED_DATA} (../shared/data is absent)")
+    return shared_data("att_faces")
 
 
 def free_port() -> int:
@@ -473,7 +470,7 @@ def test_onnx_export_matches_torch_on_real_images(env, tmp_path):
     pytest.importorskip("onnxruntime", reason="needs onnxruntime (serve extra)")
     from tripletlab.errors import InputError
     from tripletlab.export import compare_onnx, read_onnx_metadata
-    from tripletlab.serve.engine import OnnxEmbedder
+    from tripletlab.serve.engine import OnnxInference
 
     out = tmp_path / "model.onnx"
     buf = io.StringIO()
@@ -518,7 +515,7 @@ def test_onnx_export_matches_torch_on_real_images(env, tmp_path):
     t[k0] = t[k0] + 1
     save_file(t, str(w))
     with pytest.raises(InputError, match="fingerprints differ"):
-        OnnxEmbedder(other, out)
+        OnnxInference.from_run_and_onnx(other, out)
 
 
 # ------------------------------------------------------------------------- durability

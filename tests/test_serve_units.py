@@ -200,8 +200,9 @@ def test_vector_model_export_and_embed_vectors(tmp_path):
     from fastapi.testclient import TestClient
 
     from tripletlab.export import export_onnx, read_onnx_metadata
+    from tripletlab.inference import Inference
     from tripletlab.serve import create_app
-    from tripletlab.serve.engine import OnnxEmbedder, TorchEmbedder
+    from tripletlab.serve.engine import OnnxInference
 
     run = tmp_path / "digits"
     with redirect_stdout(io.StringIO()):
@@ -210,8 +211,9 @@ def test_vector_model_export_and_embed_vectors(tmp_path):
     meta = read_onnx_metadata(out)
     assert meta["input_shape"] == [64] and meta["preprocessing"]["dtype"] == "float32"
     x = np.random.default_rng(0).random((7, 64)).astype(np.float32) * 16
-    ref = TorchEmbedder(run).embed_vectors(x)
-    np.testing.assert_allclose(OnnxEmbedder(run, out).embed_vectors(x), ref, atol=1e-4)
+    ref = Inference.from_run(run).embed_vectors(x)
+    onnx = OnnxInference.from_run_and_onnx(run, out)
+    np.testing.assert_allclose(onnx.embed_vectors(x), ref, atol=1e-4)
     with TestClient(create_app(run)) as c:
         r = c.post("/embed", json={"vectors": x.tolist()})
         assert r.status_code == 200, r.text

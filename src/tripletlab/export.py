@@ -31,6 +31,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FileFormatError, InputError, MissingFileError
+from .inference import Inference
 from .utils import atomic_write_bytes
 
 __all__ = ["compare_onnx", "export_onnx", "read_onnx_metadata"]
@@ -67,12 +68,9 @@ def export_onnx(
     import onnx
     import torch
 
-    from .serve.engine import _run_metadata
-    from .train import load_run, model_fingerprint
-
     run_dir = Path(run_dir)
-    model, cfg = load_run(run_dir)
-    model.eval()
+    inf = Inference.from_run(run_dir)
+    model, cfg = inf.model, inf.config
     shape = list(cfg["model"]["input_shape"])
     x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0))
     in_name = "images" if len(shape) == 3 else "inputs"
@@ -95,14 +93,14 @@ def export_onnx(
             f"cannot export {run_dir} to ONNX opset {opset}: {type(e).__name__}: {e}"
         ) from None
     proto = onnx.load_from_string(buf.getvalue())
-    distance, threshold, _ = _run_metadata(run_dir, cfg)
+    distance, threshold = inf.distance, inf.threshold
     meta = {
         "preprocessing": json.dumps(_preprocessing(shape)),
         "input_shape": json.dumps(shape),
         "embedding_dim": json.dumps(int(cfg["model"]["embedding_dim"])),
         "distance": distance,
         "threshold": json.dumps(threshold),
-        "fingerprint": model_fingerprint(run_dir),
+        "fingerprint": inf.fingerprint,
         "version": __version__,
         "model": json.dumps(cfg["model"]),
     }
@@ -179,37 +177,40 @@ def compare_onnx(
         True
     """
     import torch
-    from PIL import Image
 
-    from .serve.engine import OnnxEmbedder, TorchEmbedder
+    from .data import load_image_files
+    from .serve.engine import OnnxInference
 
     if not images:
         raise InputError("compare_onnx needs at least one image")
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ref = TorchEmbedder(run_dir)
-        ort_emb = OnnxEmbedder(run_dir, onnx_path, threads=threads)
-        pil = []
-        for p in images:
-            with Image.open(p) as im:
-                im.load()
-                pil.append(im.copy())
-        a = ref.embed_images(pil)
-        b = ort_emb.embed_images(pil)
+        ref = Inference.from_run(run_dir)
+        ort_inf = OnnxInference.from_run_and_onnx(run_dir, onnx_path, threads=threads)
+        a = ref.embed_files(images)
+        b = ort_inf.embed_files(images)
         result: dict = {
-            "n_images": len(pil),
+            "n_images": len(images),
             "max_abs_diff": float(np.abs(a - b).max()),
             "threads": threads,
             "latency_ms": {},
         }
-        from .serve.engine import preprocess_images
+        shape = ref.input_shape
+        x_all, _ = load_image_files(
+            [str(p) for p in images], image_size=tuple(shape[1:]), grayscale=shape[0] == 1
+        )
+        session, name = ort_inf.session, ort_inf.session.get_inputs()[0].name
+        for bs in batch_sizes:  # the model call alone: preprocessed input in, embeddings out
+            x = x_all[torch.arange(bs) % len(x_all)]
+            xn = x.numpy()
 
-        x_all = preprocess_images(pil, ref.input_shape)
-        for bs in batch_sizes:
-            x = x_all[np.arange(bs) % len(x_all)]
-            t_torch = _timed(lambda x=x: ref.embed_vectors(x), repeats)
-            t_onnx = _timed(lambda x=x: ort_emb.embed_vectors(x), repeats)
+            def run_torch(x=x):
+                with torch.inference_mode():
+                    ref.model(x)
+
+            t_torch = _timed(run_torch, repeats)
+            t_onnx = _timed(lambda xn=xn: session.run(None, {name: xn}), repeats)
             result["latency_ms"][str(bs)] = {
                 "torch": 1000 * t_torch,
                 "onnx": 1000 * t_onnx,

@@ -10,13 +10,12 @@ python-multipart, onnxruntime). ``tripletlab serve --model RUN_DIR`` runs it; fr
 from __future__ import annotations
 
 from .app import ServeSettings, create_app
-from .engine import Embedder, OnnxEmbedder, TorchEmbedder, load_embedder
+from .engine import Embedder, OnnxInference, load_embedder
 
 __all__ = [
     "Embedder",
-    "OnnxEmbedder",
+    "OnnxInference",
     "ServeSettings",
-    "TorchEmbedder",
     "create_app",
     "load_embedder",
     "run_server",

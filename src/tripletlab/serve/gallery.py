@@ -11,7 +11,6 @@ answered with success. Enrolled images are kept, named by their sha256, in ``NAM
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -23,7 +22,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..index import EmbeddingIndex
-from ..utils import atomic_write_bytes
+from ..utils import atomic_write_bytes, fsync_dir
 
 __all__ = ["Enrolment", "GalleryStore", "recover_gallery"]
 
@@ -38,22 +37,13 @@ class Enrolment:
     ext: str = "png"
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def recover_gallery(directory: str | Path) -> None:
     """Finish or undo an interrupted swap of ``directory`` (see the module docstring)."""
     d = Path(directory)
     new, old = d.parent / f".{d.name}.new", d.parent / f".{d.name}.old"
     if not d.exists() and old.exists():
         os.rename(old, d)  # the swap stopped halfway: the previous complete index
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
     shutil.rmtree(new, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -218,12 +208,12 @@ class GalleryStore:
         new, old = d.parent / f".{d.name}.new", d.parent / f".{d.name}.old"
         shutil.rmtree(new, ignore_errors=True)
         self.index.save(new, fingerprint=self.fingerprint)
-        _fsync_dir(new)
+        fsync_dir(new)
         if d.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.rename(d, old)
         os.rename(new, d)
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
         shutil.rmtree(old, ignore_errors=True)
 
     def _reload(self) -> None:
