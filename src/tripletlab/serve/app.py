@@ -27,6 +27,8 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..errors import InputError, TripletLabError
+from ..inference import Inference
+from ..validation import check_k
 from .batching import BatchQueue
 from .engine import load_embedder
 from .gallery import Enrolment, GalleryStore
@@ -415,22 +417,18 @@ def create_app(
         return await batcher.submit("images", images)
 
     def hits(dist: np.ndarray, ids: np.ndarray) -> list[dict]:
-        out = []
-        for rank, (d, item) in enumerate(zip(dist, store.describe(ids), strict=True), start=1):
-            if item["id"] < 0:
-                continue
-            out.append(
-                {
-                    "rank": rank,
-                    **item,
-                    "distance": float(d),
-                    "match": None if threshold is None else bool(d <= threshold),
-                }
-            )
-        return out
+        """One query's neighbours as the CLI's `search` describes them, plus `match`."""
+        with store.lock:
+            rows = Inference.describe_neighbours(store.index, dist[None], ids[None])[0]
+        return [
+            {**h, "match": None if threshold is None else bool(h["distance"] <= threshold)}
+            for h in rows
+            if h["id"] >= 0  # approximate indexes may return fewer than k
+        ]
 
-    def check_k(k: int) -> int:
-        if k < 1 or k > s.max_k:
+    def bounded_k(k: int) -> int:
+        k = check_k(k)  # a positive integer (validation.py), else 422
+        if k > s.max_k:
             raise HTTPException(422, f"k must be between 1 and {s.max_k}, got {k}")
         return k
 
@@ -567,7 +565,7 @@ def create_app(
     ) -> dict:
         """The k nearest gallery items of a query image: id, label, path, distance and whether
         the distance passes the verification threshold (`match`)."""
-        k = check_k(min(5, s.max_k) if k is None else k)
+        k = bounded_k(min(5, s.max_k) if k is None else k)
         ((im, _),) = await read_images([image], "image")
         if len(store) == 0:
             raise HTTPException(409, "the gallery is empty: enrol images with POST /gallery")
