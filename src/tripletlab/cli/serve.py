@@ -57,7 +57,9 @@ def _add_serve(sub) -> None:
         "--max-pixels", type=int, default=4096 * 4096, help="pixels per image (16,777,216)"
     )
     p.add_argument("--max-batch", type=int, default=64, help="images per model call (64)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for inference (torch or onnx)"
+    )
     p.set_defaults(func=_cmd_serve)
 
 
@@ -72,8 +74,10 @@ def _cmd_serve(args) -> int:
             f"`tripletlab serve` needs the serve extra ({e.name} is missing): "
             "pip install 'tripletlab[serve]'"
         ) from None
-    token = args.token or os.environ.get("TRIPLETLAB_TOKEN") or None
-    read_token = args.read_token or os.environ.get("TRIPLETLAB_READ_TOKEN") or None
+    from ..serve.app import READ_TOKEN_ENV, TOKEN_ENV
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    read_token = args.read_token or os.environ.get(READ_TOKEN_ENV) or None
     if args.threads:
         import torch
 
@@ -87,7 +91,12 @@ def _cmd_serve(args) -> int:
         threshold=args.threshold,
     )
     app = create_app(
-        args.model, index=args.index, settings=settings, runtime=args.runtime, onnx_path=args.onnx
+        args.model,
+        index=args.index,
+        settings=settings,
+        runtime=args.runtime,
+        onnx_path=args.onnx,
+        threads=args.threads or 0,
     )
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -102,7 +111,8 @@ def _cmd_serve(args) -> int:
     emb = app.state.embedder
     rt = getattr(emb, "runtime", "torch")
     print(
-        f"serving {args.model} ({rt}, {emb.distance}, threshold {emb.threshold}) with "
+        f"serving {args.model} ({rt}, {emb.distance}, threshold "
+        f"{args.threshold if args.threshold is not None else emb.threshold}) with "
         f"a gallery of {len(app.state.store)} items on http://{args.host}:{args.port}/",
         flush=True,
     )

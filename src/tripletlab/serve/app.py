@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -56,6 +56,10 @@ class ServeSettings:
 
     ``token``: bearer token required on every API route (reads and writes) when set;
     ``read_token``: an extra token that may only read (search, verify, identify, embed, list).
+
+    Example:
+        >>> ServeSettings(token="s3cret", max_upload_bytes=2 * 1024 * 1024).max_k
+        100
     """
 
     token: str | None = None
@@ -69,7 +73,6 @@ class ServeSettings:
     max_wait_ms: float = 2.0  # how long the batcher waits for more requests
     threshold: float | None = None  # overrides the run's calibrated threshold
     thumbnail_size: int = 160
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- middleware
@@ -230,10 +233,13 @@ def create_app(
     settings: ServeSettings | None = None,
     runtime: str = "torch",
     onnx_path: str | Path | None = None,
+    threads: int = 0,
 ) -> FastAPI:
     """The FastAPI app serving ``model`` (a run directory, or an object with the
     :class:`~tripletlab.serve.engine.Embedder` interface) with the gallery in ``index`` (an
-    index directory, created on the first enrolment; ``None``: in memory only).
+    index directory, created on the first enrolment; ``None``: in memory only). ``runtime``
+    "onnx" serves ``onnx_path`` (default: the run exported at start-up) with onnxruntime using
+    ``threads`` intra-op threads (0: its default); torch's threads are the process's.
 
     Example:
         >>> import uvicorn
@@ -255,7 +261,7 @@ def create_app(
     # Pillow refuses to decode more than 2x this many pixels; decode_image checks 1x first
     Image.MAX_IMAGE_PIXELS = s.max_pixels
     embedder = (
-        load_embedder(model, runtime=runtime, onnx_path=onnx_path)
+        load_embedder(model, runtime=runtime, onnx_path=onnx_path, threads=threads)
         if isinstance(model, (str, Path))
         else model
     )
