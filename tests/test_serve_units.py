@@ -48,6 +48,10 @@ def test_gallery_persists_and_recovers_an_interrupted_swap(tmp_path):
     r = s2.apply([0, 7, Enrolment(vec(1, 1), "c")])
     assert r[0] is True and isinstance(r[1], KeyError) and r[2] == 2
     assert sorted(EmbeddingIndex.load(d).ids.tolist()) == [1, 2]
+    # ids are never reused, also across restarts, even after deleting the largest
+    assert s2.apply([2]) == [True]
+    s3 = GalleryStore(d, dim=2, metric="cosine", fingerprint="fp")
+    assert s3.apply([Enrolment(vec(1, 1), "d")]) == [3]
     with pytest.raises(InputError, match="another model"):
         GalleryStore(d, dim=2, metric="cosine", fingerprint="other")
     with pytest.raises(InputError, match="dimension"):

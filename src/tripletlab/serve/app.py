@@ -562,7 +562,7 @@ def create_app(
             raise HTTPException(
                 415, "send multipart/form-data with 'images' or JSON with 'vectors'"
             )
-        return {"embeddings": e.tolist(), "dim": int(e.shape[1]), "distance": embedder.distance}
+        return {"embeddings": e.tolist(), "dim": int(e.shape[1]), "metric": embedder.distance}
 
     @app.post("/search", tags=["model"], dependencies=Read)
     async def search(
@@ -580,7 +580,7 @@ def create_app(
         return {
             "k": k,
             "threshold": threshold,
-            "distance": embedder.distance,
+            "metric": embedder.distance,
             "neighbours": hits(dist[0], ids[0]),
         }
 

@@ -12,6 +12,7 @@ answered with success. Enrolled images are kept, named by their sha256, in ``NAM
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -22,9 +23,11 @@ import numpy as np
 
 from ..errors import InputError
 from ..index import EmbeddingIndex
-from ..utils import atomic_write_bytes, fsync_dir
+from ..utils import atomic_write_bytes, atomic_write_json, fsync_dir
 
 __all__ = ["Enrolment", "GalleryStore", "recover_gallery"]
+
+SERVE_STATE = "serve.json"  # the server's own state beside the index files (next id)
 
 
 @dataclass
@@ -104,6 +107,8 @@ class GalleryStore:
         else:
             self.images_dir = None
         self.version = 0
+        # ids are never reused, even after deleting the largest: the next one is kept on disk
+        self.next_id = self._read_next_id()
         self._memory_images: dict[int, bytes] = {}  # enrolled images of an in-memory gallery
 
     def __len__(self) -> int:
@@ -193,7 +198,8 @@ class GalleryStore:
                 self.images_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(p, e.data)
             path = str(p.resolve())
-        new_id = int(self.index.ids.max()) + 1 if len(self.index) else 0
+        new_id = max(self.next_id, int(self.index.ids.max()) + 1 if len(self.index) else 0)
+        self.next_id = new_id + 1
         self.index.add(e.embedding[None], labels=np.array([lab]), paths=[path], ids=[new_id])
         if e.data is not None and self.images_dir is None:
             self._memory_images[new_id] = e.data
@@ -208,6 +214,7 @@ class GalleryStore:
         new, old = d.parent / f".{d.name}.new", d.parent / f".{d.name}.old"
         shutil.rmtree(new, ignore_errors=True)
         self.index.save(new, fingerprint=self.fingerprint)
+        atomic_write_json(new / SERVE_STATE, {"next_id": self.next_id})  # beside the manifest
         fsync_dir(new)
         if d.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -215,6 +222,15 @@ class GalleryStore:
         os.rename(new, d)
         fsync_dir(d.parent)
         shutil.rmtree(old, ignore_errors=True)
+
+    def _read_next_id(self) -> int:
+        if self.directory is None or not (self.directory / SERVE_STATE).exists():
+            return 0
+        try:
+            n = json.loads((self.directory / SERVE_STATE).read_text(encoding="utf-8"))["next_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0  # only a hint: ids stay unique without it
+        return int(n) if isinstance(n, int) and n >= 0 else 0
 
     def _reload(self) -> None:
         if self.directory is not None and (self.directory / "manifest.json").exists():
