@@ -182,7 +182,11 @@ def test_app_in_process_with_an_in_memory_gallery(tiny_run):
     app = create_app(run, settings=ServeSettings(max_k=3))
     img = sorted((data / "class0").glob("*.png"))[0].read_bytes()
     with TestClient(app) as c:
-        assert "<title>tripletlab</title>" in c.get("/").text
+        page = c.get("/")
+        assert "<title>tripletlab</title>" in page.text
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        for ref in ('src="http', 'href="http', "url(http", "import "):
+            assert ref not in page.text  # nothing loaded from elsewhere
         assert c.get("/info").json()["gallery_size"] == 0
         r = c.post("/search", files={"image": ("q.png", img)})
         assert r.status_code == 409 and "empty" in r.json()["error"]["message"]
