@@ -4,9 +4,9 @@ enrolments and deletions, each batch of changes persisted atomically before it i
 ``EmbeddingIndex.save`` writes each file atomically, but not the directory as a whole. The store
 therefore writes the complete new index into a sibling ``.NAME.new`` directory and swaps it in
 with two renames (``NAME -> .NAME.old``, ``.NAME.new -> NAME``), fsyncing the parent. A crash
-between the renames leaves ``.NAME.old``, which :meth:`GalleryStore.open` puts back: the gallery
-on disk is always a complete index whose checksums verify, holding every change that was
-answered with success. Enrolled images are kept, named by their sha256, in ``NAME.images/``.
+between the renames leaves ``.NAME.old``, which the next :class:`GalleryStore` puts back: the
+gallery on disk is always a complete index whose checksums verify, holding every change that
+was answered with success. Enrolled images are kept, named by their sha256, in ``NAME.images/``.
 """
 
 from __future__ import annotations
