@@ -4,8 +4,6 @@ test_metrics_retrieval.py; the cases here are specific to pairs.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -20,7 +18,9 @@ from tripletlab.metrics import (
     verification_metrics,
 )
 
-ATT = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "att_faces").resolve()
+from conftest import SHARED_DATA
+
+ATT = SHARED_DATA / "att_faces"
 
 
 def _data(n=45, d=4, n_cls=5, seed=6):
