@@ -20,9 +20,16 @@ import torch
 
 from .collapse import CollapseDetector
 from .config import TrainConfig
-from .data import apply_split, load_dataset, split_dataset
+from .data import apply_split, load_dataset, split_dataset, split_validation
 from .errors import FileFormatError, InputError, NonFiniteError
-from .evaluate import EvalResult, embed, eval_distance, evaluate_embeddings, summary_lines
+from .evaluate import (
+    EvalResult,
+    embed,
+    eval_distance,
+    evaluate_embeddings,
+    summary_lines,
+    validation_threshold,
+)
 from .losses import TripletLoss
 from .metrics import retrieval_metrics
 from .models import build_augment, build_model, default_model_config
@@ -135,11 +142,20 @@ class Trainer:
             )
             self.train_full = train
             val, val_info = None, None
-            if cfg.val_fraction > 0 and cfg.evaluate:
-                vby = "class" if by == "class" else "sample"
-                train, val, val_info = split_dataset(
-                    train, by=vby, test_fraction=cfg.val_fraction, seed=cfg.seed + 1
-                )
+            if (cfg.val_fraction > 0 or cfg.val_folds > 1) and cfg.evaluate:
+                if by == "class":  # open-set: whole (groups of) training classes held out
+                    train, val, val_info = split_validation(
+                        train,
+                        fraction=cfg.val_fraction,
+                        seed=cfg.seed + 1,
+                        group_depth=cfg.val_group_depth,
+                        folds=cfg.val_folds,
+                        fold=cfg.val_fold,
+                    )
+                else:
+                    train, val, val_info = split_dataset(
+                        train, by="sample", test_fraction=cfg.val_fraction, seed=cfg.seed + 1
+                    )
             atomic_write_json(split_path, {"test": test_info, "val": val_info})
         self.train_set, self.val_set, self.test_set = train, val, test
         self.test_info = test_info
@@ -443,8 +459,17 @@ class Trainer:
         best = self.state.best
         result = {"split": "test", "distance": dist, **result}
         result["best_val_map_at_r"] = best if best >= 0 else None
+        calibration = None
+        if self.val_set is not None and len(self.val_set) >= 2:
+            # the threshold is chosen on validation pairs, never on the test pairs it is scored on
+            vemb = embed(self.model, self.val_set.x, self.cfg.eval_batch_size, self.cfg.device)
+            calibration = validation_threshold(vemb, self.val_set.y, dist, seed=self.cfg.seed)
         if len(self.test_set) >= 2:
-            result.update(evaluate_embeddings(emb, self.test_set.y, dist, seed=self.cfg.seed))
+            result.update(
+                evaluate_embeddings(
+                    emb, self.test_set.y, dist, seed=self.cfg.seed, calibration=calibration
+                )
+            )
         if self.test_info.get("by") == "predefined" and len(self.test_set):
             # the benchmark protocol of predefined splits (e.g. Fashion-MNIST): test queries
             # retrieved against the training items
