@@ -174,6 +174,7 @@ def option_choices() -> dict[str, list[str]]:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _COMMENT_KEY = "_comment"  # free text in config files and recipes
+_TUNE_KEY = "_tune"  # how `tripletlab tune` produced a recipe (command, budget, scores)
 
 
 def _check_types(values: dict, source: str) -> None:
@@ -204,6 +205,7 @@ def _read_config(text: str, source: str) -> dict:
     if not isinstance(obj, dict):
         raise FileFormatError(f"config file {source} must hold a JSON object")
     obj.pop(_COMMENT_KEY, None)
+    obj.pop(_TUNE_KEY, None)
     _check_types(obj, f"config file {source}")
     return obj
 

@@ -107,6 +107,11 @@ class Trainer:
                 "it or choose another --out"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        #: called as ``on_validate(step, metrics)`` after each validation (e.g. a search's
+        #: pruning); it may raise to stop the run
+        self.on_validate = None
+        #: False: ``fit`` stops after training (no test evaluation; model selection only)
+        self.evaluate_test = True
         self._prepare_data()
         self._build()
 
@@ -346,6 +351,8 @@ class Trainer:
         append_metrics(
             self.run_dir, {"step": st.step, "type": "eval", **{k: m[k] for k in _VAL_METRICS}}
         )
+        if self.on_validate is not None:
+            self.on_validate(st.step, m)
         if m["map_at_r"] > st.best:
             st.best, st.best_step = m["map_at_r"], st.step
             st.evals_without_improvement = 0
@@ -425,7 +432,7 @@ class Trainer:
                     break
         self._bar.close()
         result = self._training_result(time.perf_counter() - self._t_start)
-        if not self.cfg.evaluate:
+        if not self.cfg.evaluate or not self.evaluate_test:
             return {"evaluated": False, **result}
         return self.final_evaluation(result)
 
