@@ -455,7 +455,7 @@ def tune(
                 f"made by tripletlab tune on validation classes of the training split only "
                 f"({folds} fold(s), group depth {group_depth}); command: {summary['command']}"
             ),
-            **{k: v for k, v in base_values.items() if k != "data"},
+            **{k: v for k, v in base_values.items() if k not in ("data", "threads")},
             **opts,
         }
         recipe.pop("val_fold", None)

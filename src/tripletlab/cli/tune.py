@@ -30,6 +30,7 @@ def _add_tune(sub) -> None:
         "--val-group-depth", type=int, default=0, help="group classes by N folder levels"
     )
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per trial")
     p.add_argument("--resume", action="store_true", help="continue the study in --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_tune)
@@ -38,11 +39,16 @@ def _add_tune(sub) -> None:
 def _cmd_tune(args) -> int:
     from ..tune import tune
 
+    from ..config import load_config_file
+
+    base = load_config_file(args.config) if args.config else {}
+    if args.threads:
+        base["threads"] = args.threads
     n_trials = args.trials if args.trials is not None else (None if args.timeout else 10)
     summary = tune(
         args.data,
         out=args.out,
-        base=args.config,
+        base=base,
         space=args.space,
         n_trials=n_trials,
         timeout_s=args.timeout,
