@@ -431,7 +431,7 @@ def tune(
         log(
             f"trial {last['trial']}: {last['state'].lower()}"
             + (f", mean validation MAP@R {last['value']:.4f}" if last["value"] is not None else "")
-            + f" ({counted()} of {n_trials or '-'} trials, {elapsed:.0f}s)"
+            + f" ({counted()} of {n_trials or '-'} trials, {time.perf_counter() - t0:.0f}s)"
         )
     rows = _trial_rows(study)
     _write_tables(out, rows)
