@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+# ../shared/data beside the checkout; TRIPLETLAB_SHARED_DATA points elsewhere (e.g. a worktree)
+SHARED_DATA = Path(
+    os.environ.get("TRIPLETLAB_SHARED_DATA")
+    or Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+).resolve()
 
 
 def shared_data(name: str) -> Path:
@@ -47,3 +52,36 @@ def make_image_folder(
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "imgs")
+
+
+_TINY_WORDS = (
+    "a an the of or and to in is that by for with bond issued corporation iou united states "
+    "treasury small domesticated feline wild forest young cat dog car bus kitten puppy word "
+    "one two three four five red blue green animal vehicle money person place thing"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory) -> Path:
+    """A tiny randomly initialised BERT folder (config.json, model.safetensors, tokenizer with a
+    word-level vocab.txt): a local transformers model that loads in well under a second."""
+    transformers = pytest.importorskip("transformers", reason="text models need transformers")
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_TINY_WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tok.model_max_length = 32
+    tok.save_pretrained(folder)
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    transformers.BertModel(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -39,12 +39,15 @@ class Dataset:
     name: str
     predefined_split: dict[str, list[int]] | None = None
     info: dict = field(default_factory=dict)
+    texts: list[str] | None = None  # kind "text": the strings (x holds their row numbers)
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
             raise InputError(f"{self.x.shape[0]} samples but {self.y.shape[0]} labels")
         if self.paths is not None and len(self.paths) != self.x.shape[0]:
             raise InputError(f"{self.x.shape[0]} samples but {len(self.paths)} paths")
+        if self.texts is not None and len(self.texts) != self.x.shape[0]:
+            raise InputError(f"{self.x.shape[0]} samples but {len(self.texts)} texts")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -81,6 +84,7 @@ class Dataset:
             name=self.name,
             predefined_split=split,
             info=dict(self.info),
+            texts=None if self.texts is None else [self.texts[i] for i in idx_np.tolist()],
         )
 
     def summary(self) -> dict:
