@@ -17,7 +17,7 @@ import torch
 
 
 def _pairs():
-    from sentence_transformers.sentence_transformer import losses as L
+    from sentence_transformers import losses as L
 
     from tripletlab.integrations.sentence_transformers import TripletLoss
 
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
             lt, lo = t_fn(a, labels), o_fn(c, labels)
             lt.backward()
             lo.backward()
-            dv = abs(float(lt) - float(lo))
+            dv = abs(lt.item() - lo.item())
             dg = float((a.grad - c.grad).abs().max())
             print(
                 f"| {b} | {name} vs {strategy} | {tt:.4f} | {to:.4f} | {tt / to:.1f}x "

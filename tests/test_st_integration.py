@@ -13,10 +13,8 @@ from conftest import shared_data
 
 st = pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
 
-from sentence_transformers.sentence_transformer import losses as L  # noqa: E402
-from sentence_transformers.sentence_transformer.losses.batch_hard_triplet import (  # noqa: E402
-    BatchHardTripletLossDistanceFunction as DF,
-)
+from sentence_transformers import losses as L  # noqa: E402
+from sentence_transformers.losses import BatchHardTripletLossDistanceFunction as DF  # noqa: E402
 
 from tripletlab.errors import InputError, InputTypeError  # noqa: E402
 from tripletlab.integrations.sentence_transformers import (  # noqa: E402
@@ -134,7 +132,10 @@ def test_their_trainer_with_our_loss_on_wordnet_slice(tmp_path):
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-    from sentence_transformers.base.sampler import BatchSamplers
+    try:
+        from sentence_transformers.base.sampler import BatchSamplers  # 6.x
+    except ImportError:  # 3.x - 5.x
+        from sentence_transformers.training_args import BatchSamplers
 
     from tripletlab.models.text import resolve_text_model
 
