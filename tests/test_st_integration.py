@@ -132,6 +132,7 @@ def test_their_trainer_with_our_loss_on_wordnet_slice(tmp_path):
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
+
     try:
         from sentence_transformers.base.sampler import BatchSamplers  # 6.x
     except ImportError:  # 3.x - 5.x
