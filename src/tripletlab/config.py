@@ -185,11 +185,18 @@ def _check_choices(cfg: TrainConfig) -> None:
     from .distances import DISTANCES
     from .functional import SEMIHARD_FALLBACKS, STRATEGIES
     from .models import MODELS
+    from .models.text import BUILTIN_TEXT_MODELS
 
+    if cfg.model is not None and cfg.model not in MODELS and cfg.model not in BUILTIN_TEXT_MODELS:
+        if not Path(cfg.model).is_dir():
+            raise InputError(
+                f"unknown model {cfg.model!r}; choose one of {', '.join(sorted(MODELS))}, a "
+                f"built-in text model ({', '.join(BUILTIN_TEXT_MODELS)}) or a local text model "
+                "folder (--model PATH; nothing is downloaded)"
+            )
     for key, allowed in (
         ("split_by", [None, "class", "sample", "predefined"]),
         ("class_order", ["random", "sorted"]),
-        ("model", [None, *sorted(MODELS)]),
         ("strategy", list(STRATEGIES)),
         ("distance", list(DISTANCES)),
         ("semihard_fallback", list(SEMIHARD_FALLBACKS)),

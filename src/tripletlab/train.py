@@ -57,15 +57,17 @@ class NonFiniteError(TripletLabError):
 
 
 def embed(
-    model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512, device: str = "cpu"
+    model: torch.nn.Module, x: torch.Tensor | list[str], batch_size: int = 512, device: str = "cpu"
 ) -> torch.Tensor:
-    """Embeddings of ``x`` in eval mode, in batches, on the CPU."""
+    """Embeddings of ``x`` (a tensor, or a list of strings for text models) in eval mode, in
+    batches, on the CPU."""
     was_training = model.training
     model.eval()
     out = []
     with torch.no_grad():
-        for s in range(0, x.shape[0], batch_size):
-            out.append(model(x[s : s + batch_size].to(device)).float().cpu())
+        for s in range(0, len(x), batch_size):
+            chunk = x[s : s + batch_size]
+            out.append(model(chunk.to(device) if torch.is_tensor(chunk) else chunk).float().cpu())
     model.train(was_training)
     if not out:
         return torch.zeros(0, getattr(model, "config", {}).get("embedding_dim", 0))
@@ -230,7 +232,12 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     if not isinstance(model_cfg, dict):
         raise FileFormatError(f"{run_dir / 'config.json'} has no 'model' object")
     try:
-        model = build_model(model_cfg)
+        if model_cfg.get("name") == "text":  # architecture + tokenizer from RUN/encoder
+            from .models.text import ENCODER_DIR, build_text_encoder
+
+            model = build_text_encoder(model_cfg, weights=False, encoder_dir=run_dir / ENCODER_DIR)
+        else:
+            model = build_model(model_cfg)
     except InputError as e:
         raise FileFormatError(f"{run_dir / 'config.json'}: {e}") from None
     weights = run_dir / "model.safetensors"
@@ -337,11 +344,18 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         ds = self.train_set
-        mcfg = default_model_config(ds.input_shape, cfg.embedding_dim)
-        if cfg.model:
-            mcfg["name"] = cfg.model
-        mcfg.update(cfg.model_options)
-        self.model = build_model(mcfg).to(cfg.device)
+        if ds.kind == "text":  # a pretrained encoder: --model minilm or a folder
+            from .models.text import ENCODER_DIR, build_text_encoder
+
+            mcfg = {"name": "text", "encoder": cfg.model or "minilm", **cfg.model_options}
+            self.model = build_text_encoder(mcfg).to(cfg.device)
+            self.model.save_encoder_files(self.run_dir / ENCODER_DIR)
+        else:
+            mcfg = default_model_config(ds.input_shape, cfg.embedding_dim)
+            if cfg.model:
+                mcfg["name"] = cfg.model
+            mcfg.update(cfg.model_options)
+            self.model = build_model(mcfg).to(cfg.device)
         aug = cfg.augment if cfg.augment is not None else ("light" if ds.kind == "image" else None)
         self.augment = build_augment(aug, seed=cfg.seed + 2) if ds.kind == "image" else None
         self.loss_fn = TripletLoss(
@@ -458,7 +472,7 @@ class Trainer:
     def validate(self) -> dict | None:
         if self.val_set is None or len(self.val_set) == 0:
             return None
-        emb = embed(self.model, self.val_set.x, self.cfg.eval_batch_size, self.cfg.device)
+        emb = embed(self.model, self.val_set.inputs(), self.cfg.eval_batch_size, self.cfg.device)
         try:
             m = retrieval_metrics(
                 emb, self.val_set.y, ks=(1, 4), nmi=False, distance=eval_distance(self.model_config)
@@ -470,7 +484,8 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def _step(self, idx: list[int]) -> tuple[float, dict]:
         cfg = self.cfg
-        x = self.train_set.x[idx].to(cfg.device)
+        x = self.train_set.inputs(idx)
+        x = x.to(cfg.device) if torch.is_tensor(x) else x
         y = self.train_set.y[idx].to(cfg.device)
         if self.augment is not None:
             x = self.augment(x)
@@ -667,7 +682,7 @@ class Trainer:
         model, _ = load_run(self.run_dir)
         self.model.load_state_dict(model.state_dict())
         dist = eval_distance(self.model_config)
-        emb = embed(self.model, self.test_set.x, self.cfg.eval_batch_size, self.cfg.device)
+        emb = embed(self.model, self.test_set.inputs(), self.cfg.eval_batch_size, self.cfg.device)
         result: dict[str, Any] = {
             "split": "test",
             "distance": dist,
@@ -684,7 +699,9 @@ class Trainer:
         if self.test_info.get("by") == "predefined" and len(self.test_set):
             # the benchmark protocol of predefined splits (e.g. Fashion-MNIST): test queries
             # retrieved against the training items
-            ref = embed(self.model, self.train_full.x, self.cfg.eval_batch_size, self.cfg.device)
+            ref = embed(
+                self.model, self.train_full.inputs(), self.cfg.eval_batch_size, self.cfg.device
+            )
             result["retrieval_test_to_train"] = retrieval_metrics(
                 ref,
                 self.train_full.y,

