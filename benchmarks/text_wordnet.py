@@ -238,13 +238,16 @@ def _concat(a, b):
 
 def cmd_score(args) -> dict:
     """Score a ``tripletlab train`` run on the test (or validation) classes."""
-    from tripletlab.inference import Inference
-
     ds, fit, val, test, _ = load_splits()
     target = test if args.eval == "test" else val
-    inf = Inference(args.run)
-    e = inf.embed_inputs(target.texts)
-    e = torch.nn.functional.normalize(torch.as_tensor(e).float(), dim=1)
+    try:
+        from tripletlab.inference import Inference
+    except ImportError:  # before the inference module
+        from tripletlab.train import embed, load_run
+
+        e = embed(load_run(args.run)[0], target.inputs(), 64)
+    else:
+        e = torch.from_numpy(Inference.from_run(args.run).embed_dataset(target))
     return {"what": f"tripletlab run {args.run}", "eval": args.eval, **score(e, target.y)}
 
 
