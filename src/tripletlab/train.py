@@ -350,6 +350,13 @@ class Trainer:
             mcfg = {"name": "text", "encoder": cfg.model or "minilm", **cfg.model_options}
             self.model = build_text_encoder(mcfg).to(cfg.device)
             self.model.save_encoder_files(self.run_dir / ENCODER_DIR)
+            n_long = self.model.count_too_long(self.dataset.texts)
+            self.dataset.info["texts_truncated"] = n_long
+            if n_long:
+                self.log(
+                    f"note: {n_long} of {len(self.dataset)} texts are longer than "
+                    f"{self.model.max_length} tokens and are truncated"
+                )
         else:
             mcfg = default_model_config(ds.input_shape, cfg.embedding_dim)
             if cfg.model:
@@ -393,6 +400,11 @@ class Trainer:
                     "test": self.test_set.summary(),
                     "val": self.val_set.summary() if self.val_set is not None else None,
                     "classes": self.dataset.classes if len(self.dataset.classes) <= 5000 else None,
+                    **(
+                        {"texts_truncated": self.dataset.info["texts_truncated"]}
+                        if "texts_truncated" in self.dataset.info
+                        else {}
+                    ),
                 },
                 "eval_distance": eval_distance(self.model_config),
             },

@@ -190,6 +190,21 @@ class TextEncoder(nn.Module):
         self.n_truncated = 0
         self.config: dict = {}
 
+    def count_too_long(self, texts: Sequence[str], chunk: int = 4096) -> int:
+        """How many of ``texts`` have more than :attr:`max_length` tokens (they get truncated).
+
+        Example:
+            >>> enc.count_too_long(["short", "word " * 1000])  # doctest: +SKIP
+            1
+        """
+        n = 0
+        for s in range(0, len(texts), chunk):
+            ids = self.tokenizer(
+                list(texts[s : s + chunk]), add_special_tokens=True, truncation=False, verbose=False
+            )["input_ids"]
+            n += sum(len(i) > self.max_length for i in ids)
+        return n
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenizer outputs for ``texts`` (padded, truncated to :attr:`max_length`; counted)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
