@@ -89,6 +89,19 @@ class TextTriplets:
     def __len__(self) -> int:
         return len(self.anchors)
 
+    kind = "triplets"
+    classes = ()  # no labels
+
+    def summary(self) -> dict:
+        """Counts for the run's config.json."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "items": len(self),
+            "classes": 0,
+            "input_shape": [],
+        }
+
     def subset(self, indices) -> TextTriplets:
         idx = [int(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
         return TextTriplets(
