@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# ../shared/data beside the checkout; TRIPLETLAB_SHARED_DATA points elsewhere (e.g. a worktree)
+# ../shared/data beside the checkout; TRIPLETLAB_SHARED_DATA points elsewhere (e.g. a git worktree).
 SHARED_DATA = Path(
     os.environ.get("TRIPLETLAB_SHARED_DATA")
-    or Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    or (Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 ).resolve()
 
 

@@ -81,6 +81,7 @@ class TextTriplets:
     negatives: list[str]
     name: str = ""
     lines: list[int] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not len(self.anchors) == len(self.positives) == len(self.negatives):
