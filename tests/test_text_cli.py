@@ -103,6 +103,91 @@ def test_train_writes_a_self_contained_text_run(text_run):
     assert ev["n_items"] == 8 and 0.0 <= ev["retrieval"]["map_at_r"] <= 1.0
 
 
+def test_eval_embed_index_search_verify_report(text_run, tmp_path, capsys):
+    import numpy as np
+
+    run, data, _ = text_run
+    assert main(["eval", "--model", str(run), "--json"]) == 0  # the run's own test split
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["n_items"] == 8
+    assert main(["eval", "--model", str(run), "--data", str(data)]) == 0
+    assert "retrieval:" in capsys.readouterr().out
+    emb_file = tmp_path / "emb.npz"
+    assert main(["embed", "--model", str(run), "--data", str(data), "--out", str(emb_file)]) == 0
+    z = np.load(emb_file)
+    assert z["embeddings"].shape == (25, 32) and z["texts"][0] == "a small cat"
+    idx = tmp_path / "idx"
+    assert main(["index", "--model", str(run), "--data", str(data), "--out", str(idx)]) == 0
+    capsys.readouterr()
+    code = main(
+        ["search", "--model", str(run), "--index", str(idx), "a small cat", "-k", "3", "--json"]
+    )
+    assert code == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["query"] == "a small cat"
+    assert hits[0]["neighbours"][0]["path"] == "a small cat"  # the text itself, distance 0
+    assert hits[0]["neighbours"][0]["distance"] < 1e-5
+    q = tmp_path / "queries.txt"
+    q.write_text("a red bus\n\na young dog\n")
+    assert main(["search", "--model", str(run), "--index", str(idx), str(q), "--json"]) == 0
+    assert [h["query"] for h in json.loads(capsys.readouterr().out)] == ["a red bus", "a young dog"]
+    assert main(["verify", "--model", str(run), "a small cat", "a young cat", "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)
+    assert v["pairs"][0]["a"] == "a small cat" and isinstance(v["pairs"][0]["same"], bool)
+    assert main(["report", str(run)]) == 0
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert "retrieval gallery" in html and "a red bus" in html
+
+
+def test_wrong_kind_of_data_for_a_text_run(text_run, tmp_path, capsys):
+    run, _, _ = text_run
+    vec = tmp_path / "v.csv"
+    vec.write_text("a,b,label\n1,2,x\n3,4,y\n")
+    assert main(["eval", "--model", str(run), "--data", str(vec)]) == 1
+    assert "takes a text file" in capsys.readouterr().err
+
+
+def test_triplet_file_trains_with_explicit_triplets(tmp_path, tiny_text_model, capsys):
+    rows = [
+        {"anchor": "a small cat", "positive": "a young cat", "negative": "a red bus"},
+        {"anchor": "a red car", "positive": "a blue car", "negative": "a wild dog"},
+        {"anchor": "money", "positive": "a bond", "negative": "a green color"},
+        {"anchor": "a small dog", "positive": "a young dog", "negative": "a blue bus"},
+    ] * 3
+    data = tmp_path / "triplets.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--model",
+            str(tiny_text_model),
+            "--out",
+            str(run),
+            "--test-fraction",
+            "0.25",
+            "--val-fraction",
+            "0.2",
+            "--eval-every",
+            "2",
+            *FAST,
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "triplets: accuracy" in out
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["n_triplets"] == 3 and 0.0 <= ev["triplet_accuracy"] <= 1.0
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(split["train"] + split["val"] + split["test"]) == list(range(12))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("type") == "eval" and "triplet_accuracy" in m for m in metrics)
+    assert any("active_fraction" in m for m in metrics)  # the loss's stats, as for mining
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0  # already complete: resumes
+
+
 def test_unknown_model_name_is_a_clear_error(tmp_path, capsys):
     data = write_text_csv(tmp_path / "t.csv")
     code = main(["train", "--data", str(data), "--model", "bert-base-uncased", *FAST])

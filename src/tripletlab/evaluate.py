@@ -160,6 +160,12 @@ def summary_lines(result: EvalResult, run_dir: str | Path, training: bool = True
         f"test: {result.get('n_items', 0)} items, {result.get('n_classes', 0)} classes, "
         f"distance {result.get('distance')}"
     )
+    if "triplet_accuracy" in result:  # a triplet-file run
+        lines.append(
+            f"triplets: accuracy {result['triplet_accuracy']:.4f} (share with d(a,p) < d(a,n)) "
+            f"over {result.get('n_triplets', 0)} held-out triplets; mean d(a,p) "
+            f"{result.get('mean_d_ap', 0):.4f}, d(a,n) {result.get('mean_d_an', 0):.4f}"
+        )
     r2 = result.get("retrieval_test_to_train")
     if r2:
         lines.append(

@@ -254,6 +254,14 @@ def load_dataset_for_run(cfg: dict, data: str, skip_bad: bool = False) -> Datase
         grayscale=prep["grayscale"],
         skip_bad=skip_bad,
     )
+    is_text_model = cfg.get("model", {}).get("name") == "text"
+    if is_text_model != (ds.kind == "text"):
+        want = (
+            "a text file (.csv/.tsv/.jsonl with text,label)"
+            if is_text_model
+            else ("images or vectors")
+        )
+        raise InputError(f"data {data} is {ds.kind} data but this run's model takes {want}")
     if list(ds.input_shape) != prep["input_shape"]:
         raise InputError(
             f"data {data} has input shape {list(ds.input_shape)} but the model "

@@ -20,7 +20,7 @@ import torch
 
 from .collapse import CollapseDetector
 from .config import TrainConfig
-from .data import apply_split, load_dataset, split_dataset
+from .data import Dataset, apply_split, load_dataset, split_dataset
 from .errors import FileFormatError, InputError, NonFiniteError
 from .evaluate import EvalResult, embed, eval_distance, evaluate_embeddings, summary_lines
 from .losses import TripletLoss
@@ -87,6 +87,10 @@ class Trainer:
         ...                                 "out": "/tmp/tl-doc-run", "report": False})
         >>> result = Trainer(cfg).fit()  # doctest: +SKIP
     """
+
+    #: the validation metric that picks the saved model, and the ones logged
+    selection_metric = "map_at_r"
+    val_metrics = _VAL_METRICS
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print) -> None:
         self.cfg = cfg
@@ -221,7 +225,7 @@ class Trainer:
         ds = self.dataset
         texts = (
             ds.texts
-            if ds.texts is not None
+            if isinstance(ds, Dataset)
             else [t for part in (ds.anchors, ds.positives, ds.negatives) for t in part]
         )
         n_long = model.count_too_long(texts)
@@ -371,17 +375,18 @@ class Trainer:
             self._save_best()
             return False
         append_metrics(
-            self.run_dir, {"step": st.step, "type": "eval", **{k: m[k] for k in _VAL_METRICS}}
+            self.run_dir, {"step": st.step, "type": "eval", **{k: m[k] for k in self.val_metrics}}
         )
-        if m["map_at_r"] > st.best:
-            st.best, st.best_step = m["map_at_r"], st.step
+        if m[self.selection_metric] > st.best:
+            st.best, st.best_step = m[self.selection_metric], st.step
             st.evals_without_improvement = 0
             self._save_best()
             return False
         st.evals_without_improvement += 1
         if patience and st.evals_without_improvement >= patience:
             self.log(
-                f"early stopping at step {st.step}: no MAP@R improvement in {patience} evaluations"
+                f"early stopping at step {st.step}: no {self.selection_metric} improvement in "
+                f"{patience} evaluations"
             )
             return True
         return False

@@ -117,6 +117,7 @@ class TripletFileTrainer(Trainer):
     """
 
     selection_metric = "triplet_accuracy"
+    val_metrics = ("triplet_accuracy", "mean_d_ap", "mean_d_an")
 
     def _prepare_data(self) -> None:
         cfg = self.cfg

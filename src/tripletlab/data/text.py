@@ -35,6 +35,7 @@ from .dataset import Dataset, natural_key
 
 __all__ = [
     "TEXT_EXTENSIONS",
+    "is_triplet_file",
     "TextTriplets",
     "is_text_file",
     "load_text_dataset",
@@ -64,6 +65,17 @@ def is_text_file(path: str | os.PathLike[str]) -> bool:
         return False
     header = {h.strip().lower() for h in next(csv.reader([first]), [])}
     return "text" in header or "anchor" in header
+
+
+def is_triplet_file(path: str | os.PathLike[str]) -> bool:
+    """True for a text file whose columns include ``anchor,positive,negative``."""
+    if not is_text_file(path) or not Path(path).is_file():
+        return False
+    try:
+        columns, _ = read_text_rows(path)
+    except (FileFormatError, InputError):
+        return False  # loading it reports the problem
+    return set(_TRIPLET) <= set(columns)
 
 
 @dataclass
