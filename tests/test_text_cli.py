@@ -238,3 +238,31 @@ def test_minilm_on_a_wordnet_slice(tmp_path):
     ev = json.loads((run / "eval.json").read_text())
     assert ev["n_classes"] == 6  # 25% of 24 classes held out
     assert ev["retrieval"]["precision_at_1"] > 0.5  # MiniLM already separates glosses well
+
+
+def test_text_defaults_for_lr_and_epochs():
+    from types import SimpleNamespace
+
+    from tripletlab.config import resolve_config
+    from tripletlab.train import Trainer
+
+    cfg = resolve_config()
+    for kind, lr, epochs in (("text", 2e-5, 1), ("triplets", 2e-5, 1), ("image", 1e-3, 20)):
+        t = SimpleNamespace(cfg=cfg, train_set=SimpleNamespace(kind=kind))
+        t._is_text = lambda t=t: Trainer._is_text(t)
+        assert (Trainer._lr(t), Trainer._epochs(t)) == (lr, epochs)
+    explicit = resolve_config(overrides={"lr": 0.1, "epochs": 3})
+    t = SimpleNamespace(cfg=explicit, _is_text=lambda: True)
+    assert (Trainer._lr(t), Trainer._epochs(t)) == (0.1, 3)
+
+
+def test_inference_rejects_empty_query_text(text_run):
+    from tripletlab.errors import InputError
+    from tripletlab.inference import Inference
+
+    inf = Inference.from_run(text_run[0])
+    assert inf.takes_texts and inf.embedding_dim == 32
+    with pytest.raises(InputError, match="empty text at position 1"):
+        inf.embed_texts(["a cat", "  "])
+    with pytest.raises(InputError, match="takes texts"):
+        inf.embed_files(["x.png"])
