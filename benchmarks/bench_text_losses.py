@@ -17,7 +17,10 @@ import torch
 
 
 def _pairs():
-    from sentence_transformers import losses as L
+    try:  # 6.x layout
+        from sentence_transformers.sentence_transformer import losses as L
+    except ImportError:
+        from sentence_transformers import losses as L
 
     from tripletlab.integrations.sentence_transformers import TripletLoss
 

@@ -13,8 +13,11 @@ from conftest import shared_data
 
 st = pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
 
-from sentence_transformers import losses as L  # noqa: E402
-from sentence_transformers.losses import BatchHardTripletLossDistanceFunction as DF  # noqa: E402
+try:  # 6.x layout (the top-level alias is deprecated there)
+    from sentence_transformers.sentence_transformer import losses as L
+except ImportError:  # 3.x - 5.x
+    from sentence_transformers import losses as L
+DF = L.BatchHardTripletLossDistanceFunction
 
 from tripletlab.errors import InputError, InputTypeError  # noqa: E402
 from tripletlab.integrations.sentence_transformers import (  # noqa: E402
