@@ -37,9 +37,8 @@ def _add_tune(sub) -> None:
 
 
 def _cmd_tune(args) -> int:
-    from ..tune import tune
-
     from ..config import load_config_file
+    from ..tune import tune
 
     base = load_config_file(args.config) if args.config else {}
     if args.threads:
