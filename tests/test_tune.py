@@ -151,3 +151,34 @@ def test_tune_killed_mid_trial_then_resume(tmp_path):
     assert "was interrupted: marked failed" in res.stderr
     summary = json.loads(res.stdout)
     assert summary["trials_complete"] == 2 and summary["trials_failed"] == 1
+
+
+class _Untouchable:
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read during training ({name})")
+
+    def __len__(self):
+        raise AssertionError("the test split was read during training (len)")
+
+
+def test_training_and_selection_never_read_the_test_split(tmp_path):
+    from tripletlab.config import resolve_config
+    from tripletlab.train import Trainer
+
+    cfg = resolve_config(
+        overrides={
+            "steps": 12,
+            "eval_every": 4,
+            "patience": 2,
+            "quiet": True,
+            "report": False,
+            "out": str(tmp_path / "r"),
+        }  # fmt: skip
+    )
+    tr = Trainer(cfg, log=lambda *a: None)
+    tr.test_set = _Untouchable()
+    tr.evaluate_test = False
+    seen = []
+    tr.on_validate = lambda step, m: seen.append(step)
+    res = tr.fit()
+    assert res["evaluated"] is False and seen and tr.state.best_step in seen
