@@ -363,6 +363,7 @@ def tune(
             "group_depth": group_depth,
             "base": {k: v for k, v in base_values.items()},
             "command": command,
+            "budget": {"n_trials": n_trials, "timeout_s": timeout_s},
         }.items():
             study.set_user_attr(k, v)
 
@@ -437,15 +438,18 @@ def tune(
     _write_tables(out, rows)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     summary: dict[str, Any] = {
-        "command": command or study.user_attrs.get("command"),
+        "command": study.user_attrs.get("command") or command,
+        "resumed_with": command if resume else None,
         "data": data,
-        "budget": {"n_trials": n_trials, "timeout_s": timeout_s},
+        "budget": study.user_attrs.get("budget") or {"n_trials": n_trials, "timeout_s": timeout_s},
+        "resume_budget": {"n_trials": n_trials, "timeout_s": timeout_s} if resume else None,
         "folds": folds,
         "group_depth": group_depth,
         "trials_complete": len(complete),
         "trials_pruned": sum(t.state.name == "PRUNED" for t in study.trials),
         "trials_failed": sum(t.state.name == "FAIL" for t in study.trials),
-        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "wall_time_s": round(time.perf_counter() - t0, 1),  # this call
+        "trials_time_s": round(sum(r["seconds"] or 0.0 for r in _trial_rows(study)), 1),
     }
     if complete:
         best = study.best_trial
