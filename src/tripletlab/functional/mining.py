@@ -157,10 +157,10 @@ def _mine_random(dist, labels, ref_labels, exclude_self, opts: MineOptions) -> I
 
 
 def _weighted_negative(c: PairChunk, opts: MineOptions) -> tuple[torch.Tensor, None]:
-    w = distance_weighted_probabilities(
-        c.d, c.neg, dim=opts.dim, cutoff=opts.cutoff, nonzero_loss_cutoff=opts.nonzero_loss_cutoff
-    )
-    safe = torch.where(c.has_neg, w, torch.ones_like(w)).cpu().double()
+    if opts.dim is None:
+        raise InputError("distance-weighted sampling needs the embedding dimension")
+    w = _weights64(c.d, c.neg, opts.dim, opts.cutoff, opts.nonzero_loss_cutoff)
+    safe = w.masked_fill_(~c.has_neg, 1.0).cpu()
     nn = torch.multinomial(safe, c.slots.shape[1], replacement=True, generator=opts.generator)
     return nn.to(c.d.device), None
 
@@ -201,16 +201,29 @@ def distance_weighted_probabilities(
     """
     if dim is None:
         raise InputError("distance-weighted sampling needs the embedding dimension")
-    with torch.no_grad():
-        d = dist.detach().double().clamp_min(cutoff)
-        one_minus = (1.0 - 0.25 * d * d).clamp_min(1e-8)
-        log_w = (2.0 - dim) * torch.log(d) - ((dim - 3) / 2.0) * torch.log(one_minus)
-        ok = neg_mask & (dist.detach() < nonzero_loss_cutoff)
-        log_w = log_w.masked_fill(~ok, -_INF)
-        row_max = log_w.max(dim=1, keepdim=True).values
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        w = torch.exp(log_w - row_max)
-        s = w.sum(dim=1, keepdim=True)
-        uniform = neg_mask.double()
-        w = torch.where(s > 0, w / s.clamp_min(1e-300), uniform / uniform.sum(1, True).clamp_min(1))
-    return w.to(dist.dtype)
+    return _weights64(dist, neg_mask, dim, cutoff, nonzero_loss_cutoff).to(dist.dtype)
+
+
+@torch.no_grad()
+def _weights64(
+    dist: torch.Tensor, neg_mask: torch.Tensor, dim: int, cutoff: float, nonzero_loss_cutoff: float
+) -> torch.Tensor:
+    """:func:`distance_weighted_probabilities` in float64, in place on one float64 copy of
+    ``dist`` (each step is one pass over the (rows, R) matrix; no further temporaries)."""
+    dist = dist.detach()
+    ok = neg_mask & (dist < nonzero_loss_cutoff)
+    d = dist.double().clamp_min_(cutoff)
+    one_minus = (d * d).mul_(-0.25).add_(1.0).clamp_min_(1e-8).log_()
+    log_w = d.log_().mul_(2.0 - dim).sub_(one_minus, alpha=(dim - 3) / 2.0)
+    del one_minus
+    log_w.masked_fill_(~ok, -_INF)
+    row_max = log_w.max(dim=1, keepdim=True).values
+    row_max.masked_fill_(~torch.isfinite(row_max), 0.0)
+    w = log_w.sub_(row_max).exp_()
+    s = w.sum(dim=1, keepdim=True)
+    empty = (s <= 0).squeeze(1)
+    w.div_(s.clamp_min_(1e-300))
+    if bool(empty.any()):  # rows without a weighted negative: uniform over their negatives
+        uniform = neg_mask[empty].double()
+        w[empty] = uniform / uniform.sum(1, True).clamp_min(1)
+    return w
