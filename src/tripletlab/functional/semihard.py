@@ -32,8 +32,12 @@ def semihard_slots(
     if width <= _knobs._DIRECT_SLOTS:
         idx = torch.empty(rows, width, dtype=torch.long, device=d.device)
         found = torch.empty(rows, width, dtype=torch.bool, device=d.device)
-        for q in range(width):
-            cand = torch.where(neg & (d > d_ap[:, q : q + 1]), d, inf)
+        dn = d.masked_fill(~neg, inf)  # negatives only, once per chunk
+        le = torch.empty_like(neg)
+        cand = torch.empty_like(dn)
+        for q in range(width):  # 3 passes per slot (compare, select, min), reused buffers
+            torch.le(dn, d_ap[:, q : q + 1], out=le)
+            torch.where(le, inf, dn, out=cand)
             val, arg = cand.min(dim=1)
             idx[:, q] = arg
             found[:, q] = torch.isfinite(val)
@@ -48,8 +52,12 @@ def _semihard_negative(c: PairChunk, opts: MineOptions) -> tuple[torch.Tensor, t
     nn, found = semihard_slots(c.d, c.neg, c.d.gather(1, c.slots))
     if opts.semihard_fallback == "drop":
         return nn, found
-    far = torch.where(c.neg, c.d, -float("inf")).argmax(dim=1, keepdim=True)  # "easiest"
-    return torch.where(found, nn, far), None
+    # "easiest": the farthest negative, only for the rows with a real pair that found none
+    need = (~found & c.valid).any(dim=1).nonzero().squeeze(1)
+    if need.numel():
+        far = c.d[need].masked_fill(~c.neg[need], -float("inf")).argmax(dim=1, keepdim=True)
+        nn[need] = torch.where(found[need], nn[need], far)
+    return nn, None
 
 
 def _mine_semihard(dist, labels, ref_labels, exclude_self, opts: MineOptions) -> IndexTuple:
