@@ -49,7 +49,7 @@ def _hinge_all_chunk(d: torch.Tensor, same, slots, valid, margin: float):
         le = torch.empty(j.shape, dtype=torch.bool, device=d.device)
         c = torch.empty(d.shape[0], width, dtype=d.dtype, device=d.device)
         for q in range(width):
-            c[:, q] = torch.le(j, q, out=le).sum(dim=1)
+            c[:, q] = torch.le(j, q, out=le).sum(dim=1, dtype=torch.int32)
         return sthr, perm, j, c
     # many thresholds: a histogram of j per row, then a running sum
     hist = torch.zeros(d.shape[0], width + 1, dtype=d.dtype, device=d.device)
@@ -181,7 +181,7 @@ def _chunk_moments(acc: dict[str, torch.Tensor], d: torch.Tensor, s, exclude_sel
     :func:`_all_triplet_moments`)."""
     r = d.shape[1]
     n_pos = s.valid.sum(dim=1).double()
-    n_neg = (r - torch.count_nonzero(s.same, dim=1)).double()
+    n_neg = (r - s.same.sum(dim=1, dtype=torch.int32)).double()
     row_sum = d.sum(dim=1, dtype=torch.float64)
     ap_sum = (d.gather(1, s.slots) * s.valid).sum(dim=1).double()
     same_sum = ap_sum

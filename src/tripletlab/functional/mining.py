@@ -68,6 +68,12 @@ def _cat_triplets(out_a: list, out_p: list, out_n: list, device: torch.device) -
     return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
 
 
+def _n_same(s) -> torch.Tensor:
+    """(rows, 1) columns with the anchor's label (an int32 sum: a bool ``any``/``all`` or an
+    int64 count over (rows, R) costs several times more on CPU)."""
+    return s.same.sum(dim=1, keepdim=True, dtype=torch.int32)
+
+
 def per_pair(
     dist: torch.Tensor,
     labels: torch.Tensor,
@@ -83,7 +89,7 @@ def per_pair(
             continue
         rows = s.rows
         neg = ~s.same
-        has_neg = neg.any(dim=1, keepdim=True)
+        has_neg = _n_same(s) < s.same.shape[1]
         nn, extra = choose(PairChunk(dist[rows], neg, has_neg, s.slots, s.valid), opts)
         keep = s.valid & has_neg
         if extra is not None:
@@ -109,13 +115,15 @@ def per_anchor(
     out_a, out_p, out_n = [], [], []
     for s in iter_label_slots(labels, ref_labels, exclude_self):
         d = dist[s.rows]
-        pos = s.pos
+        # the positive from the slot table (ascending columns: ties go to the lowest column)
+        d_ap = d.gather(1, s.slots)
         if farthest_positive:
-            p = d.masked_fill(~pos, -_INF).argmax(dim=1)
+            q = d_ap.masked_fill_(~s.valid, -_INF).argmax(dim=1, keepdim=True)
         else:
-            p = d.masked_fill(~pos, _INF).argmin(dim=1)
+            q = d_ap.masked_fill_(~s.valid, _INF).argmin(dim=1, keepdim=True)
+        p = s.slots.gather(1, q).squeeze(1)
         n = d.masked_fill(s.same, _INF).argmin(dim=1)
-        keep = pos.any(dim=1) & ~s.same.all(dim=1)
+        keep = (s.n_pos > 0) & (_n_same(s).squeeze(1) < s.same.shape[1])
         a = torch.arange(s.rows.start, s.rows.stop, device=dist.device)
         out_a.append(a[keep])
         out_p.append(p[keep])
@@ -212,7 +220,7 @@ def _weights64(
     ``dist`` (each step is one pass over the (rows, R) matrix; no further temporaries)."""
     dist = dist.detach()
     ok = neg_mask & (dist < nonzero_loss_cutoff)
-    d = dist.double().clamp_min_(cutoff)
+    d = dist.to(torch.float64, copy=True).clamp_min_(cutoff)  # never in place on the input
     one_minus = (d * d).mul_(-0.25).add_(1.0).clamp_min_(1e-8).log_()
     log_w = d.log_().mul_(2.0 - dim).sub_(one_minus, alpha=(dim - 3) / 2.0)
     del one_minus

@@ -96,7 +96,7 @@ def pair_facts(
     with torch.no_grad():
         for s in iter_label_slots(labels, ref_labels, exclude_self):
             n_pos += int(s.n_pos.sum())
-            has_neg = torch.count_nonzero(s.same, dim=1) < r
+            has_neg = s.same.sum(dim=1, dtype=torch.int32) < r
             has_both = has_both or bool(((s.n_pos > 0) & has_neg).any())
     return n_pos, has_both
 
