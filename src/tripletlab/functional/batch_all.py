@@ -57,16 +57,20 @@ def _hinge_all_chunk(d: torch.Tensor, same, slots, valid, margin: float):
     return sthr, perm, j, hist.cumsum(dim=1)[:, :width]
 
 
-def _hinge_sum(dist, labels, ref_labels, exclude_self, margin, moments=None):
+def _hinge_sum(dist, labels, ref_labels, exclude_self, margin, moments=None, cache=None):
     """Sum of max(0, d_ap - d_an + m) over all valid triplets and the number of active ones;
-    with a ``moments`` dict, :func:`_chunk_moments` accumulates into it in the same pass."""
+    with a ``moments`` dict, :func:`_chunk_moments` accumulates into it in the same pass; with a
+    ``cache`` list, each chunk's small (rows, P) results ``(sorted thresholds, perm, c)`` are
+    appended for the backward (O(B P) memory)."""
     total = torch.zeros((), dtype=torch.float64, device=dist.device)
     n_active = torch.zeros((), dtype=torch.float64, device=dist.device)
     for s in iter_label_slots(labels, ref_labels, exclude_self):
         d = dist[s.rows]
         if moments is not None:
             _chunk_moments(moments, d, s, exclude_self)
-        sthr, _, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
+        sthr, perm, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
+        if cache is not None:
+            cache.append((sthr, perm, c))
         # active triplets per (anchor, negative): P - j (0 where j = P: positives, the anchor)
         cnt = j.to(d.dtype).neg_().add_(sthr.shape[1])
         finite = torch.where(torch.isfinite(sthr), sthr, 0.0)
@@ -76,12 +80,18 @@ def _hinge_sum(dist, labels, ref_labels, exclude_self, margin, moments=None):
     return total, n_active.round().long()  # a float64 sum of exact counts
 
 
-def _hinge_grad(dist, labels, ref_labels, exclude_self, margin):
+def _hinge_grad(dist, labels, ref_labels, exclude_self, margin, cache=None):
     """d(sum of hinge losses)/d dist: -#{p : d_an < d_ap + m} at (a, n), the count of active
-    negatives at (a, p)."""
+    negatives at (a, p). ``cache``: the forward's per-chunk ``(sorted thresholds, perm, c)``;
+    then only ``j`` is recomputed (P comparisons per entry), not the sort nor the counts."""
     grad = torch.empty_like(dist)
-    for s in iter_label_slots(labels, ref_labels, exclude_self):
-        _, perm, j, c = _hinge_all_chunk(dist[s.rows], s.same, s.slots, s.valid, margin)
+    for i, s in enumerate(iter_label_slots(labels, ref_labels, exclude_self)):
+        d = dist[s.rows]
+        if cache is None:
+            _, perm, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
+        else:
+            sthr, perm, c = cache[i]
+            j = _count_at_or_below(sthr, d).masked_fill_(s.same, sthr.shape[1])
         g = grad[s.rows]
         # dL/d(a, n) = -#{p : d_an < d_ap + m}
         g.copy_(j).sub_(perm.shape[1])
@@ -152,7 +162,10 @@ class _BatchAllSum(torch.autograd.Function):
         if margin is None:
             total, n_active = _soft_sum(dist, labels, ref_labels, exclude_self)
         else:
-            total, n_active = _hinge_sum(dist, labels, ref_labels, exclude_self, margin, moments)
+            ctx.cache = []
+            total, n_active = _hinge_sum(
+                dist, labels, ref_labels, exclude_self, margin, moments, ctx.cache
+            )
         ctx.save_for_backward(dist, labels, ref_labels)
         ctx.exclude_self, ctx.margin = exclude_self, margin
         ctx.mark_non_differentiable(n_active)
@@ -164,7 +177,8 @@ class _BatchAllSum(torch.autograd.Function):
         if ctx.margin is None:
             grad = _soft_grad(dist, labels, ref_labels, ctx.exclude_self)
         else:
-            grad = _hinge_grad(dist, labels, ref_labels, ctx.exclude_self, ctx.margin)
+            grad = _hinge_grad(dist, labels, ref_labels, ctx.exclude_self, ctx.margin, ctx.cache)
+            ctx.cache = None
         return grad.mul_(grad_total), None, None, None, None, None
 
 
@@ -182,7 +196,7 @@ def _chunk_moments(acc: dict[str, torch.Tensor], d: torch.Tensor, s, exclude_sel
     r = d.shape[1]
     n_pos = s.valid.sum(dim=1).double()
     n_neg = (r - s.same.sum(dim=1, dtype=torch.int32)).double()
-    row_sum = d.sum(dim=1, dtype=torch.float64)
+    row_sum = d.sum(dim=1).double()
     ap_sum = (d.gather(1, s.slots) * s.valid).sum(dim=1).double()
     same_sum = ap_sum
     if exclude_self:  # the anchor itself is "same" but not a positive
