@@ -33,16 +33,16 @@ def semihard_slots(
         idx = torch.empty(rows, width, dtype=torch.long, device=d.device)
         found = torch.empty(rows, width, dtype=torch.bool, device=d.device)
         # Arithmetic masks: on CPU ``where``/``masked_fill`` with a bool mask cost ~25x a
-        # vectorised add. Excluded entries get + BIG (float max): >= BIG, or inf, while every
-        # real candidate keeps its exact value (+ 0.0), so "found" is ``min < BIG``.
+        # vectorised add. Excluded entries (not a negative, or d_an <= d_ap) get + BIG (float
+        # max): >= BIG, while every candidate keeps its exact value (+ 0.0): "found" is
+        # ``min < BIG``.
         big = torch.finfo(d.dtype).max
-        flag = torch.empty_like(d)
-        dn = torch.add(d, flag.copy_(~neg), alpha=big)  # non-negatives pushed out, once
-        le = torch.empty_like(neg)
-        cand = torch.empty_like(dn)
-        for q in range(width):  # per slot: compare, flag, add, min
-            torch.le(dn, d_ap[:, q : q + 1], out=le)
-            torch.add(dn, flag.copy_(le), alpha=big, out=cand)
+        same = ~neg
+        flag = torch.empty_like(d)  # the only (rows, R) float temporary
+        out = torch.empty_like(neg)
+        for q in range(width):  # per slot: compare, or, flag, add (in place), min
+            torch.le(d, d_ap[:, q : q + 1], out=out).logical_or_(same)
+            cand = torch.add(d, flag.copy_(out), alpha=big, out=flag)
             val, arg = cand.min(dim=1)
             idx[:, q] = arg
             found[:, q] = val < big
