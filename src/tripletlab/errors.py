@@ -17,6 +17,10 @@ class InputError(TripletLabError, ValueError):
     """An argument has the wrong shape, dtype, value or name (e.g. NaN embeddings)."""
 
 
+class UsageError(InputError):
+    """A command was called wrongly (missing or conflicting arguments); the CLI exits 2."""
+
+
 class InputTypeError(TripletLabError, TypeError):
     """An argument has the wrong type (e.g. float labels where integer labels are required)."""
 

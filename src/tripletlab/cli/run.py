@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from ..validation import EVAL_DISTANCES
 from ._base import print_json, register_command
 
@@ -213,7 +213,9 @@ def _cmd_verify(args) -> int:
     elif len(args.inputs) == 2:
         pairs = [tuple(args.inputs)]
     else:
-        raise InputError("give two inputs, or --pairs FILE")
+        raise UsageError(
+            f"verify needs two inputs or --pairs FILE (got {len(args.inputs)} input(s))"
+        )
     inf = _inference(args)
     threshold = args.threshold if args.threshold is not None else inf.threshold
     if threshold is None:

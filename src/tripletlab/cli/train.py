@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RECIPES, TrainConfig, load_config_file, option_choices, resolve_config
-from ..errors import InputError
+from ..errors import UsageError
 from ._base import print_json, register_command
 
 _SCALARS = {"bool": bool, "int": int, "float": float}
@@ -115,10 +115,12 @@ def _cmd_train(args) -> int:
     overrides = config_overrides(args)
     if args.resume:
         run = Path(args.resume)
-        saved = read_json(run / "config.json", "run config").get("train", {})
         extra = sorted(set(overrides) - {"quiet", "report"})
-        if extra:
-            raise InputError(f"--resume continues the saved configuration; drop {extra}")
+        if extra or args.config_file:
+            raise UsageError(
+                f"--resume continues the saved configuration; drop {extra or ['--config']}"
+            )
+        saved = read_json(run / "config.json", "run config").get("train", {})
         cfg = resolve_config(saved, {**overrides, "out": str(run)})
         trainer = Trainer(cfg, resume=True)
     else:
