@@ -106,3 +106,26 @@ def test_device_cuda_without_cuda_is_a_message(tmp_path):
     rc, _, err = run_cli("train", "--device", "cuda", "--out", str(tmp_path / "r"), *TINY)
     assert rc == 1, err
     assert "Traceback" not in err and "CUDA" in err
+
+
+# ------------------------------------------------------------------------------ progress
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
+    """stderr is a pipe here, as under nohup or CI: lines instead of a silent run."""
+
+    def train(name, *extra):
+        args = ["train", "--out", str(tmp_path / name), "--steps", "20", "--log-every", "5"]
+        args += ["--embedding-dim", "8", "--p", "5", "--no-report", "--val-fraction", "0"]
+        rc, _, err = run_cli(*args, *extra)
+        assert rc == 0, err
+        assert "\r" not in err  # no bar redrawn into a log file
+        return [ln for ln in err.splitlines() if ln.startswith("step ")]
+
+    lines = train("every", "--progress-every", "0")
+    assert [ln.split()[1] for ln in lines] == ["5/20", "10/20", "15/20", "20/20"]
+    for word in ("loss", "active", "samples/s", "elapsed", "ETA"):
+        assert word in lines[0]
+    # the default (every 30 s): the first logged step and the last one
+    assert [ln.split()[1] for ln in train("default")] == ["5/20", "20/20"]
+    assert train("quiet", "--quiet") == []

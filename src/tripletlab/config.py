@@ -136,7 +136,14 @@ class TrainConfig:
         flag="--no-eval",
     )
     report: bool = _opt(True, "do not write report.html at the end", flag="--no-report")
-    quiet: bool = _opt(False, "no progress bar")
+    quiet: bool = _opt(False, "no progress bar or progress lines")
+    progress_every: float = _opt(
+        30.0,
+        "seconds between progress lines (step, loss, active fraction, samples/s, ETA) when "
+        "stderr is not a terminal (nohup, CI, a log file); 0 = at every logged step. On a "
+        "terminal a progress bar is shown instead",
+        metavar="SECONDS",
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -294,6 +301,8 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError("steps must be >= 1")
     if cfg.epochs < 1:
         raise InputError("epochs must be >= 1")
+    if cfg.progress_every < 0:
+        raise InputError("progress_every must be >= 0 seconds")
     if cfg.threads is not None and cfg.threads < 1:
         raise InputError("threads must be >= 1")
     _check_choices(cfg)

@@ -68,6 +68,15 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _clock(seconds: float) -> str:
+    """``h:mm:ss`` / ``m:ss`` of a duration ('?' when unknown)."""
+    if not math.isfinite(seconds):
+        return "?"
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
 @dataclass
 class _Running:
     step: int = 0
@@ -305,6 +314,30 @@ class Trainer:
         append_metrics(self.run_dir, rec)
         self._t_log, self._seen = now, 0
         self._bar.set_postfix(loss=f"{loss:.4f}", active=f"{stats.get('active_fraction', 0):.2f}")
+        self._progress_line(loss, stats, now)
+
+    def _progress_line(self, loss: float, stats: dict, now: float) -> None:
+        """Without a progress bar (stderr not a terminal) and not quiet: one line on stderr at
+        the first logged step, then every ``progress_every`` seconds, and at the last step."""
+        st, cfg = self.state, self.cfg
+        if not self._lines or (
+            st.step != self.total_steps
+            and self._t_line is not None
+            and now - self._t_line < cfg.progress_every
+        ):
+            return
+        self._t_line = now
+        done = st.step - self._first_step
+        elapsed = now - self._t_start
+        eta = elapsed / done * (self.total_steps - st.step) if done else float("nan")
+        rate = self._throughput()
+        print(
+            f"step {st.step}/{self.total_steps} ({100 * st.step / self.total_steps:.0f}%)  "
+            f"loss {loss:.4f}  active {stats.get('active_fraction', float('nan')):.2f}  "
+            f"{rate or 0:.0f} samples/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def validate(self) -> dict | None:
         """Retrieval metrics of the validation split (None without one)."""
@@ -373,10 +406,14 @@ class Trainer:
         cfg = self.cfg
         self.collapse: dict | None = None
         self._collapse = CollapseDetector(cfg.margin, cfg.soft_margin)
+        tty = sys.stderr.isatty()
+        self._lines = not cfg.quiet and not tty  # progress lines instead of a bar
+        self._t_line: float | None = None
+        self._first_step = self.state.step
         self._bar = tqdm(
             total=self.total_steps,
             initial=self.state.step,
-            disable=cfg.quiet or not sys.stderr.isatty(),
+            disable=cfg.quiet or not tty,
             unit="step",
             dynamic_ncols=True,
         )
