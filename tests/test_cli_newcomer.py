@@ -129,3 +129,95 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     # the default (every 30 s): the first logged step and the last one
     assert [ln.split()[1] for ln in train("default")] == ["5/20", "20/20"]
     assert train("quiet", "--quiet") == []
+
+
+# ------------------------------------------------------------------- resume and run files
+
+SMALL = ["--embedding-dim", "8", "--p", "5", "--log-every", "5", "--eval-every", "10"]
+
+
+def test_resume_finished_run_keeps_eval_and_steps_extend_it(tmp_path):
+    run = tmp_path / "run"
+    rc, _, err = run_cli("train", "--out", str(run), "--steps", "20", *SMALL, "--no-report")
+    assert rc == 0, err
+    before = (run / "eval.json").read_bytes()
+    first = json.loads(before)
+    assert first["train_time_s"] > 0
+    rc, _, err = run_cli("train", "--resume", str(run))
+    assert rc == 0, err
+    assert "already finished at step 20" in err
+    assert (run / "eval.json").read_bytes() == before  # no 0-second re-evaluation
+    rc, out, err = run_cli("train", "--resume", str(run), "--steps", "30", "--json")
+    assert rc == 0, err
+    assert "extended from 20" in err
+    ev = json.loads(out)
+    assert ev["steps"] == 30 and ev["train_time_s"] > first["train_time_s"]
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 30
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss" in r]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    rc, _, err = run_cli("train", "--resume", str(run), "--steps", "10")
+    assert rc == 1 and "greater than 30" in err and "Traceback" not in err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--steps", "100000", *SMALL, "--progress-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tripletlab", *args, "--no-report", "--checkpoint-every", "100000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stderr:  # wait for training to run (a progress line)
+            if line.startswith("step ") or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert f"tripletlab train --resume {run}" in err
+    step = int(err.split("interrupted at step ")[1].split("/")[0])
+    assert f"checkpoint at step {step} " in err and step >= 5  # saved at the interrupted step
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["step"] == step
+
+
+def test_failed_start_leaves_no_directory(tmp_path):
+    run = tmp_path / "run"
+    rc, _, err = run_cli("train", "--out", str(run), "--test-classes", "nosuchclass", *TINY)
+    assert rc == 1 and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    """Files are created as open() would (0o666 & ~umask), not mkstemp's private 0600."""
+    run, idx = tmp_path / "run", tmp_path / "gallery.idx"
+
+    def cli(*args):
+        p = subprocess.run(
+            [sys.executable, "-m", "tripletlab", *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            preexec_fn=lambda: os.umask(0o027),
+        )
+        assert p.returncode == 0, p.stderr
+
+    cli("train", "--out", str(run), "--steps", "10", *SMALL)
+    cli("index", "--model", str(run), "--data", "digits", "--out", str(idx))
+    files = [p for p in [*run.rglob("*"), *idx.rglob("*")] if p.is_file()]
+    names = {p.name for p in files}
+    assert {"config.json", "model.safetensors", "eval.json", "report.html", "state.json"} <= names
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {"0o640"}, modes

@@ -35,3 +35,14 @@ class MissingFileError(TripletLabError, FileNotFoundError):
 
 class NonFiniteError(TripletLabError):
     """The loss or a gradient became NaN/Inf during training."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was stopped with Ctrl-C (SIGINT); the message gives the step of the saved
+    checkpoint and the command that continues the run. A ``KeyboardInterrupt``, so code that
+    stops on Ctrl-C keeps doing so."""
+
+    def __init__(self, message: str, step: int, run_dir: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.run_dir = run_dir

@@ -11,7 +11,11 @@ from :mod:`tripletlab.evaluate`.
 from __future__ import annotations
 
 import math
+import shlex
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,7 @@ import torch
 from .collapse import CollapseDetector
 from .config import TrainConfig
 from .data import apply_split, load_dataset, split_dataset
-from .errors import FileFormatError, InputError, NonFiniteError
+from .errors import FileFormatError, InputError, NonFiniteError, TrainingInterrupted
 from .evaluate import EvalResult, embed, eval_distance, evaluate_embeddings, summary_lines
 from .losses import TripletLoss
 from .metrics import retrieval_metrics
@@ -108,9 +112,21 @@ class Trainer:
                 f"{self.run_dir} already holds a run; use --resume {self.run_dir} to continue "
                 "it or choose another --out"
             )
+        # a run that fails before its first step leaves no directory behind (only one that
+        # this trainer created is removed)
+        self._created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._prepare_data()
-        self._build()
+        self._time_before = 0.0  # training seconds of earlier sessions (resume)
+        try:
+            self._prepare_data()
+            self._build()
+        except BaseException:
+            self._remove_unstarted_run()
+            raise
+
+    def _remove_unstarted_run(self) -> None:
+        if self._created_dir and getattr(self, "state", _Running()).step == 0:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # ---------------------------------------------------------------- data and model
     def _prepare_data(self) -> None:
@@ -218,8 +234,15 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "scheduler": self.sched.state_dict(),
             "total_steps": self.total_steps,
+            "train_time_s": self._train_seconds(),
         }
         save_checkpoint(self.run_dir, tensors, self.opt.state_dict(), state)
+        self._ckpt_step = st.step
+
+    def _train_seconds(self) -> float:
+        """Training time of this run so far, over every session (resumes add up)."""
+        start = getattr(self, "_t_start", None)
+        return self._time_before + (time.perf_counter() - start if start is not None else 0.0)
 
     def _restore(self) -> None:
         tensors, optim_state, state = load_checkpoint(self.run_dir)
@@ -243,8 +266,17 @@ class Trainer:
         st.step, st.best, st.best_step = state["step"], state["best"], state["best_step"]
         st.evals_without_improvement = state["evals_without_improvement"]
         st.skipped_nonfinite = state.get("skipped_nonfinite", 0)
+        self._time_before = float(state.get("train_time_s", 0.0))
+        self._ckpt_step = st.step
+        if st.step > self.total_steps:
+            raise InputError(
+                f"{self.run_dir} is at step {st.step}; to extend it pass --steps greater than "
+                f"{st.step} (got {self.total_steps})"
+            )
         trim_metrics(self.run_dir, st.step)  # later lines will be produced again
-        self.log(f"resumed {self.run_dir} at step {st.step}/{self.total_steps}")
+        saved_total = state.get("total_steps", self.total_steps)
+        extended = f" (extended from {saved_total})" if self.total_steps != saved_total else ""
+        self.log(f"resumed {self.run_dir} at step {st.step}/{self.total_steps}{extended}")
 
     def _save_best(self) -> None:
         save_weights(self.run_dir / "model.safetensors", self.model.state_dict())
@@ -391,13 +423,68 @@ class Trainer:
 
     def fit(self) -> EvalResult:
         """Train to the configured number of steps, evaluate on the test split, return eval."""
+        if self.resume and self.state.step >= self.total_steps:
+            return self._finished()
         previous, n = torch.get_num_threads(), self.threads()
         if n:
             torch.set_num_threads(n)
+        handler = self._install_sigint()
         try:
             return self._fit()
+        except Exception:
+            self._remove_unstarted_run()
+            raise
         finally:
             torch.set_num_threads(previous)
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+
+    def _finished(self) -> EvalResult:
+        """Resuming a run that already reached its last step: nothing is trained and eval.json
+        is kept (an extension needs a larger ``steps``)."""
+        self.log(
+            f"{self.run_dir} already finished at step {self.state.step}; nothing to train "
+            f"(extend it with --resume {self.run_dir} --steps N, N > {self.state.step})"
+        )
+        path = self.run_dir / "eval.json"
+        if path.exists() or not self.cfg.evaluate:
+            return read_json(path, "evaluation") if path.exists() else {"evaluated": False}
+        self._t_start = None
+        self._step_seconds, self._step_samples = 0.0, 0
+        self.collapse = None
+        return self.final_evaluation(self._training_result(self._train_seconds()))
+
+    # ---------------------------------------------------------------- Ctrl-C
+    def _install_sigint(self):
+        """First Ctrl-C: finish the current step, save a checkpoint and stop with the resume
+        command; a second one stops at once. Only in the main thread (signals need it)."""
+        self._stop_requested = False
+        self._in_loop = False
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sigint(signum, frame):
+            if not self._in_loop or self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            print(
+                "\nCtrl-C: stopping after this step and saving a checkpoint "
+                "(Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        return signal.signal(signal.SIGINT, on_sigint)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        st, ckpt = self.state, getattr(self, "_ckpt_step", 0)
+        return TrainingInterrupted(
+            f"interrupted at step {st.step}/{self.total_steps}; checkpoint at step {ckpt} in "
+            f"{self.run_dir / 'checkpoint'}. Continue with:\n"
+            f"  tripletlab train --resume {shlex.quote(str(self.run_dir))}",
+            step=ckpt,
+            run_dir=str(self.run_dir),
+        )
 
     def _start_session(self) -> None:
         """Timers, progress bar and collapse detector of this session; the initial checkpoint."""
@@ -427,6 +514,22 @@ class Trainer:
 
     def _fit(self) -> EvalResult:
         self._start_session()
+        self._in_loop = True
+        try:
+            self._loop()
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
+            raise self._interrupted() from None
+        finally:
+            self._in_loop = False
+            self._bar.close()
+        result = self._training_result(self._train_seconds())
+        if not self.cfg.evaluate:
+            return {"evaluated": False, **result}
+        return self.final_evaluation(result)
+
+    def _loop(self) -> None:
         st, stop = self.state, False
         while st.step < self.total_steps and not stop:
             for idx in self.sampler:
@@ -442,13 +545,12 @@ class Trainer:
                 self._log_step(loss, stats)
                 stop = self._maybe_validate()
                 self._maybe_checkpoint(stop)
+                if self._stop_requested:
+                    if self._ckpt_step != st.step:
+                        self._save()
+                    raise self._interrupted()
                 if st.step >= self.total_steps or stop:
                     break
-        self._bar.close()
-        result = self._training_result(time.perf_counter() - self._t_start)
-        if not self.cfg.evaluate:
-            return {"evaluated": False, **result}
-        return self.final_evaluation(result)
 
     def _throughput(self) -> float | None:
         """Training samples per second over the optimisation steps of this session (data

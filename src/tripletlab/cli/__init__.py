@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # TrainingInterrupted says where and how to continue
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130
     except UsageError as e:
         if debug:

@@ -107,6 +107,12 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _note(message: str) -> None:
+    """Trainer notes (resumed, early stop, ...) go to stderr with the progress; stdout keeps
+    the summary (or the JSON of --json)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def _cmd_train(args) -> int:
     from ..evaluate import summary_lines
     from ..rundir import read_json
@@ -115,18 +121,18 @@ def _cmd_train(args) -> int:
     overrides = config_overrides(args)
     if args.resume:
         run = Path(args.resume)
-        extra = sorted(set(overrides) - {"quiet", "report"})
+        extra = sorted(set(overrides) - {"quiet", "report", "progress_every", "steps"})
         if extra or args.config_file:
             raise UsageError(
                 f"--resume continues the saved configuration; drop {extra or ['--config']}"
             )
         saved = read_json(run / "config.json", "run config").get("train", {})
         cfg = resolve_config(saved, {**overrides, "out": str(run)})
-        trainer = Trainer(cfg, resume=True)
+        trainer = Trainer(cfg, resume=True, log=_note)
     else:
         file_values = load_config_file(args.config_file) if args.config_file else None
         cfg = resolve_config(file_values, overrides)
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, log=_note)
     print(
         f"training on {cfg.data}: {len(trainer.train_set)} train / "
         f"{len(trainer.val_set) if trainer.val_set is not None else 0} val / "
