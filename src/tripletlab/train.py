@@ -10,6 +10,7 @@ from :mod:`tripletlab.evaluate`.
 
 from __future__ import annotations
 
+import copy
 import math
 import shlex
 import shutil
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .collapse import CollapseDetector
-from .config import TrainConfig
+from .config import TrainConfig, resolve_config
+from .custom import custom_model_config, user_datasets
 from .data import apply_split, load_dataset, split_dataset
 from .errors import FileFormatError, InputError, NonFiniteError, TrainingInterrupted
 from .evaluate import EvalResult, embed, eval_distance, evaluate_embeddings, summary_lines
@@ -35,6 +37,7 @@ from .rundir import (
     load_checkpoint,
     load_dataset_for_run,
     load_run,
+    load_weights,
     model_fingerprint,
     read_json,
     save_checkpoint,
@@ -101,11 +104,34 @@ class Trainer:
         >>> result = Trainer(cfg).fit()  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig | None = None,
+        resume: bool = False,
+        log=print,
+        *,
+        model: torch.nn.Module | None = None,
+        train_data=None,
+        test_data=None,
+        loss: torch.nn.Module | None = None,
+        **options,
+    ) -> None:
+        if cfg is None:
+            cfg = resolve_config(None, options)
+        elif options:
+            raise InputError(f"pass options in cfg or as keywords, not both: {sorted(options)}")
         self.cfg = cfg
         self.log = log
+        self._user_model, self._user_loss = model, loss
+        self._user_data = None
+        if train_data is not None:
+            self._user_data = user_datasets(train_data, test_data)
+            cfg.data = f"python:{type(train_data).__name__}"
+        elif test_data is not None:
+            raise InputError("test_data needs train_data")
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(cfg.out or f"runs/{Path(cfg.data).name or cfg.data}-{stamp}")
+        name = "custom" if self._user_data else Path(cfg.data).name or cfg.data
+        self.run_dir = Path(cfg.out or f"runs/{name}-{stamp}")
         self.resume = resume
         if not resume and (self.run_dir / "checkpoint").exists():
             raise InputError(
@@ -131,14 +157,20 @@ class Trainer:
     # ---------------------------------------------------------------- data and model
     def _prepare_data(self) -> None:
         cfg = self.cfg
-        size = tuple(cfg.image_size) if cfg.image_size else None
-        ds = load_dataset(cfg.data, image_size=size, grayscale=cfg.grayscale, skip_bad=cfg.skip_bad)
+        if self._user_data is not None:
+            ds, given_test = self._user_data
+        else:
+            size = tuple(cfg.image_size) if cfg.image_size else None
+            ds = load_dataset(
+                cfg.data, image_size=size, grayscale=cfg.grayscale, skip_bad=cfg.skip_bad
+            )
+            given_test = None
         self.dataset = ds
         split_path = self.run_dir / "split.json"
         if self.resume and split_path.exists():
             info = read_json(split_path, "split")
             test_info = info["test"]
-            train, test = apply_split(ds, test_info)
+            train, test = (ds, given_test) if given_test is not None else apply_split(ds, test_info)
             self.train_full = train
             val_info = info.get("val")
             train, val = apply_split(train, val_info) if val_info else (train, None)
@@ -150,14 +182,18 @@ class Trainer:
                 if cfg.data == "digits" or (ds.kind == "vector" and ds.n_classes < 20)
                 else "class"
             )
-            train, test, test_info = split_dataset(
-                ds,
-                by=by,
-                test_fraction=cfg.test_fraction,
-                seed=cfg.seed,
-                test_classes=cfg.test_classes if by == "class" else None,
-                class_order=cfg.class_order,
-            )
+            if given_test is not None:  # the caller's own test set
+                train, test = ds, given_test
+                test_info = {"by": "given", "test_items": len(test)}
+            else:
+                train, test, test_info = split_dataset(
+                    ds,
+                    by=by,
+                    test_fraction=cfg.test_fraction,
+                    seed=cfg.seed,
+                    test_classes=cfg.test_classes if by == "class" else None,
+                    class_order=cfg.class_order,
+                )
             self.train_full = train
             val, val_info = None, None
             if cfg.val_fraction > 0 and cfg.evaluate:
@@ -179,21 +215,35 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         ds = self.train_set
-        mcfg = default_model_config(ds.input_shape, cfg.embedding_dim)
-        if cfg.model:
-            mcfg["name"] = cfg.model
-        mcfg.update(cfg.model_options)
-        self.model = build_model(mcfg).to(cfg.device)
-        aug = cfg.augment if cfg.augment is not None else ("light" if ds.kind == "image" else None)
+        if self._user_model is not None:
+            self.model = self._user_model.to(cfg.device)
+            self._initial_state = {
+                k: v.detach().clone() for k, v in self.model.state_dict().items()
+            }
+        else:
+            mcfg = default_model_config(ds.input_shape, cfg.embedding_dim)
+            if cfg.model:
+                mcfg["name"] = cfg.model
+            mcfg.update(cfg.model_options)
+            self.model = build_model(mcfg).to(cfg.device)
+        # the caller's data is used as given (augment only when asked for by name)
+        auto = "light" if ds.kind == "image" and self._user_data is None else None
+        aug = cfg.augment if cfg.augment is not None else auto
         self.augment = build_augment(aug, seed=cfg.seed + 2) if ds.kind == "image" else None
-        self.loss_fn = TripletLoss(
-            margin=cfg.margin,
-            strategy=cfg.strategy,
-            distance=cfg.distance,
-            soft_margin=cfg.soft_margin,
-            semihard_fallback=cfg.semihard_fallback,
-            seed=cfg.seed + 3,
-        )
+        if self._user_loss is not None:
+            self.loss_fn = self._user_loss
+            for key in ("margin", "strategy", "distance", "soft_margin", "semihard_fallback"):
+                if hasattr(self.loss_fn, key):  # recorded in config.json, used by the report
+                    setattr(cfg, key, getattr(self.loss_fn, key))
+        else:
+            self.loss_fn = TripletLoss(
+                margin=cfg.margin,
+                strategy=cfg.strategy,
+                distance=cfg.distance,
+                soft_margin=cfg.soft_margin,
+                semihard_fallback=cfg.semihard_fallback,
+                seed=cfg.seed + 3,
+            )
         n_cls = int(torch.unique(ds.y).numel())
         if cfg.p > n_cls:
             self.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
@@ -209,7 +259,11 @@ class Trainer:
         )
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.state = _Running()
-        self.model_config = self.model.config
+        self.model_config = (
+            custom_model_config(self.model, ds, cfg.device)
+            if self._user_model is not None
+            else self.model.config
+        )
         write_run_config(
             self.run_dir, cfg.to_dict(), self.model_config, self.dataset, self.splits()
         )
@@ -222,7 +276,7 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         if self.augment is not None:
             tensors["rng.augment"] = self.augment.get_state()
-        if self.loss_fn.generator is not None:
+        if getattr(self.loss_fn, "generator", None) is not None:
             tensors["rng.loss"] = self.loss_fn.generator.get_state()
         st = self.state
         state = {
@@ -259,7 +313,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         if self.augment is not None and "rng.augment" in tensors:
             self.augment.set_state(tensors["rng.augment"])
-        if self.loss_fn.generator is not None and "rng.loss" in tensors:
+        if getattr(self.loss_fn, "generator", None) is not None and "rng.loss" in tensors:
             self.loss_fn.generator.set_state(tensors["rng.loss"])
         self.sampler.load_state_dict(state["sampler"])
         st = self.state
@@ -300,7 +354,7 @@ class Trainer:
         if not bool(torch.isfinite(emb).all()):
             return self._nonfinite("embeddings")
         loss = self.loss_fn(emb, y)
-        stats = self.loss_fn.stats
+        stats = dict(getattr(self.loss_fn, "stats", {}))
         if not bool(torch.isfinite(loss)):
             return self._nonfinite("loss")
         loss.backward()
@@ -569,14 +623,29 @@ class Trainer:
             "collapse": self.collapse,
         }
 
+    def report(self) -> Path:
+        """Write ``report.html`` and ``plots/`` of this run (after :meth:`fit`), also for a
+        custom module and data: the report uses this trainer's model and test set."""
+        from .report import build_report
+
+        if self._user_model is None and self._user_data is None:
+            return build_report(self.run_dir)
+        initial = None
+        if self._user_model is not None:
+            initial = copy.deepcopy(self.model)
+            initial.load_state_dict(self._initial_state)
+        return build_report(
+            self.run_dir, model=self.model, test_data=self.test_set, initial_model=initial
+        )
+
     def final_evaluation(self, result: EvalResult | float) -> EvalResult:
         """Evaluate the best model on the held-out test split; write eval.json.
 
         ``result``: the training part of the result (or the training time in seconds)."""
         if not isinstance(result, dict):
             result = self._training_result(float(result))
-        model, _ = load_run(self.run_dir)
-        self.model.load_state_dict(model.state_dict())
+        # the best weights (model.safetensors) into this trainer's module (a custom one too)
+        self.model.load_state_dict(load_weights(self.run_dir / "model.safetensors"))
         dist = eval_distance(self.model_config)
         emb = embed(self.model, self.test_set.x, self.cfg.eval_batch_size, self.cfg.device)
         best = self.state.best

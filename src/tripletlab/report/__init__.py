@@ -43,12 +43,21 @@ def _sample_pairs(labels: np.ndarray, max_pairs: int, seed: int):
 
 
 def build_report(
-    run_dir: str | os.PathLike[str], *, n_gallery: int = 6, k: int = 6, max_points: int = 2000
+    run_dir: str | os.PathLike[str],
+    *,
+    n_gallery: int = 6,
+    k: int = 6,
+    max_points: int = 2000,
+    model=None,
+    test_data=None,
+    initial_model=None,
 ) -> Path:
     """Write ``RUN_DIR/report.html`` and ``RUN_DIR/plots/*.png``; returns the HTML path.
 
     Evaluates the trained model (``model.safetensors``) and the initial model (rebuilt with the
     run's seed, exactly the weights training started from) on the run's held-out split.
+    ``model`` / ``test_data`` / ``initial_model``: a run trained with your own module or data
+    (see :meth:`tripletlab.train.Trainer.report`, which passes them).
     """
     import torch
 
@@ -59,7 +68,20 @@ def build_report(
     from ..rundir import read_json, read_jsonl
 
     run = Path(run_dir)
-    inf = Inference.from_run(run)
+    if model is None:
+        inf = Inference.from_run(run)
+    else:
+        from ..rundir import load_weights, model_fingerprint
+
+        model.load_state_dict(load_weights(run / "model.safetensors"))
+        ev_path = run / "eval.json"
+        inf = Inference(
+            model,
+            read_json(run / "config.json", "run config"),
+            run,
+            evaluation=read_json(ev_path, "evaluation") if ev_path.exists() else None,
+            fingerprint=model_fingerprint(run),
+        )
     cfg = inf.config
     train_cfg = cfg.get("train", {})
     seed = int(train_cfg.get("seed", 0))
@@ -68,14 +90,14 @@ def build_report(
     train_recs = [r for r in records if r.get("type") != "eval"]
     eval_recs = [r for r in records if r.get("type") == "eval"]
     split = read_json(run / "split.json", "split")
-    test = inf.load_data()  # the run's held-out split
+    test = test_data if test_data is not None else inf.load_data()  # the held-out split
     rng = np.random.default_rng(seed)
     if len(test) > max_points:
         keep = np.sort(rng.choice(len(test), size=max_points, replace=False))
         test = test.subset(keep)
     dist = inf.distance
     torch.manual_seed(seed)
-    initial = build_model(cfg["model"])
+    initial = initial_model if initial_model is not None else build_model(cfg["model"])
     emb_before = embed(initial, test.x).numpy()
     emb_after = inf.embed_dataset(test)
     y = test.y.numpy()
