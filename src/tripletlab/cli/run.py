@@ -143,7 +143,12 @@ def _add_search(sub) -> None:
         description="Embed queries with the model and print their k nearest "
         "items in an index (label, path, distance).",
     )
-    p.add_argument("queries", nargs="+", help="image files, or one .npy/.npz/.csv of vectors")
+    p.add_argument(
+        "queries",
+        nargs="+",
+        help="image files, or one .npy/.npz/.csv of raw vectors (scaled as the training data "
+        "was: a warning says when they are not)",
+    )
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="the run that built it")
     p.add_argument("--index", required=True, metavar="DIR", help="index directory")
     p.add_argument("-k", type=int, default=5, help="neighbours per query (5)")
