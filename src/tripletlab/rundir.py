@@ -108,10 +108,16 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor]) -> None:
 
 
 def write_run_config(
-    run_dir: str | Path, train: dict, model: dict, dataset: Dataset, splits: dict
+    run_dir: str | Path,
+    train: dict,
+    model: dict,
+    dataset: Dataset,
+    splits: dict,
+    environment: dict | None = None,
 ) -> None:
     """Write ``run_dir/config.json``: the resolved training options, the model config (enough
-    to rebuild the model with no code), the data summary and the evaluation distance."""
+    to rebuild the model with no code), the data summary, the evaluation distance and the
+    environment (versions, git commit, machine; :func:`tripletlab.environment.environment`)."""
     from . import __version__
     from .evaluate import eval_distance
 
@@ -125,6 +131,7 @@ def write_run_config(
             "model": model,
             "data": data,
             "eval_distance": eval_distance(model),
+            "environment": environment,
         },
     )
 

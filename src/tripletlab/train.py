@@ -27,6 +27,7 @@ from .collapse import CollapseDetector
 from .config import TrainConfig, resolve_config
 from .custom import custom_model_config, user_datasets
 from .data import apply_split, load_dataset, split_dataset
+from .environment import environment
 from .errors import FileFormatError, InputError, NonFiniteError, TrainingInterrupted
 from .evaluate import EvalResult, embed, eval_distance, evaluate_embeddings, summary_lines
 from .losses import TripletLoss
@@ -265,7 +266,12 @@ class Trainer:
             else self.model.config
         )
         write_run_config(
-            self.run_dir, cfg.to_dict(), self.model_config, self.dataset, self.splits()
+            self.run_dir,
+            cfg.to_dict(),
+            self.model_config,
+            self.dataset,
+            self.splits(),
+            environment=environment(cfg.device, self.threads()),
         )
         if self.resume:
             self._restore()

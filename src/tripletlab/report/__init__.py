@@ -42,6 +42,19 @@ def _sample_pairs(labels: np.ndarray, max_pairs: int, seed: int):
     return pairs, same
 
 
+def _environment_rows(env: dict | None) -> list[tuple[str, object]]:
+    """config.json's environment as table rows (runs written before it was recorded: a note)."""
+    if not isinstance(env, dict):
+        return [("recorded", "not recorded by the tripletlab version that trained this run")]
+    names = {
+        "git_commit": "git commit of the code",
+        "cpu_count": "CPU cores",
+        "load_average": "load average (1, 5, 15 min)",
+        "threads": "torch CPU threads",
+    }
+    return [(names.get(k, k), v if v is not None else "—") for k, v in env.items()]
+
+
 def build_report(
     run_dir: str | os.PathLike[str],
     *,
@@ -105,7 +118,11 @@ def build_report(
     d_before = pair_distances(emb_before, pairs, dist)
     d_after = pair_distances(emb_after, pairs, dist)
     threshold = ev.get("threshold")
-    margin = float(train_cfg.get("margin", 0.2)) if train_cfg.get("distance") == dist else None
+    margin = (  # the hinge margin, drawn where it is in the evaluation distance's units
+        float(train_cfg.get("margin", 0.2))
+        if train_cfg.get("distance") == dist and not train_cfg.get("soft_margin")
+        else None
+    )
     sections: list[ReportSection] = []
     kpis: list[tuple[str, str]] = []
     ret = ev.get("retrieval", {})
@@ -123,13 +140,21 @@ def build_report(
         kpis.append(("training time", f"{ev['train_time_s']:.0f} s"))
 
     # 1. did it learn?
+    if eval_recs:
+        val_text = " Validation metrics per evaluation."
+    elif not train_cfg.get("evaluate", True):
+        val_text = " No validation: the run used --no-eval."
+    elif not train_cfg.get("val_fraction"):
+        val_text = " No validation: --val-fraction 0 (the last model is kept)."
+    else:
+        val_text = " No validation was recorded (too few validation items or classes)."
     sections.append(
         ReportSection(
             "Training",
             text=(
                 "Loss, share of mined triplets that still violate the margin (active fraction) "
                 "and the mean pairwise distance in the batch (a collapse signal: it falls to 0 "
-                "when all embeddings converge to one point); validation metrics per evaluation."
+                "when all embeddings converge to one point)." + val_text
             ),
             figures={"training_curves": plot_training_curves(train_recs, eval_recs)},
         )
@@ -226,8 +251,9 @@ def build_report(
             )[:400],
         )
     )
+    no_val = "— (no validation: the last model is kept)"
     timing = [
-        (k, ev.get(k))
+        (k, no_val if k in ("best_step", "best_val_map_at_r") and ev[k] in (None, -1) else ev[k])
         for k in (
             "steps",
             "best_step",
@@ -247,7 +273,11 @@ def build_report(
                 ("data", data_rows),
                 ("timing", timing),
                 ("model", list(cfg["model"].items())),
-                ("training configuration", list(train_cfg.items())),
+                (
+                    "training configuration (— : automatic choice)",
+                    list(train_cfg.items()),
+                ),
+                ("environment", _environment_rows(cfg.get("environment"))),
             ],
         )
     )
@@ -255,10 +285,15 @@ def build_report(
         sections.insert(
             0, ReportSection("Warning: embedding collapse", text=json.dumps(ev["collapse"]))
         )
+    margin_text = (
+        "soft margin (softplus)"
+        if train_cfg.get("soft_margin")
+        else f"margin {train_cfg.get('margin')}"
+    )
     page = render_html(
         f"tripletlab report — {run.name}",
         f"{train_cfg.get('data')} · strategy {train_cfg.get('strategy')} · "
-        f"margin {train_cfg.get('margin')} · {dist} evaluation",
+        f"{margin_text} · {dist} evaluation",
         kpis,
         sections,
         run / "plots",
