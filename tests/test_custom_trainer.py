@@ -79,3 +79,27 @@ def test_custom_module_checkpoints_resume_extend_and_cli_message(tmp_path, capsy
 def test_bad_user_data_is_named():
     with pytest.raises(ValueError, match=r"train_data\[0\] must be an \(x, label\) pair"):
         Trainer(model=_net(), train_data=[torch.zeros(8)], steps=2, out="/nonexistent/x")
+
+
+def test_default_threads_are_measured_recorded_and_reused_on_resume(tmp_path):
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "imgs", n_classes=6, per_class=4, size=(12, 12))
+    notes: list[str] = []
+    run = tmp_path / "run"
+    kw = dict(data=str(data), out=str(run), steps=2, p=3, k=2, quiet=True, val_fraction=0.0)
+    Trainer(threads=1, **{**kw, "out": str(tmp_path / "fixed")})
+    rng_fixed = torch.get_rng_state()
+    trainer = Trainer(log=notes.append, **kw)
+    assert torch.equal(torch.get_rng_state(), rng_fixed)  # the measurement used no randomness
+    n = trainer.threads()
+    if torch.get_num_threads() > 1:
+        assert n in (1, torch.get_num_threads())
+        assert any(m.startswith(f"threads: {n} (a step took") for m in notes)
+    trainer.fit()
+    env = json.loads((run / "config.json").read_text())["environment"]
+    assert env["threads"] == (n or torch.get_num_threads())
+    notes.clear()
+    resumed = Trainer(log=notes.append, resume=True, **{**kw, "steps": 3})
+    assert resumed.threads() == env["threads"]
+    assert not any(m.startswith("threads:") for m in notes)  # not measured again

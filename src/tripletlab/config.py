@@ -118,8 +118,8 @@ class TrainConfig:
     device: str = _opt("cpu", "cpu | cuda")
     threads: int | None = _opt(
         None,
-        "torch CPU threads (default: 1 for vector data, else one per core); 1 is often faster "
-        "for small models on a busy machine",
+        "torch CPU threads (default: 1 for vector data; for images the faster of 1 and one "
+        "per core, measured on a few steps at the start; 1 is often faster on a busy machine)",
     )
     # --- evaluation and checkpoints
     eval_every: int | None = _opt(None, "steps between validations (default: once per epoch)")

@@ -474,12 +474,63 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def threads(self) -> int | None:
-        """CPU threads for this run: ``cfg.threads``; by default 1 for vector data (a small MLP
-        step gains nothing from more threads and slows down badly on a busy machine), else
-        torch's default (None)."""
-        if self.cfg.threads:
-            return self.cfg.threads
-        return 1 if self.cfg.device == "cpu" and self.train_set.kind == "vector" else None
+        """CPU threads for this run (None: torch's setting). ``cfg.threads`` when given; 1 for
+        vector data (a small MLP step gains nothing from more threads and slows down badly on
+        a busy machine); for images the faster of one thread and torch's default, measured on
+        a few steps of a copy of the model at the start (:meth:`_measure_threads`), reused on
+        resume."""
+        if not hasattr(self, "_threads"):
+            self._threads = self._choose_threads()
+        return self._threads
+
+    def _choose_threads(self) -> int | None:
+        cfg = self.cfg
+        if cfg.threads:
+            return cfg.threads
+        if cfg.device != "cpu":
+            return None
+        if self.train_set.kind == "vector":
+            return 1
+        if self.resume and (self.run_dir / "config.json").exists():
+            env = read_json(self.run_dir / "config.json", "run config").get("environment") or {}
+            if isinstance(env.get("threads"), int) and env["threads"] >= 1:
+                return env["threads"]
+        return self._measure_threads()
+
+    def _measure_threads(self, steps: int = 2) -> int | None:
+        """Time forward + backward of one PK-sized batch on a copy of the model (training state
+        and random streams untouched) with torch's default threads and with one; the default
+        must be more than 10% faster to be used (a busy machine often makes it slower)."""
+        many = torch.get_num_threads()
+        if many <= 1:
+            return 1
+        try:
+            model = copy.deepcopy(self.model).train()
+        except Exception:  # noqa: BLE001 - a module that cannot be copied: torch's default
+            return None
+        x = self.train_set.x[: self.sampler.p * self.sampler.k].to(self.cfg.device)
+
+        def seconds(n: int) -> float:
+            torch.set_num_threads(n)
+            best = float("inf")
+            with torch.random.fork_rng(devices=[]):
+                for i in range(steps + 1):
+                    t = time.perf_counter()
+                    model(x).square().sum().backward()
+                    if i:  # the first pass warms up
+                        best = min(best, time.perf_counter() - t)
+            return best
+
+        try:
+            t_many, t_one = seconds(many), seconds(1)
+        finally:
+            torch.set_num_threads(many)
+        choice = 1 if t_one <= 1.1 * t_many else many
+        self.log(
+            f"threads: {choice} (a step took {t_many:.3f} s with {many} threads, {t_one:.3f} s "
+            "with 1; --threads N sets it)"
+        )
+        return choice
 
     def fit(self) -> EvalResult:
         """Train to the configured number of steps, evaluate on the test split, return eval."""
