@@ -221,3 +221,46 @@ def test_run_files_follow_the_umask(tmp_path):
     assert {"config.json", "model.safetensors", "eval.json", "report.html", "state.json"} <= names
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {"0o640"}, modes
+
+
+# ---------------------------------------------------------------------------- tensorboard
+
+
+def test_tensorboard_scalars_and_projector(tmp_path):
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    rc, _, err = run_cli(
+        "train",
+        "--out",
+        str(run),
+        "--steps",
+        "20",
+        *SMALL,
+        "--tensorboard",
+        "--no-report",
+        "--quiet",
+    )
+    assert rc == 0, err
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/active_fraction", "train/samples_per_s"} <= tags
+    assert {"val/map_at_r", "test/precision_at_1", "test/roc_auc"} <= tags
+    logged = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss" in r]
+    assert [e.step for e in acc.Scalars("train/loss")] == logged
+    projector = (run / "tensorboard" / "projector_config.pbtxt").read_text()
+    assert 'tensor_name: "test' in projector
+    meta = next((run / "tensorboard").rglob("metadata.tsv")).read_text().split()
+    assert len(meta) == json.loads((run / "eval.json").read_text())["n_items"]
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from tripletlab.cli import main
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--tensorboard", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'tripletlab[tensorboard]'" in err and not run.exists()

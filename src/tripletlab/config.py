@@ -136,6 +136,11 @@ class TrainConfig:
         flag="--no-eval",
     )
     report: bool = _opt(True, "do not write report.html at the end", flag="--no-report")
+    tensorboard: bool = _opt(
+        False,
+        "also log to RUN_DIR/tensorboard: the metrics.jsonl scalars and the test embeddings for "
+        "the projector (needs: pip install 'tripletlab[tensorboard]')",
+    )
     quiet: bool = _opt(False, "no progress bar or progress lines")
     progress_every: float = _opt(
         30.0,

@@ -273,6 +273,14 @@ class Trainer:
             self.splits(),
             environment=environment(cfg.device, self.threads()),
         )
+        self._tb = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError as e:
+                raise InputError(
+                    f"--tensorboard needs tensorboard ({e}): pip install 'tripletlab[tensorboard]'"
+                ) from None
         if self.resume:
             self._restore()
 
@@ -403,7 +411,7 @@ class Trainer:
             "samples_per_s": self._seen / max(now - self._t_log, 1e-9),
             **{k: stats[k] for k in _LOGGED_STATS if k in stats},
         }
-        append_metrics(self.run_dir, rec)
+        self._record(rec)
         self._t_log, self._seen = now, 0
         self._bar.set_postfix(loss=f"{loss:.4f}", active=f"{stats.get('active_fraction', 0):.2f}")
         self._progress_line(loss, stats, now)
@@ -431,6 +439,31 @@ class Trainer:
             flush=True,
         )
 
+    def _record(self, rec: dict) -> None:
+        """One metrics.jsonl line, and the same scalars in TensorBoard (``--tensorboard``:
+        ``train/<key>`` per logged step, ``val/<metric>`` per validation)."""
+        append_metrics(self.run_dir, rec)
+        if self._tb is not None:
+            group = "val" if rec.get("type") == "eval" else "train"
+            for key, value in rec.items():
+                if key not in ("step", "type") and isinstance(value, (int, float)):
+                    if math.isfinite(value):
+                        self._tb.add_scalar(f"{group}/{key}", value, rec["step"])
+
+    def _open_tensorboard(self) -> None:
+        if self.cfg.tensorboard and self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops the events logged after its checkpoint
+            self._tb = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=self.state.step or None
+            )
+
+    def _close_tensorboard(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
     def validate(self) -> dict | None:
         """Retrieval metrics of the validation split (None without one)."""
         if self.val_set is None or len(self.val_set) == 0:
@@ -452,9 +485,7 @@ class Trainer:
         if m is None:  # no validation: the latest model is the one kept
             self._save_best()
             return False
-        append_metrics(
-            self.run_dir, {"step": st.step, "type": "eval", **{k: m[k] for k in _VAL_METRICS}}
-        )
+        self._record({"step": st.step, "type": "eval", **{k: m[k] for k in _VAL_METRICS}})
         if m["map_at_r"] > st.best:
             st.best, st.best_step = m["map_at_r"], st.step
             st.evals_without_improvement = 0
@@ -546,6 +577,7 @@ class Trainer:
             self._remove_unstarted_run()
             raise
         finally:
+            self._close_tensorboard()
             torch.set_num_threads(previous)
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
@@ -615,6 +647,7 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
+        self._open_tensorboard()
         self._t_start = self._t_log = time.perf_counter()
         self._seen = 0
         self._step_seconds, self._step_samples = 0.0, 0  # training steps only (throughput)
@@ -695,6 +728,19 @@ class Trainer:
             self.run_dir, model=self.model, test_data=self.test_set, initial_model=initial
         )
 
+    def _tensorboard_test(self, emb: torch.Tensor, result: EvalResult) -> None:
+        """Test embeddings (with class names) for the projector and the headline test
+        metrics as ``test/<metric>`` scalars at the last step."""
+        names = [self.test_set.classes[int(i)] for i in self.test_set.y]
+        keep = torch.arange(len(names))[:10000]  # the projector's practical limit
+        self._tb.add_embedding(
+            emb[keep], metadata=[names[i] for i in keep], global_step=self.state.step, tag="test"
+        )
+        for block in ("retrieval", "verification"):
+            for key, value in (result.get(block) or {}).items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"test/{key}", value, self.state.step)
+
     def final_evaluation(self, result: EvalResult | float) -> EvalResult:
         """Evaluate the best model on the held-out test split; write eval.json.
 
@@ -726,5 +772,7 @@ class Trainer:
         ver = result.get("verification", {})
         if "threshold" in ver:
             result["threshold"] = ver["threshold"]
+        if self._tb is not None:
+            self._tensorboard_test(emb, result)
         atomic_write_json(self.run_dir / "eval.json", jsonable(result))
         return result
