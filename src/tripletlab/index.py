@@ -255,7 +255,10 @@ class EmbeddingIndex:
         pos = self._positions(ids.ravel())
         out = [self.paths[p] if (self.paths is not None and p >= 0) else None for p in pos]
         if self.root:
-            out = [str(Path(self.root) / q) if q and not Path(q).is_absolute() else q for q in out]
+            out = [  # root is an absolute, resolved directory: joining and normpath is exact
+                os.path.normpath(Path(self.root) / q) if q and not Path(q).is_absolute() else q
+                for q in out
+            ]
         return np.asarray(out, dtype=object).reshape(ids.shape).tolist()
 
     def __repr__(self) -> str:
