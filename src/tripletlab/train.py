@@ -26,7 +26,7 @@ import torch
 from .collapse import CollapseDetector
 from .config import TrainConfig, resolve_config
 from .custom import custom_model_config, user_datasets
-from .data import apply_split, load_dataset, split_dataset
+from .data import Dataset, apply_split, load_dataset, split_dataset
 from .environment import environment
 from .errors import FileFormatError, InputError, NonFiniteError, TrainingInterrupted
 from .evaluate import EvalResult, embed, eval_distance, evaluate_embeddings, summary_lines
@@ -105,6 +105,10 @@ class Trainer:
         >>> result = Trainer(cfg).fit()  # doctest: +SKIP
     """
 
+    #: the validation metric that picks the saved model, and the ones logged
+    selection_metric = "map_at_r"
+    val_metrics = _VAL_METRICS
+
     def __init__(
         self,
         cfg: TrainConfig | None = None,
@@ -144,6 +148,15 @@ class Trainer:
         self._created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._time_before = 0.0  # training seconds of earlier sessions (resume)
+        self._tb = None  # the TensorBoard writer while fitting (--tensorboard)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError as e:
+                self._remove_unstarted_run()
+                raise InputError(
+                    f"--tensorboard needs tensorboard ({e}): pip install 'tripletlab[tensorboard]'"
+                ) from None
         try:
             self._prepare_data()
             self._build()
@@ -216,7 +229,9 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         ds = self.train_set
-        if self._user_model is not None:
+        if ds.kind == "text":
+            self.model = self._build_text_model()
+        elif self._user_model is not None:
             self.model = self._user_model.to(cfg.device)
             self._initial_state = {
                 k: v.detach().clone() for k, v in self.model.state_dict().items()
@@ -249,11 +264,11 @@ class Trainer:
         if cfg.p > n_cls:
             self.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
         self.sampler = PKSampler(ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed)
-        self.total_steps = cfg.steps or cfg.epochs * len(self.sampler)
+        self.total_steps = cfg.steps or self._epochs() * len(self.sampler)
         self.eval_every = cfg.eval_every or len(self.sampler)
         self.ckpt_every = cfg.checkpoint_every or self.eval_every
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+            self.model.parameters(), lr=self._lr(), weight_decay=cfg.weight_decay
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: _lr_factor(s, cfg.warmup_steps, self.total_steps)
@@ -273,16 +288,47 @@ class Trainer:
             self.splits(),
             environment=environment(cfg.device, self.threads()),
         )
-        self._tb = None
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-            except ImportError as e:
-                raise InputError(
-                    f"--tensorboard needs tensorboard ({e}): pip install 'tripletlab[tensorboard]'"
-                ) from None
         if self.resume:
             self._restore()
+
+    def _is_text(self) -> bool:
+        return self.train_set.kind in ("text", "triplets")
+
+    def _lr(self) -> float:
+        """``cfg.lr``, or its default: 1e-3, and 2e-5 for a pretrained text encoder."""
+        if self.cfg.lr is not None:
+            return self.cfg.lr
+        return 2e-5 if self._is_text() else 1e-3
+
+    def _epochs(self) -> int:
+        """``cfg.epochs``, or its default: 20, and 1 for a pretrained text encoder."""
+        if self.cfg.epochs is not None:
+            return self.cfg.epochs
+        return 1 if self._is_text() else 20
+
+    def _build_text_model(self) -> torch.nn.Module:
+        """A pretrained text encoder (``--model minilm`` or a folder); its config.json and
+        tokenizer are written to RUN/encoder so the run rebuilds it offline."""
+        from .models.text import ENCODER_DIR, build_text_encoder
+
+        cfg = self.cfg
+        mcfg = {"name": "text", "encoder": cfg.model or "minilm", **cfg.model_options}
+        model = build_text_encoder(mcfg).to(cfg.device)
+        model.save_encoder_files(self.run_dir / ENCODER_DIR)
+        ds = self.dataset
+        texts = (
+            ds.texts
+            if isinstance(ds, Dataset)
+            else [t for part in (ds.anchors, ds.positives, ds.negatives) for t in part]
+        )
+        n_long = model.count_too_long(texts)
+        ds.info["texts_truncated"] = n_long
+        if n_long:
+            self.log(
+                f"note: {n_long} of {len(texts)} texts are longer than {model.max_length} "
+                "tokens and are truncated"
+            )
+        return model
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self) -> None:
@@ -353,7 +399,8 @@ class Trainer:
     def _train_step(self, idx: list[int]) -> tuple[float, dict]:
         """Augment, embed, mine + loss, backward, clip, update; non-finite values handled."""
         cfg = self.cfg
-        x = self.train_set.x[idx].to(cfg.device)
+        x = self.train_set.inputs(idx)
+        x = x.to(cfg.device) if torch.is_tensor(x) else x  # text: a list of strings
         y = self.train_set.y[idx].to(cfg.device)
         if self.augment is not None:
             x = self.augment(x)
@@ -468,7 +515,7 @@ class Trainer:
         """Retrieval metrics of the validation split (None without one)."""
         if self.val_set is None or len(self.val_set) == 0:
             return None
-        emb = embed(self.model, self.val_set.x, self.cfg.eval_batch_size, self.cfg.device)
+        emb = embed(self.model, self.val_set.inputs(), self.cfg.eval_batch_size, self.cfg.device)
         try:
             return retrieval_metrics(
                 emb, self.val_set.y, ks=(1, 4), nmi=False, distance=eval_distance(self.model_config)
@@ -485,16 +532,17 @@ class Trainer:
         if m is None:  # no validation: the latest model is the one kept
             self._save_best()
             return False
-        self._record({"step": st.step, "type": "eval", **{k: m[k] for k in _VAL_METRICS}})
-        if m["map_at_r"] > st.best:
-            st.best, st.best_step = m["map_at_r"], st.step
+        self._record({"step": st.step, "type": "eval", **{k: m[k] for k in self.val_metrics}})
+        if m[self.selection_metric] > st.best:
+            st.best, st.best_step = m[self.selection_metric], st.step
             st.evals_without_improvement = 0
             self._save_best()
             return False
         st.evals_without_improvement += 1
         if patience and st.evals_without_improvement >= patience:
             self.log(
-                f"early stopping at step {st.step}: no MAP@R improvement in {patience} evaluations"
+                f"early stopping at step {st.step}: no {self.selection_metric} improvement in "
+                f"{patience} evaluations"
             )
             return True
         return False
@@ -520,8 +568,11 @@ class Trainer:
             return cfg.threads
         if cfg.device != "cpu":
             return None
-        if self.train_set.kind == "vector":
+        kind = getattr(self.train_set, "kind", None)
+        if kind == "vector":
             return 1
+        if kind != "image":  # text encoders: torch's default
+            return None
         if self.resume and (self.run_dir / "config.json").exists():
             env = read_json(self.run_dir / "config.json", "run config").get("environment") or {}
             if isinstance(env.get("threads"), int) and env["threads"] >= 1:
@@ -750,7 +801,7 @@ class Trainer:
         # the best weights (model.safetensors) into this trainer's module (a custom one too)
         self.model.load_state_dict(load_weights(self.run_dir / "model.safetensors"))
         dist = eval_distance(self.model_config)
-        emb = embed(self.model, self.test_set.x, self.cfg.eval_batch_size, self.cfg.device)
+        emb = embed(self.model, self.test_set.inputs(), self.cfg.eval_batch_size, self.cfg.device)
         best = self.state.best
         result = {"split": "test", "distance": dist, **result}
         result["best_val_map_at_r"] = best if best >= 0 else None
@@ -759,7 +810,9 @@ class Trainer:
         if self.test_info.get("by") == "predefined" and len(self.test_set):
             # the benchmark protocol of predefined splits (e.g. Fashion-MNIST): test queries
             # retrieved against the training items
-            ref = embed(self.model, self.train_full.x, self.cfg.eval_batch_size, self.cfg.device)
+            ref = embed(
+                self.model, self.train_full.inputs(), self.cfg.eval_batch_size, self.cfg.device
+            )
             result["retrieval_test_to_train"] = retrieval_metrics(
                 ref,
                 self.train_full.y,
