@@ -264,3 +264,37 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert main(["train", "--out", str(run), "--tensorboard", *TINY]) == 1
     err = capsys.readouterr().err
     assert "pip install 'tripletlab[tensorboard]'" in err and not run.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_progress_bar_on_a_terminal(tmp_path):
+    """stderr on a (pseudo-)terminal: the tqdm bar, not the log lines."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns
+    args = ["train", "--out", str(tmp_path / "r"), "--steps", "20", *SMALL, "--no-report"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tripletlab", *args, "--progress-every", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=180) == 0
+    err = b"".join(chunks).decode("utf-8", "replace")
+    assert "20/20" in err and ("step/s" in err or "s/step" in err)
+    assert not any(ln.startswith("step ") for ln in err.replace("\r", "\n").splitlines())
