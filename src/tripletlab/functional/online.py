@@ -15,7 +15,7 @@ from .batch_all import batch_all_loss
 from .checks import check_distances, check_indices, check_inputs, check_options
 from .mining import IndexTuple, MineOptions
 from .slots import resolve_ref
-from .stats import TripletStats, batch_facts, pair_facts, zero_reason
+from .stats import TripletStats, batch_facts, count_positive_pairs, pair_facts, zero_reason
 from .strategies import STRATEGY_TABLE, default_reduction, mine
 from .triplets import PairedDistances, loss_on_indices
 
@@ -50,6 +50,7 @@ def loss_from_distances(
     loss, stats = loss_on_indices(dist, indices, margin, soft_margin, reduction, paired)
     stats.mean_distance = facts.mean_distance
     stats.batch_size, stats.n_classes = facts.batch_size, facts.n_classes
+    stats.n_positive_pairs = count_positive_pairs(labels, ref_labels, exclude_self)
     if stats.n_triplets == 0:
         n_pos, has_both = pair_facts(labels, ref_labels, exclude_self)
         stats.n_positive_pairs = n_pos
