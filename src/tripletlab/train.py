@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import TrainConfig
 from .data import Dataset, apply_split, load_dataset, split_dataset
+from .devices import amp_dtype, autocast, grad_scaler, resolve_device
 from .errors import FileFormatError, InputError, MissingFileError, TripletLabError
 from .losses import TripletLoss
 from .metrics import few_shot_accuracy, retrieval_metrics, verification_metrics
@@ -57,15 +58,20 @@ class NonFiniteError(TripletLabError):
 
 
 def embed(
-    model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512, device: str = "cpu"
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    amp: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Embeddings of ``x`` in eval mode, in batches, on the CPU."""
+    """Embeddings of ``x`` in eval mode, in batches, returned on the CPU."""
     was_training = model.training
     model.eval()
     out = []
-    with torch.no_grad():
+    dev = torch.device(device)
+    with torch.no_grad(), autocast(dev, amp):
         for s in range(0, x.shape[0], batch_size):
-            out.append(model(x[s : s + batch_size].to(device)).float().cpu())
+            out.append(model(x[s : s + batch_size].to(dev)).float().cpu())
     model.train(was_training)
     if not out:
         return torch.zeros(0, getattr(model, "config", {}).get("embedding_dim", 0))
@@ -287,14 +293,22 @@ class Trainer:
                 "it or choose another --out"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        self.amp = amp_dtype(self.device, cfg.amp)
+        self.scaler = grad_scaler(self.device, self.amp)
+        self.files = None  # ImageFiles of the whole data set when images are streamed
+        self.choices: list[str] = []
         self._prepare_data()
         self._build()
 
     # ---------------------------------------------------------------- data and model
     def _prepare_data(self) -> None:
+        from .imagerun import open_data
+
+        ds, self.files, self.choices = open_data(self.cfg, resume=self.resume)
+        for line in self.choices:
+            self.log(f"auto: {line}")
         cfg = self.cfg
-        size = tuple(cfg.image_size) if cfg.image_size else None
-        ds = load_dataset(cfg.data, image_size=size, grayscale=cfg.grayscale, skip_bad=cfg.skip_bad)
         self.dataset = ds
         split_path = self.run_dir / "split.json"
         if self.resume and split_path.exists():
@@ -337,13 +351,24 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         ds = self.train_set
-        mcfg = default_model_config(ds.input_shape, cfg.embedding_dim)
+        shape = self.files.input_shape if self.files is not None else ds.input_shape
+        mcfg = default_model_config(shape, cfg.embedding_dim)
         if cfg.model:
             mcfg["name"] = cfg.model
+        if cfg.backbone:
+            mcfg.update({"name": "backbone", "backbone": cfg.backbone, "pool": cfg.pool})
+            mcfg.update({"neck": cfg.neck, "freeze_bn": cfg.freeze_bn})
+            mcfg["freeze_stages"] = cfg.freeze_stages
         mcfg.update(cfg.model_options)
-        self.model = build_model(mcfg).to(cfg.device)
+        self.model = build_model(mcfg)
+        if (cfg.pretrained or cfg.weights) and not self.resume:
+            src = self.model.load_pretrained("imagenet" if cfg.pretrained else cfg.weights)
+            self.log(f"backbone {cfg.backbone}: weights from {src}")
+        self.model.to(self.device)
         aug = cfg.augment if cfg.augment is not None else ("light" if ds.kind == "image" else None)
-        self.augment = build_augment(aug, seed=cfg.seed + 2) if ds.kind == "image" else None
+        self.augment = None
+        if ds.kind == "image" and self.files is None:
+            self.augment = build_augment(aug, seed=cfg.seed + 2)
         self.loss_fn = TripletLoss(
             margin=cfg.margin,
             strategy=cfg.strategy,
@@ -359,9 +384,16 @@ class Trainer:
         self.total_steps = cfg.steps or cfg.epochs * len(self.sampler)
         self.eval_every = cfg.eval_every or len(self.sampler)
         self.ckpt_every = cfg.checkpoint_every or self.eval_every
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+        if hasattr(self.model, "param_groups"):  # backbone: lower lr than the head
+            params = self.model.param_groups(cfg.lr, cfg.backbone_lr_mult)
+        else:
+            params = self.model.parameters()
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.stream = None
+        if self.files is not None:
+            from .imagerun import make_stream
+
+            self.stream = make_stream(self, aug)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: _lr_factor(s, cfg.warmup_steps, self.total_steps)
         )
@@ -401,7 +433,7 @@ class Trainer:
             "best_step": st.best_step,
             "evals_without_improvement": st.evals_without_improvement,
             "skipped_nonfinite": st.skipped_nonfinite,
-            "sampler": self.sampler.state_dict(),
+            "sampler": (self.stream or self.sampler).state_dict(),
             "scheduler": self.sched.state_dict(),
             "total_steps": self.total_steps,
         }
@@ -424,7 +456,7 @@ class Trainer:
             self.augment.set_state(tensors["rng.augment"])
         if self.loss_fn.generator is not None and "rng.loss" in tensors:
             self.loss_fn.generator.set_state(tensors["rng.loss"])
-        self.sampler.load_state_dict(state["sampler"])
+        (self.stream or self.sampler).load_state_dict(state["sampler"])
         st = self.state
         st.step, st.best, st.best_step = state["step"], state["best"], state["best_step"]
         st.evals_without_improvement = state["evals_without_improvement"]
@@ -458,43 +490,75 @@ class Trainer:
     def validate(self) -> dict | None:
         if self.val_set is None or len(self.val_set) == 0:
             return None
-        emb = embed(self.model, self.val_set.x, self.cfg.eval_batch_size, self.cfg.device)
+        emb, labels = self.embed_split(self.val_set)
         try:
             m = retrieval_metrics(
-                emb, self.val_set.y, ks=(1, 4), nmi=False, distance=eval_distance(self.model_config)
+                emb, labels, ks=(1, 4), nmi=False, distance=eval_distance(self.model_config)
             )
         except InputError:
             return None
         return m
 
+    def embed_split(self, part: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and labels of a split (streamed from disk when the images are)."""
+        if self.files is None:
+            emb = embed(self.model, part.x, self.cfg.eval_batch_size, self.device, self.amp)
+            return emb, part.y
+        from .imagerun import embed_part
+
+        return embed_part(self, part)
+
+    def _batches(self):
+        """Training batches: index lists (in memory) or (x, y) from the image stream."""
+        if self.stream is None:
+            yield from self.sampler
+            return
+        while True:
+            x, y, _ = next(self.stream)
+            yield x, y
+
     # ---------------------------------------------------------------- the loop
-    def _step(self, idx: list[int]) -> tuple[float, dict]:
+    def _step(self, idx) -> tuple[float, dict]:
         cfg = self.cfg
-        x = self.train_set.x[idx].to(cfg.device)
-        y = self.train_set.y[idx].to(cfg.device)
+        if isinstance(idx, tuple):  # streamed (already augmented) batch
+            x, y = idx[0].to(self.device, non_blocking=True), idx[1].to(self.device)
+        else:
+            x = self.train_set.x[idx].to(self.device)
+            y = self.train_set.y[idx].to(self.device)
         if self.augment is not None:
             x = self.augment(x)
+        if hasattr(self.model, "set_backbone_trainable"):  # head-only warm-up
+            self.model.set_backbone_trainable(self.state.step >= cfg.head_warmup_steps)
         self.opt.zero_grad(set_to_none=True)
-        if cfg.amp:
-            dtype = torch.bfloat16 if cfg.device == "cpu" else torch.float16
-            with torch.autocast(device_type=cfg.device.split(":")[0], dtype=dtype):
-                emb = self.forward(x)
-            emb = emb.float()
-        else:
+        with autocast(self.device, self.amp):
             emb = self.forward(x)
+        emb = emb.float()
         if not bool(torch.isfinite(emb).all()):
             return self._nonfinite("embeddings")
         loss = self.loss_fn(emb, y)
         stats = self.loss_fn.stats
         if not bool(torch.isfinite(loss)):
             return self._nonfinite("loss")
-        loss.backward()
+        if self.scaler is not None:  # float16 on CUDA
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads and not bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all()):
+            if self.scaler is not None:  # the scaler lowers its scale and skips the step
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.sched.step()
+                return float(loss.detach()), {**stats, "skipped": "fp16 overflow"}
             return self._nonfinite("gradients")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.sched.step()
         return float(loss.detach()), stats
 
@@ -534,7 +598,7 @@ class Trainer:
         torch's default (None)."""
         if self.cfg.threads:
             return self.cfg.threads
-        return 1 if self.cfg.device == "cpu" and self.train_set.kind == "vector" else None
+        return 1 if self.device.type == "cpu" and self.train_set.kind == "vector" else None
 
     def fit(self) -> dict:
         """Train to the configured number of steps, evaluate on the test split, return eval."""
@@ -569,13 +633,14 @@ class Trainer:
                 self._save_best()
         stop = False
         while st.step < self.total_steps and not stop:
-            for idx in self.sampler:
+            for idx in self._batches():
                 t_step = time.perf_counter()
                 loss, stats = self._step(idx)
                 self._step_seconds += time.perf_counter() - t_step
-                self._step_samples += len(idx)
+                n_batch = len(idx[1]) if isinstance(idx, tuple) else len(idx)
+                self._step_samples += n_batch
                 st.step += 1
-                seen += len(idx)
+                seen += n_batch
                 bar.update(1)
                 if "skipped" not in stats:
                     self._check_collapse(stats, loss)
@@ -643,6 +708,8 @@ class Trainer:
                 if st.step >= self.total_steps or stop:
                     break
         bar.close()
+        if self.stream is not None:
+            self.stream.close()
         train_time = time.perf_counter() - t_start
         if not cfg.evaluate:
             return {
@@ -667,7 +734,7 @@ class Trainer:
         model, _ = load_run(self.run_dir)
         self.model.load_state_dict(model.state_dict())
         dist = eval_distance(self.model_config)
-        emb = embed(self.model, self.test_set.x, self.cfg.eval_batch_size, self.cfg.device)
+        emb, test_y = self.embed_split(self.test_set)
         result: dict[str, Any] = {
             "split": "test",
             "distance": dist,
@@ -679,19 +746,23 @@ class Trainer:
             "skipped_nonfinite_steps": self.state.skipped_nonfinite,
             "collapse": self.collapse,
         }
-        if len(self.test_set) >= 2:
-            result.update(evaluate_embeddings(emb, self.test_set.y, dist, seed=self.cfg.seed))
+        if self.choices:
+            result["auto"] = self.choices
+        if self.stream is not None and self.stream.skipped:
+            result["skipped_bad_images"] = self.stream.skipped
+        if len(test_y) >= 2:
+            result.update(evaluate_embeddings(emb, test_y, dist, seed=self.cfg.seed))
         if self.test_info.get("by") == "predefined" and len(self.test_set):
             # the benchmark protocol of predefined splits (e.g. Fashion-MNIST): test queries
             # retrieved against the training items
-            ref = embed(self.model, self.train_full.x, self.cfg.eval_batch_size, self.cfg.device)
+            ref, ref_y = self.embed_split(self.train_full)
             result["retrieval_test_to_train"] = retrieval_metrics(
                 ref,
-                self.train_full.y,
+                ref_y,
                 ks=(1, 2, 4, 8),
                 distance=dist,
                 query_embeddings=emb,
-                query_labels=self.test_set.y,
+                query_labels=test_y,
                 nmi=False,
             )
         ver = result.get("verification", {})

@@ -273,6 +273,7 @@ class ImageFiles(TorchDataset):
         self.channels = int(channels)
         self.augment = augment
         self.cache: torch.Tensor | None = None  # uint8 (N, C, H, W) in shared memory
+        self.bad: dict[int, str] = {}  # unreadable files met while caching (with skip_bad)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -287,6 +288,8 @@ class ImageFiles(TorchDataset):
     def decode(self, i: int) -> torch.Tensor:
         """File ``i`` as uint8 (C, H, W) (raises FileFormatError naming the file)."""
         if self.cache is not None:
+            if i in self.bad:
+                raise FileFormatError(self.bad[i])
             return self.cache[i]
         arr = _read_image(self.paths[i], "L" if self.channels == 1 else "RGB", self.image_size)
         return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
@@ -302,16 +305,19 @@ class ImageFiles(TorchDataset):
             x = self.augment(x, seed)
         return x, int(self.labels[i]), i, None
 
-    def build_cache(self, workers: int = 0, batch_size: int = 64) -> None:
-        """Decode every file once into a shared uint8 tensor (call before making loaders)."""
+    def build_cache(self, workers: int = 0, batch_size: int = 64, skip_bad: bool = False) -> None:
+        """Decode every file once into a shared uint8 tensor (call before making loaders).
+        An unreadable file raises, or with ``skip_bad`` is remembered and raises when used."""
         cache = torch.empty((len(self), *self.input_shape), dtype=torch.uint8)
         loader = DataLoader(
             _Decoded(self), batch_size=batch_size, num_workers=workers, collate_fn=_stack_u8
         )
         for idx, arrs, errors in _guard(loader):
-            bad = [e for e in errors if e]
-            if bad:
-                raise FileFormatError(bad[0])
+            for i, e in zip(idx.tolist(), errors, strict=True):
+                if e and not skip_bad:
+                    raise FileFormatError(f"{e} (pass --skip-bad to skip such files)")
+                if e:
+                    self.bad[i] = e
             cache[idx] = arrs
         cache.share_memory_()
         self.cache = cache

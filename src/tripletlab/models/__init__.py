@@ -14,11 +14,14 @@ from torch import nn
 
 from ..errors import InputError, InputTypeError
 from .augment import Augment, build_augment, zoom
+from .backbones import BACKBONES, BackboneEmbedding
 
 __all__ = [
     "MODELS",
     "MODEL_DEFAULTS",
     "Augment",
+    "BACKBONES",
+    "BackboneEmbedding",
     "EmbeddingCNN",
     "EmbeddingMLP",
     "build_augment",
@@ -171,7 +174,11 @@ def _check_tta(tta: dict | None) -> dict | None:
     return {"scales": [float(s) for s in scales], "hflip": hflip}
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": EmbeddingMLP, "cnn": EmbeddingCNN}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": EmbeddingMLP,
+    "cnn": EmbeddingCNN,
+    "backbone": BackboneEmbedding,
+}
 """Registry name -> factory (keyword arguments: ``input_shape``, ``embedding_dim``, ``normalize``
 and the model's own keys). Use :func:`build_model` to get a model with its ``config``."""
 
@@ -183,6 +190,16 @@ MODEL_DEFAULTS: dict[str, dict] = {
         "pool": "avg",
         "input_norm": "none",
         "tta": None,
+    },
+    # weights are not part of a model config: a run's own weights live in model.safetensors
+    # (the trainer loads ImageNet / --weights FILE once, before training)
+    "backbone": {
+        "backbone": "mobilenet_v2",
+        "pool": "avg",
+        "neck": False,
+        "dropout": 0.0,
+        "freeze_bn": True,
+        "freeze_stages": 0,
     },
 }
 """The model-specific config keys of each registered model and their defaults."""

@@ -447,10 +447,7 @@ class BackboneEmbedding(nn.Module):
             )
         self.weights_ignored: list[str] = []
         if weights:
-            path = builtin_weights_path(backbone) if weights == "imagenet" else Path(weights)
-            self.weights_ignored = load_backbone_weights(
-                self.backbone, read_state_dict(path), backbone, source=f"weights file {path}"
-            )
+            self.load_pretrained(weights)
         nf = self.backbone.num_features
         self.pool = GeM() if pool == "gem" else None
         self.neck = nn.BatchNorm1d(nf) if neck else None
@@ -464,6 +461,17 @@ class BackboneEmbedding(nn.Module):
         for stage in self.backbone.stages()[:freeze_stages]:
             for p in stage.parameters():
                 p.requires_grad_(False)
+
+    def load_pretrained(self, weights: str | os.PathLike[str]) -> Path:
+        """Load backbone weights: ``"imagenet"`` (the built-in checkpoint) or a file in
+        torchvision's format; returns the file read. A mismatch raises
+        :class:`WeightsMismatchError` listing the missing/unexpected keys."""
+        name = self.backbone_name
+        path = builtin_weights_path(name) if str(weights) == "imagenet" else Path(weights)
+        self.weights_ignored = load_backbone_weights(
+            self.backbone, read_state_dict(path), name, source=f"weights file {path}"
+        )
+        return path
 
     # ------------------------------------------------------------------ fine-tuning helpers
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
