@@ -93,7 +93,7 @@ _TRAIN_FLAGS = [
     ("--k", "k", int, "samples per class in a batch (4)"),
     ("--steps", "steps", int, "total optimisation steps (overrides --epochs)"),
     ("--epochs", "epochs", int, "passes over the training split (20)"),
-    ("--lr", "lr", float, "AdamW learning rate (1e-3)"),
+    ("--lr", "lr", float, "AdamW learning rate (1e-3; 3e-4 with a --backbone)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (1e-4)"),
     ("--warmup-steps", "warmup_steps", int, "linear LR warm-up steps before cosine decay (50)"),
     ("--grad-clip", "grad_clip", float, "max gradient norm, 0 = off (5.0)"),
@@ -117,7 +117,7 @@ _TRAIN_FLAGS = [
     ),
     ("--pool", "pool", str, "backbone pooling: avg | gem (avg)"),
     ("--freeze-stages", "freeze_stages", int, "backbone stages kept fixed, from the input (0)"),
-    ("--backbone-lr-mult", "backbone_lr_mult", float, "backbone lr = lr x this (0.1)"),
+    ("--backbone-lr-mult", "backbone_lr_mult", float, "backbone lr = lr x this (0.3)"),
     ("--head-warmup-steps", "head_warmup_steps", int, "first steps train the head alone (0)"),
     (
         "--workers",

@@ -46,7 +46,7 @@ class TrainConfig:
     neck: bool = False  # BatchNorm1d before the projection (BN-neck)
     freeze_bn: bool = True  # keep ImageNet BN statistics: PK batches are small and few-class
     freeze_stages: int = 0  # backbone stages (from the input) whose weights stay fixed
-    backbone_lr_mult: float = 0.1  # backbone lr = lr x this: fine-tune gently, learn the head
+    backbone_lr_mult: float = 0.3  # backbone lr = lr x this: fine-tune gently, learn the head
     head_warmup_steps: int = 0  # first steps train the head alone (backbone frozen)
     # --- streamed images (data/streaming.py)
     stream: bool | None = None  # None: stream images from disk when decoded they exceed 512 MiB
@@ -63,7 +63,8 @@ class TrainConfig:
     k: int = 4  # samples per class: K-1 positives per anchor
     steps: int | None = None  # total optimisation steps; overrides epochs
     epochs: int = 20  # passes over the training split (PK batches per epoch ~ N / (P*K))
-    lr: float = 1e-3  # AdamW
+    lr: float | None = None  # AdamW; None: 1e-3 for the small CNN / MLP, 3e-4 when fine-tuning a
+    #                          backbone (1e-3 overfits AT&T's validation identities within 50 steps)
     weight_decay: float = 1e-4
     warmup_steps: int = 50  # linear warm-up, then cosine decay to 0
     grad_clip: float = 5.0  # max gradient norm; 0 disables
@@ -230,6 +231,10 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError("epochs must be >= 1")
     if cfg.threads is not None and cfg.threads < 1:
         raise InputError("threads must be >= 1")
+    if cfg.lr is not None and (
+        not isinstance(cfg.lr, (int, float)) or isinstance(cfg.lr, bool) or not cfg.lr > 0
+    ):
+        raise InputError(f"lr must be a positive number, got {cfg.lr!r}")
     if cfg.workers is not None and cfg.workers < 0:
         raise InputError("workers must be >= 0")
     if cfg.backbone_lr_mult < 0 or cfg.head_warmup_steps < 0 or cfg.freeze_stages < 0:

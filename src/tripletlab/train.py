@@ -384,11 +384,12 @@ class Trainer:
         self.total_steps = cfg.steps or cfg.epochs * len(self.sampler)
         self.eval_every = cfg.eval_every or len(self.sampler)
         self.ckpt_every = cfg.checkpoint_every or self.eval_every
+        lr = cfg.lr if cfg.lr is not None else (3e-4 if cfg.backbone else 1e-3)
         if hasattr(self.model, "param_groups"):  # backbone: lower lr than the head
-            params = self.model.param_groups(cfg.lr, cfg.backbone_lr_mult)
+            params = self.model.param_groups(lr, cfg.backbone_lr_mult)
         else:
             params = self.model.parameters()
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         self.stream = None
         if self.files is not None:
             from .imagerun import make_stream
