@@ -270,7 +270,7 @@ def _add_train(sub) -> None:
         default=None,
         metavar="FILE_OR_RECIPE",
         help="JSON file with training options, or a built-in recipe for the real data sets: "
-        "att_faces, omniglot, fashion_mnist (flags override it)",
+        "att_faces, att_faces_pretrained, omniglot, fashion_mnist (flags override it)",
     )
     p.add_argument(
         "--resume",
