@@ -306,3 +306,24 @@ def test_pretrained_cli_train_then_streamed_embed_index_eval(tmp_path, capsys):
         ev["n_items"]
         == len(json.loads((run / "split.json").read_text())["test"]["test_classes"]) * 5
     )
+
+
+def test_bf16_autocast_on_cpu_trains_a_backbone(tmp_path, folder):
+    cfg = _cfg(
+        tmp_path,
+        folder,
+        "amp",
+        backbone="mobilenet_v2",
+        image_size=[32, 32],
+        steps=2,
+        model_options={},
+        eval_every=2,
+        amp=True,
+        stream=False,
+        head_warmup_steps=1,
+    )
+    t = Trainer(cfg)
+    assert t.amp == torch.bfloat16 and t.scaler is None and not t.channels_last
+    result = t.fit()
+    assert result["skipped_nonfinite_steps"] == 0
+    assert np.isfinite(result["verification"]["roc_auc"])
