@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--what", nargs="+", default=["train", "embed"])
+    ap.add_argument("--model", default=None, help="embed with this run (default: the trained one)")
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     tl = [sys.executable, "-m", "tripletlab"]
@@ -118,6 +119,8 @@ def main() -> None:
                 flush=True,
             )
         if "embed" in a.what:
+            if a.model:
+                run = Path(a.model)
             if not (run / "model.safetensors").exists():
                 subprocess.run(
                     [

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+# ../shared/data beside the checkout; TRIPLETLAB_SHARED_DATA points elsewhere (e.g. a git worktree).
+SHARED_DATA = Path(
+    os.environ.get("TRIPLETLAB_SHARED_DATA")
+    or (Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+).resolve()
 
 
 def shared_data(name: str) -> Path:

@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from tripletlab import TripletLoss
-from tripletlab.bench import (
+from bench_mining import (
     _run_one,
     compare,
     dense_semihard_loss,
@@ -19,6 +18,7 @@ from tripletlab.bench import (
     make_inputs,
     run_benchmark,
 )
+from tripletlab import TripletLoss
 
 HAS_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
 

@@ -221,3 +221,34 @@ def test_class_split_by_sorted_ratio_overrides_a_config_list(tmp_path, capsys):
     split = json.loads((run / "split.json").read_text())["test"]
     assert split["test_classes"] == ["s7/class0", "s8/class0"]
     assert split["class_order"] == "sorted"
+
+
+def test_train_flags_are_generated_from_the_config(capsys):
+    """Every TrainConfig field meant for the command line is a flag, with its default in the
+    help text and the choices of the one table in config.option_choices."""
+    import dataclasses
+
+    from tripletlab.config import TrainConfig, option_choices
+
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli", True):
+            assert f.metadata.get("flag", "--" + f.name.replace("_", "-")) in text, f.name
+    assert "--margin MARGIN triplet margin (default: 0.2)" in text
+    assert "--grayscale" not in text and "--eval-batch-size" not in text
+    for name in option_choices()["strategy"]:
+        assert name in text
+    assert "att_faces, att_faces_pretrained, fashion_mnist, omniglot" in text
+
+
+def test_bench_without_the_benchmark_file_says_where_to_get_it(monkeypatch, capsys):
+    """From an installed wheel (no benchmarks/ folder) `tripletlab bench` exits 1 with advice."""
+    import sys
+
+    from tripletlab.cli import bench
+
+    monkeypatch.setattr(bench, "_candidates", lambda: [])
+    monkeypatch.delitem(sys.modules, "bench_mining", raising=False)
+    assert main(["bench", "--quick"]) == 1
+    assert "TRIPLETLAB_BENCHMARKS" in capsys.readouterr().err

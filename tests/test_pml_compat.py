@@ -12,7 +12,7 @@ pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
 pml_reducers = pytest.importorskip("pytorch_metric_learning.reducers")
 pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
 
-from tripletlab import TripletLoss, mine_triplets  # noqa: E402
+from tripletlab import STRATEGIES, TripletLoss, mine_triplets  # noqa: E402
 
 
 def _batch(seed, b=32, d=16, k=4, dtype=torch.float64):
@@ -45,10 +45,7 @@ def test_batch_all_mean_active_equals_pml_miner_all_plus_loss(seed, margin):
     assert torch.allclose(emb_ours.grad, emb_pml.grad, rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    ["all", "hard", "semihard", "hardest-negative", "easy-positive", "random", "distance-weighted"],
-)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("reduction", ["mean", "mean_active"])
 def test_our_triplets_fed_to_pml_loss(strategy, reduction):
     emb, labels = _batch(7)

@@ -81,3 +81,25 @@ def test_embedding_map_small_and_large_inputs():
     assert xy.shape == (2, 2)
     xy, method = embedding_map_2d(np.random.default_rng(0).normal(size=(3500, 3)))
     assert method == "PCA" and xy.shape == (3500, 2)
+
+
+def test_importing_and_plotting_keeps_the_matplotlib_backend(tmp_path):
+    """report must not switch matplotlib's backend for whoever imports it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib, numpy as np\n"
+        "import tripletlab.report as r\n"
+        "fig = r.plot_roc(np.array([0.0, 1.0]), np.array([0.0, 1.0]), 0.5, 0.5, {})\n"
+        "from tripletlab.report.html import png_bytes\n"
+        "assert png_bytes(fig)[:4] == b'\\x89PNG'\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "pdf"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "pdf"

@@ -203,3 +203,38 @@ def test_summary_names_the_kept_model(tmp_path):
     res2 = Trainer(_cfg(tmp_path, "withval", steps=8)).fit()
     assert res2["best_step"] > 0
     assert f"best validation step {res2['best_step']}" in "\n".join(summary_lines(res2, run))
+
+
+@pytest.mark.parametrize("soft_margin", [False, True])
+def test_collapse_reference_is_the_loss_of_collapsed_embeddings(soft_margin):
+    """Collapsed embeddings give loss = margin for the hinge but ln 2 for the soft margin; a
+    loss pinned at the right reference (all triplets active) is reported, the other is not."""
+    import math
+    import warnings
+
+    from tripletlab.collapse import CollapseDetector
+
+    ref = math.log(2.0) if soft_margin else 0.2
+    other = 0.2 if soft_margin else math.log(2.0)
+    stats = {"active_fraction": 1.0, "mean_distance": 0.4}  # not collapsed by distance
+    quiet = CollapseDetector(margin=0.2, soft_margin=soft_margin, patience=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning may be raised here
+        assert all(quiet.update(stats, other, s) is None for s in range(20))
+    det = CollapseDetector(margin=0.2, soft_margin=soft_margin, patience=5)
+    with pytest.warns(UserWarning, match="collapse"):
+        found = [det.update(stats, ref, s) for s in range(20)]
+    assert [s for s, f in enumerate(found) if f is not None] == [4]
+
+
+def test_soft_margin_collapse_is_detected_in_training(tmp_path):
+    t = Trainer(_cfg(tmp_path, steps=6, soft_margin=True))
+    with torch.no_grad():  # all embeddings the same point: loss softplus(0) = ln 2
+        for p in t.model.parameters():
+            p.zero_()
+        t.model.head.proj.bias.fill_(1.0)
+    t.opt = torch.optim.SGD(t.model.parameters(), lr=0.0)
+    t.sched = torch.optim.lr_scheduler.LambdaLR(t.opt, lambda s: 1.0)
+    with pytest.warns(UserWarning, match="collapse"):
+        result = t.fit()
+    assert result["collapse"]["step"] == 1

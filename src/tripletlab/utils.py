@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes and checksums."""
+"""Small shared helpers: atomic file writes, JSON conversion and checksums."""
 
 from __future__ import annotations
 
@@ -36,9 +36,13 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    # make the rename durable
+    fsync_dir(path.parent)  # make the rename durable
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so that renames inside it survive a crash (no-op where unsupported)."""
     with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
+        dfd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
@@ -59,6 +63,31 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars/arrays as Python values and non-finite floats as None.
+
+    Example:
+        >>> import numpy as np
+        >>> jsonable({"a": np.float32(0.5), "b": [float("nan")], 1: np.arange(2)})
+        {'a': 0.5, 'b': [None], '1': [0, 1]}
+    """
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -133,14 +133,7 @@ def _read_image(path: str, mode: str | None, size: tuple[int, int] | None) -> np
             raise FileFormatError(f"empty image file: {_display(path)}")
         with Image.open(path) as im:
             im.load()
-            palette = im.mode in ("P", "PA")
-            if mode is None:
-                im = im.convert("L" if im.mode in _GREY_MODES else "RGB")
-            else:
-                im = im.convert(mode)
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            return image_to_array(im, mode, size)
     except FileFormatError:
         raise
     except (
@@ -153,6 +146,29 @@ def _read_image(path: str, mode: str | None, size: tuple[int, int] | None) -> np
         EOFError,
     ) as e:
         raise FileFormatError(f"cannot read image {_display(path)}: {e}") from None
+
+
+def image_to_array(im, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
+    """A PIL image as uint8 (C, H, W), converted and resized the way training data is read.
+
+    ``mode`` "L" or "RGB" converts; ``None`` keeps grey images grey (C=1; palette images whose
+    colours are all grey count as grey) and others RGB (C=3). ``size`` is (H, W), bilinear.
+
+    Example:
+        >>> from PIL import Image
+        >>> image_to_array(Image.new("RGB", (8, 4)), "L", (2, 3)).shape
+        (1, 2, 3)
+    """
+    from PIL import Image
+
+    palette = im.mode in ("P", "PA")
+    if mode is None:
+        im = im.convert("L" if im.mode in _GREY_MODES else "RGB")
+    else:
+        im = im.convert(mode)
+    if size is not None and im.size != (size[1], size[0]):
+        im = im.resize((size[1], size[0]), Image.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         return arr[None]
     arr = np.transpose(arr, (2, 0, 1))

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import torch
 
+from ..distances import distance_matrix, normalize_rows
 from ..errors import InputError
-from ._common import as_embeddings, as_labels, block_distances, check_distance, normalize_rows
+from ..validation import as_embeddings, as_labels, check_distance, check_k
 
 __all__ = ["few_shot_accuracy"]
 
@@ -53,8 +54,7 @@ def few_shot_accuracy(
         ("n_query", n_query, 1),
         ("n_episodes", n_episodes, 1),
     ):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < lo:
-            raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
+        check_k(v, name, minimum=lo)
     if distance == "cosine":
         emb = normalize_rows(emb)
     classes, counts = np.unique(y, return_counts=True)
@@ -78,7 +78,7 @@ def few_shot_accuracy(
         p = torch.stack(protos)
         if distance == "cosine":
             p = normalize_rows(p)
-        d = block_distances(torch.cat(queries), p, distance)
+        d = distance_matrix(torch.cat(queries), p, distance)
         accs[e] = float((d.argmin(1).numpy() == np.asarray(q_lab)).mean())
     return {
         "accuracy": float(accs.mean()),

@@ -38,24 +38,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..distances import iter_score_blocks, normalize_rows, scores_to_distances
 from ..errors import InputError
-from ._common import as_embeddings, as_labels, check_distance, normalize_rows
+from ..validation import as_embeddings, as_labels, check_distance, check_k, check_ks, is_int
 
 __all__ = ["knn_search", "retrieval_metrics", "nmi_score"]
 
 _FULL_SORT_MAX = 4096  # float64 only: up to this many references, one full stable sort
 _BLOCK_ELEMS = 1 << 24  # query block size x references per step (bounded memory)
-
-
-def _block_scores(q: torch.Tensor, ref: torch.Tensor, r_sq: torch.Tensor, distance: str):
-    """Non-negative scores in the order of the distances: squared euclidean (one ``addmm``
-    plus in-place ops), or ``1 - cos`` for rows already L2-normalised."""
-    if distance == "cosine":
-        sc = torch.mm(q, ref.t()).neg_().add_(1.0)
-    else:
-        sc = torch.addmm(r_sq[None, :], q, ref.t(), alpha=-2.0)
-        sc.add_((q * q).sum(1, keepdim=True))
-    return sc.clamp_min_(0.0)
 
 
 def _smallest_packed(sc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,39 +105,19 @@ def _knn_blocks(queries, reference, k, distance, exclude_self, need_distances=Tr
     Neighbours are ordered by distance, then by reference index (the order of a full stable
     sort). ``k`` must be in [1, number of candidates]. Distances are None when not needed.
     """
-    nq, nr = queries.shape[0], reference.shape[0]
+    nr = reference.shape[0]
     if distance == "cosine":
         queries, reference = normalize_rows(queries), normalize_rows(reference)
-    r_sq = (reference * reference).sum(1)
-    block = max(1, min(nq, _BLOCK_ELEMS // max(nr, 1)))
     packed = reference.dtype == torch.float32 and nr < 2**31
-    for s in range(0, nq, block):
-        e = min(nq, s + block)
-        sc = _block_scores(queries[s:e], reference, r_sq, distance)
+    for s, e, sc in iter_score_blocks(queries, reference, distance, _BLOCK_ELEMS):
         if exclude_self:
             ar = torch.arange(s, e)
             sc[ar - s, ar] = float("inf")
         vals, idx = _smallest_packed(sc, k) if packed else _smallest_float64(sc, k)
         del sc
-        if need_distances and distance == "euclidean":
-            vals = vals.sqrt()
+        if need_distances:
+            vals = scores_to_distances(vals, distance)
         yield s, e, (vals if need_distances else None), idx
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _check_ks(ks) -> list[int]:
-    if _is_int(ks):
-        ks = (ks,)
-    try:
-        ks = list(ks)
-    except TypeError:
-        raise InputError(f"ks must be a sequence of positive integers, got {ks!r}") from None
-    if not ks or not all(_is_int(k) and k >= 1 for k in ks):
-        raise InputError(f"ks must be positive integers, got {ks!r}")
-    return sorted({int(k) for k in ks})
 
 
 def knn_search(
@@ -164,8 +134,7 @@ def knn_search(
     ``k`` is clamped to the number of candidates; ties are ordered by reference index.
     """
     check_distance(distance)
-    if not _is_int(k) or k < 1:
-        raise InputError(f"k must be a positive integer, got {k!r}")
+    k = check_k(k)
     reference = as_embeddings(reference, "reference")
     queries = as_embeddings(queries, "queries")
     if queries.shape[1] != reference.shape[1]:
@@ -234,8 +203,8 @@ def retrieval_metrics(
     check_distance(distance)
     ref = as_embeddings(embeddings)
     ref_y = as_labels(labels, ref.shape[0])
-    ks = _check_ks(ks)
-    if max_k is not None and (not _is_int(max_k) or max_k < 1):
+    ks = check_ks(ks)
+    if max_k is not None and (not is_int(max_k) or max_k < 1):
         raise InputError(f"max_k must be a positive integer or None, got {max_k!r}")
     loo = query_embeddings is None
     if loo:

@@ -21,17 +21,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..distances import rowwise_distance
 from ..errors import InputError
-from ._common import as_embeddings, as_labels, check_distance
+from ..validation import as_embeddings, as_labels, check_distance, is_int
 
 __all__ = ["best_threshold", "pair_distances", "pairs_from_labels", "verification_metrics"]
 
 
 _MAX_ALL_PAIRS = 200_000_000
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _check_pairs(pairs, n: int) -> np.ndarray:
@@ -61,7 +58,7 @@ def pairs_from_labels(labels, *, max_pairs: int | None = None, seed: int = 0) ->
     y = np.asarray(labels)
     if y.ndim != 1:
         raise InputError(f"labels must be 1-D, got shape {y.shape}")
-    if max_pairs is not None and (not _is_int(max_pairs) or max_pairs < 1):
+    if max_pairs is not None and (not is_int(max_pairs) or max_pairs < 1):
         raise InputError(f"max_pairs must be a positive integer or None, got {max_pairs!r}")
     n = y.shape[0]
     total = n * (n - 1) // 2
@@ -98,16 +95,11 @@ def pair_distances(embeddings, pairs, distance: str = "cosine") -> np.ndarray:
     p = torch.from_numpy(_check_pairs(pairs, emb.shape[0]))
     if p.numel() == 0:
         return np.zeros(0)
-    if distance == "cosine":
-        emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-300)
     out = torch.empty(p.shape[0], dtype=torch.float64)
     step = max(1, (1 << 22) // max(emb.shape[1], 1))  # bounded memory for millions of pairs
     for s in range(0, p.shape[0], step):
         a, b = emb[p[s : s + step, 0]], emb[p[s : s + step, 1]]
-        if distance == "cosine":
-            out[s : s + step] = (1.0 - (a * b).sum(1)).clamp(0, 2)
-        else:
-            out[s : s + step] = (a - b).norm(dim=1)
+        out[s : s + step] = rowwise_distance(a, b, distance)
     return out.numpy()
 
 
@@ -197,7 +189,7 @@ def verification_metrics(
         True
     """
     check_distance(distance)
-    if not _is_int(n_folds) or n_folds < 2:
+    if not is_int(n_folds) or n_folds < 2:
         raise InputError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     try:
         fars = [float(f) for f in fars]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FileFormatError, InputError, MissingFileError
+from .registry import register_model
 
 __all__ = [
     "BACKBONES",
@@ -395,6 +396,20 @@ class GeM(nn.Module):
         return x.clamp_min(self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
+# weights are not part of a model config: a run's own weights live in model.safetensors (the
+# trainer loads ImageNet / --weights FILE once, before training), so rebuilding a run never
+# needs the weights package
+@register_model(
+    "backbone",
+    defaults={
+        "backbone": "mobilenet_v2",
+        "pool": "avg",
+        "neck": False,
+        "dropout": 0.0,
+        "freeze_bn": True,
+        "freeze_stages": 0,
+    },
+)
 class BackboneEmbedding(nn.Module):
     """An ImageNet backbone with an embedding head, taking images in [0, 1] (N, C, H, W).
 

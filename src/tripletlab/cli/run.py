@@ -1,0 +1,290 @@
+"""Commands on a trained run: eval, embed, index, search, verify, report.
+
+Each parses its options, calls :class:`tripletlab.inference.Inference` (or the report) and
+prints; the work itself is in the library.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..validation import EVAL_DISTANCES
+from ._base import print_json, register_command
+
+
+def _inference(args):
+    from ..inference import Inference
+
+    return Inference.from_run(args.model, device=getattr(args, "device", "auto"))
+
+
+def _embed_source(inf, args):
+    """(embeddings, labels, paths, classes) of --data, image folders and manifests streamed."""
+    import sys
+
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
+        raise InputError("--batch-size must be >= 1 and --workers >= 0")
+    return inf.embed_source(
+        args.data,
+        skip_bad=args.skip_bad,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        progress=sys.stderr.isatty(),
+    )
+
+
+def _add_device(p) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+
+
+def _add_model_data(p, data_required: bool = False) -> None:
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a trained run directory")
+    p.add_argument(
+        "--data",
+        required=data_required,
+        default=None,
+        help="data to use (a folder is used whole; default for eval: the run's test split)",
+    )
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files")
+    _add_device(p)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes decoding streamed images (image folders, manifests; default min(2, cores))",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="items per forward pass (256)")
+
+
+# ------------------------------------------------------------------------- eval and embed
+
+
+@register_command("eval")
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="retrieval + verification + few-shot metrics of a model",
+        description="Embed a labelled data set with a trained model and report "
+        "retrieval (P@1, R@K, R-Precision, MAP@R, NMI), verification "
+        "(ROC AUC, EER, TAR@FAR, accuracy) and few-shot accuracy.",
+    )
+    _add_model_data(p)
+    p.add_argument(
+        "--distance",
+        choices=list(EVAL_DISTANCES),
+        default=None,
+        help="distance for evaluation (default: cosine for normalised embeddings)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from ..evaluate import summary_lines
+
+    inf = _inference(args)
+    emb, labels, _, _ = _embed_source(inf, args)
+    result = inf.evaluate_embeddings(emb, labels, args.distance)
+    if args.json:
+        print_json(result)
+    else:
+        print("\n".join(summary_lines(result, inf.run_dir, training=False)))
+    return 0
+
+
+@register_command("embed")
+def _add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="write embeddings of a data set to an .npz file",
+        description="Embed every item of a data set; writes an .npz with "
+        "'embeddings', 'labels', 'paths' and 'classes'.",
+    )
+    _add_model_data(p, data_required=True)
+    p.add_argument("--out", required=True, help="output .npz file")
+    p.set_defaults(func=_cmd_embed)
+
+
+def _cmd_embed(args) -> int:
+    from ..utils import atomic_write_bytes
+
+    inf = _inference(args)
+    emb, labels, paths, classes = _embed_source(inf, args)
+    # data without files (digits, vectors, idx): "<data>[row]" identifies each item
+    paths = paths if paths is not None else [f"{args.data}[{i}]" for i in range(len(emb))]
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        embeddings=emb,
+        labels=labels.numpy(),
+        paths=np.asarray(paths, dtype=str),
+        classes=np.asarray(classes, dtype=str),
+    )
+    atomic_write_bytes(args.out, buf.getvalue())
+    print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {Path(args.out)}")
+    return 0
+
+
+# ---------------------------------------------------------------------- index and search
+
+
+@register_command("index")
+def _add_index(sub) -> None:
+    p = sub.add_parser(
+        "index",
+        help="build a nearest-neighbour index of a data set",
+        description="Embed a data set with a trained model and save a faiss "
+        "index with its labels, paths and the model fingerprint.",
+    )
+    _add_model_data(p, data_required=True)
+    p.add_argument("--out", required=True, help="index directory")
+    from ..index import KINDS
+
+    p.add_argument(
+        "--kind",
+        choices=list(KINDS),
+        default="flat",
+        help="flat = exact (default); hnsw / ivf = approximate, for large sets",
+    )
+    p.set_defaults(func=_cmd_index)
+
+
+def _cmd_index(args) -> int:
+    inf = _inference(args)
+    emb, labels, paths, classes = _embed_source(inf, args)
+    index = inf.index_embeddings(emb, labels, paths, classes, kind=args.kind)
+    index.save(args.out, fingerprint=inf.fingerprint)
+    print(f"indexed {len(index)} items ({inf.distance}, {args.kind}) in {args.out}")
+    return 0
+
+
+@register_command("search")
+def _add_search(sub) -> None:
+    p = sub.add_parser(
+        "search",
+        help="find the nearest indexed items of query images/vectors",
+        description="Embed queries with the model and print their k nearest "
+        "items in an index (label, path, distance).",
+    )
+    p.add_argument("queries", nargs="+", help="image files, or one .npy/.npz/.csv of vectors")
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="the run that built it")
+    _add_device(p)
+    p.add_argument("--index", required=True, metavar="DIR", help="index directory")
+    p.add_argument("-k", type=int, default=5, help="neighbours per query (5)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_search(args) -> int:
+    inf = _inference(args)
+    index = inf.load_index(args.index)
+    emb, names = inf.embed_inputs(args.queries)
+    dist, ids = inf.search(index, emb, args.k)
+    results = [
+        {"query": name, "neighbours": hits}
+        for name, hits in zip(names, inf.describe_neighbours(index, dist, ids), strict=True)
+    ]
+    if args.json:
+        print_json(results)
+        return 0
+    for r in results:
+        print(f"query: {r['query']}")
+        print(f"  {'rank':>4}  {'distance':>9}  {'label':<20} path")
+        for h in r["neighbours"]:
+            path = (h["path"] or "").encode("utf-8", "backslashreplace").decode("utf-8")
+            print(f"  {h['rank']:>4}  {h['distance']:>9.4f}  {str(h['label']):<20} {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- verify
+
+
+@register_command("verify")
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="same / different identity for input pairs",
+        description="Decide whether two inputs show the same identity, using the "
+        "distance threshold calibrated on the run's test split "
+        "(eval.json) unless --threshold is given.",
+    )
+    p.add_argument("inputs", nargs="*", help="two image files")
+    p.add_argument("--model", required=True, metavar="RUN_DIR")
+    _add_device(p)
+    p.add_argument("--pairs", default=None, help="CSV file with one pair per line: path_a,path_b")
+    p.add_argument("--threshold", type=float, default=None, help="override the threshold")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _read_pairs(path: str) -> list[tuple[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            pairs = [
+                tuple(c.strip() for c in row[:2])
+                for row in csv.reader(f)
+                if row and not row[0].startswith("#")
+            ]
+    except OSError as e:
+        raise InputError(f"cannot read pairs file {path}: {e}") from None
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise InputError(f"{path}: expected lines 'path_a,path_b'")
+    return pairs
+
+
+def _cmd_verify(args) -> int:
+    if args.pairs:
+        pairs = _read_pairs(args.pairs)
+    elif len(args.inputs) == 2:
+        pairs = [tuple(args.inputs)]
+    else:
+        raise InputError("give two inputs, or --pairs FILE")
+    inf = _inference(args)
+    threshold = args.threshold if args.threshold is not None else inf.threshold
+    if threshold is None:
+        raise InputError(f"{args.model}/eval.json has no calibrated threshold; pass --threshold")
+    files = sorted({p for pair in pairs for p in pair})
+    emb, _ = inf.embed_inputs(files)
+    pos = {f: i for i, f in enumerate(files)}
+    a = emb[[pos[p[0]] for p in pairs]]
+    b = emb[[pos[p[1]] for p in pairs]]
+    out = [
+        {"a": pa, "b": pb, "distance": r["distance"], "same": r["same"]}
+        for (pa, pb), r in zip(pairs, inf.verify(a, b, threshold), strict=True)
+    ]
+    if args.json:
+        print_json({"threshold": threshold, "distance": inf.distance, "pairs": out})
+        return 0
+    for r in out:
+        verdict = "SAME" if r["same"] else "DIFFERENT"
+        print(
+            f"{verdict:<9}  d={r['distance']:.4f} (threshold {threshold:.4f})  {r['a']}  {r['b']}"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+@register_command("report")
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write RUN_DIR/report.html (plots, metrics, gallery)",
+        description="Build a self-contained HTML report of a run (also written "
+        "at the end of `train`), with PNGs in RUN_DIR/plots/.",
+    )
+    p.add_argument("run_dir", help="a run directory")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    from ..report import build_report
+
+    print(f"report: {build_report(args.run_dir)}")
+    return 0

@@ -1,0 +1,149 @@
+"""``tripletlab train``: its flags are generated from :class:`~tripletlab.config.TrainConfig`.
+
+Each dataclass field is one flag (``--field-name``, or the ``flag`` in its metadata), with the
+field's ``help`` metadata plus its default as help text and the choices of
+:func:`~tripletlab.config.option_choices`; bool fields become switches. A flag left out is None
+here, so a config file or recipe decides, then the dataclass default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import RECIPES, TrainConfig, load_config_file, option_choices, resolve_config
+from ..errors import InputError
+from ._base import print_json, register_command
+
+_SCALARS = {"bool": bool, "int": int, "float": float}
+
+
+def _cli_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
+
+
+def _scalar_type(f: dataclasses.Field) -> type:
+    """bool/int/float/str from the annotation (``list[int] | None`` -> int, per item)."""
+    ann = str(f.type).split("|")[0].strip()
+    if ann.startswith("list["):
+        ann = ann[5:-1]
+    return _SCALARS.get(ann, str)
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    if f.default not in (None, dataclasses.MISSING) and not isinstance(f.default, bool):
+        text += f" (default: {f.default})"
+    return text.replace("%", "%%")
+
+
+def add_config_flags(parser, choices: dict[str, list[str]] | None = None) -> None:
+    """Add one flag per :class:`TrainConfig` field to ``parser`` (defaults None)."""
+    choices = option_choices() if choices is None else choices
+    for f in _cli_fields():
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        kind = _scalar_type(f)
+        if kind is bool:
+            action = "store_false" if f.default is True else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, default=None, help=_help(f))
+            continue
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=None,
+            choices=choices.get(f.name),
+            nargs=f.metadata.get("nargs"),
+            metavar=f.metadata.get("metavar"),
+            help=_help(f),
+        )
+
+
+def config_overrides(args) -> dict[str, Any]:
+    """The config values given as flags (lists given as one separated string are split; an
+    empty list means None: ``--test-classes ""`` clears a config file's list)."""
+    out = {}
+    for f in _cli_fields():
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        sep = f.metadata.get("list_sep")
+        if sep:
+            value = [c.strip() for c in value.split(sep) if c.strip()] or None
+        out[f.name] = value
+    if "test_classes" in out:
+        out.setdefault("split_by", "class")  # naming held-out classes implies a class split
+    return out
+
+
+@register_command("train")
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train an embedding model (default: on digits)",
+        description="Train an embedding model with online triplet mining on PK "
+        "batches, validate, evaluate on held-out data, write a run "
+        "directory and a report.",
+    )
+    add_config_flags(p)
+    p.add_argument(
+        "--config",
+        dest="config_file",
+        default=None,
+        metavar="FILE_OR_RECIPE",
+        help="JSON file with training options, or a built-in recipe for the real data sets: "
+        f"{', '.join(RECIPES)} (flags override it)",
+    )
+    p.add_argument(
+        "--resume",
+        dest="resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last complete checkpoint",
+    )
+    p.add_argument("--json", action="store_true", help="print the final evaluation as JSON")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from ..evaluate import summary_lines
+    from ..rundir import read_json
+    from ..train import Trainer
+
+    overrides = config_overrides(args)
+    if args.resume:
+        run = Path(args.resume)
+        saved = read_json(run / "config.json", "run config").get("train", {})
+        extra = sorted(set(overrides) - {"quiet", "report"})
+        if extra:
+            raise InputError(f"--resume continues the saved configuration; drop {extra}")
+        cfg = resolve_config(saved, {**overrides, "out": str(run)})
+        trainer = Trainer(cfg, resume=True)
+    else:
+        file_values = load_config_file(args.config_file) if args.config_file else None
+        cfg = resolve_config(file_values, overrides)
+        trainer = Trainer(cfg)
+    print(
+        f"training on {cfg.data}: {len(trainer.train_set)} train / "
+        f"{len(trainer.val_set) if trainer.val_set is not None else 0} val / "
+        f"{len(trainer.test_set)} test items; strategy={cfg.strategy}, "
+        f"{trainer.total_steps} steps -> {trainer.run_dir}",
+        file=sys.stderr,
+    )
+    result = trainer.fit()
+    if cfg.report and cfg.evaluate:
+        try:
+            from ..report import build_report
+
+            result["report"] = str(build_report(trainer.run_dir))
+        except Exception as e:  # noqa: BLE001 - a failed report must not lose the run
+            print(f"warning: report not written: {e}", file=sys.stderr)
+    if args.json:
+        print_json(result)
+    else:
+        print("\n".join(summary_lines(result, trainer.run_dir)))
+        if "report" in result:
+            print(f"report: {result['report']}")
+    return 0

@@ -1,0 +1,267 @@
+"""Batch-all: the loss over every valid triplet, exact, in O(B²) memory (custom autograd).
+
+Hinge (``max(0, d_ap - d_an + margin)``): for each anchor the positive thresholds
+``t = d(a, p) + margin`` are sorted once (P of them; ``K - 1`` for a PK batch). A negative n is
+active with the ``P - j`` thresholds above it, ``j = #{t <= d(a, n)}``, and the ``c_q`` negatives
+below the q-th sorted threshold give its summed loss ``c_q t_q``; so
+
+``L = sum_q c_q t_q - sum_n (P - j_n) d(a, n)``, ``∂L/∂d(a, p) = c(a, p)``,
+``∂L/∂d(a, n) = -#{p : d(a, n) < d(a, p) + margin}``:
+
+O(B² P) (small P) or O(B² log P) time, O(B²) memory, no triplet is enumerated; sums are
+accumulated in float64. The soft margin (``softplus(d_ap - d_an)``) has no such shortcut: it is
+O(B · P · R) time in row chunks, O(B · R) memory, recomputed in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import functional as _knobs  # tuning knobs are read from the package at call time
+from .checks import check_distances, check_options
+from .reductions import reduce_total
+from .slots import iter_label_slots, label_slots, resolve_ref
+from .stats import TripletStats, n_classes, n_pairs, zero_reason
+
+
+def _count_at_or_below(sorted_thr: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``j[a, n] = #{q : sorted_thr[a, q] <= d[a, n]}`` as a float tensor of d's dtype."""
+    width = sorted_thr.shape[1]
+    if width <= _knobs._DIRECT_SLOTS:
+        j = torch.zeros(d.shape, dtype=torch.uint8, device=d.device)
+        for q in range(width):
+            j += d >= sorted_thr[:, q : q + 1]
+        return j.to(d.dtype)
+    return torch.searchsorted(sorted_thr, d.contiguous(), side="right").to(d.dtype)
+
+
+def _hinge_all_chunk(d: torch.Tensor, same, slots, valid, margin: float):
+    """Sorted positive thresholds ``t = d_ap + margin`` of each anchor row (rows, P), their sort
+    permutation, ``j`` (rows, R) = #thresholds <= d(a, n) for negatives (P elsewhere), and
+    ``c`` (rows, P) = #negatives below each sorted threshold."""
+    ninf = torch.tensor(-float("inf"), dtype=d.dtype, device=d.device)
+    thr = torch.where(valid, d.gather(1, slots) + margin, ninf)
+    sthr, perm = thr.sort(dim=1)
+    width = sthr.shape[1]
+    j = _count_at_or_below(sthr, d).masked_fill_(same, float(width))
+    # c_q = #{n : j_n <= q}: a histogram of j per row, then a running sum
+    hist = torch.zeros(d.shape[0], width + 1, dtype=d.dtype, device=d.device)
+    hist.scatter_add_(1, j.long(), torch.ones(1, 1, dtype=d.dtype, device=d.device).expand_as(j))
+    c = hist.cumsum(dim=1)[:, :width]
+    return sthr, perm, j, c
+
+
+def _hinge_sum(dist, labels, ref_labels, exclude_self, margin):
+    """Sum of max(0, d_ap - d_an + m) over all valid triplets and the number of active ones."""
+    total = torch.zeros((), dtype=torch.float64, device=dist.device)
+    n_active = torch.zeros((), dtype=torch.float64, device=dist.device)
+    for s in iter_label_slots(labels, ref_labels, exclude_self):
+        d = dist[s.rows]
+        sthr, _, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
+        cnt = j.neg_().add_(sthr.shape[1])  # active triplets per (anchor, negative)
+        finite = torch.where(torch.isfinite(sthr), sthr, 0.0)
+        total += (c * finite).sum(dim=1, dtype=torch.float64).sum()
+        total -= (cnt * d).sum(dim=1).double().sum()
+        n_active += cnt.sum(dim=1).double().sum()
+    return total, n_active.round().long()  # a float64 sum of exact counts
+
+
+def _hinge_grad(dist, labels, ref_labels, exclude_self, margin):
+    """d(sum of hinge losses)/d dist: -#{p : d_an < d_ap + m} at (a, n), the count of active
+    negatives at (a, p)."""
+    grad = torch.empty_like(dist)
+    for s in iter_label_slots(labels, ref_labels, exclude_self):
+        _, perm, j, c = _hinge_all_chunk(dist[s.rows], s.same, s.slots, s.valid, margin)
+        g = grad[s.rows]
+        # dL/d(a, n) = -#{p : d_an < d_ap + m}
+        torch.sub(j, float(perm.shape[1]), out=g)
+        # dL/d(a, p) = #{n : d_an < d_ap + m}
+        c_slot = torch.zeros_like(c).scatter_(1, perm, c)
+        g.scatter_add_(1, s.slots, c_slot * s.valid)
+    return grad
+
+
+def _soft_all_chunk(d, neg, slots, valid):
+    d_ap = d.gather(1, slots).masked_fill(~valid, -float("inf"))  # (rows, P)
+    d_an = d.masked_fill(~neg, float("inf"))  # (rows, R)
+    return d_ap[:, :, None] - d_an[:, None, :]  # (rows, P, R), -inf where invalid
+
+
+def _soft_row_chunks(labels, ref_labels, exclude_self) -> list[slice]:
+    """Row chunks sized so that (rows x max_positives x R) stays bounded."""
+    b, r = labels.shape[0], ref_labels.shape[0]
+    slot_tables = iter_label_slots(labels, ref_labels, exclude_self)
+    n_pos_l = [v for s in slot_tables for v in s.n_pos.tolist()]
+    chunks = []
+    start = 0
+    while start < b:
+        width = max(n_pos_l[start], 1)
+        end = start + 1
+        while end < b:
+            w = max(width, n_pos_l[end])
+            if (end - start + 1) * w * max(r, 1) > _knobs._CHUNK_ELEMS:
+                break
+            width = w
+            end += 1
+        chunks.append(slice(start, end))
+        start = end
+    return chunks
+
+
+def _soft_sum(dist, labels, ref_labels, exclude_self):
+    """Sum of softplus(d_ap - d_an) over all valid triplets and the number with loss > 0."""
+    total = torch.zeros((), dtype=torch.float64, device=dist.device)
+    n_active = torch.zeros((), dtype=torch.int64, device=dist.device)
+    for rows in _soft_row_chunks(labels, ref_labels, exclude_self):
+        s = label_slots(labels, ref_labels, exclude_self, rows)
+        sp = F.softplus(_soft_all_chunk(dist[rows], ~s.same, s.slots, s.valid))
+        total += sp.sum(dtype=torch.float64)
+        n_active += (sp > 0).sum()
+    return total, n_active
+
+
+def _soft_grad(dist, labels, ref_labels, exclude_self):
+    """d(sum of soft-margin losses)/d dist, recomputed chunk by chunk."""
+    grad = torch.zeros_like(dist)
+    for rows in _soft_row_chunks(labels, ref_labels, exclude_self):
+        s = label_slots(labels, ref_labels, exclude_self, rows)
+        sig = torch.sigmoid(_soft_all_chunk(dist[rows], ~s.same, s.slots, s.valid))
+        g = -sig.sum(dim=1)
+        g.scatter_add_(1, s.slots, sig.sum(dim=2) * s.valid)
+        grad[rows] = g
+    return grad
+
+
+class _BatchAllSum(torch.autograd.Function):
+    """Sum of the losses of all valid triplets and the number of active ones, with the exact
+    gradient; ``margin=None`` is the soft margin. Backward recomputes the chunks (O(B²) memory)."""
+
+    @staticmethod
+    def forward(ctx, dist, labels, ref_labels, exclude_self, margin):  # noqa: D102
+        if margin is None:
+            total, n_active = _soft_sum(dist, labels, ref_labels, exclude_self)
+        else:
+            total, n_active = _hinge_sum(dist, labels, ref_labels, exclude_self, margin)
+        ctx.save_for_backward(dist, labels, ref_labels)
+        ctx.exclude_self, ctx.margin = exclude_self, margin
+        ctx.mark_non_differentiable(n_active)
+        return total.to(dist.dtype), n_active
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_count):  # noqa: D102
+        dist, labels, ref_labels = ctx.saved_tensors
+        if ctx.margin is None:
+            grad = _soft_grad(dist, labels, ref_labels, ctx.exclude_self)
+        else:
+            grad = _hinge_grad(dist, labels, ref_labels, ctx.exclude_self, ctx.margin)
+        return grad.mul_(grad_total), None, None, None, None
+
+
+def _all_triplet_moments(dist, labels, ref_labels, exclude_self) -> dict[str, torch.Tensor]:
+    """Counts and distance sums over all valid triplets, without enumerating them.
+
+    ``n_triplets = sum_a P_a N_a``, ``sum d_ap = sum_a N_a sum_p d_ap``,
+    ``sum d_an = sum_a P_a sum_n d_an`` (P_a positives, N_a negatives of anchor a).
+    """
+    r = dist.shape[1]
+    acc = {
+        k: torch.zeros((), dtype=torch.float64, device=dist.device)
+        for k in ("n_triplets", "sum_d_ap", "sum_d_an", "n_positive_pairs", "n_anchors", "sum_dist")
+    }
+    with torch.no_grad():
+        for s in iter_label_slots(labels, ref_labels, exclude_self):
+            d = dist[s.rows]
+            n_pos = s.valid.sum(dim=1).double()
+            n_neg = (r - torch.count_nonzero(s.same, dim=1)).double()
+            row_sum = d.sum(dim=1).double()
+            ap_sum = (d.gather(1, s.slots) * s.valid).sum(dim=1).double()
+            same_sum = ap_sum
+            if exclude_self:  # the anchor itself is "same" but not a positive
+                self_rows, self_cols = s.self_pairs()
+                self_d = torch.zeros_like(row_sum)
+                self_d[self_rows] = d[self_rows, self_cols].double()
+                same_sum = same_sum + self_d
+            acc["n_triplets"] += (n_pos * n_neg).sum()
+            acc["sum_d_ap"] += (ap_sum * n_neg).sum()
+            acc["sum_d_an"] += ((row_sum - same_sum) * n_pos).sum()
+            acc["n_positive_pairs"] += n_pos.sum()
+            acc["n_anchors"] += ((n_pos > 0) & (n_neg > 0)).sum()
+            acc["sum_dist"] += row_sum.sum()
+    return acc
+
+
+def batch_all_loss(
+    dist: torch.Tensor,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor,
+    exclude_self: bool,
+    margin: float,
+    soft_margin: bool,
+    reduction: str,
+) -> tuple[torch.Tensor, TripletStats]:
+    """:func:`batch_all_triplet_loss` on checked inputs and resolved ``ref_labels``."""
+    m = _all_triplet_moments(dist, labels, ref_labels, exclude_self)
+    b, r = dist.shape
+    stats = TripletStats(
+        n_triplets=m["n_triplets"].round().long(),
+        sum_d_ap=m["sum_d_ap"],
+        sum_d_an=m["sum_d_an"],
+        n_positive_pairs=int(m["n_positive_pairs"]),
+        n_anchors=int(m["n_anchors"]),
+        mean_distance=m["sum_dist"] / max(n_pairs(b, r, exclude_self), 1),
+        batch_size=b,
+        n_classes=n_classes(labels, ref_labels),
+    )
+    n_trip = stats.n_triplets
+    hinge_margin = None if soft_margin else margin
+    total, n_active = _BatchAllSum.apply(dist, labels, ref_labels, exclude_self, hinge_margin)
+    stats.n_active = n_active
+    if int(n_trip) == 0:
+        stats.reason = zero_reason(stats, stats.n_positive_pairs, stats.n_anchors > 0)
+    return reduce_total(total, n_trip, n_active, reduction), stats
+
+
+def batch_all_triplet_loss(
+    dist: torch.Tensor,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor | None = None,
+    *,
+    margin: float = 0.2,
+    soft_margin: bool = False,
+    reduction: str = "mean_active",
+    exclude_self: bool | None = None,
+) -> tuple[torch.Tensor, TripletStats]:
+    """Batch-all triplet loss on a distance matrix, exact, O(B²) memory.
+
+    ``L = reduce({l(a, p, n) : y_a == y_p != y_n, a != p})`` with the hinge
+    ``l = max(0, d_ap - d_an + margin)`` or the soft margin ``l = softplus(d_ap - d_an)``
+    (FaceNet-style batch-all, Schroff et al. 2015; soft margin: Hermans et al. 2017). The
+    triplets are never enumerated (see the module docstring for the counting argument).
+
+    Args:
+        dist: (B, R) distances from the anchors (rows) to the reference items (columns).
+        labels: (B,) integer labels of the anchors.
+        ref_labels: (R,) labels of the columns; default ``labels`` (the batch against itself).
+        margin: hinge margin (ignored with ``soft_margin``).
+        soft_margin: use ``softplus(d_ap - d_an)`` instead of the hinge.
+        reduction: ``mean`` (over all valid triplets), ``mean_active`` (over loss > 0), ``sum``.
+        exclude_self: drop the pairs (i, i); default True when ``ref_labels`` is None.
+
+    Returns:
+        ``(loss, stats)``.
+
+    Example:
+        >>> import torch
+        >>> from tripletlab.functional import batch_all_triplet_loss
+        >>> dist = torch.tensor([[0.0, 0.5, 1.0], [0.5, 0.0, 0.6], [1.0, 0.6, 0.0]])
+        >>> loss, stats = batch_all_triplet_loss(dist, torch.tensor([0, 0, 1]), margin=0.2)
+        >>> round(loss.item(), 4)  # triplets (0,1,2): 0 and (1,0,2): 0.5 - 0.6 + 0.2
+        0.1
+        >>> stats.as_dict()["n_triplets"], stats.as_dict()["n_active"]
+        (2, 1)
+    """
+    check_options(None, margin, soft_margin, reduction)
+    check_distances(dist, labels, ref_labels)
+    ref_labels, exclude_self = resolve_ref(labels, ref_labels, exclude_self)
+    return batch_all_loss(dist, labels, ref_labels, exclude_self, margin, soft_margin, reduction)

@@ -1,0 +1,216 @@
+"""Miners that return explicit ``(anchors, positives, negatives)`` index tensors.
+
+Every ``_mine_<strategy>`` function has the signature of :data:`Miner`: a detached (B, R) distance
+matrix, the row and column labels, whether the pairs (i, i) are excluded, and the
+:class:`MineOptions`. They are registered by name in :mod:`tripletlab.functional.strategies`.
+Inputs are checked at the public boundary (:func:`tripletlab.functional.mine_from_distances`),
+not here. Two loops share the row chunking and the slot table:
+
+* :func:`per_anchor` — one triplet per anchor (``hard``, ``easy-positive``);
+* :func:`per_pair` — one negative per positive pair (``semihard``, ``hardest-negative``,
+  ``random``, ``distance-weighted``), chosen by a :data:`NegativeChooser` on each row chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..errors import InputError
+from .slots import iter_label_slots
+
+IndexTuple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+_INF = float("inf")
+
+
+@dataclass(frozen=True)
+class MineOptions:
+    """Options a strategy may read (each reads only its own)."""
+
+    margin: float | None = 0.2
+    semihard_fallback: str = "easiest"
+    generator: torch.Generator | None = None
+    dim: int | None = None
+    cutoff: float = 0.5
+    nonzero_loss_cutoff: float = 1.4
+    max_triplets: int | None = None
+
+
+Miner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, MineOptions], IndexTuple]
+
+
+class PairChunk(NamedTuple):
+    """One row chunk as a per-pair chooser sees it."""
+
+    d: torch.Tensor  # (rows, R) distances
+    neg: torch.Tensor  # (rows, R) negatives
+    has_neg: torch.Tensor  # (rows, 1) whether the row has a negative
+    slots: torch.Tensor  # (rows, P) positive columns
+    valid: torch.Tensor  # (rows, P) real slots
+
+
+# chunk -> (negative column per slot (rows, P), extra keep mask or None)
+NegativeChooser = Callable[[PairChunk, MineOptions], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def empty_triplets(device: torch.device) -> IndexTuple:
+    """Three empty long tensors."""
+    e = torch.empty(0, dtype=torch.long, device=device)
+    return e, e.clone(), e.clone()
+
+
+def _cat_triplets(out_a: list, out_p: list, out_n: list, device: torch.device) -> IndexTuple:
+    if not out_a:
+        return empty_triplets(device)
+    return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
+
+
+def per_pair(
+    dist: torch.Tensor,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor,
+    exclude_self: bool,
+    opts: MineOptions,
+    choose: NegativeChooser,
+) -> IndexTuple:
+    """One negative per positive pair, chosen by ``choose`` (row chunks, O(B²) memory)."""
+    out_a, out_p, out_n = [], [], []
+    for s in iter_label_slots(labels, ref_labels, exclude_self):
+        if not bool(s.valid.any()):
+            continue
+        rows = s.rows
+        neg = ~s.same
+        has_neg = neg.any(dim=1, keepdim=True)
+        nn, extra = choose(PairChunk(dist[rows], neg, has_neg, s.slots, s.valid), opts)
+        keep = s.valid & has_neg
+        if extra is not None:
+            keep = keep & extra
+        a = torch.arange(rows.start, rows.stop, device=dist.device)[:, None]
+        out_a.append(a.expand(-1, s.slots.shape[1])[keep])
+        out_p.append(s.slots[keep])
+        out_n.append(nn[keep])
+    return _cat_triplets(out_a, out_p, out_n, dist.device)
+
+
+def per_anchor(
+    dist: torch.Tensor,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor,
+    exclude_self: bool,
+    farthest_positive: bool,
+) -> IndexTuple:
+    """Per anchor its farthest (or closest) positive and its closest negative.
+
+    Ties go to the lowest column (``argmax``/``argmin`` return the first extremum).
+    """
+    out_a, out_p, out_n = [], [], []
+    for s in iter_label_slots(labels, ref_labels, exclude_self):
+        d = dist[s.rows]
+        pos = s.pos
+        if farthest_positive:
+            p = d.masked_fill(~pos, -_INF).argmax(dim=1)
+        else:
+            p = d.masked_fill(~pos, _INF).argmin(dim=1)
+        n = d.masked_fill(s.same, _INF).argmin(dim=1)
+        keep = pos.any(dim=1) & ~s.same.all(dim=1)
+        a = torch.arange(s.rows.start, s.rows.stop, device=dist.device)
+        out_a.append(a[keep])
+        out_p.append(p[keep])
+        out_n.append(n[keep])
+    return _cat_triplets(out_a, out_p, out_n, dist.device)
+
+
+def _mine_hard(dist, labels, ref_labels, exclude_self, opts: MineOptions) -> IndexTuple:
+    """Batch-hard (Hermans et al. 2017): per anchor, farthest positive and closest negative."""
+    return per_anchor(dist, labels, ref_labels, exclude_self, farthest_positive=True)
+
+
+def _mine_easy_positive(dist, labels, ref_labels, exclude_self, opts: MineOptions) -> IndexTuple:
+    """Easy-positive (Xuan et al. 2020): per anchor, closest positive and closest negative."""
+    return per_anchor(dist, labels, ref_labels, exclude_self, farthest_positive=False)
+
+
+def _closest_negative(c: PairChunk, opts: MineOptions) -> tuple[torch.Tensor, None]:
+    return c.d.masked_fill(~c.neg, _INF).argmin(dim=1, keepdim=True).expand_as(c.slots), None
+
+
+def _mine_hardest_negative(dist, labels, ref_labels, exclude_self, opts) -> IndexTuple:
+    """Per positive pair, the closest negative of the anchor."""
+    return per_pair(dist, labels, ref_labels, exclude_self, opts, _closest_negative)
+
+
+def _uniform_negative(c: PairChunk, opts: MineOptions) -> tuple[torch.Tensor, None]:
+    # the k-th negative of a row (1-based) is the first column whose running count is k
+    cum = c.neg.cumsum(dim=1)
+    n_neg = cum[:, -1:]
+    u = torch.rand(*c.slots.shape, generator=opts.generator, dtype=torch.float64)
+    k = (u.to(c.d.device) * n_neg).long().clamp_max((n_neg - 1).clamp_min(0)) + 1
+    return torch.searchsorted(cum, k).clamp_max(c.d.shape[1] - 1), None
+
+
+def _mine_random(dist, labels, ref_labels, exclude_self, opts: MineOptions) -> IndexTuple:
+    """Per positive pair, one negative drawn uniformly (``opts.generator``)."""
+    return per_pair(dist, labels, ref_labels, exclude_self, opts, _uniform_negative)
+
+
+def _weighted_negative(c: PairChunk, opts: MineOptions) -> tuple[torch.Tensor, None]:
+    w = distance_weighted_probabilities(
+        c.d, c.neg, dim=opts.dim, cutoff=opts.cutoff, nonzero_loss_cutoff=opts.nonzero_loss_cutoff
+    )
+    safe = torch.where(c.has_neg, w, torch.ones_like(w)).cpu().double()
+    nn = torch.multinomial(safe, c.slots.shape[1], replacement=True, generator=opts.generator)
+    return nn.to(c.d.device), None
+
+
+def _mine_distance_weighted(dist, labels, ref_labels, exclude_self, opts) -> IndexTuple:
+    """Per positive pair, one negative drawn by :func:`distance_weighted_probabilities`."""
+    return per_pair(dist, labels, ref_labels, exclude_self, opts, _weighted_negative)
+
+
+def distance_weighted_probabilities(
+    dist: torch.Tensor,
+    neg_mask: torch.Tensor,
+    *,
+    dim: int | None,
+    cutoff: float = 0.5,
+    nonzero_loss_cutoff: float = 1.4,
+) -> torch.Tensor:
+    """Sampling probabilities of Wu et al. (2017) for each anchor row over its negatives.
+
+    Wu, Manmatha, Smola & Krähenbühl 2017, "Sampling Matters in Deep Embedding Learning": a
+    negative at distance ``d`` is drawn with weight ``q(d)^-1``, where
+    ``q(d) ∝ d^(D-2) (1 - d²/4)^((D-3)/2)`` is the density of distances between points uniform on
+    the unit sphere in D dimensions, so
+
+    ``log w(d) = (2 - D) log d - (D - 3)/2 log(1 - d²/4)`` with ``d`` clipped to ``>= cutoff``;
+    negatives with ``d >= nonzero_loss_cutoff`` (and non-negatives) get 0; rows are normalised to
+    sum to 1, and a row whose weights are all 0 becomes uniform over its negatives. Meant for
+    euclidean distances between L2-normalised embeddings (distances in [0, 2]).
+
+    Example:
+        >>> import torch
+        >>> from tripletlab.functional import distance_weighted_probabilities
+        >>> d = torch.tensor([[0.0, 0.6, 1.0, 1.5]])
+        >>> neg = torch.tensor([[False, True, True, True]])
+        >>> w = distance_weighted_probabilities(d, neg, dim=8)
+        >>> [round(v, 3) for v in w[0].tolist()]  # closer negatives weigh more; 1.5 >= 1.4
+        [0.0, 0.93, 0.07, 0.0]
+    """
+    if dim is None:
+        raise InputError("distance-weighted sampling needs the embedding dimension")
+    with torch.no_grad():
+        d = dist.detach().double().clamp_min(cutoff)
+        one_minus = (1.0 - 0.25 * d * d).clamp_min(1e-8)
+        log_w = (2.0 - dim) * torch.log(d) - ((dim - 3) / 2.0) * torch.log(one_minus)
+        ok = neg_mask & (dist.detach() < nonzero_loss_cutoff)
+        log_w = log_w.masked_fill(~ok, -_INF)
+        row_max = log_w.max(dim=1, keepdim=True).values
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        w = torch.exp(log_w - row_max)
+        s = w.sum(dim=1, keepdim=True)
+        uniform = neg_mask.double()
+        w = torch.where(s > 0, w / s.clamp_min(1e-300), uniform / uniform.sum(1, True).clamp_min(1))
+    return w.to(dist.dtype)

@@ -1,0 +1,58 @@
+"""Semi-hard mining (FaceNet, Schroff, Kalenichenko & Philbin 2015), all of it in one place.
+
+Per positive pair (a, p), the closest negative with ``d(a, n) > d(a, p)``. A pair with no such
+negative is handled by ``semihard_fallback`` (:data:`SEMIHARD_FALLBACKS`):
+
+* ``"easiest"`` — the anchor's farthest negative, as TF-Addons' ``triplet_semihard_loss`` does;
+* ``"drop"`` — the pair yields no triplet (the loss may then be 0: :data:`SEMIHARD_EMPTY_REASON`).
+
+Ties go to the lowest column. The search is exact: with few positives per anchor
+(``<= _DIRECT_SLOTS``) one masked minimum per positive slot; beyond, one sort of each anchor's
+negatives and a ``searchsorted`` of its positive distances.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import functional as _knobs  # tuning knobs are read from the package at call time
+from .mining import IndexTuple, MineOptions, PairChunk, per_pair
+
+SEMIHARD_FALLBACKS: tuple[str, ...] = ("easiest", "drop")
+SEMIHARD_EMPTY_REASON = "no semi-hard negative for any positive pair (semihard_fallback='drop')"
+
+
+def semihard_slots(
+    d: torch.Tensor, neg: torch.Tensor, d_ap: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, slot): the column of the closest negative with d_an > d_ap, and whether one
+    exists. ``d`` (rows, R), ``neg`` (rows, R), ``d_ap`` (rows, P)."""
+    inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
+    rows, width = d_ap.shape
+    if width <= _knobs._DIRECT_SLOTS:
+        idx = torch.empty(rows, width, dtype=torch.long, device=d.device)
+        found = torch.empty(rows, width, dtype=torch.bool, device=d.device)
+        for q in range(width):
+            cand = torch.where(neg & (d > d_ap[:, q : q + 1]), d, inf)
+            val, arg = cand.min(dim=1)
+            idx[:, q] = arg
+            found[:, q] = torch.isfinite(val)
+        return idx, found
+    sneg, order = torch.where(neg, d, inf).sort(dim=1, stable=True)
+    jj = torch.searchsorted(sneg, d_ap.contiguous(), side="right")
+    found = jj < neg.sum(dim=1, keepdim=True)
+    return order.gather(1, jj.clamp_max(d.shape[1] - 1)), found
+
+
+def _semihard_negative(c: PairChunk, opts: MineOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    nn, found = semihard_slots(c.d, c.neg, c.d.gather(1, c.slots))
+    if opts.semihard_fallback == "drop":
+        return nn, found
+    far = torch.where(c.neg, c.d, -float("inf")).argmax(dim=1, keepdim=True)  # "easiest"
+    return torch.where(found, nn, far), None
+
+
+def _mine_semihard(dist, labels, ref_labels, exclude_self, opts: MineOptions) -> IndexTuple:
+    """Semi-hard (Schroff et al. 2015): per positive pair, the closest negative farther than the
+    positive; ``opts.semihard_fallback`` decides when there is none."""
+    return per_pair(dist, labels, ref_labels, exclude_self, opts, _semihard_negative)

@@ -1,0 +1,129 @@
+"""Row chunks and the one label-slot builder every strategy, batch-all and the stats use.
+
+A distance matrix ``dist`` (B, R) is processed in row chunks so that each (rows, R) temporary stays
+below ``tripletlab.functional._CHUNK_ELEMS`` elements. For a chunk, :func:`label_slots` returns
+
+* ``same`` (rows, R): ``y_a == y_r``, the anchor itself included, so ``~same`` is exactly the
+  negatives;
+* ``slots`` (rows, P): the column indices of each row's positives (the anchor itself excluded when
+  ``exclude_self``), left-aligned in ascending column order; ``P`` is the largest number of
+  positives of a row (``K - 1`` for a PK batch), at least 1;
+* ``valid`` (rows, P): which slots are real; ``n_pos`` (rows,): positives per row;
+* ``pos`` (rows, R): the positive mask, for consumers that scan whole rows.
+
+The slot table is built from ``nonzero`` (row-major), so nothing of size (rows, R) is sorted, and
+a reduction over a row's positives is a ``gather`` of P values instead of a pass over R.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+
+import torch
+
+from .. import functional as _knobs  # tuning knobs are read from the package at call time
+
+
+def resolve_ref(
+    labels: torch.Tensor, ref_labels: torch.Tensor | None, exclude_self: bool | None
+) -> tuple[torch.Tensor, bool]:
+    """The column labels and whether the pairs (i, i) are excluded.
+
+    Without ``ref_labels`` the batch is its own reference set and ``exclude_self`` defaults to
+    True; with a separate reference set it defaults to False.
+    """
+    if ref_labels is None:
+        return labels, True if exclude_self is None else exclude_self
+    return ref_labels, False if exclude_self is None else exclude_self
+
+
+def row_chunks(b: int, r: int) -> list[slice]:
+    """Row slices of a (b, r) matrix with at most ``_CHUNK_ELEMS`` elements each (>= 1 row)."""
+    step = max(1, _knobs._CHUNK_ELEMS // max(r, 1))
+    return [slice(s, min(b, s + step)) for s in range(0, b, step)]
+
+
+class LabelSlots:
+    """Label structure of the anchor rows ``rows`` (see the module docstring).
+
+    ``same`` is built at once; ``pos`` (the (rows, R) positive mask) and the slot table
+    (``slots``, ``valid``, ``n_pos``) are built on first use, so each consumer pays only for what
+    it reads.
+    """
+
+    def __init__(
+        self, labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: bool, rows: slice
+    ) -> None:
+        self.rows = rows
+        self.exclude_self = exclude_self
+        self.same = labels[rows][:, None] == ref_labels[None, :]
+
+    def self_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of the pairs (i, i) inside this chunk."""
+        n, r = self.same.shape
+        ar = torch.arange(n, device=self.same.device)
+        cols = ar + self.rows.start
+        inside = cols < r
+        return ar[inside], cols[inside]
+
+    @cached_property
+    def pos(self) -> torch.Tensor:
+        """(rows, R) positives: ``same`` without the anchor itself when ``exclude_self``."""
+        if not self.exclude_self:
+            return self.same
+        pos = self.same.clone()
+        pos[self.self_pairs()] = False
+        return pos
+
+    @cached_property
+    def _table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        same = self.same
+        n = same.shape[0]
+        r_idx, c_idx = same.nonzero(as_tuple=True)
+        if self.exclude_self:
+            keep = c_idx != r_idx + self.rows.start
+            r_idx, c_idx = r_idx[keep], c_idx[keep]
+        device = same.device
+        n_pos = (
+            torch.bincount(r_idx, minlength=n)
+            if n
+            else torch.zeros(0, dtype=torch.long, device=device)
+        )
+        width = max(int(n_pos.max()), 1) if n else 1
+        first = n_pos.cumsum(0) - n_pos
+        rank = torch.arange(r_idx.numel(), device=device) - first[r_idx]
+        slots = torch.zeros(n, width, dtype=torch.long, device=device)
+        slots[r_idx, rank] = c_idx
+        valid = torch.arange(width, device=device)[None, :] < n_pos[:, None]
+        return slots, valid, n_pos
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """(rows, P) column indices of each row's positives, left-aligned, ascending."""
+        return self._table[0]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(rows, P) which slots are real."""
+        return self._table[1]
+
+    @property
+    def n_pos(self) -> torch.Tensor:
+        """(rows,) positives per row."""
+        return self._table[2]
+
+
+def label_slots(
+    labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: bool, rows: slice
+) -> LabelSlots:
+    """The :class:`LabelSlots` of the anchor rows ``rows``."""
+    return LabelSlots(labels, ref_labels, exclude_self, rows)
+
+
+def iter_label_slots(
+    labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: bool
+) -> Iterator[LabelSlots]:
+    """:func:`label_slots` for every row chunk, one chunk alive at a time."""
+    for rows in row_chunks(labels.shape[0], ref_labels.shape[0]):
+        yield label_slots(labels, ref_labels, exclude_self, rows)
