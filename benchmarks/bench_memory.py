@@ -23,13 +23,22 @@ from pathlib import Path
 import psutil
 
 
-def peak_rss(cmd: list[str], env: dict) -> tuple[int, float, int]:
-    """(peak RSS of the process tree in bytes, seconds, exit code)."""
+def peak_rss(cmd: list[str], env: dict, max_seconds: float = 0) -> tuple[int, float, int]:
+    """(peak RSS of the process tree in bytes, seconds, exit code). With ``max_seconds`` the
+    command is stopped after that long (exit code -9: the peak is then over that time only)."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     root = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
+        if max_seconds and time.perf_counter() - t > max_seconds:
+            for p in [*root.children(recursive=True), root]:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            proc.wait()
+            break
         try:
             procs = [root, *root.children(recursive=True)]
             total = 0
@@ -56,6 +65,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--what", nargs="+", default=["train", "embed"])
+    ap.add_argument("--max-seconds", type=float, default=0, help="stop embed after this long")
     ap.add_argument("--model", default=None, help="embed with this run (default: the trained one)")
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
@@ -147,7 +157,7 @@ def main() -> None:
                 "--device",
                 "cpu",
             ]
-            rss, secs, rc = peak_rss(embed, env)
+            rss, secs, rc = peak_rss(embed, env, a.max_seconds)
             print(
                 json.dumps(
                     {
@@ -155,7 +165,8 @@ def main() -> None:
                         "images": n,
                         "peak_rss_mib": round(rss / 2**20),
                         "seconds": round(secs),
-                        "images_per_s": round(n / secs),
+                        "images_per_s": round(n / secs) if rc == 0 else None,
+                        "completed": rc == 0,
                         "rc": rc,
                     }
                 ),
