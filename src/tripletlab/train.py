@@ -89,6 +89,10 @@ class Trainer:
         >>> result = Trainer(cfg).fit()  # doctest: +SKIP
     """
 
+    #: the validation metric that picks the saved model, and the ones logged
+    selection_metric = "map_at_r"
+    val_metrics = _VAL_METRICS
+
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print) -> None:
         self.cfg = cfg
         self.log = log
@@ -105,6 +109,8 @@ class Trainer:
         self.amp = amp_dtype(self.device, cfg.amp)
         self.scaler = grad_scaler(self.device, self.amp)
         self.files = None  # ImageFiles of the whole data set when images are streamed
+        self.stream = None  # their PK stream (set by _build)
+        self.channels_last = False
         self.choices: list[str] = []  # automatic choices made from the data (imagerun)
         self._prepare_data()
         self._build()
@@ -163,20 +169,23 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         ds = self.train_set
-        shape = self.files.input_shape if self.files is not None else ds.input_shape
-        mcfg = default_model_config(shape, cfg.embedding_dim)
-        if cfg.model:
-            mcfg["name"] = cfg.model
-        if cfg.backbone:
-            mcfg.update({"name": "backbone", "backbone": cfg.backbone, "pool": cfg.pool})
-            mcfg.update({"neck": cfg.neck, "freeze_bn": cfg.freeze_bn})
-            mcfg["freeze_stages"] = cfg.freeze_stages
-        mcfg.update(cfg.model_options)
-        self.model = build_model(mcfg)
-        if (cfg.pretrained or cfg.weights) and not self.resume:
-            src = self.model.load_pretrained("imagenet" if cfg.pretrained else cfg.weights)
-            self.log(f"backbone {cfg.backbone}: weights from {src}")
-        self.model.to(self.device)
+        if ds.kind == "text":
+            self.model = self._build_text_model().to(self.device)
+        else:
+            shape = self.files.input_shape if self.files is not None else ds.input_shape
+            mcfg = default_model_config(shape, cfg.embedding_dim)
+            if cfg.model:
+                mcfg["name"] = cfg.model
+            if cfg.backbone:
+                mcfg.update({"name": "backbone", "backbone": cfg.backbone, "pool": cfg.pool})
+                mcfg.update({"neck": cfg.neck, "freeze_bn": cfg.freeze_bn})
+                mcfg["freeze_stages"] = cfg.freeze_stages
+            mcfg.update(cfg.model_options)
+            self.model = build_model(mcfg)
+            if (cfg.pretrained or cfg.weights) and not self.resume:
+                src = self.model.load_pretrained("imagenet" if cfg.pretrained else cfg.weights)
+                self.log(f"backbone {cfg.backbone}: weights from {src}")
+            self.model.to(self.device)
         # channels-last convolutions are faster on CUDA (tensor cores); on the CPU they are not
         self.channels_last = self.device.type == "cuda" and cfg.backbone is not None
         if self.channels_last:
@@ -197,15 +206,14 @@ class Trainer:
         if cfg.p > n_cls:
             self.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
         self.sampler = PKSampler(ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed)
-        self.total_steps = cfg.steps or cfg.epochs * len(self.sampler)
+        self.total_steps = cfg.steps or self._epochs() * len(self.sampler)
         self.eval_every = cfg.eval_every or len(self.sampler)
         self.ckpt_every = cfg.checkpoint_every or self.eval_every
-        lr = cfg.lr if cfg.lr is not None else (3e-4 if cfg.backbone else 1e-3)
         if hasattr(self.model, "param_groups"):  # backbone: lower lr than the head
-            params = self.model.param_groups(lr, cfg.backbone_lr_mult)
+            params = self.model.param_groups(self._lr(), cfg.backbone_lr_mult)
         else:
             params = self.model.parameters()
-        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(params, lr=self._lr(), weight_decay=cfg.weight_decay)
         self.stream = None
         if self.files is not None:
             from .imagerun import make_stream
@@ -222,6 +230,47 @@ class Trainer:
         )
         if self.resume:
             self._restore()
+
+    def _is_text(self) -> bool:
+        return self.train_set.kind in ("text", "triplets")
+
+    def _lr(self) -> float:
+        """``cfg.lr``, or its default: 1e-3, 3e-4 when fine-tuning an image backbone (1e-3
+        overfits AT&T's validation identities within 50 steps), 2e-5 for a pretrained text
+        encoder."""
+        if self.cfg.lr is not None:
+            return self.cfg.lr
+        return 2e-5 if self._is_text() else 3e-4 if self.cfg.backbone else 1e-3
+
+    def _epochs(self) -> int:
+        """``cfg.epochs``, or its default: 20, and 1 for a pretrained text encoder."""
+        if self.cfg.epochs is not None:
+            return self.cfg.epochs
+        return 1 if self._is_text() else 20
+
+    def _build_text_model(self) -> torch.nn.Module:
+        """A pretrained text encoder (``--model minilm`` or a folder); its config.json and
+        tokenizer are written to RUN/encoder so the run rebuilds it offline."""
+        from .models.text import ENCODER_DIR, build_text_encoder
+
+        cfg = self.cfg
+        mcfg = {"name": "text", "encoder": cfg.model or "minilm", **cfg.model_options}
+        model = build_text_encoder(mcfg).to(self.device)
+        model.save_encoder_files(self.run_dir / ENCODER_DIR)
+        ds = self.dataset
+        texts = (
+            ds.texts
+            if isinstance(ds, Dataset)
+            else [t for part in (ds.anchors, ds.positives, ds.negatives) for t in part]
+        )
+        n_long = model.count_too_long(texts)
+        ds.info["texts_truncated"] = n_long
+        if n_long:
+            self.log(
+                f"note: {n_long} of {len(texts)} texts are longer than {model.max_length} "
+                "tokens and are truncated"
+            )
+        return model
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self) -> None:
@@ -289,7 +338,8 @@ class Trainer:
         if isinstance(idx, tuple):  # streamed (already augmented) batch
             x, y = idx[0].to(self.device, non_blocking=True), idx[1].to(self.device)
         else:
-            x = self.train_set.x[idx].to(self.device)
+            x = self.train_set.inputs(idx)
+            x = x.to(self.device) if torch.is_tensor(x) else x  # text: a list of strings
             y = self.train_set.y[idx].to(self.device)
         if self.augment is not None:
             x = self.augment(x)
@@ -367,7 +417,7 @@ class Trainer:
     def embed_split(self, part: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and labels of a split (streamed from disk when the images are)."""
         if self.files is None:
-            emb = embed(self.model, part.x, self.cfg.eval_batch_size, self.device, self.amp)
+            emb = embed(self.model, part.inputs(), self.cfg.eval_batch_size, self.device, self.amp)
             return emb, part.y
         from .imagerun import embed_part
 
@@ -395,17 +445,18 @@ class Trainer:
             self._save_best()
             return False
         append_metrics(
-            self.run_dir, {"step": st.step, "type": "eval", **{k: m[k] for k in _VAL_METRICS}}
+            self.run_dir, {"step": st.step, "type": "eval", **{k: m[k] for k in self.val_metrics}}
         )
-        if m["map_at_r"] > st.best:
-            st.best, st.best_step = m["map_at_r"], st.step
+        if m[self.selection_metric] > st.best:
+            st.best, st.best_step = m[self.selection_metric], st.step
             st.evals_without_improvement = 0
             self._save_best()
             return False
         st.evals_without_improvement += 1
         if patience and st.evals_without_improvement >= patience:
             self.log(
-                f"early stopping at step {st.step}: no MAP@R improvement in {patience} evaluations"
+                f"early stopping at step {st.step}: no {self.selection_metric} improvement in "
+                f"{patience} evaluations"
             )
             return True
         return False

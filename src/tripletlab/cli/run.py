@@ -38,6 +38,14 @@ def _embed_source(inf, args):
     )
 
 
+def _streams(inf, args) -> bool:
+    """Image folders and manifests given to an image model are streamed in batches."""
+    from ..imagerun import is_image_source
+
+    spec = args.data if args.data is not None else inf.config.get("train", {}).get("data")
+    return inf.takes_images and spec is not None and is_image_source(spec)
+
+
 def _add_device(p) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
 
@@ -88,8 +96,11 @@ def _cmd_eval(args) -> int:
     from ..evaluate import summary_lines
 
     inf = _inference(args)
-    emb, labels, _, _ = _embed_source(inf, args)
-    result = inf.evaluate_embeddings(emb, labels, args.distance)
+    if _streams(inf, args):
+        emb, labels, _, _ = _embed_source(inf, args)
+        result = inf.evaluate_embeddings(emb, labels, args.distance)
+    else:
+        result = inf.evaluate(inf.load_data(args.data, args.skip_bad), args.distance)
     if args.json:
         print_json(result)
     else:
@@ -103,7 +114,7 @@ def _add_embed(sub) -> None:
         "embed",
         help="write embeddings of a data set to an .npz file",
         description="Embed every item of a data set; writes an .npz with "
-        "'embeddings', 'labels', 'paths' and 'classes'.",
+        "'embeddings', 'labels', 'paths' and 'classes' (and 'texts' for text data).",
     )
     _add_model_data(p, data_required=True)
     p.add_argument("--out", required=True, help="output .npz file")
@@ -114,7 +125,14 @@ def _cmd_embed(args) -> int:
     from ..utils import atomic_write_bytes
 
     inf = _inference(args)
-    emb, labels, paths, classes = _embed_source(inf, args)
+    extra = {}
+    if _streams(inf, args):
+        emb, labels, paths, classes = _embed_source(inf, args)
+    else:
+        ds = inf.load_data(args.data, args.skip_bad)
+        emb, labels, paths, classes = inf.embed_dataset(ds), ds.y, ds.paths, ds.classes
+        if ds.texts is not None:
+            extra["texts"] = np.asarray(ds.texts, dtype=str)
     # data without files (digits, vectors, idx): "<data>[row]" identifies each item
     paths = paths if paths is not None else [f"{args.data}[{i}]" for i in range(len(emb))]
     buf = io.BytesIO()
@@ -124,6 +142,7 @@ def _cmd_embed(args) -> int:
         labels=labels.numpy(),
         paths=np.asarray(paths, dtype=str),
         classes=np.asarray(classes, dtype=str),
+        **extra,
     )
     atomic_write_bytes(args.out, buf.getvalue())
     print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {Path(args.out)}")
@@ -156,8 +175,11 @@ def _add_index(sub) -> None:
 
 def _cmd_index(args) -> int:
     inf = _inference(args)
-    emb, labels, paths, classes = _embed_source(inf, args)
-    index = inf.index_embeddings(emb, labels, paths, classes, kind=args.kind)
+    if _streams(inf, args):
+        emb, labels, paths, classes = _embed_source(inf, args)
+        index = inf.index_embeddings(emb, labels, paths, classes, kind=args.kind)
+    else:
+        index = inf.build_index(inf.load_data(args.data, args.skip_bad), kind=args.kind)
     index.save(args.out, fingerprint=inf.fingerprint)
     print(f"indexed {len(index)} items ({inf.distance}, {args.kind}) in {args.out}")
     return 0
@@ -171,7 +193,12 @@ def _add_search(sub) -> None:
         description="Embed queries with the model and print their k nearest "
         "items in an index (label, path, distance).",
     )
-    p.add_argument("queries", nargs="+", help="image files, or one .npy/.npz/.csv of vectors")
+    p.add_argument(
+        "queries",
+        nargs="+",
+        help="image files, or one .npy/.npz/.csv of vectors; for a text model query strings "
+        "(quoted) or one .txt/.csv/.tsv/.jsonl file of texts",
+    )
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="the run that built it")
     _add_device(p)
     p.add_argument("--index", required=True, metavar="DIR", help="index directory")
@@ -213,10 +240,14 @@ def _add_verify(sub) -> None:
         "distance threshold calibrated on the run's test split "
         "(eval.json) unless --threshold is given.",
     )
-    p.add_argument("inputs", nargs="*", help="two image files")
+    p.add_argument("inputs", nargs="*", help="two image files (two quoted texts for a text model)")
     p.add_argument("--model", required=True, metavar="RUN_DIR")
     _add_device(p)
-    p.add_argument("--pairs", default=None, help="CSV file with one pair per line: path_a,path_b")
+    p.add_argument(
+        "--pairs",
+        default=None,
+        help="CSV file with one pair per line: path_a,path_b (text_a,text_b for a text model)",
+    )
     p.add_argument("--threshold", type=float, default=None, help="override the threshold")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)

@@ -141,7 +141,21 @@ def scan_images(source: str | os.PathLike[str], skip_bad: bool = False):
 
 
 def is_manifest(spec: str) -> bool:
-    return Path(spec).suffix.lower() in MANIFEST_EXTENSIONS and Path(spec).is_file()
+    """A CSV whose header has ``path`` and ``label`` columns, or a JSONL whose first object
+    has ``path`` (other .csv/.jsonl files are vector or text data)."""
+    p = Path(spec)
+    if p.suffix.lower() not in MANIFEST_EXTENSIONS or not p.is_file():
+        return False
+    try:
+        with open(p, encoding="utf-8", newline="") as f:
+            first = next((line for line in f if line.strip()), "")
+        if p.suffix.lower() == ".csv":
+            header = [h.strip() for h in next(csv.reader([first]), [])]
+            return "path" in header and "label" in header
+        obj = json.loads(first)
+        return isinstance(obj, dict) and "path" in obj
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error):
+        return False
 
 
 # --------------------------------------------------------------------------- augmentation
