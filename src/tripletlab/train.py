@@ -10,8 +10,13 @@ from :mod:`tripletlab.evaluate`.
 
 from __future__ import annotations
 
+import copy
 import math
+import shlex
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +24,12 @@ from pathlib import Path
 import torch
 
 from .collapse import CollapseDetector
-from .config import TrainConfig
+from .config import TrainConfig, resolve_config
+from .custom import custom_model_config, user_datasets
 from .data import Dataset, apply_split, split_dataset
 from .devices import amp_dtype, autocast, grad_scaler, resolve_device
-from .errors import FileFormatError, InputError, NonFiniteError
+from .environment import environment
+from .errors import FileFormatError, InputError, NonFiniteError, TrainingInterrupted
 from .evaluate import EvalResult, embed, eval_distance, evaluate_embeddings, summary_lines
 from .losses import TripletLoss
 from .metrics import retrieval_metrics
@@ -32,6 +39,7 @@ from .rundir import (
     load_checkpoint,
     load_dataset_for_run,
     load_run,
+    load_weights,
     model_fingerprint,
     read_json,
     save_checkpoint,
@@ -69,6 +77,15 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _clock(seconds: float) -> str:
+    """``h:mm:ss`` / ``m:ss`` of a duration ('?' when unknown)."""
+    if not math.isfinite(seconds):
+        return "?"
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
 @dataclass
 class _Running:
     step: int = 0
@@ -93,17 +110,43 @@ class Trainer:
     selection_metric = "map_at_r"
     val_metrics = _VAL_METRICS
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig | None = None,
+        resume: bool = False,
+        log=print,
+        *,
+        model: torch.nn.Module | None = None,
+        train_data=None,
+        test_data=None,
+        loss: torch.nn.Module | None = None,
+        **options,
+    ) -> None:
+        if cfg is None:
+            cfg = resolve_config(None, options)
+        elif options:
+            raise InputError(f"pass options in cfg or as keywords, not both: {sorted(options)}")
         self.cfg = cfg
         self.log = log
+        self._user_model, self._user_loss = model, loss
+        self._user_data = None
+        if train_data is not None:
+            self._user_data = user_datasets(train_data, test_data)
+            cfg.data = f"python:{type(train_data).__name__}"
+        elif test_data is not None:
+            raise InputError("test_data needs train_data")
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(cfg.out or f"runs/{Path(cfg.data).name or cfg.data}-{stamp}")
+        name = "custom" if self._user_data else Path(cfg.data).name or cfg.data
+        self.run_dir = Path(cfg.out or f"runs/{name}-{stamp}")
         self.resume = resume
         if not resume and (self.run_dir / "checkpoint").exists():
             raise InputError(
                 f"{self.run_dir} already holds a run; use --resume {self.run_dir} to continue "
                 "it or choose another --out"
             )
+        # a run that fails before its first step leaves no directory behind (only one that
+        # this trainer created is removed)
+        self._created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
         self.amp = amp_dtype(self.device, cfg.amp)
@@ -112,23 +155,45 @@ class Trainer:
         self.stream = None  # their PK stream (set by _build)
         self.channels_last = False
         self.choices: list[str] = []  # automatic choices made from the data (imagerun)
-        self._prepare_data()
-        self._build()
+        self._time_before = 0.0  # training seconds of earlier sessions (resume)
+        self._tb = None  # the TensorBoard writer while fitting (--tensorboard)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError as e:
+                self._remove_unstarted_run()
+                raise InputError(
+                    f"--tensorboard needs tensorboard ({e}): pip install 'tripletlab[tensorboard]'"
+                ) from None
+        try:
+            self._prepare_data()
+            self._build()
+        except BaseException:
+            self._remove_unstarted_run()
+            raise
+
+    def _remove_unstarted_run(self) -> None:
+        if self._created_dir and getattr(self, "state", _Running()).step == 0:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # ---------------------------------------------------------------- data and model
     def _prepare_data(self) -> None:
         from .imagerun import open_data
 
-        ds, self.files, self.choices = open_data(self.cfg, resume=self.resume)
-        for line in self.choices:
-            self.log(f"auto: {line}")
         cfg = self.cfg
+        if self._user_data is not None:
+            ds, given_test = self._user_data
+        else:
+            ds, self.files, self.choices = open_data(cfg, resume=self.resume)
+            for line in self.choices:
+                self.log(f"auto: {line}")
+            given_test = None
         self.dataset = ds
         split_path = self.run_dir / "split.json"
         if self.resume and split_path.exists():
             info = read_json(split_path, "split")
             test_info = info["test"]
-            train, test = apply_split(ds, test_info)
+            train, test = (ds, given_test) if given_test is not None else apply_split(ds, test_info)
             self.train_full = train
             val_info = info.get("val")
             train, val = apply_split(train, val_info) if val_info else (train, None)
@@ -140,14 +205,18 @@ class Trainer:
                 if cfg.data == "digits" or (ds.kind == "vector" and ds.n_classes < 20)
                 else "class"
             )
-            train, test, test_info = split_dataset(
-                ds,
-                by=by,
-                test_fraction=cfg.test_fraction,
-                seed=cfg.seed,
-                test_classes=cfg.test_classes if by == "class" else None,
-                class_order=cfg.class_order,
-            )
+            if given_test is not None:  # the caller's own test set
+                train, test = ds, given_test
+                test_info = {"by": "given", "test_items": len(test)}
+            else:
+                train, test, test_info = split_dataset(
+                    ds,
+                    by=by,
+                    test_fraction=cfg.test_fraction,
+                    seed=cfg.seed,
+                    test_classes=cfg.test_classes if by == "class" else None,
+                    class_order=cfg.class_order,
+                )
             self.train_full = train
             val, val_info = None, None
             if cfg.val_fraction > 0 and cfg.evaluate:
@@ -171,6 +240,11 @@ class Trainer:
         ds = self.train_set
         if ds.kind == "text":
             self.model = self._build_text_model().to(self.device)
+        elif self._user_model is not None:
+            self.model = self._user_model.to(self.device)
+            self._initial_state = {
+                k: v.detach().clone() for k, v in self.model.state_dict().items()
+            }
         else:
             shape = self.files.input_shape if self.files is not None else ds.input_shape
             mcfg = default_model_config(shape, cfg.embedding_dim)
@@ -190,18 +264,26 @@ class Trainer:
         self.channels_last = self.device.type == "cuda" and cfg.backbone is not None
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        aug = cfg.augment if cfg.augment is not None else ("light" if ds.kind == "image" else None)
+        # the caller's data is used as given (augment only when asked for by name)
+        auto = "light" if ds.kind == "image" and self._user_data is None else None
+        aug = cfg.augment if cfg.augment is not None else auto
         self.augment = None
         if ds.kind == "image" and self.files is None:  # streamed images augment in the workers
             self.augment = build_augment(aug, seed=cfg.seed + 2)
-        self.loss_fn = TripletLoss(
-            margin=cfg.margin,
-            strategy=cfg.strategy,
-            distance=cfg.distance,
-            soft_margin=cfg.soft_margin,
-            semihard_fallback=cfg.semihard_fallback,
-            seed=cfg.seed + 3,
-        )
+        if self._user_loss is not None:
+            self.loss_fn = self._user_loss
+            for key in ("margin", "strategy", "distance", "soft_margin", "semihard_fallback"):
+                if hasattr(self.loss_fn, key):  # recorded in config.json, used by the report
+                    setattr(cfg, key, getattr(self.loss_fn, key))
+        else:
+            self.loss_fn = TripletLoss(
+                margin=cfg.margin,
+                strategy=cfg.strategy,
+                distance=cfg.distance,
+                soft_margin=cfg.soft_margin,
+                semihard_fallback=cfg.semihard_fallback,
+                seed=cfg.seed + 3,
+            )
         n_cls = int(torch.unique(ds.y).numel())
         if cfg.p > n_cls:
             self.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
@@ -224,9 +306,18 @@ class Trainer:
         )
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.state = _Running()
-        self.model_config = self.model.config
+        self.model_config = (
+            custom_model_config(self.model, ds, str(self.device))
+            if self._user_model is not None
+            else self.model.config
+        )
         write_run_config(
-            self.run_dir, cfg.to_dict(), self.model_config, self.dataset, self.splits()
+            self.run_dir,
+            cfg.to_dict(),
+            self.model_config,
+            self.dataset,
+            self.splits(),
+            environment=environment(str(self.device), self.threads()),
         )
         if self.resume:
             self._restore()
@@ -278,7 +369,7 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         if self.augment is not None:
             tensors["rng.augment"] = self.augment.get_state()
-        if self.loss_fn.generator is not None:
+        if getattr(self.loss_fn, "generator", None) is not None:
             tensors["rng.loss"] = self.loss_fn.generator.get_state()
         st = self.state
         state = {
@@ -290,8 +381,15 @@ class Trainer:
             "sampler": (self.stream or self.sampler).state_dict(),
             "scheduler": self.sched.state_dict(),
             "total_steps": self.total_steps,
+            "train_time_s": self._train_seconds(),
         }
         save_checkpoint(self.run_dir, tensors, self.opt.state_dict(), state)
+        self._ckpt_step = st.step
+
+    def _train_seconds(self) -> float:
+        """Training time of this run so far, over every session (resumes add up)."""
+        start = getattr(self, "_t_start", None)
+        return self._time_before + (time.perf_counter() - start if start is not None else 0.0)
 
     def _restore(self) -> None:
         tensors, optim_state, state = load_checkpoint(self.run_dir)
@@ -308,15 +406,24 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         if self.augment is not None and "rng.augment" in tensors:
             self.augment.set_state(tensors["rng.augment"])
-        if self.loss_fn.generator is not None and "rng.loss" in tensors:
+        if getattr(self.loss_fn, "generator", None) is not None and "rng.loss" in tensors:
             self.loss_fn.generator.set_state(tensors["rng.loss"])
         (self.stream or self.sampler).load_state_dict(state["sampler"])
         st = self.state
         st.step, st.best, st.best_step = state["step"], state["best"], state["best_step"]
         st.evals_without_improvement = state["evals_without_improvement"]
         st.skipped_nonfinite = state.get("skipped_nonfinite", 0)
+        self._time_before = float(state.get("train_time_s", 0.0))
+        self._ckpt_step = st.step
+        if st.step > self.total_steps:
+            raise InputError(
+                f"{self.run_dir} is at step {st.step}; to extend it pass --steps greater than "
+                f"{st.step} (got {self.total_steps})"
+            )
         trim_metrics(self.run_dir, st.step)  # later lines will be produced again
-        self.log(f"resumed {self.run_dir} at step {st.step}/{self.total_steps}")
+        saved_total = state.get("total_steps", self.total_steps)
+        extended = f" (extended from {saved_total})" if self.total_steps != saved_total else ""
+        self.log(f"resumed {self.run_dir} at step {st.step}/{self.total_steps}{extended}")
 
     def _save_best(self) -> None:
         save_weights(self.run_dir / "model.safetensors", self.model.state_dict())
@@ -354,7 +461,7 @@ class Trainer:
         if not bool(torch.isfinite(emb).all()):
             return self._nonfinite("embeddings")
         loss = self.loss_fn(emb, y)
-        stats = self.loss_fn.stats
+        stats = dict(getattr(self.loss_fn, "stats", {}))
         if not bool(torch.isfinite(loss)):
             return self._nonfinite("loss")
         if self.scaler is not None:  # float16 on CUDA
@@ -410,9 +517,58 @@ class Trainer:
             "samples_per_s": self._seen / max(now - self._t_log, 1e-9),
             **{k: stats[k] for k in _LOGGED_STATS if k in stats},
         }
-        append_metrics(self.run_dir, rec)
+        self._record(rec)
         self._t_log, self._seen = now, 0
         self._bar.set_postfix(loss=f"{loss:.4f}", active=f"{stats.get('active_fraction', 0):.2f}")
+        self._progress_line(loss, stats, now)
+
+    def _progress_line(self, loss: float, stats: dict, now: float) -> None:
+        """Without a progress bar (stderr not a terminal) and not quiet: one line on stderr at
+        the first logged step, then every ``progress_every`` seconds, and at the last step."""
+        st, cfg = self.state, self.cfg
+        if not self._lines or (
+            st.step != self.total_steps
+            and self._t_line is not None
+            and now - self._t_line < cfg.progress_every
+        ):
+            return
+        self._t_line = now
+        done = st.step - self._first_step
+        elapsed = now - self._t_start
+        eta = elapsed / done * (self.total_steps - st.step) if done else float("nan")
+        rate = self._throughput()
+        print(
+            f"step {st.step}/{self.total_steps} ({100 * st.step / self.total_steps:.0f}%)  "
+            f"loss {loss:.4f}  active {stats.get('active_fraction', float('nan')):.2f}  "
+            f"{rate or 0:.0f} samples/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _record(self, rec: dict) -> None:
+        """One metrics.jsonl line, and the same scalars in TensorBoard (``--tensorboard``:
+        ``train/<key>`` per logged step, ``val/<metric>`` per validation)."""
+        append_metrics(self.run_dir, rec)
+        if self._tb is not None:
+            group = "val" if rec.get("type") == "eval" else "train"
+            for key, value in rec.items():
+                if key not in ("step", "type") and isinstance(value, (int, float)):
+                    if math.isfinite(value):
+                        self._tb.add_scalar(f"{group}/{key}", value, rec["step"])
+
+    def _open_tensorboard(self) -> None:
+        if self.cfg.tensorboard and self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops the events logged after its checkpoint
+            self._tb = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=self.state.step or None
+            )
+
+    def _close_tensorboard(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def embed_split(self, part: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and labels of a split (streamed from disk when the images are)."""
@@ -444,9 +600,7 @@ class Trainer:
         if m is None:  # no validation: the latest model is the one kept
             self._save_best()
             return False
-        append_metrics(
-            self.run_dir, {"step": st.step, "type": "eval", **{k: m[k] for k in self.val_metrics}}
-        )
+        self._record({"step": st.step, "type": "eval", **{k: m[k] for k in self.val_metrics}})
         if m[self.selection_metric] > st.best:
             st.best, st.best_step = m[self.selection_metric], st.step
             st.evals_without_improvement = 0
@@ -467,22 +621,136 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def threads(self) -> int | None:
-        """CPU threads for this run: ``cfg.threads``; by default 1 for vector data (a small MLP
-        step gains nothing from more threads and slows down badly on a busy machine), else
-        torch's default (None)."""
-        if self.cfg.threads:
-            return self.cfg.threads
-        return 1 if self.device.type == "cpu" and self.train_set.kind == "vector" else None
+        """CPU threads for this run (None: torch's setting). ``cfg.threads`` when given; 1 for
+        vector data (a small MLP step gains nothing from more threads and slows down badly on
+        a busy machine); for images the faster of one thread and torch's default, measured on
+        a few steps of a copy of the model at the start (:meth:`_measure_threads`), reused on
+        resume."""
+        if not hasattr(self, "_threads"):
+            self._threads = self._choose_threads()
+        return self._threads
+
+    def _choose_threads(self) -> int | None:
+        cfg = self.cfg
+        if cfg.threads:
+            return cfg.threads
+        if self.device.type != "cpu":
+            return None
+        kind = getattr(self.train_set, "kind", None)
+        if kind == "vector":
+            return 1
+        if kind != "image":  # text encoders: torch's default
+            return None
+        if self.resume and (self.run_dir / "config.json").exists():
+            env = read_json(self.run_dir / "config.json", "run config").get("environment") or {}
+            if isinstance(env.get("threads"), int) and env["threads"] >= 1:
+                return env["threads"]
+        return self._measure_threads()
+
+    def _measure_threads(self, steps: int = 2) -> int | None:
+        """Time forward + backward of one PK-sized batch on a copy of the model (training state
+        and random streams untouched) with torch's default threads and with one; the default
+        must be more than 10% faster to be used (a busy machine often makes it slower)."""
+        many = torch.get_num_threads()
+        if many <= 1:
+            return 1
+        try:
+            model = copy.deepcopy(self.model).train()
+        except Exception:  # noqa: BLE001 - a module that cannot be copied: torch's default
+            return None
+        n = self.sampler.p * self.sampler.k
+        if self.files is not None:  # streamed images: a batch of their shape
+            x = torch.rand(n, *self.files.input_shape, device=self.device)
+        else:
+            x = self.train_set.x[:n].to(self.device)
+
+        def seconds(n: int) -> float:
+            torch.set_num_threads(n)
+            best = float("inf")
+            with torch.random.fork_rng(devices=[]):
+                for i in range(steps + 1):
+                    t = time.perf_counter()
+                    model(x).square().sum().backward()
+                    if i:  # the first pass warms up
+                        best = min(best, time.perf_counter() - t)
+            return best
+
+        try:
+            t_many, t_one = seconds(many), seconds(1)
+        finally:
+            torch.set_num_threads(many)
+        choice = 1 if t_one <= 1.1 * t_many else many
+        self.log(
+            f"threads: {choice} (a step took {t_many:.3f} s with {many} threads, {t_one:.3f} s "
+            "with 1; --threads N sets it)"
+        )
+        return choice
 
     def fit(self) -> EvalResult:
         """Train to the configured number of steps, evaluate on the test split, return eval."""
+        if self.resume and self.state.step >= self.total_steps:
+            return self._finished()
         previous, n = torch.get_num_threads(), self.threads()
         if n:
             torch.set_num_threads(n)
+        handler = self._install_sigint()
         try:
             return self._fit()
+        except Exception:
+            self._remove_unstarted_run()
+            raise
         finally:
+            self._close_tensorboard()
             torch.set_num_threads(previous)
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+
+    def _finished(self) -> EvalResult:
+        """Resuming a run that already reached its last step: nothing is trained and eval.json
+        is kept (an extension needs a larger ``steps``)."""
+        self.log(
+            f"{self.run_dir} already finished at step {self.state.step}; nothing to train "
+            f"(extend it with --resume {self.run_dir} --steps N, N > {self.state.step})"
+        )
+        path = self.run_dir / "eval.json"
+        if path.exists() or not self.cfg.evaluate:
+            return read_json(path, "evaluation") if path.exists() else {"evaluated": False}
+        self._t_start = None
+        self._step_seconds, self._step_samples = 0.0, 0
+        self.collapse = None
+        return self.final_evaluation(self._training_result(self._train_seconds()))
+
+    # ---------------------------------------------------------------- Ctrl-C
+    def _install_sigint(self):
+        """First Ctrl-C: finish the current step, save a checkpoint and stop with the resume
+        command; a second one stops at once. Only in the main thread (signals need it)."""
+        self._stop_requested = False
+        self._in_loop = False
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sigint(signum, frame):
+            if not self._in_loop or self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            print(
+                "\nCtrl-C: stopping after this step and saving a checkpoint "
+                "(Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        return signal.signal(signal.SIGINT, on_sigint)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        st, ckpt = self.state, getattr(self, "_ckpt_step", 0)
+        return TrainingInterrupted(
+            f"interrupted at step {st.step}/{self.total_steps}; checkpoint at step {ckpt} in "
+            f"{self.run_dir / 'checkpoint'}. Continue with:\n"
+            f"  tripletlab train --resume {shlex.quote(str(self.run_dir))}",
+            step=ckpt,
+            run_dir=str(self.run_dir),
+        )
 
     def _start_session(self) -> None:
         """Timers, progress bar and collapse detector of this session; the initial checkpoint."""
@@ -491,13 +759,18 @@ class Trainer:
         cfg = self.cfg
         self.collapse: dict | None = None
         self._collapse = CollapseDetector(cfg.margin, cfg.soft_margin)
+        tty = sys.stderr.isatty()
+        self._lines = not cfg.quiet and not tty  # progress lines instead of a bar
+        self._t_line: float | None = None
+        self._first_step = self.state.step
         self._bar = tqdm(
             total=self.total_steps,
             initial=self.state.step,
-            disable=cfg.quiet or not sys.stderr.isatty(),
+            disable=cfg.quiet or not tty,
             unit="step",
             dynamic_ncols=True,
         )
+        self._open_tensorboard()
         self._t_start = self._t_log = time.perf_counter()
         self._seen = 0
         self._step_seconds, self._step_samples = 0.0, 0  # training steps only (throughput)
@@ -508,6 +781,22 @@ class Trainer:
 
     def _fit(self) -> EvalResult:
         self._start_session()
+        self._in_loop = True
+        try:
+            self._loop()
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
+            raise self._interrupted() from None
+        finally:
+            self._in_loop = False
+            self._bar.close()
+        result = self._training_result(self._train_seconds())
+        if not self.cfg.evaluate:
+            return {"evaluated": False, **result}
+        return self.final_evaluation(result)
+
+    def _loop(self) -> None:
         st, stop = self.state, False
         while st.step < self.total_steps and not stop:
             for idx in self._batches():
@@ -524,15 +813,12 @@ class Trainer:
                 self._log_step(loss, stats)
                 stop = self._maybe_validate()
                 self._maybe_checkpoint(stop)
+                if self._stop_requested:
+                    if self._ckpt_step != st.step:
+                        self._save()
+                    raise self._interrupted()
                 if st.step >= self.total_steps or stop:
                     break
-        self._bar.close()
-        if self.stream is not None:
-            self.stream.close()
-        result = self._training_result(time.perf_counter() - self._t_start)
-        if not self.cfg.evaluate:
-            return {"evaluated": False, **result}
-        return self.final_evaluation(result)
 
     def _throughput(self) -> float | None:
         """Training samples per second over the optimisation steps of this session (data
@@ -555,14 +841,42 @@ class Trainer:
             "collapse": self.collapse,
         }
 
+    def report(self) -> Path:
+        """Write ``report.html`` and ``plots/`` of this run (after :meth:`fit`), also for a
+        custom module and data: the report uses this trainer's model and test set."""
+        from .report import build_report
+
+        if self._user_model is None and self._user_data is None:
+            return build_report(self.run_dir)
+        initial = None
+        if self._user_model is not None:
+            initial = copy.deepcopy(self.model)
+            initial.load_state_dict(self._initial_state)
+        return build_report(
+            self.run_dir, model=self.model, test_data=self.test_set, initial_model=initial
+        )
+
+    def _tensorboard_test(self, emb: torch.Tensor, result: EvalResult) -> None:
+        """Test embeddings (with class names) for the projector and the headline test
+        metrics as ``test/<metric>`` scalars at the last step."""
+        names = [self.test_set.classes[int(i)] for i in self.test_set.y]
+        keep = torch.arange(len(names))[:10000]  # the projector's practical limit
+        self._tb.add_embedding(
+            emb[keep], metadata=[names[i] for i in keep], global_step=self.state.step, tag="test"
+        )
+        for block in ("retrieval", "verification"):
+            for key, value in (result.get(block) or {}).items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"test/{key}", value, self.state.step)
+
     def final_evaluation(self, result: EvalResult | float) -> EvalResult:
         """Evaluate the best model on the held-out test split; write eval.json.
 
         ``result``: the training part of the result (or the training time in seconds)."""
         if not isinstance(result, dict):
             result = self._training_result(float(result))
-        model, _ = load_run(self.run_dir)
-        self.model.load_state_dict(model.state_dict())
+        # the best weights (model.safetensors) into this trainer's module (a custom one too)
+        self.model.load_state_dict(load_weights(self.run_dir / "model.safetensors"))
         dist = eval_distance(self.model_config)
         emb, test_y = self.embed_split(self.test_set)
         best = self.state.best
@@ -586,5 +900,7 @@ class Trainer:
         ver = result.get("verification", {})
         if "threshold" in ver:
             result["threshold"] = ver["threshold"]
+        if self._tb is not None:
+            self._tensorboard_test(emb, result)
         atomic_write_json(self.run_dir / "eval.json", jsonable(result))
         return result
