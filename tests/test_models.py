@@ -61,7 +61,7 @@ def test_normalize_off_and_per_image_standardisation():
 
 
 def test_registry_is_the_single_list_of_models():
-    assert sorted(MODELS) == sorted(MODEL_DEFAULTS) == ["cnn", "mlp"]
+    assert sorted(MODELS) == sorted(MODEL_DEFAULTS) == ["backbone", "cnn", "mlp"]
     m = MODELS["mlp"](input_shape=[6], embedding_dim=3)  # a registry entry is a plain factory
     assert m(torch.rand(2, 6)).shape == (2, 3)
     no_hidden = build_model({"name": "mlp", "input_shape": [6], "hidden": []})

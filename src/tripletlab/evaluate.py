@@ -65,7 +65,8 @@ def embed(
     model: torch.nn.Module,
     x: torch.Tensor | Sequence[str],
     batch_size: int = 512,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
+    amp: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Embeddings of ``x`` (a tensor, or a list of strings for a text model) in eval mode, in
     batches, on the CPU (the model's train/eval mode is restored afterwards).
@@ -76,13 +77,16 @@ def embed(
         >>> embed(m, torch.rand(10, 4), batch_size=4).shape
         torch.Size([10, 3])
     """
+    from .devices import autocast
+
     was_training = model.training
     model.eval()
     out = []
-    with torch.no_grad():
+    dev = torch.device(device)
+    with torch.no_grad(), autocast(dev, amp):  # amp: an autocast dtype, e.g. torch.bfloat16
         for s in range(0, len(x), batch_size):
             chunk = x[s : s + batch_size]
-            out.append(model(chunk.to(device) if torch.is_tensor(chunk) else chunk).float().cpu())
+            out.append(model(chunk.to(dev) if torch.is_tensor(chunk) else chunk).float().cpu())
     model.train(was_training)
     if not out:
         cfg = getattr(model, "config", {})

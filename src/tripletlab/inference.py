@@ -62,14 +62,16 @@ class Inference:
         config: dict,
         run_dir: str | Path,
         *,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
         evaluation: dict | None = None,
         fingerprint: str = "",
     ) -> None:
-        self.model = model.to(device).eval()
+        from .devices import resolve_device
+
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
         self.config = config
         self.run_dir = Path(run_dir)
-        self.device = device
         self.distance: str = eval_distance(config["model"])
         ev = evaluation or {}
         ver = ev.get("verification")
@@ -86,7 +88,8 @@ class Inference:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Inference:
-        """Load ``RUN_DIR`` (config, weights, and ``eval.json`` when present)."""
+        """Load ``RUN_DIR`` (config, weights, and ``eval.json`` when present); ``device``
+        auto | cpu | cuda | cuda:N."""
         model, cfg = load_run(run_dir)
         ev_path = Path(run_dir) / "eval.json"
         evaluation = read_json(ev_path, "evaluation") if ev_path.exists() else None
@@ -126,10 +129,57 @@ class Inference:
         split = read_json(self.run_dir / "split.json", "split")
         return apply_split(ds, split["test"])[1]
 
-    def training_items(self, dataset: Dataset, data: str | None) -> int:
-        """How many items of ``dataset`` (loaded from ``data``) belong to the run's training
-        split (validation included): same resolved file path for image folders, same rows of
-        the same data otherwise. 0 for the run's own test split (``data`` None)."""
+    def embed_source(
+        self,
+        data: str | None = None,
+        *,
+        skip_bad: bool = False,
+        workers: int | None = None,
+        batch_size: int = 256,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, torch.Tensor, list[str] | None, list[str]]:
+        """``(embeddings, labels, paths, classes)`` of ``data`` (or of the run's test split):
+        image folders and CSV/JSONL manifests are streamed from disk in batches with
+        ``workers`` decoding processes, so memory does not grow with the number of images;
+        other data (digits, idx, vectors) is loaded whole."""
+        from .imagerun import embed_data
+
+        emb, labels, paths, classes = embed_data(
+            self.model,
+            self.config,
+            data,
+            self.run_dir,
+            skip_bad=skip_bad,
+            device=self.device,
+            workers=workers,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        return emb.numpy(), labels, paths, classes
+
+    def evaluate_embeddings(
+        self,
+        emb: np.ndarray,
+        labels: torch.Tensor,
+        distance: str | None = None,
+        seed: int = 0,
+    ) -> EvalResult:
+        """Retrieval, verification and few-shot metrics of embeddings with their labels
+        (verification at the run's calibrated threshold when the distance is the run's)."""
+        dist = distance or self.distance
+        cal = self.calibration() if dist == self.distance else None
+        return {
+            "distance": dist,
+            **evaluate_embeddings(torch.from_numpy(emb), labels, dist, seed=seed, calibration=cal),
+        }
+
+    def training_items(
+        self, dataset: Dataset | None, data: str | None, paths: list[str] | None = None
+    ) -> int:
+        """How many items (of ``dataset``, or the files ``paths``, loaded from ``data``) belong
+        to the run's training split (validation included): same resolved file path for image
+        folders, same rows of the same data otherwise. 0 for the run's own test split
+        (``data`` None)."""
         if data is None:
             return 0
         train_data = str(self.config.get("train", {}).get("data", "digits"))
@@ -137,7 +187,8 @@ class Inference:
         if not split_path.exists():
             return 0
         test_info = read_json(split_path, "split")["test"]
-        if dataset.paths is not None and test_info.get("by") == "class":
+        paths = paths if paths is not None else (dataset.paths if dataset is not None else None)
+        if paths is not None and test_info.get("by") == "class":
             root = Path(train_data).resolve()
             train_dirs = [root / c for c in test_info.get("train_classes", [])]
 
@@ -145,11 +196,11 @@ class Inference:
                 rp = Path(p).resolve()
                 return any(rp.is_relative_to(d) for d in train_dirs)
 
-            return sum(in_training(p) for p in dataset.paths)
+            return sum(in_training(p) for p in paths)
         same_source = data == train_data or (
             Path(data).exists() and Path(data).resolve() == Path(train_data).resolve()
         )
-        if not same_source:
+        if dataset is None or not same_source:
             return 0
         try:
             return len(apply_split(dataset, test_info)[0])
@@ -188,13 +239,7 @@ class Inference:
         run's calibrated threshold when the distance is the run's. ``data``: where ``dataset``
         was loaded from, to count items that were in the training split
         (``training_items`` in the result)."""
-        dist = distance or self.distance
-        emb = torch.from_numpy(self.embed_dataset(dataset))
-        cal = self.calibration() if dist == self.distance else None
-        out: EvalResult = {
-            "distance": dist,
-            **evaluate_embeddings(emb, dataset.y, dist, seed=seed, calibration=cal),
-        }
+        out = self.evaluate_embeddings(self.embed_dataset(dataset), dataset.y, distance, seed)
         leak = self.training_items(dataset, data)
         if leak:
             out["training_items"] = leak
@@ -365,21 +410,28 @@ class Inference:
     # ------------------------------------------------------------------ index
     def build_index(self, dataset: Dataset, kind: str = "flat") -> EmbeddingIndex:
         """An :class:`~tripletlab.index.EmbeddingIndex` of ``dataset`` (labels, paths, classes)."""
+        emb = self.embed_dataset(dataset)
+        # text items are shown by their text
+        paths = dataset.texts if dataset.texts is not None else dataset.paths
+        return self.index_embeddings(emb, dataset.y, paths, dataset.classes, kind)
+
+    def index_embeddings(
+        self, emb: np.ndarray, labels, paths: list[str] | None, classes: list[str], kind="flat"
+    ) -> EmbeddingIndex:
+        """An :class:`~tripletlab.index.EmbeddingIndex` of embeddings already computed (e.g.
+        by :meth:`embed_source`)."""
         from .index import EmbeddingIndex
 
-        emb = self.embed_dataset(dataset)
         index = EmbeddingIndex(
             emb.shape[1],
             metric=self.distance,
             kind=kind,
-            ivf_nlist=max(1, min(256, len(dataset) // 39)),
+            ivf_nlist=max(1, min(256, len(emb) // 39)),
         )
-        # text items are shown by their text
-        paths = dataset.texts if dataset.texts is not None else dataset.paths
-        index.add(emb, labels=dataset.y.numpy(), paths=paths)
-        index.classes = dataset.classes
-        if dataset.paths is not None:  # relative paths are relative to this directory
-            index.root = str(Path.cwd())
+        index.add(emb, labels=np.asarray(labels), paths=paths)
+        index.classes = classes
+        if paths is not None and any(not Path(p).is_absolute() for p in paths):
+            index.root = str(Path.cwd())  # relative paths are relative to this directory
         return index
 
     def load_index(self, directory: str | Path) -> EmbeddingIndex:

@@ -26,7 +26,8 @@ import torch
 from .collapse import CollapseDetector
 from .config import TrainConfig, resolve_config
 from .custom import custom_model_config, user_datasets
-from .data import Dataset, apply_split, load_dataset, split_dataset, split_validation
+from .data import Dataset, apply_split, split_dataset, split_validation
+from .devices import amp_dtype, autocast, grad_scaler, resolve_device
 from .environment import environment
 from .errors import FileFormatError, InputError, NonFiniteError, TrainingInterrupted
 from .evaluate import (
@@ -159,6 +160,13 @@ class Trainer:
         self.on_validate = None
         #: False: ``fit`` stops after training (no test evaluation; model selection only)
         self.evaluate_test = True
+        self.device = resolve_device(cfg.device)
+        self.amp = amp_dtype(self.device, cfg.amp)
+        self.scaler = grad_scaler(self.device, self.amp)
+        self.files = None  # ImageFiles of the whole data set when images are streamed
+        self.stream = None  # their PK stream (set by _build)
+        self.channels_last = False
+        self.choices: list[str] = []  # automatic choices made from the data (imagerun)
         self._time_before = 0.0  # training seconds of earlier sessions (resume)
         self._tb = None  # the TensorBoard writer while fitting (--tensorboard)
         if cfg.tensorboard:
@@ -182,14 +190,15 @@ class Trainer:
 
     # ---------------------------------------------------------------- data and model
     def _prepare_data(self) -> None:
+        from .imagerun import open_data
+
         cfg = self.cfg
         if self._user_data is not None:
             ds, given_test = self._user_data
         else:
-            size = tuple(cfg.image_size) if cfg.image_size else None
-            ds = load_dataset(
-                cfg.data, image_size=size, grayscale=cfg.grayscale, skip_bad=cfg.skip_bad
-            )
+            ds, self.files, self.choices = open_data(cfg, resume=self.resume)
+            for line in self.choices:
+                self.log(f"auto: {line}")
             given_test = None
         self.dataset = ds
         split_path = self.run_dir / "split.json"
@@ -251,22 +260,37 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         ds = self.train_set
         if ds.kind == "text":
-            self.model = self._build_text_model()
+            self.model = self._build_text_model().to(self.device)
         elif self._user_model is not None:
-            self.model = self._user_model.to(cfg.device)
+            self.model = self._user_model.to(self.device)
             self._initial_state = {
                 k: v.detach().clone() for k, v in self.model.state_dict().items()
             }
         else:
-            mcfg = default_model_config(ds.input_shape, cfg.embedding_dim)
+            shape = self.files.input_shape if self.files is not None else ds.input_shape
+            mcfg = default_model_config(shape, cfg.embedding_dim)
             if cfg.model:
                 mcfg["name"] = cfg.model
+            if cfg.backbone:
+                mcfg.update({"name": "backbone", "backbone": cfg.backbone, "pool": cfg.pool})
+                mcfg.update({"neck": cfg.neck, "freeze_bn": cfg.freeze_bn})
+                mcfg["freeze_stages"] = cfg.freeze_stages
             mcfg.update(cfg.model_options)
-            self.model = build_model(mcfg).to(cfg.device)
+            self.model = build_model(mcfg)
+            if (cfg.pretrained or cfg.weights) and not self.resume:
+                src = self.model.load_pretrained("imagenet" if cfg.pretrained else cfg.weights)
+                self.log(f"backbone {cfg.backbone}: weights from {src}")
+            self.model.to(self.device)
+        # channels-last convolutions are faster on CUDA (tensor cores); on the CPU they are not
+        self.channels_last = self.device.type == "cuda" and cfg.backbone is not None
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         # the caller's data is used as given (augment only when asked for by name)
         auto = "light" if ds.kind == "image" and self._user_data is None else None
         aug = cfg.augment if cfg.augment is not None else auto
-        self.augment = build_augment(aug, seed=cfg.seed + 2) if ds.kind == "image" else None
+        self.augment = None
+        if ds.kind == "image" and self.files is None:  # streamed images augment in the workers
+            self.augment = build_augment(aug, seed=cfg.seed + 2)
         if self._user_loss is not None:
             self.loss_fn = self._user_loss
             for key in ("margin", "strategy", "distance", "soft_margin", "semihard_fallback"):
@@ -288,16 +312,23 @@ class Trainer:
         self.total_steps = cfg.steps or self._epochs() * len(self.sampler)
         self.eval_every = cfg.eval_every or len(self.sampler)
         self.ckpt_every = cfg.checkpoint_every or self.eval_every
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=self._lr(), weight_decay=cfg.weight_decay
-        )
+        if hasattr(self.model, "param_groups"):  # backbone: lower lr than the head
+            params = self.model.param_groups(self._lr(), cfg.backbone_lr_mult)
+        else:
+            params = self.model.parameters()
+        self.opt = torch.optim.AdamW(params, lr=self._lr(), weight_decay=cfg.weight_decay)
+        self.stream = None
+        if self.files is not None:
+            from .imagerun import make_stream
+
+            self.stream = make_stream(self, aug)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: _lr_factor(s, cfg.warmup_steps, self.total_steps)
         )
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.state = _Running()
         self.model_config = (
-            custom_model_config(self.model, ds, cfg.device)
+            custom_model_config(self.model, ds, str(self.device))
             if self._user_model is not None
             else self.model.config
         )
@@ -307,7 +338,7 @@ class Trainer:
             self.model_config,
             self.dataset,
             self.splits(),
-            environment=environment(cfg.device, self.threads()),
+            environment=environment(str(self.device), self.threads()),
         )
         if self.resume:
             self._restore()
@@ -316,10 +347,12 @@ class Trainer:
         return self.train_set.kind in ("text", "triplets")
 
     def _lr(self) -> float:
-        """``cfg.lr``, or its default: 1e-3, and 2e-5 for a pretrained text encoder."""
+        """``cfg.lr``, or its default: 1e-3, 3e-4 when fine-tuning an image backbone (1e-3
+        overfits AT&T's validation identities within 50 steps), 2e-5 for a pretrained text
+        encoder."""
         if self.cfg.lr is not None:
             return self.cfg.lr
-        return 2e-5 if self._is_text() else 1e-3
+        return 2e-5 if self._is_text() else 3e-4 if self.cfg.backbone else 1e-3
 
     def _epochs(self) -> int:
         """``cfg.epochs``, or its default: 20, and 1 for a pretrained text encoder."""
@@ -334,7 +367,7 @@ class Trainer:
 
         cfg = self.cfg
         mcfg = {"name": "text", "encoder": cfg.model or "minilm", **cfg.model_options}
-        model = build_text_encoder(mcfg).to(cfg.device)
+        model = build_text_encoder(mcfg).to(self.device)
         model.save_encoder_files(self.run_dir / ENCODER_DIR)
         ds = self.dataset
         texts = (
@@ -366,7 +399,7 @@ class Trainer:
             "best_step": st.best_step,
             "evals_without_improvement": st.evals_without_improvement,
             "skipped_nonfinite": st.skipped_nonfinite,
-            "sampler": self.sampler.state_dict(),
+            "sampler": (self.stream or self.sampler).state_dict(),
             "scheduler": self.sched.state_dict(),
             "total_steps": self.total_steps,
             "train_time_s": self._train_seconds(),
@@ -396,7 +429,7 @@ class Trainer:
             self.augment.set_state(tensors["rng.augment"])
         if getattr(self.loss_fn, "generator", None) is not None and "rng.loss" in tensors:
             self.loss_fn.generator.set_state(tensors["rng.loss"])
-        self.sampler.load_state_dict(state["sampler"])
+        (self.stream or self.sampler).load_state_dict(state["sampler"])
         st = self.state
         st.step, st.best, st.best_step = state["step"], state["best"], state["best_step"]
         st.evals_without_improvement = state["evals_without_improvement"]
@@ -417,35 +450,61 @@ class Trainer:
         save_weights(self.run_dir / "model.safetensors", self.model.state_dict())
 
     # ---------------------------------------------------------------- one step
-    def _train_step(self, idx: list[int]) -> tuple[float, dict]:
-        """Augment, embed, mine + loss, backward, clip, update; non-finite values handled."""
+    def _batches(self):
+        """Training batches: index lists (in memory) or ``(x, y)`` from the image stream."""
+        if self.stream is None:
+            yield from self.sampler
+            return
+        while True:
+            x, y, _ = next(self.stream)
+            yield x, y
+
+    def _train_step(self, idx) -> tuple[float, dict]:
+        """Augment, embed, mine + loss, backward, clip, update; non-finite values handled.
+        ``idx``: indices into the in-memory training set, or a streamed ``(x, y)`` batch."""
         cfg = self.cfg
-        x = self.train_set.inputs(idx)
-        x = x.to(cfg.device) if torch.is_tensor(x) else x  # text: a list of strings
-        y = self.train_set.y[idx].to(cfg.device)
+        if isinstance(idx, tuple):  # streamed (already augmented) batch
+            x, y = idx[0].to(self.device, non_blocking=True), idx[1].to(self.device)
+        else:
+            x = self.train_set.inputs(idx)
+            x = x.to(self.device) if torch.is_tensor(x) else x  # text: a list of strings
+            y = self.train_set.y[idx].to(self.device)
         if self.augment is not None:
             x = self.augment(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if hasattr(self.model, "set_backbone_trainable"):  # head-only warm-up
+            self.model.set_backbone_trainable(self.state.step >= cfg.head_warmup_steps)
         self.opt.zero_grad(set_to_none=True)
-        if cfg.amp:
-            dtype = torch.bfloat16 if cfg.device == "cpu" else torch.float16
-            with torch.autocast(device_type=cfg.device.split(":")[0], dtype=dtype):
-                emb = self.forward(x)
-            emb = emb.float()
-        else:
+        with autocast(self.device, self.amp):
             emb = self.forward(x)
+        emb = emb.float()
         if not bool(torch.isfinite(emb).all()):
             return self._nonfinite("embeddings")
         loss = self.loss_fn(emb, y)
         stats = dict(getattr(self.loss_fn, "stats", {}))
         if not bool(torch.isfinite(loss)):
             return self._nonfinite("loss")
-        loss.backward()
+        if self.scaler is not None:  # float16 on CUDA
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads and not bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all()):
+            if self.scaler is not None:  # the scaler lowers its scale and skips the update
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.sched.step()
+                return float(loss.detach()), {**stats, "skipped": "fp16 overflow"}
             return self._nonfinite("gradients")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.sched.step()
         return float(loss.detach()), stats
 
@@ -532,14 +591,23 @@ class Trainer:
             self._tb.close()
             self._tb = None
 
+    def embed_split(self, part: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and labels of a split (streamed from disk when the images are)."""
+        if self.files is None:
+            emb = embed(self.model, part.inputs(), self.cfg.eval_batch_size, self.device, self.amp)
+            return emb, part.y
+        from .imagerun import embed_part
+
+        return embed_part(self, part)
+
     def validate(self) -> dict | None:
         """Retrieval metrics of the validation split (None without one)."""
         if self.val_set is None or len(self.val_set) == 0:
             return None
-        emb = embed(self.model, self.val_set.inputs(), self.cfg.eval_batch_size, self.cfg.device)
+        emb, labels = self.embed_split(self.val_set)
         try:
             return retrieval_metrics(
-                emb, self.val_set.y, ks=(1, 4), nmi=False, distance=eval_distance(self.model_config)
+                emb, labels, ks=(1, 4), nmi=False, distance=eval_distance(self.model_config)
             )
         except InputError:
             return None
@@ -589,7 +657,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads:
             return cfg.threads
-        if cfg.device != "cpu":
+        if self.device.type != "cpu":
             return None
         kind = getattr(self.train_set, "kind", None)
         if kind == "vector":
@@ -613,7 +681,11 @@ class Trainer:
             model = copy.deepcopy(self.model).train()
         except Exception:  # noqa: BLE001 - a module that cannot be copied: torch's default
             return None
-        x = self.train_set.x[: self.sampler.p * self.sampler.k].to(self.cfg.device)
+        n = self.sampler.p * self.sampler.k
+        if self.files is not None:  # streamed images: a batch of their shape
+            x = torch.rand(n, *self.files.input_shape, device=self.device)
+        else:
+            x = self.train_set.x[:n].to(self.device)
 
         def seconds(n: int) -> float:
             torch.set_num_threads(n)
@@ -750,12 +822,13 @@ class Trainer:
     def _loop(self) -> None:
         st, stop = self.state, False
         while st.step < self.total_steps and not stop:
-            for idx in self.sampler:
+            for idx in self._batches():
                 t_step = time.perf_counter()
                 loss, stats = self._train_step(idx)
                 self._step_seconds += time.perf_counter() - t_step
-                self._step_samples += len(idx)
-                self._seen += len(idx)
+                n_batch = len(idx[1]) if isinstance(idx, tuple) else len(idx)
+                self._step_samples += n_batch
+                self._seen += n_batch
                 st.step += 1
                 self._bar.update(1)
                 if "skipped" not in stats:
@@ -778,7 +851,11 @@ class Trainer:
 
     def _training_result(self, train_time: float) -> EvalResult:
         st = self.state
+        extra: dict = {"auto": self.choices} if self.choices else {}
+        if self.stream is not None and self.stream.skipped:
+            extra["skipped_bad_images"] = self.stream.skipped
         return {
+            **extra,
             "train_time_s": train_time,
             "train_samples_per_s": self._throughput(),
             "steps": st.step,
@@ -824,36 +901,30 @@ class Trainer:
         # the best weights (model.safetensors) into this trainer's module (a custom one too)
         self.model.load_state_dict(load_weights(self.run_dir / "model.safetensors"))
         dist = eval_distance(self.model_config)
-        emb = embed(self.model, self.test_set.inputs(), self.cfg.eval_batch_size, self.cfg.device)
+        emb, test_y = self.embed_split(self.test_set)
         best = self.state.best
         result = {"split": "test", "distance": dist, **result}
         result["best_val_map_at_r"] = best if best >= 0 else None
         calibration = None
         if self.val_set is not None and len(self.val_set) >= 2:
             # the threshold is chosen on validation pairs, never on the test pairs it is scored on
-            vemb = embed(
-                self.model, self.val_set.inputs(), self.cfg.eval_batch_size, self.cfg.device
-            )
-            calibration = validation_threshold(vemb, self.val_set.y, dist, seed=self.cfg.seed)
-        if len(self.test_set) >= 2:
+            vemb, val_y = self.embed_split(self.val_set)
+            calibration = validation_threshold(vemb, val_y, dist, seed=self.cfg.seed)
+        if len(test_y) >= 2:
             result.update(
-                evaluate_embeddings(
-                    emb, self.test_set.y, dist, seed=self.cfg.seed, calibration=calibration
-                )
+                evaluate_embeddings(emb, test_y, dist, seed=self.cfg.seed, calibration=calibration)
             )
         if self.test_info.get("by") == "predefined" and len(self.test_set):
             # the benchmark protocol of predefined splits (e.g. Fashion-MNIST): test queries
             # retrieved against the training items
-            ref = embed(
-                self.model, self.train_full.inputs(), self.cfg.eval_batch_size, self.cfg.device
-            )
+            ref, ref_y = self.embed_split(self.train_full)
             result["retrieval_test_to_train"] = retrieval_metrics(
                 ref,
-                self.train_full.y,
+                ref_y,
                 ks=(1, 2, 4, 8),
                 distance=dist,
                 query_embeddings=emb,
-                query_labels=self.test_set.y,
+                query_labels=test_y,
                 nmi=False,
             )
         ver = result.get("verification", {})

