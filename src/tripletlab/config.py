@@ -100,6 +100,14 @@ class TrainConfig:
     semihard_fallback: str = _opt(
         "easiest", "semi-hard pairs without a semi-hard negative: easiest (TF-Addons) | drop"
     )
+    # XBM (Wang et al. 2020): more negatives than one batch holds; off by default (it only pays
+    # once the embedding drifts slowly, hence the warm-up)
+    memory_size: int = _opt(
+        0,
+        "cross-batch memory: also mine each batch against the last M embeddings (0 = off; "
+        "M >= the global batch P*K)",
+    )
+    memory_warmup: int = _opt(100, "steps before the cross-batch memory is used")
     # --- optimisation
     p: int = _opt(16, "classes per batch")
     k: int = _opt(4, "samples per class in a batch (K-1 positives per anchor)")

@@ -176,17 +176,33 @@ class DistributedTripletLoss(nn.Module):
         self.last_rows = 0  # anchor rows this rank computed in the last call (B/W when sharded)
         self.last_cols = 0
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of the concatenated batch of all ranks (the same value on every rank)."""
-        Fn.check_inputs(embeddings, labels)
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of the concatenated batch of all ranks (the same value on every rank).
+
+        With ``ref_embeddings``/``ref_labels`` (a reference set every rank holds in full, e.g. a
+        cross-batch memory of gathered batches) the columns are that set instead of the gathered
+        batch; the reduction is still over the triplets of every rank's anchors.
+        """
+        Fn.check_inputs(embeddings, labels, ref_embeddings, ref_labels)
         if not is_distributed():
-            loss = self.loss_fn(embeddings, labels)
+            loss = self.loss_fn(
+                embeddings, labels, ref_embeddings=ref_embeddings, ref_labels=ref_labels
+            )
             self._stats = self.loss_fn.stats
-            self.last_rows = self.last_cols = embeddings.shape[0]
+            self.last_rows = embeddings.shape[0]
+            self.last_cols = (
+                embeddings.shape[0] if ref_embeddings is None else ref_embeddings.shape[0]
+            )
             return loss
-        if not self.shard_rows:
+        if not self.shard_rows and ref_embeddings is None:
             return self._forward_replicated(embeddings, labels)
-        return self._forward_sharded(embeddings, labels)
+        return self._forward_sharded(embeddings, labels, ref_embeddings, ref_labels)
 
     def _forward_replicated(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         all_emb = all_gather_with_grad(embeddings)
@@ -196,23 +212,30 @@ class DistributedTripletLoss(nn.Module):
         self.last_rows = self.last_cols = all_emb.shape[0]
         return loss * dist.get_world_size() if self.scale_for_ddp else loss
 
-    def _forward_sharded(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _forward_sharded(self, embeddings, labels, ref_embeddings, ref_labels) -> torch.Tensor:
         lf = self.loss_fn
         rank, world = dist.get_rank(), dist.get_world_size()
         sizes = gather_sizes(embeddings.shape[0], embeddings.device)
-        start, b = sum(sizes[:rank]), sizes[rank]
-        gathered = gather_with_scattered_grad(embeddings, sizes)
-        with torch.no_grad():
-            all_lab = _gather_padded(labels, sizes)
-        # own slice first: column i is anchor i, so exclude_self drops exactly the pairs (i, i)
-        order = torch.cat(
-            [
-                torch.arange(start, start + b),
-                torch.arange(0, start),
-                torch.arange(start + b, sum(sizes)),
-            ]
-        ).to(embeddings.device)
-        cols, col_lab = gathered[order], all_lab[order]
+        b = sizes[rank]
+        if ref_embeddings is None:
+            start = sum(sizes[:rank])
+            gathered = gather_with_scattered_grad(embeddings, sizes)
+            with torch.no_grad():
+                all_lab = _gather_padded(labels, sizes)
+            # own slice first: column i is anchor i, so exclude_self drops the pairs (i, i)
+            order = torch.cat(
+                [
+                    torch.arange(start, start + b),
+                    torch.arange(0, start),
+                    torch.arange(start + b, sum(sizes)),
+                ]
+            ).to(embeddings.device)
+            cols, col_lab, exclude_self = gathered[order], all_lab[order], True
+            keep_graph = 0.0 * gathered.sum()  # every rank reaches the collective backward
+        else:
+            cols, col_lab, exclude_self = ref_embeddings, ref_labels, False
+            all_lab = torch.cat([labels, ref_labels])
+            keep_graph = 0.0
         dist_mat = pairwise_distance(embeddings, cols, lf.distance)
         local_sum, st = Fn.triplet_loss_from_distances(
             dist_mat,
@@ -223,12 +246,12 @@ class DistributedTripletLoss(nn.Module):
             soft_margin=lf.soft_margin,
             reduction="sum",
             semihard_fallback=lf.semihard_fallback,
-            exclude_self=True,
+            exclude_self=exclude_self,
             generator=lf.generator,
             dim=embeddings.shape[1],
         )
         self.last_rows, self.last_cols = dist_mat.shape
-        pairs = b * dist_mat.shape[1] - min(b, dist_mat.shape[1])
+        pairs = b * dist_mat.shape[1] - (min(b, dist_mat.shape[1]) if exclude_self else 0)
         n_trip, n_act, s_ap, s_an, n_anch, s_dist, n_pairs = _all_reduce_sum(
             [
                 st.n_triplets,
@@ -245,8 +268,7 @@ class DistributedTripletLoss(nn.Module):
             denom = 1.0
         else:
             denom = max(n_trip if lf.reduction == "mean" else n_act, 1.0)
-        # the graph always reaches the collective backward (no rank may skip it)
-        local = local_sum / denom + 0.0 * gathered.sum()
+        local = local_sum / denom + keep_graph
         with torch.no_grad():
             total = local.detach().clone()
             dist.all_reduce(total)
@@ -261,7 +283,7 @@ class DistributedTripletLoss(nn.Module):
             n_anchors=int(round(n_anch)),
             mean_distance=s_dist / max(n_pairs, 1.0),
             batch_size=sum(sizes),
-            n_classes=int(torch.unique(all_lab).numel()),
+            n_classes=int(torch.unique(all_lab).numel()),  # of the columns (+ own rows for a ref)
         ).as_dict()
         return loss
 

@@ -24,6 +24,7 @@ from .data import apply_split, load_dataset, split_dataset
 from .errors import FileFormatError, InputError, NonFiniteError
 from .evaluate import EvalResult, embed, eval_distance, evaluate_embeddings, summary_lines
 from .losses import TripletLoss
+from .memory import CrossBatchMemory
 from .metrics import retrieval_metrics
 from .models import build_augment, build_model, default_model_config
 from .rundir import (
@@ -57,7 +58,15 @@ __all__ = [
     "summary_lines",
 ]
 
-_LOGGED_STATS = ("active_fraction", "mean_d_ap", "mean_d_an", "mean_distance", "n_triplets")
+_LOGGED_STATS = (
+    "active_fraction",
+    "mean_d_ap",
+    "mean_d_an",
+    "mean_distance",
+    "n_triplets",
+    "memory_active_fraction",
+    "memory_n_triplets",
+)
 _VAL_METRICS = ("precision_at_1", "recall_at_4", "r_precision", "map_at_r")
 
 
@@ -169,6 +178,7 @@ class Trainer:
             semihard_fallback=cfg.semihard_fallback,
             seed=cfg.seed + 3,
         )
+        self.criterion = self._build_criterion()
         n_cls = int(torch.unique(ds.y).numel())
         if cfg.p > n_cls:
             self.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
@@ -191,6 +201,34 @@ class Trainer:
         if self.resume:
             self._restore()
 
+    def _build_criterion(self) -> torch.nn.Module:
+        """The loss of a step: the triplet loss, inside a cross-batch memory if asked."""
+        cfg = self.cfg
+        if cfg.memory_size <= 0:
+            return self.loss_fn
+        batch = cfg.p * cfg.k
+        if cfg.memory_size < batch:
+            raise InputError(
+                f"--memory-size {cfg.memory_size} is smaller than the batch (P*K = {batch}): "
+                f"use at least {batch} (a few batches, e.g. {8 * batch}), or 0 for no memory"
+            )
+        if cfg.memory_warmup < 0:
+            raise InputError(f"--memory-warmup must be >= 0, got {cfg.memory_warmup}")
+        return CrossBatchMemory(
+            self.loss_fn,
+            size=cfg.memory_size,
+            embedding_dim=cfg.embedding_dim,
+            start_after=cfg.memory_warmup,
+        ).to(cfg.device)
+
+    def _step_stats(self) -> dict:
+        """Stats of the last step's batch (plus the memory's, prefixed ``memory_``)."""
+        if isinstance(self.criterion, CrossBatchMemory):
+            mem = self.criterion.memory_stats
+            extra = {f"memory_{k}": mem[k] for k in ("active_fraction", "n_triplets") if k in mem}
+            return {**self.criterion.batch_stats, **extra}
+        return self.loss_fn.stats
+
     # ---------------------------------------------------------------- checkpoints
     def _save(self) -> None:
         tensors = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -199,6 +237,9 @@ class Trainer:
             tensors["rng.augment"] = self.augment.get_state()
         if self.loss_fn.generator is not None:
             tensors["rng.loss"] = self.loss_fn.generator.get_state()
+        if isinstance(self.criterion, CrossBatchMemory):
+            for k, v in self.criterion.state_dict().items():
+                tensors[f"memory.{k}"] = v.detach().cpu().contiguous()
         st = self.state
         state = {
             "step": st.step,
@@ -229,6 +270,14 @@ class Trainer:
             self.augment.set_state(tensors["rng.augment"])
         if self.loss_fn.generator is not None and "rng.loss" in tensors:
             self.loss_fn.generator.set_state(tensors["rng.loss"])
+        if isinstance(self.criterion, CrossBatchMemory):
+            mem = {k[7:]: v for k, v in tensors.items() if k.startswith("memory.")}
+            if not mem:
+                raise FileFormatError(
+                    f"checkpoint in {self.run_dir} has no cross-batch memory but the run uses "
+                    "--memory-size; resume with the run's own config.json"
+                )
+            self.criterion.load_state_dict(mem)
         self.sampler.load_state_dict(state["sampler"])
         st = self.state
         st.step, st.best, st.best_step = state["step"], state["best"], state["best_step"]
@@ -258,8 +307,8 @@ class Trainer:
             emb = self.forward(x)
         if not bool(torch.isfinite(emb).all()):
             return self._nonfinite("embeddings")
-        loss = self.loss_fn(emb, y)
-        stats = self.loss_fn.stats
+        loss = self.criterion(emb, y)
+        stats = self._step_stats()
         if not bool(torch.isfinite(loss)):
             return self._nonfinite("loss")
         loss.backward()
