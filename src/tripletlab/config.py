@@ -128,6 +128,16 @@ class TrainConfig:
         "torch CPU threads (default: 1 for vector data, else one per core); 1 is often faster "
         "for small models on a busy machine",
     )
+    # --- several processes (torchrun)
+    distributed: bool = _opt(
+        False,
+        "data-parallel training under torchrun (DDP; gloo on CPU, NCCL on CUDA): each of the N "
+        "processes takes P*K/N items of every global PK batch, mining sees the whole batch",
+    )
+    # long enough for a slow validation on rank 0, short enough that a dead rank is noticed
+    dist_timeout: float = _opt(
+        120.0, "seconds a process waits for the others before stopping with an error"
+    )
     # --- evaluation and checkpoints
     eval_every: int | None = _opt(None, "steps between validations (default: once per epoch)")
     patience: int = _opt(0, "early stop after N validations without MAP@R improvement (0 = off)")

@@ -17,16 +17,26 @@ the world size so that after that averaging the parameters get the single-proces
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import functional as Fn
 from .distances import pairwise_distance
+from .errors import InputError
 from .losses import TripletLoss
 
 __all__ = [
+    "DistEnv",
     "DistributedTripletLoss",
+    "any_rank",
+    "broadcast_flag",
+    "init_from_env",
+    "shutdown",
     "all_gather_with_grad",
     "gather_labels",
     "gather_sizes",
@@ -291,3 +301,90 @@ class DistributedTripletLoss(nn.Module):
     def stats(self) -> dict:
         """Stats of the last global-batch call (counts and means over the global batch)."""
         return self._stats
+
+
+# ------------------------------------------------------------------ process group for training
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class DistEnv:
+    """This process's place in the process group (``created``: this module initialised it)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    created: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files and prints."""
+        return self.rank == 0
+
+
+def init_from_env(device: str = "cpu", timeout_s: float = 60.0) -> DistEnv:
+    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA).
+
+    ``timeout_s`` bounds every collective: when a rank dies or hangs, the others stop with an
+    error after at most that long instead of waiting forever. Without torchrun's variables
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) this is an
+    :class:`~tripletlab.errors.InputError` that says how to launch.
+
+    Example::
+
+        # torchrun --nproc_per_node 2 my_script.py
+        env = init_from_env("cpu", timeout_s=60)
+        print(env.rank, env.world_size)
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(
+            dist.get_rank(),
+            dist.get_world_size(),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            dist.get_backend(),
+        )
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise InputError(
+            f"--distributed needs torchrun's environment ({', '.join(missing)} not set): launch "
+            "with  torchrun --nproc_per_node N -m tripletlab train --distributed ...  (or drop "
+            "--distributed for one process)"
+        )
+    if not dist.is_available():
+        raise InputError("this PyTorch build has no torch.distributed")
+    if timeout_s <= 0:
+        raise InputError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    backend = "gloo"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda but CUDA is not available; use --device cpu (gloo)")
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, backend, created=True)
+
+
+def shutdown(env: DistEnv | None) -> None:
+    """Leave the process group if :func:`init_from_env` created it."""
+    if env is not None and env.created and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is True on at least one (False without a group)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_flag(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Rank 0's ``flag`` on every rank."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())

@@ -21,7 +21,15 @@ import torch
 from .collapse import CollapseDetector
 from .config import TrainConfig
 from .data import apply_split, load_dataset, split_dataset
-from .errors import FileFormatError, InputError, NonFiniteError
+from .distributed import (
+    DistEnv,
+    DistributedTripletLoss,
+    any_rank,
+    broadcast_flag,
+    init_from_env,
+    shutdown,
+)
+from .errors import FileFormatError, InputError, NonFiniteError, TripletLabError
 from .evaluate import EvalResult, embed, eval_distance, evaluate_embeddings, summary_lines
 from .losses import TripletLoss
 from .memory import CrossBatchMemory
@@ -39,7 +47,7 @@ from .rundir import (
     trim_metrics,
     write_run_config,
 )
-from .samplers import PKSampler
+from .samplers import DistributedPKSampler, PKSampler
 from .utils import atomic_write_json, jsonable
 
 __all__ = [
@@ -103,6 +111,11 @@ class Trainer:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(cfg.out or f"runs/{Path(cfg.data).name or cfg.data}-{stamp}")
         self.resume = resume
+        # torchrun: join the process group; rank 0 alone writes files (see docs/scaling.md)
+        self.dist: DistEnv | None = (
+            init_from_env(cfg.device, cfg.dist_timeout) if cfg.distributed else None
+        )
+        self.is_main = self.dist is None or self.dist.is_main
         if not resume and (self.run_dir / "checkpoint").exists():
             raise InputError(
                 f"{self.run_dir} already holds a run; use --resume {self.run_dir} to continue "
@@ -149,7 +162,8 @@ class Trainer:
                 train, val, val_info = split_dataset(
                     train, by=vby, test_fraction=cfg.val_fraction, seed=cfg.seed + 1
                 )
-            atomic_write_json(split_path, {"test": test_info, "val": val_info})
+            if self.is_main:
+                atomic_write_json(split_path, {"test": test_info, "val": val_info})
         self.train_set, self.val_set, self.test_set = train, val, test
         self.test_info = test_info
         if len(torch.unique(train.y)) < 2:
@@ -169,7 +183,8 @@ class Trainer:
         mcfg.update(cfg.model_options)
         self.model = build_model(mcfg).to(cfg.device)
         aug = cfg.augment if cfg.augment is not None else ("light" if ds.kind == "image" else None)
-        self.augment = build_augment(aug, seed=cfg.seed + 2) if ds.kind == "image" else None
+        aug_seed = cfg.seed + 2 + (1000 * self.dist.rank if self.dist else 0)  # own draws per rank
+        self.augment = build_augment(aug, seed=aug_seed) if ds.kind == "image" else None
         self.loss_fn = TripletLoss(
             margin=cfg.margin,
             strategy=cfg.strategy,
@@ -183,6 +198,8 @@ class Trainer:
         if cfg.p > n_cls:
             self.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
         self.sampler = PKSampler(ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed)
+        if self.dist is not None:
+            self.sampler = DistributedPKSampler(self.sampler, self.dist.rank, self.dist.world_size)
         self.total_steps = cfg.steps or cfg.epochs * len(self.sampler)
         self.eval_every = cfg.eval_every or len(self.sampler)
         self.ckpt_every = cfg.checkpoint_every or self.eval_every
@@ -193,19 +210,25 @@ class Trainer:
             self.opt, lambda s: _lr_factor(s, cfg.warmup_steps, self.total_steps)
         )
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+        if self.dist is not None:  # gradients averaged over ranks (the loss is scaled for it)
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.forward)
         self.state = _Running()
         self.model_config = self.model.config
-        write_run_config(
-            self.run_dir, cfg.to_dict(), self.model_config, self.dataset, self.splits()
-        )
+        if self.is_main:
+            write_run_config(
+                self.run_dir, cfg.to_dict(), self.model_config, self.dataset, self.splits()
+            )
         if self.resume:
             self._restore()
 
     def _build_criterion(self) -> torch.nn.Module:
         """The loss of a step: the triplet loss, inside a cross-batch memory if asked."""
         cfg = self.cfg
+        loss: torch.nn.Module = self.loss_fn
+        if self.dist is not None:  # own anchors x the gathered global batch
+            loss = DistributedTripletLoss(self.loss_fn, scale_for_ddp=True)
         if cfg.memory_size <= 0:
-            return self.loss_fn
+            return loss
         batch = cfg.p * cfg.k
         if cfg.memory_size < batch:
             raise InputError(
@@ -215,7 +238,7 @@ class Trainer:
         if cfg.memory_warmup < 0:
             raise InputError(f"--memory-warmup must be >= 0, got {cfg.memory_warmup}")
         return CrossBatchMemory(
-            self.loss_fn,
+            loss,
             size=cfg.memory_size,
             embedding_dim=cfg.embedding_dim,
             start_after=cfg.memory_warmup,
@@ -227,10 +250,12 @@ class Trainer:
             mem = self.criterion.memory_stats
             extra = {f"memory_{k}": mem[k] for k in ("active_fraction", "n_triplets") if k in mem}
             return {**self.criterion.batch_stats, **extra}
-        return self.loss_fn.stats
+        return self.criterion.stats
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self) -> None:
+        if not self.is_main:
+            return
         tensors = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
         tensors["rng.torch"] = torch.get_rng_state()
         if self.augment is not None:
@@ -283,10 +308,13 @@ class Trainer:
         st.step, st.best, st.best_step = state["step"], state["best"], state["best_step"]
         st.evals_without_improvement = state["evals_without_improvement"]
         st.skipped_nonfinite = state.get("skipped_nonfinite", 0)
-        trim_metrics(self.run_dir, st.step)  # later lines will be produced again
+        if self.is_main:
+            trim_metrics(self.run_dir, st.step)  # later lines will be produced again
         self.log(f"resumed {self.run_dir} at step {st.step}/{self.total_steps}")
 
     def _save_best(self) -> None:
+        if not self.is_main:
+            return
         save_weights(self.run_dir / "model.safetensors", self.model.state_dict())
 
     # ---------------------------------------------------------------- one step
@@ -305,7 +333,7 @@ class Trainer:
             emb = emb.float()
         else:
             emb = self.forward(x)
-        if not bool(torch.isfinite(emb).all()):
+        if any_rank(not bool(torch.isfinite(emb).all())):  # every rank takes the same branch
             return self._nonfinite("embeddings")
         loss = self.criterion(emb, y)
         stats = self._step_stats()
@@ -340,7 +368,7 @@ class Trainer:
 
     def _log_step(self, loss: float, stats: dict) -> None:
         """Every ``log_every`` steps: one metrics.jsonl line and the progress-bar text."""
-        if not self._due(self.cfg.log_every):
+        if not self._due(self.cfg.log_every) or not self.is_main:
             return
         now = time.perf_counter()
         rec = {
@@ -371,6 +399,11 @@ class Trainer:
         """Every ``eval_every`` steps: validate, keep the best model; True = stop early."""
         if not self._due(self.eval_every):
             return False
+        if self.dist is not None:  # rank 0 validates and decides; the others follow
+            return broadcast_flag(self._validate_and_decide() if self.is_main else False)
+        return self._validate_and_decide()
+
+    def _validate_and_decide(self) -> bool:
         st, patience = self.state, self.cfg.patience
         m = self.validate()
         if m is None:  # no validation: the latest model is the one kept
@@ -406,14 +439,30 @@ class Trainer:
         return 1 if self.cfg.device == "cpu" and self.train_set.kind == "vector" else None
 
     def fit(self) -> EvalResult:
-        """Train to the configured number of steps, evaluate on the test split, return eval."""
+        """Train to the configured number of steps, evaluate on the test split, return eval.
+
+        Under ``--distributed`` every rank trains; rank 0 alone evaluates and writes files, the
+        others return the training part of the result. A failed collective (another rank died
+        or hung past ``--dist-timeout``) stops this rank with a message naming it.
+        """
         previous, n = torch.get_num_threads(), self.threads()
         if n:
             torch.set_num_threads(n)
         try:
             return self._fit()
+        except (RuntimeError, OSError) as e:
+            if self.dist is None or isinstance(e, TripletLabError):
+                raise
+            raise TripletLabError(
+                f"rank {self.dist.rank} of {self.dist.world_size}: lost the other processes at "
+                f"step {self.state.step + 1} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "another rank failed or stopped (torchrun's summary names it). The last "
+                f"checkpoint in {self.run_dir / 'checkpoint'} resumes with: torchrun "
+                f"--nproc_per_node N -m tripletlab train --distributed --resume {self.run_dir}"
+            ) from None
         finally:
             torch.set_num_threads(previous)
+            shutdown(self.dist)
 
     def _start_session(self) -> None:
         """Timers, progress bar and collapse detector of this session; the initial checkpoint."""
@@ -445,8 +494,9 @@ class Trainer:
                 t_step = time.perf_counter()
                 loss, stats = self._train_step(idx)
                 self._step_seconds += time.perf_counter() - t_step
-                self._step_samples += len(idx)
-                self._seen += len(idx)
+                global_n = len(idx) * (self.dist.world_size if self.dist else 1)
+                self._step_samples += global_n
+                self._seen += global_n
                 st.step += 1
                 self._bar.update(1)
                 if "skipped" not in stats:
@@ -458,7 +508,7 @@ class Trainer:
                     break
         self._bar.close()
         result = self._training_result(time.perf_counter() - self._t_start)
-        if not self.cfg.evaluate:
+        if not self.cfg.evaluate or not self.is_main:
             return {"evaluated": False, **result}
         return self.final_evaluation(result)
 

@@ -116,7 +116,7 @@ def _cmd_train(args) -> int:
     if args.resume:
         run = Path(args.resume)
         saved = read_json(run / "config.json", "run config").get("train", {})
-        extra = sorted(set(overrides) - {"quiet", "report"})
+        extra = sorted(set(overrides) - {"quiet", "report", "distributed", "dist_timeout"})
         if extra:
             raise InputError(f"--resume continues the saved configuration; drop {extra}")
         cfg = resolve_config(saved, {**overrides, "out": str(run)})
@@ -125,11 +125,19 @@ def _cmd_train(args) -> int:
         file_values = load_config_file(args.config_file) if args.config_file else None
         cfg = resolve_config(file_values, overrides)
         trainer = Trainer(cfg)
+    if not trainer.is_main:  # torchrun: rank 0 prints, evaluates and writes the report
+        trainer.fit()
+        return 0
     print(
         f"training on {cfg.data}: {len(trainer.train_set)} train / "
         f"{len(trainer.val_set) if trainer.val_set is not None else 0} val / "
         f"{len(trainer.test_set)} test items; strategy={cfg.strategy}, "
-        f"{trainer.total_steps} steps -> {trainer.run_dir}",
+        f"{trainer.total_steps} steps -> {trainer.run_dir}"
+        + (
+            f" ({trainer.dist.world_size} processes, {trainer.dist.backend})"
+            if trainer.dist
+            else ""
+        ),
         file=sys.stderr,
     )
     result = trainer.fit()
