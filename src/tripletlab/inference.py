@@ -226,17 +226,19 @@ class Inference:
     # ------------------------------------------------------------------ index
     def build_index(self, dataset: Dataset, kind: str = "flat") -> EmbeddingIndex:
         """An :class:`~tripletlab.index.EmbeddingIndex` of ``dataset`` (labels, paths, classes)."""
-        from .index import EmbeddingIndex
+        from .index import EmbeddingIndex, search_quality
 
         emb = self.embed_dataset(dataset)
         index = EmbeddingIndex(
             emb.shape[1],
             metric=self.distance,
             kind=kind,
-            ivf_nlist=max(1, min(256, len(dataset) // 39)),
+            ivf_nlist=max(1, min(256 if kind == "ivf" else 4096, len(dataset) // 39)),
         )
         index.add(emb, labels=dataset.y.numpy(), paths=dataset.paths)
         index.classes = dataset.classes
+        if kind != "flat":  # approximate: measure what it costs in recall (kept in the manifest)
+            index.quality = search_quality(index, emb, n_queries=1000, k=10)
         return index
 
     def load_index(self, directory: str | Path) -> EmbeddingIndex:
