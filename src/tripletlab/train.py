@@ -211,6 +211,8 @@ class Trainer:
         )
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         if self.dist is not None:  # gradients averaged over ranks (the loss is scaled for it)
+            if self.dist.backend == "nccl":  # BatchNorm over the global batch (CUDA only in torch)
+                self.forward = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.forward)
             self.forward = torch.nn.parallel.DistributedDataParallel(self.forward)
         self.state = _Running()
         self.model_config = self.model.config
