@@ -52,3 +52,53 @@ def make_image_folder(
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "imgs")
+
+
+_TINY_WORDS = (
+    "a an the of or and to in is that by for with bond issued corporation iou united states "
+    "treasury small domesticated feline wild forest young cat dog car bus kitten puppy word "
+    "one two three four five red blue green animal vehicle money person place thing"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory) -> Path:
+    """A tiny randomly initialised BERT folder (config.json, model.safetensors, tokenizer with a
+    word-level vocab.txt): a local transformers model that loads in well under a second."""
+    transformers = pytest.importorskip("transformers", reason="text models need transformers")
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_TINY_WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    wp = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=wp,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=32,
+    )
+    tok.save_pretrained(folder)
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    transformers.BertModel(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder

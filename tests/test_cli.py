@@ -72,9 +72,13 @@ def test_help_and_usage_errors(capsys):
 
 
 def test_enumerated_options_are_usage_errors(capsys):
-    for flag in ("--strategy", "--distance", "--model", "--augment", "--split-by", "--class-order"):
+    for flag in ("--strategy", "--distance", "--augment", "--split-by", "--class-order"):
         assert main(["train", flag, "bogus"]) == 2
         assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    # --model may also name a local text model folder, so it is checked by the config (exit 1)
+    assert main(["train", "--model", "bogus"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown model 'bogus'" in err and "text model folder" in err
 
 
 def test_runtime_errors_exit_1_without_traceback(tmp_path, capsys):

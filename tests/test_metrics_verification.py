@@ -4,8 +4,6 @@ test_metrics_retrieval.py; the cases here are specific to pairs.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -20,7 +18,9 @@ from tripletlab.metrics import (
     verification_metrics,
 )
 
-ATT = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "att_faces").resolve()
+from conftest import SHARED_DATA
+
+ATT = SHARED_DATA / "att_faces"
 
 
 def _data(n=45, d=4, n_cls=5, seed=6):
@@ -65,6 +65,9 @@ def _check_against_bruteforce(m, d, same, fars=(1e-3, 1e-2)):
     lo = max(min(fa, 1 - ta) for ta, fa in rates)
     hi = min(max(fa, 1 - ta) for ta, fa in rates)
     assert lo - 1e-12 <= m["eer"] <= hi + 1e-12
+    # the error rates of the calibrated threshold itself
+    ta, fa = _rates(d, same, m["threshold"])
+    assert m["tar_at_threshold"] == pytest.approx(ta) and m["far_at_threshold"] == pytest.approx(fa)
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])

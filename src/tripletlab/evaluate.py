@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -59,10 +60,13 @@ class EvalResult(TypedDict, total=False):
 
 
 def embed(
-    model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512, device: str = "cpu"
+    model: torch.nn.Module,
+    x: torch.Tensor | Sequence[str],
+    batch_size: int = 512,
+    device: str = "cpu",
 ) -> torch.Tensor:
-    """Embeddings of ``x`` in eval mode, in batches, on the CPU (the model's train/eval mode is
-    restored afterwards).
+    """Embeddings of ``x`` (a tensor, or a list of strings for a text model) in eval mode, in
+    batches, on the CPU (the model's train/eval mode is restored afterwards).
 
     Example:
         >>> from tripletlab.models import build_model
@@ -74,11 +78,13 @@ def embed(
     model.eval()
     out = []
     with torch.no_grad():
-        for s in range(0, x.shape[0], batch_size):
-            out.append(model(x[s : s + batch_size].to(device)).float().cpu())
+        for s in range(0, len(x), batch_size):
+            chunk = x[s : s + batch_size]
+            out.append(model(chunk.to(device) if torch.is_tensor(chunk) else chunk).float().cpu())
     model.train(was_training)
     if not out:
-        return torch.zeros(0, getattr(model, "config", {}).get("embedding_dim", 0))
+        cfg = getattr(model, "config", {})
+        return torch.zeros(0, cfg.get("output_dim") or cfg.get("embedding_dim") or 0)
     return torch.cat(out)
 
 
@@ -154,6 +160,12 @@ def summary_lines(result: EvalResult, run_dir: str | Path, training: bool = True
         f"test: {result.get('n_items', 0)} items, {result.get('n_classes', 0)} classes, "
         f"distance {result.get('distance')}"
     )
+    if "triplet_accuracy" in result:  # a triplet-file run
+        lines.append(
+            f"triplets: accuracy {result['triplet_accuracy']:.4f} (share with d(a,p) < d(a,n)) "
+            f"over {result.get('n_triplets', 0)} held-out triplets; mean d(a,p) "
+            f"{result.get('mean_d_ap', 0):.4f}, d(a,n) {result.get('mean_d_an', 0):.4f}"
+        )
     r2 = result.get("retrieval_test_to_train")
     if r2:
         lines.append(

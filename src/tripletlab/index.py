@@ -244,6 +244,33 @@ class EmbeddingIndex:
         dist = np.where(valid, dist, np.inf)
         return dist.astype(np.float32), ids.astype(np.int64)
 
+    def remove_ids(self, ids) -> int:
+        """Remove the items with the given ids (unknown ids are ignored); returns how many were
+        removed. Exact ``flat`` indexes only (approximate kinds: rebuild the index).
+
+        Example:
+            >>> index = EmbeddingIndex(dim=2)
+            >>> index.add(np.eye(2))
+            >>> index.remove_ids([0]), len(index)
+            (1, 1)
+        """
+        if self.kind != "flat":
+            raise InputError(f"cannot remove items from a {self.kind!r} index; rebuild it")
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        drop = np.isin(self.ids, ids)
+        n = int(drop.sum())
+        if n == 0:
+            return 0
+        if self.backend == "faiss":
+            self._index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(drop).astype(np.int64)))
+        else:
+            self._vectors = self._vectors[~drop]
+        keep = ~drop
+        self.ids, self.labels = self.ids[keep], self.labels[keep]
+        if self.paths is not None:
+            self.paths = [p for p, k in zip(self.paths, keep, strict=True) if k]
+        return n
+
     def _positions(self, ids: np.ndarray) -> np.ndarray:
         order = np.argsort(self.ids, kind="stable")
         where = np.searchsorted(self.ids[order], ids)

@@ -101,8 +101,13 @@ class Inference:
 
     @property
     def takes_images(self) -> bool:
-        """True for image models (input C x H x W), False for vector models."""
+        """True for image models (input C x H x W), False for vector and text models."""
         return len(self.input_shape) == 3
+
+    @property
+    def takes_texts(self) -> bool:
+        """True for text models (``tripletlab train`` on a text file)."""
+        return self.config.get("model", {}).get("name") == "text"
 
     # ------------------------------------------------------------------ data sets
     def load_data(self, data: str | None = None, skip_bad: bool = False) -> Dataset:
@@ -110,6 +115,12 @@ class Inference:
         own test split when ``data`` is None."""
         if data is not None:
             return load_dataset_for_run(self.config, data, skip_bad)
+        split = read_json(self.run_dir / "split.json", "split")
+        if split.get("by") == "triplets":
+            raise InputError(
+                f"{self.run_dir} was trained on a triplet file, which has no labelled test "
+                "split; give a labelled text file (text,label) with --data"
+            )
         train_data = self.config.get("train", {}).get("data", "digits")
         ds = load_dataset_for_run(self.config, train_data, skip_bad)
         split = read_json(self.run_dir / "split.json", "split")
@@ -133,10 +144,35 @@ class Inference:
                 f"data has input shape {list(dataset.input_shape)} but the model expects "
                 f"{self.input_shape}"
             )
+        if self.takes_texts:
+            if dataset.texts is None:
+                raise InputError(
+                    "this model embeds texts; give a .csv/.tsv/.jsonl file with text,label columns"
+                )
+            return embed(self.model, dataset.inputs(), batch_size, self.device).numpy()
         return self._embed_tensor(dataset.x, batch_size)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Embeddings (N, D) of strings, tokenised as in training (a text model only).
+
+        Example:
+            >>> inf.embed_texts(["a bond issued by a corporation"]).shape  # doctest: +SKIP
+            (1, 384)
+        """
+        if not self.takes_texts:
+            raise InputError("this model does not take texts")
+        texts = [str(t) for t in texts]
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise InputError(f"empty text at position {empty[0]} (of {len(texts)})")
+        if not texts:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        return embed(self.model, texts, batch_size, self.device).numpy()
 
     def embed_vectors(self, x: np.ndarray) -> np.ndarray:
         """Embeddings of raw input vectors (N, D_in) for a vector model (one row: (D_in,))."""
+        if self.takes_texts:
+            raise InputError("this model takes texts, not vectors")
         if self.takes_images:
             raise InputError(f"this model takes images of shape {self.input_shape}, not vectors")
         a = as_matrix(np.atleast_2d(np.asarray(x)), None, "vectors")
@@ -147,6 +183,8 @@ class Inference:
         return self._embed_tensor(torch.from_numpy(a))
 
     def _check_images_model(self) -> None:
+        if self.takes_texts:
+            raise InputError("this model takes texts: give query strings or a text file")
         if not self.takes_images:
             raise InputError("this model takes vectors: give one .npy/.npz/.csv file of queries")
 
@@ -181,7 +219,15 @@ class Inference:
     def embed_inputs(self, inputs: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """What ``tripletlab search`` / ``verify`` accept: image files, or one ``.npy`` /
         ``.npz`` / ``.csv`` file of raw vectors. Returns ``(embeddings, names)``, one name per
-        row (the file name, or ``FILE[i]`` for the rows of a vector file)."""
+        row (the file name, or ``FILE[i]`` for the rows of a vector file). For a text model:
+        the query strings themselves, or one ``.txt`` (a text per line) / ``.csv`` / ``.tsv`` /
+        ``.jsonl`` file (its ``text`` column); the names are the texts."""
+        if self.takes_texts:
+            texts = list(inputs)
+            if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in _TEXT_SUFFIXES:
+                if Path(inputs[0]).is_file():
+                    texts = _read_texts(Path(inputs[0]))
+            return self.embed_texts(texts), texts
         if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in VECTOR_SUFFIXES:
             p = Path(inputs[0])
             x = _read_vectors(p)
@@ -195,7 +241,8 @@ class Inference:
     @property
     def embedding_dim(self) -> int:
         """Dimension of the embeddings."""
-        return int(self.config["model"].get("embedding_dim", 0))
+        m = self.config["model"]
+        return int(m.get("output_dim") or m.get("embedding_dim") or 0)
 
     # ------------------------------------------------------------------ comparing
     def distance_between(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -235,7 +282,9 @@ class Inference:
             kind=kind,
             ivf_nlist=max(1, min(256 if kind == "ivf" else 4096, len(dataset) // 39)),
         )
-        index.add(emb, labels=dataset.y.numpy(), paths=dataset.paths)
+        # text items are shown by their text
+        paths = dataset.texts if dataset.texts is not None else dataset.paths
+        index.add(emb, labels=dataset.y.numpy(), paths=paths)
         index.classes = dataset.classes
         if kind != "flat":  # approximate: measure what it costs in recall (kept in the manifest)
             index.quality = search_quality(index, emb, n_queries=1000, k=10)
@@ -280,6 +329,21 @@ class Inference:
                 )
             out.append(hits)
         return out
+
+
+_TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")
+
+
+def _read_texts(p: Path) -> list[str]:
+    """Query texts from a file: ``.txt`` one per non-empty line, else the ``text`` column."""
+    from .data.text import _decode, read_text_rows
+
+    if p.suffix.lower() == ".txt":
+        return [t.strip() for t in _decode(p, p.read_bytes()).splitlines() if t.strip()]
+    columns, rows = read_text_rows(p)
+    if "text" not in columns:
+        raise InputError(f"{p}: no 'text' column (columns: {', '.join(columns)})")
+    return [str(r.get("text") or "").strip() for _, r in rows]
 
 
 def _read_vectors(p: Path) -> np.ndarray:

@@ -115,7 +115,9 @@ def write_run_config(
     from .evaluate import eval_distance
 
     data = {k: (v.summary() if v is not None else None) for k, v in splits.items()}
-    data["classes"] = dataset.classes if len(dataset.classes) <= 5000 else None
+    data["classes"] = list(dataset.classes) if len(dataset.classes) <= 5000 else None
+    if "texts_truncated" in getattr(dataset, "info", {}):  # text data: longer than max_length
+        data["texts_truncated"] = dataset.info["texts_truncated"]
     atomic_write_json(
         Path(run_dir) / "config.json",
         {
@@ -188,7 +190,9 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a trained model from ``RUN_DIR/config.json`` + ``RUN_DIR/model.safetensors``.
 
     The config may only name registered models (nothing is imported from it); weights are read
-    with safetensors (no pickle). Returns ``(model in eval mode, config dict)``.
+    with safetensors (no pickle). A text model is rebuilt from the config.json and tokenizer in
+    ``RUN_DIR/encoder`` (no weights there) before its weights are loaded. Returns ``(model in
+    eval mode, config dict)``.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -198,7 +202,12 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     if not isinstance(model_cfg, dict):
         raise FileFormatError(f"{run_dir / 'config.json'} has no 'model' object")
     try:
-        model = build_model(model_cfg)
+        if model_cfg.get("name") == "text":  # architecture + tokenizer from RUN/encoder
+            from .models.text import ENCODER_DIR, build_text_encoder
+
+            model = build_text_encoder(model_cfg, weights=False, encoder_dir=run_dir / ENCODER_DIR)
+        else:
+            model = build_model(model_cfg)
     except InputError as e:
         raise FileFormatError(f"{run_dir / 'config.json'}: {e}") from None
     weights = run_dir / "model.safetensors"
@@ -245,6 +254,14 @@ def load_dataset_for_run(cfg: dict, data: str, skip_bad: bool = False) -> Datase
         grayscale=prep["grayscale"],
         skip_bad=skip_bad,
     )
+    is_text_model = cfg.get("model", {}).get("name") == "text"
+    if is_text_model != (ds.kind == "text"):
+        want = (
+            "a text file (.csv/.tsv/.jsonl with text,label)"
+            if is_text_model
+            else ("images or vectors")
+        )
+        raise InputError(f"data {data} is {ds.kind} data but this run's model takes {want}")
     if list(ds.input_shape) != prep["input_shape"]:
         raise InputError(
             f"data {data} has input shape {list(ds.input_shape)} but the model "

@@ -20,7 +20,7 @@ import torch
 
 from .collapse import CollapseDetector
 from .config import TrainConfig
-from .data import apply_split, load_dataset, split_dataset
+from .data import Dataset, apply_split, load_dataset, split_dataset
 from .distributed import (
     DistEnv,
     DistributedTripletLoss,
@@ -105,6 +105,10 @@ class Trainer:
         >>> result = Trainer(cfg).fit()  # doctest: +SKIP
     """
 
+    #: the validation metric that picks the saved model, and the ones logged
+    selection_metric = "map_at_r"
+    val_metrics = _VAL_METRICS
+
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print) -> None:
         self.cfg = cfg
         self.log = log
@@ -177,11 +181,14 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         ds = self.train_set
-        mcfg = default_model_config(ds.input_shape, cfg.embedding_dim)
-        if cfg.model:
-            mcfg["name"] = cfg.model
-        mcfg.update(cfg.model_options)
-        self.model = build_model(mcfg).to(cfg.device)
+        if ds.kind == "text":
+            self.model = self._build_text_model()
+        else:
+            mcfg = default_model_config(ds.input_shape, cfg.embedding_dim)
+            if cfg.model:
+                mcfg["name"] = cfg.model
+            mcfg.update(cfg.model_options)
+            self.model = build_model(mcfg).to(cfg.device)
         aug = cfg.augment if cfg.augment is not None else ("light" if ds.kind == "image" else None)
         aug_seed = cfg.seed + 2 + (1000 * self.dist.rank if self.dist else 0)  # own draws per rank
         self.augment = build_augment(aug, seed=aug_seed) if ds.kind == "image" else None
@@ -200,11 +207,11 @@ class Trainer:
         self.sampler = PKSampler(ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed)
         if self.dist is not None:
             self.sampler = DistributedPKSampler(self.sampler, self.dist.rank, self.dist.world_size)
-        self.total_steps = cfg.steps or cfg.epochs * len(self.sampler)
+        self.total_steps = cfg.steps or self._epochs() * len(self.sampler)
         self.eval_every = cfg.eval_every or len(self.sampler)
         self.ckpt_every = cfg.checkpoint_every or self.eval_every
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+            self.model.parameters(), lr=self._lr(), weight_decay=cfg.weight_decay
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: _lr_factor(s, cfg.warmup_steps, self.total_steps)
@@ -248,11 +255,50 @@ class Trainer:
 
     def _step_stats(self) -> dict:
         """Stats of the last step's batch (plus the memory's, prefixed ``memory_``)."""
-        if isinstance(self.criterion, CrossBatchMemory):
+        if isinstance(getattr(self, "criterion", None), CrossBatchMemory):
             mem = self.criterion.memory_stats
             extra = {f"memory_{k}": mem[k] for k in ("active_fraction", "n_triplets") if k in mem}
             return {**self.criterion.batch_stats, **extra}
         return self.criterion.stats
+
+    def _is_text(self) -> bool:
+        return self.train_set.kind in ("text", "triplets")
+
+    def _lr(self) -> float:
+        """``cfg.lr``, or its default: 1e-3, and 2e-5 for a pretrained text encoder."""
+        if self.cfg.lr is not None:
+            return self.cfg.lr
+        return 2e-5 if self._is_text() else 1e-3
+
+    def _epochs(self) -> int:
+        """``cfg.epochs``, or its default: 20, and 1 for a pretrained text encoder."""
+        if self.cfg.epochs is not None:
+            return self.cfg.epochs
+        return 1 if self._is_text() else 20
+
+    def _build_text_model(self) -> torch.nn.Module:
+        """A pretrained text encoder (``--model minilm`` or a folder); its config.json and
+        tokenizer are written to RUN/encoder so the run rebuilds it offline."""
+        from .models.text import ENCODER_DIR, build_text_encoder
+
+        cfg = self.cfg
+        mcfg = {"name": "text", "encoder": cfg.model or "minilm", **cfg.model_options}
+        model = build_text_encoder(mcfg).to(cfg.device)
+        model.save_encoder_files(self.run_dir / ENCODER_DIR)
+        ds = self.dataset
+        texts = (
+            ds.texts
+            if isinstance(ds, Dataset)
+            else [t for part in (ds.anchors, ds.positives, ds.negatives) for t in part]
+        )
+        n_long = model.count_too_long(texts)
+        ds.info["texts_truncated"] = n_long
+        if n_long:
+            self.log(
+                f"note: {n_long} of {len(texts)} texts are longer than {model.max_length} "
+                "tokens and are truncated"
+            )
+        return model
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self) -> None:
@@ -264,7 +310,7 @@ class Trainer:
             tensors["rng.augment"] = self.augment.get_state()
         if self.loss_fn.generator is not None:
             tensors["rng.loss"] = self.loss_fn.generator.get_state()
-        if isinstance(self.criterion, CrossBatchMemory):
+        if isinstance(getattr(self, "criterion", None), CrossBatchMemory):
             for k, v in self.criterion.state_dict().items():
                 tensors[f"memory.{k}"] = v.detach().cpu().contiguous()
         st = self.state
@@ -297,7 +343,7 @@ class Trainer:
             self.augment.set_state(tensors["rng.augment"])
         if self.loss_fn.generator is not None and "rng.loss" in tensors:
             self.loss_fn.generator.set_state(tensors["rng.loss"])
-        if isinstance(self.criterion, CrossBatchMemory):
+        if isinstance(getattr(self, "criterion", None), CrossBatchMemory):
             mem = {k[7:]: v for k, v in tensors.items() if k.startswith("memory.")}
             if not mem:
                 raise FileFormatError(
@@ -323,7 +369,8 @@ class Trainer:
     def _train_step(self, idx: list[int]) -> tuple[float, dict]:
         """Augment, embed, mine + loss, backward, clip, update; non-finite values handled."""
         cfg = self.cfg
-        x = self.train_set.x[idx].to(cfg.device)
+        x = self.train_set.inputs(idx)
+        x = x.to(cfg.device) if torch.is_tensor(x) else x  # text: a list of strings
         y = self.train_set.y[idx].to(cfg.device)
         if self.augment is not None:
             x = self.augment(x)
@@ -389,7 +436,7 @@ class Trainer:
         """Retrieval metrics of the validation split (None without one)."""
         if self.val_set is None or len(self.val_set) == 0:
             return None
-        emb = embed(self.model, self.val_set.x, self.cfg.eval_batch_size, self.cfg.device)
+        emb = embed(self.model, self.val_set.inputs(), self.cfg.eval_batch_size, self.cfg.device)
         try:
             return retrieval_metrics(
                 emb, self.val_set.y, ks=(1, 4), nmi=False, distance=eval_distance(self.model_config)
@@ -412,17 +459,18 @@ class Trainer:
             self._save_best()
             return False
         append_metrics(
-            self.run_dir, {"step": st.step, "type": "eval", **{k: m[k] for k in _VAL_METRICS}}
+            self.run_dir, {"step": st.step, "type": "eval", **{k: m[k] for k in self.val_metrics}}
         )
-        if m["map_at_r"] > st.best:
-            st.best, st.best_step = m["map_at_r"], st.step
+        if m[self.selection_metric] > st.best:
+            st.best, st.best_step = m[self.selection_metric], st.step
             st.evals_without_improvement = 0
             self._save_best()
             return False
         st.evals_without_improvement += 1
         if patience and st.evals_without_improvement >= patience:
             self.log(
-                f"early stopping at step {st.step}: no MAP@R improvement in {patience} evaluations"
+                f"early stopping at step {st.step}: no {self.selection_metric} improvement in "
+                f"{patience} evaluations"
             )
             return True
         return False
@@ -540,7 +588,7 @@ class Trainer:
         model, _ = load_run(self.run_dir)
         self.model.load_state_dict(model.state_dict())
         dist = eval_distance(self.model_config)
-        emb = embed(self.model, self.test_set.x, self.cfg.eval_batch_size, self.cfg.device)
+        emb = embed(self.model, self.test_set.inputs(), self.cfg.eval_batch_size, self.cfg.device)
         best = self.state.best
         result = {"split": "test", "distance": dist, **result}
         result["best_val_map_at_r"] = best if best >= 0 else None
@@ -549,7 +597,9 @@ class Trainer:
         if self.test_info.get("by") == "predefined" and len(self.test_set):
             # the benchmark protocol of predefined splits (e.g. Fashion-MNIST): test queries
             # retrieved against the training items
-            ref = embed(self.model, self.train_full.x, self.cfg.eval_batch_size, self.cfg.device)
+            ref = embed(
+                self.model, self.train_full.inputs(), self.cfg.eval_batch_size, self.cfg.device
+            )
             result["retrieval_test_to_train"] = retrieval_metrics(
                 ref,
                 self.train_full.y,

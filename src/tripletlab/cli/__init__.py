@@ -1,11 +1,12 @@
-"""The ``tripletlab`` command: train, eval, embed, index, search, verify, report, bench.
+"""The ``tripletlab`` command: train, eval, embed, index, search, verify, report, bench, serve,
+export.
 
 A thin layer over the library: every command parses its options, calls the library (training:
 :class:`tripletlab.train.Trainer`; everything on a trained run: :class:`tripletlab.inference.
 Inference`) and prints. One module per command group: ``train`` (flags generated from
-:class:`~tripletlab.config.TrainConfig`), ``run`` (eval, embed, index, search, verify, report)
-and ``bench``. Exit codes: 0 success, 1 runtime error (message on stderr, traceback only with
-``--debug``), 2 usage error.
+:class:`~tripletlab.config.TrainConfig`), ``run`` (eval, embed, index, search, verify, report),
+``serve`` (serve, export) and ``bench``. Exit codes: 0 success, 1 runtime error (message on
+stderr, traceback only with ``--debug``), 2 usage error.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import warnings
 
 from .. import __version__
 from ..errors import TripletLabError
-from . import bench, run, train  # noqa: F401 - importing registers the commands
+from . import bench, run, serve, train  # noqa: F401 - importing registers the commands
 from ._base import COMMANDS, register_command
 
 __all__ = ["build_parser", "main", "register_command"]

@@ -75,7 +75,7 @@ def _add_embed(sub) -> None:
         "embed",
         help="write embeddings of a data set to an .npz file",
         description="Embed every item of a data set; writes an .npz with "
-        "'embeddings', 'labels', 'paths' and 'classes'.",
+        "'embeddings', 'labels', 'paths' and 'classes' (and 'texts' for text data).",
     )
     _add_model_data(p, data_required=True)
     p.add_argument("--out", required=True, help="output .npz file")
@@ -91,12 +91,14 @@ def _cmd_embed(args) -> int:
     # data without files (digits, vectors, idx): "<data>[row]" identifies each item
     paths = ds.paths if ds.paths is not None else [f"{args.data}[{i}]" for i in range(len(ds))]
     buf = io.BytesIO()
+    extra = {} if ds.texts is None else {"texts": np.asarray(ds.texts, dtype=str)}
     np.savez(
         buf,
         embeddings=emb,
         labels=ds.y.numpy(),
         paths=np.asarray(paths, dtype=str),
         classes=np.asarray(ds.classes, dtype=str),
+        **extra,
     )
     atomic_write_bytes(args.out, buf.getvalue())
     print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {Path(args.out)}")
@@ -151,7 +153,12 @@ def _add_search(sub) -> None:
         description="Embed queries with the model and print their k nearest "
         "items in an index (label, path, distance).",
     )
-    p.add_argument("queries", nargs="+", help="image files, or one .npy/.npz/.csv of vectors")
+    p.add_argument(
+        "queries",
+        nargs="+",
+        help="image files, or one .npy/.npz/.csv of vectors; for a text model query strings "
+        "(quoted) or one .txt/.csv/.tsv/.jsonl file of texts",
+    )
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="the run that built it")
     p.add_argument("--index", required=True, metavar="DIR", help="index directory")
     p.add_argument("-k", type=int, default=5, help="neighbours per query (5)")
@@ -192,9 +199,13 @@ def _add_verify(sub) -> None:
         "distance threshold calibrated on the run's test split "
         "(eval.json) unless --threshold is given.",
     )
-    p.add_argument("inputs", nargs="*", help="two image files")
+    p.add_argument("inputs", nargs="*", help="two image files (two quoted texts for a text model)")
     p.add_argument("--model", required=True, metavar="RUN_DIR")
-    p.add_argument("--pairs", default=None, help="CSV file with one pair per line: path_a,path_b")
+    p.add_argument(
+        "--pairs",
+        default=None,
+        help="CSV file with one pair per line: path_a,path_b (text_a,text_b for a text model)",
+    )
     p.add_argument("--threshold", type=float, default=None, help="override the threshold")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)

@@ -108,9 +108,14 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
+    from ..data.text import is_triplet_file
     from ..evaluate import summary_lines
     from ..rundir import read_json
     from ..train import Trainer
+    from ..train_triplets import TripletFileTrainer
+
+    def trainer_class(cfg):  # explicit (anchor, positive, negative) texts: nothing to mine
+        return TripletFileTrainer if is_triplet_file(cfg.data) else Trainer
 
     overrides = config_overrides(args)
     if args.resume:
@@ -120,12 +125,12 @@ def _cmd_train(args) -> int:
         if extra:
             raise InputError(f"--resume continues the saved configuration; drop {extra}")
         cfg = resolve_config(saved, {**overrides, "out": str(run)})
-        trainer = Trainer(cfg, resume=True)
+        trainer = trainer_class(cfg)(cfg, resume=True)
     else:
         file_values = load_config_file(args.config_file) if args.config_file else None
         cfg = resolve_config(file_values, overrides)
-        trainer = Trainer(cfg)
-    if not trainer.is_main:  # torchrun: rank 0 prints, evaluates and writes the report
+        trainer = trainer_class(cfg)(cfg)
+    if not getattr(trainer, "is_main", True):  # torchrun: rank 0 prints, evaluates, reports
         trainer.fit()
         return 0
     print(

@@ -39,15 +39,34 @@ class Dataset:
     name: str
     predefined_split: dict[str, list[int]] | None = None
     info: dict = field(default_factory=dict)
+    texts: list[str] | None = None  # kind "text": the strings (x holds their row numbers)
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
             raise InputError(f"{self.x.shape[0]} samples but {self.y.shape[0]} labels")
         if self.paths is not None and len(self.paths) != self.x.shape[0]:
             raise InputError(f"{self.x.shape[0]} samples but {len(self.paths)} paths")
+        if self.texts is not None and len(self.texts) != self.x.shape[0]:
+            raise InputError(f"{self.x.shape[0]} samples but {len(self.texts)} texts")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    def inputs(self, indices=None) -> torch.Tensor | list[str]:
+        """What the model takes for the items at ``indices`` (all when None): the tensor rows,
+        or for text data the strings.
+
+        Example:
+            >>> ds = Dataset(torch.arange(2), torch.tensor([0, 1]), ["a", "b"], None, "text",
+            ...              "t", texts=["one", "two"])
+            >>> ds.inputs([1])
+            ['two']
+        """
+        if self.texts is not None:
+            if indices is None:
+                return list(self.texts)
+            return [self.texts[int(i)] for i in indices]
+        return self.x if indices is None else self.x[indices]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -81,6 +100,7 @@ class Dataset:
             name=self.name,
             predefined_split=split,
             info=dict(self.info),
+            texts=None if self.texts is None else [self.texts[i] for i in idx_np.tolist()],
         )
 
     def summary(self) -> dict:

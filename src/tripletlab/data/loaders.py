@@ -440,7 +440,9 @@ def load_dataset(
       ``t10k-...``): images (N, 1, H, W) with ``predefined_split`` {"train", "test"};
     * a vector file: ``.npz`` with ``x``/``embeddings`` and ``y``/``labels``; ``.csv`` with a
       header, a ``label`` column and numeric feature columns; ``.npy`` of shape (N, D+1) whose last
-      column is the (integer) label.
+      column is the (integer) label;
+    * a text file (:mod:`tripletlab.data.text`): ``.csv``/``.tsv``/``.jsonl`` with ``text,label``
+      columns, as a data set of kind ``"text"`` (``texts`` holds the strings).
 
     Labels become contiguous ids 0..C-1 in natural order of their names (``classes``).
     Unreadable or non-image files raise :class:`FileFormatError` naming the file; with
@@ -462,6 +464,10 @@ def load_dataset(
                 ds.x = ds.x.expand(-1, 3, -1, -1).contiguous()
             return ds
         return load_image_folder(path, image_size, grayscale, skip_bad)
+    from .text import is_text_file, load_text_dataset
+
+    if is_text_file(path):  # .tsv/.jsonl, or a .csv with a text column
+        return load_text_dataset(path, skip_bad=skip_bad)
     if path.suffix.lower() in (".npz", ".npy", ".csv"):
         return load_vector_file(path)
     if path.suffix.lower() in IMAGE_EXTENSIONS:

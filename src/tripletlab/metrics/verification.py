@@ -254,6 +254,9 @@ def verification_metrics(
         "tar_at_far": tar,
         "accuracy": acc,
         "threshold": t,
+        # the error rates a deployment using ``threshold`` accepts (on these pairs)
+        "far_at_threshold": float((d[~same] <= t).mean()),
+        "tar_at_threshold": float((d[same] <= t).mean()),
         "accuracy_10fold_mean": float(np.mean(accs)),
         "accuracy_10fold_std": float(np.std(accs)),
         "n_pairs_same": n_same,

@@ -75,12 +75,23 @@ def build_report(
         test = test.subset(keep)
     dist = inf.distance
     torch.manual_seed(seed)
-    initial = build_model(cfg["model"])
-    emb_before = embed(initial, test.x).numpy()
+    emb_before = None
+    if inf.takes_texts:  # the pretrained encoder training started from, where still available
+        from ..errors import TripletLabError
+        from ..models.text import build_text_encoder
+
+        try:
+            initial = build_text_encoder(cfg["model"])
+            emb_before = embed(initial, test.inputs(), 64).numpy()
+        except TripletLabError:
+            emb_before = None
+    else:
+        initial = build_model(cfg["model"])
+        emb_before = embed(initial, test.x).numpy()
     emb_after = inf.embed_dataset(test)
     y = test.y.numpy()
     pairs, same = _sample_pairs(y, 200_000, seed)
-    d_before = pair_distances(emb_before, pairs, dist)
+    d_before = pair_distances(emb_before, pairs, dist) if emb_before is not None else None
     d_after = pair_distances(emb_after, pairs, dist)
     threshold = ev.get("threshold")
     margin = float(train_cfg.get("margin", 0.2)) if train_cfg.get("distance") == dist else None
@@ -121,7 +132,11 @@ def build_report(
             figures={
                 "distance_histograms": plot_distance_histograms(
                     [
-                        ("before training (initial weights)", d_before[same], d_before[~same]),
+                        *(
+                            [("before training (initial weights)", d_before[same], d_before[~same])]
+                            if d_before is not None
+                            else []
+                        ),
                         ("after training", d_after[same], d_after[~same]),
                     ],
                     margin=margin,
@@ -148,7 +163,13 @@ def build_report(
         worst = np.argsort(-bad_rate, kind="stable")[: min(10, len(y))]
         rows = []
         for q in worst:
-            name = test.paths[q] if test.paths else f"item {q}"
+            name = (
+                test.texts[q]
+                if test.texts is not None
+                else test.paths[q]
+                if test.paths
+                else f"item {q}"
+            )
             rows.append(
                 (
                     f"{name} [{test.classes[y[q]]}]",
@@ -168,6 +189,22 @@ def build_report(
             sec.figures["retrieval_gallery"] = plot_retrieval_gallery(
                 test.x.numpy(), y, picks, ni[picks], nd[picks]
             )
+        if test.texts is not None:  # the gallery of a text run: texts instead of images
+            picks = list(rng.choice(len(y), size=min(n_gallery, len(y)), replace=False))
+            picks = picks[: max(1, n_gallery - 3)] + [q for q in worst[:3] if q not in picks]
+            gallery = []
+            for q in picks:
+                gallery.append((f"query [{test.classes[y[q]]}]", test.texts[q]))
+                for j in range(min(k, ni.shape[1])):
+                    n = ni[q, j]
+                    mark = "✓" if y[n] == y[q] else "✗"
+                    gallery.append(
+                        (
+                            f"  {j + 1}. {mark} d={nd[q, j]:.3f}",
+                            f"{test.texts[n]} [{test.classes[y[n]]}]",
+                        )
+                    )
+            sec.tables.append(("retrieval gallery (✓ same class, ✗ other class)", gallery))
         sections.append(sec)
     # 3. verification
     try:

@@ -1,0 +1,174 @@
+"""Commands that put a trained run to use elsewhere: ``serve`` (HTTP API + web page) and
+``export`` (ONNX). Both need the ``serve`` extra; the work is in :mod:`tripletlab.serve` and
+:mod:`tripletlab.export`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from ._base import print_json, register_command
+
+
+@register_command("serve")
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP API + web page: search, verify, identify, enrol (needs the serve extra)",
+        description="Serve a trained run over HTTP (FastAPI + uvicorn): a web page at /, "
+        "POST /search /verify /identify /embed, a gallery (POST/GET /gallery, DELETE "
+        "/gallery/ID) persisted in --index, /healthz, /metrics and the API docs at /docs. "
+        "Binds to 127.0.0.1 unless --host says otherwise. See docs/serving.md.",
+    )
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a trained run directory")
+    p.add_argument(
+        "--index",
+        metavar="DIR",
+        default=None,
+        help="gallery index directory (e.g. from `tripletlab index`; created on the first "
+        "enrolment); without it the gallery lives in memory only",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="bearer token required on every API route (default: $TRIPLETLAB_TOKEN; none = "
+        "open, fine on localhost only)",
+    )
+    p.add_argument(
+        "--read-token",
+        default=None,
+        help="an extra token that may search/verify/identify/embed/list but not change the "
+        "gallery (default: $TRIPLETLAB_READ_TOKEN)",
+    )
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="torch | onnx")
+    p.add_argument(
+        "--onnx",
+        default=None,
+        metavar="FILE",
+        help="exported model for --runtime onnx (default: export the run at start-up)",
+    )
+    p.add_argument("--threshold", type=float, default=None, help="override the run's threshold")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request size limit (10)")
+    p.add_argument(
+        "--max-pixels", type=int, default=4096 * 4096, help="pixels per image (16,777,216)"
+    )
+    p.add_argument("--max-batch", type=int, default=64, help="images per model call (64)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for inference (torch or onnx)"
+    )
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import ipaddress
+    import os
+
+    try:
+        from ..serve import ServeSettings, create_app, run_server
+    except ImportError as e:
+        raise InputError(
+            f"`tripletlab serve` needs the serve extra ({e.name} is missing): "
+            "pip install 'tripletlab[serve]'"
+        ) from None
+    from ..serve.app import READ_TOKEN_ENV, TOKEN_ENV
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    read_token = args.read_token or os.environ.get(READ_TOKEN_ENV) or None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = ServeSettings(
+        token=token,
+        read_token=read_token,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_batch=args.max_batch,
+        threshold=args.threshold,
+    )
+    app = create_app(
+        args.model,
+        index=args.index,
+        settings=settings,
+        runtime=args.runtime,
+        onnx_path=args.onnx,
+        threads=args.threads or 0,
+    )
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and token is None:
+        print(
+            f"warning: serving on {args.host} without a token: anyone who can reach it may "
+            "change the gallery (set --token or TRIPLETLAB_TOKEN)",
+            file=sys.stderr,
+        )
+    emb = app.state.embedder
+    rt = getattr(emb, "runtime", "torch")
+    print(
+        f"serving {args.model} ({rt}, {emb.distance}, threshold "
+        f"{args.threshold if args.threshold is not None else emb.threshold}) with "
+        f"a gallery of {len(app.state.store)} items on http://{args.host}:{args.port}/",
+        flush=True,
+    )
+    run_server(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+@register_command("export")
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a run's model to ONNX and check it against PyTorch",
+        description="Write the model as ONNX (dynamic batch axis; the preprocessing, distance "
+        "and threshold in its metadata). With --check-data, embed up to 64 images of that "
+        "folder with both runtimes and report the max abs difference and CPU latency.",
+    )
+    p.add_argument("--model", required=True, metavar="RUN_DIR")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (the only one)")
+    p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset (20)")
+    p.add_argument("--check-data", default=None, metavar="DIR", help="images to compare on")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference (1e-4)")
+    p.add_argument("--threads", type=int, default=1, help="threads for the latency check (1)")
+    p.add_argument("--json", action="store_true", help="print the check as JSON")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    try:
+        from ..export import compare_onnx, export_onnx
+    except ImportError as e:  # pragma: no cover
+        raise InputError(f"export needs onnx: pip install 'tripletlab[serve]' ({e})") from None
+    out = export_onnx(args.model, args.out, opset=args.opset)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    if not args.check_data:
+        return 0
+    from ..data import IMAGE_EXTENSIONS
+
+    root = Path(args.check_data)
+    files = sorted(str(f) for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise InputError(f"no images under {root}")
+    files = files[:: max(1, len(files) // 64)][:64]
+    r = compare_onnx(args.model, out, files, threads=args.threads)
+    r["tolerance"] = args.tolerance
+    r["ok"] = r["max_abs_diff"] <= args.tolerance
+    if args.json:
+        print_json(r)
+    else:
+        print(
+            f"checked on {r['n_images']} images: max abs difference {r['max_abs_diff']:.2e} "
+            f"({'ok' if r['ok'] else 'ABOVE'} tolerance {args.tolerance:g})"
+        )
+        for bs, t in r["latency_ms"].items():
+            print(
+                f"  batch {bs:>3}: torch {t['torch']:.2f} ms, onnxruntime {t['onnx']:.2f} ms "
+                f"({t['speedup']:.2f}x), {args.threads} thread(s)"
+            )
+    return 0 if r["ok"] else 1
