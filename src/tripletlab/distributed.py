@@ -32,6 +32,8 @@ from .losses import TripletLoss
 
 __all__ = [
     "DistEnv",
+    "GlooSyncBatchNorm",
+    "convert_sync_batchnorm_any",
     "DistributedTripletLoss",
     "any_rank",
     "broadcast_flag",
@@ -388,3 +390,75 @@ def broadcast_flag(flag: bool, device: torch.device | str = "cpu") -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+# ------------------------------------------------------------------ BatchNorm over ranks (gloo)
+class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch of all ranks, for any
+    backend (torch's ``SyncBatchNorm`` is CUDA-only). Per-channel sums and sums of squares are
+    all-reduced with autograd (``torch.distributed.nn.functional.all_reduce``), so values and
+    gradients equal one process's BatchNorm on the concatenated batch (up to the one-pass
+    variance's rounding). Outside a process group or in eval mode it is plain BatchNorm.
+    Parameters, buffers and state-dict keys are those of the layer it replaces.
+
+    Example:
+        >>> m = convert_sync_batchnorm_any(torch.nn.Sequential(torch.nn.BatchNorm1d(3)))
+        >>> type(m[0]).__name__
+        'GlooSyncBatchNorm'
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise InputError(f"BatchNorm expects (N, C, ...) input, got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        self._check_input_dim(x)
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce as all_reduce_grad
+
+        c = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        n_local = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
+        packed = torch.cat([x.sum(dims), (x * x).sum(dims), n_local])
+        total = all_reduce_grad(packed)
+        n = total[-1]
+        mean = total[:c] / n
+        var = (total[c : 2 * c] / n - mean * mean).clamp_min(0.0)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum
+                if m is None:
+                    m = 1.0 / float(self.num_batches_tracked)
+                nn_ = float(n.detach())
+                unbiased = var.detach() * (nn_ / max(nn_ - 1.0, 1.0))
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+        return y
+
+
+def convert_sync_batchnorm_any(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm layer of ``module`` by a :class:`GlooSyncBatchNorm` sharing its
+    parameters and buffers (in place for children; returns the possibly new root)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, GlooSyncBatchNorm
+    ):
+        new = GlooSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats,
+        )  # fmt: skip
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        if module.track_running_stats:
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm_any(child))
+    return module

@@ -26,6 +26,7 @@ from .distributed import (
     DistributedTripletLoss,
     any_rank,
     broadcast_flag,
+    convert_sync_batchnorm_any,
     init_from_env,
     shutdown,
 )
@@ -218,8 +219,11 @@ class Trainer:
         )
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         if self.dist is not None:  # gradients averaged over ranks (the loss is scaled for it)
-            if self.dist.backend == "nccl":  # BatchNorm over the global batch (CUDA only in torch)
+            # BatchNorm over the global batch: torch's SyncBatchNorm on CUDA, ours on gloo
+            if self.dist.backend == "nccl":
                 self.forward = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.forward)
+            else:
+                self.forward = convert_sync_batchnorm_any(self.forward)
             self.forward = torch.nn.parallel.DistributedDataParallel(self.forward)
         self.state = _Running()
         self.model_config = self.model.config
