@@ -151,10 +151,10 @@ class DistributedPKSampler:
     Example:
         >>> import torch
         >>> from tripletlab.samplers import DistributedPKSampler, PKSampler
-        >>> base = PKSampler(torch.arange(10).repeat(8), p=4, k=4, seed=0)
-        >>> shards = [next(iter(DistributedPKSampler(base, r, 2))) for r in (0, 1)]
-        >>> base.set_epoch(0)
-        >>> shards[0] + shards[1] == next(iter(base))
+        >>> labels = torch.arange(10).repeat(8)
+        >>> ranks = [DistributedPKSampler(PKSampler(labels, 4, 4, seed=0), r, 2) for r in (0, 1)]
+        >>> shards = [next(iter(s)) for s in ranks]  # each rank: 8 of the 16 items
+        >>> shards[0] + shards[1] == next(iter(PKSampler(labels, 4, 4, seed=0)))
         True
     """
 
