@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -27,7 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fashion-mnist"
+_SHARED = os.environ.get("TRIPLETLAB_SHARED_DATA")
+DATA = (
+    Path(_SHARED) if _SHARED else Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+) / "fashion-mnist"
 METRICS = ("precision_at_1", "r_precision", "map_at_r")
 
 
@@ -59,8 +63,30 @@ def embeddings(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     return (x @ proj).contiguous(), y.contiguous(), src
 
 
-def worker(impl: str, n: int) -> dict:
+def gemm_top1(emb: torch.Tensor) -> torch.Tensor:
+    """The floor: the bare blocked similarity GEMM over the same (N, N) matrix, leave-one-out,
+    keeping only each query's nearest neighbour (``tripletlab.distances.iter_score_blocks``)."""
+    from tripletlab.distances import iter_score_blocks
+
+    nn = torch.empty(emb.shape[0], dtype=torch.long)
+    for s, e, sc in iter_score_blocks(emb, emb, "euclidean"):
+        ar = torch.arange(s, e)
+        sc[ar - s, ar] = float("inf")
+        nn[s:e] = sc.argmin(dim=1)
+    return nn
+
+
+def worker(impl: str, n: int, threads: int = 0) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
     emb, y, _ = embeddings(n)
+    if impl == "gemm-top1":
+        t = time.perf_counter()
+        nn = gemm_top1(emb)
+        sec = time.perf_counter() - t
+        p1 = float((y[nn] == y).double().mean())
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return {"time": sec, "values": [p1, float("nan"), float("nan")], "peak_rss_gib": rss}
     if impl == "tripletlab":
         from tripletlab.metrics import retrieval_metrics
 
@@ -84,8 +110,8 @@ def worker(impl: str, n: int) -> dict:
     return {"time": sec, "values": vals, "peak_rss_gib": rss}
 
 
-def run_worker(impl: str, n: int, mem_gib: float, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--sizes", str(n)]
+def run_worker(impl: str, n: int, mem_gib: float, timeout: float, threads: int = 0) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--sizes", str(n), "--threads", str(threads)]
 
     def limit() -> None:
         cap = int(mem_gib * 2**30)
@@ -111,11 +137,18 @@ def main() -> int:
     p.add_argument("--skip-pml", action="store_true", help="time tripletlab only")
     p.add_argument("--mem-gib", type=float, default=16.0, help="memory limit per worker")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker")
-    p.add_argument("--worker", choices=["tripletlab", "pml"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the floor (bare blocked GEMM + top-1 over the same matrix) before and "
+        "after tripletlab, and print tripletlab's time / the floor's mean",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
+    p.add_argument("--worker", choices=["tripletlab", "pml", "gemm-top1"], help=argparse.SUPPRESS)
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.worker:
-        print(json.dumps(worker(args.worker, sizes[0])))
+        print(json.dumps(worker(args.worker, sizes[0], args.threads)))
         return 0
     _, _, src = embeddings(10)
     print(f"embeddings: {src}; D = 128; torch threads {torch.get_num_threads()}")
@@ -123,7 +156,24 @@ def main() -> int:
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for n in sizes:
         impls = ["tripletlab"] + ([] if args.skip_pml else ["pml"])
-        res = {impl: run_worker(impl, n, args.mem_gib, args.timeout) for impl in impls}
+        floors = []
+        if args.floor:
+            floors.append(run_worker("gemm-top1", n, args.mem_gib, args.timeout, args.threads))
+        res = {
+            impl: run_worker(impl, n, args.mem_gib, args.timeout, args.threads) for impl in impls
+        }
+        if args.floor:
+            floors.append(run_worker("gemm-top1", n, args.mem_gib, args.timeout, args.threads))
+            ok = [f["time"] for f in floors if "time" in f]
+            if ok and "time" in res["tripletlab"]:
+                fl = sum(ok) / len(ok)
+                times = ", ".join(f"{t:.1f}" for t in ok)
+                print(
+                    f"floor (blocked GEMM + top-1, N = {n:,}): {times} s; "
+                    f"peak RSS {floors[0].get('peak_rss_gib', float('nan')):.2f} GiB; "
+                    f"tripletlab / floor = {res['tripletlab']['time'] / fl:.2f}x",
+                    flush=True,
+                )
         ours = res["tripletlab"]
         for impl, r in res.items():
             name = "tripletlab retrieval_metrics" if impl == "tripletlab" else "pml AccuracyCalc."

@@ -475,6 +475,116 @@ def format_table(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------
+# floor ratios: every strategy against the distance matrix alone, interleaved in one process
+# --------------------------------------------------------------------------------------------
+
+FLOOR_SIZES = (64, 256, 1024, 4096)
+
+
+def _all_strategies() -> tuple[str, ...]:
+    from tripletlab.functional import STRATEGIES as ALL
+
+    return tuple(ALL)
+
+
+def floor_ratios(
+    sizes=FLOOR_SIZES,
+    strategies=None,
+    *,
+    repeats: int = 5,
+    d: int = 128,
+    k: int = 4,
+    margin: float = 0.2,
+    pml_up_to: int = 256,
+) -> list[dict[str, Any]]:
+    """Median time of one step (fwd + bwd) of every strategy and of the distance floor
+    (``pairwise_distance(e).sum().backward()``, the same distance code), measured **interleaved**
+    in this process: each repetition times every function once, in a rotated order, so a load
+    change hits all of them alike. pml (batch-all, semi-hard, batch-hard) joins for B <=
+    ``pml_up_to``. Returns rows ``{b, impl, strategy, time_s, times, ratio}`` with ``ratio`` =
+    time / floor time at the same B.
+    """
+    import torch
+
+    from tripletlab import TripletLoss
+
+    strategies = tuple(strategies or _all_strategies())
+    try:
+        import pytorch_metric_learning  # noqa: F401
+
+        have_pml = True
+    except ImportError:
+        have_pml = False
+    rows: list[dict[str, Any]] = []
+    for b in sizes:
+        x, y, lin = make_inputs(b, d, k)
+        floor_fn = _make_loss_fn("floor-dist", "all", margin)
+        fns: list[tuple[str, str, Any]] = [("floor-dist", "floor", floor_fn)]
+        for s in strategies:
+            red = "mean_active" if s in ("all", "hard") else "mean"
+            fns.append(("tripletlab", s, TripletLoss(margin=margin, strategy=s, reduction=red)))
+        if have_pml and b <= pml_up_to:
+            for s in ("all", "semihard", "hard"):
+                if s in strategies:
+                    fns.append(("pml", s, _make_loss_fn("pml", s, margin)))
+
+        def step(fn, x=x, y=y, lin=lin) -> float:  # one training step, as in measure()
+            t = time.perf_counter()
+            lin.zero_grad(set_to_none=True)
+            _backward(fn(torch.nn.functional.normalize(lin(x), dim=1), y))
+            return time.perf_counter() - t
+
+        # small batches: several calls per sample so one sample is >= ~20 ms
+        calls = max(1, int(0.02 / max(_probe(step, fns), 1e-6)))
+        times: dict[int, list[float]] = {i: [] for i in range(len(fns))}
+        for i in range(len(fns)):  # warm-up
+            step(fns[i][2])
+        for r in range(repeats):
+            order = list(range(len(fns)))
+            order = order[r % len(order) :] + order[: r % len(order)]
+            for i in order:
+                times[i].append(sum(step(fns[i][2]) for _ in range(calls)) / calls)
+        floor = statistics.median(times[0])
+        for i, (impl, s, _) in enumerate(fns):
+            med = statistics.median(times[i])
+            rows.append(
+                {
+                    "b": b,
+                    "impl": impl,
+                    "strategy": s,
+                    "time_s": med,
+                    "times": times[i],
+                    "ratio": med / floor,
+                    "calls_per_sample": calls,
+                }
+            )
+        print(f"  floor ratios: B={b} done", file=sys.stderr)
+    return rows
+
+
+def _backward(out) -> None:
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+
+
+def _probe(step, fns) -> float:
+    return max(step(fn) for _, _, fn in fns)
+
+
+def format_floor_table(rows: list[dict[str, Any]]) -> str:
+    """The floor-ratio table: time per step (µs below 10 ms) and time / distance floor."""
+    head = f"{'B':>5}  {'impl':<10} {'strategy':<17} {'time':>11} {'x floor':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        t = r["time_s"]
+        tt = f"{t * 1e6:8.0f} us" if t < 0.01 else f"{t:9.4f} s"
+        lines.append(
+            f"{r['b']:>5}  {r['impl']:<10} {r['strategy']:<17} {tt:>11} {r['ratio']:>7.2f}x"
+        )
+    return "\n".join(lines)
+
+
 def _environment(threads: int | None) -> dict[str, Any]:
     import torch
 
@@ -509,6 +619,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="B in {64, 256} and 2 repeats")
     p.add_argument(
+        "--floor",
+        action="store_true",
+        help="only the floor-ratio table: every strategy's step time / the distance matrix's "
+        "(fwd + bwd), interleaved in one process (default sizes 64 256 1024 4096)",
+    )
+    p.add_argument(
         "--sizes", type=int, nargs="+", default=[256, 1024, 4096, 8192], help="batch sizes B"
     )
     p.add_argument(
@@ -539,6 +655,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_floor(args, sizes, env) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    rows = floor_ratios(sizes, repeats=args.repeats, d=args.dim, k=args.k, margin=args.margin)
+    after = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "?"
+    print(
+        f"tripletlab bench --floor: D={args.dim}, K={args.k}, median of {args.repeats} "
+        f"interleaved repetitions; x floor = time / pairwise_distance fwd+bwd at the same B; "
+        f"torch {env['torch']} ({torch.get_num_threads()} threads); {env['cpus']} CPUs, load "
+        f"{env.get('loadavg', ['?'])[0]} -> {after}; {time.time() - t0:.0f} s"
+    )
+    print(format_floor_table(rows))
+    if args.json_out:
+        from tripletlab.utils import atomic_write_json
+
+        atomic_write_json(args.json_out, {"args": vars(args), "environment": env, "floor": rows})
+    return 0
+
+
 def run_benchmark(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table; exit code 0, 1 if values disagree, 2 on bad usage.
 
@@ -552,6 +690,7 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
     except SystemExit as exc:  # argparse: 0 for --help, 2 for bad usage
         return int(exc.code or 0)
+    args.sizes_given = any(a == "--sizes" or a.startswith("--sizes=") for a in (argv or []))
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return 0
@@ -564,6 +703,8 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         return 2
     sizes, repeats = ([64, 256], 2) if args.quick else (args.sizes, args.repeats)
     env = _environment(args.threads)
+    if args.floor:
+        return _run_floor(args, sizes if (args.quick or args.sizes_given) else FLOOR_SIZES, env)
     t0 = time.time()
     rows = []
     for strategy, impl, b in _plan(args.strategies, sizes):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +147,33 @@ def test_dense_reference_matches_tripletlab_value_and_gradient():
     assert float(ours.detach()) > 0
     assert torch.allclose(ours, ref, atol=1e-10)
     assert torch.allclose(e1.grad, e2.grad, atol=1e-10)
+
+
+def test_floor_mode_times_every_strategy_against_the_distance_floor(capsys):
+    """`--floor`: one row per strategy (and the floor, ratio 1) per size, interleaved timings."""
+    from tripletlab.functional import STRATEGIES
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_json = Path(tmp) / "floor.json"
+        code = run_benchmark(
+            [
+                "--floor",
+                "--sizes",
+                "16",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "--json",
+                str(tmp_json),
+            ]
+        )
+        out = capsys.readouterr().out
+        rows = json.loads(tmp_json.read_text())["floor"]
+    assert code == 0
+    assert "x floor" in out
+    ours = {r["strategy"] for r in rows if r["impl"] == "tripletlab"}
+    assert ours == set(STRATEGIES)
+    floor = [r for r in rows if r["impl"] == "floor-dist"]
+    assert len(floor) == 1 and floor[0]["ratio"] == 1.0
+    assert all(r["time_s"] > 0 and math.isfinite(r["ratio"]) for r in rows)

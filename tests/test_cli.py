@@ -165,7 +165,7 @@ def test_image_run_verify_search_eval_folder_and_report(image_run, tmp_path, cap
     assert main(["search", str(a), "--model", str(run), "--index", str(idx), "-k", "3"]) == 0
     out = capsys.readouterr().out
     assert "img0.png" in out and "class4" in out
-    assert main(["verify", str(a), "--model", str(run)]) == 1
+    assert main(["verify", str(a), "--model", str(run)]) == 2  # usage error (README)
     assert main(["report", str(run)]) == 0
     html = (run / "report.html").read_text()
     for name in (
@@ -184,7 +184,7 @@ def test_resume_via_cli(tmp_path, capsys):
     assert main(["train", "--out", str(run), "--p", "5", *FAST]) == 1  # would overwrite
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
-    assert main(["train", "--resume", str(run), "--lr", "0.1"]) == 1
+    assert main(["train", "--resume", str(run), "--lr", "0.1"]) == 2  # usage error
 
 
 def test_eval_text_summary(digits_run, capsys):

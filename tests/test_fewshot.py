@@ -80,15 +80,19 @@ def test_separable_chance_and_seeded():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(10), 6)
     emb = rng.normal(size=(10, 8))[y] * 10 + rng.normal(size=(60, 8)) * 0.01
-    m = few_shot_accuracy(emb, y, n_way=5, k_shot=1, n_query=3, n_episodes=50)
+    m = few_shot_accuracy(emb, y, n_way=5, k_shot=1, n_query=3, n_episodes=50, distance="euclidean")
     assert m["accuracy"] == 1.0 and m["ci95"] == 0.0
     noise = rng.normal(size=(60, 8))
-    m2 = few_shot_accuracy(noise, y, n_way=5, k_shot=1, n_query=3, n_episodes=400, seed=1)
+    m2 = few_shot_accuracy(
+        noise, y, n_way=5, k_shot=1, n_query=3, n_episodes=400, seed=1, distance="euclidean"
+    )
     assert abs(m2["accuracy"] - 0.2) < 3 * m2["ci95"] + 0.02 and m2["ci95"] > 0
     again = few_shot_accuracy(torch.from_numpy(noise), torch.from_numpy(y), n_way=5, k_shot=1,
-                              n_query=3, n_episodes=400, seed=1)  # fmt: skip
+                              n_query=3, n_episodes=400, seed=1, distance="euclidean")  # fmt: skip
     assert again == m2
-    other = few_shot_accuracy(noise, y, n_way=5, k_shot=1, n_query=3, n_episodes=400, seed=2)
+    other = few_shot_accuracy(
+        noise, y, n_way=5, k_shot=1, n_query=3, n_episodes=400, seed=2, distance="euclidean"
+    )
     assert other["accuracy"] != m2["accuracy"]
 
 
@@ -96,18 +100,22 @@ def test_more_shots_help_on_noisy_clusters():
     rng = np.random.default_rng(3)
     y = np.repeat(np.arange(20), 12)
     emb = rng.normal(size=(20, 16))[y] + rng.normal(size=(240, 16)) * 1.2
-    one = few_shot_accuracy(emb, y, n_way=5, k_shot=1, n_query=5, n_episodes=300)
-    five = few_shot_accuracy(emb, y, n_way=5, k_shot=5, n_query=5, n_episodes=300)
+    one = few_shot_accuracy(
+        emb, y, n_way=5, k_shot=1, n_query=5, n_episodes=300, distance="euclidean"
+    )
+    five = few_shot_accuracy(
+        emb, y, n_way=5, k_shot=5, n_query=5, n_episodes=300, distance="euclidean"
+    )
     assert five["accuracy"] > one["accuracy"] + 2 * max(one["ci95"], five["ci95"])
 
 
 def test_small_classes_are_left_out():
     y = np.array([0] * 6 + [1] * 6 + [2] * 2 + [3] * 6)  # class 2 cannot serve 1 shot + 3 queries
     emb = np.eye(4)[y] * 5.0
-    m = few_shot_accuracy(emb, y, n_way=3, k_shot=1, n_query=3, n_episodes=30)
+    m = few_shot_accuracy(emb, y, n_way=3, k_shot=1, n_query=3, n_episodes=30, distance="euclidean")
     assert m["accuracy"] == 1.0  # only classes 0, 1, 3 are ever drawn
     with pytest.raises(InputError, match="only 3 qualify"):
-        few_shot_accuracy(emb, y, n_way=4, k_shot=1, n_query=3)
+        few_shot_accuracy(emb, y, n_way=4, k_shot=1, n_query=3, distance="euclidean")
 
 
 @pytest.mark.parametrize(

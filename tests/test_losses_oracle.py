@@ -235,3 +235,41 @@ def test_chunked_and_sorted_paths_match_bruteforce(
         (g_ref,) = torch.autograd.grad(ref, dist, allow_unused=True)
         g_ref = torch.zeros_like(dist) if g_ref is None else g_ref
         assert torch.allclose(g, g_ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("distance", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("strategy", DETERMINISTIC)
+def test_paired_backward_matches_dense_backward_with_ties(dtype, distance, strategy):
+    """The embeddings path (mining on a no-grad matrix, the loss on the mined triplets' paired
+    distances) equals the loss through the autograd distance matrix, value and gradient, on
+    integer-grid embeddings with duplicates and many exactly tied distances; and the value
+    equals the brute-force oracle's on the same distance matrix."""
+    from tripletlab.distances import pairwise_distance
+
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        emb = torch.randint(0, 3, (14, 3), generator=g).to(dtype)
+        emb[:, 0] += 1  # no zero row (cosine)
+        emb[1] = emb[0]  # an exact duplicate
+        labels = torch.randint(0, 4, (14,), generator=g)
+        fn = TripletLoss(margin=0.5, strategy=strategy, distance=distance)
+        e1 = emb.clone().requires_grad_(True)
+        loss = fn(e1, labels)
+        (g1,) = torch.autograd.grad(loss, e1, allow_unused=True)
+        e2 = emb.clone().requires_grad_(True)
+        dense, _ = triplet_loss_from_distances(
+            pairwise_distance(e2, distance=distance), labels, strategy=strategy, margin=0.5
+        )
+        (g2,) = torch.autograd.grad(dense, e2, allow_unused=True)
+        # the oracle on the library's own matrix: float32 cosine rounding may flip exact ties
+        ref, _, _ = reference_loss(
+            pairwise_distance(emb, distance=distance), labels, strategy, 0.5, False, fn.reduction
+        )
+        _close(loss, dense, dtype)
+        _close(loss, ref, dtype)
+        g1 = torch.zeros_like(emb) if g1 is None else g1
+        g2 = torch.zeros_like(emb) if g2 is None else g2
+        tol = TOL[dtype] * 10
+        assert torch.allclose(g1, g2, rtol=tol, atol=tol)
+        assert torch.isfinite(g1).all()

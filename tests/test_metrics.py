@@ -65,7 +65,7 @@ def test_retrieval_equals_bruteforce(seed, ties, n_cls):
     if ties:  # integer grid: many exactly equal distances
         emb = np.round(emb * 1.5)
     ks = (1, 2, 4, 8)
-    got = retrieval_metrics(emb, y, ks=ks, nmi=False)
+    got = retrieval_metrics(emb, y, ks=ks, nmi=False, distance="euclidean")
     want = _brute_retrieval(emb, y, ks)
     for key, v in want.items():
         assert got[key] == pytest.approx(v, abs=1e-12), key
@@ -75,7 +75,9 @@ def test_retrieval_equals_bruteforce(seed, ties, n_cls):
 def test_query_vs_reference_and_recall_monotone():
     emb, y = _data(50, 4, 5, 1)
     q, qy = _data(20, 4, 7, 2)  # labels 5, 6 have no reference item: skipped
-    got = retrieval_metrics(emb, y, ks=(1, 3, 5), query_embeddings=q, query_labels=qy, nmi=False)
+    got = retrieval_metrics(
+        emb, y, ks=(1, 3, 5), query_embeddings=q, query_labels=qy, nmi=False, distance="euclidean"
+    )
     want = _brute_retrieval(emb, y, (1, 3, 5), q, qy)
     for key, v in want.items():
         assert got[key] == pytest.approx(v, abs=1e-12), key
@@ -86,14 +88,14 @@ def test_labels_compared_as_integers_not_float32():
     emb, _ = _data(4, 2, 2, 0)
     y = np.array([2**24, 2**24 + 1, 2**24, 2**24 + 1])  # equal as float32
     emb = np.array([[0.0, 0], [0, 0.1], [5, 5], [5, 5.1]])
-    m = retrieval_metrics(emb, y, ks=(1,), nmi=False)
+    m = retrieval_metrics(emb, y, ks=(1,), nmi=False, distance="euclidean")
     assert m["precision_at_1"] == 0.0  # nearest neighbour always has the other label
 
 
 def test_max_k_truncation_is_reported():
     emb, y = _data(60, 3, 2, 3)
     with pytest.warns(UserWarning, match="max_k"):
-        m = retrieval_metrics(emb, y, ks=(1,), max_k=5, nmi=False)
+        m = retrieval_metrics(emb, y, ks=(1,), max_k=5, nmi=False, distance="euclidean")
     assert not m["r_metrics_exact"] and m["truncated_queries"] > 0
 
 
@@ -107,7 +109,7 @@ def test_retrieval_matches_pml_accuracy_calculator():
         include=("precision_at_1", "r_precision", "mean_average_precision_at_r"), k="max_bin_count"
     )
     theirs = calc.get_accuracy(torch.from_numpy(emb), torch.from_numpy(y))
-    ours = retrieval_metrics(emb, y, nmi=False)
+    ours = retrieval_metrics(emb, y, nmi=False, distance="euclidean")
     assert ours["precision_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
     assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
     assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
@@ -117,7 +119,7 @@ def test_knn_large_reference_uses_topk_and_is_exact():
     rng = np.random.default_rng(0)
     ref = torch.from_numpy(rng.normal(size=(5000, 4)))
     q = torch.from_numpy(rng.normal(size=(7, 4)))
-    d, i = knn_search(q, ref, 5)
+    d, i = knn_search(q, ref, 5, distance="euclidean")
     full = torch.cdist(q, ref)
     want_d, _ = full.sort(dim=1)
     assert torch.allclose(d, want_d[:, :5], atol=1e-9)
@@ -171,27 +173,53 @@ def test_few_shot_bruteforce_and_separable():
     centers = rng.normal(size=(10, 8)) * 10
     y = np.repeat(np.arange(10), 6)
     emb = centers[y] + rng.normal(size=(60, 8)) * 0.01
-    m = few_shot_accuracy(emb, y, n_way=5, k_shot=1, n_query=3, n_episodes=50)
+    m = few_shot_accuracy(emb, y, n_way=5, k_shot=1, n_query=3, n_episodes=50, distance="euclidean")
     assert m["accuracy"] == 1.0 and m["ci95"] == 0.0
     noisy = rng.normal(size=(60, 8))
-    m2 = few_shot_accuracy(noisy, y, n_way=5, k_shot=1, n_query=3, n_episodes=400, seed=1)
+    m2 = few_shot_accuracy(
+        noisy, y, n_way=5, k_shot=1, n_query=3, n_episodes=400, seed=1, distance="euclidean"
+    )
     assert abs(m2["accuracy"] - 0.2) < 0.06 and m2["ci95"] > 0
 
 
 BAD = [
-    (lambda: retrieval_metrics(np.zeros(5), np.arange(5)), InputError, "2-D"),
-    (lambda: retrieval_metrics(np.zeros((5, 2)), np.arange(4)), InputError, "entries"),
-    (lambda: retrieval_metrics(np.zeros((5, 2)), np.arange(5.0)), InputTypeError, "integer"),
-    (lambda: retrieval_metrics(np.full((5, 2), np.nan), np.arange(5)), InputError, "NaN"),
-    (lambda: retrieval_metrics(np.zeros((5, 2)), np.arange(5), ks=(0,)), InputError, "ks"),
+    (lambda: retrieval_metrics(np.zeros(5), np.arange(5), distance="euclidean"), InputError, "2-D"),
+    (
+        lambda: retrieval_metrics(np.zeros((5, 2)), np.arange(4), distance="euclidean"),
+        InputError,
+        "entries",
+    ),
+    (
+        lambda: retrieval_metrics(np.zeros((5, 2)), np.arange(5.0), distance="euclidean"),
+        InputTypeError,
+        "integer",
+    ),
+    (
+        lambda: retrieval_metrics(np.full((5, 2), np.nan), np.arange(5), distance="euclidean"),
+        InputError,
+        "NaN",
+    ),
+    (
+        lambda: retrieval_metrics(np.zeros((5, 2)), np.arange(5), ks=(0,), distance="euclidean"),
+        InputError,
+        "ks",
+    ),
     (
         lambda: retrieval_metrics(np.zeros((5, 2)), np.arange(5), distance="l1"),
         InputError,
         "distance",
     ),
-    (lambda: retrieval_metrics(np.zeros((5, 2)), np.arange(5)), InputError, "no query"),
+    (
+        lambda: retrieval_metrics(np.zeros((5, 2)), np.arange(5), distance="euclidean"),
+        InputError,
+        "no query",
+    ),
     (lambda: verification_metrics(np.zeros((4, 2)), np.arange(4)), InputError, "same"),
-    (lambda: few_shot_accuracy(np.zeros((6, 2)), np.arange(6), n_way=5), InputError, "qualify"),
+    (
+        lambda: few_shot_accuracy(np.zeros((6, 2)), np.arange(6), n_way=5, distance="euclidean"),
+        InputError,
+        "qualify",
+    ),
 ]
 
 

@@ -127,7 +127,9 @@ def test_query_vs_reference_equals_bruteforce(distance):
     _check(got, want)
     assert got["n_queries_skipped"] == int(np.isin(qy, [5, 6]).sum()) > 0
     # a query identical to a reference item is not excluded (no self-exclusion)
-    same = retrieval_metrics(emb, y, ks=(1,), query_embeddings=emb, query_labels=y, nmi=False)
+    same = retrieval_metrics(
+        emb, y, ks=(1,), query_embeddings=emb, query_labels=y, nmi=False, distance="euclidean"
+    )
     assert same["precision_at_1"] == 1.0
 
 
@@ -138,9 +140,9 @@ def test_large_reference_ties_equal_bruteforce(dtype, monkeypatch):
     monkeypatch.setattr(retrieval, "_FULL_SORT_MAX", 8)
     monkeypatch.setattr(retrieval, "_BLOCK_ELEMS", 600)
     emb, y = _data(90, 2, 3, 5, dtype, grid=True)
-    got = retrieval_metrics(emb, y, ks=(1, 2, 3), nmi=False)
+    got = retrieval_metrics(emb, y, ks=(1, 2, 3), nmi=False, distance="euclidean")
     _check(got, _brute_retrieval(emb, y, (1, 2, 3)), 1e-6)
-    d, i = knn_search(emb, emb, 7, exclude_self=True)
+    d, i = knn_search(emb, emb, 7, exclude_self=True, distance="euclidean")
     for row in range(90):
         order, dist = _brute_order(emb, emb, row, "euclidean", True)
         assert i[row].tolist() == order[:7]
@@ -151,7 +153,7 @@ def test_knn_search_matches_cdist_and_orders_ties_by_index():
     rng = np.random.default_rng(0)
     ref = torch.from_numpy(rng.normal(size=(5000, 4)).astype(np.float32))
     q = torch.from_numpy(rng.normal(size=(7, 4)).astype(np.float32))
-    d, i = knn_search(q, ref, 5)
+    d, i = knn_search(q, ref, 5, distance="euclidean")
     full = torch.cdist(q.double(), ref.double())
     assert torch.allclose(d.double(), full.sort(dim=1).values[:, :5], atol=1e-4)
     assert torch.allclose(full.gather(1, i), d.double(), atol=1e-4)
@@ -159,9 +161,9 @@ def test_knn_search_matches_cdist_and_orders_ties_by_index():
     cos = 1 - torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(ref, dim=1).T
     assert torch.allclose(dc, cos.sort(dim=1).values[:, :3], atol=1e-5)
     dup = torch.zeros(10, 3)  # all identical: every distance ties
-    _, idx = knn_search(dup, dup, 9, exclude_self=True)
+    _, idx = knn_search(dup, dup, 9, exclude_self=True, distance="euclidean")
     assert idx[4].tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9]
-    _, idx = knn_search(dup[:1], dup, 100)  # k clamped to the reference size
+    _, idx = knn_search(dup[:1], dup, 100, distance="euclidean")  # k clamped to the reference size
     assert idx.tolist() == [list(range(10))]
 
 
@@ -177,7 +179,7 @@ def test_matches_pml_accuracy_calculator():
         device=torch.device("cpu"),
     )
     theirs = calc.get_accuracy(torch.from_numpy(emb), torch.from_numpy(y))
-    ours = retrieval_metrics(emb, y, nmi=False)
+    ours = retrieval_metrics(emb, y, nmi=False, distance="euclidean")
     assert ours["precision_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
     assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
     assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
@@ -185,14 +187,16 @@ def test_matches_pml_accuracy_calculator():
     theirs = calc.get_accuracy(
         torch.from_numpy(q), torch.from_numpy(qy), torch.from_numpy(emb), torch.from_numpy(y)
     )
-    ours = retrieval_metrics(emb, y, query_embeddings=q, query_labels=qy, nmi=False)
+    ours = retrieval_metrics(
+        emb, y, query_embeddings=q, query_labels=qy, nmi=False, distance="euclidean"
+    )
     assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
 
 
 def test_labels_compared_as_integers_not_float32():
     y = np.array([2**24, 2**24 + 1, 2**24, 2**24 + 1])  # equal once cast to float32
     emb = np.array([[0.0, 0], [0, 0.1], [5, 5], [5, 5.1]])
-    m = retrieval_metrics(emb, y, ks=(1,), nmi=False)
+    m = retrieval_metrics(emb, y, ks=(1,), nmi=False, distance="euclidean")
     assert m["precision_at_1"] == 0.0  # the nearest neighbour always has the other label
     assert m["map_at_r"] == pytest.approx(_brute_retrieval(emb, y, (1,))["map_at_r"])
 
@@ -200,19 +204,23 @@ def test_labels_compared_as_integers_not_float32():
 def test_max_k_truncation_is_flagged_and_exact_up_to_the_cap():
     emb, y = _data(60, 3, 2, 3)
     with pytest.warns(UserWarning, match="max_k"):
-        m = retrieval_metrics(emb, y, ks=(1,), max_k=5, nmi=False)
+        m = retrieval_metrics(emb, y, ks=(1,), max_k=5, nmi=False, distance="euclidean")
     assert not m["r_metrics_exact"] and m["truncated_queries"] == 60 and m["k_searched"] == 5
     _check(m, _brute_retrieval(emb, y, (1,), max_k=5))
-    full = retrieval_metrics(emb, y, ks=(1,), max_k=1000, nmi=False)
+    full = retrieval_metrics(emb, y, ks=(1,), max_k=1000, nmi=False, distance="euclidean")
     assert full["r_metrics_exact"] and full["truncated_queries"] == 0
 
 
 def test_k_beyond_candidates_is_clamped_and_inputs_agree():
     emb, y = _data(12, 3, 3, 6)
-    m = retrieval_metrics(torch.from_numpy(emb), torch.from_numpy(y), ks=(1, 50), nmi=False)
+    m = retrieval_metrics(
+        torch.from_numpy(emb), torch.from_numpy(y), ks=(1, 50), nmi=False, distance="euclidean"
+    )
     assert m["recall_at_50"] == 1.0  # every query with a positive finds it among all items
-    m2 = retrieval_metrics(emb, y.tolist(), ks=(1, 50), nmi=False)
-    m3 = retrieval_metrics(emb.astype(np.float32), y.astype(np.int32), ks=(1, 50), nmi=False)
+    m2 = retrieval_metrics(emb, y.tolist(), ks=(1, 50), nmi=False, distance="euclidean")
+    m3 = retrieval_metrics(
+        emb.astype(np.float32), y.astype(np.int32), ks=(1, 50), nmi=False, distance="euclidean"
+    )
     assert m == m2
     _check(m3, {k: m[k] for k in ("precision_at_1", "r_precision", "map_at_r")}, 1e-6)
 
@@ -225,7 +233,7 @@ def test_k_beyond_candidates_is_clamped_and_inputs_agree():
 )
 def test_recall_at_k_is_non_decreasing_in_k(seed, ks, grid):
     emb, y = _data(30, 2, 4, seed, grid=grid)
-    m = retrieval_metrics(emb, y, ks=ks, nmi=False)
+    m = retrieval_metrics(emb, y, ks=ks, nmi=False, distance="euclidean")
     vals = [m[f"recall_at_{k}"] for k in sorted(ks)]
     assert all(a <= b for a, b in zip(vals, vals[1:], strict=False))
     assert m["recall_at_1"] == m["precision_at_1"] if 1 in ks else True
@@ -237,8 +245,8 @@ def test_recall_at_k_is_non_decreasing_in_k(seed, ks, grid):
 def test_invariant_to_permuting_items(seed):
     emb, y = _data(30, 4, 4, seed)  # tie-free
     perm = np.random.default_rng(seed).permutation(30)
-    a = retrieval_metrics(emb, y, ks=(1, 3), nmi=False)
-    b = retrieval_metrics(emb[perm], y[perm], ks=(1, 3), nmi=False)
+    a = retrieval_metrics(emb, y, ks=(1, 3), nmi=False, distance="euclidean")
+    b = retrieval_metrics(emb[perm], y[perm], ks=(1, 3), nmi=False, distance="euclidean")
     _check(b, {k: a[k] for k in ("recall_at_1", "recall_at_3", "r_precision", "map_at_r")})
 
 
@@ -246,7 +254,7 @@ def test_perfect_and_nmi():
     centers = np.eye(4) * 10
     y = np.repeat(np.arange(4), 5)
     emb = centers[y] + np.random.default_rng(0).normal(size=(20, 4)) * 0.01
-    m = retrieval_metrics(emb, y, ks=(1, 4))
+    m = retrieval_metrics(emb, y, ks=(1, 4), distance="euclidean")
     assert m["precision_at_1"] == m["r_precision"] == m["map_at_r"] == 1.0
     assert m["nmi"] == pytest.approx(1.0)
     assert nmi_score(emb, y, seed=1) == pytest.approx(1.0)
@@ -254,7 +262,7 @@ def test_perfect_and_nmi():
     yy = np.random.default_rng(2).integers(0, 4, 200)
     assert nmi_score(noise, yy) < 0.1
     assert nmi_score(noise, yy, seed=3) == nmi_score(noise, yy, seed=3)  # seeded
-    assert "nmi" not in retrieval_metrics(emb, y, nmi=False)
+    assert "nmi" not in retrieval_metrics(emb, y, nmi=False, distance="euclidean")
 
 
 # ------------------------------------------------------------- shared bad-input table
@@ -332,9 +340,12 @@ SPECIFIC_BAD = [
     (lambda: _retrieval(E2, Y5, query_embeddings=np.zeros((2, 3)), query_labels=[0, 1]), "dim"),
     (lambda: _retrieval(E2, Y5, query_embeddings=np.zeros((2, 2)), query_labels=[0]), "entries"),
     (lambda: _retrieval(E2, Y5, query_labels=[0]), "query_labels"),
-    (lambda: knn_search(E2, E2, 0), "k must"),
-    (lambda: knn_search(E2, np.zeros((3, 2)), 1, exclude_self=True), "exclude_self"),
-    (lambda: knn_search(E2, np.zeros((3, 4)), 1), "dimension"),
+    (lambda: knn_search(E2, E2, 0, distance="euclidean"), "k must"),
+    (
+        lambda: knn_search(E2, np.zeros((3, 2)), 1, exclude_self=True, distance="euclidean"),
+        "exclude_self",
+    ),
+    (lambda: knn_search(E2, np.zeros((3, 4)), 1, distance="euclidean"), "dimension"),
 ]
 
 

@@ -374,6 +374,11 @@ _WORDS = [
     "hnsw",
     "semihard",
     "",
+    "--debug",
+    "--device",
+    "ten",
+    "--pairs",
+    "one.png",
 ]
 
 

@@ -59,8 +59,8 @@ def text_run(tmp_path_factory, tiny_text_model):
     shutil.copytree(tiny_text_model, model_dir)
     data = write_text_csv(base / "texts.csv")
     run = base / "run"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out = io.StringIO()  # the summary (stdout) and the trainer's notes (stderr)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         code = main(
             [
                 "train",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -138,8 +139,8 @@ class TrainConfig:
     device: str = _opt("cpu", "cpu | cuda")
     threads: int | None = _opt(
         None,
-        "torch CPU threads (default: 1 for vector data, else one per core); 1 is often faster "
-        "for small models on a busy machine",
+        "torch CPU threads (default: 1 for vector data; for images the faster of 1 and one "
+        "per core, measured on a few steps at the start; 1 is often faster on a busy machine)",
     )
     # --- several processes (torchrun)
     distributed: bool = _opt(
@@ -166,7 +167,19 @@ class TrainConfig:
         flag="--no-eval",
     )
     report: bool = _opt(True, "do not write report.html at the end", flag="--no-report")
-    quiet: bool = _opt(False, "no progress bar")
+    tensorboard: bool = _opt(
+        False,
+        "also log to RUN_DIR/tensorboard: the metrics.jsonl scalars and the test embeddings for "
+        "the projector (needs: pip install 'tripletlab[tensorboard]')",
+    )
+    quiet: bool = _opt(False, "no progress bar or progress lines")
+    progress_every: float = _opt(
+        30.0,
+        "seconds between progress lines (step, loss, active fraction, samples/s, ETA) when "
+        "stderr is not a terminal (nohup, CI, a log file); 0 = at every logged step. On a "
+        "terminal a progress bar is shown instead",
+        metavar="SECONDS",
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -195,31 +208,61 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _COMMENT_KEY = "_comment"  # free text in config files and recipes
 
 
-def _check_types(values: dict, source: str) -> None:
+def _annotation(name: str) -> tuple[str, bool]:
+    """The base type name of a field (``"int"``, ``"list[str]"``, ...) and whether None is
+    allowed, from its annotation."""
+    parts = [p.strip() for p in str(_FIELDS[name].type).split("|")]
+    base = [p for p in parts if p != "None"]
+    return (base[0] if base else "Any"), "None" in parts
+
+
+def _kind_ok(kind: str, v: Any) -> bool:
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "float":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if kind == "str":
+        return isinstance(v, str)
+    if kind == "dict":
+        return isinstance(v, dict)
+    return True  # Any: checked by option_choices / the builder
+
+
+_KIND_WORDS = {
+    "bool": "true or false",
+    "int": "an integer",
+    "float": "a finite number",
+    "str": "a string",
+    "dict": "an object",
+}
+
+
+def _normalise(values: dict, source: str) -> dict:
+    """``values`` with every key checked against TrainConfig and every value against the
+    field's annotation; a list option given as one separated string (``"s31,s32"``) becomes a
+    list (``""``: None). Raises InputError naming the option, the expected type and the value.
+    """
+    out = {}
     for k, v in values.items():
         if k not in _FIELDS:
             raise InputError(f"{source}: unknown option {k!r}")
-        default = getattr(TrainConfig(), k)
-        if default is None:  # an automatic default: check against the annotated scalar type
-            default = {"int | None": 0, "float | None": 0.0, "str | None": ""}.get(
-                str(_FIELDS[k].type)
-            )
-        if v is None or default is None:
-            continue
-        if isinstance(default, bool) and not isinstance(v, bool):
-            raise InputError(f"{source}: option {k!r} must be true/false, got {v!r}")
-        if (
-            isinstance(default, int)
-            and not isinstance(default, bool)
-            and (not isinstance(v, int) or isinstance(v, bool))
-        ):
-            raise InputError(f"{source}: option {k!r} must be an integer, got {v!r}")
-        if isinstance(default, float) and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-            raise InputError(f"{source}: option {k!r} must be a number, got {v!r}")
-        if isinstance(default, str) and not isinstance(v, str):
-            raise InputError(f"{source}: option {k!r} must be a string, got {v!r}")
-        if isinstance(default, dict) and not isinstance(v, dict):
-            raise InputError(f"{source}: option {k!r} must be an object, got {v!r}")
+        kind, _ = _annotation(k)
+        sep = _FIELDS[k].metadata.get("list_sep")
+        if sep and isinstance(v, str):
+            v = [c.strip() for c in v.split(sep) if c.strip()] or None
+        if v is not None and kind.startswith("list["):
+            item = kind[5:-1]
+            if not isinstance(v, list) or not all(_kind_ok(item, x) for x in v):
+                how = f" (or one {sep!r}-separated string)" if sep else ""
+                raise InputError(
+                    f"{source}: option {k!r} must be a list of {item} values{how}, got {v!r}"
+                )
+        elif v is not None and not _kind_ok(kind, v):
+            raise InputError(f"{source}: option {k!r} must be {_KIND_WORDS[kind]}, got {v!r}")
+        out[k] = v
+    return out
 
 
 def _read_config(text: str, source: str) -> dict:
@@ -227,8 +270,7 @@ def _read_config(text: str, source: str) -> dict:
     if not isinstance(obj, dict):
         raise FileFormatError(f"config file {source} must hold a JSON object")
     obj.pop(_COMMENT_KEY, None)
-    _check_types(obj, f"config file {source}")
-    return obj
+    return _normalise(obj, f"config file {source}")
 
 
 def _recipe_names() -> list[str]:
@@ -295,7 +337,7 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
     """Defaults <- file <- overrides (flags); unknown keys and wrong types are errors."""
     values: dict = {}
     for src, vals in (("config file", file_values or {}), ("options", overrides or {})):
-        _check_types(vals, src)
+        vals = _normalise(vals, src)
         values.update({k: v for k, v in vals.items() if v is not None or k in values})
     cfg = TrainConfig(**values)
     if cfg.p < 2 or cfg.k < 2:
@@ -304,6 +346,8 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError("steps must be >= 1")
     if cfg.epochs is not None and cfg.epochs < 1:
         raise InputError("epochs must be >= 1")
+    if cfg.progress_every < 0:
+        raise InputError("progress_every must be >= 0 seconds")
     if cfg.lr is not None and not cfg.lr > 0:
         raise InputError(f"lr must be > 0, got {cfg.lr}")
     if cfg.threads is not None and cfg.threads < 1:

@@ -17,6 +17,10 @@ class InputError(TripletLabError, ValueError):
     """An argument has the wrong shape, dtype, value or name (e.g. NaN embeddings)."""
 
 
+class UsageError(InputError):
+    """A command was called wrongly (missing or conflicting arguments); the CLI exits 2."""
+
+
 class InputTypeError(TripletLabError, TypeError):
     """An argument has the wrong type (e.g. float labels where integer labels are required)."""
 
@@ -31,3 +35,14 @@ class MissingFileError(TripletLabError, FileNotFoundError):
 
 class NonFiniteError(TripletLabError):
     """The loss or a gradient became NaN/Inf during training."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was stopped with Ctrl-C (SIGINT); the message gives the step of the saved
+    checkpoint and the command that continues the run. A ``KeyboardInterrupt``, so code that
+    stops on Ctrl-C keeps doing so."""
+
+    def __init__(self, message: str, step: int, run_dir: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.run_dir = run_dir

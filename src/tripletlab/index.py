@@ -133,6 +133,9 @@ class EmbeddingIndex:
         self.ids = np.zeros(0, dtype=np.int64)
         self.labels = np.zeros(0, dtype=np.int64)
         self.paths: list[str] | None = None
+        #: the directory relative ``paths`` are relative to (recorded by ``tripletlab index``:
+        #: the working directory it ran in); :meth:`paths_of` resolves against it
+        self.root: str | None = None
         self.classes: list[str] | None = None
         self._vectors = np.zeros((0, self.dim), dtype=np.float32)  # numpy backend
         self._index = self._new_faiss() if backend == "faiss" else None
@@ -289,7 +292,21 @@ class EmbeddingIndex:
         ids = np.asarray(ids)
         pos = self._positions(ids.ravel())
         out = [self.paths[p] if (self.paths is not None and p >= 0) else None for p in pos]
+        if self.root:
+            out = [  # root is an absolute, resolved directory: joining and normpath is exact
+                os.path.normpath(Path(self.root) / q) if q and not Path(q).is_absolute() else q
+                for q in out
+            ]
         return np.asarray(out, dtype=object).reshape(ids.shape).tolist()
+
+    def __repr__(self) -> str:
+        extras = [x for x, v in (("labels", self.labels.size), ("paths", self.paths)) if v]
+        return (
+            f"EmbeddingIndex({len(self)} items, dim={self.dim}, metric={self.metric!r}, "
+            f"kind={self.kind!r}, backend={self.backend!r}"
+            + (f", with {' and '.join(extras)}" if extras else "")
+            + ")"
+        )
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory, fingerprint: str | None = None) -> None:
@@ -309,7 +326,9 @@ class EmbeddingIndex:
             data_file = "vectors.npy"
         self._save_npy(d / "ids.npy", self.ids)
         self._save_npy(d / "labels.npy", self.labels)
-        atomic_write_json(d / "meta.json", {"paths": self.paths, "classes": self.classes})
+        atomic_write_json(
+            d / "meta.json", {"paths": self.paths, "classes": self.classes, "root": self.root}
+        )
         write_manifest(
             d,
             [data_file, "ids.npy", "labels.npy", "meta.json"],
@@ -387,6 +406,7 @@ class EmbeddingIndex:
             if not isinstance(meta, dict):
                 raise ValueError("meta.json must hold an object")
             index.paths, index.classes = meta.get("paths"), meta.get("classes")
+            index.root = meta.get("root") if isinstance(meta.get("root"), str) else None
             if backend == "faiss":
                 raw = np.frombuffer((d / "index.faiss").read_bytes(), dtype=np.uint8)
                 index._index = faiss.deserialize_index(raw)

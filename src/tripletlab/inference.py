@@ -170,7 +170,11 @@ class Inference:
         return embed(self.model, texts, batch_size, self.device).numpy()
 
     def embed_vectors(self, x: np.ndarray) -> np.ndarray:
-        """Embeddings of raw input vectors (N, D_in) for a vector model (one row: (D_in,))."""
+        """Embeddings of raw input vectors (N, D_in) for a vector model (one row: (D_in,)).
+
+        The vectors must be scaled as the training data was; a warning says so when their
+        values lie far outside the training range (``config.json``: data.train.value_range).
+        """
         if self.takes_texts:
             raise InputError("this model takes texts, not vectors")
         if self.takes_images:
@@ -180,7 +184,27 @@ class Inference:
             raise InputError(
                 f"vectors of shape {list(a.shape[1:])}, model expects {self.input_shape}"
             )
+        self._check_scale(a, "query vectors")
         return self._embed_tensor(torch.from_numpy(a))
+
+    def _check_scale(self, a: np.ndarray, what: str) -> None:
+        """Warn when vectors lie far outside the range the model was trained on."""
+        import warnings
+
+        rng = (self.config.get("data", {}).get("train") or {}).get("value_range")
+        if not (isinstance(rng, list) and len(rng) == 2) or a.size == 0:
+            return
+        lo, hi = float(rng[0]), float(rng[1])
+        span = max(hi - lo, 1e-12)
+        qlo, qhi = float(a.min()), float(a.max())
+        if qlo < lo - span or qhi > hi + span:
+            warnings.warn(
+                f"{what} range over [{qlo:.3g}, {qhi:.3g}] but the model was trained on values "
+                f"in [{lo:.3g}, {hi:.3g}]: scale them as the training data was (same units and "
+                "normalisation), or the neighbours will be meaningless",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _check_images_model(self) -> None:
         if self.takes_texts:
@@ -235,6 +259,7 @@ class Inference:
                 raise InputError(
                     f"{p}: vectors of shape {list(x.shape[1:])}, model expects {self.input_shape}"
                 )
+            self._check_scale(x, f"{p}: query vectors")
             return self._embed_tensor(torch.from_numpy(x)), [f"{p}[{i}]" for i in range(len(x))]
         return self.embed_files(list(inputs)), [str(q) for q in inputs]
 
@@ -288,6 +313,8 @@ class Inference:
         index.classes = dataset.classes
         if kind != "flat":  # approximate: measure what it costs in recall (kept in the manifest)
             index.quality = search_quality(index, emb, n_queries=1000, k=10)
+        if dataset.paths is not None:  # relative paths are relative to this directory
+            index.root = str(Path.cwd())
         return index
 
     def load_index(self, directory: str | Path) -> EmbeddingIndex:

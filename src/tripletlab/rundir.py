@@ -44,6 +44,7 @@ __all__ = [
     "load_checkpoint",
     "load_dataset_for_run",
     "load_run",
+    "load_weights",
     "model_fingerprint",
     "read_json",
     "read_jsonl",
@@ -107,10 +108,16 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor]) -> None:
 
 
 def write_run_config(
-    run_dir: str | Path, train: dict, model: dict, dataset: Dataset, splits: dict
+    run_dir: str | Path,
+    train: dict,
+    model: dict,
+    dataset: Dataset,
+    splits: dict,
+    environment: dict | None = None,
 ) -> None:
     """Write ``run_dir/config.json``: the resolved training options, the model config (enough
-    to rebuild the model with no code), the data summary and the evaluation distance."""
+    to rebuild the model with no code), the data summary, the evaluation distance and the
+    environment (versions, git commit, machine; :func:`tripletlab.environment.environment`)."""
     from . import __version__
     from .evaluate import eval_distance
 
@@ -126,6 +133,7 @@ def write_run_config(
             "model": model,
             "data": data,
             "eval_distance": eval_distance(model),
+            "environment": environment,
         },
     )
 
@@ -186,6 +194,17 @@ def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict,
 # ---------------------------------------------------------------------------- a trained run
 
 
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file (no pickle); FileFormatError when unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"model weights not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise FileFormatError(f"cannot load weights {path}: {e}") from None
+
+
 def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a trained model from ``RUN_DIR/config.json`` + ``RUN_DIR/model.safetensors``.
 
@@ -201,6 +220,13 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     model_cfg = cfg.get("model")
     if not isinstance(model_cfg, dict):
         raise FileFormatError(f"{run_dir / 'config.json'} has no 'model' object")
+    if model_cfg.get("name") == "custom":
+        raise FileFormatError(
+            f"{run_dir} was trained with your own module ({model_cfg.get('class')}); it cannot "
+            "be rebuilt from config.json. In Python: build the module, then "
+            "model.load_state_dict(tripletlab.rundir.load_weights(RUN_DIR/'model.safetensors')), "
+            "or Trainer(model=..., train_data=..., out=RUN_DIR, resume=True)"
+        )
     try:
         if model_cfg.get("name") == "text":  # architecture + tokenizer from RUN/encoder
             from .models.text import ENCODER_DIR, build_text_encoder

@@ -10,8 +10,13 @@ from :mod:`tripletlab.evaluate`.
 
 from __future__ import annotations
 
+import copy
 import math
+import shlex
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .collapse import CollapseDetector
-from .config import TrainConfig
+from .config import TrainConfig, resolve_config
+from .custom import custom_model_config, user_datasets
 from .data import Dataset, apply_split, load_dataset, split_dataset
 from .distributed import (
     DistEnv,
@@ -30,7 +36,14 @@ from .distributed import (
     init_from_env,
     shutdown,
 )
-from .errors import FileFormatError, InputError, NonFiniteError, TripletLabError
+from .environment import environment
+from .errors import (
+    FileFormatError,
+    InputError,
+    NonFiniteError,
+    TrainingInterrupted,
+    TripletLabError,
+)
 from .evaluate import EvalResult, embed, eval_distance, evaluate_embeddings, summary_lines
 from .losses import TripletLoss
 from .memory import CrossBatchMemory
@@ -41,6 +54,7 @@ from .rundir import (
     load_checkpoint,
     load_dataset_for_run,
     load_run,
+    load_weights,
     model_fingerprint,
     read_json,
     save_checkpoint,
@@ -86,6 +100,15 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _clock(seconds: float) -> str:
+    """``h:mm:ss`` / ``m:ss`` of a duration ('?' when unknown)."""
+    if not math.isfinite(seconds):
+        return "?"
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
 @dataclass
 class _Running:
     step: int = 0
@@ -110,11 +133,34 @@ class Trainer:
     selection_metric = "map_at_r"
     val_metrics = _VAL_METRICS
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig | None = None,
+        resume: bool = False,
+        log=print,
+        *,
+        model: torch.nn.Module | None = None,
+        train_data=None,
+        test_data=None,
+        loss: torch.nn.Module | None = None,
+        **options,
+    ) -> None:
+        if cfg is None:
+            cfg = resolve_config(None, options)
+        elif options:
+            raise InputError(f"pass options in cfg or as keywords, not both: {sorted(options)}")
         self.cfg = cfg
         self.log = log
+        self._user_model, self._user_loss = model, loss
+        self._user_data = None
+        if train_data is not None:
+            self._user_data = user_datasets(train_data, test_data)
+            cfg.data = f"python:{type(train_data).__name__}"
+        elif test_data is not None:
+            raise InputError("test_data needs train_data")
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(cfg.out or f"runs/{Path(cfg.data).name or cfg.data}-{stamp}")
+        name = "custom" if self._user_data else Path(cfg.data).name or cfg.data
+        self.run_dir = Path(cfg.out or f"runs/{name}-{stamp}")
         self.resume = resume
         # torchrun: join the process group; rank 0 alone writes files (see docs/scaling.md)
         self.dist: DistEnv | None = (
@@ -126,21 +172,50 @@ class Trainer:
                 f"{self.run_dir} already holds a run; use --resume {self.run_dir} to continue "
                 "it or choose another --out"
             )
+        # a run that fails before its first step leaves no directory behind (only one that
+        # this trainer created is removed)
+        self._created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._prepare_data()
-        self._build()
+        self._time_before = 0.0  # training seconds of earlier sessions (resume)
+        self._tb = None  # the TensorBoard writer while fitting (--tensorboard)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError as e:
+                self._remove_unstarted_run()
+                raise InputError(
+                    f"--tensorboard needs tensorboard ({e}): pip install 'tripletlab[tensorboard]'"
+                ) from None
+        try:
+            self._prepare_data()
+            self._build()
+        except BaseException:
+            self._remove_unstarted_run()
+            raise
+
+    def _remove_unstarted_run(self) -> None:
+        if not getattr(self, "is_main", True):  # rank 0 owns the run directory
+            return
+        if self._created_dir and getattr(self, "state", _Running()).step == 0:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # ---------------------------------------------------------------- data and model
     def _prepare_data(self) -> None:
         cfg = self.cfg
-        size = tuple(cfg.image_size) if cfg.image_size else None
-        ds = load_dataset(cfg.data, image_size=size, grayscale=cfg.grayscale, skip_bad=cfg.skip_bad)
+        if self._user_data is not None:
+            ds, given_test = self._user_data
+        else:
+            size = tuple(cfg.image_size) if cfg.image_size else None
+            ds = load_dataset(
+                cfg.data, image_size=size, grayscale=cfg.grayscale, skip_bad=cfg.skip_bad
+            )
+            given_test = None
         self.dataset = ds
         split_path = self.run_dir / "split.json"
         if self.resume and split_path.exists():
             info = read_json(split_path, "split")
             test_info = info["test"]
-            train, test = apply_split(ds, test_info)
+            train, test = (ds, given_test) if given_test is not None else apply_split(ds, test_info)
             self.train_full = train
             val_info = info.get("val")
             train, val = apply_split(train, val_info) if val_info else (train, None)
@@ -152,14 +227,18 @@ class Trainer:
                 if cfg.data == "digits" or (ds.kind == "vector" and ds.n_classes < 20)
                 else "class"
             )
-            train, test, test_info = split_dataset(
-                ds,
-                by=by,
-                test_fraction=cfg.test_fraction,
-                seed=cfg.seed,
-                test_classes=cfg.test_classes if by == "class" else None,
-                class_order=cfg.class_order,
-            )
+            if given_test is not None:  # the caller's own test set
+                train, test = ds, given_test
+                test_info = {"by": "given", "test_items": len(test)}
+            else:
+                train, test, test_info = split_dataset(
+                    ds,
+                    by=by,
+                    test_fraction=cfg.test_fraction,
+                    seed=cfg.seed,
+                    test_classes=cfg.test_classes if by == "class" else None,
+                    class_order=cfg.class_order,
+                )
             self.train_full = train
             val, val_info = None, None
             if cfg.val_fraction > 0 and cfg.evaluate:
@@ -184,23 +263,36 @@ class Trainer:
         ds = self.train_set
         if ds.kind == "text":
             self.model = self._build_text_model()
+        elif self._user_model is not None:
+            self.model = self._user_model.to(cfg.device)
+            self._initial_state = {
+                k: v.detach().clone() for k, v in self.model.state_dict().items()
+            }
         else:
             mcfg = default_model_config(ds.input_shape, cfg.embedding_dim)
             if cfg.model:
                 mcfg["name"] = cfg.model
             mcfg.update(cfg.model_options)
             self.model = build_model(mcfg).to(cfg.device)
-        aug = cfg.augment if cfg.augment is not None else ("light" if ds.kind == "image" else None)
+        # the caller's data is used as given (augment only when asked for by name)
+        auto = "light" if ds.kind == "image" and self._user_data is None else None
+        aug = cfg.augment if cfg.augment is not None else auto
         aug_seed = cfg.seed + 2 + (1000 * self.dist.rank if self.dist else 0)  # own draws per rank
         self.augment = build_augment(aug, seed=aug_seed) if ds.kind == "image" else None
-        self.loss_fn = TripletLoss(
-            margin=cfg.margin,
-            strategy=cfg.strategy,
-            distance=cfg.distance,
-            soft_margin=cfg.soft_margin,
-            semihard_fallback=cfg.semihard_fallback,
-            seed=cfg.seed + 3,
-        )
+        if self._user_loss is not None:
+            self.loss_fn = self._user_loss
+            for key in ("margin", "strategy", "distance", "soft_margin", "semihard_fallback"):
+                if hasattr(self.loss_fn, key):  # recorded in config.json, used by the report
+                    setattr(cfg, key, getattr(self.loss_fn, key))
+        else:
+            self.loss_fn = TripletLoss(
+                margin=cfg.margin,
+                strategy=cfg.strategy,
+                distance=cfg.distance,
+                soft_margin=cfg.soft_margin,
+                semihard_fallback=cfg.semihard_fallback,
+                seed=cfg.seed + 3,
+            )
         self.criterion = self._build_criterion()
         n_cls = int(torch.unique(ds.y).numel())
         if cfg.p > n_cls:
@@ -226,10 +318,19 @@ class Trainer:
                 self.forward = convert_sync_batchnorm_any(self.forward)
             self.forward = torch.nn.parallel.DistributedDataParallel(self.forward)
         self.state = _Running()
-        self.model_config = self.model.config
+        self.model_config = (
+            custom_model_config(self.model, ds, cfg.device)
+            if self._user_model is not None
+            else self.model.config
+        )
         if self.is_main:
             write_run_config(
-                self.run_dir, cfg.to_dict(), self.model_config, self.dataset, self.splits()
+                self.run_dir,
+                cfg.to_dict(),
+                self.model_config,
+                self.dataset,
+                self.splits(),
+                environment=environment(cfg.device, self.threads()),
             )
         if self.resume:
             self._restore()
@@ -238,6 +339,11 @@ class Trainer:
         """The loss of a step: the triplet loss, inside a cross-batch memory if asked."""
         cfg = self.cfg
         loss: torch.nn.Module = self.loss_fn
+        if (self.dist is not None or cfg.memory_size > 0) and not isinstance(loss, TripletLoss):
+            raise InputError(
+                "--distributed and --memory-size need tripletlab's TripletLoss (a custom loss "
+                "cannot be mined over gathered batches or a memory)"
+            )
         if self.dist is not None:  # own anchors x the gathered global batch
             loss = DistributedTripletLoss(self.loss_fn, scale_for_ddp=True)
         if cfg.memory_size <= 0:
@@ -263,7 +369,7 @@ class Trainer:
             mem = self.criterion.memory_stats
             extra = {f"memory_{k}": mem[k] for k in ("active_fraction", "n_triplets") if k in mem}
             return {**self.criterion.batch_stats, **extra}
-        return self.criterion.stats
+        return dict(getattr(self.criterion, "stats", {}))
 
     def _is_text(self) -> bool:
         return self.train_set.kind in ("text", "triplets")
@@ -312,7 +418,7 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         if self.augment is not None:
             tensors["rng.augment"] = self.augment.get_state()
-        if self.loss_fn.generator is not None:
+        if getattr(self.loss_fn, "generator", None) is not None:
             tensors["rng.loss"] = self.loss_fn.generator.get_state()
         if isinstance(getattr(self, "criterion", None), CrossBatchMemory):
             for k, v in self.criterion.state_dict().items():
@@ -327,8 +433,15 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "scheduler": self.sched.state_dict(),
             "total_steps": self.total_steps,
+            "train_time_s": self._train_seconds(),
         }
         save_checkpoint(self.run_dir, tensors, self.opt.state_dict(), state)
+        self._ckpt_step = st.step
+
+    def _train_seconds(self) -> float:
+        """Training time of this run so far, over every session (resumes add up)."""
+        start = getattr(self, "_t_start", None)
+        return self._time_before + (time.perf_counter() - start if start is not None else 0.0)
 
     def _restore(self) -> None:
         tensors, optim_state, state = load_checkpoint(self.run_dir)
@@ -345,7 +458,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         if self.augment is not None and "rng.augment" in tensors:
             self.augment.set_state(tensors["rng.augment"])
-        if self.loss_fn.generator is not None and "rng.loss" in tensors:
+        if getattr(self.loss_fn, "generator", None) is not None and "rng.loss" in tensors:
             self.loss_fn.generator.set_state(tensors["rng.loss"])
         if isinstance(getattr(self, "criterion", None), CrossBatchMemory):
             mem = {k[7:]: v for k, v in tensors.items() if k.startswith("memory.")}
@@ -360,9 +473,18 @@ class Trainer:
         st.step, st.best, st.best_step = state["step"], state["best"], state["best_step"]
         st.evals_without_improvement = state["evals_without_improvement"]
         st.skipped_nonfinite = state.get("skipped_nonfinite", 0)
+        self._time_before = float(state.get("train_time_s", 0.0))
+        self._ckpt_step = st.step
+        if st.step > self.total_steps:
+            raise InputError(
+                f"{self.run_dir} is at step {st.step}; to extend it pass --steps greater than "
+                f"{st.step} (got {self.total_steps})"
+            )
         if self.is_main:
             trim_metrics(self.run_dir, st.step)  # later lines will be produced again
-        self.log(f"resumed {self.run_dir} at step {st.step}/{self.total_steps}")
+        saved_total = state.get("total_steps", self.total_steps)
+        extended = f" (extended from {saved_total})" if self.total_steps != saved_total else ""
+        self.log(f"resumed {self.run_dir} at step {st.step}/{self.total_steps}{extended}")
 
     def _save_best(self) -> None:
         if not self.is_main:
@@ -432,9 +554,58 @@ class Trainer:
             "samples_per_s": self._seen / max(now - self._t_log, 1e-9),
             **{k: stats[k] for k in _LOGGED_STATS if k in stats},
         }
-        append_metrics(self.run_dir, rec)
+        self._record(rec)
         self._t_log, self._seen = now, 0
         self._bar.set_postfix(loss=f"{loss:.4f}", active=f"{stats.get('active_fraction', 0):.2f}")
+        self._progress_line(loss, stats, now)
+
+    def _progress_line(self, loss: float, stats: dict, now: float) -> None:
+        """Without a progress bar (stderr not a terminal) and not quiet: one line on stderr at
+        the first logged step, then every ``progress_every`` seconds, and at the last step."""
+        st, cfg = self.state, self.cfg
+        if not self._lines or (
+            st.step != self.total_steps
+            and self._t_line is not None
+            and now - self._t_line < cfg.progress_every
+        ):
+            return
+        self._t_line = now
+        done = st.step - self._first_step
+        elapsed = now - self._t_start
+        eta = elapsed / done * (self.total_steps - st.step) if done else float("nan")
+        rate = self._throughput()
+        print(
+            f"step {st.step}/{self.total_steps} ({100 * st.step / self.total_steps:.0f}%)  "
+            f"loss {loss:.4f}  active {stats.get('active_fraction', float('nan')):.2f}  "
+            f"{rate or 0:.0f} samples/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _record(self, rec: dict) -> None:
+        """One metrics.jsonl line, and the same scalars in TensorBoard (``--tensorboard``:
+        ``train/<key>`` per logged step, ``val/<metric>`` per validation)."""
+        append_metrics(self.run_dir, rec)
+        if self._tb is not None:
+            group = "val" if rec.get("type") == "eval" else "train"
+            for key, value in rec.items():
+                if key not in ("step", "type") and isinstance(value, (int, float)):
+                    if math.isfinite(value):
+                        self._tb.add_scalar(f"{group}/{key}", value, rec["step"])
+
+    def _open_tensorboard(self) -> None:
+        if self.cfg.tensorboard and self._tb is None and self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops the events logged after its checkpoint
+            self._tb = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=self.state.step or None
+            )
+
+    def _close_tensorboard(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def validate(self) -> dict | None:
         """Retrieval metrics of the validation split (None without one)."""
@@ -462,9 +633,7 @@ class Trainer:
         if m is None:  # no validation: the latest model is the one kept
             self._save_best()
             return False
-        append_metrics(
-            self.run_dir, {"step": st.step, "type": "eval", **{k: m[k] for k in self.val_metrics}}
-        )
+        self._record({"step": st.step, "type": "eval", **{k: m[k] for k in self.val_metrics}})
         if m[self.selection_metric] > st.best:
             st.best, st.best_step = m[self.selection_metric], st.step
             st.evals_without_improvement = 0
@@ -485,12 +654,66 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def threads(self) -> int | None:
-        """CPU threads for this run: ``cfg.threads``; by default 1 for vector data (a small MLP
-        step gains nothing from more threads and slows down badly on a busy machine), else
-        torch's default (None)."""
-        if self.cfg.threads:
-            return self.cfg.threads
-        return 1 if self.cfg.device == "cpu" and self.train_set.kind == "vector" else None
+        """CPU threads for this run (None: torch's setting). ``cfg.threads`` when given; 1 for
+        vector data (a small MLP step gains nothing from more threads and slows down badly on
+        a busy machine); for images the faster of one thread and torch's default, measured on
+        a few steps of a copy of the model at the start (:meth:`_measure_threads`), reused on
+        resume."""
+        if not hasattr(self, "_threads"):
+            self._threads = self._choose_threads()
+        return self._threads
+
+    def _choose_threads(self) -> int | None:
+        cfg = self.cfg
+        if cfg.threads:
+            return cfg.threads
+        if cfg.device != "cpu":
+            return None
+        kind = getattr(self.train_set, "kind", None)
+        if kind == "vector":
+            return 1
+        if kind != "image":  # text encoders: torch's default
+            return None
+        if self.resume and (self.run_dir / "config.json").exists():
+            env = read_json(self.run_dir / "config.json", "run config").get("environment") or {}
+            if isinstance(env.get("threads"), int) and env["threads"] >= 1:
+                return env["threads"]
+        return self._measure_threads()
+
+    def _measure_threads(self, steps: int = 2) -> int | None:
+        """Time forward + backward of one PK-sized batch on a copy of the model (training state
+        and random streams untouched) with torch's default threads and with one; the default
+        must be more than 10% faster to be used (a busy machine often makes it slower)."""
+        many = torch.get_num_threads()
+        if many <= 1:
+            return 1
+        try:
+            model = copy.deepcopy(self.model).train()
+        except Exception:  # noqa: BLE001 - a module that cannot be copied: torch's default
+            return None
+        x = self.train_set.x[: self.sampler.p * self.sampler.k].to(self.cfg.device)
+
+        def seconds(n: int) -> float:
+            torch.set_num_threads(n)
+            best = float("inf")
+            with torch.random.fork_rng(devices=[]):
+                for i in range(steps + 1):
+                    t = time.perf_counter()
+                    model(x).square().sum().backward()
+                    if i:  # the first pass warms up
+                        best = min(best, time.perf_counter() - t)
+            return best
+
+        try:
+            t_many, t_one = seconds(many), seconds(1)
+        finally:
+            torch.set_num_threads(many)
+        choice = 1 if t_one <= 1.1 * t_many else many
+        self.log(
+            f"threads: {choice} (a step took {t_many:.3f} s with {many} threads, {t_one:.3f} s "
+            "with 1; --threads N sets it)"
+        )
+        return choice
 
     def fit(self) -> EvalResult:
         """Train to the configured number of steps, evaluate on the test split, return eval.
@@ -499,13 +722,19 @@ class Trainer:
         others return the training part of the result. A failed collective (another rank died
         or hung past ``--dist-timeout``) stops this rank with a message naming it.
         """
+        if self.resume and self.state.step >= self.total_steps:
+            return self._finished()
         previous, n = torch.get_num_threads(), self.threads()
         if n:
             torch.set_num_threads(n)
+        handler = self._install_sigint()
         try:
             return self._fit()
-        except (RuntimeError, OSError) as e:
+        except Exception as e:
+            self._remove_unstarted_run()
             if self.dist is None or isinstance(e, TripletLabError):
+                raise
+            if not isinstance(e, (RuntimeError, OSError)):
                 raise
             raise TripletLabError(
                 f"rank {self.dist.rank} of {self.dist.world_size}: lost the other processes at "
@@ -515,8 +744,58 @@ class Trainer:
                 f"--nproc_per_node N -m tripletlab train --distributed --resume {self.run_dir}"
             ) from None
         finally:
+            self._close_tensorboard()
             torch.set_num_threads(previous)
             shutdown(self.dist)
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+
+    def _finished(self) -> EvalResult:
+        """Resuming a run that already reached its last step: nothing is trained and eval.json
+        is kept (an extension needs a larger ``steps``)."""
+        self.log(
+            f"{self.run_dir} already finished at step {self.state.step}; nothing to train "
+            f"(extend it with --resume {self.run_dir} --steps N, N > {self.state.step})"
+        )
+        path = self.run_dir / "eval.json"
+        if path.exists() or not self.cfg.evaluate:
+            return read_json(path, "evaluation") if path.exists() else {"evaluated": False}
+        self._t_start = None
+        self._step_seconds, self._step_samples = 0.0, 0
+        self.collapse = None
+        return self.final_evaluation(self._training_result(self._train_seconds()))
+
+    # ---------------------------------------------------------------- Ctrl-C
+    def _install_sigint(self):
+        """First Ctrl-C: finish the current step, save a checkpoint and stop with the resume
+        command; a second one stops at once. Only in the main thread (signals need it)."""
+        self._stop_requested = False
+        self._in_loop = False
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sigint(signum, frame):
+            if not self._in_loop or self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            print(
+                "\nCtrl-C: stopping after this step and saving a checkpoint "
+                "(Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        return signal.signal(signal.SIGINT, on_sigint)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        st, ckpt = self.state, getattr(self, "_ckpt_step", 0)
+        return TrainingInterrupted(
+            f"interrupted at step {st.step}/{self.total_steps}; checkpoint at step {ckpt} in "
+            f"{self.run_dir / 'checkpoint'}. Continue with:\n"
+            f"  tripletlab train --resume {shlex.quote(str(self.run_dir))}",
+            step=ckpt,
+            run_dir=str(self.run_dir),
+        )
 
     def _start_session(self) -> None:
         """Timers, progress bar and collapse detector of this session; the initial checkpoint."""
@@ -525,13 +804,18 @@ class Trainer:
         cfg = self.cfg
         self.collapse: dict | None = None
         self._collapse = CollapseDetector(cfg.margin, cfg.soft_margin)
+        tty = sys.stderr.isatty()
+        self._lines = not cfg.quiet and not tty  # progress lines instead of a bar
+        self._t_line: float | None = None
+        self._first_step = self.state.step
         self._bar = tqdm(
             total=self.total_steps,
             initial=self.state.step,
-            disable=cfg.quiet or not sys.stderr.isatty(),
+            disable=cfg.quiet or not tty,
             unit="step",
             dynamic_ncols=True,
         )
+        self._open_tensorboard()
         self._t_start = self._t_log = time.perf_counter()
         self._seen = 0
         self._step_seconds, self._step_samples = 0.0, 0  # training steps only (throughput)
@@ -542,6 +826,22 @@ class Trainer:
 
     def _fit(self) -> EvalResult:
         self._start_session()
+        self._in_loop = True
+        try:
+            self._loop()
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
+            raise self._interrupted() from None
+        finally:
+            self._in_loop = False
+            self._bar.close()
+        result = self._training_result(self._train_seconds())
+        if not self.cfg.evaluate or not self.is_main:
+            return {"evaluated": False, **result}
+        return self.final_evaluation(result)
+
+    def _loop(self) -> None:
         st, stop = self.state, False
         while st.step < self.total_steps and not stop:
             for idx in self.sampler:
@@ -558,13 +858,12 @@ class Trainer:
                 self._log_step(loss, stats)
                 stop = self._maybe_validate()
                 self._maybe_checkpoint(stop)
+                if self._stop_requested:
+                    if self._ckpt_step != st.step:
+                        self._save()
+                    raise self._interrupted()
                 if st.step >= self.total_steps or stop:
                     break
-        self._bar.close()
-        result = self._training_result(time.perf_counter() - self._t_start)
-        if not self.cfg.evaluate or not self.is_main:
-            return {"evaluated": False, **result}
-        return self.final_evaluation(result)
 
     def _throughput(self) -> float | None:
         """Training samples per second over the optimisation steps of this session (data
@@ -583,14 +882,42 @@ class Trainer:
             "collapse": self.collapse,
         }
 
+    def report(self) -> Path:
+        """Write ``report.html`` and ``plots/`` of this run (after :meth:`fit`), also for a
+        custom module and data: the report uses this trainer's model and test set."""
+        from .report import build_report
+
+        if self._user_model is None and self._user_data is None:
+            return build_report(self.run_dir)
+        initial = None
+        if self._user_model is not None:
+            initial = copy.deepcopy(self.model)
+            initial.load_state_dict(self._initial_state)
+        return build_report(
+            self.run_dir, model=self.model, test_data=self.test_set, initial_model=initial
+        )
+
+    def _tensorboard_test(self, emb: torch.Tensor, result: EvalResult) -> None:
+        """Test embeddings (with class names) for the projector and the headline test
+        metrics as ``test/<metric>`` scalars at the last step."""
+        names = [self.test_set.classes[int(i)] for i in self.test_set.y]
+        keep = torch.arange(len(names))[:10000]  # the projector's practical limit
+        self._tb.add_embedding(
+            emb[keep], metadata=[names[i] for i in keep], global_step=self.state.step, tag="test"
+        )
+        for block in ("retrieval", "verification"):
+            for key, value in (result.get(block) or {}).items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"test/{key}", value, self.state.step)
+
     def final_evaluation(self, result: EvalResult | float) -> EvalResult:
         """Evaluate the best model on the held-out test split; write eval.json.
 
         ``result``: the training part of the result (or the training time in seconds)."""
         if not isinstance(result, dict):
             result = self._training_result(float(result))
-        model, _ = load_run(self.run_dir)
-        self.model.load_state_dict(model.state_dict())
+        # the best weights (model.safetensors) into this trainer's module (a custom one too)
+        self.model.load_state_dict(load_weights(self.run_dir / "model.safetensors"))
         dist = eval_distance(self.model_config)
         emb = embed(self.model, self.test_set.inputs(), self.cfg.eval_batch_size, self.cfg.device)
         best = self.state.best
@@ -616,5 +943,7 @@ class Trainer:
         ver = result.get("verification", {})
         if "threshold" in ver:
             result["threshold"] = ver["threshold"]
+        if self._tb is not None:
+            self._tensorboard_test(emb, result)
         atomic_write_json(self.run_dir / "eval.json", jsonable(result))
         return result

@@ -27,6 +27,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide the file from a team
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -37,6 +39,14 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)  # make the rename durable
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it), e.g. ``0o022``: files are created
+    with ``0o666 & ~umask`` as ``open()`` would, not mkstemp's private 0600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -16,7 +16,7 @@ import sys
 import warnings
 
 from .. import __version__
-from ..errors import TripletLabError
+from ..errors import TripletLabError, UsageError
 from . import bench, run, serve, train  # noqa: F401 - importing registers the commands
 from ._base import COMMANDS, register_command
 
@@ -39,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 runtime error, 2 usage error)."""
+    """Entry point; returns the exit code (0 ok, 1 runtime error, 2 usage error).
+
+    ``--debug`` may stand anywhere on the line (before or after the subcommand).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if argv[:1] == ["bench"]:  # the benchmark parses its own options (`tripletlab bench -h`)
         return bench.run_benchmark(argv[1:])
     parser = build_parser()
@@ -55,13 +60,27 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # TrainingInterrupted says where and how to continue
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"usage error: {e} (see: tripletlab {args.command} --help)", file=sys.stderr)
+        return 2
     except (TripletLabError, OSError, ValueError, RuntimeError) as e:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - no traceback for the user, even for the unexpected
+        if debug:
+            raise
+        print(
+            f"error: {type(e).__name__}: {e}\n(unexpected; rerun with --debug for the "
+            "traceback and report it if the message does not explain the problem)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from ..validation import EVAL_DISTANCES
 from ._base import print_json, register_command
 
@@ -156,8 +156,9 @@ def _add_search(sub) -> None:
     p.add_argument(
         "queries",
         nargs="+",
-        help="image files, or one .npy/.npz/.csv of vectors; for a text model query strings "
-        "(quoted) or one .txt/.csv/.tsv/.jsonl file of texts",
+        help="image files, or one .npy/.npz/.csv of raw vectors (scaled as the training data "
+        "was: a warning says when they are not); for a text model query strings (quoted) or "
+        "one .txt/.csv/.tsv/.jsonl file of texts",
     )
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="the run that built it")
     p.add_argument("--index", required=True, metavar="DIR", help="index directory")
@@ -232,7 +233,9 @@ def _cmd_verify(args) -> int:
     elif len(args.inputs) == 2:
         pairs = [tuple(args.inputs)]
     else:
-        raise InputError("give two inputs, or --pairs FILE")
+        raise UsageError(
+            f"verify needs two inputs or --pairs FILE (got {len(args.inputs)} input(s))"
+        )
     inf = _inference(args)
     threshold = args.threshold if args.threshold is not None else inf.threshold
     if threshold is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RECIPES, TrainConfig, load_config_file, option_choices, resolve_config
-from ..errors import InputError
+from ..errors import UsageError
 from ._base import print_json, register_command
 
 _SCALARS = {"bool": bool, "int": int, "float": float}
@@ -107,6 +107,12 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _note(message: str) -> None:
+    """Trainer notes (resumed, early stop, ...) go to stderr with the progress; stdout keeps
+    the summary (or the JSON of --json)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def _cmd_train(args) -> int:
     from ..data.text import is_triplet_file
     from ..evaluate import summary_lines
@@ -120,16 +126,21 @@ def _cmd_train(args) -> int:
     overrides = config_overrides(args)
     if args.resume:
         run = Path(args.resume)
+        extra = sorted(
+            set(overrides)
+            - {"quiet", "report", "progress_every", "steps", "distributed", "dist_timeout"}
+        )
+        if extra or args.config_file:
+            raise UsageError(
+                f"--resume continues the saved configuration; drop {extra or ['--config']}"
+            )
         saved = read_json(run / "config.json", "run config").get("train", {})
-        extra = sorted(set(overrides) - {"quiet", "report", "distributed", "dist_timeout"})
-        if extra:
-            raise InputError(f"--resume continues the saved configuration; drop {extra}")
         cfg = resolve_config(saved, {**overrides, "out": str(run)})
-        trainer = trainer_class(cfg)(cfg, resume=True)
+        trainer = trainer_class(cfg)(cfg, resume=True, log=_note)
     else:
         file_values = load_config_file(args.config_file) if args.config_file else None
         cfg = resolve_config(file_values, overrides)
-        trainer = trainer_class(cfg)(cfg)
+        trainer = trainer_class(cfg)(cfg, log=_note)
     if not getattr(trainer, "is_main", True):  # torchrun: rank 0 prints, evaluates, reports
         trainer.fit()
         return 0

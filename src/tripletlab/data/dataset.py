@@ -116,6 +116,12 @@ class Dataset:
             "per_class_min": int(present.min()) if len(present) else 0,
             "per_class_median": float(present.float().median()) if len(present) else 0.0,
             "per_class_max": int(present.max()) if len(present) else 0,
+            # vector inputs: queries must be scaled alike (Inference warns when they are not)
+            "value_range": (
+                [float(self.x.min()), float(self.x.max())]
+                if self.kind == "vector" and len(self)
+                else None
+            ),
         }
 
 

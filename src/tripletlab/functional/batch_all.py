@@ -26,56 +26,75 @@ from .stats import TripletStats, n_classes, n_pairs, zero_reason
 
 
 def _count_at_or_below(sorted_thr: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``j[a, n] = #{q : sorted_thr[a, q] <= d[a, n]}`` as a float tensor of d's dtype."""
+    """``j[a, n] = #{q : sorted_thr[a, q] <= d[a, n]}``: uint8 for few thresholds, else int64."""
     width = sorted_thr.shape[1]
     if width <= _knobs._DIRECT_SLOTS:
         j = torch.zeros(d.shape, dtype=torch.uint8, device=d.device)
         for q in range(width):
             j += d >= sorted_thr[:, q : q + 1]
-        return j.to(d.dtype)
-    return torch.searchsorted(sorted_thr, d.contiguous(), side="right").to(d.dtype)
+        return j
+    return torch.searchsorted(sorted_thr, d.contiguous(), side="right")
 
 
 def _hinge_all_chunk(d: torch.Tensor, same, slots, valid, margin: float):
     """Sorted positive thresholds ``t = d_ap + margin`` of each anchor row (rows, P), their sort
-    permutation, ``j`` (rows, R) = #thresholds <= d(a, n) for negatives (P elsewhere), and
-    ``c`` (rows, P) = #negatives below each sorted threshold."""
+    permutation, ``j`` (rows, R) = #thresholds <= d(a, n) for negatives (P elsewhere; an integer
+    tensor), and ``c`` (rows, P) = #negatives below each sorted threshold (d's dtype)."""
     ninf = torch.tensor(-float("inf"), dtype=d.dtype, device=d.device)
     thr = torch.where(valid, d.gather(1, slots) + margin, ninf)
     sthr, perm = thr.sort(dim=1)
     width = sthr.shape[1]
-    j = _count_at_or_below(sthr, d).masked_fill_(same, float(width))
-    # c_q = #{n : j_n <= q}: a histogram of j per row, then a running sum
+    j = _count_at_or_below(sthr, d).masked_fill_(same, width)
+    if width <= _knobs._DIRECT_SLOTS:  # c_q = #{n : j_n <= q}: P byte comparisons per row
+        le = torch.empty(j.shape, dtype=torch.bool, device=d.device)
+        c = torch.empty(d.shape[0], width, dtype=d.dtype, device=d.device)
+        for q in range(width):
+            c[:, q] = torch.le(j, q, out=le).sum(dim=1, dtype=torch.int32)
+        return sthr, perm, j, c
+    # many thresholds: a histogram of j per row, then a running sum
     hist = torch.zeros(d.shape[0], width + 1, dtype=d.dtype, device=d.device)
-    hist.scatter_add_(1, j.long(), torch.ones(1, 1, dtype=d.dtype, device=d.device).expand_as(j))
-    c = hist.cumsum(dim=1)[:, :width]
-    return sthr, perm, j, c
+    hist.scatter_add_(1, j, torch.ones(1, 1, dtype=d.dtype, device=d.device).expand(j.shape))
+    return sthr, perm, j, hist.cumsum(dim=1)[:, :width]
 
 
-def _hinge_sum(dist, labels, ref_labels, exclude_self, margin):
-    """Sum of max(0, d_ap - d_an + m) over all valid triplets and the number of active ones."""
+def _hinge_sum(dist, labels, ref_labels, exclude_self, margin, moments=None, cache=None):
+    """Sum of max(0, d_ap - d_an + m) over all valid triplets and the number of active ones;
+    with a ``moments`` dict, :func:`_chunk_moments` accumulates into it in the same pass; with a
+    ``cache`` list, each chunk's small (rows, P) results ``(sorted thresholds, perm, c)`` are
+    appended for the backward (O(B P) memory)."""
     total = torch.zeros((), dtype=torch.float64, device=dist.device)
     n_active = torch.zeros((), dtype=torch.float64, device=dist.device)
     for s in iter_label_slots(labels, ref_labels, exclude_self):
         d = dist[s.rows]
-        sthr, _, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
-        cnt = j.neg_().add_(sthr.shape[1])  # active triplets per (anchor, negative)
+        if moments is not None:
+            _chunk_moments(moments, d, s, exclude_self)
+        sthr, perm, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
+        if cache is not None:
+            cache.append((sthr, perm, c))
+        # active triplets per (anchor, negative): P - j (0 where j = P: positives, the anchor)
+        cnt = j.to(d.dtype).neg_().add_(sthr.shape[1])
         finite = torch.where(torch.isfinite(sthr), sthr, 0.0)
         total += (c * finite).sum(dim=1, dtype=torch.float64).sum()
-        total -= (cnt * d).sum(dim=1).double().sum()
-        n_active += cnt.sum(dim=1).double().sum()
+        total -= (cnt.mul_(d)).sum(dim=1).double().sum()
+        n_active += c.sum(dim=1, dtype=torch.float64).sum()  # sum_q c_q = sum_n (P - j_n)
     return total, n_active.round().long()  # a float64 sum of exact counts
 
 
-def _hinge_grad(dist, labels, ref_labels, exclude_self, margin):
+def _hinge_grad(dist, labels, ref_labels, exclude_self, margin, cache=None):
     """d(sum of hinge losses)/d dist: -#{p : d_an < d_ap + m} at (a, n), the count of active
-    negatives at (a, p)."""
+    negatives at (a, p). ``cache``: the forward's per-chunk ``(sorted thresholds, perm, c)``;
+    then only ``j`` is recomputed (P comparisons per entry), not the sort nor the counts."""
     grad = torch.empty_like(dist)
-    for s in iter_label_slots(labels, ref_labels, exclude_self):
-        _, perm, j, c = _hinge_all_chunk(dist[s.rows], s.same, s.slots, s.valid, margin)
+    for i, s in enumerate(iter_label_slots(labels, ref_labels, exclude_self)):
+        d = dist[s.rows]
+        if cache is None:
+            _, perm, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
+        else:
+            sthr, perm, c = cache[i]
+            j = _count_at_or_below(sthr, d).masked_fill_(s.same, sthr.shape[1])
         g = grad[s.rows]
         # dL/d(a, n) = -#{p : d_an < d_ap + m}
-        torch.sub(j, float(perm.shape[1]), out=g)
+        g.copy_(j).sub_(perm.shape[1])
         # dL/d(a, p) = #{n : d_an < d_ap + m}
         c_slot = torch.zeros_like(c).scatter_(1, perm, c)
         g.scatter_add_(1, s.slots, c_slot * s.valid)
@@ -138,11 +157,15 @@ class _BatchAllSum(torch.autograd.Function):
     gradient; ``margin=None`` is the soft margin. Backward recomputes the chunks (O(B²) memory)."""
 
     @staticmethod
-    def forward(ctx, dist, labels, ref_labels, exclude_self, margin):  # noqa: D102
+    def forward(ctx, dist, labels, ref_labels, exclude_self, margin, moments):  # noqa: D102
+        # ``moments``: a dict the hinge's chunk loop fills with the stats' sums (one pass)
         if margin is None:
             total, n_active = _soft_sum(dist, labels, ref_labels, exclude_self)
         else:
-            total, n_active = _hinge_sum(dist, labels, ref_labels, exclude_self, margin)
+            ctx.cache = []
+            total, n_active = _hinge_sum(
+                dist, labels, ref_labels, exclude_self, margin, moments, ctx.cache
+            )
         ctx.save_for_backward(dist, labels, ref_labels)
         ctx.exclude_self, ctx.margin = exclude_self, margin
         ctx.mark_non_differentiable(n_active)
@@ -154,8 +177,39 @@ class _BatchAllSum(torch.autograd.Function):
         if ctx.margin is None:
             grad = _soft_grad(dist, labels, ref_labels, ctx.exclude_self)
         else:
-            grad = _hinge_grad(dist, labels, ref_labels, ctx.exclude_self, ctx.margin)
-        return grad.mul_(grad_total), None, None, None, None
+            grad = _hinge_grad(dist, labels, ref_labels, ctx.exclude_self, ctx.margin, ctx.cache)
+            ctx.cache = None
+        return grad.mul_(grad_total), None, None, None, None, None
+
+
+_MOMENT_KEYS = ("n_triplets", "sum_d_ap", "sum_d_an", "n_positive_pairs", "n_anchors", "sum_dist")
+
+
+def _new_moments(device) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in _MOMENT_KEYS}
+
+
+@torch.no_grad()
+def _chunk_moments(acc: dict[str, torch.Tensor], d: torch.Tensor, s, exclude_self: bool) -> None:
+    """Add one row chunk's counts and distance sums to ``acc`` (see
+    :func:`_all_triplet_moments`)."""
+    r = d.shape[1]
+    n_pos = s.valid.sum(dim=1).double()
+    n_neg = (r - s.same.sum(dim=1, dtype=torch.int32)).double()
+    row_sum = d.sum(dim=1).double()
+    ap_sum = (d.gather(1, s.slots) * s.valid).sum(dim=1).double()
+    same_sum = ap_sum
+    if exclude_self:  # the anchor itself is "same" but not a positive
+        self_rows, self_cols = s.self_pairs()
+        self_d = torch.zeros_like(row_sum)
+        self_d[self_rows] = d[self_rows, self_cols].double()
+        same_sum = same_sum + self_d
+    acc["n_triplets"] += (n_pos * n_neg).sum()
+    acc["sum_d_ap"] += (ap_sum * n_neg).sum()
+    acc["sum_d_an"] += ((row_sum - same_sum) * n_pos).sum()
+    acc["n_positive_pairs"] += n_pos.sum()
+    acc["n_anchors"] += ((n_pos > 0) & (n_neg > 0)).sum()
+    acc["sum_dist"] += row_sum.sum()
 
 
 def _all_triplet_moments(dist, labels, ref_labels, exclude_self) -> dict[str, torch.Tensor]:
@@ -164,30 +218,10 @@ def _all_triplet_moments(dist, labels, ref_labels, exclude_self) -> dict[str, to
     ``n_triplets = sum_a P_a N_a``, ``sum d_ap = sum_a N_a sum_p d_ap``,
     ``sum d_an = sum_a P_a sum_n d_an`` (P_a positives, N_a negatives of anchor a).
     """
-    r = dist.shape[1]
-    acc = {
-        k: torch.zeros((), dtype=torch.float64, device=dist.device)
-        for k in ("n_triplets", "sum_d_ap", "sum_d_an", "n_positive_pairs", "n_anchors", "sum_dist")
-    }
+    acc = _new_moments(dist.device)
     with torch.no_grad():
         for s in iter_label_slots(labels, ref_labels, exclude_self):
-            d = dist[s.rows]
-            n_pos = s.valid.sum(dim=1).double()
-            n_neg = (r - torch.count_nonzero(s.same, dim=1)).double()
-            row_sum = d.sum(dim=1).double()
-            ap_sum = (d.gather(1, s.slots) * s.valid).sum(dim=1).double()
-            same_sum = ap_sum
-            if exclude_self:  # the anchor itself is "same" but not a positive
-                self_rows, self_cols = s.self_pairs()
-                self_d = torch.zeros_like(row_sum)
-                self_d[self_rows] = d[self_rows, self_cols].double()
-                same_sum = same_sum + self_d
-            acc["n_triplets"] += (n_pos * n_neg).sum()
-            acc["sum_d_ap"] += (ap_sum * n_neg).sum()
-            acc["sum_d_an"] += ((row_sum - same_sum) * n_pos).sum()
-            acc["n_positive_pairs"] += n_pos.sum()
-            acc["n_anchors"] += ((n_pos > 0) & (n_neg > 0)).sum()
-            acc["sum_dist"] += row_sum.sum()
+            _chunk_moments(acc, dist[s.rows], s, exclude_self)
     return acc
 
 
@@ -201,7 +235,12 @@ def batch_all_loss(
     reduction: str,
 ) -> tuple[torch.Tensor, TripletStats]:
     """:func:`batch_all_triplet_loss` on checked inputs and resolved ``ref_labels``."""
-    m = _all_triplet_moments(dist, labels, ref_labels, exclude_self)
+    if soft_margin:
+        m = _all_triplet_moments(dist, labels, ref_labels, exclude_self)
+        total, n_active = _BatchAllSum.apply(dist, labels, ref_labels, exclude_self, None, None)
+    else:  # the moments come out of the hinge's own chunk loop
+        m = _new_moments(dist.device)
+        total, n_active = _BatchAllSum.apply(dist, labels, ref_labels, exclude_self, margin, m)
     b, r = dist.shape
     stats = TripletStats(
         n_triplets=m["n_triplets"].round().long(),
@@ -214,8 +253,6 @@ def batch_all_loss(
         n_classes=n_classes(labels, ref_labels),
     )
     n_trip = stats.n_triplets
-    hinge_margin = None if soft_margin else margin
-    total, n_active = _BatchAllSum.apply(dist, labels, ref_labels, exclude_self, hinge_margin)
     stats.n_active = n_active
     if int(n_trip) == 0:
         stats.reason = zero_reason(stats, stats.n_positive_pairs, stats.n_anchors > 0)

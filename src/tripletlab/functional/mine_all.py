@@ -29,7 +29,7 @@ def _mine_all(dist, labels, ref_labels, exclude_self, opts: MineOptions) -> Inde
         pa, pq = s.valid.nonzero(as_tuple=True)  # row-major: positives in column order
         pp = s.slots[pa, pq]
         if opts.margin is None:
-            cnt = (r - torch.count_nonzero(s.same, dim=1))[pa]
+            cnt = (r - s.same.sum(dim=1, dtype=torch.int32).long())[pa]
         else:
             thr = (d.gather(1, s.slots) + opts.margin).contiguous()
             cnt = torch.searchsorted(sneg, thr, side="left")[pa, pq]

@@ -68,6 +68,12 @@ def _cat_triplets(out_a: list, out_p: list, out_n: list, device: torch.device) -
     return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
 
 
+def _n_same(s) -> torch.Tensor:
+    """(rows, 1) columns with the anchor's label (an int32 sum: a bool ``any``/``all`` or an
+    int64 count over (rows, R) costs several times more on CPU)."""
+    return s.same.sum(dim=1, keepdim=True, dtype=torch.int32)
+
+
 def per_pair(
     dist: torch.Tensor,
     labels: torch.Tensor,
@@ -83,7 +89,7 @@ def per_pair(
             continue
         rows = s.rows
         neg = ~s.same
-        has_neg = neg.any(dim=1, keepdim=True)
+        has_neg = _n_same(s) < s.same.shape[1]
         nn, extra = choose(PairChunk(dist[rows], neg, has_neg, s.slots, s.valid), opts)
         keep = s.valid & has_neg
         if extra is not None:
@@ -109,13 +115,17 @@ def per_anchor(
     out_a, out_p, out_n = [], [], []
     for s in iter_label_slots(labels, ref_labels, exclude_self):
         d = dist[s.rows]
-        pos = s.pos
+        # the positive from the slot table (ascending columns: ties go to the lowest column)
+        d_ap = d.gather(1, s.slots)
         if farthest_positive:
-            p = d.masked_fill(~pos, -_INF).argmax(dim=1)
+            q = d_ap.masked_fill_(~s.valid, -_INF).argmax(dim=1, keepdim=True)
         else:
-            p = d.masked_fill(~pos, _INF).argmin(dim=1)
-        n = d.masked_fill(s.same, _INF).argmin(dim=1)
-        keep = pos.any(dim=1) & ~s.same.all(dim=1)
+            q = d_ap.masked_fill_(~s.valid, _INF).argmin(dim=1, keepdim=True)
+        p = s.slots.gather(1, q).squeeze(1)
+        # closest negative: same-label columns pushed out by + float max (an add, not a bool
+        # masked_fill, which costs ~25x more on CPU); real distances keep their exact values
+        n = torch.add(d, s.same.to(d.dtype), alpha=torch.finfo(d.dtype).max).argmin(dim=1)
+        keep = (s.n_pos > 0) & (_n_same(s).squeeze(1) < s.same.shape[1])
         a = torch.arange(s.rows.start, s.rows.stop, device=dist.device)
         out_a.append(a[keep])
         out_p.append(p[keep])
@@ -157,10 +167,10 @@ def _mine_random(dist, labels, ref_labels, exclude_self, opts: MineOptions) -> I
 
 
 def _weighted_negative(c: PairChunk, opts: MineOptions) -> tuple[torch.Tensor, None]:
-    w = distance_weighted_probabilities(
-        c.d, c.neg, dim=opts.dim, cutoff=opts.cutoff, nonzero_loss_cutoff=opts.nonzero_loss_cutoff
-    )
-    safe = torch.where(c.has_neg, w, torch.ones_like(w)).cpu().double()
+    if opts.dim is None:
+        raise InputError("distance-weighted sampling needs the embedding dimension")
+    w = _weights64(c.d, c.neg, opts.dim, opts.cutoff, opts.nonzero_loss_cutoff)
+    safe = w.masked_fill_(~c.has_neg, 1.0).cpu()
     nn = torch.multinomial(safe, c.slots.shape[1], replacement=True, generator=opts.generator)
     return nn.to(c.d.device), None
 
@@ -201,16 +211,29 @@ def distance_weighted_probabilities(
     """
     if dim is None:
         raise InputError("distance-weighted sampling needs the embedding dimension")
-    with torch.no_grad():
-        d = dist.detach().double().clamp_min(cutoff)
-        one_minus = (1.0 - 0.25 * d * d).clamp_min(1e-8)
-        log_w = (2.0 - dim) * torch.log(d) - ((dim - 3) / 2.0) * torch.log(one_minus)
-        ok = neg_mask & (dist.detach() < nonzero_loss_cutoff)
-        log_w = log_w.masked_fill(~ok, -_INF)
-        row_max = log_w.max(dim=1, keepdim=True).values
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        w = torch.exp(log_w - row_max)
-        s = w.sum(dim=1, keepdim=True)
-        uniform = neg_mask.double()
-        w = torch.where(s > 0, w / s.clamp_min(1e-300), uniform / uniform.sum(1, True).clamp_min(1))
-    return w.to(dist.dtype)
+    return _weights64(dist, neg_mask, dim, cutoff, nonzero_loss_cutoff).to(dist.dtype)
+
+
+@torch.no_grad()
+def _weights64(
+    dist: torch.Tensor, neg_mask: torch.Tensor, dim: int, cutoff: float, nonzero_loss_cutoff: float
+) -> torch.Tensor:
+    """:func:`distance_weighted_probabilities` in float64, in place on one float64 copy of
+    ``dist`` (each step is one pass over the (rows, R) matrix; no further temporaries)."""
+    dist = dist.detach()
+    ok = neg_mask & (dist < nonzero_loss_cutoff)
+    d = dist.to(torch.float64, copy=True).clamp_min_(cutoff)  # never in place on the input
+    one_minus = (d * d).mul_(-0.25).add_(1.0).clamp_min_(1e-8).log_()
+    log_w = d.log_().mul_(2.0 - dim).sub_(one_minus, alpha=(dim - 3) / 2.0)
+    del one_minus
+    log_w.masked_fill_(~ok, -_INF)
+    row_max = log_w.max(dim=1, keepdim=True).values
+    row_max.masked_fill_(~torch.isfinite(row_max), 0.0)
+    w = log_w.sub_(row_max).exp_()
+    s = w.sum(dim=1, keepdim=True)
+    empty = (s <= 0).squeeze(1)
+    w.div_(s.clamp_min_(1e-300))
+    if bool(empty.any()):  # rows without a weighted negative: uniform over their negatives
+        uniform = neg_mask[empty].double()
+        w[empty] = uniform / uniform.sum(1, True).clamp_min(1)
+    return w

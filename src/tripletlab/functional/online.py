@@ -15,9 +15,9 @@ from .batch_all import batch_all_loss
 from .checks import check_distances, check_indices, check_inputs, check_options
 from .mining import IndexTuple, MineOptions
 from .slots import resolve_ref
-from .stats import TripletStats, batch_facts, pair_facts, zero_reason
+from .stats import TripletStats, batch_facts, count_positive_pairs, pair_facts, zero_reason
 from .strategies import STRATEGY_TABLE, default_reduction, mine
-from .triplets import loss_on_indices
+from .triplets import PairedDistances, loss_on_indices
 
 
 def loss_from_distances(
@@ -30,9 +30,11 @@ def loss_from_distances(
     reduction: str,
     opts: MineOptions,
     indices_tuple: IndexTuple | None,
+    paired: PairedDistances | None = None,
 ) -> tuple[torch.Tensor, TripletStats]:
     """:func:`triplet_loss_from_distances` after its option and tensor checks: checks only the
-    user's ``indices_tuple`` (None: mine with ``strategy``). The margin is ``opts.margin``."""
+    user's ``indices_tuple`` (None: mine with ``strategy``). The margin is ``opts.margin``.
+    ``paired``: read the triplets' distances from the embeddings (``dist`` is then no-grad)."""
     margin = opts.margin
     indices = None
     if indices_tuple is not None:
@@ -45,9 +47,10 @@ def loss_from_distances(
     facts = batch_facts(dist, labels, ref_labels, exclude_self)
     if indices is None:
         indices = mine(dist, labels, ref_labels, exclude_self, strategy, opts)
-    loss, stats = loss_on_indices(dist, indices, margin, soft_margin, reduction)
+    loss, stats = loss_on_indices(dist, indices, margin, soft_margin, reduction, paired)
     stats.mean_distance = facts.mean_distance
     stats.batch_size, stats.n_classes = facts.batch_size, facts.n_classes
+    stats.n_positive_pairs = count_positive_pairs(labels, ref_labels, exclude_self)
     if stats.n_triplets == 0:
         n_pos, has_both = pair_facts(labels, ref_labels, exclude_self)
         stats.n_positive_pairs = n_pos
@@ -179,10 +182,29 @@ def triplet_loss(
         reduction = default_reduction(strategy)
     check_options(strategy, margin, soft_margin, reduction, semihard_fallback)
     check_inputs(embeddings, labels, ref_embeddings, ref_labels)
-    dist = pairwise_distance(embeddings, ref_embeddings, distance)
     opts = MineOptions(margin, semihard_fallback, generator, embeddings.shape[1])
+    if strategy == "all" and indices_tuple is None:  # every pair has a gradient: dense backward
+        dist = pairwise_distance(embeddings, ref_embeddings, distance)
+        return loss_from_distances(
+            dist, labels, ref_labels, None, strategy, soft_margin, reduction, opts, None
+        )
+    # Mining reads the matrix without gradient; the loss recomputes the 2 distances of each
+    # mined triplet from the embeddings (O(T D) backward instead of a dense (B, R) one).
+    with torch.no_grad():
+        ref = None if ref_embeddings is None else ref_embeddings.detach()
+        dist = pairwise_distance(embeddings.detach(), ref, distance)
+    paired = PairedDistances(embeddings, ref_embeddings, distance)
     return loss_from_distances(
-        dist, labels, ref_labels, None, strategy, soft_margin, reduction, opts, indices_tuple
+        dist,
+        labels,
+        ref_labels,
+        None,
+        strategy,
+        soft_margin,
+        reduction,
+        opts,
+        indices_tuple,
+        paired,
     )
 
 

@@ -11,8 +11,9 @@ below ``tripletlab.functional._CHUNK_ELEMS`` elements. For a chunk, :func:`label
 * ``valid`` (rows, P): which slots are real; ``n_pos`` (rows,): positives per row;
 * ``pos`` (rows, R): the positive mask, for consumers that scan whole rows.
 
-The slot table is built from ``nonzero`` (row-major), so nothing of size (rows, R) is sorted, and
-a reduction over a row's positives is a ``gather`` of P values instead of a pass over R.
+The slot table is built from the column labels sorted once (a row's positives are its class's
+columns), in O(rows x class size) without a scan of the (rows, R) mask, and a reduction over a
+row's positives is a ``gather`` of P values instead of a pass over R.
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def row_chunks(b: int, r: int) -> list[slice]:
     return [slice(s, min(b, s + step)) for s in range(0, b, step)]
 
 
+def _class_columns(
+    ref_labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Columns sorted by label (ascending column within a label), and per distinct label its
+    first position in that order, its count and the label itself."""
+    sorted_labels, order = torch.sort(ref_labels, stable=True)
+    uniq, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
+    return order, counts.cumsum(0) - counts, counts, uniq
+
+
+def _empty_table(n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    slots = torch.zeros(n, 1, dtype=torch.long, device=device)
+    return slots, torch.zeros(n, 1, dtype=torch.bool, device=device), slots[:, 0].clone()
+
+
 class LabelSlots:
     """Label structure of the anchor rows ``rows`` (see the module docstring).
 
@@ -57,6 +73,7 @@ class LabelSlots:
     ) -> None:
         self.rows = rows
         self.exclude_self = exclude_self
+        self.labels, self.ref_labels = labels, ref_labels
         self.same = labels[rows][:, None] == ref_labels[None, :]
 
     def self_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,25 +95,33 @@ class LabelSlots:
 
     @cached_property
     def _table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        same = self.same
-        n = same.shape[0]
-        r_idx, c_idx = same.nonzero(as_tuple=True)
-        if self.exclude_self:
-            keep = c_idx != r_idx + self.rows.start
-            r_idx, c_idx = r_idx[keep], c_idx[keep]
-        device = same.device
-        n_pos = (
-            torch.bincount(r_idx, minlength=n)
-            if n
-            else torch.zeros(0, dtype=torch.long, device=device)
-        )
-        width = max(int(n_pos.max()), 1) if n else 1
-        first = n_pos.cumsum(0) - n_pos
-        rank = torch.arange(r_idx.numel(), device=device) - first[r_idx]
-        slots = torch.zeros(n, width, dtype=torch.long, device=device)
-        slots[r_idx, rank] = c_idx
-        valid = torch.arange(width, device=device)[None, :] < n_pos[:, None]
-        return slots, valid, n_pos
+        # From the sorted column labels, not from a (rows, R) scan: O(rows x class size).
+        sorted_cols, starts, counts, uniq = _class_columns(self.ref_labels)
+        device = self.same.device
+        lab = self.labels[self.rows]
+        n = lab.shape[0]
+        if n == 0 or uniq.numel() == 0:
+            return _empty_table(n, device)
+        k = torch.searchsorted(uniq, lab).clamp_max(uniq.numel() - 1)
+        cnt = torch.where(uniq[k] == lab, counts[k], 0)
+        width = int(counts.max())
+        ar = torch.arange(width, device=device)
+        cand = sorted_cols[(starts[k][:, None] + ar).clamp_max(sorted_cols.numel() - 1)]
+        keep = ar[None, :] < cnt[:, None]
+        if self.exclude_self:  # drop the anchor's own column, then left-align
+            own = torch.arange(self.rows.start, self.rows.start + n, device=device)
+            keep &= cand != own[:, None]
+            rank = keep.cumsum(dim=1) - 1
+            slots = torch.zeros(n, width + 1, dtype=torch.long, device=device)
+            slots.scatter_(1, torch.where(keep, rank, width), cand)
+            slots = slots[:, :width]
+        else:
+            slots = torch.where(keep, cand, 0)
+        n_pos = keep.sum(dim=1)
+        p = max(int(n_pos.max()), 1)
+        slots = slots[:, :p].contiguous()
+        valid = ar[None, :p] < n_pos[:, None]
+        return slots.masked_fill_(~valid, 0), valid, n_pos
 
     @property
     def slots(self) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..distances import paired_distance
@@ -12,17 +14,41 @@ from .reductions import reduce_triplet_losses, triplet_terms
 from .stats import TripletStats
 
 
+class PairedDistances(NamedTuple):
+    """The embeddings a loss reads its d(a, p) and d(a, n) from, instead of a distance matrix.
+
+    ``ref`` is None when the batch is its own reference set. The distances are computed directly
+    from the row differences (:func:`~tripletlab.distances.paired_distance`), so the backward
+    costs O(T * D) for T triplets instead of a dense (B, R) gradient through the whole matrix.
+    """
+
+    embeddings: torch.Tensor
+    ref: torch.Tensor | None
+    distance: str
+
+    def __call__(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``d(embeddings[rows], ref[cols])`` (N,)."""
+        ref = self.embeddings if self.ref is None else self.ref
+        return paired_distance(self.embeddings[rows], ref[cols], self.distance)
+
+
 def loss_on_indices(
     dist: torch.Tensor,
     indices: IndexTuple,
     margin: float,
     soft_margin: bool,
     reduction: str,
+    paired: PairedDistances | None = None,
 ) -> tuple[torch.Tensor, TripletStats]:
-    """:func:`triplet_loss_on_indices` on checked (long, in-range) indices."""
+    """:func:`triplet_loss_on_indices` on checked (long, in-range) indices. With ``paired`` the
+    distances of the triplets are recomputed from the embeddings (``dist`` may then be a
+    no-grad matrix: it only served the mining)."""
     a, p, n = indices
-    d_ap = dist[a, p]
-    d_an = dist[a, n]
+    if paired is None:
+        d_ap, d_an = dist[a, p], dist[a, n]
+    else:  # one paired computation for both (fewer small kernels per call)
+        both = paired(a.repeat(2), torch.cat([p, n]))
+        d_ap, d_an = both[: a.numel()], both[a.numel() :]
     losses = triplet_terms(d_ap, d_an, margin, soft_margin)
     stats = TripletStats(
         n_triplets=a.numel(),

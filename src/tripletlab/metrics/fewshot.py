@@ -23,7 +23,7 @@ def few_shot_accuracy(
     n_query: int = 5,
     n_episodes: int = 500,
     seed: int = 0,
-    distance: str = "euclidean",
+    distance: str = "cosine",
 ) -> dict:
     """Mean accuracy over random episodes and its 95% confidence half-width.
 

@@ -125,7 +125,7 @@ def knn_search(
     reference: torch.Tensor,
     k: int,
     *,
-    distance: str = "euclidean",
+    distance: str = "cosine",
     exclude_self: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest references of every query, in blocks: ``(distances, indices)`` (Nq, k).
@@ -180,7 +180,7 @@ def retrieval_metrics(
     labels,
     *,
     ks: Sequence[int] = (1, 5, 10),
-    distance: str = "euclidean",
+    distance: str = "cosine",
     query_embeddings=None,
     query_labels=None,
     nmi: bool = True,
@@ -190,7 +190,9 @@ def retrieval_metrics(
     """All retrieval metrics from one exact k-NN search.
 
     Leave-one-out over ``(embeddings, labels)``, or ``query_*`` against the reference set
-    ``(embeddings, labels)`` (no self-exclusion).
+    ``(embeddings, labels)`` (no self-exclusion). ``distance`` defaults to ``"cosine"``, as
+    verification, few-shot, the index and the CLI do for L2-normalised embeddings (where it
+    ranks exactly as euclidean); pass ``"euclidean"`` for unnormalised ones.
 
     Example:
         >>> import torch

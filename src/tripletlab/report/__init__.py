@@ -42,13 +42,35 @@ def _sample_pairs(labels: np.ndarray, max_pairs: int, seed: int):
     return pairs, same
 
 
+def _environment_rows(env: dict | None) -> list[tuple[str, object]]:
+    """config.json's environment as table rows (runs written before it was recorded: a note)."""
+    if not isinstance(env, dict):
+        return [("recorded", "not recorded by the tripletlab version that trained this run")]
+    names = {
+        "git_commit": "git commit of the code",
+        "cpu_count": "CPU cores",
+        "load_average": "load average (1, 5, 15 min)",
+        "threads": "torch CPU threads",
+    }
+    return [(names.get(k, k), v if v is not None else "—") for k, v in env.items()]
+
+
 def build_report(
-    run_dir: str | os.PathLike[str], *, n_gallery: int = 6, k: int = 6, max_points: int = 2000
+    run_dir: str | os.PathLike[str],
+    *,
+    n_gallery: int = 6,
+    k: int = 6,
+    max_points: int = 2000,
+    model=None,
+    test_data=None,
+    initial_model=None,
 ) -> Path:
     """Write ``RUN_DIR/report.html`` and ``RUN_DIR/plots/*.png``; returns the HTML path.
 
     Evaluates the trained model (``model.safetensors``) and the initial model (rebuilt with the
     run's seed, exactly the weights training started from) on the run's held-out split.
+    ``model`` / ``test_data`` / ``initial_model``: a run trained with your own module or data
+    (see :meth:`tripletlab.train.Trainer.report`, which passes them).
     """
     import torch
 
@@ -59,7 +81,20 @@ def build_report(
     from ..rundir import read_json, read_jsonl
 
     run = Path(run_dir)
-    inf = Inference.from_run(run)
+    if model is None:
+        inf = Inference.from_run(run)
+    else:
+        from ..rundir import load_weights, model_fingerprint
+
+        model.load_state_dict(load_weights(run / "model.safetensors"))
+        ev_path = run / "eval.json"
+        inf = Inference(
+            model,
+            read_json(run / "config.json", "run config"),
+            run,
+            evaluation=read_json(ev_path, "evaluation") if ev_path.exists() else None,
+            fingerprint=model_fingerprint(run),
+        )
     cfg = inf.config
     train_cfg = cfg.get("train", {})
     seed = int(train_cfg.get("seed", 0))
@@ -68,7 +103,7 @@ def build_report(
     train_recs = [r for r in records if r.get("type") != "eval"]
     eval_recs = [r for r in records if r.get("type") == "eval"]
     split = read_json(run / "split.json", "split")
-    test = inf.load_data()  # the run's held-out split
+    test = test_data if test_data is not None else inf.load_data()  # the held-out split
     rng = np.random.default_rng(seed)
     if len(test) > max_points:
         keep = np.sort(rng.choice(len(test), size=max_points, replace=False))
@@ -86,7 +121,7 @@ def build_report(
         except TripletLabError:
             emb_before = None
     else:
-        initial = build_model(cfg["model"])
+        initial = initial_model if initial_model is not None else build_model(cfg["model"])
         emb_before = embed(initial, test.x).numpy()
     emb_after = inf.embed_dataset(test)
     y = test.y.numpy()
@@ -94,7 +129,11 @@ def build_report(
     d_before = pair_distances(emb_before, pairs, dist) if emb_before is not None else None
     d_after = pair_distances(emb_after, pairs, dist)
     threshold = ev.get("threshold")
-    margin = float(train_cfg.get("margin", 0.2)) if train_cfg.get("distance") == dist else None
+    margin = (  # the hinge margin, drawn where it is in the evaluation distance's units
+        float(train_cfg.get("margin", 0.2))
+        if train_cfg.get("distance") == dist and not train_cfg.get("soft_margin")
+        else None
+    )
     sections: list[ReportSection] = []
     kpis: list[tuple[str, str]] = []
     ret = ev.get("retrieval", {})
@@ -112,13 +151,21 @@ def build_report(
         kpis.append(("training time", f"{ev['train_time_s']:.0f} s"))
 
     # 1. did it learn?
+    if eval_recs:
+        val_text = " Validation metrics per evaluation."
+    elif not train_cfg.get("evaluate", True):
+        val_text = " No validation: the run used --no-eval."
+    elif not train_cfg.get("val_fraction"):
+        val_text = " No validation: --val-fraction 0 (the last model is kept)."
+    else:
+        val_text = " No validation was recorded (too few validation items or classes)."
     sections.append(
         ReportSection(
             "Training",
             text=(
                 "Loss, share of mined triplets that still violate the margin (active fraction) "
                 "and the mean pairwise distance in the batch (a collapse signal: it falls to 0 "
-                "when all embeddings converge to one point); validation metrics per evaluation."
+                "when all embeddings converge to one point)." + val_text
             ),
             figures={"training_curves": plot_training_curves(train_recs, eval_recs)},
         )
@@ -241,8 +288,9 @@ def build_report(
             )[:400],
         )
     )
+    no_val = "— (no validation: the last model is kept)"
     timing = [
-        (k, ev.get(k))
+        (k, no_val if k in ("best_step", "best_val_map_at_r") and ev[k] in (None, -1) else ev[k])
         for k in (
             "steps",
             "best_step",
@@ -262,7 +310,11 @@ def build_report(
                 ("data", data_rows),
                 ("timing", timing),
                 ("model", list(cfg["model"].items())),
-                ("training configuration", list(train_cfg.items())),
+                (
+                    "training configuration (— : automatic choice)",
+                    list(train_cfg.items()),
+                ),
+                ("environment", _environment_rows(cfg.get("environment"))),
             ],
         )
     )
@@ -270,10 +322,15 @@ def build_report(
         sections.insert(
             0, ReportSection("Warning: embedding collapse", text=json.dumps(ev["collapse"]))
         )
+    margin_text = (
+        "soft margin (softplus)"
+        if train_cfg.get("soft_margin")
+        else f"margin {train_cfg.get('margin')}"
+    )
     page = render_html(
         f"tripletlab report — {run.name}",
         f"{train_cfg.get('data')} · strategy {train_cfg.get('strategy')} · "
-        f"margin {train_cfg.get('margin')} · {dist} evaluation",
+        f"{margin_text} · {dist} evaluation",
         kpis,
         sections,
         run / "plots",

@@ -41,6 +41,8 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (dict, list)):

@@ -47,9 +47,27 @@ def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
 
 
+def _legend_below(ax, handles=None, labels=None, ncol: int = 2) -> None:
+    """A legend under the axes (never over the curves)."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(
+            handles,
+            labels,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.2),
+            ncol=ncol,
+            fontsize=8,
+            frameon=False,
+        )
+
+
 def plot_training_curves(train: Sequence[dict], evals: Sequence[dict]) -> Figure:
-    """Loss, active-triplet fraction and the collapse signal over steps; validation metrics."""
-    fig, axes = _subplots(1, 3, figsize=(15, 3.8))
+    """Loss, active-triplet fraction and the collapse signal over steps; validation metrics
+    (a third panel only when validation was recorded). Legends sit under the panels."""
+    n = 3 if evals else 2
+    fig, axes = _subplots(1, n, figsize=(5 * n, 4.2))
     ax = axes[0]
     x, y = _series(train, "loss")
     ax.plot(x, y, color="tab:blue", lw=0.8, alpha=0.5, label="loss")
@@ -59,36 +77,36 @@ def plot_training_curves(train: Sequence[dict], evals: Sequence[dict]) -> Figure
         ax.plot(x[w - 1 :], smooth, color="tab:blue", lw=2, label=f"loss (mean of {w})")
     ax.set_title("training loss")
     ax.set_xlabel("step")
-    ax.legend(loc="upper right", fontsize=8)
+    _legend_below(ax)
     ax = axes[1]
     x, y = _series(train, "active_fraction")
     ax.plot(x, y, color="tab:orange", label="active-triplet fraction")
+    handles, labels = ax.get_legend_handles_labels()
     x2, y2 = _series(train, "mean_distance")
     if len(y2):
         ax2 = ax.twinx()
         ax2.plot(x2, y2, color="tab:gray", ls="--", label="mean pairwise distance")
         ax2.set_ylabel("mean pairwise distance (collapse if -> 0)", fontsize=8)
-        ax2.legend(loc="lower right", fontsize=8)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("mining")
     ax.set_xlabel("step")
-    ax.legend(loc="upper right", fontsize=8)
-    ax = axes[2]
-    for key, color in (
-        ("precision_at_1", "tab:green"),
-        ("map_at_r", "tab:purple"),
-        ("r_precision", "tab:red"),
-    ):
-        x, y = _series(evals, key)
-        if len(y):
-            ax.plot(x, y, marker="o", color=color, label=key)
-    ax.set_ylim(0, 1.02)
-    ax.set_title("validation")
-    ax.set_xlabel("step")
-    if ax.lines:
-        ax.legend(loc="lower right", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no validation recorded", ha="center", va="center")
+    _legend_below(ax, handles, labels, ncol=1)
+    if evals:
+        ax = axes[2]
+        for key, color in (
+            ("precision_at_1", "tab:green"),
+            ("map_at_r", "tab:purple"),
+            ("r_precision", "tab:red"),
+        ):
+            x, y = _series(evals, key)
+            if len(y):
+                ax.plot(x, y, marker="o", color=color, label=key)
+        ax.set_ylim(0, 1.02)
+        ax.set_title("validation")
+        ax.set_xlabel("step")
+        _legend_below(ax, ncol=3)
     fig.tight_layout()
     return fig
 
@@ -137,7 +155,7 @@ def plot_distance_histograms(
             )
         ax.set_title(title)
         ax.set_xlabel("distance")
-        ax.legend(fontsize=8)
+        _legend_below(ax)
     fig.tight_layout()
     return fig
 
@@ -181,7 +199,14 @@ def plot_embedding_map(
         name = class_names[int(c)] if class_names is not None and int(c) < len(class_names) else c
         ax.scatter(xy[sel, 0], xy[sel, 1], s=12, color=cmap(i % cmap.N), label=str(name))
     if len(classes) <= 20:
-        ax.legend(fontsize=7, markerscale=1.5, loc="best", ncol=2 if len(classes) > 10 else 1)
+        ax.legend(  # beside the map, not over the points
+            fontsize=7,
+            markerscale=1.5,
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+            ncol=2 if len(classes) > 10 else 1,
+            frameon=False,
+        )
     ax.set_title(f"held-out embeddings ({method}), {len(classes)} classes")
     ax.set_xticks([])
     ax.set_yticks([])
