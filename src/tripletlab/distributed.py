@@ -368,9 +368,16 @@ def init_from_env(device: str = "cpu", timeout_s: float = 60.0) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, backend, created=True)
 
 
-def shutdown(env: DistEnv | None) -> None:
-    """Leave the process group if :func:`init_from_env` created it."""
+def shutdown(env: DistEnv | None, clean: bool = True) -> None:
+    """Leave the process group if :func:`init_from_env` created it; ``clean``: wait for every
+    rank first (a rank that tears down its connections while a peer still uses them can make
+    gloo abort that peer)."""
     if env is not None and env.created and dist.is_available() and dist.is_initialized():
+        if clean:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer is gone: nothing left to wait for
+                pass
         dist.destroy_process_group()
 
 

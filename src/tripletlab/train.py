@@ -728,8 +728,11 @@ class Trainer:
         if n:
             torch.set_num_threads(n)
         handler = self._install_sigint()
+        failed = True
         try:
-            return self._fit()
+            result = self._fit()
+            failed = False
+            return result
         except Exception as e:
             self._remove_unstarted_run()
             if self.dist is None or isinstance(e, TripletLabError):
@@ -746,7 +749,7 @@ class Trainer:
         finally:
             self._close_tensorboard()
             torch.set_num_threads(previous)
-            shutdown(self.dist)
+            shutdown(self.dist, clean=not failed)
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
 
