@@ -151,7 +151,8 @@ def test_image_run_verify_search_eval_folder_and_report(image_run, tmp_path, cap
     capsys.readouterr()
     assert main(["verify", str(a), str(b), "--model", str(run), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert set(res) == {"threshold", "distance", "pairs"} and len(res["pairs"]) == 1
+    assert set(res) == {"threshold", "threshold_source", "distance", "pairs"}
+    assert len(res["pairs"]) == 1 and res["threshold_source"].startswith("in-sample")
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"{a},{b}\n{a},{c}\n")
     assert main(["verify", "--pairs", str(pairs), "--model", str(run), "--threshold", "0.5"]) == 0

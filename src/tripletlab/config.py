@@ -81,6 +81,16 @@ class TrainConfig:
         0.1,
         "share of the training split used for validation and best-checkpoint selection; 0 = none",
     )
+    # open-set validation: whole classes (or whole folders of classes) held out of training
+    val_group_depth: int = _opt(
+        0,
+        "validation holds out whole groups of classes: their first N folder levels (1 on "
+        "Omniglot = whole alphabets); 0 = single classes",
+    )
+    val_folds: int = _opt(
+        1, "k-fold model selection: split the training class groups into K folds (1 = off)"
+    )
+    val_fold: int = _opt(0, "which fold (0..K-1) is the validation split with --val-folds K")
     image_size: list[int] | None = _opt(
         None, "resize images to H x W (default: the images' own size)", nargs=2, metavar=("H", "W")
     )
@@ -206,6 +216,7 @@ def option_choices() -> dict[str, list[str]]:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _COMMENT_KEY = "_comment"  # free text in config files and recipes
+_TUNE_KEY = "_tune"  # how `tripletlab tune` produced a recipe (command, budget, scores)
 
 
 def _annotation(name: str) -> tuple[str, bool]:
@@ -270,6 +281,7 @@ def _read_config(text: str, source: str) -> dict:
     if not isinstance(obj, dict):
         raise FileFormatError(f"config file {source} must hold a JSON object")
     obj.pop(_COMMENT_KEY, None)
+    obj.pop(_TUNE_KEY, None)
     return _normalise(obj, f"config file {source}")
 
 
@@ -355,6 +367,13 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
     _check_choices(cfg)
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise InputError("val_fraction must be in [0, 1)")
+    if cfg.val_folds < 1 or not 0 <= cfg.val_fold < cfg.val_folds:
+        raise InputError(
+            f"need val_folds >= 1 and 0 <= val_fold < val_folds (got {cfg.val_folds}, "
+            f"{cfg.val_fold})"
+        )
+    if cfg.val_group_depth < 0:
+        raise InputError("val_group_depth must be >= 0")
     if cfg.image_size is not None and (
         len(cfg.image_size) != 2 or any(int(s) < 4 for s in cfg.image_size)
     ):

@@ -33,6 +33,7 @@ __all__ = [
     "eval_distance",
     "evaluate_embeddings",
     "summary_lines",
+    "validation_threshold",
 ]
 
 
@@ -56,6 +57,7 @@ class EvalResult(TypedDict, total=False):
     few_shot: dict[str, Any]  # few_shot_accuracy
     retrieval_test_to_train: dict[str, Any]  # predefined splits: test queries vs train items
     threshold: float  # the calibrated verification threshold (distance <= threshold: same)
+    training_items: int  # `tripletlab eval --data`: items that were in the run's training split
     report: str  # path of report.html (CLI only)
 
 
@@ -98,10 +100,80 @@ def eval_distance(model_config: dict) -> str:
     return "cosine" if model_config.get("normalize", True) else "euclidean"
 
 
+def validation_threshold(
+    emb: torch.Tensor, labels: torch.Tensor, distance: str, seed: int = 0
+) -> dict | None:
+    """The verification threshold calibrated on validation pairs (held-out training classes):
+    ``{"threshold", "source": "validation", "validation_far", "validation_tar",
+    "validation_accuracy", "validation_pairs"}``, or None when the set has no same/different
+    pairs. Pass it to :func:`evaluate_embeddings` as ``calibration`` so the test figures are
+    measured *at* this threshold instead of at the test split's own best one.
+
+    Example:
+        >>> y = torch.arange(4).repeat_interleave(3)
+        >>> cal = validation_threshold(torch.nn.functional.one_hot(y, 4).float(), y, "cosine")
+        >>> cal["source"], cal["validation_far"]
+        ('validation', 0.0)
+    """
+    try:
+        v = verification_metrics(emb, labels, distance=distance, seed=seed)
+    except InputError:
+        return None
+    return {
+        "threshold": float(v["threshold"]),
+        "source": "validation",
+        "validation_far": v["far_at_threshold"],
+        "validation_tar": v["tar_at_threshold"],
+        "validation_accuracy": v["accuracy"],
+        "validation_pairs": v["n_pairs_same"] + v["n_pairs_diff"],
+    }
+
+
+def _verification(
+    emb: torch.Tensor, labels: torch.Tensor, distance: str, seed: int, calibration: dict | None
+) -> dict:
+    """Verification metrics; with ``calibration`` the accuracy/FAR/TAR are those at its
+    threshold, and the in-sample best threshold of this set is kept only for reference."""
+    try:
+        v = dict(
+            verification_metrics(
+                emb, labels, distance=distance, seed=seed, return_curve=calibration is not None
+            )
+        )
+    except InputError as e:
+        return {"skipped": str(e)}
+    if calibration is None:
+        v["threshold_source"] = "in-sample (best accuracy on these pairs; no validation split)"
+        return v
+    d, same = v.pop("pair_distances"), v.pop("pair_same")
+    for key in ("fpr", "tpr", "thresholds"):
+        v.pop(key)
+    t = float(calibration["threshold"])
+    v["in_sample_best_accuracy"], v["in_sample_best_threshold"] = v["accuracy"], v["threshold"]
+    v.update(
+        threshold=t,
+        accuracy=float(((d <= t) == same).mean()),
+        far_at_threshold=float((d[~same] <= t).mean()),
+        tar_at_threshold=float((d[same] <= t).mean()),
+        threshold_source=calibration.get("source", "given"),
+        **{k: val for k, val in calibration.items() if k.startswith("validation_")},
+    )
+    return v
+
+
 def evaluate_embeddings(
-    emb: torch.Tensor, labels: torch.Tensor, distance: str, few_shot: bool = True, seed: int = 0
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    distance: str,
+    few_shot: bool = True,
+    seed: int = 0,
+    calibration: dict | None = None,
 ) -> EvalResult:
-    """Retrieval + verification (+ few-shot when there are enough classes) on one set."""
+    """Retrieval + verification (+ few-shot when there are enough classes) on one set.
+
+    ``calibration`` (see :func:`validation_threshold`): verification accuracy, TAR and FAR are
+    reported at its threshold (``verification.threshold_source``); without it the threshold is
+    the best one on these pairs, which is in-sample and optimistic."""
     out: EvalResult = {
         "n_items": int(emb.shape[0]),
         "n_classes": int(torch.unique(labels).numel()),
@@ -109,10 +181,7 @@ def evaluate_embeddings(
     out["retrieval"] = retrieval_metrics(
         emb, labels, ks=(1, 2, 4, 8), distance=distance, nmi=emb.shape[0] <= 20000, seed=seed
     )
-    try:
-        out["verification"] = dict(verification_metrics(emb, labels, distance=distance, seed=seed))
-    except InputError as e:
-        out["verification"] = {"skipped": str(e)}
+    out["verification"] = _verification(emb, labels, distance, seed, calibration)
     if few_shot:
         counts = torch.bincount(labels)
         n_ok = int((counts >= 2).sum())
@@ -179,13 +248,29 @@ def summary_lines(result: EvalResult, run_dir: str | Path, training: bool = True
             "retrieval: "
             + ", ".join(f"{k}={r[k]:.4f}" for k in keys if isinstance(r.get(k), float))
         )
+    leak = result.get("training_items")
+    if leak:
+        lines.append(
+            f"WARNING: {leak} of these {result.get('n_items', 0)} items were used in training "
+            "(compared with the run's split.json): the metrics are inflated"
+        )
     v = result.get("verification", {})
     if "roc_auc" in v:
         tar = v.get("tar_at_far", {})
         lines.append(
             f"verification: ROC AUC={v['roc_auc']:.4f}, EER={100 * v['eer']:.2f}%, "
-            f"accuracy={v['accuracy']:.4f} at threshold {v['threshold']:.4f}, "
             + ", ".join(f"TAR@FAR={float(k):g}: {t:.3f}" for k, t in tar.items())
+        )
+        src = v.get("threshold_source", "in-sample")
+        where = (
+            f"calibrated on the validation split (FAR there {v['validation_far']:.3f})"
+            if src == "validation"
+            else src
+        )
+        lines.append(
+            f"threshold {v['threshold']:.4f} {where}: test accuracy={v['accuracy']:.4f}, "
+            f"TAR={v.get('tar_at_threshold', float('nan')):.3f}, "
+            f"FAR={v.get('far_at_threshold', float('nan')):.3f}"
         )
     fs = result.get("few_shot")
     if fs:

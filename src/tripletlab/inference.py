@@ -126,12 +126,79 @@ class Inference:
         split = read_json(self.run_dir / "split.json", "split")
         return apply_split(ds, split["test"])[1]
 
-    def evaluate(self, dataset: Dataset, distance: str | None = None, seed: int = 0) -> EvalResult:
+    def training_items(self, dataset: Dataset, data: str | None) -> int:
+        """How many items of ``dataset`` (loaded from ``data``) belong to the run's training
+        split (validation included): same resolved file path for image folders, same rows of
+        the same data otherwise. 0 for the run's own test split (``data`` None)."""
+        if data is None:
+            return 0
+        train_data = str(self.config.get("train", {}).get("data", "digits"))
+        split_path = self.run_dir / "split.json"
+        if not split_path.exists():
+            return 0
+        test_info = read_json(split_path, "split")["test"]
+        if dataset.paths is not None and test_info.get("by") == "class":
+            root = Path(train_data).resolve()
+            train_dirs = [root / c for c in test_info.get("train_classes", [])]
+
+            def in_training(p: str) -> bool:
+                rp = Path(p).resolve()
+                return any(rp.is_relative_to(d) for d in train_dirs)
+
+            return sum(in_training(p) for p in dataset.paths)
+        same_source = data == train_data or (
+            Path(data).exists() and Path(data).resolve() == Path(train_data).resolve()
+        )
+        if not same_source:
+            return 0
+        try:
+            return len(apply_split(dataset, test_info)[0])
+        except InputError:
+            return 0
+
+    @property
+    def threshold_source(self) -> str | None:
+        """Where the calibrated threshold came from (``"validation"`` for runs trained with a
+        validation split), None without a threshold."""
+        if self.threshold is None:
+            return None
+        return (self.threshold_info or {}).get("threshold_source", "test split (in-sample)")
+
+    def calibration(self) -> dict | None:
+        """The run's verification threshold as an ``evaluate_embeddings`` calibration (with
+        where it came from), or None without one."""
+        if self.threshold is None:
+            return None
+        info = self.threshold_info or {}
+        return {
+            "threshold": self.threshold,
+            "source": self.threshold_source,
+            **{k: v for k, v in info.items() if k.startswith("validation_")},
+        }
+
+    def evaluate(
+        self,
+        dataset: Dataset,
+        distance: str | None = None,
+        seed: int = 0,
+        data: str | None = None,
+    ) -> EvalResult:
         """Retrieval, verification and few-shot metrics of ``dataset`` (see
-        :func:`tripletlab.evaluate.evaluate_embeddings`)."""
+        :func:`tripletlab.evaluate.evaluate_embeddings`); verification accuracy/TAR/FAR at the
+        run's calibrated threshold when the distance is the run's. ``data``: where ``dataset``
+        was loaded from, to count items that were in the training split
+        (``training_items`` in the result)."""
         dist = distance or self.distance
         emb = torch.from_numpy(self.embed_dataset(dataset))
-        return {"distance": dist, **evaluate_embeddings(emb, dataset.y, dist, seed=seed)}
+        cal = self.calibration() if dist == self.distance else None
+        out: EvalResult = {
+            "distance": dist,
+            **evaluate_embeddings(emb, dataset.y, dist, seed=seed, calibration=cal),
+        }
+        leak = self.training_items(dataset, data)
+        if leak:
+            out["training_items"] = leak
+        return out
 
     # ------------------------------------------------------------------ embedding
     def _embed_tensor(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:

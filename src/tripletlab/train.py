@@ -26,7 +26,7 @@ import torch
 from .collapse import CollapseDetector
 from .config import TrainConfig, resolve_config
 from .custom import custom_model_config, user_datasets
-from .data import Dataset, apply_split, load_dataset, split_dataset
+from .data import Dataset, apply_split, load_dataset, split_dataset, split_validation
 from .distributed import (
     DistEnv,
     DistributedTripletLoss,
@@ -44,7 +44,14 @@ from .errors import (
     TrainingInterrupted,
     TripletLabError,
 )
-from .evaluate import EvalResult, embed, eval_distance, evaluate_embeddings, summary_lines
+from .evaluate import (
+    EvalResult,
+    embed,
+    eval_distance,
+    evaluate_embeddings,
+    summary_lines,
+    validation_threshold,
+)
 from .losses import TripletLoss
 from .memory import CrossBatchMemory
 from .metrics import retrieval_metrics
@@ -176,6 +183,11 @@ class Trainer:
         # this trainer created is removed)
         self._created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        #: called as ``on_validate(step, metrics)`` after each validation (e.g. a search's
+        #: pruning); it may raise to stop the run
+        self.on_validate = None
+        #: False: ``fit`` stops after training (no test evaluation; model selection only)
+        self.evaluate_test = True
         self._time_before = 0.0  # training seconds of earlier sessions (resume)
         self._tb = None  # the TensorBoard writer while fitting (--tensorboard)
         if cfg.tensorboard:
@@ -241,11 +253,20 @@ class Trainer:
                 )
             self.train_full = train
             val, val_info = None, None
-            if cfg.val_fraction > 0 and cfg.evaluate:
-                vby = "class" if by == "class" else "sample"
-                train, val, val_info = split_dataset(
-                    train, by=vby, test_fraction=cfg.val_fraction, seed=cfg.seed + 1
-                )
+            if (cfg.val_fraction > 0 or cfg.val_folds > 1) and cfg.evaluate:
+                if by == "class":  # open-set: whole (groups of) training classes held out
+                    train, val, val_info = split_validation(
+                        train,
+                        fraction=cfg.val_fraction,
+                        seed=cfg.seed + 1,
+                        group_depth=cfg.val_group_depth,
+                        folds=cfg.val_folds,
+                        fold=cfg.val_fold,
+                    )
+                else:
+                    train, val, val_info = split_dataset(
+                        train, by="sample", test_fraction=cfg.val_fraction, seed=cfg.seed + 1
+                    )
             if self.is_main:
                 atomic_write_json(split_path, {"test": test_info, "val": val_info})
         self.train_set, self.val_set, self.test_set = train, val, test
@@ -634,6 +655,8 @@ class Trainer:
             self._save_best()
             return False
         self._record({"step": st.step, "type": "eval", **{k: m[k] for k in self.val_metrics}})
+        if self.on_validate is not None:
+            self.on_validate(st.step, m)
         if m[self.selection_metric] > st.best:
             st.best, st.best_step = m[self.selection_metric], st.step
             st.evals_without_improvement = 0
@@ -840,7 +863,7 @@ class Trainer:
             self._in_loop = False
             self._bar.close()
         result = self._training_result(self._train_seconds())
-        if not self.cfg.evaluate or not self.is_main:
+        if not self.cfg.evaluate or not self.evaluate_test or not self.is_main:
             return {"evaluated": False, **result}
         return self.final_evaluation(result)
 
@@ -926,8 +949,19 @@ class Trainer:
         best = self.state.best
         result = {"split": "test", "distance": dist, **result}
         result["best_val_map_at_r"] = best if best >= 0 else None
+        calibration = None
+        if self.val_set is not None and len(self.val_set) >= 2:
+            # the threshold is chosen on validation pairs, never on the test pairs it is scored on
+            vemb = embed(
+                self.model, self.val_set.inputs(), self.cfg.eval_batch_size, self.cfg.device
+            )
+            calibration = validation_threshold(vemb, self.val_set.y, dist, seed=self.cfg.seed)
         if len(self.test_set) >= 2:
-            result.update(evaluate_embeddings(emb, self.test_set.y, dist, seed=self.cfg.seed))
+            result.update(
+                evaluate_embeddings(
+                    emb, self.test_set.y, dist, seed=self.cfg.seed, calibration=calibration
+                )
+            )
         if self.test_info.get("by") == "predefined" and len(self.test_set):
             # the benchmark protocol of predefined splits (e.g. Fashion-MNIST): test queries
             # retrieved against the training items

@@ -61,7 +61,7 @@ def _cmd_eval(args) -> int:
     from ..evaluate import summary_lines
 
     inf = _inference(args)
-    result = inf.evaluate(inf.load_data(args.data, args.skip_bad), args.distance)
+    result = inf.evaluate(inf.load_data(args.data, args.skip_bad), args.distance, data=args.data)
     if args.json:
         print_json(result)
     else:
@@ -197,7 +197,7 @@ def _add_verify(sub) -> None:
         "verify",
         help="same / different identity for input pairs",
         description="Decide whether two inputs show the same identity, using the "
-        "distance threshold calibrated on the run's test split "
+        "distance threshold calibrated on the run's validation classes "
         "(eval.json) unless --threshold is given.",
     )
     p.add_argument("inputs", nargs="*", help="two image files (two quoted texts for a text model)")
@@ -250,7 +250,15 @@ def _cmd_verify(args) -> int:
         for (pa, pb), r in zip(pairs, inf.verify(a, b, threshold), strict=True)
     ]
     if args.json:
-        print_json({"threshold": threshold, "distance": inf.distance, "pairs": out})
+        src = "--threshold" if args.threshold is not None else inf.threshold_source
+        print_json(
+            {
+                "threshold": threshold,
+                "threshold_source": src,
+                "distance": inf.distance,
+                "pairs": out,
+            }
+        )
         return 0
     for r in out:
         verdict = "SAME" if r["same"] else "DIFFERENT"

@@ -11,7 +11,14 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["Dataset", "apply_split", "natural_key", "split_dataset"]
+__all__ = [
+    "Dataset",
+    "apply_split",
+    "class_group",
+    "natural_key",
+    "split_dataset",
+    "split_validation",
+]
 
 
 def natural_key(s: str) -> tuple:
@@ -200,6 +207,87 @@ def split_dataset(
         raise InputError(f"unknown split {by!r}; choose 'class', 'sample' or 'predefined'")
     train, test = apply_split(ds, info)
     return train, test, info
+
+
+def class_group(name: str, depth: int = 0) -> str:
+    """The group of a class: its first ``depth`` folder levels (``depth=0``: the class itself).
+
+    Example:
+        >>> class_group("Greek/character03", 1), class_group("Greek/character03", 0)
+        ('Greek', 'Greek/character03')
+    """
+    parts = name.split("/")
+    return name if depth <= 0 or depth >= len(parts) else "/".join(parts[:depth])
+
+
+def split_validation(
+    train: Dataset,
+    *,
+    fraction: float = 0.1,
+    seed: int = 0,
+    group_depth: int = 0,
+    folds: int = 1,
+    fold: int = 0,
+) -> tuple[Dataset, Dataset, dict]:
+    """Hold out whole classes of the training split for validation (open-set, like the test):
+    ``(train, val, info)``.
+
+    Classes are grouped by their first ``group_depth`` folder levels (``1`` on Omniglot: whole
+    alphabets; ``0``: each class is its own group). With ``folds`` = K > 1 the groups are dealt,
+    in a seeded order, into K folds and fold ``fold`` is the validation split (k-fold model
+    selection, as in Musgrave et al. 2020); otherwise a seeded ``fraction`` of the groups (at
+    least one). ``info`` is a class split that :func:`apply_split` reproduces.
+
+    Example:
+        >>> import torch
+        >>> ds = Dataset(torch.zeros(8, 2), torch.arange(4).repeat(2), ["a/1", "a/2", "b/1", "b/2"],
+        ...              None, "vector", "toy")
+        >>> _, val, info = split_validation(ds, group_depth=1, folds=2, fold=0)
+        >>> len(info["val_groups"]), len(val), info["test_classes"][0][0] == info["val_groups"][0]
+        (1, 4, True)
+    """
+    if not isinstance(folds, int) or folds < 1:
+        raise InputError(f"val_folds must be an integer >= 1, got {folds!r}")
+    if not 0 <= fold < folds:
+        raise InputError(f"val_fold must be in [0, {folds - 1}], got {fold}")
+    if group_depth < 0:
+        raise InputError(f"val_group_depth must be >= 0, got {group_depth}")
+    present = sorted({train.classes[i] for i in train.y.unique().tolist()}, key=natural_key)
+    groups = sorted({class_group(c, group_depth) for c in present}, key=natural_key)
+    rng = np.random.default_rng(seed)
+    order = [groups[i] for i in rng.permutation(len(groups))]
+    if folds > 1:
+        if len(groups) < folds:
+            what = "classes" if group_depth == 0 else f"class groups at depth {group_depth}"
+            raise InputError(
+                f"cannot make {folds} validation folds from {len(groups)} {what}; use "
+                f"--val-folds <= {len(groups)} or a smaller --val-group-depth"
+            )
+        val_groups = order[fold::folds]
+    else:
+        if not 0.0 < fraction < 1.0:
+            raise InputError(f"val_fraction must be in (0, 1), got {fraction}")
+        n = max(1, round(len(groups) * fraction))
+        val_groups = order[:n]
+    if len(val_groups) >= len(groups):
+        raise InputError(
+            f"validation would take all {len(groups)} class groups; nothing left to train on"
+        )
+    chosen = set(val_groups)
+    val_classes = [c for c in present if class_group(c, group_depth) in chosen]
+    info = {
+        "by": "class",
+        "seed": int(seed),
+        "test_fraction": float(fraction),
+        "group_depth": int(group_depth),
+        "folds": int(folds),
+        "fold": int(fold),
+        "val_groups": sorted(val_groups, key=natural_key),
+        "test_classes": val_classes,  # the key apply_split reads: the held-out classes
+        "train_classes": [c for c in present if c not in set(val_classes)],
+    }
+    rest, val = apply_split(train, info)
+    return rest, val, info
 
 
 def apply_split(ds: Dataset, info: dict) -> tuple[Dataset, Dataset]:
