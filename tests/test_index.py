@@ -280,3 +280,40 @@ def test_bad_construction_and_add():
         index.add(x[:1], ids=[3])
     index.add(x[:1])  # default ids continue after the largest
     assert index.ids[-1] == 10 and len(index) == 11
+
+
+@needs_faiss
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_ivfpq_recall_is_measured_and_saved_with_checksums(metric, tmp_path):
+    from tripletlab.index import search_quality
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(20, 16))
+    x = (centers[rng.integers(0, 20, 2000)] + 0.1 * rng.normal(size=(2000, 16))).astype("float32")
+    index = EmbeddingIndex(16, metric=metric, kind="ivfpq", ivf_nlist=16, nprobe=16, pq_m=8)
+    index.add(x, labels=np.arange(2000))
+    q = search_quality(index, x, n_queries=200, k=10)
+    assert 0.3 < q["recall_at_k"] <= 1.0 and q["ms_per_query"] > 0
+    flat = EmbeddingIndex(16, metric=metric, kind="flat")
+    flat.add(x)
+    assert search_quality(flat, x, n_queries=50)["recall_at_k"] > 0.99
+    index.quality = q
+    index.save(tmp_path / "pq", fingerprint="abc")
+    loaded = EmbeddingIndex.load(tmp_path / "pq", expected_fingerprint="abc")
+    assert loaded.kind == "ivfpq" and loaded.pq_m == 8 and loaded.quality == q
+    assert np.array_equal(loaded.search(x[:20], 5)[1], index.search(x[:20], 5)[1])
+    with pytest.raises(InputError, match="another model"):
+        EmbeddingIndex.load(tmp_path / "pq", expected_fingerprint="other")
+    data = (tmp_path / "pq" / "index.faiss").read_bytes()
+    (tmp_path / "pq" / "index.faiss").write_bytes(data[:-10])
+    with pytest.raises(FileFormatError):
+        EmbeddingIndex.load(tmp_path / "pq")
+
+
+@needs_faiss
+def test_ivfpq_on_too_few_vectors_is_a_clear_error():
+    index = EmbeddingIndex(16, kind="ivfpq", ivf_nlist=4)
+    with pytest.raises(InputError, match="at least 256 vectors.*--kind flat"):
+        index.add(np.random.default_rng(0).normal(size=(100, 16)))
+    with pytest.raises(InputError, match="pq_m"):
+        EmbeddingIndex(10, kind="ivfpq", pq_m=3)

@@ -74,23 +74,41 @@ def test_default_digits_run_reaches_the_promised_precision(tmp_path):
     assert ev["retrieval"]["precision_at_1"] >= 0.97, ev["retrieval"]
 
 
-def test_resume_is_bit_identical(tmp_path):
-    full = Trainer(_cfg(tmp_path, "full"))
+@pytest.mark.parametrize(
+    "extra", [{}, {"memory_size": 60, "memory_warmup": 6}], ids=["plain", "memory"]
+)
+def test_resume_is_bit_identical(tmp_path, extra):
+    full = Trainer(_cfg(tmp_path, "full", **extra))
     full.fit()
-    half = Trainer(_cfg(tmp_path, "half", steps=24))
+    half = Trainer(_cfg(tmp_path, "half", steps=24, **extra))
     half.total_steps = 16  # stop early, as if killed after the checkpoint at step 16
     half.fit()
-    resumed = Trainer(_cfg(tmp_path, "half"), resume=True)
+    resumed = Trainer(_cfg(tmp_path, "half", **extra), resume=True)
     assert resumed.state.step == 16
     resumed.fit()
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "half")
     assert a.keys() == b.keys()
+    assert any(k.startswith("memory.") for k in a) == bool(extra)
     for k in a:
-        if k.startswith("model."):
+        if k.startswith(("model.", "memory.")):
             assert torch.equal(a[k], b[k]), k
     ea = json.loads((tmp_path / "full" / "eval.json").read_text())
     eb = json.loads((tmp_path / "half" / "eval.json").read_text())
     assert ea["retrieval"] == eb["retrieval"]
+
+
+def test_memory_is_used_after_warmup_and_logged(tmp_path):
+    t = Trainer(_cfg(tmp_path, memory_size=60, memory_warmup=6, steps=12))
+    t.fit()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in recs if r.get("type") != "eval"}
+    assert "memory_n_triplets" not in train[4]  # still warming up
+    assert train[8]["memory_n_triplets"] > 0 and len(t.criterion) == 60
+
+
+def test_memory_smaller_than_the_batch_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="smaller than the batch.*P\\*K = 20"):
+        Trainer(_cfg(tmp_path, memory_size=10))
 
 
 def test_same_seed_same_result_and_existing_run_protected(tmp_path):

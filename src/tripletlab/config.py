@@ -150,6 +150,14 @@ class TrainConfig:
     semihard_fallback: str = _opt(
         "easiest", "semi-hard pairs without a semi-hard negative: easiest (TF-Addons) | drop"
     )
+    # XBM (Wang et al. 2020): more negatives than one batch holds; off by default (it only pays
+    # once the embedding drifts slowly, hence the warm-up)
+    memory_size: int = _opt(
+        0,
+        "cross-batch memory: also mine each batch against the last M embeddings (0 = off; "
+        "M >= the global batch P*K)",
+    )
+    memory_warmup: int = _opt(100, "steps before the cross-batch memory is used")
     # --- optimisation
     p: int = _opt(16, "classes per batch")
     k: int = _opt(4, "samples per class in a batch (K-1 positives per anchor)")
@@ -179,6 +187,16 @@ class TrainConfig:
         None,
         "torch CPU threads (default: 1 for vector data; for images the faster of 1 and one "
         "per core, measured on a few steps at the start; 1 is often faster on a busy machine)",
+    )
+    # --- several processes (torchrun)
+    distributed: bool = _opt(
+        False,
+        "data-parallel training under torchrun (DDP; gloo on CPU, NCCL on CUDA): each of the N "
+        "processes takes P*K/N items of every global PK batch, mining sees the whole batch",
+    )
+    # long enough for a slow validation on rank 0, short enough that a dead rank is noticed
+    dist_timeout: float = _opt(
+        120.0, "seconds a process waits for the others before stopping with an error"
     )
     # --- evaluation and checkpoints
     eval_every: int | None = _opt(None, "steps between validations (default: once per epoch)")

@@ -27,10 +27,27 @@ from .manifest import read_manifest, verify_files, write_manifest
 from .utils import atomic_write_bytes, atomic_write_json
 from .validation import as_matrix, check_k
 
-__all__ = ["EmbeddingIndex"]
+__all__ = ["EmbeddingIndex", "default_pq_m", "search_quality"]
 
 FORMAT = 1
-KINDS = ("flat", "hnsw", "ivf")
+KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+_IVF_KINDS = ("ivf", "ivfpq")
+
+
+def default_pq_m(dim: int) -> int:
+    """Sub-quantisers of an IVF-PQ index: the largest divisor of ``dim`` that leaves at least 4
+    dimensions per sub-vector (16 for 128-d: 16 bytes per vector with 8-bit codes).
+
+    Example:
+        >>> default_pq_m(128), default_pq_m(64), default_pq_m(10)
+        (16, 16, 2)
+    """
+    m = max(1, min(16, dim // 4))
+    while dim % m:
+        m -= 1
+    return m
+
+
 METRICS = ("cosine", "euclidean")
 
 try:  # faiss is a dependency, but keep an exact fallback where it cannot be imported
@@ -63,8 +80,10 @@ class EmbeddingIndex:
     """Search embeddings by nearest neighbour; holds ids, labels and optional paths.
 
     ``kind``: ``flat`` (exact, default), ``hnsw`` (graph, approximate), ``ivf`` (inverted lists,
-    approximate; trained on the first ``add``). ``backend``: ``faiss``, ``numpy`` (exact brute
-    force, flat only) or ``auto``.
+    approximate; trained on the first ``add``), ``ivfpq`` (inverted lists of product-quantised
+    codes, ``pq_m`` bytes per vector with ``pq_bits=8``: for millions of vectors; trained on the
+    first ``add``, which needs at least ``max(ivf_nlist, 2**pq_bits)`` vectors). ``backend``:
+    ``faiss``, ``numpy`` (exact brute force, flat only) or ``auto``.
 
     Example:
         >>> import numpy as np
@@ -85,6 +104,8 @@ class EmbeddingIndex:
         hnsw_m: int = 32,
         ivf_nlist: int = 64,
         nprobe: int = 8,
+        pq_m: int | None = None,
+        pq_bits: int = 8,
     ) -> None:
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise InputError(f"index dimension must be a positive integer, got {dim!r}")
@@ -102,6 +123,13 @@ class EmbeddingIndex:
             raise InputError("the numpy backend supports only the exact 'flat' index")
         self.dim, self.metric, self.kind, self.backend = int(dim), metric, kind, backend
         self.hnsw_m, self.ivf_nlist, self.nprobe = hnsw_m, ivf_nlist, nprobe
+        self.pq_m = int(pq_m) if pq_m else default_pq_m(self.dim)
+        self.pq_bits = int(pq_bits)
+        if kind == "ivfpq" and (self.dim % self.pq_m or not 1 <= self.pq_bits <= 16):
+            raise InputError(
+                f"ivfpq needs pq_m dividing the dimension {self.dim} (got {self.pq_m}) and "
+                f"1 <= pq_bits <= 16 (got {self.pq_bits})"
+            )
         self.ids = np.zeros(0, dtype=np.int64)
         self.labels = np.zeros(0, dtype=np.int64)
         self.paths: list[str] | None = None
@@ -111,6 +139,8 @@ class EmbeddingIndex:
         self.classes: list[str] | None = None
         self._vectors = np.zeros((0, self.dim), dtype=np.float32)  # numpy backend
         self._index = self._new_faiss() if backend == "faiss" else None
+        # recall@k against exact search and latency (search_quality), kept in the manifest
+        self.quality: dict | None = None
 
     # ------------------------------------------------------------------ build
     def _new_faiss(self):
@@ -121,7 +151,10 @@ class EmbeddingIndex:
         if self.kind == "hnsw":
             return faiss.IndexHNSWFlat(self.dim, self.hnsw_m, mt)
         quant = faiss.IndexFlatIP(self.dim) if ip else faiss.IndexFlatL2(self.dim)
-        idx = faiss.IndexIVFFlat(quant, self.dim, self.ivf_nlist, mt)
+        if self.kind == "ivfpq":
+            idx = faiss.IndexIVFPQ(quant, self.dim, self.ivf_nlist, self.pq_m, self.pq_bits, mt)
+        else:
+            idx = faiss.IndexIVFFlat(quant, self.dim, self.ivf_nlist, mt)
         self._quantizer = quant  # faiss does not own it: keep it alive
         return idx
 
@@ -164,11 +197,16 @@ class EmbeddingIndex:
         if paths is not None and self.paths is None:
             self.paths = [""] * len(self)
         if self.backend == "faiss":
-            if self.kind == "ivf" and not self._index.is_trained:
-                if n < self.ivf_nlist:
+            if self.kind in _IVF_KINDS and not self._index.is_trained:
+                need = self.ivf_nlist
+                if self.kind == "ivfpq":
+                    need = max(need, 2**self.pq_bits)
+                if n < need:
                     raise InputError(
-                        f"an IVF index with {self.ivf_nlist} lists needs at least "
-                        f"{self.ivf_nlist} vectors in the first add, got {n}"
+                        f"an {self.kind} index with {self.ivf_nlist} lists"
+                        + (f" and {self.pq_bits}-bit codes" if self.kind == "ivfpq" else "")
+                        + f" needs at least {need} vectors in the first add, got {n}: use "
+                        "--kind flat (exact) for small sets"
                     )
                 self._index.train(x)
             self._index.add(x)
@@ -195,7 +233,7 @@ class EmbeddingIndex:
         q = self._prep(as_matrix(queries, self.dim, "queries"))
         k = min(int(k), len(self))
         if self.backend == "faiss":
-            if self.kind == "ivf":
+            if self.kind in _IVF_KINDS:
                 self._index.nprobe = self.nprobe
             scores, pos = self._index.search(q, k)
         else:
@@ -302,6 +340,9 @@ class EmbeddingIndex:
             count=len(self),
             fingerprint=fingerprint,
             nprobe=self.nprobe,
+            pq_m=self.pq_m if self.kind == "ivfpq" else None,
+            pq_bits=self.pq_bits if self.kind == "ivfpq" else None,
+            quality=self.quality,
         )
 
     @staticmethod
@@ -347,8 +388,15 @@ class EmbeddingIndex:
             raise FileFormatError(f"{d} is a faiss index but faiss is not installed")
         try:
             index = cls(
-                dim, metric=metric, kind=kind, backend=backend, nprobe=int(man.get("nprobe", 8))
+                dim,
+                metric=metric,
+                kind=kind,
+                backend=backend,
+                nprobe=int(man.get("nprobe", 8)),
+                pq_m=man.get("pq_m"),
+                pq_bits=int(man.get("pq_bits") or 8),
             )
+            index.quality = man.get("quality")
         except (InputError, ValueError, TypeError) as e:
             raise FileFormatError(f"corrupt index manifest {man_path}: {e}") from None
         try:
@@ -394,3 +442,46 @@ class EmbeddingIndex:
     @staticmethod
     def remove(directory) -> None:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def search_quality(
+    index: EmbeddingIndex, vectors, n_queries: int = 1000, k: int = 10, seed: int = 0
+) -> dict[str, float | int]:
+    """Recall@k of ``index`` against exact search over ``vectors`` (the indexed vectors, in
+    insertion order) and the query latency, with up to ``n_queries`` of the vectors as queries.
+
+    ``recall_at_k`` = mean over queries of |approximate top-k ids ∩ exact top-k ids| / k (1.0 for
+    a flat index up to exact ties). Latencies are wall-clock milliseconds per query in one batch.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).normal(size=(300, 8)).astype("float32")
+        >>> idx = EmbeddingIndex(8, metric="euclidean", kind="flat")
+        >>> idx.add(x)
+        >>> search_quality(idx, x, n_queries=50)["recall_at_k"]
+        1.0
+    """
+    import time
+
+    x = index._prep(as_matrix(vectors, index.dim, "vectors"))
+    if x.shape[0] != len(index):
+        raise InputError(f"{x.shape[0]} vectors for an index of {len(index)} items")
+    k = min(check_k(k), len(index))
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(x.shape[0], size=min(n_queries, x.shape[0]), replace=False)
+    q = x[pick]
+    t0 = time.perf_counter()
+    _, ids = index.search(q, k)
+    t_index = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, pos = _exact_search(q, x, k, index.metric)
+    t_exact = time.perf_counter() - t0
+    exact_ids = index.ids[pos]
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact_ids, strict=True))
+    return {
+        "k": k,
+        "n_queries": len(pick),
+        "recall_at_k": hits / (k * len(pick)),
+        "ms_per_query": 1000 * t_index / len(pick),
+        "exact_ms_per_query": 1000 * t_exact / len(pick),
+    }

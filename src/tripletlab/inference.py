@@ -419,17 +419,19 @@ class Inference:
         self, emb: np.ndarray, labels, paths: list[str] | None, classes: list[str], kind="flat"
     ) -> EmbeddingIndex:
         """An :class:`~tripletlab.index.EmbeddingIndex` of embeddings already computed (e.g.
-        by :meth:`embed_source`)."""
-        from .index import EmbeddingIndex
+        by :meth:`embed_source`); approximate kinds record their measured recall@10."""
+        from .index import EmbeddingIndex, search_quality
 
         index = EmbeddingIndex(
             emb.shape[1],
             metric=self.distance,
             kind=kind,
-            ivf_nlist=max(1, min(256, len(emb) // 39)),
+            ivf_nlist=max(1, min(256 if kind == "ivf" else 4096, len(emb) // 39)),
         )
         index.add(emb, labels=np.asarray(labels), paths=paths)
         index.classes = classes
+        if kind != "flat":  # approximate: measure what it costs in recall (kept in the manifest)
+            index.quality = search_quality(index, emb, n_queries=1000, k=10)
         if paths is not None and any(not Path(p).is_absolute() for p in paths):
             index.root = str(Path.cwd())  # relative paths are relative to this directory
         return index

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import DistributedTripletLoss, gather_labels, gather_sizes, is_distributed
+from .distributed import _gather_padded as _gather_rows
 from .errors import InputError
 from .functional import check_inputs
 from .losses import TripletLoss
@@ -24,6 +26,11 @@ class CrossBatchMemory(nn.Module):
     ``loss = loss_fn(E, y) + memory_weight * loss_fn(E, y, ref_embeddings=M, ref_labels=yM)``
     where ``M`` holds the last ``size`` embeddings seen (detached), then the batch is enqueued.
     Anchors always come from the current batch, so gradients flow only through it.
+    ``start_after`` (the warm-up) is the number of calls before the memory term is added (the
+    memory is filled from the first call). With a
+    :class:`~tripletlab.distributed.DistributedTripletLoss` inside a process group, the memory
+    holds the **gathered global** batches (identical on every rank) and each rank mines its own
+    anchors against it, the reduction being global.
 
     Example:
         >>> import torch
@@ -38,7 +45,7 @@ class CrossBatchMemory(nn.Module):
 
     def __init__(
         self,
-        loss_fn: TripletLoss,
+        loss_fn: TripletLoss | DistributedTripletLoss,
         size: int,
         embedding_dim: int,
         memory_weight: float = 1.0,
@@ -59,6 +66,7 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.memory_stats: dict = {}
+        self.batch_stats: dict = {}
 
     def __len__(self) -> int:
         return int(self.count)
@@ -88,6 +96,7 @@ class CrossBatchMemory(nn.Module):
         if self.embeddings.dtype != embeddings.dtype:
             self.embeddings = self.embeddings.to(embeddings.dtype)
         loss = self.loss_fn(embeddings, labels)
+        self.batch_stats = self.loss_fn.stats
         self.memory_stats = {}
         n = int(self.count)
         if n > 0 and int(self.steps) >= self.start_after:
@@ -99,6 +108,11 @@ class CrossBatchMemory(nn.Module):
             )
             self.memory_stats = self.loss_fn.stats
             loss = loss + self.memory_weight * mem_loss
-        self.enqueue(embeddings, labels)
+        if isinstance(self.loss_fn, DistributedTripletLoss) and is_distributed():
+            with torch.no_grad():
+                sizes = gather_sizes(embeddings.shape[0], embeddings.device)
+                self.enqueue(_gather_rows(embeddings.detach(), sizes), gather_labels(labels))
+        else:
+            self.enqueue(embeddings, labels)
         self.steps += 1
         return loss

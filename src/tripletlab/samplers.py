@@ -11,7 +11,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["PKSampler"]
+__all__ = ["DistributedPKSampler", "PKSampler"]
 
 
 class PKSampler:
@@ -137,3 +137,59 @@ class PKSampler:
         if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
             raise InputError(f"invalid sampler state: epoch={epoch}, position={position}")
         self.epoch, self.position = epoch, position
+
+
+class DistributedPKSampler:
+    """One global PK batch per step, sharded across ranks: rank ``r`` gets the ``r``-th of
+    ``world_size`` contiguous slices of the batch :class:`PKSampler` would produce for one
+    process (so a class's K samples may land on different ranks, and the gathered batch in rank
+    order *is* the single-process batch). ``P*K`` must be divisible by ``world_size``.
+
+    Every rank builds the same global sequence from the same seed; ``state_dict`` is the wrapped
+    sampler's, so a run can resume with another world size that divides the batch.
+
+    Example:
+        >>> import torch
+        >>> from tripletlab.samplers import DistributedPKSampler, PKSampler
+        >>> labels = torch.arange(10).repeat(8)
+        >>> ranks = [DistributedPKSampler(PKSampler(labels, 4, 4, seed=0), r, 2) for r in (0, 1)]
+        >>> shards = [next(iter(s)) for s in ranks]  # each rank: 8 of the 16 items
+        >>> shards[0] + shards[1] == next(iter(PKSampler(labels, 4, 4, seed=0)))
+        True
+    """
+
+    def __init__(self, base: PKSampler, rank: int, world_size: int) -> None:
+        batch = base.p * base.k
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise InputError(f"invalid rank {rank} of world size {world_size}")
+        if batch % world_size:
+            raise InputError(
+                f"the global batch P*K = {base.p}*{base.k} = {batch} does not divide into "
+                f"{world_size} processes: choose --p/--k with P*K a multiple of {world_size} "
+                f"or another --nproc_per_node"
+            )
+        self.base, self.rank, self.world_size = base, int(rank), int(world_size)
+        self.local_batch = batch // world_size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def epoch(self) -> int:
+        return self.base.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lo = self.rank * self.local_batch
+        for batch in self.base:
+            yield batch[lo : lo + self.local_batch]
+
+    def state_dict(self) -> dict:
+        """The wrapped sampler's state (the global position)."""
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the global sequence from ``state``."""
+        self.base.load_state_dict(state)

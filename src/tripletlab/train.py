@@ -28,8 +28,23 @@ from .config import TrainConfig, resolve_config
 from .custom import custom_model_config, user_datasets
 from .data import Dataset, apply_split, split_dataset, split_validation
 from .devices import amp_dtype, autocast, grad_scaler, resolve_device
+from .distributed import (
+    DistEnv,
+    DistributedTripletLoss,
+    any_rank,
+    broadcast_flag,
+    convert_sync_batchnorm_any,
+    init_from_env,
+    shutdown,
+)
 from .environment import environment
-from .errors import FileFormatError, InputError, NonFiniteError, TrainingInterrupted
+from .errors import (
+    FileFormatError,
+    InputError,
+    NonFiniteError,
+    TrainingInterrupted,
+    TripletLabError,
+)
 from .evaluate import (
     EvalResult,
     embed,
@@ -39,6 +54,7 @@ from .evaluate import (
     validation_threshold,
 )
 from .losses import TripletLoss
+from .memory import CrossBatchMemory
 from .metrics import retrieval_metrics
 from .models import build_augment, build_model, default_model_config
 from .rundir import (
@@ -54,7 +70,7 @@ from .rundir import (
     trim_metrics,
     write_run_config,
 )
-from .samplers import PKSampler
+from .samplers import DistributedPKSampler, PKSampler
 from .utils import atomic_write_json, jsonable
 
 __all__ = [
@@ -73,7 +89,15 @@ __all__ = [
     "summary_lines",
 ]
 
-_LOGGED_STATS = ("active_fraction", "mean_d_ap", "mean_d_an", "mean_distance", "n_triplets")
+_LOGGED_STATS = (
+    "active_fraction",
+    "mean_d_ap",
+    "mean_d_an",
+    "mean_distance",
+    "n_triplets",
+    "memory_active_fraction",
+    "memory_n_triplets",
+)
 _VAL_METRICS = ("precision_at_1", "recall_at_4", "r_precision", "map_at_r")
 
 
@@ -146,6 +170,11 @@ class Trainer:
         name = "custom" if self._user_data else Path(cfg.data).name or cfg.data
         self.run_dir = Path(cfg.out or f"runs/{name}-{stamp}")
         self.resume = resume
+        # torchrun: join the process group; rank 0 alone writes files (see docs/scaling.md)
+        self.dist: DistEnv | None = (
+            init_from_env(cfg.device, cfg.dist_timeout) if cfg.distributed else None
+        )
+        self.is_main = self.dist is None or self.dist.is_main
         if not resume and (self.run_dir / "checkpoint").exists():
             raise InputError(
                 f"{self.run_dir} already holds a run; use --resume {self.run_dir} to continue "
@@ -185,6 +214,8 @@ class Trainer:
             raise
 
     def _remove_unstarted_run(self) -> None:
+        if not getattr(self, "is_main", True):  # rank 0 owns the run directory
+            return
         if self._created_dir and getattr(self, "state", _Running()).step == 0:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -245,7 +276,8 @@ class Trainer:
                     train, val, val_info = split_dataset(
                         train, by="sample", test_fraction=cfg.val_fraction, seed=cfg.seed + 1
                     )
-            atomic_write_json(split_path, {"test": test_info, "val": val_info})
+            if self.is_main:
+                atomic_write_json(split_path, {"test": test_info, "val": val_info})
         self.train_set, self.val_set, self.test_set = train, val, test
         self.test_info = test_info
         if len(torch.unique(train.y)) < 2:
@@ -288,9 +320,10 @@ class Trainer:
         # the caller's data is used as given (augment only when asked for by name)
         auto = "light" if ds.kind == "image" and self._user_data is None else None
         aug = cfg.augment if cfg.augment is not None else auto
+        aug_seed = cfg.seed + 2 + (1000 * self.dist.rank if self.dist else 0)  # own draws per rank
         self.augment = None
         if ds.kind == "image" and self.files is None:  # streamed images augment in the workers
-            self.augment = build_augment(aug, seed=cfg.seed + 2)
+            self.augment = build_augment(aug, seed=aug_seed)
         if self._user_loss is not None:
             self.loss_fn = self._user_loss
             for key in ("margin", "strategy", "distance", "soft_margin", "semihard_fallback"):
@@ -305,10 +338,13 @@ class Trainer:
                 semihard_fallback=cfg.semihard_fallback,
                 seed=cfg.seed + 3,
             )
+        self.criterion = self._build_criterion()
         n_cls = int(torch.unique(ds.y).numel())
         if cfg.p > n_cls:
             self.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
         self.sampler = PKSampler(ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed)
+        if self.dist is not None:
+            self.sampler = DistributedPKSampler(self.sampler, self.dist.rank, self.dist.world_size)
         self.total_steps = cfg.steps or self._epochs() * len(self.sampler)
         self.eval_every = cfg.eval_every or len(self.sampler)
         self.ckpt_every = cfg.checkpoint_every or self.eval_every
@@ -326,22 +362,66 @@ class Trainer:
             self.opt, lambda s: _lr_factor(s, cfg.warmup_steps, self.total_steps)
         )
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+        if self.dist is not None:  # gradients averaged over ranks (the loss is scaled for it)
+            # BatchNorm over the global batch: torch's SyncBatchNorm on CUDA, ours on gloo
+            if self.dist.backend == "nccl":
+                self.forward = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.forward)
+            else:
+                self.forward = convert_sync_batchnorm_any(self.forward)
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.forward)
         self.state = _Running()
         self.model_config = (
             custom_model_config(self.model, ds, str(self.device))
             if self._user_model is not None
             else self.model.config
         )
-        write_run_config(
-            self.run_dir,
-            cfg.to_dict(),
-            self.model_config,
-            self.dataset,
-            self.splits(),
-            environment=environment(str(self.device), self.threads()),
-        )
+        if self.is_main:
+            write_run_config(
+                self.run_dir,
+                cfg.to_dict(),
+                self.model_config,
+                self.dataset,
+                self.splits(),
+                environment=environment(str(self.device), self.threads()),
+            )
         if self.resume:
             self._restore()
+
+    def _build_criterion(self) -> torch.nn.Module:
+        """The loss of a step: the triplet loss, inside a cross-batch memory if asked."""
+        cfg = self.cfg
+        loss: torch.nn.Module = self.loss_fn
+        if (self.dist is not None or cfg.memory_size > 0) and not isinstance(loss, TripletLoss):
+            raise InputError(
+                "--distributed and --memory-size need tripletlab's TripletLoss (a custom loss "
+                "cannot be mined over gathered batches or a memory)"
+            )
+        if self.dist is not None:  # own anchors x the gathered global batch
+            loss = DistributedTripletLoss(self.loss_fn, scale_for_ddp=True)
+        if cfg.memory_size <= 0:
+            return loss
+        batch = cfg.p * cfg.k
+        if cfg.memory_size < batch:
+            raise InputError(
+                f"--memory-size {cfg.memory_size} is smaller than the batch (P*K = {batch}): "
+                f"use at least {batch} (a few batches, e.g. {8 * batch}), or 0 for no memory"
+            )
+        if cfg.memory_warmup < 0:
+            raise InputError(f"--memory-warmup must be >= 0, got {cfg.memory_warmup}")
+        return CrossBatchMemory(
+            loss,
+            size=cfg.memory_size,
+            embedding_dim=cfg.embedding_dim,
+            start_after=cfg.memory_warmup,
+        ).to(cfg.device)
+
+    def _step_stats(self) -> dict:
+        """Stats of the last step's batch (plus the memory's, prefixed ``memory_``)."""
+        if isinstance(getattr(self, "criterion", None), CrossBatchMemory):
+            mem = self.criterion.memory_stats
+            extra = {f"memory_{k}": mem[k] for k in ("active_fraction", "n_triplets") if k in mem}
+            return {**self.criterion.batch_stats, **extra}
+        return dict(getattr(self.criterion, "stats", {}))
 
     def _is_text(self) -> bool:
         return self.train_set.kind in ("text", "triplets")
@@ -386,12 +466,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self) -> None:
+        if not self.is_main:
+            return
         tensors = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
         tensors["rng.torch"] = torch.get_rng_state()
         if self.augment is not None:
             tensors["rng.augment"] = self.augment.get_state()
         if getattr(self.loss_fn, "generator", None) is not None:
             tensors["rng.loss"] = self.loss_fn.generator.get_state()
+        if isinstance(getattr(self, "criterion", None), CrossBatchMemory):
+            for k, v in self.criterion.state_dict().items():
+                tensors[f"memory.{k}"] = v.detach().cpu().contiguous()
         st = self.state
         state = {
             "step": st.step,
@@ -429,6 +514,14 @@ class Trainer:
             self.augment.set_state(tensors["rng.augment"])
         if getattr(self.loss_fn, "generator", None) is not None and "rng.loss" in tensors:
             self.loss_fn.generator.set_state(tensors["rng.loss"])
+        if isinstance(getattr(self, "criterion", None), CrossBatchMemory):
+            mem = {k[7:]: v for k, v in tensors.items() if k.startswith("memory.")}
+            if not mem:
+                raise FileFormatError(
+                    f"checkpoint in {self.run_dir} has no cross-batch memory but the run uses "
+                    "--memory-size; resume with the run's own config.json"
+                )
+            self.criterion.load_state_dict(mem)
         (self.stream or self.sampler).load_state_dict(state["sampler"])
         st = self.state
         st.step, st.best, st.best_step = state["step"], state["best"], state["best_step"]
@@ -441,12 +534,15 @@ class Trainer:
                 f"{self.run_dir} is at step {st.step}; to extend it pass --steps greater than "
                 f"{st.step} (got {self.total_steps})"
             )
-        trim_metrics(self.run_dir, st.step)  # later lines will be produced again
+        if self.is_main:
+            trim_metrics(self.run_dir, st.step)  # later lines will be produced again
         saved_total = state.get("total_steps", self.total_steps)
         extended = f" (extended from {saved_total})" if self.total_steps != saved_total else ""
         self.log(f"resumed {self.run_dir} at step {st.step}/{self.total_steps}{extended}")
 
     def _save_best(self) -> None:
+        if not self.is_main:
+            return
         save_weights(self.run_dir / "model.safetensors", self.model.state_dict())
 
     # ---------------------------------------------------------------- one step
@@ -479,10 +575,10 @@ class Trainer:
         with autocast(self.device, self.amp):
             emb = self.forward(x)
         emb = emb.float()
-        if not bool(torch.isfinite(emb).all()):
+        if any_rank(not bool(torch.isfinite(emb).all())):  # every rank takes the same branch
             return self._nonfinite("embeddings")
-        loss = self.loss_fn(emb, y)
-        stats = dict(getattr(self.loss_fn, "stats", {}))
+        loss = self.criterion(emb, y)
+        stats = self._step_stats()
         if not bool(torch.isfinite(loss)):
             return self._nonfinite("loss")
         if self.scaler is not None:  # float16 on CUDA
@@ -527,7 +623,7 @@ class Trainer:
 
     def _log_step(self, loss: float, stats: dict) -> None:
         """Every ``log_every`` steps: one metrics.jsonl line and the progress-bar text."""
-        if not self._due(self.cfg.log_every):
+        if not self._due(self.cfg.log_every) or not self.is_main:
             return
         now = time.perf_counter()
         rec = {
@@ -578,7 +674,7 @@ class Trainer:
                         self._tb.add_scalar(f"{group}/{key}", value, rec["step"])
 
     def _open_tensorboard(self) -> None:
-        if self.cfg.tensorboard and self._tb is None:
+        if self.cfg.tensorboard and self._tb is None and self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: a resumed run drops the events logged after its checkpoint
@@ -616,6 +712,11 @@ class Trainer:
         """Every ``eval_every`` steps: validate, keep the best model; True = stop early."""
         if not self._due(self.eval_every):
             return False
+        if self.dist is not None:  # rank 0 validates and decides; the others follow
+            return broadcast_flag(self._validate_and_decide() if self.is_main else False)
+        return self._validate_and_decide()
+
+    def _validate_and_decide(self) -> bool:
         st, patience = self.state, self.cfg.patience
         m = self.validate()
         if m is None:  # no validation: the latest model is the one kept
@@ -710,21 +811,40 @@ class Trainer:
         return choice
 
     def fit(self) -> EvalResult:
-        """Train to the configured number of steps, evaluate on the test split, return eval."""
+        """Train to the configured number of steps, evaluate on the test split, return eval.
+
+        Under ``--distributed`` every rank trains; rank 0 alone evaluates and writes files, the
+        others return the training part of the result. A failed collective (another rank died
+        or hung past ``--dist-timeout``) stops this rank with a message naming it.
+        """
         if self.resume and self.state.step >= self.total_steps:
             return self._finished()
         previous, n = torch.get_num_threads(), self.threads()
         if n:
             torch.set_num_threads(n)
         handler = self._install_sigint()
+        failed = True
         try:
-            return self._fit()
-        except Exception:
+            result = self._fit()
+            failed = False
+            return result
+        except Exception as e:
             self._remove_unstarted_run()
-            raise
+            if self.dist is None or isinstance(e, TripletLabError):
+                raise
+            if not isinstance(e, (RuntimeError, OSError)):
+                raise
+            raise TripletLabError(
+                f"rank {self.dist.rank} of {self.dist.world_size}: lost the other processes at "
+                f"step {self.state.step + 1} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "another rank failed or stopped (torchrun's summary names it). The last "
+                f"checkpoint in {self.run_dir / 'checkpoint'} resumes with: torchrun "
+                f"--nproc_per_node N -m tripletlab train --distributed --resume {self.run_dir}"
+            ) from None
         finally:
             self._close_tensorboard()
             torch.set_num_threads(previous)
+            shutdown(self.dist, clean=not failed)
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
 
@@ -815,7 +935,7 @@ class Trainer:
             self._in_loop = False
             self._bar.close()
         result = self._training_result(self._train_seconds())
-        if not self.cfg.evaluate or not self.evaluate_test:
+        if not self.cfg.evaluate or not self.evaluate_test or not self.is_main:
             return {"evaluated": False, **result}
         return self.final_evaluation(result)
 
@@ -827,8 +947,9 @@ class Trainer:
                 loss, stats = self._train_step(idx)
                 self._step_seconds += time.perf_counter() - t_step
                 n_batch = len(idx[1]) if isinstance(idx, tuple) else len(idx)
-                self._step_samples += n_batch
-                self._seen += n_batch
+                global_n = n_batch * (self.dist.world_size if self.dist else 1)
+                self._step_samples += global_n
+                self._seen += global_n
                 st.step += 1
                 self._bar.update(1)
                 if "skipped" not in stats:

@@ -150,6 +150,11 @@ class TripletFileTrainer(Trainer):
 
     def _build(self) -> None:
         cfg = self.cfg
+        if self.dist is not None:
+            raise InputError(
+                "--distributed is not supported for (anchor, positive, negative) triplet files "
+                "yet: train them in one process"
+            )
         torch.manual_seed(cfg.seed)
         self.model = self._build_text_model()
         self.augment = None

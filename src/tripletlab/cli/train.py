@@ -126,7 +126,10 @@ def _cmd_train(args) -> int:
     overrides = config_overrides(args)
     if args.resume:
         run = Path(args.resume)
-        extra = sorted(set(overrides) - {"quiet", "report", "progress_every", "steps"})
+        extra = sorted(
+            set(overrides)
+            - {"quiet", "report", "progress_every", "steps", "distributed", "dist_timeout"}
+        )
         if extra or args.config_file:
             raise UsageError(
                 f"--resume continues the saved configuration; drop {extra or ['--config']}"
@@ -138,11 +141,19 @@ def _cmd_train(args) -> int:
         file_values = load_config_file(args.config_file) if args.config_file else None
         cfg = resolve_config(file_values, overrides)
         trainer = trainer_class(cfg)(cfg, log=_note)
+    if not getattr(trainer, "is_main", True):  # torchrun: rank 0 prints, evaluates, reports
+        trainer.fit()
+        return 0
     print(
         f"training on {cfg.data}: {len(trainer.train_set)} train / "
         f"{len(trainer.val_set) if trainer.val_set is not None else 0} val / "
         f"{len(trainer.test_set)} test items; strategy={cfg.strategy}, "
-        f"{trainer.total_steps} steps -> {trainer.run_dir}",
+        f"{trainer.total_steps} steps -> {trainer.run_dir}"
+        + (
+            f" ({trainer.dist.world_size} processes, {trainer.dist.backend})"
+            if trainer.dist
+            else ""
+        ),
         file=sys.stderr,
     )
     result = trainer.fit()
