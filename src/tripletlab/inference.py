@@ -413,10 +413,18 @@ class Inference:
         emb = self.embed_dataset(dataset)
         # text items are shown by their text
         paths = dataset.texts if dataset.texts is not None else dataset.paths
-        return self.index_embeddings(emb, dataset.y, paths, dataset.classes, kind)
+        return self.index_embeddings(
+            emb, dataset.y, paths, dataset.classes, kind, files=dataset.texts is None
+        )
 
     def index_embeddings(
-        self, emb: np.ndarray, labels, paths: list[str] | None, classes: list[str], kind="flat"
+        self,
+        emb: np.ndarray,
+        labels,
+        paths: list[str] | None,
+        classes: list[str],
+        kind="flat",
+        files: bool = True,
     ) -> EmbeddingIndex:
         """An :class:`~tripletlab.index.EmbeddingIndex` of embeddings already computed (e.g.
         by :meth:`embed_source`); approximate kinds record their measured recall@10."""
@@ -432,7 +440,7 @@ class Inference:
         index.classes = classes
         if kind != "flat":  # approximate: measure what it costs in recall (kept in the manifest)
             index.quality = search_quality(index, emb, n_queries=1000, k=10)
-        if paths is not None and any(not Path(p).is_absolute() for p in paths):
+        if files and paths is not None and any(not Path(p).is_absolute() for p in paths):
             index.root = str(Path.cwd())  # relative paths are relative to this directory
         return index
 

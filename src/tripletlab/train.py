@@ -171,9 +171,12 @@ class Trainer:
         self.run_dir = Path(cfg.out or f"runs/{name}-{stamp}")
         self.resume = resume
         # torchrun: join the process group; rank 0 alone writes files (see docs/scaling.md)
+        self.device = resolve_device(cfg.device)
         self.dist: DistEnv | None = (
-            init_from_env(cfg.device, cfg.dist_timeout) if cfg.distributed else None
+            init_from_env(str(self.device), cfg.dist_timeout) if cfg.distributed else None
         )
+        if self.dist is not None and self.device.type == "cuda":  # one GPU per rank
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.is_main = self.dist is None or self.dist.is_main
         if not resume and (self.run_dir / "checkpoint").exists():
             raise InputError(
@@ -189,7 +192,6 @@ class Trainer:
         self.on_validate = None
         #: False: ``fit`` stops after training (no test evaluation; model selection only)
         self.evaluate_test = True
-        self.device = resolve_device(cfg.device)
         self.amp = amp_dtype(self.device, cfg.amp)
         self.scaler = grad_scaler(self.device, self.amp)
         self.files = None  # ImageFiles of the whole data set when images are streamed
@@ -413,7 +415,7 @@ class Trainer:
             size=cfg.memory_size,
             embedding_dim=cfg.embedding_dim,
             start_after=cfg.memory_warmup,
-        ).to(cfg.device)
+        ).to(self.device)
 
     def _step_stats(self) -> dict:
         """Stats of the last step's batch (plus the memory's, prefixed ``memory_``)."""
