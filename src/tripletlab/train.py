@@ -5,41 +5,37 @@ model, loss, sampler and optimiser (``_build``); ``fit`` runs ``_fit``, whose lo
 ``_train_step`` per PK batch followed by ``_log_step``, ``_maybe_validate`` and
 ``_maybe_checkpoint``; ``final_evaluation`` evaluates the best model on the test split and writes
 ``eval.json``. Files of the run directory are written by :mod:`tripletlab.rundir`; metrics come
-from :mod:`tripletlab.evaluate`.
+from :mod:`tripletlab.evaluate`. The building steps live in :mod:`tripletlab.training_setup`,
+checkpoint save/restore in :mod:`tripletlab.training_state` and logging (metrics.jsonl, progress
+lines, TensorBoard, threads) in :mod:`tripletlab.training_log`: mixins of :class:`Trainer`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import shlex
 import shutil
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .collapse import CollapseDetector
 from .config import TrainConfig, resolve_config
-from .custom import custom_model_config, user_datasets
-from .data import Dataset, apply_split, split_dataset, split_validation
+from .custom import user_datasets
+from .data import Dataset
 from .devices import amp_dtype, autocast, grad_scaler, resolve_device
 from .distributed import (
     DistEnv,
-    DistributedTripletLoss,
     any_rank,
     broadcast_flag,
-    convert_sync_batchnorm_any,
     init_from_env,
     shutdown,
 )
-from .environment import environment
 from .errors import (
-    FileFormatError,
     InputError,
     NonFiniteError,
     TrainingInterrupted,
@@ -53,12 +49,9 @@ from .evaluate import (
     summary_lines,
     validation_threshold,
 )
-from .losses import TripletLoss
 from .memory import CrossBatchMemory
 from .metrics import retrieval_metrics
-from .models import build_augment, build_model, default_model_config
 from .rundir import (
-    append_metrics,
     load_checkpoint,
     load_dataset_for_run,
     load_run,
@@ -66,11 +59,10 @@ from .rundir import (
     model_fingerprint,
     read_json,
     save_checkpoint,
-    save_weights,
-    trim_metrics,
-    write_run_config,
 )
-from .samplers import DistributedPKSampler, PKSampler
+from .training_log import TrainerLogging
+from .training_setup import TrainerSetup, _Running
+from .training_state import TrainerState
 from .utils import atomic_write_json, jsonable
 
 __all__ = [
@@ -89,44 +81,10 @@ __all__ = [
     "summary_lines",
 ]
 
-_LOGGED_STATS = (
-    "active_fraction",
-    "mean_d_ap",
-    "mean_d_an",
-    "mean_distance",
-    "n_triplets",
-    "memory_active_fraction",
-    "memory_n_triplets",
-)
 _VAL_METRICS = ("precision_at_1", "recall_at_4", "r_precision", "map_at_r")
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _clock(seconds: float) -> str:
-    """``h:mm:ss`` / ``m:ss`` of a duration ('?' when unknown)."""
-    if not math.isfinite(seconds):
-        return "?"
-    m, sec = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
-
-
-@dataclass
-class _Running:
-    step: int = 0
-    best: float = -1.0
-    best_step: int = -1
-    evals_without_improvement: int = 0
-    skipped_nonfinite: int = 0
-
-
-class Trainer:
+class Trainer(TrainerSetup, TrainerState, TrainerLogging):
     """Trains an embedding model with triplet loss on PK batches.
 
     Example:
@@ -222,201 +180,6 @@ class Trainer:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # ---------------------------------------------------------------- data and model
-    def _prepare_data(self) -> None:
-        from .imagerun import open_data
-
-        cfg = self.cfg
-        if self._user_data is not None:
-            ds, given_test = self._user_data
-        else:
-            ds, self.files, self.choices = open_data(cfg, resume=self.resume)
-            for line in self.choices:
-                self.log(f"auto: {line}")
-            given_test = None
-        self.dataset = ds
-        split_path = self.run_dir / "split.json"
-        if self.resume and split_path.exists():
-            info = read_json(split_path, "split")
-            test_info = info["test"]
-            train, test = (ds, given_test) if given_test is not None else apply_split(ds, test_info)
-            self.train_full = train
-            val_info = info.get("val")
-            train, val = apply_split(train, val_info) if val_info else (train, None)
-        else:
-            by = cfg.split_by or (
-                "predefined"
-                if ds.predefined_split
-                else "sample"
-                if cfg.data == "digits" or (ds.kind == "vector" and ds.n_classes < 20)
-                else "class"
-            )
-            if given_test is not None:  # the caller's own test set
-                train, test = ds, given_test
-                test_info = {"by": "given", "test_items": len(test)}
-            else:
-                train, test, test_info = split_dataset(
-                    ds,
-                    by=by,
-                    test_fraction=cfg.test_fraction,
-                    seed=cfg.seed,
-                    test_classes=cfg.test_classes if by == "class" else None,
-                    class_order=cfg.class_order,
-                )
-            self.train_full = train
-            val, val_info = None, None
-            if (cfg.val_fraction > 0 or cfg.val_folds > 1) and cfg.evaluate:
-                if by == "class":  # open-set: whole (groups of) training classes held out
-                    train, val, val_info = split_validation(
-                        train,
-                        fraction=cfg.val_fraction,
-                        seed=cfg.seed + 1,
-                        group_depth=cfg.val_group_depth,
-                        folds=cfg.val_folds,
-                        fold=cfg.val_fold,
-                    )
-                else:
-                    train, val, val_info = split_dataset(
-                        train, by="sample", test_fraction=cfg.val_fraction, seed=cfg.seed + 1
-                    )
-            if self.is_main:
-                atomic_write_json(split_path, {"test": test_info, "val": val_info})
-        self.train_set, self.val_set, self.test_set = train, val, test
-        self.test_info = test_info
-        if len(torch.unique(train.y)) < 2:
-            raise InputError("the training split has fewer than 2 classes")
-
-    def splits(self) -> dict:
-        """The train / val / test data sets of this run (val None without validation)."""
-        return {"train": self.train_set, "test": self.test_set, "val": self.val_set}
-
-    def _build(self) -> None:
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        ds = self.train_set
-        if ds.kind == "text":
-            self.model = self._build_text_model().to(self.device)
-        elif self._user_model is not None:
-            self.model = self._user_model.to(self.device)
-            self._initial_state = {
-                k: v.detach().clone() for k, v in self.model.state_dict().items()
-            }
-        else:
-            shape = self.files.input_shape if self.files is not None else ds.input_shape
-            mcfg = default_model_config(shape, cfg.embedding_dim)
-            if cfg.model:
-                mcfg["name"] = cfg.model
-            if cfg.backbone:
-                mcfg.update({"name": "backbone", "backbone": cfg.backbone, "pool": cfg.pool})
-                mcfg.update({"neck": cfg.neck, "freeze_bn": cfg.freeze_bn})
-                mcfg["freeze_stages"] = cfg.freeze_stages
-            mcfg.update(cfg.model_options)
-            self.model = build_model(mcfg)
-            if (cfg.pretrained or cfg.weights) and not self.resume:
-                src = self.model.load_pretrained("imagenet" if cfg.pretrained else cfg.weights)
-                self.log(f"backbone {cfg.backbone}: weights from {src}")
-            self.model.to(self.device)
-        # channels-last convolutions are faster on CUDA (tensor cores); on the CPU they are not
-        self.channels_last = self.device.type == "cuda" and cfg.backbone is not None
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        # the caller's data is used as given (augment only when asked for by name)
-        auto = "light" if ds.kind == "image" and self._user_data is None else None
-        aug = cfg.augment if cfg.augment is not None else auto
-        aug_seed = cfg.seed + 2 + (1000 * self.dist.rank if self.dist else 0)  # own draws per rank
-        self.augment = None
-        if ds.kind == "image" and self.files is None:  # streamed images augment in the workers
-            self.augment = build_augment(aug, seed=aug_seed)
-        if self._user_loss is not None:
-            self.loss_fn = self._user_loss
-            for key in ("margin", "strategy", "distance", "soft_margin", "semihard_fallback"):
-                if hasattr(self.loss_fn, key):  # recorded in config.json, used by the report
-                    setattr(cfg, key, getattr(self.loss_fn, key))
-        else:
-            self.loss_fn = TripletLoss(
-                margin=cfg.margin,
-                strategy=cfg.strategy,
-                distance=cfg.distance,
-                soft_margin=cfg.soft_margin,
-                semihard_fallback=cfg.semihard_fallback,
-                seed=cfg.seed + 3,
-            )
-        self.criterion = self._build_criterion()
-        n_cls = int(torch.unique(ds.y).numel())
-        if cfg.p > n_cls:
-            self.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
-        self.sampler = PKSampler(ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed)
-        if self.dist is not None:
-            self.sampler = DistributedPKSampler(self.sampler, self.dist.rank, self.dist.world_size)
-        self.total_steps = cfg.steps or self._epochs() * len(self.sampler)
-        self.eval_every = cfg.eval_every or len(self.sampler)
-        self.ckpt_every = cfg.checkpoint_every or self.eval_every
-        if hasattr(self.model, "param_groups"):  # backbone: lower lr than the head
-            params = self.model.param_groups(self._lr(), cfg.backbone_lr_mult)
-        else:
-            params = self.model.parameters()
-        self.opt = torch.optim.AdamW(params, lr=self._lr(), weight_decay=cfg.weight_decay)
-        self.stream = None
-        if self.files is not None:
-            from .imagerun import make_stream
-
-            self.stream = make_stream(self, aug)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: _lr_factor(s, cfg.warmup_steps, self.total_steps)
-        )
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        if self.dist is not None:  # gradients averaged over ranks (the loss is scaled for it)
-            # BatchNorm over the global batch: torch's SyncBatchNorm on CUDA, ours on gloo
-            if self.dist.backend == "nccl":
-                self.forward = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.forward)
-            else:
-                self.forward = convert_sync_batchnorm_any(self.forward)
-            self.forward = torch.nn.parallel.DistributedDataParallel(self.forward)
-        self.state = _Running()
-        self.model_config = (
-            custom_model_config(self.model, ds, str(self.device))
-            if self._user_model is not None
-            else self.model.config
-        )
-        if self.is_main:
-            write_run_config(
-                self.run_dir,
-                cfg.to_dict(),
-                self.model_config,
-                self.dataset,
-                self.splits(),
-                environment=environment(str(self.device), self.threads()),
-            )
-        if self.resume:
-            self._restore()
-
-    def _build_criterion(self) -> torch.nn.Module:
-        """The loss of a step: the triplet loss, inside a cross-batch memory if asked."""
-        cfg = self.cfg
-        loss: torch.nn.Module = self.loss_fn
-        if (self.dist is not None or cfg.memory_size > 0) and not isinstance(loss, TripletLoss):
-            raise InputError(
-                "--distributed and --memory-size need tripletlab's TripletLoss (a custom loss "
-                "cannot be mined over gathered batches or a memory)"
-            )
-        if self.dist is not None:  # own anchors x the gathered global batch
-            loss = DistributedTripletLoss(self.loss_fn, scale_for_ddp=True)
-        if cfg.memory_size <= 0:
-            return loss
-        batch = cfg.p * cfg.k
-        if cfg.memory_size < batch:
-            raise InputError(
-                f"--memory-size {cfg.memory_size} is smaller than the batch (P*K = {batch}): "
-                f"use at least {batch} (a few batches, e.g. {8 * batch}), or 0 for no memory"
-            )
-        if cfg.memory_warmup < 0:
-            raise InputError(f"--memory-warmup must be >= 0, got {cfg.memory_warmup}")
-        return CrossBatchMemory(
-            loss,
-            size=cfg.memory_size,
-            embedding_dim=cfg.embedding_dim,
-            start_after=cfg.memory_warmup,
-        ).to(self.device)
-
     def _step_stats(self) -> dict:
         """Stats of the last step's batch (plus the memory's, prefixed ``memory_``)."""
         if isinstance(getattr(self, "criterion", None), CrossBatchMemory):
@@ -425,129 +188,6 @@ class Trainer:
             return {**self.criterion.batch_stats, **extra}
         return dict(getattr(self.criterion, "stats", {}))
 
-    def _is_text(self) -> bool:
-        return self.train_set.kind in ("text", "triplets")
-
-    def _lr(self) -> float:
-        """``cfg.lr``, or its default: 1e-3, 3e-4 when fine-tuning an image backbone (1e-3
-        overfits AT&T's validation identities within 50 steps), 2e-5 for a pretrained text
-        encoder."""
-        if self.cfg.lr is not None:
-            return self.cfg.lr
-        return 2e-5 if self._is_text() else 3e-4 if self.cfg.backbone else 1e-3
-
-    def _epochs(self) -> int:
-        """``cfg.epochs``, or its default: 20, and 1 for a pretrained text encoder."""
-        if self.cfg.epochs is not None:
-            return self.cfg.epochs
-        return 1 if self._is_text() else 20
-
-    def _build_text_model(self) -> torch.nn.Module:
-        """A pretrained text encoder (``--model minilm`` or a folder); its config.json and
-        tokenizer are written to RUN/encoder so the run rebuilds it offline."""
-        from .models.text import ENCODER_DIR, build_text_encoder
-
-        cfg = self.cfg
-        mcfg = {"name": "text", "encoder": cfg.model or "minilm", **cfg.model_options}
-        model = build_text_encoder(mcfg).to(self.device)
-        model.save_encoder_files(self.run_dir / ENCODER_DIR)
-        ds = self.dataset
-        texts = (
-            ds.texts
-            if isinstance(ds, Dataset)
-            else [t for part in (ds.anchors, ds.positives, ds.negatives) for t in part]
-        )
-        n_long = model.count_too_long(texts)
-        ds.info["texts_truncated"] = n_long
-        if n_long:
-            self.log(
-                f"note: {n_long} of {len(texts)} texts are longer than {model.max_length} "
-                "tokens and are truncated"
-            )
-        return model
-
-    # ---------------------------------------------------------------- checkpoints
-    def _save(self) -> None:
-        if not self.is_main:
-            return
-        tensors = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
-        tensors["rng.torch"] = torch.get_rng_state()
-        if self.augment is not None:
-            tensors["rng.augment"] = self.augment.get_state()
-        if getattr(self.loss_fn, "generator", None) is not None:
-            tensors["rng.loss"] = self.loss_fn.generator.get_state()
-        if isinstance(getattr(self, "criterion", None), CrossBatchMemory):
-            for k, v in self.criterion.state_dict().items():
-                tensors[f"memory.{k}"] = v.detach().cpu().contiguous()
-        st = self.state
-        state = {
-            "step": st.step,
-            "best": st.best,
-            "best_step": st.best_step,
-            "evals_without_improvement": st.evals_without_improvement,
-            "skipped_nonfinite": st.skipped_nonfinite,
-            "sampler": (self.stream or self.sampler).state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "total_steps": self.total_steps,
-            "train_time_s": self._train_seconds(),
-        }
-        save_checkpoint(self.run_dir, tensors, self.opt.state_dict(), state)
-        self._ckpt_step = st.step
-
-    def _train_seconds(self) -> float:
-        """Training time of this run so far, over every session (resumes add up)."""
-        start = getattr(self, "_t_start", None)
-        return self._time_before + (time.perf_counter() - start if start is not None else 0.0)
-
-    def _restore(self) -> None:
-        tensors, optim_state, state = load_checkpoint(self.run_dir)
-        model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        try:
-            self.model.load_state_dict(model_state)
-            self.opt.load_state_dict(optim_state)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise FileFormatError(
-                f"checkpoint in {self.run_dir} does not fit this model: {e}"
-            ) from None
-        sched = state["scheduler"]
-        self.sched.load_state_dict({**sched, "lr_lambdas": [None]})
-        torch.set_rng_state(tensors["rng.torch"])
-        if self.augment is not None and "rng.augment" in tensors:
-            self.augment.set_state(tensors["rng.augment"])
-        if getattr(self.loss_fn, "generator", None) is not None and "rng.loss" in tensors:
-            self.loss_fn.generator.set_state(tensors["rng.loss"])
-        if isinstance(getattr(self, "criterion", None), CrossBatchMemory):
-            mem = {k[7:]: v for k, v in tensors.items() if k.startswith("memory.")}
-            if not mem:
-                raise FileFormatError(
-                    f"checkpoint in {self.run_dir} has no cross-batch memory but the run uses "
-                    "--memory-size; resume with the run's own config.json"
-                )
-            self.criterion.load_state_dict(mem)
-        (self.stream or self.sampler).load_state_dict(state["sampler"])
-        st = self.state
-        st.step, st.best, st.best_step = state["step"], state["best"], state["best_step"]
-        st.evals_without_improvement = state["evals_without_improvement"]
-        st.skipped_nonfinite = state.get("skipped_nonfinite", 0)
-        self._time_before = float(state.get("train_time_s", 0.0))
-        self._ckpt_step = st.step
-        if st.step > self.total_steps:
-            raise InputError(
-                f"{self.run_dir} is at step {st.step}; to extend it pass --steps greater than "
-                f"{st.step} (got {self.total_steps})"
-            )
-        if self.is_main:
-            trim_metrics(self.run_dir, st.step)  # later lines will be produced again
-        saved_total = state.get("total_steps", self.total_steps)
-        extended = f" (extended from {saved_total})" if self.total_steps != saved_total else ""
-        self.log(f"resumed {self.run_dir} at step {st.step}/{self.total_steps}{extended}")
-
-    def _save_best(self) -> None:
-        if not self.is_main:
-            return
-        save_weights(self.run_dir / "model.safetensors", self.model.state_dict())
-
-    # ---------------------------------------------------------------- one step
     def _batches(self):
         """Training batches: index lists (in memory) or ``(x, y)`` from the image stream."""
         if self.stream is None:
@@ -623,72 +263,6 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return self.state.step % every == 0 or self.state.step == self.total_steps
 
-    def _log_step(self, loss: float, stats: dict) -> None:
-        """Every ``log_every`` steps: one metrics.jsonl line and the progress-bar text."""
-        if not self._due(self.cfg.log_every) or not self.is_main:
-            return
-        now = time.perf_counter()
-        rec = {
-            "step": self.state.step,
-            "epoch": self.sampler.epoch,
-            "loss": loss,
-            "lr": self.sched.get_last_lr()[0],
-            "samples_per_s": self._seen / max(now - self._t_log, 1e-9),
-            **{k: stats[k] for k in _LOGGED_STATS if k in stats},
-        }
-        self._record(rec)
-        self._t_log, self._seen = now, 0
-        self._bar.set_postfix(loss=f"{loss:.4f}", active=f"{stats.get('active_fraction', 0):.2f}")
-        self._progress_line(loss, stats, now)
-
-    def _progress_line(self, loss: float, stats: dict, now: float) -> None:
-        """Without a progress bar (stderr not a terminal) and not quiet: one line on stderr at
-        the first logged step, then every ``progress_every`` seconds, and at the last step."""
-        st, cfg = self.state, self.cfg
-        if not self._lines or (
-            st.step != self.total_steps
-            and self._t_line is not None
-            and now - self._t_line < cfg.progress_every
-        ):
-            return
-        self._t_line = now
-        done = st.step - self._first_step
-        elapsed = now - self._t_start
-        eta = elapsed / done * (self.total_steps - st.step) if done else float("nan")
-        rate = self._throughput()
-        print(
-            f"step {st.step}/{self.total_steps} ({100 * st.step / self.total_steps:.0f}%)  "
-            f"loss {loss:.4f}  active {stats.get('active_fraction', float('nan')):.2f}  "
-            f"{rate or 0:.0f} samples/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def _record(self, rec: dict) -> None:
-        """One metrics.jsonl line, and the same scalars in TensorBoard (``--tensorboard``:
-        ``train/<key>`` per logged step, ``val/<metric>`` per validation)."""
-        append_metrics(self.run_dir, rec)
-        if self._tb is not None:
-            group = "val" if rec.get("type") == "eval" else "train"
-            for key, value in rec.items():
-                if key not in ("step", "type") and isinstance(value, (int, float)):
-                    if math.isfinite(value):
-                        self._tb.add_scalar(f"{group}/{key}", value, rec["step"])
-
-    def _open_tensorboard(self) -> None:
-        if self.cfg.tensorboard and self._tb is None and self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: a resumed run drops the events logged after its checkpoint
-            self._tb = SummaryWriter(
-                str(self.run_dir / "tensorboard"), purge_step=self.state.step or None
-            )
-
-    def _close_tensorboard(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
     def embed_split(self, part: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and labels of a split (streamed from disk when the images are)."""
         if self.files is None:
@@ -746,72 +320,6 @@ class Trainer:
             self._save()
 
     # ---------------------------------------------------------------- the loop
-    def threads(self) -> int | None:
-        """CPU threads for this run (None: torch's setting). ``cfg.threads`` when given; 1 for
-        vector data (a small MLP step gains nothing from more threads and slows down badly on
-        a busy machine); for images the faster of one thread and torch's default, measured on
-        a few steps of a copy of the model at the start (:meth:`_measure_threads`), reused on
-        resume."""
-        if not hasattr(self, "_threads"):
-            self._threads = self._choose_threads()
-        return self._threads
-
-    def _choose_threads(self) -> int | None:
-        cfg = self.cfg
-        if cfg.threads:
-            return cfg.threads
-        if self.device.type != "cpu":
-            return None
-        kind = getattr(self.train_set, "kind", None)
-        if kind == "vector":
-            return 1
-        if kind != "image":  # text encoders: torch's default
-            return None
-        if self.resume and (self.run_dir / "config.json").exists():
-            env = read_json(self.run_dir / "config.json", "run config").get("environment") or {}
-            if isinstance(env.get("threads"), int) and env["threads"] >= 1:
-                return env["threads"]
-        return self._measure_threads()
-
-    def _measure_threads(self, steps: int = 2) -> int | None:
-        """Time forward + backward of one PK-sized batch on a copy of the model (training state
-        and random streams untouched) with torch's default threads and with one; the default
-        must be more than 10% faster to be used (a busy machine often makes it slower)."""
-        many = torch.get_num_threads()
-        if many <= 1:
-            return 1
-        try:
-            model = copy.deepcopy(self.model).train()
-        except Exception:  # noqa: BLE001 - a module that cannot be copied: torch's default
-            return None
-        n = self.sampler.p * self.sampler.k
-        if self.files is not None:  # streamed images: a batch of their shape
-            x = torch.rand(n, *self.files.input_shape, device=self.device)
-        else:
-            x = self.train_set.x[:n].to(self.device)
-
-        def seconds(n: int) -> float:
-            torch.set_num_threads(n)
-            best = float("inf")
-            with torch.random.fork_rng(devices=[]):
-                for i in range(steps + 1):
-                    t = time.perf_counter()
-                    model(x).square().sum().backward()
-                    if i:  # the first pass warms up
-                        best = min(best, time.perf_counter() - t)
-            return best
-
-        try:
-            t_many, t_one = seconds(many), seconds(1)
-        finally:
-            torch.set_num_threads(many)
-        choice = 1 if t_one <= 1.1 * t_many else many
-        self.log(
-            f"threads: {choice} (a step took {t_many:.3f} s with {many} threads, {t_one:.3f} s "
-            "with 1; --threads N sets it)"
-        )
-        return choice
-
     def fit(self) -> EvalResult:
         """Train to the configured number of steps, evaluate on the test split, return eval.
 
@@ -1001,19 +509,6 @@ class Trainer:
         return build_report(
             self.run_dir, model=self.model, test_data=self.test_set, initial_model=initial
         )
-
-    def _tensorboard_test(self, emb: torch.Tensor, result: EvalResult) -> None:
-        """Test embeddings (with class names) for the projector and the headline test
-        metrics as ``test/<metric>`` scalars at the last step."""
-        names = [self.test_set.classes[int(i)] for i in self.test_set.y]
-        keep = torch.arange(len(names))[:10000]  # the projector's practical limit
-        self._tb.add_embedding(
-            emb[keep], metadata=[names[i] for i in keep], global_step=self.state.step, tag="test"
-        )
-        for block in ("retrieval", "verification"):
-            for key, value in (result.get(block) or {}).items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"test/{key}", value, self.state.step)
 
     def final_evaluation(self, result: EvalResult | float) -> EvalResult:
         """Evaluate the best model on the held-out test split; write eval.json.

@@ -24,7 +24,8 @@ from .errors import InputError
 from .evaluate import EvalResult, embed, eval_distance
 from .losses import TripletLoss
 from .rundir import load_run, read_json, write_run_config
-from .train import Trainer, _lr_factor, _Running
+from .train import Trainer
+from .training_setup import _lr_factor, _Running
 from .utils import atomic_write_json, jsonable
 
 __all__ = ["TripletBatches", "TripletFileTrainer", "triplet_accuracy"]
