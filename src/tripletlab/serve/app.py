@@ -6,11 +6,7 @@ Use :func:`create_app` from Python (e.g. under any ASGI server) or ``tripletlab 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
-import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from importlib import resources
@@ -18,21 +14,26 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..errors import InputError, TripletLabError
+from ..errors import InputError
 from ..inference import Inference
 from ..validation import check_k
 from .batching import BatchQueue
 from .engine import load_embedder
 from .gallery import Enrolment, GalleryStore
-from .images import ImageRejected, decode_image, thumbnail_png
+from .http import (
+    _BodyLimit,
+    _Metrics,
+    _MetricsMiddleware,
+    auth_dependencies,
+    install_error_handlers,
+)
+from .images import decode_image, thumbnail_png
 
 __all__ = ["ServeSettings", "create_app"]
 
@@ -86,155 +87,6 @@ class ServeSettings:
 
 
 # ---------------------------------------------------------------------------- middleware
-
-
-class _BodyLimit:
-    """Reject request bodies above ``max_bytes`` with 413 (Content-Length or streamed)."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.max_bytes
-        for k, v in scope.get("headers", []):
-            if k == b"content-length":
-                try:
-                    too_big = int(v) > limit
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    return await _send_json(send, 413, _too_large(limit))
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise HTTPException(413, _too_large(limit)["error"]["message"])
-            return msg
-
-        async def tracking_send(msg):
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except HTTPException as e:
-            if started or e.status_code != 413:
-                raise
-            await _send_json(send, 413, _too_large(limit))
-
-
-def _too_large(limit: int) -> dict:
-    return _err("request_too_large", f"request body above this server's limit of {limit:,} bytes")
-
-
-async def _send_json(send, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
-
-
-def _err(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
-
-
-class _Metrics:
-    """Request counts and latency per route template and status."""
-
-    BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, math.inf)
-
-    def __init__(self) -> None:
-        self.started = time.time()
-        self.count: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.seconds: dict[tuple[str, str], float] = defaultdict(float)
-        self.hist: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * len(self.BUCKETS))
-
-    def record(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.count[(method, route, status)] += 1
-        self.seconds[(method, route)] += seconds
-        h = self.hist[(method, route)]
-        for i, b in enumerate(self.BUCKETS):
-            if seconds <= b:
-                h[i] += 1
-                break
-
-    def snapshot(self) -> dict:
-        routes: dict[str, Any] = {}
-        for (m, r, s), n in sorted(self.count.items()):
-            e = routes.setdefault(f"{m} {r}", {"requests": 0, "by_status": {}})
-            e["requests"] += n
-            e["by_status"][str(s)] = n
-        for (m, r), secs in self.seconds.items():
-            e = routes[f"{m} {r}"]
-            e["latency_s_sum"] = secs
-            e["latency_s_mean"] = secs / max(e["requests"], 1)
-            h = self.hist[(m, r)]
-            e["latency_s_histogram"] = {
-                ("+Inf" if math.isinf(b) else f"{b:g}"): c
-                for b, c in zip(self.BUCKETS, h, strict=True)
-            }
-            e["latency_s_p50_upper"] = self._quantile(h, 0.5)
-            e["latency_s_p99_upper"] = self._quantile(h, 0.99)
-        return {"uptime_s": time.time() - self.started, "routes": routes}
-
-    def _quantile(self, h: list[int], q: float) -> float | None:
-        total = sum(h)
-        if not total:
-            return None
-        acc = 0
-        for b, c in zip(self.BUCKETS, h, strict=True):
-            acc += c
-            if acc >= q * total:
-                return None if math.isinf(b) else b
-        return None
-
-
-class _MetricsMiddleware:
-    def __init__(self, app, metrics: _Metrics, routes) -> None:
-        self.app, self.metrics, self._routes, self._known = app, metrics, routes, None
-
-    def known_paths(self) -> set:
-        if self._known is None:
-            self._known = {getattr(r, "path", None) for r in self._routes}
-        return self._known
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        status = 500
-
-        async def send_status(msg):
-            nonlocal status
-            if msg["type"] == "http.response.start":
-                status = msg["status"]
-            await send(msg)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None)
-            if path is None:  # rejected before routing (e.g. by the body limit)
-                path = scope["path"] if scope["path"] in self.known_paths() else "(unmatched)"
-            self.metrics.record(scope["method"], path, status, time.perf_counter() - t0)
-
-
-# ---------------------------------------------------------------------------------- app
 
 
 def create_app(
@@ -335,83 +187,11 @@ def create_app(
     app.state.embedder, app.state.store, app.state.settings = embedder, store, s
     app.state.metrics, app.state.batcher = metrics, batcher
 
-    # -------------------------------------------------------------- errors
-    @app.exception_handler(HTTPException)
-    async def _http_error(_req, e: HTTPException):
-        code = {
-            401: "unauthorized",
-            403: "forbidden",
-            404: "not_found",
-            405: "method_not_allowed",
-            409: "conflict",
-            413: "request_too_large",
-            415: "unsupported_media_type",
-            422: "invalid_request",
-        }.get(e.status_code, "bad_request")
-        headers = getattr(e, "headers", None)
-        return JSONResponse(_err(code, str(e.detail)), status_code=e.status_code, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_req, e: RequestValidationError):
-        parts = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
-            parts.append(f"{loc or 'request'}: {err.get('msg')}")
-        body = _err("invalid_request", "; ".join(parts) or "invalid request")
-        body["error"]["fields"] = [
-            {"loc": [str(x) for x in err.get("loc", ())], "msg": err.get("msg")}
-            for err in e.errors()
-        ]
-        return JSONResponse(body, status_code=422)
-
-    @app.exception_handler(ImageRejected)
-    async def _image_error(_req, e: ImageRejected):
-        return JSONResponse(_err(e.code, str(e)), status_code=e.status)
-
-    @app.exception_handler(TripletLabError)
-    async def _lib_error(_req, e: TripletLabError):
-        return JSONResponse(_err("invalid_input", str(e)), status_code=422)
-
-    @app.exception_handler(Exception)
-    async def _internal(_req, e: Exception):
-        log.exception("internal error")
-        return JSONResponse(_err("internal", f"{type(e).__name__}: {e}"), status_code=500)
-
+    install_error_handlers(app)
     app.add_middleware(_BodyLimit, max_bytes=s.max_upload_bytes)
     app.add_middleware(_MetricsMiddleware, metrics=metrics, routes=app.router.routes)
 
-    # -------------------------------------------------------------- auth
-    bearer = HTTPBearer(auto_error=False, description="--token (all routes) or --read-token")
-
-    def _check(cred: HTTPAuthorizationCredentials | None, write: bool) -> None:
-        if s.token is None:
-            return
-        if cred is None or not cred.credentials:
-            raise HTTPException(
-                401,
-                "this server needs a bearer token: send 'Authorization: Bearer TOKEN'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        given = cred.credentials.encode()
-        if hmac.compare_digest(given, s.token.encode()):
-            return
-        if s.read_token and hmac.compare_digest(given, s.read_token.encode()):
-            if write:
-                raise HTTPException(
-                    403, "this token may only read; changing the gallery needs the full token"
-                )
-            return
-        raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
-
-    # (defaults, not Annotated: ``bearer`` is local and annotations are strings here)
-    def read_auth(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        _check(cred, write=False)
-
-    def write_auth(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        _check(cred, write=True)
-
-    Read = [Depends(read_auth)]
-    Write = [Depends(write_auth)]
+    Read, Write = auth_dependencies(s)
 
     # -------------------------------------------------------------- helpers
     async def read_images(files: list[UploadFile], what: str) -> list:
