@@ -16,7 +16,7 @@ import torch
 from .auto import auto_settings
 from .config import TrainConfig
 from .data import Dataset, load_dataset
-from .data.loaders import is_idx_dir
+from .data.loaders import is_idx_dir, warn_skipped
 from .data.streaming import (
     SAMPLE_AUGMENT_PRESETS,
     ImageFiles,
@@ -113,7 +113,6 @@ def open_data(cfg: TrainConfig, resume: bool = False) -> tuple[Dataset, ImageFil
 
 
 def _decode_all(files: ImageFiles, skip_bad: bool):
-    import warnings
 
     from .errors import FileFormatError
 
@@ -127,8 +126,7 @@ def _decode_all(files: ImageFiles, skip_bad: bool):
             continue
         xs.append(x)
         kept.append(i)
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable images: " + "; ".join(bad[:3]), stacklevel=3)
+    warn_skipped(bad, stacklevel=3)
     if not xs:
         raise FileFormatError("no readable images")
     return torch.stack(xs), files.labels[kept], kept

@@ -35,6 +35,14 @@ _IDX_FILES = {
 }
 
 
+def warn_skipped(bad: list[str], stacklevel: int = 2) -> None:
+    """One warning for the unreadable images that ``--skip-bad`` left out (the first three named);
+    ``stacklevel`` as for :func:`warnings.warn`, counted from the caller of this function."""
+    if bad:
+        msg = f"skipped {len(bad)} unreadable images: " + "; ".join(bad[:3])
+        warnings.warn(msg, stacklevel=stacklevel + 1)
+
+
 def _display(path: str | os.PathLike[str]) -> str:
     """A printable form of a path, even with undecodable bytes in it."""
     return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
@@ -212,8 +220,7 @@ def load_image_files(
             )
         arrays.append(arr)
         kept.append(i)
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable images: " + "; ".join(bad[:3]), stacklevel=3)
+    warn_skipped(bad, stacklevel=3)
     if not arrays:
         raise FileFormatError("no readable images")
     if mode is None and any(a.shape[0] == 3 for a in arrays):

@@ -38,7 +38,7 @@ from .image_sources import (  # re-exported: the sources of streamed images
     read_image_manifest,
     scan_images,
 )
-from .loaders import _read_image
+from .loaders import _read_image, warn_skipped
 
 __all__ = [
     "DataWorkerError",
@@ -442,7 +442,6 @@ def embed_files(
     finally:
         bar.close()
         model.train(was_training)
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable images: " + "; ".join(bad[:3]), stacklevel=2)
+    warn_skipped(bad, stacklevel=2)
     dim = getattr(model, "config", {}).get("embedding_dim", 0)
     return (torch.cat(out) if out else torch.zeros(0, dim)), kept
