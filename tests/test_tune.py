@@ -85,6 +85,9 @@ def test_threshold_calibrated_on_validation_and_eval_counts_training_items(tmp_p
         ({"lr": {"type": "float", "low": 1e-2, "high": 1e-3}}, "empty range"),
         ({"strategy": {"type": "categorical", "choices": []}}, "empty list of choices"),
         ({}, "non-empty"),
+        ({"model.bogus": {"type": "float", "low": 0, "high": 1}}, "unknown model option"),
+        ({"steps": {"type": "int", "low": 10, "high": 5}}, "empty range"),
+        ({"augment": {"type": "categorical", "choices": ["sparkles"]}}, "unknown augment"),
     ],
 )
 def test_bad_search_space(space, match):
@@ -96,6 +99,46 @@ def test_zero_budget(tmp_path):
     with pytest.raises(InputError, match="trial budget must be >= 1"):
         tune("digits", out=tmp_path / "t", n_trials=0)
     assert main(["tune", "--out", str(tmp_path / "t2"), "--timeout", "0"]) == 1
+
+
+def test_tune_fewer_classes_than_folds(tmp_path):
+    data = _vectors(tmp_path / "v.npz", n_classes=6)
+    base = {"split_by": "class", "test_fraction": 0.5}  # 3 training classes
+    with pytest.raises(InputError, match="cannot make 4 validation folds from 3 classes"):
+        tune(data, out=tmp_path / "t", base=base, n_trials=1, folds=4, space=SMALL)
+    assert not (tmp_path / "t" / "study.db").exists()  # nothing trained, no study left
+
+
+def test_trial_options_keep_the_base_model_and_start_from_the_base():
+    from tripletlab.config import TrainConfig
+    from tripletlab.tune import _base_params, _options
+
+    base_model = {"channels": [16, 32, 64], "pool": "flatten", "tta": {"hflip": True}}
+    opts = _options({"width": 2.0, "model.dropout": 0.3, "lr": 1e-3}, "image", 3, base_model)
+    assert opts == {
+        "lr": 1e-3,
+        "model_options": {
+            "channels": [32, 64, 128], "pool": "flatten", "tta": {"hflip": True}, "dropout": 0.3
+        },
+    }  # fmt: skip
+    assert base_model["channels"] == [16, 32, 64]  # the base is not modified
+    space = {
+        "p": {"type": "int", "low": 8, "high": 32, "step": 8},
+        "k": {"type": "int", "low": 2, "high": 8, "step": 2},
+        "augment": {"type": "categorical", "choices": ["none", "light"]},
+        "model.pool": {"type": "categorical", "choices": ["avg", "flatten"]},
+        "width": {"type": "categorical", "choices": [0.5, 1.0]},
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    }
+    first = _base_params(space, TrainConfig(p=12, k=4), 1e-3, "image")
+    # p = 12 is off the grid: sampled; unset options take their defaults
+    assert first == {"k": 4, "augment": "light", "model.pool": "avg", "width": 1.0, "lr": 1e-3}
+
+
+def test_tune_first_trial_is_the_base_configuration(tmp_path):
+    s = tune("digits", out=tmp_path / "t", base={"steps": 10}, n_trials=1, folds=1,
+             space=SMALL, log=lambda m: None)  # fmt: skip
+    assert s["trials_complete"] == 1 and s["best_params"] == {"steps": 10}
 
 
 def test_tune_tiny_budget_and_study_from_other_data(tmp_path):

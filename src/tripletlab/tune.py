@@ -59,7 +59,10 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "width": {"type": "categorical", "choices": [0.5, 1.0, 2.0]},
 }
 _EXTRA_PARAMS = ("width", "augment_strength")
+_MODEL_PREFIX = "model."  # "model.pool": a key of model_options (see models.MODEL_DEFAULTS)
 _N_EVALS = 5  # validations per fold: the pruner's curve
+_CNN_CHANNELS = (32, 64, 128, 128)  # models/cnn.py and models/mlp.py defaults
+_MLP_HIDDEN = (256, 256)
 
 
 def check_space(space: dict) -> dict:
@@ -75,10 +78,19 @@ def check_space(space: dict) -> dict:
     fields = TrainConfig.__dataclass_fields__
     choices = option_choices()
     for name, dist in space.items():
-        if name not in fields and name not in _EXTRA_PARAMS:
+        if name.startswith(_MODEL_PREFIX):
+            from .models import MODEL_DEFAULTS
+
+            keys = sorted({k for d in MODEL_DEFAULTS.values() for k in d})
+            if name[len(_MODEL_PREFIX) :] not in keys:
+                raise InputError(
+                    f"search space: unknown model option {name!r}; model options are "
+                    f"{', '.join(_MODEL_PREFIX + k for k in keys)}"
+                )
+        elif name not in fields and name not in _EXTRA_PARAMS:
             raise InputError(
-                f"search space: unknown option {name!r} (a TrainConfig option, or one of "
-                f"{', '.join(_EXTRA_PARAMS)})"
+                f"search space: unknown option {name!r} (a TrainConfig option, "
+                f"{_MODEL_PREFIX}KEY for a model option, or one of {', '.join(_EXTRA_PARAMS)})"
             )
         if not isinstance(dist, dict) or dist.get("type") not in ("float", "int", "categorical"):
             raise InputError(
@@ -141,15 +153,30 @@ def _suggest(trial, space: dict) -> dict:
     return params
 
 
-def _options(params: dict, kind: str, input_dims: int) -> dict:
-    """Trial parameters -> TrainConfig options (``width`` and ``augment_strength`` expanded)."""
-    out = {k: v for k, v in params.items() if k not in _EXTRA_PARAMS}
+def _options(params: dict, kind: str, input_dims: int, base_model: dict | None = None) -> dict:
+    """Trial parameters -> TrainConfig options (``width`` and ``augment_strength`` expanded).
+
+    ``width`` scales the base recipe's own layer widths (its ``model_options`` ``channels`` /
+    ``hidden``, else the model's defaults) and keeps its other model options (pooling, input
+    normalisation, dropout, test-time views); ``model.KEY`` sets the model option ``KEY``.
+
+    Example:
+        >>> _options({"width": 0.5}, "image", 3, {"channels": [16, 32], "pool": "flatten"})
+        {'model_options': {'channels': [8, 16], 'pool': 'flatten'}}
+    """
+    out = {
+        k: v for k, v in params.items() if k not in _EXTRA_PARAMS and not k.startswith(_MODEL_PREFIX)
+    }
+    mo = copy.deepcopy(base_model or {})
+    mo.update({k[len(_MODEL_PREFIX) :]: v for k, v in params.items() if k.startswith(_MODEL_PREFIX)})
+    if mo != (base_model or {}) or "width" in params:
+        out["model_options"] = mo
     if "width" in params:
         w = float(params["width"])
         if input_dims == 3:
-            out["model_options"] = {"channels": [max(4, round(c * w)) for c in (32, 64, 128, 128)]}
+            mo["channels"] = [max(4, round(c * w)) for c in mo.get("channels", _CNN_CHANNELS)]
         else:
-            out["model_options"] = {"hidden": [max(8, round(256 * w))] * 2}
+            mo["hidden"] = [max(8, round(h * w)) for h in mo.get("hidden", _MLP_HIDDEN)]
     if "augment_strength" in params and kind == "image":
         s = float(params["augment_strength"])
         out["augment"] = (
@@ -157,6 +184,42 @@ def _options(params: dict, kind: str, input_dims: int) -> dict:
             if s <= 0.05
             else {"affine_degrees": 10.0 * s, "translate": 0.06 * s, "scale": [1 - 0.1 * s, 1]}
         )
+    return out
+
+
+def _base_params(space: dict, cfg: TrainConfig, lr: float, kind: str = "image") -> dict:
+    """The base configuration's own values of the searched options (its defaults where unset:
+    the lr, the augmentation preset, the model's options), where they lie inside the space
+    (``width`` 1, no ``augment_strength``): queued as the first trial.
+
+    Example:
+        >>> _base_params({"margin": {"type": "float", "low": 0.1, "high": 0.5},
+        ...               "p": {"type": "int", "low": 8, "high": 32, "step": 8}},
+        ...              TrainConfig(margin=0.2, p=12), 1e-3)
+        {'margin': 0.2}
+    """
+    out: dict[str, Any] = {}
+    for name, d in space.items():
+        if name == "augment_strength":
+            continue
+        if name.startswith(_MODEL_PREFIX):
+            from .models import MODEL_DEFAULTS
+
+            key = name[len(_MODEL_PREFIX) :]
+            model = cfg.model or ("cnn" if kind == "image" else "mlp")
+            v = cfg.model_options.get(key, MODEL_DEFAULTS.get(model, {}).get(key))
+        elif name == "augment" and cfg.augment is None:
+            v = "light" if kind == "image" else "none"
+        else:
+            v = 1.0 if name == "width" else lr if name == "lr" else getattr(cfg, name, None)
+        if d["type"] == "categorical":
+            if any(v == c and type(v) is type(c) for c in d["choices"]):
+                out[name] = v
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            step = d.get("step")
+            on_grid = d["type"] == "float" or not step or (v - d["low"]) % step == 0
+            if d["low"] <= v <= d["high"] and on_grid:
+                out[name] = int(v) if d["type"] == "int" else float(v)
     return out
 
 
@@ -324,6 +387,7 @@ def tune(
     )
     fingerprint = _data_fingerprint(probe.dataset)
     kind, input_dims = probe.train_set.kind, len(probe.train_set.input_shape)
+    first = _base_params(space, base_cfg, probe._lr(), kind)
     del probe
     shutil.rmtree(out / "_probe", ignore_errors=True)
 
@@ -366,6 +430,9 @@ def tune(
             "budget": {"n_trials": n_trials, "timeout_s": timeout_s},
         }.items():
             study.set_user_attr(k, v)
+        if first:  # trial 0: the base configuration itself, so the search is measured against it
+            study.enqueue_trial(first)
+            log(f"trial 0 starts from the base configuration: {first}")
 
     def counted() -> int:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -373,7 +440,7 @@ def tune(
 
     def objective(trial) -> float:
         params = _suggest(trial, space)
-        opts = _options(params, kind, input_dims)
+        opts = _options(params, kind, input_dims, base_cfg.model_options)
         scores = []
         for f in range(folds):
             steps = opts.get("steps", base_cfg.steps) or base_cfg.steps
@@ -453,7 +520,7 @@ def tune(
     }
     if complete:
         best = study.best_trial
-        opts = _options(best.params, kind, input_dims)
+        opts = _options(best.params, kind, input_dims, base_cfg.model_options)
         recipe = {
             "_comment": (
                 f"made by tripletlab tune on validation classes of the training split only "
