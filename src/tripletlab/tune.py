@@ -164,11 +164,10 @@ def _options(params: dict, kind: str, input_dims: int, base_model: dict | None =
         >>> _options({"width": 0.5}, "image", 3, {"channels": [16, 32], "pool": "flatten"})
         {'model_options': {'channels': [8, 16], 'pool': 'flatten'}}
     """
-    out = {
-        k: v for k, v in params.items() if k not in _EXTRA_PARAMS and not k.startswith(_MODEL_PREFIX)
-    }
+    model_keys = {k: k[len(_MODEL_PREFIX) :] for k in params if k.startswith(_MODEL_PREFIX)}
+    out = {k: v for k, v in params.items() if k not in _EXTRA_PARAMS and k not in model_keys}
     mo = copy.deepcopy(base_model or {})
-    mo.update({k[len(_MODEL_PREFIX) :]: v for k, v in params.items() if k.startswith(_MODEL_PREFIX)})
+    mo.update({key: params[k] for k, key in model_keys.items()})
     if mo != (base_model or {}) or "width" in params:
         out["model_options"] = mo
     if "width" in params:
