@@ -516,6 +516,7 @@ def tune(
         "trials_failed": sum(t.state.name == "FAIL" for t in study.trials),
         "wall_time_s": round(time.perf_counter() - t0, 1),  # this call
         "trials_time_s": round(sum(r["seconds"] or 0.0 for r in _trial_rows(study)), 1),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if complete:
         best = study.best_trial
