@@ -378,7 +378,8 @@ def test_frozen_options_from_the_command_line():
     p = argparse.ArgumentParser()
     add_config_flags(p)
     args = p.parse_args(
-        "--freeze-stages all --feature-blocks 15 16 --tta flip --head-init whiten".split()
+        "--pretrained --freeze-stages all --feature-blocks 15 16 --tta flip "
+        "--head-init whiten".split()
     )
     cfg = resolve_config(overrides=config_overrides(args))
     assert (cfg.freeze_stages, cfg.feature_blocks, cfg.tta, cfg.head_init) == (
@@ -391,7 +392,7 @@ def test_frozen_options_from_the_command_line():
     with pytest.raises(InputError, match="freeze_stages"):
         resolve_config(overrides={"freeze_stages": "most"})
     with pytest.raises(InputError, match="tta"):
-        resolve_config(overrides={"tta": "rotate"})
+        resolve_config(overrides={"tta": "rotate", "backbone": "resnet18"})
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -431,6 +432,7 @@ def test_frozen_backbone_trains_the_head_on_cached_features(tmp_path, folder, st
 
 
 def test_head_init_whiten_without_a_backbone_is_an_error(tmp_path, folder):
-    cfg = _cfg(tmp_path, folder, "nowhiten", head_init="whiten", stream=False)
     with pytest.raises(InputError, match="backbone"):
-        Trainer(cfg).fit()
+        _cfg(tmp_path, folder, "nowhiten", head_init="whiten", stream=False)
+    with pytest.raises(InputError, match="tta, feature_blocks apply to --backbone"):
+        resolve_config(overrides={"tta": "flip", "feature_blocks": [3]})

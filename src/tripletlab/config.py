@@ -450,6 +450,17 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError(
             "give --pretrained (built-in ImageNet weights) or --weights FILE, not both"
         )
+    only_backbone = {
+        "tta": cfg.tta,
+        "feature_blocks": cfg.feature_blocks,
+        "head_init": cfg.head_init,
+    }
+    given = [k for k, v in only_backbone.items() if v is not None]
+    if given and cfg.backbone is None and cfg.model != "backbone":
+        raise InputError(
+            f"{', '.join(given)} apply to --backbone models only (add --backbone mobilenet_v2 "
+            "or --pretrained; the small CNN takes test-time views in model_options.tta)"
+        )
     if cfg.backbone is not None and cfg.model not in (None, "backbone"):
         raise InputError(f"--backbone builds its own model; drop --model {cfg.model}")
     _check_choices(cfg)

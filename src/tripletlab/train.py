@@ -314,11 +314,17 @@ class Trainer(TrainerSetup, TrainerState, TrainerLogging):
         self._record({"step": st.step, "type": "eval", **{k: m[k] for k in self.val_metrics}})
         if self.on_validate is not None:
             self.on_validate(st.step, m)
-        if m[self.selection_metric] > st.best:
-            st.best, st.best_step = m[self.selection_metric], st.step
+        score = m[self.selection_metric]
+        if score > st.best:
+            st.best, st.best_step = score, st.step
             st.evals_without_improvement = 0
             self._save_best()
             return False
+        if score == st.best:
+            # a tie keeps the later model: a saturated metric (MAP@R 1.0 on a handful of
+            # validation classes) says nothing against the steps trained since
+            st.best_step = st.step
+            self._save_best()
         st.evals_without_improvement += 1
         if patience and st.evals_without_improvement >= patience:
             self.log(
