@@ -276,6 +276,10 @@ def test_flip_tta_makes_eval_embeddings_mirror_invariant():
     assert torch.allclose(e, e_mirror, atol=1e-5)
     assert torch.allclose(e, m.head(f, fm), atol=1e-6)
     assert torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
+    # traced at batch 2 (as the ONNX export is), it still serves other batch sizes
+    traced = torch.jit.trace(m, torch.rand(2, 1, 64, 48))
+    with torch.no_grad():
+        assert torch.allclose(traced(x), e, atol=1e-5)
     plain = BackboneEmbedding([1, 64, 48], blocks=[3], embedding_dim=8).eval()
     plain.load_state_dict(m.state_dict())
     with torch.no_grad():

@@ -430,6 +430,7 @@ class BackboneEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tta == "flip" and not self.training:
-            f = self.features(torch.cat([x, x.flip(-1)]))
-            return self.head(f[: len(x)], f[len(x) :])
+            # (2, N, D) rather than slices at len(x): an ONNX export keeps a dynamic batch
+            f, f_mirror = self.features(torch.cat([x, x.flip(-1)])).unflatten(0, (2, -1))
+            return self.head(f, f_mirror)
         return self.head(self.features(x))
