@@ -292,7 +292,8 @@ def test_pretrained_cli_train_then_streamed_embed_index_eval(tmp_path, capsys):
     )
     assert rc == 0
     z = np.load(tmp_path / "e.npz")
-    assert z["embeddings"].shape == (30, 64) and len(z["paths"]) == 30
+    # --pretrained alone: frozen, blocks 15 16, whitened head of the features' size (320)
+    assert z["embeddings"].shape == (30, 320) and len(z["paths"]) == 30
     assert (
         main(
             [
