@@ -437,3 +437,24 @@ def test_head_init_whiten_without_a_backbone_is_an_error(tmp_path, folder):
         _cfg(tmp_path, folder, "nowhiten", head_init="whiten", stream=False)
     with pytest.raises(InputError, match="tta, feature_blocks apply to --backbone"):
         resolve_config(overrides={"tta": "flip", "feature_blocks": [3]})
+
+
+def test_head_init_whiten_also_starts_a_fine_tuned_backbone(tmp_path, folder):
+    cfg = _cfg(
+        tmp_path,
+        folder,
+        "ftwhiten",
+        backbone="mobilenet_v2",
+        image_size=[32, 32],
+        model_options={},
+        feature_blocks=[3],
+        head_init="whiten",
+        stream=False,
+        steps=2,
+        eval_every=2,
+    )
+    lines = []
+    trainer = Trainer(cfg, log=lines.append)
+    trainer.fit()
+    assert trainer.features is None  # nothing frozen: no cache, the backbone trains
+    assert any("PCA whitening" in line for line in lines)
