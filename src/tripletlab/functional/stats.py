@@ -31,8 +31,8 @@ class TripletStats:
     n_active: torch.Tensor | int = 0
     sum_d_ap: torch.Tensor | float = 0.0
     sum_d_an: torch.Tensor | float = 0.0
-    n_anchors: int = 0
-    n_positive_pairs: int = 0
+    n_anchors: torch.Tensor | int = 0
+    n_positive_pairs: torch.Tensor | int = 0
     mean_distance: torch.Tensor | float = float("nan")
     batch_size: int = 0
     n_classes: int = 0
@@ -72,6 +72,8 @@ def n_classes(labels: torch.Tensor, ref_labels: torch.Tensor) -> int:
     """Distinct labels among the rows and columns."""
     if labels.numel() + ref_labels.numel() == 0:
         return 0
+    if ref_labels is labels:  # the batch against itself
+        return torch.unique(labels).numel()
     return torch.unique(torch.cat([labels, ref_labels])).numel()
 
 
