@@ -203,10 +203,13 @@ def _chunk_moments(acc: torch.Tensor, d: torch.Tensor, s, exclude_self: bool) ->
     f64 = torch.float64
     n_pos = s.n_pos.to(f64)
     n_neg = (d.shape[1] - s.same.sum(dim=1, dtype=torch.int32)).to(f64)
-    row_sum = d.sum(dim=1, dtype=f64)
-    ap_sum = (d.gather(1, s.slots) * s.valid).sum(dim=1, dtype=f64)
-    # every same-label column, the anchor itself included (it is neither positive nor negative)
-    same_sum = (d * s.same).sum(dim=1, dtype=f64) if exclude_self else ap_sum
+    row_sum = d.sum(dim=1).to(f64)  # float sums of (rows, R), then float64 (rows,)
+    ap_sum = (d.gather(1, s.slots) * s.valid).sum(dim=1).to(f64)
+    same_sum = ap_sum
+    if exclude_self:  # the anchor itself is "same" but not a positive: (i, rows.start + i)
+        self_d = d.diagonal(s.rows.start)
+        same_sum = ap_sum.clone()
+        same_sum[: self_d.shape[0]] += self_d
     terms = torch.stack(
         [
             n_pos * n_neg,
