@@ -338,3 +338,30 @@ def test_indexed_triplet_terms_gradcheck(distance, strategy, soft):
     assert torch.autograd.gradcheck(
         lambda x, y: fn(x, labels, ref_embeddings=y, ref_labels=bank_labels), (e, r)
     )
+
+
+def test_dense_small_batch_miners_equal_chunked_many_patterns(monkeypatch):
+    """400 seeded label/distance patterns (ties, singletons, one class, reference sets whose
+    column i may or may not share row i's label, exclude_self on and off): the dense miners'
+    triplets equal the chunked path's exactly."""
+    from tripletlab import functional
+
+    small = functional._SMALL_ELEMS
+    for seed in range(400):
+        g = torch.Generator().manual_seed(seed)
+        b = int(torch.randint(1, 12, (1,), generator=g))
+        r = b if seed % 3 == 0 else int(torch.randint(1, 14, (1,), generator=g))
+        n_cls = int(torch.randint(1, 5, (1,), generator=g))
+        labels = torch.randint(0, n_cls, (b,), generator=g)
+        ref = None if seed % 3 == 0 else torch.randint(0, n_cls, (r,), generator=g)
+        dist = torch.randint(0, 5, (b, r), generator=g).double() / 2
+        excl = (None, True, False)[seed % 3 if ref is not None else 0]
+        for strategy in ("hard", "easy-positive", "hardest-negative", "semihard"):
+            for fallback in ("easiest", "drop"):
+                kw = dict(strategy=strategy, semihard_fallback=fallback, exclude_self=excl)
+                monkeypatch.setattr(functional, "_SMALL_ELEMS", small)
+                dense = mine_from_distances(dist, labels, ref, **kw)
+                monkeypatch.setattr(functional, "_SMALL_ELEMS", 0)
+                chunked = mine_from_distances(dist, labels, ref, **kw)
+                for got, want in zip(dense, chunked, strict=True):
+                    assert torch.equal(got, want), (seed, strategy, fallback)

@@ -55,7 +55,7 @@ def dense_labels(labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: b
     if not exclude_self or not same.numel():
         return DenseLabels(same, same, n_same > 0, n_same < same.shape[1])
     pos = same.clone().fill_diagonal_(False)  # (i, i) for i < min(B, R)
-    if same.shape[1] >= same.shape[0]:  # every row's own column is in ``same``
+    if ref_labels is labels:  # the batch against itself: a row's own column is in ``same``
         has_pos = n_same > 1
     else:
         has_pos = pos.sum(dim=1, dtype=torch.int32) > 0
