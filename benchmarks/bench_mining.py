@@ -479,7 +479,7 @@ def format_table(table: list[dict[str, Any]]) -> str:
 # floor ratios: every strategy against the distance matrix alone, interleaved in one process
 # --------------------------------------------------------------------------------------------
 
-FLOOR_SIZES = (64, 256, 1024, 4096)
+FLOOR_SIZES = (64, 128, 256, 1024, 4096)
 
 
 def _all_strategies() -> tuple[str, ...]:
@@ -546,16 +546,19 @@ def floor_ratios(
             for i in order:
                 times[i].append(sum(step(fns[i][2]) for _ in range(calls)) / calls)
         floor = statistics.median(times[0])
+        meds = [statistics.median(times[i]) for i in range(len(fns))]
+        pml_time = {s: meds[i] for i, (impl, s, _) in enumerate(fns) if impl == "pml"}
         for i, (impl, s, _) in enumerate(fns):
-            med = statistics.median(times[i])
             rows.append(
                 {
                     "b": b,
                     "impl": impl,
                     "strategy": s,
-                    "time_s": med,
+                    "time_s": meds[i],
                     "times": times[i],
-                    "ratio": med / floor,
+                    "ratio": meds[i] / floor,
+                    # tripletlab's time / pml's for the same strategy, same B, same run
+                    "vs_pml": meds[i] / pml_time[s] if s in pml_time else None,
                     "calls_per_sample": calls,
                 }
             )
@@ -573,14 +576,17 @@ def _probe(step, fns) -> float:
 
 
 def format_floor_table(rows: list[dict[str, Any]]) -> str:
-    """The floor-ratio table: time per step (µs below 10 ms) and time / distance floor."""
-    head = f"{'B':>5}  {'impl':<10} {'strategy':<17} {'time':>11} {'x floor':>8}"
+    """The floor-ratio table: time per step (µs below 10 ms), time / distance floor, and for
+    tripletlab's rows where pml ran (B <= 256) time / pml's time (< 1: tripletlab is faster)."""
+    head = f"{'B':>5}  {'impl':<10} {'strategy':<17} {'time':>11} {'x floor':>8} {'x pml':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         t = r["time_s"]
         tt = f"{t * 1e6:8.0f} us" if t < 0.01 else f"{t:9.4f} s"
+        vs = r.get("vs_pml")
+        vp = f"{vs:5.2f}x" if vs is not None and r["impl"] == "tripletlab" else ""
         lines.append(
-            f"{r['b']:>5}  {r['impl']:<10} {r['strategy']:<17} {tt:>11} {r['ratio']:>7.2f}x"
+            f"{r['b']:>5}  {r['impl']:<10} {r['strategy']:<17} {tt:>11} {r['ratio']:>7.2f}x {vp:>6}"
         )
     return "\n".join(lines)
 
@@ -622,7 +628,8 @@ def _parser() -> argparse.ArgumentParser:
         "--floor",
         action="store_true",
         help="only the floor-ratio table: every strategy's step time / the distance matrix's "
-        "(fwd + bwd), interleaved in one process (default sizes 64 256 1024 4096)",
+        "(fwd + bwd), interleaved in one process, and per call against pml at B <= 256 "
+        "(default sizes 64 128 256 1024 4096)",
     )
     p.add_argument(
         "--sizes", type=int, nargs="+", default=[256, 1024, 4096, 8192], help="batch sizes B"
