@@ -343,7 +343,7 @@ def test_indexed_triplet_terms_gradcheck(distance, strategy, soft):
 def test_dense_small_batch_miners_equal_chunked_many_patterns(monkeypatch):
     """400 seeded label/distance patterns (ties, singletons, one class, reference sets whose
     column i may or may not share row i's label, exclude_self on and off): the dense miners'
-    triplets equal the chunked path's exactly."""
+    triplets equal the chunked path's exactly (the sampling strategies for the same seed)."""
     from tripletlab import functional
 
     small = functional._SMALL_ELEMS
@@ -365,3 +365,12 @@ def test_dense_small_batch_miners_equal_chunked_many_patterns(monkeypatch):
                 chunked = mine_from_distances(dist, labels, ref, **kw)
                 for got, want in zip(dense, chunked, strict=True):
                     assert torch.equal(got, want), (seed, strategy, fallback)
+        for strategy in ("random", "distance-weighted"):  # same generator calls: same draws
+            kw = dict(strategy=strategy, exclude_self=excl, dim=8)
+            got = []
+            for elems in (small, 0):
+                monkeypatch.setattr(functional, "_SMALL_ELEMS", elems)
+                gen = torch.Generator().manual_seed(seed)
+                got.append(mine_from_distances(dist, labels, ref, generator=gen, **kw))
+            for x, y in zip(*got, strict=True):
+                assert torch.equal(x, y), (seed, strategy)

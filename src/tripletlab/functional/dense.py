@@ -8,9 +8,11 @@ choices with one (B, R) label mask and a handful of whole-matrix reductions:
 
 * per anchor (``hard``, ``easy-positive``): one masked ``max``/``min`` over the positives, one
   masked ``argmin`` over the negatives;
-* per positive pair (``hardest-negative``, ``semihard``): the pairs are the positive mask's
-  nonzeros in row-major order (the slot table's order), and semi-hard searches the (pairs, R)
-  rows of those pairs at once (bounded by :data:`_PAIR_ROWS_FACTOR`, else the chunked path).
+* per positive pair (``hardest-negative``, ``semihard``, ``random``, ``distance-weighted``):
+  the pairs are the positive mask's nonzeros in row-major order (the slot table's order), and
+  semi-hard searches the (pairs, R) rows of those pairs at once (bounded by
+  :data:`_PAIR_ROWS_FACTOR`, else the chunked path); the two sampling strategies run their
+  chunked chooser on the whole matrix (same generator calls: same triplets for a seed).
 
 Selection is identical to the chunked path's: masked entries are ``±inf``, so real (finite)
 distances keep their exact values; ``argmax``/``argmin`` return the first extremum, i.e. the
@@ -27,7 +29,15 @@ from typing import NamedTuple
 import torch
 
 from .. import functional as _knobs  # tuning knobs are read from the package at call time
-from .mining import IndexTuple, MineOptions, empty_triplets
+from .mining import (
+    IndexTuple,
+    MineOptions,
+    NegativeChooser,
+    PairChunk,
+    _uniform_negative,
+    _weighted_negative,
+    empty_triplets,
+)
 
 _INF = float("inf")
 # semi-hard searches (pairs, R) at once while pairs x R <= this factor x _SMALL_ELEMS
@@ -41,6 +51,9 @@ class DenseLabels(NamedTuple):
     pos: torch.Tensor  # (B, R) positives (``same`` without (i, i) when exclude_self)
     has_pos: torch.Tensor  # (B,) the row has a positive
     has_neg: torch.Tensor  # (B,) the row has a negative
+
+
+DenseMiner = Callable[[torch.Tensor, DenseLabels, MineOptions], "IndexTuple | None"]
 
 
 def is_small(b: int, r: int) -> bool:
@@ -114,7 +127,25 @@ def _mine_semihard_dense(dist, dl: DenseLabels, opts: MineOptions) -> IndexTuple
     return pa, pp, torch.where(found, nn, far.index_select(0, pa))
 
 
-DenseMiner = Callable[[torch.Tensor, DenseLabels, MineOptions], "IndexTuple | None"]
+def _sampled_per_pair(chooser: NegativeChooser) -> DenseMiner:
+    """A sampling strategy's chunked chooser on the whole matrix as one chunk: it draws a
+    (B, P) table of negatives exactly as the chunked path does for one chunk (same generator
+    calls, same shapes), and each pair takes the draw of its slot (its positive's rank in the
+    row), so the triplets equal the chunked path's for the same generator state."""
+
+    def miner(dist, dl: DenseLabels, opts: MineOptions) -> IndexTuple:
+        pa, pp = _pairs(dl)
+        p = int(dl.pos.sum(dim=1).max())
+        if p == 0:  # no positive pair: the chunked path draws nothing either
+            return pa, pp, pp.clone()
+        slots = torch.empty(dist.shape[0], p, dtype=torch.long, device=dist.device)  # shape only
+        chunk = PairChunk(dist, ~dl.same, dl.has_neg[:, None], slots, slots.bool())
+        nn, _ = chooser(chunk, opts)
+        rank = dl.pos.cumsum(dim=1).sub_(1)[pa, pp]
+        return pa, pp, nn[pa, rank]
+
+    return miner
+
 
 #: strategy name -> dense miner (None from a miner: use the chunked path after all)
 DENSE_MINERS: dict[str, DenseMiner] = {
@@ -122,6 +153,8 @@ DENSE_MINERS: dict[str, DenseMiner] = {
     "easy-positive": _mine_easy_positive_dense,
     "hardest-negative": _mine_hardest_negative_dense,
     "semihard": _mine_semihard_dense,
+    "random": _sampled_per_pair(_uniform_negative),
+    "distance-weighted": _sampled_per_pair(_weighted_negative),
 }
 
 
