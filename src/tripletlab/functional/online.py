@@ -13,7 +13,7 @@ import torch
 from ..distances import check_distance_name, pairwise_distance
 from .batch_all import batch_all_loss
 from .checks import check_distances, check_indices, check_inputs, check_options
-from .dense import DENSE_MINERS, dense_labels, is_small
+from .dense import dense_labels, dense_miner
 from .mining import IndexTuple, MineOptions
 from .slots import resolve_ref
 from .stats import TripletStats, batch_facts, count_positive_pairs, pair_facts, zero_reason
@@ -48,7 +48,7 @@ def loss_from_distances(
     facts = batch_facts(dist, labels, ref_labels, exclude_self)
     mined = indices is None
     dense = None
-    if mined and strategy in DENSE_MINERS and is_small(*dist.shape):
+    if mined and dense_miner(strategy, *dist.shape) is not None:
         dense = dense_labels(labels, ref_labels, exclude_self)  # shared with the stats
     if mined:
         indices = mine(dist, labels, ref_labels, exclude_self, strategy, opts, dense)
