@@ -120,14 +120,15 @@ def loss_on_indices(
     else:
         losses, d_ap, d_an = paired.terms(indices, margin, soft_margin)
     unique = torch.unique_consecutive if anchors_sorted else torch.unique
+    n_active = (losses > 0).sum()
     stats = TripletStats(
         n_triplets=a.numel(),
-        n_active=(losses > 0).sum(),
+        n_active=n_active,
         sum_d_ap=d_ap.sum(),
         sum_d_an=d_an.sum(),
         n_anchors=unique(a).numel(),
     )
-    return reduce_triplet_losses(losses, reduction), stats
+    return reduce_triplet_losses(losses, reduction, n_active), stats
 
 
 def triplet_loss_on_indices(
