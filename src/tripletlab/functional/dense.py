@@ -1,4 +1,4 @@
-"""Small batches: the deterministic miners on whole (B, R) masks, in a few kernels per call.
+"""Small batches: the miners on whole (B, R) masks, in a few kernels per call.
 
 For ``B x R <= tripletlab.functional._SMALL_ELEMS`` (B = 64-256, the common training case on
 one device) the per-call cost is the number of small kernels, not the B² passes: the row-chunk
