@@ -246,7 +246,10 @@ def batch_all_loss(
     reduction: str,
 ) -> tuple[torch.Tensor, TripletStats]:
     """:func:`batch_all_triplet_loss` on checked inputs and resolved ``ref_labels``."""
-    if soft_margin:
+    if dist.shape[1] == 0:  # an empty reference set: no triplets (as for every other strategy)
+        m = _new_moments(dist.device)
+        total, n_active = dist.sum(), torch.zeros((), dtype=torch.long, device=dist.device)
+    elif soft_margin:
         m = _all_triplet_moments(dist, labels, ref_labels, exclude_self)
         total, n_active = _BatchAllSum.apply(dist, labels, ref_labels, exclude_self, None, None)
     else:  # the moments come out of the hinge's own chunk loop
