@@ -1,8 +1,8 @@
 """Short real-data training: AT&T faces, train on s1-s30, verify unseen s31-s40 (slow; CI).
 
-Uses the built-in ``att_faces`` recipe (the configuration of docs/training.md), shortened from
-800 to 400 steps, and asserts that the unseen-identity ROC AUC and EER beat the raw-pixel
-reference of ../shared/data/README.md (AUC 0.936, EER 13.9%). Skipped with a reason where
+Uses the built-in ``att_faces`` recipe (chosen by ``tripletlab tune`` on validation
+identities; docs/training.md) at its 400 steps, and asserts that the unseen-identity ROC AUC and
+EER beat the raw-pixel reference of ../shared/data/README.md (AUC 0.936, EER 13.9%). Skipped with a reason where
 ../shared/data is absent.
 """
 
