@@ -2,8 +2,8 @@
 
 Uses the built-in ``att_faces`` recipe (chosen by ``tripletlab tune`` on validation
 identities; docs/training.md) at its 400 steps, and asserts that the unseen-identity ROC AUC and
-EER beat the raw-pixel reference of ../shared/data/README.md (AUC 0.936, EER 13.9%). Skipped with a reason where
-../shared/data is absent.
+EER beat the raw-pixel reference of ../shared/data/README.md (AUC 0.936, EER 13.9%). Skipped
+with a reason where ../shared/data is absent.
 """
 
 from __future__ import annotations
