@@ -177,3 +177,27 @@ def test_sigkill_of_one_rank_stops_the_others_and_the_checkpoint_resumes(tmp_pat
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed {run} at step {state['step']}" in proc.stdout + proc.stderr
+
+
+def test_hard_class_sampler_agrees_across_ranks(tmp_path):
+    """--sampler hard-class under 2 gloo processes: rank 0 computes the neighbour table and
+    broadcasts it, so the global batches (and the weights) equal one process's."""
+    recipe = tmp_path / "model.json"
+    recipe.write_text(json.dumps({"model_options": {"hidden": []}}))
+    args = ["--data", "digits", "--steps", "24", "--no-eval", "--seed", "3", *COMMON]
+    args += ["--config", str(recipe), "--sampler", "hard-class", "--hard-class-every", "8", "--hard-class-group", "2"]
+    proc = subprocess.run(
+        _torchrun(2, [*args, "--out", str(tmp_path / "two")]),
+        env=_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    two, one = _model(tmp_path / "two"), _model(tmp_path / "one")
+    for k in one:
+        assert torch.allclose(two[k], one[k], atol=1e-5, rtol=1e-4), k
+    state = [
+        json.loads((tmp_path / r / "checkpoint" / "state.json").read_text())
+        for r in ("one", "two")
+    ]
+    assert state[0]["sampler"]["neighbours"] == state[1]["sampler"]["neighbours"]
+    assert state[0]["sampler"]["refreshed_at"] == 16
