@@ -185,7 +185,16 @@ def test_hard_class_sampler_agrees_across_ranks(tmp_path):
     recipe = tmp_path / "model.json"
     recipe.write_text(json.dumps({"model_options": {"hidden": []}}))
     args = ["--data", "digits", "--steps", "24", "--no-eval", "--seed", "3", *COMMON]
-    args += ["--config", str(recipe), "--sampler", "hard-class", "--hard-class-every", "8", "--hard-class-group", "2"]
+    args += [
+        "--config",
+        str(recipe),
+        "--sampler",
+        "hard-class",
+        "--hard-class-every",
+        "8",
+        "--hard-class-group",
+        "2",
+    ]
     proc = subprocess.run(
         _torchrun(2, [*args, "--out", str(tmp_path / "two")]),
         env=_env(), capture_output=True, text=True, timeout=240,
@@ -196,8 +205,7 @@ def test_hard_class_sampler_agrees_across_ranks(tmp_path):
     for k in one:
         assert torch.allclose(two[k], one[k], atol=1e-5, rtol=1e-4), k
     state = [
-        json.loads((tmp_path / r / "checkpoint" / "state.json").read_text())
-        for r in ("one", "two")
+        json.loads((tmp_path / r / "checkpoint" / "state.json").read_text()) for r in ("one", "two")
     ]
     assert state[0]["sampler"]["neighbours"] == state[1]["sampler"]["neighbours"]
     assert state[0]["sampler"]["refreshed_at"] == 16
