@@ -209,3 +209,29 @@ def test_hard_class_sampler_agrees_across_ranks(tmp_path):
     ]
     assert state[0]["sampler"]["neighbours"] == state[1]["sampler"]["neighbours"]
     assert state[0]["sampler"]["refreshed_at"] == 16
+
+
+def test_streamed_images_train_under_two_processes(tmp_path):
+    """Streamed image batches (DataLoader over the sharded PK sampler) under 2 gloo processes,
+    with hard-class refreshes that reopen the stream; the run finishes and resumes."""
+    from test_streaming import make_folder
+
+    root = make_folder(tmp_path / "imgs", n_classes=5, per_class=6, size=(12, 12))
+    run = tmp_path / "run"
+    args = ["--data", str(root), "--stream", "--workers", "1", "--image-size", "12", "12",
+            "--threads", "1", "--p", "4", "--k", "2", "--no-eval", "--quiet", "--no-report",
+            "--split-by", "sample", "--sampler", "hard-class", "--hard-class-every", "3",
+            "--hard-class-group", "2", "--checkpoint-every", "4", "--out", str(run)]  # fmt: skip
+    proc = subprocess.run(
+        _torchrun(2, [*args, "--steps", "8"]), env=_env(), capture_output=True, text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 8 and state["sampler"]["refreshed_at"] == 6
+    proc = subprocess.run(
+        _torchrun(2, ["--resume", str(run), "--steps", "10", "--quiet"]), env=_env(),
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 10

@@ -178,6 +178,24 @@ class DistributedPKSampler:
     def epoch(self) -> int:
         return self.base.epoch
 
+    @property
+    def position(self) -> int:
+        return self.base.position
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.base.batches_per_epoch
+
+    @property
+    def p(self) -> int:
+        """Classes of the global batch."""
+        return self.base.p
+
+    @property
+    def k(self) -> int:
+        """Items per class of the global batch."""
+        return self.base.k
+
     def set_epoch(self, epoch: int) -> None:
         self.base.set_epoch(epoch)
 
