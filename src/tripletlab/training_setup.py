@@ -122,6 +122,9 @@ class TrainerSetup:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         ds = self.train_set
+        self.features = None  # a frozen backbone's cached features (_prepare_features)
+        if cfg.embedding_dim is None:
+            cfg.embedding_dim = 64
         if ds.kind == "text":
             self.model = self._build_text_model().to(self.device)
         elif self._user_model is not None:
@@ -137,7 +140,11 @@ class TrainerSetup:
             if cfg.backbone:
                 mcfg.update({"name": "backbone", "backbone": cfg.backbone, "pool": cfg.pool})
                 mcfg.update({"neck": cfg.neck, "freeze_bn": cfg.freeze_bn})
-                mcfg["freeze_stages"] = cfg.freeze_stages
+                frozen = cfg.freeze_stages == "all"
+                mcfg["freeze_stages"] = cfg.freeze_stages if cfg.freeze_stages is not None else 0
+                mcfg["tta"] = cfg.tta or ("flip" if frozen else "none")
+                if cfg.feature_blocks:
+                    mcfg["blocks"] = list(cfg.feature_blocks)
             mcfg.update(cfg.model_options)
             self.model = build_model(mcfg)
             if (cfg.pretrained or cfg.weights) and not self.resume:
@@ -190,7 +197,7 @@ class TrainerSetup:
             params = self.model.parameters()
         self.opt = torch.optim.AdamW(params, lr=self._lr(), weight_decay=cfg.weight_decay)
         self.stream = None
-        if self.files is not None:
+        if self.files is not None and not self._caches_features():
             from .imagerun import make_stream
 
             self.stream = make_stream(self, aug)
@@ -222,6 +229,43 @@ class TrainerSetup:
             )
         if self.resume:
             self._restore()
+
+    def _caches_features(self) -> bool:
+        """True for a wholly frozen backbone trained on one process: its features are
+        computed once (:mod:`tripletlab.frozen`) and the head alone is trained."""
+        return bool(getattr(self.model, "frozen", False)) and self.dist is None
+
+    def _prepare_features(self) -> None:
+        """Cache a frozen backbone's features (training flips them when the augmentation or
+        ``tta`` does) and, at step 0, start the head as the whitening of the training features
+        (``head_init``: default ``whiten`` for a frozen backbone)."""
+        cfg = self.cfg
+        cached = self._caches_features()
+        whiten = cfg.head_init == "whiten" or (cfg.head_init is None and cached)
+        if whiten and not hasattr(self.model, "init_whitening"):
+            raise InputError("--head-init whiten needs a --backbone model")
+        fresh = self.state.step == 0 and not self.resume
+        if not cached and not (whiten and fresh):
+            return
+        from .frozen import FeatureCache, _Features
+        from .models.augment import build_augment
+
+        if cached:
+            aug = build_augment(cfg.augment) if isinstance(cfg.augment, (str, dict)) else None
+            flip = self.model.tta == "flip" or bool(getattr(aug, "hflip", False))
+            self.log(
+                f"backbone frozen: caching its features of {len(self.train_set)} training "
+                f"images{' and their mirror images' if flip else ''}"
+            )
+            self.features = FeatureCache.build(self, flip)
+        if whiten and fresh:
+            fit = (
+                self.features.fit_set()
+                if cached
+                else self.embed_split(self.train_set, model=_Features(self.model, False))[0]
+            )
+            d = self.model.init_whitening(fit)
+            self.log(f"head: PCA whitening of the training features ({d} dimensions)")
 
     def _build_criterion(self) -> torch.nn.Module:
         """The loss of a step: the triplet loss, inside a cross-batch memory if asked."""

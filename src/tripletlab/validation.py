@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -79,6 +80,13 @@ def check_distance(distance: str, allowed: Iterable[str] = EVAL_DISTANCES) -> st
 # ------------------------------------------------------------------ tensors, checked in place
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite. A NaN or Inf anywhere makes the sum NaN or Inf, and one
+    sum costs ~8x less than ``isfinite(t).all()`` on CPU (per-call cost of a loss at small B);
+    a non-finite sum of finite values (overflow) is rechecked element-wise."""
+    return math.isfinite(float(t.detach().sum())) or bool(torch.isfinite(t).all())
+
+
 def check_embeddings(emb: Any, what: str = "embeddings", finite: bool = True) -> None:
     """A 2-D floating-point torch tensor (B, D), finite unless ``finite=False``."""
     if not isinstance(emb, torch.Tensor):
@@ -87,7 +95,7 @@ def check_embeddings(emb: Any, what: str = "embeddings", finite: bool = True) ->
         raise InputError(f"{what} must be 2-D (B, D), got shape {tuple(emb.shape)}")
     if not emb.is_floating_point():
         raise InputTypeError(f"{what} must be a floating-point tensor, got dtype {emb.dtype}")
-    if finite and emb.numel() > 0 and not bool(torch.isfinite(emb).all()):
+    if finite and emb.numel() > 0 and not _all_finite(emb):
         bad = int((~torch.isfinite(emb)).any(dim=1).sum())
         raise InputError(f"{what} contain NaN or Inf values (in {bad} of {emb.shape[0]} rows)")
 

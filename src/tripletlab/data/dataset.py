@@ -220,6 +220,11 @@ def class_group(name: str, depth: int = 0) -> str:
     return name if depth <= 0 or depth >= len(parts) else "/".join(parts[:depth])
 
 
+#: the fewest validation class groups a fraction is rounded up to (when the training split has
+#: at least 4x as many)
+MIN_VAL_GROUPS = 5
+
+
 def split_validation(
     train: Dataset,
     *,
@@ -236,7 +241,8 @@ def split_validation(
     alphabets; ``0``: each class is its own group). With ``folds`` = K > 1 the groups are dealt,
     in a seeded order, into K folds and fold ``fold`` is the validation split (k-fold model
     selection, as in Musgrave et al. 2020); otherwise a seeded ``fraction`` of the groups (at
-    least one). ``info`` is a class split that :func:`apply_split` reproduces.
+    least one, and at least :data:`MIN_VAL_GROUPS` when there are 4x as many). ``info`` is a
+    class split that :func:`apply_split` reproduces.
 
     Example:
         >>> import torch
@@ -267,7 +273,9 @@ def split_validation(
     else:
         if not 0.0 < fraction < 1.0:
             raise InputError(f"val_fraction must be in (0, 1), got {fraction}")
-        n = max(1, round(len(groups) * fraction))
+        # at least MIN_VAL_GROUPS (up to a quarter of the groups): with 2-3 validation
+        # classes the selection metric saturates at once (AT&T: MAP@R 1.0 from step 6)
+        n = max(1, round(len(groups) * fraction), min(MIN_VAL_GROUPS, len(groups) // 4))
         val_groups = order[:n]
     if len(val_groups) >= len(groups):
         raise InputError(

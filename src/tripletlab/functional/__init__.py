@@ -38,8 +38,8 @@ loss > 0, ``sum``. With no triplet (or no active one) the loss is 0 and still ba
 Layout: ``checks`` (input checks, run once at the public boundary), ``stats``, ``slots`` (row
 chunks and the one label-slot builder), ``reductions``, ``batch_all`` (the exact batch-all
 autograd functions), ``mining`` / ``semihard`` / ``mine_all`` (one ``_mine_<strategy>`` each),
-``strategies`` (the name -> strategy table), ``triplets`` (losses on given triplets), ``online``
-(the public entry points).
+``dense`` (the small-batch miners), ``strategies`` (the name -> strategy table), ``triplets``
+(losses on given triplets), ``online`` (the public entry points).
 
 Example:
     >>> import torch
@@ -63,6 +63,9 @@ _CHUNK_ELEMS = 1 << 22
 _DIRECT_SLOTS = 24
 # The 'all' miner warns before materialising more index triplets than this.
 _LARGE_TRIPLET_COUNT = 1 << 24
+# Up to this many matrix elements (B x R), the deterministic miners take the dense small-batch
+# path (``dense``: whole-matrix masks, a few kernels per call); 0 forces the chunked path.
+_SMALL_ELEMS = 1 << 16
 
 from .batch_all import batch_all_triplet_loss  # noqa: E402
 from .checks import check_inputs, check_options  # noqa: E402

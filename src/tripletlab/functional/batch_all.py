@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from .. import functional as _knobs  # tuning knobs are read from the package at call time
 from .checks import check_distances, check_options
+from .dense import is_small
 from .reductions import reduce_total
-from .slots import iter_label_slots, label_slots, resolve_ref
+from .slots import iter_label_slots, label_slots, resolve_ref, row_chunks
 from .stats import TripletStats, n_classes, n_pairs, zero_reason
 
 
@@ -59,18 +60,19 @@ def _hinge_all_chunk(d: torch.Tensor, same, slots, valid, margin: float):
 
 def _hinge_sum(dist, labels, ref_labels, exclude_self, margin, moments=None, cache=None):
     """Sum of max(0, d_ap - d_an + m) over all valid triplets and the number of active ones;
-    with a ``moments`` dict, :func:`_chunk_moments` accumulates into it in the same pass; with a
+    with a ``moments`` tensor, :func:`_chunk_moments` accumulates into it in the same pass; with a
     ``cache`` list, each chunk's small (rows, P) results ``(sorted thresholds, perm, c)`` are
     appended for the backward (O(B P) memory)."""
     total = torch.zeros((), dtype=torch.float64, device=dist.device)
     n_active = torch.zeros((), dtype=torch.float64, device=dist.device)
+    small = is_small(*dist.shape)
     for s in iter_label_slots(labels, ref_labels, exclude_self):
         d = dist[s.rows]
         if moments is not None:
             _chunk_moments(moments, d, s, exclude_self)
         sthr, perm, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
-        if cache is not None:
-            cache.append((sthr, perm, c))
+        if cache is not None:  # small problems keep the slot table too (no rebuild in backward)
+            cache.append((sthr, perm, c, s if small else None))
         # active triplets per (anchor, negative): P - j (0 where j = P: positives, the anchor)
         cnt = j.to(d.dtype).neg_().add_(sthr.shape[1])
         finite = torch.where(torch.isfinite(sthr), sthr, 0.0)
@@ -85,12 +87,16 @@ def _hinge_grad(dist, labels, ref_labels, exclude_self, margin, cache=None):
     negatives at (a, p). ``cache``: the forward's per-chunk ``(sorted thresholds, perm, c)``;
     then only ``j`` is recomputed (P comparisons per entry), not the sort nor the counts."""
     grad = torch.empty_like(dist)
-    for i, s in enumerate(iter_label_slots(labels, ref_labels, exclude_self)):
-        d = dist[s.rows]
-        if cache is None:
+    for i, rows in enumerate(row_chunks(*dist.shape)):
+        cached = None if cache is None else cache[i]
+        s = cached[3] if cached is not None and cached[3] is not None else None
+        if s is None:
+            s = label_slots(labels, ref_labels, exclude_self, rows)
+        d = dist[rows]
+        if cached is None:
             _, perm, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
         else:
-            sthr, perm, c = cache[i]
+            sthr, perm, c, _ = cached
             j = _count_at_or_below(sthr, d).masked_fill_(s.same, sthr.shape[1])
         g = grad[s.rows]
         # dL/d(a, n) = -#{p : d_an < d_ap + m}
@@ -158,7 +164,7 @@ class _BatchAllSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dist, labels, ref_labels, exclude_self, margin, moments):  # noqa: D102
-        # ``moments``: a dict the hinge's chunk loop fills with the stats' sums (one pass)
+        # ``moments``: the tensor the hinge's chunk loop fills with the stats' sums (one pass)
         if margin is None:
             total, n_active = _soft_sum(dist, labels, ref_labels, exclude_self)
         else:
@@ -185,34 +191,39 @@ class _BatchAllSum(torch.autograd.Function):
 _MOMENT_KEYS = ("n_triplets", "sum_d_ap", "sum_d_an", "n_positive_pairs", "n_anchors", "sum_dist")
 
 
-def _new_moments(device) -> dict[str, torch.Tensor]:
-    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in _MOMENT_KEYS}
+def _new_moments(device) -> torch.Tensor:
+    """The float64 accumulator of :func:`_chunk_moments`, one entry per ``_MOMENT_KEYS``."""
+    return torch.zeros(len(_MOMENT_KEYS), dtype=torch.float64, device=device)
 
 
 @torch.no_grad()
-def _chunk_moments(acc: dict[str, torch.Tensor], d: torch.Tensor, s, exclude_self: bool) -> None:
+def _chunk_moments(acc: torch.Tensor, d: torch.Tensor, s, exclude_self: bool) -> None:
     """Add one row chunk's counts and distance sums to ``acc`` (see
-    :func:`_all_triplet_moments`)."""
-    r = d.shape[1]
-    n_pos = s.valid.sum(dim=1).double()
-    n_neg = (r - s.same.sum(dim=1, dtype=torch.int32)).double()
-    row_sum = d.sum(dim=1).double()
-    ap_sum = (d.gather(1, s.slots) * s.valid).sum(dim=1).double()
+    :func:`_all_triplet_moments`): per-row terms stacked, one reduction, one add."""
+    f64 = torch.float64
+    n_pos = s.n_pos.to(f64)
+    n_neg = (d.shape[1] - s.same.sum(dim=1, dtype=torch.int32)).to(f64)
+    row_sum = d.sum(dim=1).to(f64)  # float sums of (rows, R), then float64 (rows,)
+    ap_sum = (d.gather(1, s.slots) * s.valid).sum(dim=1).to(f64)
     same_sum = ap_sum
-    if exclude_self:  # the anchor itself is "same" but not a positive
-        self_rows, self_cols = s.self_pairs()
-        self_d = torch.zeros_like(row_sum)
-        self_d[self_rows] = d[self_rows, self_cols].double()
-        same_sum = same_sum + self_d
-    acc["n_triplets"] += (n_pos * n_neg).sum()
-    acc["sum_d_ap"] += (ap_sum * n_neg).sum()
-    acc["sum_d_an"] += ((row_sum - same_sum) * n_pos).sum()
-    acc["n_positive_pairs"] += n_pos.sum()
-    acc["n_anchors"] += ((n_pos > 0) & (n_neg > 0)).sum()
-    acc["sum_dist"] += row_sum.sum()
+    if exclude_self:  # the anchor itself is "same" but not a positive: (i, rows.start + i)
+        self_d = d.diagonal(s.rows.start)
+        same_sum = ap_sum.clone()
+        same_sum[: self_d.shape[0]] += self_d
+    terms = torch.stack(
+        [
+            n_pos * n_neg,
+            ap_sum * n_neg,
+            (row_sum - same_sum) * n_pos,
+            n_pos,
+            ((n_pos > 0) & (n_neg > 0)).to(f64),
+            row_sum,
+        ]
+    )
+    acc += terms.sum(dim=1)
 
 
-def _all_triplet_moments(dist, labels, ref_labels, exclude_self) -> dict[str, torch.Tensor]:
+def _all_triplet_moments(dist, labels, ref_labels, exclude_self) -> torch.Tensor:
     """Counts and distance sums over all valid triplets, without enumerating them.
 
     ``n_triplets = sum_a P_a N_a``, ``sum d_ap = sum_a N_a sum_p d_ap``,
@@ -235,19 +246,23 @@ def batch_all_loss(
     reduction: str,
 ) -> tuple[torch.Tensor, TripletStats]:
     """:func:`batch_all_triplet_loss` on checked inputs and resolved ``ref_labels``."""
-    if soft_margin:
+    if dist.shape[1] == 0:  # an empty reference set: no triplets (as for every other strategy)
+        m = _new_moments(dist.device)
+        total, n_active = dist.sum(), torch.zeros((), dtype=torch.long, device=dist.device)
+    elif soft_margin:
         m = _all_triplet_moments(dist, labels, ref_labels, exclude_self)
         total, n_active = _BatchAllSum.apply(dist, labels, ref_labels, exclude_self, None, None)
     else:  # the moments come out of the hinge's own chunk loop
         m = _new_moments(dist.device)
         total, n_active = _BatchAllSum.apply(dist, labels, ref_labels, exclude_self, margin, m)
     b, r = dist.shape
+    m = dict(zip(_MOMENT_KEYS, m.unbind(), strict=True))
     stats = TripletStats(
         n_triplets=m["n_triplets"].round().long(),
         sum_d_ap=m["sum_d_ap"],
         sum_d_an=m["sum_d_an"],
-        n_positive_pairs=int(m["n_positive_pairs"]),
-        n_anchors=int(m["n_anchors"]),
+        n_positive_pairs=m["n_positive_pairs"].round().long(),
+        n_anchors=m["n_anchors"].round().long(),
         mean_distance=m["sum_dist"] / max(n_pairs(b, r, exclude_self), 1),
         batch_size=b,
         n_classes=n_classes(labels, ref_labels),

@@ -94,10 +94,10 @@ def per_pair(
         keep = s.valid & has_neg
         if extra is not None:
             keep = keep & extra
-        a = torch.arange(rows.start, rows.stop, device=dist.device)[:, None]
-        out_a.append(a.expand(-1, s.slots.shape[1])[keep])
-        out_p.append(s.slots[keep])
-        out_n.append(nn[keep])
+        ri, qi = keep.nonzero(as_tuple=True)  # row-major: anchors ascending, then columns
+        out_a.append(ri + rows.start)
+        out_p.append(s.slots[ri, qi])
+        out_n.append(nn[ri, qi])
     return _cat_triplets(out_a, out_p, out_n, dist.device)
 
 

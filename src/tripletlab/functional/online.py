@@ -13,6 +13,7 @@ import torch
 from ..distances import check_distance_name, pairwise_distance
 from .batch_all import batch_all_loss
 from .checks import check_distances, check_indices, check_inputs, check_options
+from .dense import dense_labels, dense_miner
 from .mining import IndexTuple, MineOptions
 from .slots import resolve_ref
 from .stats import TripletStats, batch_facts, count_positive_pairs, pair_facts, zero_reason
@@ -45,12 +46,21 @@ def loss_from_distances(
             dist, labels, ref_labels, exclude_self, margin, soft_margin, reduction
         )
     facts = batch_facts(dist, labels, ref_labels, exclude_self)
-    if indices is None:
-        indices = mine(dist, labels, ref_labels, exclude_self, strategy, opts)
-    loss, stats = loss_on_indices(dist, indices, margin, soft_margin, reduction, paired)
+    mined = indices is None
+    dense = None
+    if mined and dense_miner(strategy, *dist.shape) is not None:
+        dense = dense_labels(labels, ref_labels, exclude_self)  # shared with the stats
+    if mined:
+        indices = mine(dist, labels, ref_labels, exclude_self, strategy, opts, dense)
+    loss, stats = loss_on_indices(
+        dist, indices, margin, soft_margin, reduction, paired, anchors_sorted=mined
+    )
     stats.mean_distance = facts.mean_distance
     stats.batch_size, stats.n_classes = facts.batch_size, facts.n_classes
-    stats.n_positive_pairs = count_positive_pairs(labels, ref_labels, exclude_self)
+    if dense is not None:
+        stats.n_positive_pairs = dense.pos.sum()
+    else:
+        stats.n_positive_pairs = count_positive_pairs(labels, ref_labels, exclude_self)
     if stats.n_triplets == 0:
         n_pos, has_both = pair_facts(labels, ref_labels, exclude_self)
         stats.n_positive_pairs = n_pos

@@ -17,11 +17,14 @@ def triplet_terms(
     return F.relu(d_ap - d_an + margin)
 
 
-def reduce_triplet_losses(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_triplet_losses(
+    losses: torch.Tensor, reduction: str, n_active: torch.Tensor | None = None
+) -> torch.Tensor:
     """Reduce per-triplet losses: ``mean``, ``mean_active`` (over losses > 0) or ``sum``.
 
-    ``mean = sum(l) / max(n, 1)``, ``mean_active = sum(l) / max(#{l > 0}, 1)``. An empty input (or
-    no active triplet for ``mean_active``) gives 0 with a gradient path.
+    ``mean = sum(l) / max(n, 1)``, ``mean_active = sum(l) / max(#{l > 0}, 1)`` (``n_active``:
+    that count, if already known). An empty input (or no active triplet for ``mean_active``)
+    gives 0 with a gradient path.
 
     Example:
         >>> import torch
@@ -36,8 +39,9 @@ def reduce_triplet_losses(losses: torch.Tensor, reduction: str) -> torch.Tensor:
         return losses.sum()
     if reduction == "mean":
         return losses.sum() / max(losses.numel(), 1)
-    n_active = (losses > 0).sum().clamp_min(1)
-    return losses.sum() / n_active.to(losses.dtype)
+    if n_active is None:  # ``n_active``: #{l > 0}, when the caller counted it already
+        n_active = (losses > 0).sum()
+    return losses.sum() / n_active.clamp_min(1).to(losses.dtype)
 
 
 def reduce_total(

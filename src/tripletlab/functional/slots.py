@@ -90,11 +90,16 @@ class LabelSlots:
         if not self.exclude_self:
             return self.same
         pos = self.same.clone()
-        pos[self.self_pairs()] = False
+        pos.diagonal(self.rows.start).fill_(False)  # the pairs (i, i): (row, rows.start + row)
         return pos
 
     @cached_property
     def _table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, r = self.same.shape
+        if n == 0 or r == 0:
+            return _empty_table(n, self.same.device)
+        if n * r <= _knobs._SMALL_ELEMS:  # small: from the mask, in a few whole-matrix kernels
+            return self._table_from_mask()
         # From the sorted column labels, not from a (rows, R) scan: O(rows x class size).
         sorted_cols, starts, counts, uniq = _class_columns(self.ref_labels)
         device = self.same.device
@@ -121,6 +126,18 @@ class LabelSlots:
         p = max(int(n_pos.max()), 1)
         slots = slots[:, :p].contiguous()
         valid = ar[None, :p] < n_pos[:, None]
+        return slots.masked_fill_(~valid, 0), valid, n_pos
+
+    def _table_from_mask(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # keys R - column on the positives, 0 elsewhere: the top P keys are a row's positives
+        # in ascending column order (keys are distinct), then fillers masked out by ``valid``
+        pos = self.pos
+        r = pos.shape[1]
+        n_pos = pos.sum(dim=1)
+        p = min(max(int(n_pos.max()), 1), r)
+        key = pos * torch.arange(r, 0, -1, device=pos.device)
+        slots = key.topk(p, dim=1).indices
+        valid = torch.arange(p, device=pos.device) < n_pos[:, None]
         return slots.masked_fill_(~valid, 0), valid, n_pos
 
     @property

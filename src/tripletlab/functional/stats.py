@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import functional as _knobs  # tuning knobs are read from the package at call time
 from .slots import iter_label_slots
 
 
@@ -31,8 +32,8 @@ class TripletStats:
     n_active: torch.Tensor | int = 0
     sum_d_ap: torch.Tensor | float = 0.0
     sum_d_an: torch.Tensor | float = 0.0
-    n_anchors: int = 0
-    n_positive_pairs: int = 0
+    n_anchors: torch.Tensor | int = 0
+    n_positive_pairs: torch.Tensor | int = 0
     mean_distance: torch.Tensor | float = float("nan")
     batch_size: int = 0
     n_classes: int = 0
@@ -72,6 +73,8 @@ def n_classes(labels: torch.Tensor, ref_labels: torch.Tensor) -> int:
     """Distinct labels among the rows and columns."""
     if labels.numel() + ref_labels.numel() == 0:
         return 0
+    if ref_labels is labels:  # the batch against itself
+        return torch.unique(labels).numel()
     return torch.unique(torch.cat([labels, ref_labels])).numel()
 
 
@@ -88,18 +91,28 @@ def batch_facts(
 
 
 def count_positive_pairs(labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: bool) -> int:
-    """Ordered positive pairs (a, p): a reference with the anchor's label, not the anchor
-    itself when ``exclude_self`` (the batch against itself). O(B + R) from label counts.
+    """Ordered positive pairs (a, p): a reference with the anchor's label, not the pair
+    (i, i) when ``exclude_self`` (the batch against itself; as the slot table counts them).
+    O(B + R) from label counts (one (B, R) mask for small problems).
 
     Example:
         >>> count_positive_pairs(torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 0, 1, 1, 1]), True)
         8
     """
     with torch.no_grad():
+        if labels.shape[0] * ref_labels.shape[0] <= _knobs._SMALL_ELEMS:  # small: one mask
+            same = labels[:, None] == ref_labels[None, :]
+            n = same.sum()
+            if exclude_self:
+                n = n - same.diagonal().sum()
+            return int(n)
         values, inverse = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
         counts = torch.bincount(inverse[labels.shape[0] :], minlength=values.numel())
-        per_anchor = counts[inverse[: labels.shape[0]]] - int(bool(exclude_self))
-        return int(per_anchor.clamp_min(0).sum())
+        n = int(counts[inverse[: labels.shape[0]]].sum())
+        if exclude_self:  # the pairs (i, i) that have the same label
+            m = min(labels.shape[0], ref_labels.shape[0])
+            n -= int((labels[:m] == ref_labels[:m]).sum())
+        return n
 
 
 def pair_facts(

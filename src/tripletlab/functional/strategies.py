@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .dense import DenseLabels, mine_dense
 from .mine_all import _mine_all
 from .mining import (
     IndexTuple,
@@ -76,7 +77,14 @@ def mine(
     exclude_self: bool,
     strategy: str,
     opts: MineOptions,
+    dense: DenseLabels | None = None,
 ) -> IndexTuple:
-    """Dispatch to the strategy's miner on a distance matrix (no checks, no gradient)."""
+    """Dispatch to the strategy's miner on a distance matrix (no checks, no gradient); a small
+    matrix goes to the dense miner of :mod:`~tripletlab.functional.dense` when there is one
+    (``dense``: its label masks, if the caller built them already)."""
     with torch.no_grad():
-        return STRATEGY_TABLE[strategy].mine(dist.detach(), labels, ref_labels, exclude_self, opts)
+        dist = dist.detach()
+        out = mine_dense(dist, labels, ref_labels, exclude_self, strategy, opts, dense)
+        if out is not None:
+            return out
+        return STRATEGY_TABLE[strategy].mine(dist, labels, ref_labels, exclude_self, opts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from ..distances import paired_distance
 from ..errors import InputError
@@ -26,10 +27,76 @@ class PairedDistances(NamedTuple):
     ref: torch.Tensor | None
     distance: str
 
-    def __call__(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """``d(embeddings[rows], ref[cols])`` (N,)."""
+    def terms(
+        self, indices: IndexTuple, margin: float, soft_margin: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-triplet losses and d(a, p), d(a, n) (detached) of the triplets ``indices``."""
+        a, p, n = indices
+        if self.distance in ("euclidean", "sqeuclidean"):
+            losses, d = _IndexedTripletTerms.apply(
+                self.embeddings,
+                self.ref,
+                a,
+                torch.cat([p, n]),
+                None if soft_margin else margin,
+                self.distance == "sqeuclidean",
+            )
+            return losses, d[0], d[1]
         ref = self.embeddings if self.ref is None else self.ref
-        return paired_distance(self.embeddings[rows], ref[cols], self.distance)
+        ea = self.embeddings.index_select(0, a)
+        d_ap = paired_distance(ea, ref.index_select(0, p), self.distance)
+        d_an = paired_distance(ea, ref.index_select(0, n), self.distance)
+        return triplet_terms(d_ap, d_an, margin, soft_margin), d_ap.detach(), d_an.detach()
+
+
+class _IndexedTripletTerms(torch.autograd.Function):
+    """Triplet terms ``l(d(x_a, y_p), d(x_a, y_n))`` straight from the embeddings, with a
+    hand-written backward: one autograd node and two ``index_add_`` instead of a dozen small
+    nodes (gathers, differences, square root, hinge), which is most of the per-call cost at
+    small B. Euclidean (or squared) distances from the row differences, as
+    :func:`~tripletlab.distances.paired_distance` (no eps: identical rows give distance 0 and
+    gradient 0); the hinge ``max(0, d_ap - d_an + margin)`` (``margin=None``: the soft margin
+    ``softplus(d_ap - d_an)``) with torch's own ``relu``/``softplus`` derivatives.
+    Returns the losses (T,) and the distances (2, T) (not differentiable: for the stats)."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, pn, margin, squared: bool):  # noqa: D102
+        yy = x if y is None else y
+        t = a.shape[0]
+        diff = x.index_select(0, a)[None] - yy.index_select(0, pn).view(2, t, x.shape[1])
+        d = (diff * diff).sum(dim=2)  # (2, T): d_ap, d_an
+        if not squared:
+            d = d.sqrt_()
+        z = d[0] - d[1]
+        losses = torch.relu(z + margin) if margin is not None else F.softplus(z)
+        ctx.save_for_backward(diff, d, z, losses, a, pn)
+        ctx.margin, ctx.squared, ctx.same = margin, squared, y is None
+        ctx.shapes = (x.shape, yy.shape)
+        ctx.mark_non_differentiable(d)
+        return losses, d
+
+    @staticmethod
+    def backward(ctx, grad, _grad_d):  # noqa: D102
+        diff, d, z, losses, a, pn = ctx.saved_tensors
+        if ctx.margin is None:
+            gz = torch.ops.aten.softplus_backward(grad, z, 1.0, 20.0)
+        else:  # relu's derivative: 1 where the output is > 0
+            gz = torch.where(losses > 0, grad, 0.0)
+        coef = torch.stack([gz, -gz])  # d l / d d_ap, d l / d d_an
+        if ctx.squared:
+            coef = coef.mul_(2.0)
+        else:  # d ||v|| / dv = v / ||v||, defined as 0 at v = 0
+            coef = torch.where(d > 0, coef / d, 0.0)
+        g_pair = diff * coef[:, :, None]  # (2, T, D): d l / d (x_a - y_c)
+        gx = gy = None
+        if ctx.needs_input_grad[0]:
+            gx = g_pair.new_zeros(ctx.shapes[0]).index_add_(0, a, g_pair.sum(dim=0))
+            if ctx.same:
+                gx.index_add_(0, pn, g_pair.view(-1, diff.shape[2]), alpha=-1)
+        if not ctx.same and ctx.needs_input_grad[1]:
+            gy = g_pair.new_zeros(ctx.shapes[1])
+            gy.index_add_(0, pn, g_pair.view(-1, diff.shape[2]), alpha=-1)
+        return gx, gy, None, None, None, None
 
 
 def loss_on_indices(
@@ -39,25 +106,29 @@ def loss_on_indices(
     soft_margin: bool,
     reduction: str,
     paired: PairedDistances | None = None,
+    anchors_sorted: bool = False,
 ) -> tuple[torch.Tensor, TripletStats]:
     """:func:`triplet_loss_on_indices` on checked (long, in-range) indices. With ``paired`` the
     distances of the triplets are recomputed from the embeddings (``dist`` may then be a
-    no-grad matrix: it only served the mining)."""
+    no-grad matrix: it only served the mining). ``anchors_sorted``: the anchors come in
+    ascending order (as every miner returns them), so they are counted without a sort."""
     a, p, n = indices
     if paired is None:
         d_ap, d_an = dist[a, p], dist[a, n]
-    else:  # one paired computation for both (fewer small kernels per call)
-        both = paired(a.repeat(2), torch.cat([p, n]))
-        d_ap, d_an = both[: a.numel()], both[a.numel() :]
-    losses = triplet_terms(d_ap, d_an, margin, soft_margin)
+        losses = triplet_terms(d_ap, d_an, margin, soft_margin)
+        d_ap, d_an = d_ap.detach(), d_an.detach()
+    else:
+        losses, d_ap, d_an = paired.terms(indices, margin, soft_margin)
+    unique = torch.unique_consecutive if anchors_sorted else torch.unique
+    n_active = (losses > 0).sum()
     stats = TripletStats(
         n_triplets=a.numel(),
-        n_active=(losses > 0).sum(),
-        sum_d_ap=d_ap.detach().sum(),
-        sum_d_an=d_an.detach().sum(),
-        n_anchors=int(torch.unique(a).numel()),
+        n_active=n_active,
+        sum_d_ap=d_ap.sum(),
+        sum_d_an=d_an.sum(),
+        n_anchors=unique(a).numel(),
     )
-    return reduce_triplet_losses(losses, reduction), stats
+    return reduce_triplet_losses(losses, reduction, n_active), stats
 
 
 def triplet_loss_on_indices(

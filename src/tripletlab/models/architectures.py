@@ -95,6 +95,10 @@ class MobileNetV2(nn.Module):
         f = self.features
         return [f[0:2], f[2:4], f[4:7], f[7:14], f[14:18], f[18:]]
 
+    def blocks(self) -> list[nn.Module]:
+        """Every block in input order (``features[i]``; for ``BackboneEmbedding(blocks=...)``)."""
+        return list(self.features)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
@@ -184,6 +188,11 @@ class ResNet(nn.Module):
     def stages(self) -> list[nn.Module]:
         stem = nn.ModuleList([self.conv1, self.bn1])
         return [stem, self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def blocks(self) -> list[nn.Module]:
+        """The stem, then every residual block in input order (for ``blocks=...``)."""
+        stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)  # not registered
+        return [stem, *self.layer1, *self.layer2, *self.layer3, *self.layer4]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

