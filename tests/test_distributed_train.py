@@ -177,3 +177,61 @@ def test_sigkill_of_one_rank_stops_the_others_and_the_checkpoint_resumes(tmp_pat
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed {run} at step {state['step']}" in proc.stdout + proc.stderr
+
+
+def test_hard_class_sampler_agrees_across_ranks(tmp_path):
+    """--sampler hard-class under 2 gloo processes: rank 0 computes the neighbour table and
+    broadcasts it, so the global batches (and the weights) equal one process's."""
+    recipe = tmp_path / "model.json"
+    recipe.write_text(json.dumps({"model_options": {"hidden": []}}))
+    args = ["--data", "digits", "--steps", "24", "--no-eval", "--seed", "3", *COMMON]
+    args += [
+        "--config",
+        str(recipe),
+        "--sampler",
+        "hard-class",
+        "--hard-class-every",
+        "8",
+        "--hard-class-group",
+        "2",
+    ]
+    proc = subprocess.run(
+        _torchrun(2, [*args, "--out", str(tmp_path / "two")]),
+        env=_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    two, one = _model(tmp_path / "two"), _model(tmp_path / "one")
+    for k in one:
+        assert torch.allclose(two[k], one[k], atol=1e-5, rtol=1e-4), k
+    state = [
+        json.loads((tmp_path / r / "checkpoint" / "state.json").read_text()) for r in ("one", "two")
+    ]
+    assert state[0]["sampler"]["neighbours"] == state[1]["sampler"]["neighbours"]
+    assert state[0]["sampler"]["refreshed_at"] == 16
+
+
+def test_streamed_images_train_under_two_processes(tmp_path):
+    """Streamed image batches (DataLoader over the sharded PK sampler) under 2 gloo processes,
+    with hard-class refreshes that reopen the stream; the run finishes and resumes."""
+    from test_streaming import make_folder
+
+    root = make_folder(tmp_path / "imgs", n_classes=5, per_class=6, size=(12, 12))
+    run = tmp_path / "run"
+    args = ["--data", str(root), "--stream", "--workers", "1", "--image-size", "12", "12",
+            "--threads", "1", "--p", "4", "--k", "2", "--no-eval", "--quiet", "--no-report",
+            "--split-by", "sample", "--sampler", "hard-class", "--hard-class-every", "3",
+            "--hard-class-group", "2", "--checkpoint-every", "4", "--out", str(run)]  # fmt: skip
+    proc = subprocess.run(
+        _torchrun(2, [*args, "--steps", "8"]), env=_env(), capture_output=True, text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 8 and state["sampler"]["refreshed_at"] == 6
+    proc = subprocess.run(
+        _torchrun(2, ["--resume", str(run), "--steps", "10", "--quiet"]), env=_env(),
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 10

@@ -185,6 +185,22 @@ class TrainConfig:
         "M >= the global batch P*K)",
     )
     memory_warmup: int = _opt(100, "steps before the cross-batch memory is used")
+    # global hard-class mining (docs/scaling.md): off by default, it costs an embedding pass of
+    # the training classes every N steps and pays only with many confusable classes
+    sampler: str = _opt(
+        "pk",
+        "pk: P random classes per batch | hard-class: groups of mutually close classes "
+        "(class centroids of the current model, refreshed every --hard-class-every steps)",
+    )
+    hard_class_every: int = _opt(
+        200, "steps between hard-class refreshes (embed the training classes, find neighbours)"
+    )
+    hard_class_group: int = _opt(
+        4, "classes per group of close classes in a hard-class batch (2..P; P = one group)"
+    )
+    hard_class_items: int = _opt(
+        32, "items per class embedded at each hard-class refresh (0 = all)"
+    )
     # --- optimisation
     p: int = _opt(16, "classes per batch")
     k: int = _opt(4, "samples per class in a batch (K-1 positives per anchor)")
@@ -279,6 +295,7 @@ def option_choices() -> dict[str, list[str]]:
         "strategy": list(STRATEGIES),
         "distance": list(DISTANCES),
         "semihard_fallback": list(SEMIHARD_FALLBACKS),
+        "sampler": ["pk", "hard-class"],
     }
 
 
@@ -413,6 +430,20 @@ def _check_choices(cfg: TrainConfig) -> None:
             raise InputError(f"unknown {key.replace('_', ' ')} {value!r}; choose one of {names}")
 
 
+def _check_hard_class(cfg: TrainConfig) -> None:
+    if cfg.hard_class_every < 1:
+        raise InputError(
+            f"--hard-class-every must be >= 1 step, got {cfg.hard_class_every} (--sampler pk "
+            "turns hard-class mining off)"
+        )
+    if not 2 <= cfg.hard_class_group <= cfg.p:
+        raise InputError(
+            f"--hard-class-group must be in [2, P = {cfg.p}], got {cfg.hard_class_group}"
+        )
+    if cfg.hard_class_items < 0:
+        raise InputError(f"--hard-class-items must be >= 0 (0 = all), got {cfg.hard_class_items}")
+
+
 def resolve_config(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults <- file <- overrides (flags); unknown keys and wrong types are errors."""
     values: dict = {}
@@ -474,6 +505,8 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
             f"need val_folds >= 1 and 0 <= val_fold < val_folds (got {cfg.val_folds}, "
             f"{cfg.val_fold})"
         )
+    if cfg.sampler == "hard-class":
+        _check_hard_class(cfg)
     if cfg.val_group_depth < 0:
         raise InputError("val_group_depth must be >= 0")
     if cfg.image_size is not None and (

@@ -325,7 +325,7 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_from_env(device: str = "cpu", timeout_s: float = 60.0) -> DistEnv:
+def init_from_env(device: str = "cpu", timeout_s: float = 60.0, command: str = "train") -> DistEnv:
     """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA).
 
     ``timeout_s`` bounds every collective: when a rank dies or hangs, the others stop with an
@@ -350,8 +350,8 @@ def init_from_env(device: str = "cpu", timeout_s: float = 60.0) -> DistEnv:
     if missing:
         raise InputError(
             f"--distributed needs torchrun's environment ({', '.join(missing)} not set): launch "
-            "with  torchrun --nproc_per_node N -m tripletlab train --distributed ...  (or drop "
-            "--distributed for one process)"
+            f"with  torchrun --nproc_per_node N -m tripletlab {command} --distributed ...  (or "
+            "drop --distributed for one process)"
         )
     if not dist.is_available():
         raise InputError("this PyTorch build has no torch.distributed")

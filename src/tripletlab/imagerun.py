@@ -197,10 +197,13 @@ def embed_data(
     workers: int | None = None,
     batch_size: int = 256,
     progress: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str] | None, list[str]]:
     """``(embeddings, labels, paths, classes)`` of ``data`` (or of the run's test split when
     ``data`` is None) with a trained model. Image folders and manifests are streamed in
     batches (memory does not grow with the number of images); other data is loaded whole.
+    ``shard=(rank, world_size)``: only that rank's contiguous share of the items
+    (:func:`tripletlab.shard.shard_bounds`; ``tripletlab embed --distributed``).
 
     Example:
         >>> emb, y, paths, classes = embed_data(model, cfg, "photos/", "runs/x")  # doctest: +SKIP
@@ -219,6 +222,10 @@ def embed_data(
         ds = load_dataset_for_run(cfg, spec, skip_bad)
         if data is None:
             _, ds = apply_split(ds, _read_json(Path(run_dir) / "split.json", "split")["test"])
+        if shard is not None:
+            from .shard import shard_bounds
+
+            ds = ds.subset(range(*shard_bounds(len(ds), *shard)))
         return embed(model, ds.x, batch_size, dev), ds.y, ds.paths, ds.classes
     paths, labels = scan_images(spec, skip_bad=skip_bad)
     ids, classes = class_ids(labels)
@@ -235,6 +242,11 @@ def embed_data(
             placeholder, _read_json(Path(run_dir) / "split.json", "split")["test"]
         )
         paths, ids = test.paths or [], test.y.tolist()
+    if shard is not None:  # this rank's files only
+        from .shard import shard_bounds
+
+        lo, hi = shard_bounds(len(paths), *shard)
+        paths, ids = paths[lo:hi], ids[lo:hi]
     files = ImageFiles(paths, ids, size, channels)
     emb, kept = embed_files(
         model,

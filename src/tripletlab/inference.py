@@ -137,11 +137,13 @@ class Inference:
         workers: int | None = None,
         batch_size: int = 256,
         progress: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> tuple[np.ndarray, torch.Tensor, list[str] | None, list[str]]:
         """``(embeddings, labels, paths, classes)`` of ``data`` (or of the run's test split):
         image folders and CSV/JSONL manifests are streamed from disk in batches with
         ``workers`` decoding processes, so memory does not grow with the number of images;
-        other data (digits, idx, vectors) is loaded whole."""
+        other data (digits, idx, vectors) is loaded whole. ``shard=(rank, world_size)``: only
+        that rank's contiguous share (see :mod:`tripletlab.shard`)."""
         from .imagerun import embed_data
 
         emb, labels, paths, classes = embed_data(
@@ -154,6 +156,7 @@ class Inference:
             workers=workers,
             batch_size=batch_size,
             progress=progress,
+            shard=shard,
         )
         return emb.numpy(), labels, paths, classes
 

@@ -49,6 +49,7 @@ from .evaluate import (
     summary_lines,
     validation_threshold,
 )
+from .hard_classes import refresh_hard_classes
 from .memory import CrossBatchMemory
 from .metrics import retrieval_metrics
 from .rundir import (
@@ -191,9 +192,15 @@ class Trainer(TrainerSetup, TrainerState, TrainerLogging):
     def _batches(self):
         """Training batches: index lists (in memory) or ``(x, y)`` from the image stream."""
         if self.stream is None or self.features is not None:
-            yield from self.sampler
-            return
+            it = iter(self.sampler)
+            while True:
+                refresh_hard_classes(self)  # every N steps (--sampler hard-class), else no-op
+                batch = next(it, None)
+                if batch is None:
+                    return
+                yield batch
         while True:
+            refresh_hard_classes(self)
             x, y, _ = next(self.stream)
             yield x, y
 
@@ -505,6 +512,9 @@ class Trainer(TrainerSetup, TrainerState, TrainerLogging):
         extra: dict = {"auto": self.choices} if self.choices else {}
         if self.stream is not None and self.stream.skipped:
             extra["skipped_bad_images"] = self.stream.skipped
+        if getattr(self, "_hard_class_refreshes", 0):  # this session's refreshes
+            extra["hard_class_refreshes"] = self._hard_class_refreshes
+            extra["hard_class_seconds"] = round(self._hard_class_seconds, 3)
         return {
             **extra,
             "train_time_s": train_time,

@@ -28,7 +28,7 @@ from .rundir import (
     read_json,
     write_run_config,
 )
-from .samplers import DistributedPKSampler, PKSampler
+from .samplers import DistributedPKSampler, HardClassSampler, PKSampler
 from .utils import atomic_write_json
 
 
@@ -180,7 +180,12 @@ class TrainerSetup:
         n_cls = int(torch.unique(ds.y).numel())
         if cfg.p > n_cls:
             self.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
-        self.sampler = PKSampler(ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed)
+        if cfg.sampler == "hard-class":  # groups of close classes (hard_classes.py)
+            self.sampler = HardClassSampler(
+                ds.y, p=cfg.p, k=cfg.k, seed=cfg.seed, group=cfg.hard_class_group
+            )
+        else:
+            self.sampler = PKSampler(ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed)
         if self.dist is not None:
             self.sampler = DistributedPKSampler(self.sampler, self.dist.rank, self.dist.world_size)
         self.total_steps = cfg.steps or self._epochs() * len(self.sampler)

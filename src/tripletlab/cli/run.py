@@ -69,6 +69,47 @@ def _add_model_data(p, data_required: bool = False) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="items per forward pass (256)")
 
 
+def _add_distributed(p) -> None:
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="under torchrun: every process embeds its share of the items, rank 0 merges them "
+        "in the original order and alone writes the output (gloo on CPU, NCCL on CUDA)",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a process waits for the others before stopping with an error (600)",
+    )
+
+
+def _embeddings(inf, args):
+    """An :class:`~tripletlab.shard.Embedded` of ``--data``; under ``--distributed`` sharded
+    over the ranks (None on ranks > 0, which write nothing)."""
+    from ..shard import Embedded, embed_sharded
+
+    stream = _streams(inf, args)
+    if args.distributed:
+        from ..distributed import init_from_env, shutdown
+
+        if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
+            raise InputError("--batch-size must be >= 1 and --workers >= 0")
+        env = init_from_env(str(inf.device), args.dist_timeout, command=args.command)
+        try:
+            return embed_sharded(
+                inf, args.data, stream=stream, env=env, skip_bad=args.skip_bad,
+                workers=args.workers, batch_size=args.batch_size,
+            )  # fmt: skip
+        finally:
+            shutdown(env)  # every rank has its share merged: rank 0 writes alone
+    if stream:
+        emb, labels, paths, classes = _embed_source(inf, args)
+        return Embedded(emb, labels, paths, classes)
+    ds = inf.load_data(args.data, args.skip_bad)
+    return Embedded(inf.embed_dataset(ds), ds.y, ds.paths, ds.classes, ds.texts)
+
+
 # ------------------------------------------------------------------------- eval and embed
 
 
@@ -123,6 +164,7 @@ def _add_embed(sub) -> None:
     )
     _add_model_data(p, data_required=True)
     p.add_argument("--out", required=True, help="output .npz file")
+    _add_distributed(p)
     p.set_defaults(func=_cmd_embed)
 
 
@@ -130,14 +172,11 @@ def _cmd_embed(args) -> int:
     from ..utils import atomic_write_bytes
 
     inf = _inference(args)
-    extra = {}
-    if _streams(inf, args):
-        emb, labels, paths, classes = _embed_source(inf, args)
-    else:
-        ds = inf.load_data(args.data, args.skip_bad)
-        emb, labels, paths, classes = inf.embed_dataset(ds), ds.y, ds.paths, ds.classes
-        if ds.texts is not None:
-            extra["texts"] = np.asarray(ds.texts, dtype=str)
+    got = _embeddings(inf, args)
+    if got is None:  # a rank > 0 of --distributed: rank 0 writes
+        return 0
+    emb, labels, paths, classes = got.embeddings, got.labels, got.paths, got.classes
+    extra = {"texts": np.asarray(got.texts, dtype=str)} if got.texts is not None else {}
     # data without files (digits, vectors, idx): "<data>[row]" identifies each item
     paths = paths if paths is not None else [f"{args.data}[{i}]" for i in range(len(emb))]
     buf = io.BytesIO()
@@ -177,16 +216,21 @@ def _add_index(sub) -> None:
         "inverted lists of product-quantised codes (faiss), for millions of vectors. "
         "Approximate kinds report recall@10 against exact search and the query latency",
     )
+    _add_distributed(p)
     p.set_defaults(func=_cmd_index)
 
 
 def _cmd_index(args) -> int:
     inf = _inference(args)
-    if _streams(inf, args):
-        emb, labels, paths, classes = _embed_source(inf, args)
-        index = inf.index_embeddings(emb, labels, paths, classes, kind=args.kind)
-    else:
-        index = inf.build_index(inf.load_data(args.data, args.skip_bad), kind=args.kind)
+    got = _embeddings(inf, args)
+    if got is None:  # a rank > 0 of --distributed: rank 0 builds and writes the index
+        return 0
+    # text items are shown by their text
+    paths = got.texts if got.texts is not None else got.paths
+    index = inf.index_embeddings(
+        got.embeddings, got.labels, paths, got.classes, kind=args.kind,
+        files=got.texts is None,
+    )  # fmt: skip
     index.save(args.out, fingerprint=inf.fingerprint)
     print(f"indexed {len(index)} items ({inf.distance}, {args.kind}) in {args.out}")
     q = index.quality
