@@ -9,7 +9,7 @@ Example:
     >>> from tripletlab.config import load_config_file, resolve_config
     >>> cfg = resolve_config(load_config_file("att_faces"), {"steps": 400})
     >>> cfg.strategy, cfg.steps, cfg.augment
-    ('semihard', 400, 'faces')
+    ('semihard', 400, 'light')
 """
 
 from __future__ import annotations

@@ -63,7 +63,11 @@ def is_text_file(path: str | os.PathLike[str]) -> bool:
             first = f.readline(1 << 16).decode("utf-8-sig", errors="replace")
     except OSError:
         return False
-    header = {h.strip().lower() for h in next(csv.reader([first]), [])}
+    try:  # a stray carriage return or NUL byte: not a text file; the loader names the problem
+        row = next(csv.reader(first.splitlines()[:1]), [])
+    except csv.Error:
+        return False
+    header = {h.strip().lower() for h in row}
     return "text" in header or "anchor" in header
 
 
