@@ -12,7 +12,12 @@ from safetensors.torch import load_file
 
 from tripletlab import InputError
 from tripletlab.config import resolve_config
-from tripletlab.hard_classes import class_centroids, nearest_classes, sample_per_class
+from tripletlab.hard_classes import (
+    class_centroids,
+    nearest_classes,
+    nearest_classes_by_items,
+    sample_per_class,
+)
 from tripletlab.samplers import HardClassSampler
 from tripletlab.train import Trainer
 
@@ -41,6 +46,32 @@ def test_nearest_classes_are_the_cluster_mates():
     table = _table(x, y, pool=2)
     for c in range(12):
         assert set(table[c].tolist()) == {m for m in range(c // 3 * 3, c // 3 * 3 + 3)} - {c}
+
+
+def test_nearest_classes_by_items_are_the_cluster_mates():
+    x, y = _clusters()
+    table = nearest_classes_by_items(torch.from_numpy(x), torch.from_numpy(y), 12, n=2).numpy()
+    for c in range(12):
+        assert set(table[c].tolist()) == {m for m in range(c // 3 * 3, c // 3 * 3 + 3)} - {c}
+
+
+def test_items_mode_follows_touching_items_not_centroids():
+    """Class 0 = 16 items at -10 and 4 at +10 (centroid -6); class 1 (at 10.5) touches its small
+    blob; class 2 (at 2) has the centroid nearest to class 0's but is near none of its items."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [rng.normal(-10, 0.1, 16), rng.normal(10, 0.1, 4), rng.normal(10.5, 0.1, 10),
+         rng.normal(2, 0.1, 10)]
+    ).astype(np.float32)[:, None]  # fmt: skip
+    y = torch.tensor([0] * 20 + [1] * 10 + [2] * 10)
+    emb = torch.from_numpy(x)
+    cent, present = class_centroids(emb, y, 3)
+    assert nearest_classes(cent, present, n=1)[0].item() == 2  # by centroid: class 2
+    by_items = nearest_classes_by_items(emb, y, 3, n=2, k=5)
+    assert by_items[0].tolist() == [1, 2]  # by items: class 1 (votes), then centroid order
+    assert by_items[1, 0].item() == 0
+    with pytest.raises(InputError, match="k >= 1"):
+        nearest_classes_by_items(emb, y, 3, n=1, k=0)
 
 
 def test_batches_are_groups_of_near_classes_and_deterministic():
@@ -154,7 +185,8 @@ def test_trainer_resume_is_bit_identical(tmp_path, every):
     assert all(r["seconds"] >= 0 for r in logs if r.get("type") == "hard_classes")
 
 
-def test_trainer_finds_the_near_classes(tmp_path):
+@pytest.mark.parametrize("by", ["centroid", "items"])
+def test_trainer_finds_the_near_classes(tmp_path, by):
     x, y = _clusters(per_class=12)
     np.savez(tmp_path / "clusters.npz", x=x, y=y)
     t = Trainer(
@@ -166,6 +198,7 @@ def test_trainer_finds_the_near_classes(tmp_path):
             k=3,
             hard_class_group=3,
             hard_class_every=5,
+            hard_class_by=by,
             steps=6,
             val_fraction=0.0,
             model_options={"hidden": []},

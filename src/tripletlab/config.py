@@ -201,6 +201,11 @@ class TrainConfig:
     hard_class_items: int = _opt(
         32, "items per class embedded at each hard-class refresh (0 = all)"
     )
+    hard_class_by: str = _opt(
+        "centroid",
+        "how hard-class neighbours are found: centroid (nearest class means) | items (classes "
+        "whose items are each other's nearest neighbours, from an exact EmbeddingIndex)",
+    )
     # --- optimisation
     p: int = _opt(16, "classes per batch")
     k: int = _opt(4, "samples per class in a batch (K-1 positives per anchor)")
@@ -296,6 +301,7 @@ def option_choices() -> dict[str, list[str]]:
         "distance": list(DISTANCES),
         "semihard_fallback": list(SEMIHARD_FALLBACKS),
         "sampler": ["pk", "hard-class"],
+        "hard_class_by": ["centroid", "items"],
     }
 
 

@@ -4,7 +4,9 @@ current embedding, for :class:`~tripletlab.samplers.HardClassSampler` (``--sampl
 Every ``--hard-class-every`` N steps the trainer embeds up to ``--hard-class-items`` items of
 every training class (in eval mode, without gradients, streamed from disk when the images are:
 the same ``embed_split`` as validation), averages them into class centroids, and lists each
-class's nearest classes by the loss's distance (:func:`tripletlab.distances.distance_matrix`).
+class's nearest classes by the loss's distance (:func:`tripletlab.distances.distance_matrix`);
+with ``--hard-class-by items`` the neighbours are instead the classes whose items are each other's
+nearest neighbours in an exact :class:`~tripletlab.index.EmbeddingIndex` (mutual kNN votes).
 The sampler then fills each PK batch with groups of mutually close classes, so the batch's
 negatives are hard for the whole training set, not only for a random batch (the FaceNet /
 "hard class" idea of sampling confusable identities together). Under ``--distributed`` rank 0
@@ -30,7 +32,13 @@ from .distances import distance_matrix
 from .errors import InputError
 from .samplers import HardClassSampler
 
-__all__ = ["class_centroids", "nearest_classes", "refresh_hard_classes", "sample_per_class"]
+__all__ = [
+    "class_centroids",
+    "nearest_classes",
+    "nearest_classes_by_items",
+    "refresh_hard_classes",
+    "sample_per_class",
+]
 
 
 def class_centroids(
@@ -85,6 +93,55 @@ def nearest_classes(
     return idx
 
 
+def nearest_classes_by_items(
+    embeddings: torch.Tensor,
+    positions: torch.Tensor,
+    n_classes: int,
+    n: int,
+    distance: str = "euclidean",
+    k: int = 10,
+) -> torch.Tensor:
+    """(C, n) long: for each class the ``n`` classes whose items are most often among its
+    items' ``k`` nearest neighbours and vice versa (mutual votes, from an exact
+    :class:`~tripletlab.index.EmbeddingIndex`); ties and classes without votes are ordered by
+    centroid distance, as in :func:`nearest_classes`, and -1 fills rows as there.
+
+    ``votes[a, b]`` = number of (item of a, item of b) pairs with the item of b among the ``k``
+    nearest other items of the item of a; the affinity is ``votes + votes.T``.
+
+    Example:
+        >>> emb = torch.tensor([[0.0], [0.1], [0.2], [0.3], [9.0], [9.1]])
+        >>> nearest_classes_by_items(emb, torch.tensor([0, 1, 0, 1, 2, 2]), 3, n=1, k=2).tolist()
+        [[1], [0], [1]]
+    """
+    from .index import EmbeddingIndex
+
+    if n < 1 or k < 1:
+        raise InputError(f"need n >= 1 classes and k >= 1 neighbours, got n={n}, k={k}")
+    centroids, present = class_centroids(embeddings, positions, n_classes)
+    by_centroid = nearest_classes(centroids, present, n_classes, distance)  # (C, C) fallback
+    pos = positions.long().numpy()
+    metric = "cosine" if distance == "cosine" else "euclidean"  # same order as sqeuclidean
+    index = EmbeddingIndex(embeddings.shape[1], metric=metric, backend="numpy")
+    index.add(embeddings.detach().float().numpy(), labels=pos)
+    _, ids = index.search(embeddings.detach().float().numpy(), k + 1)
+    votes = np.zeros((n_classes, n_classes), dtype=np.int64)
+    rows = np.repeat(np.arange(len(pos)), ids.shape[1])
+    cols = ids.reshape(-1)
+    keep = (cols >= 0) & (cols != rows)  # the item itself is not its own neighbour
+    np.add.at(votes, (pos[rows[keep]], pos[cols[keep]]), 1)
+    affinity = votes + votes.T
+    np.fill_diagonal(affinity, -1)
+    out = torch.full((n_classes, n), -1, dtype=torch.long)
+    for c in range(n_classes):
+        if not present[c]:
+            continue
+        order = [int(b) for b in by_centroid[c].tolist() if b >= 0]  # nearest centroid first
+        order.sort(key=lambda b: -affinity[c, b])  # stable: centroid order breaks vote ties
+        out[c, : min(n, len(order))] = torch.tensor(order[:n], dtype=torch.long)
+    return out
+
+
 def sample_per_class(positions: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """Sorted indices of at most ``per_class`` items of every class (seeded; 0 = all).
 
@@ -110,6 +167,11 @@ def _table(trainer, sampler: HardClassSampler, step: int) -> tuple[torch.Tensor,
     keep = sample_per_class(pos, cfg.hard_class_items, seed=cfg.seed * 1_000_003 + step)
     emb, labels = trainer.embed_split(train.subset(keep))
     label_pos = torch.from_numpy(np.searchsorted(sampler.classes, labels.cpu().numpy()))
+    if getattr(cfg, "hard_class_by", "centroid") == "items":
+        table = nearest_classes_by_items(
+            emb.cpu(), label_pos, len(sampler.classes), sampler.pool, cfg.distance
+        )
+        return table, len(emb)
     centroids, present = class_centroids(emb, label_pos, len(sampler.classes))
     return nearest_classes(centroids, present, sampler.pool, cfg.distance), len(emb)
 
