@@ -119,7 +119,7 @@ def nearest_classes_by_items(
     if n < 1 or k < 1:
         raise InputError(f"need n >= 1 classes and k >= 1 neighbours, got n={n}, k={k}")
     centroids, present = class_centroids(embeddings, positions, n_classes)
-    by_centroid = nearest_classes(centroids, present, n_classes, distance)  # (C, C) fallback
+    by_centroid = nearest_classes(centroids, present, max(n, n_classes), distance)  # tie order
     pos = positions.long().numpy()
     metric = "cosine" if distance == "cosine" else "euclidean"  # same order as sqeuclidean
     index = EmbeddingIndex(embeddings.shape[1], metric=metric, backend="numpy")
@@ -131,15 +131,14 @@ def nearest_classes_by_items(
     keep = (cols >= 0) & (cols != rows)  # the item itself is not its own neighbour
     np.add.at(votes, (pos[rows[keep]], pos[cols[keep]]), 1)
     affinity = votes + votes.T
-    np.fill_diagonal(affinity, -1)
-    out = torch.full((n_classes, n), -1, dtype=torch.long)
-    for c in range(n_classes):
-        if not present[c]:
-            continue
-        order = [int(b) for b in by_centroid[c].tolist() if b >= 0]  # nearest centroid first
-        order.sort(key=lambda b: -affinity[c, b])  # stable: centroid order breaks vote ties
-        out[c, : min(n, len(order))] = torch.tensor(order[:n], dtype=torch.long)
-    return out
+    # each row's candidates (nearest centroid first, -1 padding last) re-ordered by votes, ties
+    # kept in centroid order; -1 slots have no votes and the last positions, so they stay last
+    cand = by_centroid.numpy()
+    rows = np.arange(n_classes)[:, None]
+    gathered = np.where(cand >= 0, affinity[rows, np.maximum(cand, 0)], 0)
+    position = np.broadcast_to(np.arange(cand.shape[1]), cand.shape)
+    order = np.lexsort((position, -gathered), axis=1)
+    return torch.from_numpy(np.ascontiguousarray(cand[rows, order][:, :n], dtype=np.int64))
 
 
 def sample_per_class(positions: np.ndarray, per_class: int, seed: int) -> np.ndarray:
