@@ -109,6 +109,37 @@ def test_sample_augment_is_seeded_and_bounded():
         SampleAugment(crop_scale=(0.5, 1.5))
 
 
+def test_sample_augment_batch_equals_one_image_at_a_time():
+    aug = SampleAugment(degrees=15, jitter=0.3)
+    x = torch.rand(4, 3, 24, 20)
+    seeds = [3, 9, 27, 81]
+    one = torch.stack([aug(x[i], s) for i, s in enumerate(seeds)])
+    assert torch.equal(aug.apply_batch(x, seeds), one)
+    grey = torch.rand(4, 1, 24, 20)  # jitter is for RGB only
+    assert torch.equal(aug.apply_batch(grey, seeds)[2], aug(grey[2], 27))
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    """A JPEG read at a quarter of its size is decoded at a reduced DCT scale (draft mode):
+    close to a full decode + resize, and the same in the streamed and in-memory readers."""
+    from tripletlab.data.loaders import _read_image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 200, 480)[None, :, None]
+    arr = (rng.random((320, 480, 3)) * 30 + ramp).astype(np.uint8)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(arr).save(path, quality=92)
+    got = _read_image(str(path), "RGB", (80, 120))
+    with Image.open(path) as im:
+        full = np.asarray(im.convert("RGB").resize((120, 80), Image.BILINEAR))
+    assert got.shape == (3, 80, 120)
+    assert np.abs(got.astype(float) - full.transpose(2, 0, 1)).mean() < 4.0
+    grey = _read_image(str(path), "L", (80, 120))
+    assert grey.shape == (1, 80, 120)
+    files = ImageFiles([str(path)], [0], (80, 120), 3)
+    assert torch.equal(files.decode(0), torch.from_numpy(got))
+
+
 def _batches(stream, n):
     return [next(stream) for _ in range(n)]
 

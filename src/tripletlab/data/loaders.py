@@ -140,6 +140,10 @@ def _read_image(path: str, mode: str | None, size: tuple[int, int] | None) -> np
         if os.path.getsize(path) == 0:
             raise FileFormatError(f"empty image file: {_display(path)}")
         with Image.open(path) as im:
+            if size is not None and im.format == "JPEG":
+                # decode at 1/2, 1/4 or 1/8 scale in the DCT when that still covers ``size``
+                # (3-4x less work for a 224-pixel JPEG read at 112); the resize below finishes
+                im.draft(mode or im.mode, (size[1], size[0]))
             im.load()
             return image_to_array(im, mode, size)
     except FileFormatError:

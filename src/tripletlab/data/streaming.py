@@ -89,7 +89,9 @@ class SampleAugment:
         if self.degrees < 0 or not 0 <= self.jitter < 1:
             raise InputError("degrees must be >= 0 and jitter in [0, 1)")
 
-    def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+    def _params(self, seed: int) -> tuple[list[float], list[float]]:
+        """The affine matrix (row-major 2x3) and the jitter factors (brightness, contrast,
+        saturation) drawn from ``seed``."""
         g = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
         u = torch.rand(8, generator=g).tolist()
         area = self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * u[0]
@@ -102,20 +104,31 @@ class SampleAugment:
         ang = math.radians(self.degrees * (2 * u[4] - 1))
         flip = -1.0 if self.hflip and u[5] < 0.5 else 1.0
         c, s = math.cos(ang), math.sin(ang)
-        theta = torch.tensor(
-            [[sw * c * flip, -sh * s, tx], [sw * s * flip, sh * c, ty]], dtype=x.dtype
-        )
-        grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
-        out = F.grid_sample(x[None], grid, "bilinear", "border", align_corners=False)[0]
-        if self.jitter and out.shape[0] == 3:
-            j = self.jitter
-            b = 1 + j * (2 * u[6] - 1)
-            k = 1 + j * (2 * u[7] - 1)
+        theta = [sw * c * flip, -sh * s, tx, sw * s * flip, sh * c, ty]
+        j = self.jitter
+        jit = [1.0, 1.0, 1.0]
+        if j:
             sat = 1 + j * (2 * float(torch.rand(1, generator=g)) - 1)
+            jit = [1 + j * (2 * u[6] - 1), 1 + j * (2 * u[7] - 1), sat]
+        return theta, jit
+
+    def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        return self.apply_batch(x[None], [seed])[0]
+
+    def apply_batch(self, x: torch.Tensor, seeds) -> torch.Tensor:
+        """Augment each image of ``x`` (N, C, H, W) with its own seed, in one ``grid_sample``
+        (the same values as one call per image; workers call it per image, which keeps the
+        working set in cache and measured faster than whole batches)."""
+        params = [self._params(s) for s in seeds]
+        theta = torch.tensor([p[0] for p in params], dtype=x.dtype).view(-1, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        out = F.grid_sample(x, grid, "bilinear", "border", align_corners=False)
+        if self.jitter and out.shape[1] == 3:
+            b, k, sat = torch.tensor([p[1] for p in params], dtype=x.dtype).T[:, :, None, None, None]
             out = out * b
-            mean = out.mean()
+            mean = out.mean(dim=(1, 2, 3), keepdim=True)
             out = (out - mean) * k + mean
-            grey = (0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2])[None]
+            grey = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2])[:, None]
             out = (out - grey) * sat + grey
             out = out.clamp(0, 1)
         return out
