@@ -124,7 +124,8 @@ class SampleAugment:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         out = F.grid_sample(x, grid, "bilinear", "border", align_corners=False)
         if self.jitter and out.shape[1] == 3:
-            b, k, sat = torch.tensor([p[1] for p in params], dtype=x.dtype).T[:, :, None, None, None]
+            jit = torch.tensor([p[1] for p in params], dtype=x.dtype)
+            b, k, sat = jit.T[:, :, None, None, None]
             out = out * b
             mean = out.mean(dim=(1, 2, 3), keepdim=True)
             out = (out - mean) * k + mean
