@@ -458,3 +458,92 @@ def test_head_init_whiten_also_starts_a_fine_tuned_backbone(tmp_path, folder):
     trainer.fit()
     assert trainer.features is None  # nothing frozen: no cache, the backbone trains
     assert any("PCA whitening" in line for line in lines)
+
+
+# ------------------------------------------------- frozen stages, the later ones fine-tuned
+
+
+def _ft_cfg(tmp_path, folder, name, **kw):
+    opts = {
+        "backbone": "mobilenet_v2",
+        "image_size": [32, 32],
+        "model_options": {},
+        "freeze_stages": 2,  # blocks 0-3
+        "feature_blocks": [5, 6],
+        "augment": "none",
+        "stream": False,
+        "steps": 4,
+        "eval_every": 2,
+        "val_fraction": 0.0,
+        "lr": 1e-2,
+        "backbone_lr_mult": 1.0,
+    }
+    return _cfg(tmp_path, folder, name, **{**opts, **kw})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_frozen_stages_cache_their_output_and_train_the_later_blocks(tmp_path, folder, stream):
+    cfg = _ft_cfg(tmp_path, folder, f"prefix{stream}", stream=stream, tta="flip", eval_every=2)
+    lines = []
+    trainer = Trainer(cfg, log=lines.append)
+    blocks = trainer.model.backbone.blocks()
+    before = [{k: v.clone() for k, v in b.state_dict().items()} for b in blocks]
+    trainer.fit()
+    cache = trainer.features
+    assert cache is not None and cache.start == 4 and trainer.stream is None
+    assert cache.train.dim() == 4 and cache.train_mirror is not None  # maps, mirror images too
+    assert any("blocks 0-3 frozen: caching their output" in line for line in lines)
+    after = [b.state_dict() for b in blocks]
+    for i in range(4):  # frozen: untouched
+        assert all(torch.equal(before[i][k], after[i][k]) for k in before[i])
+    for i in (4, 5, 6):  # fine-tuned on the cached maps
+        assert not all(torch.equal(before[i][k], after[i][k]) for k in before[i])
+    model, run_cfg = load_run(cfg.out)  # the run directory rebuilds the trained model
+    assert run_cfg["model"]["freeze_stages"] == 2
+    x = torch.rand(3, 1, 32, 32)
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), trainer.model(x), atol=1e-5)
+
+
+def test_cached_frozen_stages_train_exactly_like_images(tmp_path, folder, monkeypatch):
+    """The same batches through the cache and through the whole backbone: the same model."""
+    import tripletlab.training_setup as ts
+
+    cached = Trainer(_ft_cfg(tmp_path, folder, "cached"), log=lambda *_: None)
+    cached.fit()
+    monkeypatch.setattr(ts, "PREFIX_CACHE_BYTES", 0)  # too small: images every step
+    plain = Trainer(_ft_cfg(tmp_path, folder, "plain"), log=lambda *_: None)
+    plain.fit()
+    assert cached.features is not None and plain.features is None
+    a, b = cached.model.state_dict(), plain.model.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
+
+
+def test_pixel_augmentation_keeps_frozen_stages_on_the_image_path(tmp_path, folder):
+    from tripletlab.training_setup import _flips_only
+
+    trainer = Trainer(_ft_cfg(tmp_path, folder, "aug", augment="light", steps=2))
+    trainer.fit()
+    assert trainer.features is None  # crops and rotations need the images every step
+    assert _flips_only({"hflip": True}, streamed=False)
+    assert not _flips_only({"hflip": True}, streamed=True)  # streamed: crop + rotation too
+    assert _flips_only(
+        {"hflip": True, "crop_scale": [1, 1], "crop_ratio": [1, 1], "degrees": 0}, streamed=True
+    )
+    assert _flips_only("none", streamed=True) and not _flips_only("faces", streamed=False)
+    assert _flips_only("flip", streamed=True) and _flips_only("flip", streamed=False)
+    assert not _flips_only("no-such-preset", streamed=False)
+
+
+@pytest.mark.parametrize("freeze", ["all", 2])
+def test_cached_training_embeddings_match_the_whole_model(tmp_path, folder, freeze):
+    """What a hard-class refresh reads from the cache equals the model run on the images."""
+    cfg = _ft_cfg(tmp_path, folder, f"emb{freeze}", freeze_stages=freeze, tta="flip")
+    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer._prepare_features()
+    assert trainer.features is not None and trainer.features.start == (0 if freeze == "all" else 4)
+    keep = [0, 3, 5, 7]
+    got = trainer.features.train_embeddings(trainer.model, keep, trainer.device)
+    want, _ = trainer.embed_split(trainer.train_set.subset(keep))
+    assert torch.allclose(got, want, atol=1e-5)

@@ -256,3 +256,10 @@ def test_soft_margin_collapse_is_detected_in_training(tmp_path):
     with pytest.warns(UserWarning, match="collapse"):
         result = t.fit()
     assert result["collapse"]["step"] == 1
+
+
+def test_val_folds_on_a_per_sample_split_is_an_error(tmp_path):
+    """k-fold validation deals whole classes; a per-sample split has none to deal (it used to
+    be ignored silently, so every 'fold' trained the same model)."""
+    with pytest.raises(InputError, match="--val-folds 2 holds out whole classes"):
+        Trainer(_cfg(tmp_path, split_by="sample", val_folds=2, val_fraction=0.0)).fit()

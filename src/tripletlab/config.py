@@ -138,8 +138,9 @@ class TrainConfig:
     freeze_stages: Any = _opt(
         None,
         "backbone stages kept fixed, counted from the input; 'all': the whole backbone, whose "
-        "features are then computed once and cached, the head alone is trained (default: all "
-        "for --pretrained on an image folder, else 0)",
+        "features are then computed once and cached, the head alone is trained; a number N "
+        "with flips at most as augmentation: the frozen blocks' output is cached and the later "
+        "blocks + head train on it (default: all for --pretrained on an image folder, else 0)",
     )
     feature_blocks: list[int] | None = _opt(
         None,

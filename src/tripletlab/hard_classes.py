@@ -164,7 +164,11 @@ def _table(trainer, sampler: HardClassSampler, step: int) -> tuple[torch.Tensor,
     train = trainer.train_set
     pos = np.searchsorted(sampler.classes, train.y.cpu().numpy())
     keep = sample_per_class(pos, cfg.hard_class_items, seed=cfg.seed * 1_000_003 + step)
-    emb, labels = trainer.embed_split(train.subset(keep))
+    if getattr(trainer, "features", None) is not None:  # frozen: from the feature cache
+        emb = trainer.features.train_embeddings(trainer.model, keep, trainer.device)
+        labels = train.y[torch.as_tensor(keep, dtype=torch.long)]
+    else:
+        emb, labels = trainer.embed_split(train.subset(keep))
     label_pos = torch.from_numpy(np.searchsorted(sampler.classes, labels.cpu().numpy()))
     if getattr(cfg, "hard_class_by", "centroid") == "items":
         table = nearest_classes_by_items(

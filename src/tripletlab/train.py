@@ -209,10 +209,10 @@ class Trainer(TrainerSetup, TrainerState, TrainerLogging):
         ``idx``: indices into the in-memory training set, or a streamed ``(x, y)`` batch."""
         cfg = self.cfg
         forward = self.forward
-        if self.features is not None:  # a frozen backbone: cached features, the head alone
+        if self.features is not None:  # frozen backbone (or stages): cached features / maps
             x = self.features.batch(idx).to(self.device)
             y = self.train_set.y[idx].to(self.device)
-            forward = self.model.head
+            forward = self.features.head_input(self.model)
         elif isinstance(idx, tuple):  # streamed (already augmented) batch
             x, y = idx[0].to(self.device, non_blocking=True), idx[1].to(self.device)
         else:

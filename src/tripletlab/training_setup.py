@@ -39,6 +39,37 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+#: largest cache of frozen feature maps (``--freeze-stages N``) a trainer keeps in memory
+PREFIX_CACHE_BYTES = 2 << 30
+
+
+def _flips_only(aug, streamed: bool) -> bool:
+    """True when the augmentation ``aug`` (a preset name, a dict or None) is at most
+    horizontal flips: cached feature maps of images and their mirror images reproduce it.
+    ``streamed``: the spec as streamed images read it (``imagerun.stream_augment``)."""
+    if isinstance(aug, str) and aug == "none":
+        return True
+    if aug is not None and not isinstance(aug, (str, dict)):
+        return False
+    try:
+        if streamed:
+            from .imagerun import stream_augment
+
+            a = stream_augment(aug)
+            return a is None or (
+                a.crop_scale == (1.0, 1.0)
+                and a.crop_ratio == (1.0, 1.0)
+                and a.degrees == 0
+                and a.jitter == 0
+            )
+        a = build_augment(aug)
+    except InputError:
+        return False
+    return a is None or (
+        a.affine_degrees == 0 and a.translate == 0 and a.scale == (1.0, 1.0) and a.crop_pad == 0
+    )
+
+
 @dataclass
 class _Running:
     step: int = 0
@@ -104,6 +135,13 @@ class TrainerSetup:
                         fold=cfg.val_fold,
                     )
                 else:
+                    if cfg.val_folds > 1:
+                        raise InputError(
+                            f"--val-folds {cfg.val_folds} holds out whole classes, but this "
+                            "data set is split per sample (--split-by sample): use "
+                            "--val-fraction F for a per-sample validation share, or "
+                            "--split-by class"
+                        )
                     train, val, val_info = split_dataset(
                         train, by="sample", test_fraction=cfg.val_fraction, seed=cfg.seed + 1
                     )
@@ -159,6 +197,7 @@ class TrainerSetup:
         auto = "light" if ds.kind == "image" and self._user_data is None else None
         aug = cfg.augment if cfg.augment is not None else auto
         aug_seed = cfg.seed + 2 + (1000 * self.dist.rank if self.dist else 0)  # own draws per rank
+        self._aug_spec = aug
         self.augment = None
         if ds.kind == "image" and self.files is None:  # streamed images augment in the workers
             self.augment = build_augment(aug, seed=aug_seed)
@@ -231,9 +270,33 @@ class TrainerSetup:
             self._restore()
 
     def _caches_features(self) -> bool:
-        """True for a wholly frozen backbone trained on one process: its features are
-        computed once (:mod:`tripletlab.frozen`) and the head alone is trained."""
-        return bool(getattr(self.model, "frozen", False)) and self.dist is None
+        """True when the trainer computes frozen features once (:mod:`tripletlab.frozen`):
+        see :meth:`_cache_start`."""
+        return self._cache_start() is not None
+
+    def _cache_start(self) -> int | None:
+        """What a one-process run caches: ``0`` the pooled features of a wholly frozen
+        backbone (the head alone is trained); ``n`` > 0 the feature maps after its first ``n``
+        frozen blocks (``--freeze-stages N``: the later blocks and the head are trained on
+        them) when the augmentation is flips at most (they are cached as mirror images) and
+        the maps fit in :data:`PREFIX_CACHE_BYTES`; None: nothing (images every step)."""
+        if self.dist is not None:
+            return None
+        if getattr(self.model, "frozen", False):
+            return 0
+        n = getattr(self.model, "prefix_blocks", 0)
+        if not n or not _flips_only(self._aug_spec, self.files is not None):
+            return None
+        was = self.model.training
+        self.model.eval()  # a dry run: no BatchNorm statistic may move
+        try:
+            with torch.no_grad():
+                shape = self.model.prefix(torch.zeros(1, *self.model.input_shape), n).shape
+        finally:
+            self.model.train(was)
+        n_images = len(self.train_set) + (len(self.val_set) if self.val_set is not None else 0)
+        nbytes = 4 * math.prod(shape) * n_images * 2
+        return n if nbytes <= PREFIX_CACHE_BYTES else None
 
     def _prepare_features(self) -> None:
         """Cache a frozen backbone's features (training flips them when the augmentation or
@@ -241,7 +304,8 @@ class TrainerSetup:
         (``head_init``: default ``whiten`` for a frozen backbone)."""
         cfg = self.cfg
         cached = self._caches_features()
-        whiten = cfg.head_init == "whiten" or (cfg.head_init is None and cached)
+        frozen = bool(getattr(self.model, "frozen", False))
+        whiten = cfg.head_init == "whiten" or (cfg.head_init is None and cached and frozen)
         if whiten and not hasattr(self.model, "init_whitening"):
             raise InputError("--head-init whiten needs a --backbone model")
         fresh = self.state.step == 0 and not self.resume
@@ -253,14 +317,23 @@ class TrainerSetup:
         if cached:
             aug = build_augment(cfg.augment) if isinstance(cfg.augment, (str, dict)) else None
             flip = self.model.tta == "flip" or bool(getattr(aug, "hflip", False))
-            self.log(
-                f"backbone frozen: caching its features of {len(self.train_set)} training "
-                f"images{' and their mirror images' if flip else ''}"
-            )
-            self.features = FeatureCache.build(self, flip)
+            start = self._cache_start()
+            mirror = " and their mirror images" if flip else ""
+            if start:
+                self.log(
+                    f"backbone blocks 0-{start - 1} frozen: caching their output for "
+                    f"{len(self.train_set)} training images{mirror}; the later blocks and "
+                    "the head train on it"
+                )
+            else:
+                self.log(
+                    f"backbone frozen: caching its features of {len(self.train_set)} "
+                    f"training images{mirror}"
+                )
+            self.features = FeatureCache.build(self, flip, start=start)
         if whiten and fresh:
             fit = (
-                self.features.fit_set()
+                self.features.fit_set(self.model)
                 if cached
                 else self.embed_split(self.train_set, model=_Features(self.model, False))[0]
             )

@@ -158,6 +158,7 @@ class SampleAugment:
 
 
 SAMPLE_AUGMENT_PRESETS: dict[str, dict] = {
+    "flip": {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "hflip": True, "degrees": 0.0},
     "light": {"crop_scale": [0.85, 1.0], "hflip": False, "degrees": 8.0},
     "faces": {"crop_scale": [0.75, 1.0], "crop_ratio": [0.9, 1.1], "hflip": True, "degrees": 10.0},
     "natural": {"crop_scale": [0.5, 1.0], "hflip": True, "degrees": 10.0, "jitter": 0.2},

@@ -95,6 +95,7 @@ def zoom(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 AUGMENT_PRESETS: dict[str, dict] = {
     "none": {},
+    "flip": {"hflip": True},  # mirror images only: frozen stages stay cacheable
     "light": {"affine_degrees": 8.0, "translate": 0.05, "scale": [0.95, 1.05]},
     "faces": {"affine_degrees": 10.0, "translate": 0.06, "scale": [0.9, 1.1], "hflip": True},
     "strokes": {"affine_degrees": 10.0, "translate": 0.08, "scale": [0.9, 1.1]},

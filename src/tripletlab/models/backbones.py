@@ -261,6 +261,7 @@ class BackboneEmbedding(nn.Module):
         if pool not in ("avg", "gem"):
             raise InputError(f"pool must be 'avg' or 'gem' for a backbone, got {pool!r}")
         self.backbone_name = backbone
+        self.input_shape = tuple(int(v) for v in input_shape)
         self.backbone = BACKBONES[backbone](num_classes=0)
         n_stages = len(self.backbone.stages())
         if freeze_stages == "all":
@@ -300,9 +301,22 @@ class BackboneEmbedding(nn.Module):
         self.freeze_stages = freeze_stages
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        frozen_ids = set()
         for stage in self.backbone.stages()[:freeze_stages]:
             for p in stage.parameters():
                 p.requires_grad_(False)
+                frozen_ids.add(id(p))
+        #: index of the first block with a parameter outside the frozen stages: the blocks
+        #: before it map an image to the same feature map throughout training
+        self.first_trainable_block = next(
+            (
+                i
+                for i, b in enumerate(self.backbone.blocks())
+                if any(id(p) not in frozen_ids for p in b.parameters())
+            ),
+            n_blocks,
+        )
+        self.train()  # frozen stages' BatchNorm in eval mode from the start
 
     def load_pretrained(self, weights: str | os.PathLike[str]) -> Path:
         """Load backbone weights: ``"imagenet"`` (the built-in checkpoint) or a file in
@@ -325,6 +339,18 @@ class BackboneEmbedding(nn.Module):
                 total += x.shape[1] if i in self.blocks else 0
         self.backbone.train()
         return total
+
+    @property
+    def prefix_blocks(self) -> int:
+        """Number of leading blocks that are frozen and feed no tapped output: their output
+        for an image never changes, so a trainer can compute it once
+        (:class:`tripletlab.frozen.FeatureCache` with ``prefix=True``) and train the rest on
+        it. 0 when nothing is frozen, or when the whole backbone is (its pooled features are
+        cached instead)."""
+        if self.frozen or self.freeze_stages == 0:
+            return 0
+        first_tap = self.blocks[0] if self.blocks is not None else len(self.backbone.blocks())
+        return min(self.first_trainable_block, first_tap)
 
     @property
     def frozen(self) -> bool:
@@ -403,17 +429,33 @@ class BackboneEmbedding(nn.Module):
     # ------------------------------------------------------------------------- forward
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (N, num_features) of images in [0, 1]."""
+        if self.blocks is None:
+            return self._pool(self.backbone.forward_features(self._normalize_input(x)))
+        return self.features_after(self._normalize_input(x), 0)
+
+    def _normalize_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        if self.blocks is None:
-            return self._pool(self.backbone.forward_features(x))
-        parts = []
-        for i, block in enumerate(self.backbone.blocks()[: self.blocks[-1] + 1]):
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def prefix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The feature map after the first ``n`` blocks (of images in [0, 1])."""
+        x = self._normalize_input(x)
+        for block in self.backbone.blocks()[:n]:
             x = block(x)
-            if i in self.blocks:
+        return x
+
+    def features_after(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Pooled features from ``x``, the feature map after the first ``start`` blocks
+        (``features(images) == features_after(prefix(images, n), n)``)."""
+        blocks = self.backbone.blocks()
+        last = len(blocks) - 1 if self.blocks is None else self.blocks[-1]
+        parts = []
+        for i in range(start, last + 1):
+            x = blocks[i](x)
+            if self.blocks is not None and i in self.blocks:
                 parts.append(F.normalize(self._pool(x).float(), dim=1).to(x.dtype))
-        return torch.cat(parts, dim=1)
+        return self._pool(x) if self.blocks is None else torch.cat(parts, dim=1)
 
     def _pool(self, f: torch.Tensor) -> torch.Tensor:
         return self.pool(f) if self.pool is not None else f.mean(dim=(2, 3))
