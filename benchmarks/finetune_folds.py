@@ -32,6 +32,7 @@ CONFIGS: dict[str, dict] = {
     "ft4_600": {**FT, "steps": 600},
     "ft4_hard": {**FT, "strategy": "hard", "soft_margin": True},
     "ft4_lr01": {**FT, "backbone_lr_mult": 0.01},
+    "ft4_lr0": {**FT, "backbone_lr_mult": 0.0},  # control: the cached-maps path, nothing moves
     "ft4_60": {**FT, "steps": 60},
     "ft3": {"freeze_stages": 3, "augment": "flip"},
 }

