@@ -76,11 +76,12 @@ def test_pretrained_mobilenet_beats_the_from_scratch_recipe(tmp_path):
 @pytest.mark.slow
 def test_fine_tuned_pretrained_mobilenet_beats_the_from_scratch_recipe(tmp_path):
     """Brief fine-tuning of the ImageNet MobileNetV2 on s1-s30: the pretrained recipe with its
-    last stage trained (``--freeze-stages 4 --augment flip --steps 60``: blocks 0-13 frozen,
-    their output cached once with the mirror images, blocks 14-16 + the whitened head trained
-    on it). The backbone must have moved, and on the unseen s31-s40 the model must beat the
-    from-scratch recipe's AUC. (Fine-tuning is not the shipped recipe: it lost to the frozen
-    backbone on the validation folds, docs/training.md.)"""
+    last stage trained (``--freeze-stages 4 --augment flip --backbone-lr-mult 0.01``: blocks
+    0-13 frozen, their output cached once with the mirror images, blocks 14-16 at lr 1e-5 and
+    the whitened head at 1e-3 trained 300 steps on it; ~80 s). The best fine-tuning setting on
+    the validation folds, though still below the frozen recipe there (docs/training.md), so not
+    the shipped recipe. The backbone must have moved, and on the unseen s31-s40 the model must
+    beat the from-scratch recipe's AUC (measured: AUC 0.994, EER 3.8%)."""
     from safetensors.torch import load_file
 
     _skip_without_weights()
@@ -89,7 +90,7 @@ def test_fine_tuned_pretrained_mobilenet_beats_the_from_scratch_recipe(tmp_path)
     data = shared_data("att_faces")
     run = tmp_path / "finetuned"
     args = ["train", "--data", str(data), "--config", "att_faces_pretrained"]
-    args += ["--freeze-stages", "4", "--augment", "flip", "--steps", "60"]
+    args += ["--freeze-stages", "4", "--augment", "flip", "--backbone-lr-mult", "0.01"]
     assert main([*args, "--out", str(run), "--quiet", "--no-report", "--device", "cpu"]) == 0
     imagenet = read_state_dict(builtin_weights_path("mobilenet_v2"))
     trained = load_file(run / "model.safetensors")
