@@ -18,6 +18,7 @@ is decoded once into one shared uint8 tensor (4x smaller than float32) that ever
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator
@@ -57,6 +58,17 @@ __all__ = [
 
 class DataWorkerError(TripletLabError, RuntimeError):
     """A data-loading worker process died (killed, out of memory, crashed)."""
+
+
+_GREY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])
+
+
+@functools.lru_cache(maxsize=16)
+def _base_coords(h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (W,) and y (H, 1) of pixel centres in [-1, 1] (``align_corners=False``)."""
+    xs = (torch.arange(w, dtype=torch.float64) * 2 + 1) / w - 1
+    ys = (torch.arange(h, dtype=torch.float64) * 2 + 1) / h - 1
+    return xs.to(dtype), ys[:, None].to(dtype)
 
 
 @dataclass
@@ -121,17 +133,22 @@ class SampleAugment:
         working set in cache and measured faster than whole batches)."""
         params = [self._params(s) for s in seeds]
         theta = torch.tensor([p[0] for p in params], dtype=x.dtype).view(-1, 2, 3)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        n, _, h, w = x.shape
+        # F.affine_grid(theta, x.shape, align_corners=False), from cached pixel-centre coordinates:
+        # 22 µs instead of 88 µs for one 112x112 image
+        xs, ys = _base_coords(h, w, x.dtype)
+        t = theta[:, :, :, None, None]  # (N, 2, 3, 1, 1)
+        grid = torch.addcmul(t[:, :, 2] + t[:, :, 0] * xs, t[:, :, 1], ys)  # (N, 2, H, W)
+        grid = grid.permute(0, 2, 3, 1)
         out = F.grid_sample(x, grid, "bilinear", "border", align_corners=False)
         if self.jitter and out.shape[1] == 3:
             jit = torch.tensor([p[1] for p in params], dtype=x.dtype)
             b, k, sat = jit.T[:, :, None, None, None]
-            out = out * b
-            mean = out.mean(dim=(1, 2, 3), keepdim=True)
-            out = (out - mean) * k + mean
-            grey = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2])[:, None]
-            out = (out - grey) * sat + grey
-            out = out.clamp(0, 1)
+            # brightness b then contrast k about the mean: x*b*k + mean(x*b)*(1-k), one pass
+            mean = out.mean(dim=(1, 2, 3), keepdim=True) * b
+            out = torch.addcmul(mean * (1 - k), out, b * k)
+            grey = torch.tensordot(_GREY_WEIGHTS.to(out.dtype), out, dims=([0], [1]))[:, None]
+            out = torch.lerp(grey, out, sat).clamp_(0, 1)  # saturation: (x - grey) * sat + grey
         return out
 
     @classmethod
