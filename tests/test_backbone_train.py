@@ -547,3 +547,12 @@ def test_cached_training_embeddings_match_the_whole_model(tmp_path, folder, free
     got = trainer.features.train_embeddings(trainer.model, keep, trainer.device)
     want, _ = trainer.embed_split(trainer.train_set.subset(keep))
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_streamed_flip_augmentation_in_its_own_vocabulary_is_cached_with_mirrors(tmp_path, folder):
+    flips = {"crop_scale": [1, 1], "crop_ratio": [1, 1], "degrees": 0, "hflip": True}
+    cfg = _ft_cfg(tmp_path, folder, "streamflip", stream=True, augment=flips, steps=2)
+    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer.fit()
+    assert trainer.features is not None and trainer.features.start == 4
+    assert trainer.features.train_mirror is not None  # the augmentation flips: mirrors cached

@@ -43,6 +43,27 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 PREFIX_CACHE_BYTES = 2 << 30
 
 
+def _read_augment(aug, streamed: bool):
+    """The augmentation object ``aug`` names (in-memory ``Augment`` or streamed
+    ``SampleAugment`` vocabulary); raises :class:`InputError` for an unknown one."""
+    if streamed:
+        from .imagerun import stream_augment
+
+        return stream_augment(aug)
+    return build_augment(aug)
+
+
+def _augment_flips(aug, streamed: bool) -> bool:
+    """True when the augmentation ``aug`` mirrors images (its cached features then include
+    the mirror images')."""
+    if aug is not None and not isinstance(aug, (str, dict)):
+        return bool(getattr(aug, "hflip", False))
+    try:
+        return bool(getattr(_read_augment(aug, streamed), "hflip", False))
+    except InputError:
+        return False
+
+
 def _flips_only(aug, streamed: bool) -> bool:
     """True when the augmentation ``aug`` (a preset name, a dict or None) is at most
     horizontal flips: cached feature maps of images and their mirror images reproduce it.
@@ -52,22 +73,19 @@ def _flips_only(aug, streamed: bool) -> bool:
     if aug is not None and not isinstance(aug, (str, dict)):
         return False
     try:
-        if streamed:
-            from .imagerun import stream_augment
-
-            a = stream_augment(aug)
-            return a is None or (
-                a.crop_scale == (1.0, 1.0)
-                and a.crop_ratio == (1.0, 1.0)
-                and a.degrees == 0
-                and a.jitter == 0
-            )
-        a = build_augment(aug)
+        a = _read_augment(aug, streamed)
     except InputError:
         return False
-    return a is None or (
-        a.affine_degrees == 0 and a.translate == 0 and a.scale == (1.0, 1.0) and a.crop_pad == 0
-    )
+    if a is None:
+        return True
+    if streamed:
+        return (
+            a.crop_scale == (1.0, 1.0)
+            and a.crop_ratio == (1.0, 1.0)
+            and a.degrees == 0
+            and a.jitter == 0
+        )
+    return a.affine_degrees == 0 and a.translate == 0 and a.scale == (1.0, 1.0) and a.crop_pad == 0
 
 
 @dataclass
@@ -280,6 +298,11 @@ class TrainerSetup:
         frozen blocks (``--freeze-stages N``: the later blocks and the head are trained on
         them) when the augmentation is flips at most (they are cached as mirror images) and
         the maps fit in :data:`PREFIX_CACHE_BYTES`; None: nothing (images every step)."""
+        if not hasattr(self, "_cache_start_n"):
+            self._cache_start_n = self._choose_cache_start()
+        return self._cache_start_n
+
+    def _choose_cache_start(self) -> int | None:
         if self.dist is not None:
             return None
         if getattr(self.model, "frozen", False):
@@ -312,11 +335,10 @@ class TrainerSetup:
         if not cached and not (whiten and fresh):
             return
         from .frozen import FeatureCache, _Features
-        from .models.augment import build_augment
 
         if cached:
-            aug = build_augment(cfg.augment) if isinstance(cfg.augment, (str, dict)) else None
-            flip = self.model.tta == "flip" or bool(getattr(aug, "hflip", False))
+            streamed = self.files is not None
+            flip = self.model.tta == "flip" or _augment_flips(self._aug_spec, streamed)
             start = self._cache_start()
             mirror = " and their mirror images" if flip else ""
             if start:
