@@ -298,9 +298,41 @@ def _collate(items):
     )
 
 
+def _defer_sigchld() -> None:
+    """Keep PyTorch's SIGCHLD handler from raising asynchronously.
+
+    With worker processes, PyTorch installs a SIGCHLD handler that raises "DataLoader worker
+    ... is killed by signal" wherever the main thread happens to be when a worker dies:
+    inside a weakref callback (where Python ignores it), a checkpoint write, or the compiler
+    (CPython then fails with "AST constructor recursion depth mismatch"). The wrapper drops that
+    one error. The DataLoader also polls its workers while it waits for a batch (every 5 s), so
+    the death is still reported, from ``next()``, where :func:`_guard` names it.
+    """
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGCHLD)
+    if not callable(current) or getattr(current, "_tripletlab_deferred", False):
+        return
+
+    def handler(signum, frame):
+        try:
+            current(signum, frame)
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+
+    handler._tripletlab_deferred = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGCHLD, handler)
+
+
 def _guard(loader: DataLoader) -> Iterator:
     """Iterate a DataLoader; a dead worker becomes a :class:`DataWorkerError`."""
     it = iter(loader)
+    if loader.num_workers:
+        _defer_sigchld()  # PyTorch's handler exists once the first worker pool has started
     while True:
         try:
             batch = next(it)
@@ -308,12 +340,21 @@ def _guard(loader: DataLoader) -> Iterator:
             return
         except RuntimeError as e:
             if "worker" in str(e).lower() and "DataLoader" in str(e):
-                raise DataWorkerError(
-                    f"a data-loading worker process died ({str(e).splitlines()[0]}); "
-                    "lower --workers (0 decodes in the main process) or free memory"
-                ) from None
+                raise _worker_died(str(e).splitlines()[0]) from None
+            raise
+        except (ConnectionError, EOFError) as e:
+            # a batch whose worker died before the main process fetched its shared memory
+            if loader.num_workers:
+                raise _worker_died(f"{type(e).__name__}: {e}") from None
             raise
         yield batch
+
+
+def _worker_died(detail: str) -> DataWorkerError:
+    return DataWorkerError(
+        f"a data-loading worker process died ({detail}); "
+        "lower --workers (0 decodes in the main process) or free memory"
+    )
 
 
 def _sample_seed(seed: int, epoch: int, position: int, j: int) -> int:
