@@ -221,3 +221,49 @@ def test_embed_files_streams_and_skips(tmp_path):
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         emb, kept = embed_files(model, f, batch_size=7, skip_bad=True)
     assert len(kept) == len(f) - 1 and 1 not in kept and emb.shape == (len(f) - 1, 5)
+
+
+def test_a_batch_lost_with_its_worker_is_a_worker_error():
+    """A worker that dies after queuing a batch leaves the main process a broken connection
+    to the batch's shared memory: that is a dead worker too, not a raw ConnectionResetError."""
+    from tripletlab.data.streaming import DataWorkerError, _guard
+
+    class Broken:
+        num_workers = 1
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    with pytest.raises(DataWorkerError, match="worker process died.*ConnectionResetError"):
+        next(_guard(Broken()))
+
+
+def test_sigchld_handler_reports_dead_workers_only_where_batches_are_read():
+    import signal as sig
+
+    from tripletlab.data.streaming import _defer_sigchld
+
+    previous = sig.getsignal(sig.SIGCHLD)
+    calls = []
+
+    def torch_like(signum, frame):  # what PyTorch installs: raises wherever the main thread is
+        calls.append(signum)
+        if len(calls) == 1:
+            raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed.")
+        raise RuntimeError("something else")
+
+    sig.signal(sig.SIGCHLD, torch_like)
+    try:
+        _defer_sigchld()
+        _defer_sigchld()  # wrapped once
+        handler = sig.getsignal(sig.SIGCHLD)
+        assert handler is not torch_like and handler._tripletlab_deferred
+        handler(sig.SIGCHLD, None)  # the dead-worker error is dropped here
+        with pytest.raises(RuntimeError, match="something else"):
+            handler(sig.SIGCHLD, None)
+        assert calls == [sig.SIGCHLD, sig.SIGCHLD]
+    finally:
+        sig.signal(sig.SIGCHLD, previous)
