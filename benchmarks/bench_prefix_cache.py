@@ -15,9 +15,9 @@ import json
 import tempfile
 import time
 
-import tripletlab.training_setup as ts
-from tripletlab.config import resolve_config
+import tripletlab.train.setup as ts
 from tripletlab.train import Trainer
+from tripletlab.train.config import resolve_config
 
 
 def run(data: str, steps: int, threads: int, cached: bool, out: str) -> dict:

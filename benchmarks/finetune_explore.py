@@ -15,9 +15,9 @@ import time
 import torch
 
 from tripletlab.data import load_dataset
+from tripletlab.data.augment import build_augment
 from tripletlab.losses import TripletLoss
 from tripletlab.metrics import verification_metrics
-from tripletlab.models.augment import build_augment
 from tripletlab.models.backbones import BackboneEmbedding
 from tripletlab.samplers import PKSampler
 

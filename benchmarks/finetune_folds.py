@@ -20,8 +20,8 @@ import os
 import time
 from pathlib import Path
 
-from tripletlab.config import load_config_file, resolve_config
 from tripletlab.train import Trainer
+from tripletlab.train.config import load_config_file, resolve_config
 
 FOLDS = [[f"s{i}" for i in range(a, a + 10)] for a in (1, 11, 21)]
 FT = {"freeze_stages": 4, "augment": "flip"}

@@ -28,7 +28,7 @@ ALPHABETS = ["Balinese", "Early_Aramaic", "Greek", "Korean", "Latin"]
 
 
 def _metrics(emb, y) -> dict:
-    from tripletlab.evaluate import evaluate_embeddings
+    from tripletlab.metrics.evaluate import evaluate_embeddings
 
     r = evaluate_embeddings(emb, y, "cosine", seed=0)
     return {

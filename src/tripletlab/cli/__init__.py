@@ -4,7 +4,7 @@ export.
 A thin layer over the library: every command parses its options, calls the library (training:
 :class:`tripletlab.train.Trainer`; everything on a trained run: :class:`tripletlab.inference.
 Inference`) and prints. One module per command group: ``train`` (flags generated from
-:class:`~tripletlab.config.TrainConfig`), ``run`` (eval, embed, index, search, verify, report),
+:class:`~tripletlab.train.TrainConfig`), ``run`` (eval, embed, index, search, verify, report),
 ``serve`` (serve, export) and ``bench``. Exit codes: 0 success, 1 runtime error (message on
 stderr, traceback only with ``--debug``), 2 usage error.
 """

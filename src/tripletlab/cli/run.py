@@ -18,7 +18,7 @@ from ._base import print_json, register_command
 
 
 def _inference(args):
-    from ..inference import Inference
+    from ..inference.run import Inference
 
     return Inference.from_run(args.model, device=getattr(args, "device", "auto"))
 
@@ -40,7 +40,7 @@ def _embed_source(inf, args):
 
 def _streams(inf, args) -> bool:
     """Image folders and manifests given to an image model are streamed in batches."""
-    from ..imagerun import is_image_source
+    from ..train.image_data import is_image_source
 
     spec = args.data if args.data is not None else inf.config.get("train", {}).get("data")
     return inf.takes_images and spec is not None and is_image_source(spec)
@@ -85,13 +85,13 @@ def _add_distributed(p) -> None:
 
 
 def _embeddings(inf, args):
-    """An :class:`~tripletlab.shard.Embedded` of ``--data``; under ``--distributed`` sharded
+    """An :class:`~.inference.shard.Embedded` of ``--data``; under ``--distributed`` sharded
     over the ranks (None on ranks > 0, which write nothing)."""
-    from ..shard import Embedded, embed_sharded
+    from ..inference.shard import Embedded, embed_sharded
 
     stream = _streams(inf, args)
     if args.distributed:
-        from ..distributed import init_from_env, shutdown
+        from ..runtime.process_group import init_from_env, shutdown
 
         if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
             raise InputError("--batch-size must be >= 1 and --workers >= 0")
@@ -134,7 +134,7 @@ def _add_eval(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from ..evaluate import summary_lines
+    from ..metrics.evaluate import summary_lines
 
     inf = _inference(args)
     if _streams(inf, args):
@@ -206,7 +206,7 @@ def _add_index(sub) -> None:
     )
     _add_model_data(p, data_required=True)
     p.add_argument("--out", required=True, help="index directory")
-    from ..index import KINDS
+    from ..index.embedding_index import KINDS
 
     p.add_argument(
         "--kind",

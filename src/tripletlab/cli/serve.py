@@ -1,6 +1,6 @@
 """Commands that put a trained run to use elsewhere: ``serve`` (HTTP API + web page) and
 ``export`` (ONNX). Both need the ``serve`` extra; the work is in :mod:`tripletlab.serve` and
-:mod:`tripletlab.export`.
+:mod:`tripletlab.inference.onnx`.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _add_export(sub) -> None:
 
 def _cmd_export(args) -> int:
     try:
-        from ..export import compare_onnx, export_onnx
+        from ..inference.onnx import compare_onnx, export_onnx
     except ImportError as e:  # pragma: no cover
         raise InputError(f"export needs onnx: pip install 'tripletlab[serve]' ({e})") from None
     out = export_onnx(args.model, args.out, opset=args.opset)

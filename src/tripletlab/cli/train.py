@@ -1,8 +1,8 @@
-"""``tripletlab train``: its flags are generated from :class:`~tripletlab.config.TrainConfig`.
+"""``tripletlab train``: its flags are generated from :class:`~tripletlab.train.config.TrainConfig`.
 
 Each dataclass field is one flag (``--field-name``, or the ``flag`` in its metadata), with the
 field's ``help`` metadata plus its default as help text and the choices of
-:func:`~tripletlab.config.option_choices`; bool fields become switches. A flag left out is None
+:func:`~.train.config.option_choices`; bool fields become switches. A flag left out is None
 here, so a config file or recipe decides, then the dataclass default.
 """
 
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import RECIPES, TrainConfig, load_config_file, option_choices, resolve_config
 from ..errors import UsageError
+from ..train.config import RECIPES, TrainConfig, load_config_file, option_choices, resolve_config
 from ._base import print_json, register_command
 
 _SCALARS = {"bool": bool, "int": int, "float": float}
@@ -115,10 +115,10 @@ def _note(message: str) -> None:
 
 def _cmd_train(args) -> int:
     from ..data.text import is_triplet_file
-    from ..evaluate import summary_lines
-    from ..rundir import read_json
-    from ..train import Trainer
-    from ..train_triplets import TripletFileTrainer
+    from ..metrics.evaluate import summary_lines
+    from ..rundir.files import read_json
+    from ..train.trainer import Trainer
+    from ..train.triplet_file import TripletFileTrainer
 
     def trainer_class(cfg):  # explicit (anchor, positive, negative) texts: nothing to mine
         return TripletFileTrainer if is_triplet_file(cfg.data) else Trainer

@@ -1,4 +1,4 @@
-"""``tripletlab tune``: hyperparameter search on validation classes (see :mod:`tripletlab.tune`)."""
+"""``tripletlab tune``: hyperparameter search on validation classes (:mod:`~.train.tune`)."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def _add_tune(sub) -> None:
 
 
 def _cmd_tune(args) -> int:
-    from ..config import load_config_file
-    from ..tune import tune
+    from ..train.config import load_config_file
+    from ..train.tune import tune
 
     base = load_config_file(args.config) if args.config else {}
     if args.threads:

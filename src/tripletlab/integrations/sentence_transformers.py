@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, InputTypeError
-from ..losses import TripletLoss as _CoreTripletLoss
+from ..losses.triplet import TripletLoss as _CoreTripletLoss
 
 __all__ = ["STATS_KEYS", "TripletLoss", "TripletStatsCallback", "log_triplet_stats"]
 

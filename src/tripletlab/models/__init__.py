@@ -6,7 +6,7 @@ rebuilds a model from the dict saved in a run's ``config.json``, and only regist
 accepted, so a config file can never import arbitrary code.
 """
 
-from .augment import Augment, build_augment
+from ..data.augment import Augment, build_augment
 from .backbones import BACKBONES, BackboneEmbedding
 from .cnn import EmbeddingCNN
 from .heads import EmbeddingHead

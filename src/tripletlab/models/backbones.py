@@ -217,7 +217,7 @@ class BackboneEmbedding(nn.Module):
     ``freeze_bn`` keeps every backbone BatchNorm in eval mode (ImageNet statistics, the usual
     choice with small PK batches); ``freeze_stages`` = n freezes the first n stages, ``"all"``
     the whole backbone (:attr:`frozen`: its features never change, so a trainer computes them
-    once and trains the head alone, see :mod:`tripletlab.frozen`).
+    once and trains the head alone, see :mod:`tripletlab.train.feature_cache`).
     ``blocks``: indices into ``backbone.blocks()`` whose outputs are pooled, L2-normalised each
     and concatenated (e.g. ``[15, 16]``: MobileNetV2's last two 160-channel blocks, which
     describe faces better than the final 1280-channel layer; the blocks after the last one
@@ -344,7 +344,7 @@ class BackboneEmbedding(nn.Module):
     def prefix_blocks(self) -> int:
         """Number of leading blocks that are frozen and feed no tapped output: their output
         for an image never changes, so a trainer can compute it once
-        (:class:`tripletlab.frozen.FeatureCache` with ``prefix=True``) and train the rest on
+        (:class:`~.train.feature_cache.FeatureCache` with ``prefix=True``) and train the rest on
         it. 0 when nothing is frozen, or when the whole backbone is (its pooled features are
         cached instead)."""
         if self.frozen or self.freeze_stages == 0:

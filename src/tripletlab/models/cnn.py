@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.augment import zoom
 from ..errors import InputError
-from .augment import zoom
 from .heads import EmbeddingHead
 from .registry import register_model
 

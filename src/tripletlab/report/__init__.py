@@ -74,17 +74,17 @@ def build_report(
     """
     import torch
 
-    from ..evaluate import embed
-    from ..inference import Inference
+    from ..inference.run import Inference
     from ..metrics import knn_search, pair_distances, retrieval_metrics, verification_metrics
+    from ..metrics.evaluate import embed
     from ..models import build_model
-    from ..rundir import read_json, read_jsonl
+    from ..rundir.files import read_json, read_jsonl
 
     run = Path(run_dir)
     if model is None:
         inf = Inference.from_run(run)
     else:
-        from ..rundir import load_weights, model_fingerprint
+        from ..rundir.files import load_weights, model_fingerprint
 
         model.load_state_dict(load_weights(run / "model.safetensors"))
         ev_path = run / "eval.json"

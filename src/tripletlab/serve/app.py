@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..errors import InputError
-from ..inference import Inference
+from ..inference.run import Inference
 from ..validation import check_k
 from .batching import BatchQueue
 from .engine import load_embedder

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, MissingFileError
-from ..inference import Inference
+from ..inference.run import Inference
 
 __all__ = ["RUNTIMES", "Embedder", "OnnxInference", "load_embedder"]
 
@@ -49,7 +49,7 @@ class Embedder(Protocol):
 
 class OnnxInference(Inference):
     """An :class:`~tripletlab.inference.Inference` whose model runs in onnxruntime: the ONNX
-    file written by :func:`tripletlab.export.export_onnx` for the same run (its stored
+    file written by :func:`tripletlab.inference.onnx.export_onnx` for the same run (its stored
     fingerprint must equal the run's).
 
     Example:
@@ -64,7 +64,7 @@ class OnnxInference(Inference):
     def from_run_and_onnx(
         cls, run_dir: str | Path, onnx_path: str | Path, threads: int = 0
     ) -> OnnxInference:
-        from ..export import read_onnx_metadata
+        from ..inference.onnx import read_onnx_metadata
 
         try:
             import onnxruntime as ort
@@ -133,7 +133,7 @@ def load_embedder(
     import shutil
     import tempfile
 
-    from ..export import export_onnx
+    from ..inference.onnx import export_onnx
 
     tmp = Path(tempfile.mkdtemp(prefix="tripletlab-onnx-"))
     try:  # onnxruntime holds the model in memory: the file is not needed afterwards

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..index import EmbeddingIndex
+from ..index.embedding_index import EmbeddingIndex
 from ..utils import atomic_write_bytes, atomic_write_json, fsync_dir
 
 __all__ = ["Enrolment", "GalleryStore", "recover_gallery"]

@@ -1,0 +1,516 @@
+"""A trained run as an object: embed files, images, vectors and data sets; search; verify.
+
+:class:`Inference` is what the CLI (``embed``, ``index``, ``search``, ``verify``, ``eval``), the
+report and the HTTP server use, so that a Python user gets exactly what the command line does in
+a few lines. Inputs are preprocessed the way training prepared them (image size, colour), and
+distances come from the one blocked distance of :mod:`tripletlab.distances`, in the run's
+evaluation distance (cosine for L2-normalised heads, else euclidean).
+
+Example:
+    >>> from tripletlab.inference import Inference  # doctest: +SKIP
+    >>> inf = Inference.from_run("runs/att_faces")  # doctest: +SKIP
+    >>> inf.verify(*inf.embed_files(["a.pgm", "b.pgm"])[:, None])  # doctest: +SKIP
+    [{'distance': 0.21, 'same': True, 'threshold': 0.43}]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..data import IMAGE_EXTENSIONS, Dataset, apply_split, load_image_files
+from ..distances import rowwise_distance
+from ..errors import InputError
+from ..metrics.evaluate import EvalResult, embed, eval_distance, evaluate_embeddings
+from ..rundir.files import (
+    load_dataset_for_run,
+    load_run,
+    model_fingerprint,
+    preprocessing,
+    read_json,
+)
+from ..validation import as_embeddings, as_matrix
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL.Image import Image
+
+    from ..index.embedding_index import EmbeddingIndex
+
+__all__ = ["VECTOR_SUFFIXES", "Inference"]
+
+VECTOR_SUFFIXES = (".npy", ".npz", ".csv")
+
+
+class Inference:
+    """A trained model with the facts needed to use it: preprocessing, distance, threshold.
+
+    Build it with :meth:`from_run`. Attributes: ``model`` (eval mode), ``config`` (the run's
+    ``config.json``), ``run_dir``, ``distance`` (the evaluation distance), ``threshold`` (the
+    verification threshold calibrated on the run's test split, or None), ``threshold_info``
+    (``eval.json``'s verification block: how the threshold was chosen, its accuracy, EER,
+    TAR@FAR ...; None without an evaluation) and ``fingerprint`` (sha256 of the weights, which
+    identifies the embedding space of an index).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: dict,
+        run_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        evaluation: dict | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        from ..runtime.devices import resolve_device
+
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.distance: str = eval_distance(config["model"])
+        ev = evaluation or {}
+        ver = ev.get("verification")
+        self.threshold_info: dict | None = (
+            {**ver, "split": ev.get("split", "test")} if isinstance(ver, dict) else None
+        )
+        t = ev.get("threshold")
+        self.threshold: float | None = float(t) if isinstance(t, (int, float)) else None
+        self.fingerprint = fingerprint
+        prep = preprocessing(config)
+        self.input_shape: list[int] = prep["input_shape"]
+        self.image_size: list[int] | None = prep["image_size"]
+        self.grayscale: bool | None = prep["grayscale"]
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Inference:
+        """Load ``RUN_DIR`` (config, weights, and ``eval.json`` when present); ``device``
+        auto | cpu | cuda | cuda:N."""
+        model, cfg = load_run(run_dir)
+        ev_path = Path(run_dir) / "eval.json"
+        evaluation = read_json(ev_path, "evaluation") if ev_path.exists() else None
+        return cls(
+            model,
+            cfg,
+            run_dir,
+            device=device,
+            evaluation=evaluation,
+            fingerprint=model_fingerprint(run_dir),
+        )
+
+    @property
+    def takes_images(self) -> bool:
+        """True for image models (input C x H x W), False for vector and text models."""
+        return len(self.input_shape) == 3
+
+    @property
+    def takes_texts(self) -> bool:
+        """True for text models (``tripletlab train`` on a text file)."""
+        return self.config.get("model", {}).get("name") == "text"
+
+    # ------------------------------------------------------------------ data sets
+    def load_data(self, data: str | None = None, skip_bad: bool = False) -> Dataset:
+        """``data`` loaded with the run's preprocessing (a folder is used whole), or the run's
+        own test split when ``data`` is None."""
+        if data is not None:
+            return load_dataset_for_run(self.config, data, skip_bad)
+        split = read_json(self.run_dir / "split.json", "split")
+        if split.get("by") == "triplets":
+            raise InputError(
+                f"{self.run_dir} was trained on a triplet file, which has no labelled test "
+                "split; give a labelled text file (text,label) with --data"
+            )
+        train_data = self.config.get("train", {}).get("data", "digits")
+        ds = load_dataset_for_run(self.config, train_data, skip_bad)
+        split = read_json(self.run_dir / "split.json", "split")
+        return apply_split(ds, split["test"])[1]
+
+    def embed_source(
+        self,
+        data: str | None = None,
+        *,
+        skip_bad: bool = False,
+        workers: int | None = None,
+        batch_size: int = 256,
+        progress: bool = False,
+        shard: tuple[int, int] | None = None,
+    ) -> tuple[np.ndarray, torch.Tensor, list[str] | None, list[str]]:
+        """``(embeddings, labels, paths, classes)`` of ``data`` (or of the run's test split):
+        image folders and CSV/JSONL manifests are streamed from disk in batches with
+        ``workers`` decoding processes, so memory does not grow with the number of images;
+        other data (digits, idx, vectors) is loaded whole. ``shard=(rank, world_size)``: only
+        that rank's contiguous share (see :mod:`tripletlab.inference.shard`)."""
+        from ..train.image_data import embed_data
+
+        emb, labels, paths, classes = embed_data(
+            self.model,
+            self.config,
+            data,
+            self.run_dir,
+            skip_bad=skip_bad,
+            device=self.device,
+            workers=workers,
+            batch_size=batch_size,
+            progress=progress,
+            shard=shard,
+        )
+        return emb.numpy(), labels, paths, classes
+
+    def evaluate_embeddings(
+        self,
+        emb: np.ndarray,
+        labels: torch.Tensor,
+        distance: str | None = None,
+        seed: int = 0,
+    ) -> EvalResult:
+        """Retrieval, verification and few-shot metrics of embeddings with their labels
+        (verification at the run's calibrated threshold when the distance is the run's)."""
+        dist = distance or self.distance
+        cal = self.calibration() if dist == self.distance else None
+        return {
+            "distance": dist,
+            **evaluate_embeddings(torch.from_numpy(emb), labels, dist, seed=seed, calibration=cal),
+        }
+
+    def training_items(
+        self, dataset: Dataset | None, data: str | None, paths: list[str] | None = None
+    ) -> int:
+        """How many items (of ``dataset``, or the files ``paths``, loaded from ``data``) belong
+        to the run's training split (validation included): same resolved file path for image
+        folders, same rows of the same data otherwise. 0 for the run's own test split
+        (``data`` None)."""
+        if data is None:
+            return 0
+        train_data = str(self.config.get("train", {}).get("data", "digits"))
+        split_path = self.run_dir / "split.json"
+        if not split_path.exists():
+            return 0
+        test_info = read_json(split_path, "split")["test"]
+        paths = paths if paths is not None else (dataset.paths if dataset is not None else None)
+        if paths is not None and test_info.get("by") == "class":
+            root = Path(train_data).resolve()
+            train_dirs = [root / c for c in test_info.get("train_classes", [])]
+
+            def in_training(p: str) -> bool:
+                rp = Path(p).resolve()
+                return any(rp.is_relative_to(d) for d in train_dirs)
+
+            return sum(in_training(p) for p in paths)
+        same_source = data == train_data or (
+            Path(data).exists() and Path(data).resolve() == Path(train_data).resolve()
+        )
+        if dataset is None or not same_source:
+            return 0
+        try:
+            return len(apply_split(dataset, test_info)[0])
+        except InputError:
+            return 0
+
+    @property
+    def threshold_source(self) -> str | None:
+        """Where the calibrated threshold came from (``"validation"`` for runs trained with a
+        validation split), None without a threshold."""
+        if self.threshold is None:
+            return None
+        return (self.threshold_info or {}).get("threshold_source", "test split (in-sample)")
+
+    def calibration(self) -> dict | None:
+        """The run's verification threshold as an ``evaluate_embeddings`` calibration (with
+        where it came from), or None without one."""
+        if self.threshold is None:
+            return None
+        info = self.threshold_info or {}
+        return {
+            "threshold": self.threshold,
+            "source": self.threshold_source,
+            **{k: v for k, v in info.items() if k.startswith("validation_")},
+        }
+
+    def evaluate(
+        self,
+        dataset: Dataset,
+        distance: str | None = None,
+        seed: int = 0,
+        data: str | None = None,
+    ) -> EvalResult:
+        """Retrieval, verification and few-shot metrics of ``dataset`` (see
+        :func:`~.metrics.evaluate.evaluate_embeddings`); verification accuracy/TAR/FAR at the
+        run's calibrated threshold when the distance is the run's. ``data``: where ``dataset``
+        was loaded from, to count items that were in the training split
+        (``training_items`` in the result)."""
+        out = self.evaluate_embeddings(self.embed_dataset(dataset), dataset.y, distance, seed)
+        leak = self.training_items(dataset, data)
+        if leak:
+            out["training_items"] = leak
+        return out
+
+    # ------------------------------------------------------------------ embedding
+    def _embed_tensor(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        return embed(self.model, x, batch_size, self.device).numpy()
+
+    def embed_dataset(self, dataset: Dataset, batch_size: int = 256) -> np.ndarray:
+        """Embeddings (N, D) float32 of every item of a :class:`~tripletlab.data.Dataset`."""
+        if list(dataset.input_shape) != self.input_shape:
+            raise InputError(
+                f"data has input shape {list(dataset.input_shape)} but the model expects "
+                f"{self.input_shape}"
+            )
+        if self.takes_texts:
+            if dataset.texts is None:
+                raise InputError(
+                    "this model embeds texts; give a .csv/.tsv/.jsonl file with text,label columns"
+                )
+            return embed(self.model, dataset.inputs(), batch_size, self.device).numpy()
+        return self._embed_tensor(dataset.x, batch_size)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Embeddings (N, D) of strings, tokenised as in training (a text model only).
+
+        Example:
+            >>> inf.embed_texts(["a bond issued by a corporation"]).shape  # doctest: +SKIP
+            (1, 384)
+        """
+        if not self.takes_texts:
+            raise InputError("this model does not take texts")
+        texts = [str(t) for t in texts]
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise InputError(f"empty text at position {empty[0]} (of {len(texts)})")
+        if not texts:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        return embed(self.model, texts, batch_size, self.device).numpy()
+
+    def embed_vectors(self, x: np.ndarray) -> np.ndarray:
+        """Embeddings of raw input vectors (N, D_in) for a vector model (one row: (D_in,)).
+
+        The vectors must be scaled as the training data was; a warning says so when their
+        values lie far outside the training range (``config.json``: data.train.value_range).
+        """
+        if self.takes_texts:
+            raise InputError("this model takes texts, not vectors")
+        if self.takes_images:
+            raise InputError(f"this model takes images of shape {self.input_shape}, not vectors")
+        a = as_matrix(np.atleast_2d(np.asarray(x)), None, "vectors")
+        if list(a.shape[1:]) != self.input_shape:
+            raise InputError(
+                f"vectors of shape {list(a.shape[1:])}, model expects {self.input_shape}"
+            )
+        self._check_scale(a, "query vectors")
+        return self._embed_tensor(torch.from_numpy(a))
+
+    def _check_scale(self, a: np.ndarray, what: str) -> None:
+        """Warn when vectors lie far outside the range the model was trained on."""
+        import warnings
+
+        rng = (self.config.get("data", {}).get("train") or {}).get("value_range")
+        if not (isinstance(rng, list) and len(rng) == 2) or a.size == 0:
+            return
+        lo, hi = float(rng[0]), float(rng[1])
+        span = max(hi - lo, 1e-12)
+        qlo, qhi = float(a.min()), float(a.max())
+        if qlo < lo - span or qhi > hi + span:
+            warnings.warn(
+                f"{what} range over [{qlo:.3g}, {qhi:.3g}] but the model was trained on values "
+                f"in [{lo:.3g}, {hi:.3g}]: scale them as the training data was (same units and "
+                "normalisation), or the neighbours will be meaningless",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _check_images_model(self) -> None:
+        if self.takes_texts:
+            raise InputError("this model takes texts: give query strings or a text file")
+        if not self.takes_images:
+            raise InputError("this model takes vectors: give one .npy/.npz/.csv file of queries")
+
+    def embed_files(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """Embeddings of image files, read, converted and resized exactly as training did."""
+        self._check_images_model()
+        for q in paths:
+            if not Path(q).is_file():
+                raise InputError(f"query not found: {q}")
+            if Path(q).suffix.lower() not in IMAGE_EXTENSIONS:
+                raise InputError(f"{q} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+        x, _ = load_image_files(
+            [str(p) for p in paths],
+            image_size=tuple(self.input_shape[1:]),
+            grayscale=self.input_shape[0] == 1,
+        )
+        return self._embed_tensor(x)
+
+    def embed_images(self, images: Sequence[Image]) -> np.ndarray:
+        """Embeddings of PIL images (e.g. uploads), preprocessed exactly as training did."""
+        from ..data.loaders import image_to_array
+
+        self._check_images_model()
+        if not images:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        mode = "L" if self.input_shape[0] == 1 else "RGB"
+        size = (self.input_shape[1], self.input_shape[2])
+        arrays = [image_to_array(im, mode, size) for im in images]
+        x = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
+        return self._embed_tensor(x)
+
+    def embed_inputs(self, inputs: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """What ``tripletlab search`` / ``verify`` accept: image files, or one ``.npy`` /
+        ``.npz`` / ``.csv`` file of raw vectors. Returns ``(embeddings, names)``, one name per
+        row (the file name, or ``FILE[i]`` for the rows of a vector file). For a text model:
+        the query strings themselves, or one ``.txt`` (a text per line) / ``.csv`` / ``.tsv`` /
+        ``.jsonl`` file (its ``text`` column); the names are the texts."""
+        if self.takes_texts:
+            texts = list(inputs)
+            if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in _TEXT_SUFFIXES:
+                if Path(inputs[0]).is_file():
+                    texts = _read_texts(Path(inputs[0]))
+            return self.embed_texts(texts), texts
+        if len(inputs) == 1 and Path(inputs[0]).suffix.lower() in VECTOR_SUFFIXES:
+            p = Path(inputs[0])
+            x = _read_vectors(p)
+            if list(x.shape[1:]) != self.input_shape:
+                raise InputError(
+                    f"{p}: vectors of shape {list(x.shape[1:])}, model expects {self.input_shape}"
+                )
+            self._check_scale(x, f"{p}: query vectors")
+            return self._embed_tensor(torch.from_numpy(x)), [f"{p}[{i}]" for i in range(len(x))]
+        return self.embed_files(list(inputs)), [str(q) for q in inputs]
+
+    @property
+    def embedding_dim(self) -> int:
+        """Dimension of the embeddings."""
+        m = self.config["model"]
+        return int(m.get("output_dim") or m.get("embedding_dim") or 0)
+
+    # ------------------------------------------------------------------ comparing
+    def distance_between(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Row-wise distances ``d(a_i, b_i)`` (N,) in the run's distance (float64)."""
+        ta = as_embeddings(np.atleast_2d(np.asarray(a)), "embeddings a").double()
+        tb = as_embeddings(np.atleast_2d(np.asarray(b)), "embeddings b").double()
+        if ta.shape != tb.shape:
+            raise InputError(
+                f"pairs need equal shapes, got {tuple(ta.shape)} and {tuple(tb.shape)}"
+            )
+        return rowwise_distance(ta, tb, self.distance).numpy()
+
+    def verify(
+        self, a: np.ndarray, b: np.ndarray, threshold: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Same / different for each row pair: ``{"distance", "same", "threshold"}``; ``same``
+        is ``distance <= threshold`` (the calibrated one unless given), None without any."""
+        t = self.threshold if threshold is None else float(threshold)
+        return [
+            {
+                "distance": float(d),
+                "same": (bool(d <= t) if t is not None else None),
+                "threshold": t,
+            }
+            for d in self.distance_between(a, b)
+        ]
+
+    # ------------------------------------------------------------------ index
+    def build_index(self, dataset: Dataset, kind: str = "flat") -> EmbeddingIndex:
+        """An :class:`~tripletlab.index.EmbeddingIndex` of ``dataset`` (labels, paths, classes)."""
+        emb = self.embed_dataset(dataset)
+        # text items are shown by their text
+        paths = dataset.texts if dataset.texts is not None else dataset.paths
+        return self.index_embeddings(
+            emb, dataset.y, paths, dataset.classes, kind, files=dataset.texts is None
+        )
+
+    def index_embeddings(
+        self,
+        emb: np.ndarray,
+        labels,
+        paths: list[str] | None,
+        classes: list[str],
+        kind="flat",
+        files: bool = True,
+    ) -> EmbeddingIndex:
+        """An :class:`~tripletlab.index.EmbeddingIndex` of embeddings already computed (e.g.
+        by :meth:`embed_source`); approximate kinds record their measured recall@10."""
+        from ..index.embedding_index import EmbeddingIndex, search_quality
+
+        index = EmbeddingIndex(
+            emb.shape[1],
+            metric=self.distance,
+            kind=kind,
+            ivf_nlist=max(1, min(256 if kind == "ivf" else 4096, len(emb) // 39)),
+        )
+        index.add(emb, labels=np.asarray(labels), paths=paths)
+        index.classes = classes
+        if kind != "flat":  # approximate: measure what it costs in recall (kept in the manifest)
+            index.quality = search_quality(index, emb, n_queries=1000, k=10)
+        if files and paths is not None and any(not Path(p).is_absolute() for p in paths):
+            index.root = str(Path.cwd())  # relative paths are relative to this directory
+        return index
+
+    def load_index(self, directory: str | Path) -> EmbeddingIndex:
+        """Load an index saved by ``tripletlab index``, checking it was built with this model."""
+        from ..index.embedding_index import EmbeddingIndex
+
+        return EmbeddingIndex.load(directory, expected_fingerprint=self.fingerprint)
+
+    def search(
+        self, index: EmbeddingIndex, queries: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest indexed items of each query embedding: ``(distances, ids)``."""
+        q = np.atleast_2d(np.asarray(queries))
+        if q.shape[1] != index.dim:
+            raise InputError(f"model embeddings have dimension {q.shape[1]}, index {index.dim}")
+        return index.search(q, k)
+
+    @staticmethod
+    def describe_neighbours(
+        index: EmbeddingIndex, distances: np.ndarray, ids: np.ndarray
+    ) -> list[list[dict[str, Any]]]:
+        """Per query, its hits as ``{"rank", "id", "distance", "label", "path"}`` (the label is
+        the class name where the index stores class names)."""
+        classes = index.classes or []
+        out = []
+        for qi in range(ids.shape[0]):
+            labels, paths = index.labels_of(ids[qi]), index.paths_of(ids[qi])
+            hits = []
+            for j in range(ids.shape[1]):
+                lab = int(labels[j])
+                hits.append(
+                    {
+                        "rank": j + 1,
+                        "id": int(ids[qi, j]),
+                        "distance": float(distances[qi, j]),
+                        "label": classes[lab] if 0 <= lab < len(classes) else lab,
+                        "path": paths[j],
+                    }
+                )
+            out.append(hits)
+        return out
+
+
+_TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")
+
+
+def _read_texts(p: Path) -> list[str]:
+    """Query texts from a file: ``.txt`` one per non-empty line, else the ``text`` column."""
+    from ..data.text import _decode, read_text_rows
+
+    if p.suffix.lower() == ".txt":
+        return [t.strip() for t in _decode(p, p.read_bytes()).splitlines() if t.strip()]
+    columns, rows = read_text_rows(p)
+    if "text" not in columns:
+        raise InputError(f"{p}: no 'text' column (columns: {', '.join(columns)})")
+    return [str(r.get("text") or "").strip() for _, r in rows]
+
+
+def _read_vectors(p: Path) -> np.ndarray:
+    """Raw input vectors from ``.npy`` (rows as stored) or ``.npz``/``.csv`` (a vector file)."""
+    if p.suffix.lower() == ".npy":
+        try:
+            x = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read {p}: {e}") from None
+        return np.atleast_2d(x).astype(np.float32)
+    from ..data.loaders import load_vector_file
+
+    return load_vector_file(p).x.numpy()

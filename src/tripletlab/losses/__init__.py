@@ -1,0 +1,23 @@
+"""Losses and miners as ``nn.Module``\\ s: thin wrappers that hold options and call
+:mod:`tripletlab.functional`.
+
+- :class:`TripletLoss` (``triplet.py``): mine + loss in one call, with batch statistics.
+- :class:`TripletMiner` (``miners.py``): index tuples in pytorch-metric-learning's convention.
+- :class:`CrossBatchMemory` (``memory.py``): a FIFO bank of past embeddings (XBM).
+- :class:`DistributedTripletLoss` (``distributed.py``): own anchors x the gathered global batch
+  under torchrun, gradients reduce-scattered to their owners.
+"""
+
+from .distributed import DistributedTripletLoss, all_gather_with_grad, gather_labels
+from .memory import CrossBatchMemory
+from .miners import TripletMiner
+from .triplet import TripletLoss
+
+__all__ = [
+    "CrossBatchMemory",
+    "DistributedTripletLoss",
+    "TripletLoss",
+    "TripletMiner",
+    "all_gather_with_grad",
+    "gather_labels",
+]
