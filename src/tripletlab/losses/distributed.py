@@ -8,7 +8,7 @@ ranks that own them (``torch.distributed.reduce_scatter``; gloo and NCCL both su
 all-reduce followed by a slice is used only if a backend refuses), and the triplet counts of the
 reduction (``mean`` / ``mean_active``) are all-reduced. Loss value and gradients of every rank's
 own embeddings are therefore those of one process on the concatenated batch (tests:
-``tests/test_distributed_sharded.py``, 2 and 3 gloo processes, every deterministic strategy,
+``tests/losses/test_distributed_sharded.py``, 2 and 3 gloo processes, every deterministic strategy,
 uneven per-rank batch sizes).
 
 DDP averages parameter gradients over ranks; ``scale_for_ddp=True`` multiplies the gradient by
