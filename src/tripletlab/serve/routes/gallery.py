@@ -13,11 +13,17 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..gallery import Enrolment
+from ..gallery import Enrolment, GalleryStore
 from ..images import decode_image, thumbnail_png
 from ..state import ServeState
 
-__all__ = ["FORMAT_EXT", "MAX_CACHED_THUMBNAILS", "build_router"]
+__all__ = [
+    "FORMAT_EXT",
+    "MAX_CACHED_THUMBNAILS",
+    "build_router",
+    "gallery_listing",
+    "make_thumbnail",
+]
 
 #: the file extension an enrolled image is stored under, by its decoded Pillow format
 FORMAT_EXT = {
@@ -32,31 +38,44 @@ FORMAT_EXT = {
 MAX_CACHED_THUMBNAILS = 4096  # the cache is emptied when it grows past this
 
 
+def gallery_listing(store: GalleryStore, offset: int, limit: int) -> dict:
+    """``GET /gallery``'s answer: the items from ``offset`` (at most ``limit``), the item count
+    and the number of items per label (read under the store's lock)."""
+    with store.lock:
+        labels: dict[str, int] = defaultdict(int)
+        for it in store.describe(store.index.ids):
+            labels[str(it["label"])] += 1
+        return {
+            "count": len(store),
+            "offset": offset,
+            "items": store.items(offset, limit),
+            "labels": dict(labels),
+        }
+
+
+def make_thumbnail(state: ServeState, item_id: int) -> bytes | None:
+    """A PNG thumbnail of gallery item ``item_id``'s image (``None``: it has no readable
+    file; ``KeyError``: no such item)."""
+    s = state.settings
+    data = state.store.image_bytes(item_id)
+    if data is None:
+        return None
+    im = decode_image(data, s.max_pixels, f"gallery item {item_id}")
+    return thumbnail_png(im, s.thumbnail_size)
+
+
 def build_router(state: ServeState) -> APIRouter:
     """``GET /gallery`` and ``GET /gallery/{id}/image`` (read token), ``POST /gallery`` and
     ``DELETE /gallery/{id}`` (full token)."""
     router = APIRouter(tags=["gallery"])
-    s, store, thumbs = state.settings, state.store, state.thumbnails
+    store, thumbs = state.store, state.thumbnails
 
     @router.get("/gallery", dependencies=state.read)
     async def list_gallery(
         offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
     ) -> dict:
         """Gallery items (id, label, path) and the number of items per label."""
-
-        def listing() -> dict:
-            with store.lock:
-                labels: dict[str, int] = defaultdict(int)
-                for it in store.describe(store.index.ids):
-                    labels[str(it["label"])] += 1
-                return {
-                    "count": len(store),
-                    "offset": offset,
-                    "items": store.items(offset, limit),
-                    "labels": dict(labels),
-                }
-
-        return await run_in_threadpool(listing)
+        return await run_in_threadpool(gallery_listing, store, offset, limit)
 
     @router.post("/gallery", dependencies=state.write, status_code=201)
     async def enrol(
@@ -94,16 +113,8 @@ def build_router(state: ServeState) -> APIRouter:
     async def gallery_image(item_id: int) -> Response:
         """A PNG thumbnail of a gallery item's image (when its file is readable)."""
         if item_id not in thumbs:
-
-            def make() -> bytes | None:
-                data = store.image_bytes(item_id)
-                if data is None:
-                    return None
-                im = decode_image(data, s.max_pixels, f"gallery item {item_id}")
-                return thumbnail_png(im, s.thumbnail_size)
-
             try:
-                png = await run_in_threadpool(make)
+                png = await run_in_threadpool(make_thumbnail, state, item_id)
             except KeyError:
                 raise HTTPException(404, f"no gallery item with id {item_id}") from None
             if png is None:

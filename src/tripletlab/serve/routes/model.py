@@ -12,7 +12,14 @@ from starlette.exceptions import HTTPException
 
 from ..state import ServeState
 
-__all__ = ["EMBED_REQUEST_BODY", "build_router", "images_from_form", "vectors_from_json"]
+__all__ = [
+    "EMBED_REQUEST_BODY",
+    "build_router",
+    "identification_answer",
+    "images_from_form",
+    "vectors_from_json",
+    "verification_answer",
+]
 
 #: The OpenAPI request body of ``POST /embed``: images (multipart) or vectors (JSON)
 EMBED_REQUEST_BODY = {
@@ -88,6 +95,45 @@ async def images_from_form(state: ServeState, request: Request) -> list:
     return [im for im, _ in decoded]
 
 
+def verification_answer(state: ServeState, pair: np.ndarray) -> dict:
+    """``POST /verify``'s answer for the embeddings ``(2, D)`` of two images: their distance,
+    whether it passes the threshold, and the threshold's false-accept rate where recorded."""
+    embedder, threshold = state.embedder, state.threshold
+    d = float(embedder.distance_between(pair[:1], pair[1:])[0])
+    ti = embedder.threshold_info or {}
+    far = ti.get("far", ti.get("far_at_threshold"))
+    return {
+        "distance": d,
+        "same": d <= threshold,
+        "threshold": threshold,
+        "far": far,
+        "metric": embedder.distance,
+        "threshold_info": embedder.threshold_info,
+    }
+
+
+def identification_answer(best: dict | None, threshold: float) -> dict:
+    """``POST /identify``'s answer for the nearest gallery item ``best`` (``None``: the gallery
+    is empty): its label if its distance passes ``threshold``, else "unknown"."""
+    if best is None:
+        return {
+            "label": "unknown",
+            "known": False,
+            "id": None,
+            "distance": None,
+            "threshold": threshold,
+        }
+    known = bool(best["distance"] <= threshold)
+    return {
+        "label": best["label"] if known else "unknown",
+        "known": known,
+        "id": best["id"],
+        "nearest_label": best["label"],
+        "distance": best["distance"],
+        "threshold": threshold,
+    }
+
+
 def build_router(state: ServeState) -> APIRouter:
     """``POST /embed``, ``/search``, ``/verify``, ``/identify`` (read token)."""
     router = APIRouter(tags=["model"], dependencies=state.read)
@@ -139,18 +185,7 @@ def build_router(state: ServeState) -> APIRouter:
         if threshold is None:
             raise HTTPException(409, NO_THRESHOLD)
         (a, _), (b, _) = await state.read_images([image_a, image_b], "image")
-        e = await state.embed_images([a, b])
-        d = float(embedder.distance_between(e[:1], e[1:])[0])
-        ti = embedder.threshold_info or {}
-        far = ti.get("far", ti.get("far_at_threshold"))
-        return {
-            "distance": d,
-            "same": d <= threshold,
-            "threshold": threshold,
-            "far": far,
-            "metric": embedder.distance,
-            "threshold_info": embedder.threshold_info,
-        }
+        return verification_answer(state, await state.embed_images([a, b]))
 
     @router.post("/identify")
     async def identify(image: Annotated[UploadFile, File()]) -> dict:
@@ -160,24 +195,10 @@ def build_router(state: ServeState) -> APIRouter:
             raise HTTPException(409, NO_THRESHOLD)
         ((im, _),) = await state.read_images([image], "image")
         if len(store) == 0:
-            return {
-                "label": "unknown",
-                "known": False,
-                "id": None,
-                "distance": None,
-                "threshold": threshold,
-            }
+            return identification_answer(None, threshold)
         e = await state.embed_images([im])
         dist, ids = await run_in_threadpool(store.search, e, 1)
         (best,) = state.hits(dist[0], ids[0])
-        known = bool(best["distance"] <= threshold)
-        return {
-            "label": best["label"] if known else "unknown",
-            "known": known,
-            "id": best["id"],
-            "nearest_label": best["label"],
-            "distance": best["distance"],
-            "threshold": threshold,
-        }
+        return identification_answer(best, threshold)
 
     return router
