@@ -1,4 +1,5 @@
-"""Report plots and HTML (pure parts); run-directory reports are tested in test_report_run.py."""
+"""Report plots and HTML (pure parts); reports of run directories are tested in
+test_report_browser.py and tests/system/test_report_newcomer.py."""
 
 from __future__ import annotations
 
