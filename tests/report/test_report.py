@@ -1,4 +1,5 @@
-"""Report plots and HTML (pure parts); run-directory reports are tested in test_report_run.py."""
+"""Report plots and HTML (pure parts); reports of run directories are tested in
+test_report_browser.py and tests/system/test_report_newcomer.py."""
 
 from __future__ import annotations
 
@@ -103,3 +104,35 @@ def test_importing_and_plotting_keeps_the_matplotlib_backend(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "pdf"
+
+
+def test_report_steps_tables_from_plain_values():
+    from tripletlab.report.build import (
+        headline_kpis,
+        hinge_margin,
+        report_subtitle,
+        timing_rows,
+    )
+
+    ev = {
+        "retrieval": {"precision_at_1": 0.9, "map_at_r": 0.5},
+        "verification": {"roc_auc": 0.97, "eer": 0.051},
+        "train_time_s": 12.4,
+        "steps": 10,
+        "best_step": -1,
+    }
+    assert headline_kpis(ev) == [
+        ("P@1 (test)", "0.900"),
+        ("MAP@R (test)", "0.500"),
+        ("ROC AUC (test)", "0.9700"),
+        ("EER (test)", "5.10%"),
+        ("training time", "12 s"),
+    ]
+    assert headline_kpis({}) == []
+    rows = timing_rows(ev, [{"samples_per_s": 10.0}, {"samples_per_s": 30.0}])
+    assert rows[:2] == [("steps", 10), ("best_step", "— (no validation: the last model is kept)")]
+    assert rows[-1] == ("throughput (samples/s, median)", 20.0)
+    assert hinge_margin({"distance": "cosine", "margin": 0.3}, "cosine") == 0.3
+    assert hinge_margin({"distance": "cosine", "soft_margin": True}, "cosine") is None
+    assert hinge_margin({"distance": "euclidean"}, "cosine") is None
+    assert "soft margin (softplus)" in report_subtitle({"soft_margin": True}, "cosine")

@@ -469,8 +469,7 @@ def test_load_16_clients_torch_and_onnx(env, server):
 def test_onnx_export_matches_torch_on_real_images(env, tmp_path):
     pytest.importorskip("onnxruntime", reason="needs onnxruntime (serve extra)")
     from tripletlab.errors import InputError
-    from tripletlab.inference.onnx import compare_onnx, read_onnx_metadata
-    from tripletlab.serve.engine import OnnxInference
+    from tripletlab.inference.onnx import OnnxInference, compare_onnx, read_onnx_metadata
 
     out = tmp_path / "model.onnx"
     buf = io.StringIO()

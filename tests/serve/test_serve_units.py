@@ -208,9 +208,11 @@ def test_vector_model_export_and_embed_vectors(tmp_path):
     from fastapi.testclient import TestClient
 
     from tripletlab.inference import Inference
-    from tripletlab.inference.onnx import export_onnx, read_onnx_metadata
+    from tripletlab.inference.onnx import OnnxInference, export_onnx, read_onnx_metadata
     from tripletlab.serve import create_app
-    from tripletlab.serve.engine import OnnxInference
+    from tripletlab.serve import engine as serve_engine
+
+    assert serve_engine.OnnxInference is OnnxInference  # the server's name for it still works
 
     run = tmp_path / "digits"
     with redirect_stdout(io.StringIO()):
@@ -230,3 +232,27 @@ def test_vector_model_export_and_embed_vectors(tmp_path):
         Image.new("L", (8, 8)).save(img, "PNG")
         r = c.post("/embed", files={"images": ("a.png", img.getvalue())})
         assert r.status_code == 422 and "vectors" in r.json()["error"]["message"]
+
+
+def test_inference_does_not_import_the_server():
+    """Layering: inference (ONNX export, runtime and comparison included) sits below the
+    server; no module of it imports tripletlab.serve, not even inside a function."""
+    import ast
+    from pathlib import Path
+
+    import tripletlab.inference
+
+    found = []
+    for path in sorted(Path(tripletlab.inference.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):  # "..serve" is tripletlab.serve from here
+                module = node.module or ""
+                relative = node.level == 2 and (
+                    module.startswith("serve") or any(a.name == "serve" for a in node.names)
+                )
+                if relative or module.startswith("tripletlab.serve"):
+                    found.append(f"{path.name}:{node.lineno}")
+            elif isinstance(node, ast.Import):
+                if any(a.name.startswith("tripletlab.serve") for a in node.names):
+                    found.append(f"{path.name}:{node.lineno}")
+    assert found == []

@@ -1,4 +1,9 @@
-"""Export a trained run to ONNX, and check the export against eager PyTorch.
+"""ONNX, all of it: export a trained run (:func:`export_onnx`), read the export's metadata
+(:func:`read_onnx_metadata`), run it (:class:`OnnxInference`, an :class:`Inference` whose forward
+pass is onnxruntime) and check it against eager PyTorch (:func:`compare_onnx`).
+
+Layering: this module builds on :mod:`tripletlab.inference.run` and the layers below it; the
+server (:mod:`tripletlab.serve`) imports it, never the other way round.
 
 The ONNX graph takes ``images`` (or raw ``inputs`` for vector models): float32
 ``(batch, *input_shape)`` with a dynamic batch axis, and returns ``embeddings`` ``(batch, dim)``.
@@ -23,9 +28,11 @@ from __future__ import annotations
 import io
 import json
 import statistics
+import threading
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,7 +41,10 @@ from ..errors import FileFormatError, InputError, MissingFileError
 from ..utils import atomic_write_bytes
 from .run import Inference
 
-__all__ = ["compare_onnx", "export_onnx", "read_onnx_metadata"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["OnnxInference", "compare_onnx", "export_onnx", "read_onnx_metadata"]
 
 DEFAULT_OPSET = 20  # affine_grid (the CNN's test-time zoom views) needs opset 20
 _PREFIX = "tripletlab."
@@ -150,6 +160,69 @@ def read_onnx_metadata(path: str | Path) -> dict:
     return out
 
 
+class OnnxInference(Inference):
+    """An :class:`~tripletlab.inference.Inference` whose model runs in onnxruntime: the ONNX
+    file written by :func:`export_onnx` for the same run (its stored fingerprint must equal the
+    run's). Preprocessing, distance, threshold and fingerprint come from ``Inference``, so both
+    runtimes embed the same inputs the same way.
+
+    Example:
+        >>> inf = OnnxInference.from_run_and_onnx("runs/faces", "faces.onnx")  # doctest: +SKIP
+        >>> inf.embed_files(["a.pgm"]).shape  # doctest: +SKIP
+        (1, 64)
+    """
+
+    runtime = "onnx"
+
+    @classmethod
+    def from_run_and_onnx(
+        cls, run_dir: str | Path, onnx_path: str | Path, threads: int = 0
+    ) -> OnnxInference:
+        """The run's ``Inference`` with its forward pass replaced by an onnxruntime session
+        on ``onnx_path`` (``threads`` intra-op threads; 0: onnxruntime's default)."""
+        try:
+            import onnxruntime as ort
+        except ImportError:  # pragma: no cover
+            raise InputError(
+                "the onnx runtime needs onnxruntime: pip install 'tripletlab[serve]'"
+            ) from None
+        base = Inference.from_run(run_dir)
+        meta = read_onnx_metadata(onnx_path)
+        if meta.get("fingerprint") != base.fingerprint:
+            raise InputError(
+                f"{onnx_path} was exported from another model than {run_dir} (fingerprints "
+                "differ); export it again with `tripletlab export`"
+            )
+        if list(meta.get("input_shape", [])) != base.input_shape:
+            raise InputError(
+                f"{onnx_path} takes {meta.get('input_shape')}, the run {base.input_shape}"
+            )
+        self = cls.__new__(cls)
+        self.__dict__.update(base.__dict__)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        self.onnx_path = Path(onnx_path)
+        self.session = ort.InferenceSession(
+            str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self._input = self.session.get_inputs()[0].name
+        self._lock = threading.Lock()
+        return self
+
+    def _embed_tensor(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        # the one place Inference runs its model: replaced by an onnxruntime session
+        a = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        out = []
+        with self._lock:
+            for s in range(0, a.shape[0], batch_size):
+                out.append(self.session.run(None, {self._input: a[s : s + batch_size]})[0])
+        if not out:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+
 def _timed(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -179,7 +252,6 @@ def compare_onnx(
     import torch
 
     from ..data import load_image_files
-    from ..serve.engine import OnnxInference
 
     if not images:
         raise InputError("compare_onnx needs at least one image")

@@ -5,6 +5,14 @@ python-multipart, onnxruntime). ``tripletlab serve --model RUN_DIR`` runs it; fr
 
     from tripletlab.serve import create_app
     app = create_app("runs/faces", index="gallery")   # any ASGI server can run `app`
+
+What lives where: ``app.py`` (:func:`create_app`: builds the state, middleware, error handlers
+and includes the routers), ``state.py`` (:class:`ServeSettings`, the shared ``ServeState`` and
+the gallery writer), ``routes/`` (one ``APIRouter`` per concern: page, service, model,
+gallery), ``http.py`` (body limit, metrics, JSON errors, bearer tokens), ``batching.py``,
+``gallery.py``, ``images.py``, ``engine.py`` (the ``Embedder`` protocol, :func:`load_embedder`).
+The ONNX runtime (:class:`OnnxInference`) lives with the export in
+:mod:`tripletlab.inference.onnx`: serve imports inference, never the other way round.
 """
 
 from __future__ import annotations
