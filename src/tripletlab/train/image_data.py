@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 
 from ..data import Dataset, load_dataset
+from ..data.augment import SampleAugment, default_augment
 from ..data.loaders import is_idx_dir, warn_skipped
 from ..data.streaming import (
-    SAMPLE_AUGMENT_PRESETS,
     ImageFiles,
     PKStream,
-    SampleAugment,
     class_ids,
     embed_files,
     is_manifest,
@@ -133,12 +132,11 @@ def _decode_all(files: ImageFiles, skip_bad: bool):
 
 
 def stream_augment(aug) -> SampleAugment | None:
-    """The per-image augmentation for streamed images from a preset name or dict (the batch
-    presets map to their streamed counterparts: "strokes" -> "light")."""
+    """The per-sample executor for streamed images of a preset name, a dict or an
+    :class:`~tripletlab.data.augment.AugmentSpec` (one vocabulary with in-memory images);
+    None: the streamed default (:func:`~tripletlab.data.augment.default_augment`)."""
     if aug is None:
-        aug = "light"
-    if isinstance(aug, str) and aug not in SAMPLE_AUGMENT_PRESETS and aug != "none":
-        aug = {"strokes": "light"}.get(aug, aug)
+        aug = default_augment("image", streamed=True)
     return SampleAugment.from_config(aug)
 
 
