@@ -15,7 +15,9 @@ is decoded once into one shared uint8 tensor (4x smaller than float32) that ever
 * :class:`PKStream` — iterate PK batches (``x``, ``y``, ``index``) through a DataLoader; the
   sampler state of the *consumed* batches is what a checkpoint stores, so a resumed run gets
   exactly the same batches and augmentations.
-* :func:`embed_files` — embeddings of a dataset in batches (eval, embed, index).
+* :func:`guarded` — iterate a DataLoader, a dead worker raised as :class:`DataWorkerError`;
+  :func:`image_batches` — its collate function for ``ImageFiles`` items. Embedding streamed
+  images: :func:`tripletlab.inference.embed.embed`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .image_sources import (  # re-exported: the sources of streamed images
     read_image_manifest,
     scan_images,
 )
-from .loaders import _read_image, warn_skipped
+from .loaders import _read_image
 
 __all__ = [
     "DataWorkerError",
@@ -47,7 +49,8 @@ __all__ = [
     "PKStream",
     "SampleAugment",
     "class_ids",
-    "embed_files",
+    "guarded",
+    "image_batches",
     "is_manifest",
     "probe_images",
     "read_image_manifest",
@@ -66,7 +69,7 @@ class ImageFiles(TorchDataset):
     """Map-style dataset over image files, decoded and resized to ``image_size`` (H, W) on
     access. ``channels`` 1 (grey) or 3 (RGB). ``dataset[i]`` returns ``(x, label, i, error)``
     with ``error`` None or the message naming an unreadable file (raised by :class:`PKStream`
-    / :func:`embed_files` in the main process, or counted with ``skip_bad``);
+    / :func:`tripletlab.inference.embed.embed` in the main process, or counted with ``skip_bad``);
     ``dataset[(i, seed)]`` applies ``augment`` with that seed.
 
     Example:
@@ -133,7 +136,7 @@ class ImageFiles(TorchDataset):
         loader = DataLoader(
             _Decoded(self), batch_size=batch_size, num_workers=workers, collate_fn=_stack_u8
         )
-        for idx, arrs, errors in _guard(loader):
+        for idx, arrs, errors in guarded(loader):
             for i, e in zip(idx.tolist(), errors, strict=True):
                 if e and not skip_bad:
                     raise FileFormatError(f"{e} (pass --skip-bad to skip such files)")
@@ -166,7 +169,8 @@ def _stack_u8(items):
     )
 
 
-def _collate(items):
+def image_batches(items):
+    """Collate ``ImageFiles`` items: ``(x, labels, indices, errors)`` of a batch."""
     return (
         torch.stack([t[0] for t in items]),
         torch.tensor([t[1] for t in items], dtype=torch.long),
@@ -183,7 +187,7 @@ def _defer_sigchld() -> None:
     inside a weakref callback (where Python ignores it), a checkpoint write, or the compiler
     (CPython then fails with "AST constructor recursion depth mismatch"). The wrapper drops that
     one error. The DataLoader also polls its workers while it waits for a batch (every 5 s), so
-    the death is still reported, from ``next()``, where :func:`_guard` names it.
+    the death is still reported, from ``next()``, where :func:`guarded` names it.
     """
     import signal
     import threading
@@ -205,7 +209,7 @@ def _defer_sigchld() -> None:
     signal.signal(signal.SIGCHLD, handler)
 
 
-def _guard(loader: DataLoader) -> Iterator:
+def guarded(loader: DataLoader) -> Iterator:
     """Iterate a DataLoader; a dead worker becomes a :class:`DataWorkerError`."""
     it = iter(loader)
     if loader.num_workers:
@@ -225,6 +229,9 @@ def _guard(loader: DataLoader) -> Iterator:
                 raise _worker_died(f"{type(e).__name__}: {e}") from None
             raise
         yield batch
+
+
+_guard = guarded  # the earlier private name
 
 
 def _worker_died(detail: str) -> DataWorkerError:
@@ -294,10 +301,10 @@ class PKStream:
             self.files,
             batch_sampler=_SeededBatches(self.sampler, self.seed),
             num_workers=self.workers,
-            collate_fn=_collate,
+            collate_fn=image_batches,
             **kw,
         )
-        self._it = _guard(loader)
+        self._it = guarded(loader)
 
     def __iter__(self) -> PKStream:
         return self
@@ -338,60 +345,3 @@ class PKStream:
             st = self.state_dict()
             self._it = None  # the DataLoader iterator shuts its workers down when collected
             self.sampler.load_state_dict(st)
-
-
-# ------------------------------------------------------------------------------ embedding
-
-
-def embed_files(
-    model: torch.nn.Module,
-    files: ImageFiles,
-    batch_size: int = 128,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    skip_bad: bool = False,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> tuple[torch.Tensor, list[int]]:
-    """Embeddings (N, D) of ``files`` in eval mode, streamed in batches; returns
-    ``(embeddings, indices kept)`` (all indices unless ``skip_bad`` dropped unreadable files).
-
-    Example:
-        >>> files = ImageFiles(paths, labels, (112, 112), 3)  # doctest: +SKIP
-        >>> emb, kept = embed_files(model, files)  # doctest: +SKIP
-    """
-    from tqdm import tqdm
-
-    was_training = model.training
-    model.eval()
-    device = torch.device(device)
-    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
-    out, kept, bad = [], [], []
-    bar = tqdm(total=len(files), disable=not progress, unit="img", dynamic_ncols=True)
-    try:
-        with torch.no_grad():
-            for x, _, idx, errors in _guard(loader):
-                ok = [j for j, e in enumerate(errors) if not e]
-                if len(ok) < len(errors):
-                    msgs = [e for e in errors if e]
-                    if not skip_bad:
-                        raise FileFormatError(f"{msgs[0]} (pass --skip-bad to skip such files)")
-                    bad += msgs
-                    x, idx = x[ok], idx[ok]
-                bar.update(len(errors))
-                if not len(idx):
-                    continue
-                x = x.to(device, non_blocking=True)
-                if amp_dtype is not None:
-                    with torch.autocast(device.type, dtype=amp_dtype):
-                        e = model(x)
-                else:
-                    e = model(x)
-                out.append(e.float().cpu())
-                kept += idx.tolist()
-    finally:
-        bar.close()
-        model.train(was_training)
-    warn_skipped(bad, stacklevel=2)
-    dim = getattr(model, "config", {}).get("embedding_dim", 0)
-    return (torch.cat(out) if out else torch.zeros(0, dim)), kept
