@@ -79,11 +79,21 @@ def test_bad_spec_names_the_key_or_value(cfg, match):
         AugmentSpec.from_config(cfg)
 
 
-@pytest.mark.parametrize("cfg", ["crop", "natural", {"jitter": 0.2}, {"crop_ratio": [0.9, 1.1]}])
-def test_batch_executor_refuses_what_it_cannot_do(cfg):
-    with pytest.raises(InputError, match="per sample, for streamed images only"):
-        build_augment(cfg, seed=0)
-    assert SampleAugment.from_config(cfg) is not None
+@pytest.mark.parametrize("cfg", ["crop", "faces-crop", "natural", {"jitter": 0.2}])
+def test_batch_executor_does_crops_and_jitter_too(cfg):
+    x = torch.rand(6, 3, 16, 14)
+    a, b = build_augment(cfg, seed=0), build_augment(cfg, seed=0)
+    y = a(x)
+    assert torch.equal(y, b(x)) and not torch.equal(y, x) and y.shape == x.shape
+    assert y.min() >= 0 and y.max() <= 1
+    assert a.spec == SampleAugment.from_config(cfg).spec
+
+
+def test_full_crop_is_identity_in_the_batch_executor():
+    x = torch.rand(4, 3, 10, 8)
+    aug = Augment(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), seed=0)  # off: draws nothing
+    before = aug.get_state().clone()
+    assert torch.equal(aug(x), x) and torch.equal(aug.get_state(), before)
 
 
 def test_zero_fields_draw_nothing():

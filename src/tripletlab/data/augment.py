@@ -18,18 +18,21 @@ field                     what                                             batch
 ``translate``             shift, a fraction of the image size (<= 1)       yes        yes
 ``scale``                 zoom range ``[lo, hi]`` about the centre         yes        yes
 ``crop_pad``              pad (replicated border) and random crop, pixels  yes        yes
-``crop_scale``            random resized crop: area range in (0, 1]        no         yes
-``crop_ratio``            random resized crop: aspect range                no         yes
+``crop_scale``            random resized crop: area range in (0, 1]        yes        yes
+``crop_ratio``            random resized crop: aspect range                yes        yes
 ``hflip``                 horizontal flip with chance 1/2                  yes        yes
-``jitter``                brightness/contrast/saturation in [1-j, 1+j]     no         yes (RGB)
+``jitter``                brightness/contrast/saturation in [1-j, 1+j]     yes (RGB)  yes (RGB)
 ========================  ===============================================  =========  ==========
 
-A field an executor cannot do raises :class:`~tripletlab.errors.InputError` naming it (never
-ignored). ``affine_degrees`` is an alias of ``degrees`` (older configs and ``tripletlab tune``).
+Both executors do every field (the batch executor in steps: padded crop, affine, flip, resized
+crop, jitter; the per-sample one in a single ``grid_sample``), so the same spec draws from the
+same distribution on both paths, not the same numbers. ``affine_degrees`` is an alias of
+``degrees`` (older configs and ``tripletlab tune``).
 
 Random numbers: an executor draws nothing for a field that is off, so specs of earlier versions
 draw exactly what they drew before (the batch executor draws its four affine numbers whenever
-any of ``degrees`` / ``translate`` / ``scale`` is on; the per-sample executor draws its eight
+any of ``degrees`` / ``translate`` / ``scale`` is on, then four per image for a resized crop and
+three for jitter when those are on; the per-sample executor draws its eight
 crop/flip/rotation numbers, one more for ``jitter``, then only what ``translate``, ``scale`` and
 ``crop_pad`` need when they are on).
 
@@ -64,6 +67,7 @@ __all__ = [
 ]
 
 _ALIASES = {"affine_degrees": "degrees"}
+_GREY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])
 
 
 def _pair(name: str, value) -> tuple[float, float]:
@@ -219,7 +223,7 @@ AUGMENT_PRESETS: dict[str, dict] = {
     "light": {"degrees": 8.0, "translate": 0.05, "scale": [0.95, 1.05]},
     "faces": {"degrees": 10.0, "translate": 0.06, "scale": [0.9, 1.1], "hflip": True},
     "strokes": {"degrees": 10.0, "translate": 0.08, "scale": [0.9, 1.1]},
-    # random resized crops (per sample: streamed images only)
+    # random resized crops (``crop``: the streamed default)
     "crop": {"crop_scale": [0.85, 1.0], "crop_ratio": [3 / 4, 4 / 3], "degrees": 8.0},
     "faces-crop": {
         "crop_scale": [0.75, 1.0],
@@ -258,10 +262,10 @@ def default_augment(kind: str, streamed: bool) -> str | None:
 
 class Augment(nn.Module):
     """The batch executor: random padded crop (``crop_pad``), affine (rotation, translation,
-    zoom) and horizontal flip of a batch (N, C, H, W), with its own seeded generator;
-    ``get_state``/``set_state`` make resumed training bit-identical. Use it in training only.
-    Built from an :class:`AugmentSpec` (``spec``) or its fields as keywords; a random resized
-    crop or colour jitter raises :class:`InputError` (they are per-sample: streamed images).
+    zoom), horizontal flip, random resized crop (``crop_scale`` / ``crop_ratio``) and colour
+    jitter (RGB) of a batch (N, C, H, W), with its own seeded generator; ``get_state`` /
+    ``set_state`` make resumed training bit-identical. Use it in training only. Built from an
+    :class:`AugmentSpec` (``spec``) or its fields as keywords.
 
     Example:
         >>> aug = Augment(affine_degrees=10, translate=0.05, hflip=True, seed=0)
@@ -277,21 +281,6 @@ class Augment(nn.Module):
             spec = AugmentSpec.from_config(fields) or AugmentSpec()
         elif fields:
             raise InputError("give an AugmentSpec or its fields, not both")
-        undone = [
-            k
-            for k, on in (
-                ("crop_scale", spec.crop_scale != (1.0, 1.0)),
-                ("crop_ratio", spec.crop_ratio != (1.0, 1.0)),
-                ("jitter", bool(spec.jitter)),
-            )
-            if on
-        ]
-        if undone:
-            raise InputError(
-                f"augmentation {undone} (random resized crop, colour jitter) is done per "
-                "sample, for streamed images only (--stream); for images in memory use "
-                "degrees, translate, scale, crop_pad and hflip"
-            )
         self.spec = spec
         self.affine_degrees = spec.degrees
         self.translate = spec.translate
@@ -326,6 +315,28 @@ class Augment(nn.Module):
         if self.hflip:
             flip = torch.rand(n, generator=self.generator) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if self.spec.crops:  # random resized crop (as the per-sample executor draws it)
+            lo, hi = self.spec.crop_scale
+            area = self._u(n, lo, hi)
+            lr0, lr1 = math.log(self.spec.crop_ratio[0]), math.log(self.spec.crop_ratio[1])
+            ratio = torch.exp(self._u(n, lr0, lr1))
+            sw = torch.sqrt(area * ratio).clamp(max=1.0)
+            sh = torch.sqrt(area / ratio).clamp(max=1.0)
+            tx = (1 - sw) * self._u(n, -1.0, 1.0)
+            ty = (1 - sh) * self._u(n, -1.0, 1.0)
+            zero = torch.zeros(n)
+            theta = torch.stack(
+                [torch.stack([sw, zero, tx], 1), torch.stack([zero, sh, ty], 1)], 1
+            ).to(x.dtype)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.spec.jitter and x.shape[1] == 3:  # colour jitter (RGB only, as per sample)
+            j = self.spec.jitter
+            b, k, sat = (self._u(n, 1 - j, 1 + j).to(x.dtype)[:, None, None, None] for _ in "bks")
+            mean = x.mean(dim=(1, 2, 3), keepdim=True) * b
+            x = torch.addcmul(mean * (1 - k), x, b * k)
+            grey = torch.tensordot(_GREY_WEIGHTS.to(x.dtype), x, dims=([0], [1]))[:, None]
+            x = torch.lerp(grey, x, sat).clamp(0, 1)
         return x
 
     def get_state(self) -> torch.Tensor:
@@ -355,8 +366,6 @@ def zoom(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------- per-sample executor
-
-_GREY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])
 
 
 @functools.lru_cache(maxsize=16)
