@@ -19,15 +19,20 @@ from tripletlab.data.streaming import (
     PKStream,
     SampleAugment,
     class_ids,
-    embed_files,
     probe_images,
     read_image_manifest,
     scan_images,
 )
 from tripletlab.errors import FileFormatError, InputError, MissingFileError
+from tripletlab.inference.embed import embed
 from tripletlab.samplers import PKSampler
 
 from helpers import make_folder
+
+
+def embed_files(model, files, **kw):
+    """Streamed embedding of ImageFiles: the one ``embed`` (was ``streaming.embed_files``)."""
+    return embed(model, files, return_kept=True, **kw)
 
 
 def files_of(root, size=(16, 16), channels=1, augment=None):

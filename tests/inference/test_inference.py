@@ -12,7 +12,7 @@ from PIL import Image
 from tripletlab import InputError
 from tripletlab.cli import main
 from tripletlab.inference import Inference
-from tripletlab.metrics.evaluate import embed
+from tripletlab.inference.embed import embed
 from tripletlab.rundir import load_run
 
 from conftest import make_image_folder

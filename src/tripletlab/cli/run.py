@@ -40,7 +40,7 @@ def _embed_source(inf, args):
 
 def _streams(inf, args) -> bool:
     """Image folders and manifests given to an image model are streamed in batches."""
-    from ..train.image_data import is_image_source
+    from ..data.open import is_image_source
 
     spec = args.data if args.data is not None else inf.config.get("train", {}).get("data")
     return inf.takes_images and spec is not None and is_image_source(spec)

@@ -8,29 +8,30 @@ is decoded once into one shared uint8 tensor (4x smaller than float32) that ever
 * :class:`ImageFiles` — ``dataset[i]`` (or ``dataset[(i, seed)]`` for a seeded augmentation)
   decodes one file to a float (C, H, W) tensor in [0, 1].
 * :func:`scan_images` — the files and labels of an image folder or of a CSV/JSONL manifest.
-* :class:`SampleAugment` — random resized crop, flip, small rotation, colour jitter (RGB), one
-  ``grid_sample`` per image; seeded per sample, so results do not depend on the worker.
+* :class:`SampleAugment` — the per-sample executor of :class:`~tripletlab.data.augment.AugmentSpec`
+  (random resized crop, flip, rotation, shift, zoom, colour jitter for RGB; one ``grid_sample``
+  per image; seeded per sample, so results do not depend on the worker). It lives in
+  :mod:`tripletlab.data.augment` and is re-exported here.
 * :class:`PKStream` — iterate PK batches (``x``, ``y``, ``index``) through a DataLoader; the
   sampler state of the *consumed* batches is what a checkpoint stores, so a resumed run gets
   exactly the same batches and augmentations.
-* :func:`embed_files` — embeddings of a dataset in batches (eval, embed, index).
+* :func:`guarded` — iterate a DataLoader, a dead worker raised as :class:`DataWorkerError`;
+  :func:`image_batches` — its collate function for ``ImageFiles`` items. Embedding streamed
+  images: :func:`tripletlab.inference.embed.embed`.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from ..errors import FileFormatError, InputError, TripletLabError
+from .augment import SampleAugment  # re-exported: documented here since 0.1
 from .image_sources import (  # re-exported: the sources of streamed images
     MANIFEST_EXTENSIONS,
     class_ids,
@@ -39,7 +40,7 @@ from .image_sources import (  # re-exported: the sources of streamed images
     read_image_manifest,
     scan_images,
 )
-from .loaders import _read_image, warn_skipped
+from .loaders import _read_image
 
 __all__ = [
     "DataWorkerError",
@@ -48,7 +49,8 @@ __all__ = [
     "PKStream",
     "SampleAugment",
     "class_ids",
-    "embed_files",
+    "guarded",
+    "image_batches",
     "is_manifest",
     "probe_images",
     "read_image_manifest",
@@ -60,128 +62,6 @@ class DataWorkerError(TripletLabError, RuntimeError):
     """A data-loading worker process died (killed, out of memory, crashed)."""
 
 
-_GREY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])
-
-
-@functools.lru_cache(maxsize=16)
-def _base_coords(h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (W,) and y (H, 1) of pixel centres in [-1, 1] (``align_corners=False``)."""
-    xs = (torch.arange(w, dtype=torch.float64) * 2 + 1) / w - 1
-    ys = (torch.arange(h, dtype=torch.float64) * 2 + 1) / h - 1
-    return xs.to(dtype), ys[:, None].to(dtype)
-
-
-@dataclass
-class SampleAugment:
-    """Per-image augmentation in plain torch: random resized crop (area ``crop_scale``, aspect
-    ``crop_ratio``), horizontal flip, rotation within ±``degrees``, and for RGB colour jitter
-    (brightness/contrast/saturation factors in [1 - ``jitter``, 1 + ``jitter``]). Crop, flip and
-    rotation are one affine ``grid_sample`` (border padding). Deterministic given the seed.
-
-    Example:
-        >>> aug = SampleAugment(degrees=10, hflip=True)
-        >>> aug(torch.rand(3, 32, 32), seed=1).shape
-        torch.Size([3, 32, 32])
-    """
-
-    crop_scale: tuple[float, float] = (0.8, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: bool = True
-    degrees: float = 10.0
-    jitter: float = 0.0
-
-    def __post_init__(self) -> None:
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise InputError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {lo, hi}")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise InputError(
-                f"crop_ratio must be (lo, hi) with 0 < lo <= hi, got {self.crop_ratio}"
-            )
-        if self.degrees < 0 or not 0 <= self.jitter < 1:
-            raise InputError("degrees must be >= 0 and jitter in [0, 1)")
-
-    def _params(self, seed: int) -> tuple[list[float], list[float]]:
-        """The affine matrix (row-major 2x3) and the jitter factors (brightness, contrast,
-        saturation) drawn from ``seed``."""
-        g = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
-        u = torch.rand(8, generator=g).tolist()
-        area = self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * u[0]
-        lr0, lr1 = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
-        ratio = math.exp(lr0 + (lr1 - lr0) * u[1])
-        sw = min(1.0, math.sqrt(area * ratio))  # crop size as a fraction of width / height
-        sh = min(1.0, math.sqrt(area / ratio))
-        tx = (1 - sw) * (2 * u[2] - 1)  # crop centre in [-1, 1] coordinates
-        ty = (1 - sh) * (2 * u[3] - 1)
-        ang = math.radians(self.degrees * (2 * u[4] - 1))
-        flip = -1.0 if self.hflip and u[5] < 0.5 else 1.0
-        c, s = math.cos(ang), math.sin(ang)
-        theta = [sw * c * flip, -sh * s, tx, sw * s * flip, sh * c, ty]
-        j = self.jitter
-        jit = [1.0, 1.0, 1.0]
-        if j:
-            sat = 1 + j * (2 * float(torch.rand(1, generator=g)) - 1)
-            jit = [1 + j * (2 * u[6] - 1), 1 + j * (2 * u[7] - 1), sat]
-        return theta, jit
-
-    def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        return self.apply_batch(x[None], [seed])[0]
-
-    def apply_batch(self, x: torch.Tensor, seeds) -> torch.Tensor:
-        """Augment each image of ``x`` (N, C, H, W) with its own seed, in one ``grid_sample``
-        (the same values as one call per image; workers call it per image, which keeps the
-        working set in cache and measured faster than whole batches)."""
-        params = [self._params(s) for s in seeds]
-        theta = torch.tensor([p[0] for p in params], dtype=x.dtype).view(-1, 2, 3)
-        n, _, h, w = x.shape
-        # F.affine_grid(theta, x.shape, align_corners=False), from cached pixel-centre coordinates:
-        # 22 µs instead of 88 µs for one 112x112 image
-        xs, ys = _base_coords(h, w, x.dtype)
-        t = theta[:, :, :, None, None]  # (N, 2, 3, 1, 1)
-        grid = torch.addcmul(t[:, :, 2] + t[:, :, 0] * xs, t[:, :, 1], ys)  # (N, 2, H, W)
-        grid = grid.permute(0, 2, 3, 1)
-        out = F.grid_sample(x, grid, "bilinear", "border", align_corners=False)
-        if self.jitter and out.shape[1] == 3:
-            jit = torch.tensor([p[1] for p in params], dtype=x.dtype)
-            b, k, sat = jit.T[:, :, None, None, None]
-            # brightness b then contrast k about the mean: x*b*k + mean(x*b)*(1-k), one pass
-            mean = out.mean(dim=(1, 2, 3), keepdim=True) * b
-            out = torch.addcmul(mean * (1 - k), out, b * k)
-            grey = torch.tensordot(_GREY_WEIGHTS.to(out.dtype), out, dims=([0], [1]))[:, None]
-            out = torch.lerp(grey, out, sat).clamp_(0, 1)  # saturation: (x - grey) * sat + grey
-        return out
-
-    @classmethod
-    def from_config(cls, cfg: dict | str | None) -> SampleAugment | None:
-        """From a dict of the fields above, a preset name (:data:`SAMPLE_AUGMENT_PRESETS`) or
-        None / ``"none"`` (off)."""
-        if cfg is None or cfg == "none" or cfg == {}:
-            return None
-        if isinstance(cfg, str):
-            if cfg not in SAMPLE_AUGMENT_PRESETS:
-                raise InputError(
-                    f"unknown augmentation preset {cfg!r} for streamed images; choose one of "
-                    f"{sorted(SAMPLE_AUGMENT_PRESETS)}"
-                )
-            cfg = SAMPLE_AUGMENT_PRESETS[cfg]
-        unknown = sorted(set(cfg) - {"crop_scale", "crop_ratio", "hflip", "degrees", "jitter"})
-        if unknown:
-            raise InputError(f"unknown augmentation keys for streamed images: {unknown}")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        try:
-            return cls(**kw)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"invalid augmentation options {cfg!r}: {e}") from None
-
-
-SAMPLE_AUGMENT_PRESETS: dict[str, dict] = {
-    "flip": {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "hflip": True, "degrees": 0.0},
-    "light": {"crop_scale": [0.85, 1.0], "hflip": False, "degrees": 8.0},
-    "faces": {"crop_scale": [0.75, 1.0], "crop_ratio": [0.9, 1.1], "hflip": True, "degrees": 10.0},
-    "natural": {"crop_scale": [0.5, 1.0], "hflip": True, "degrees": 10.0, "jitter": 0.2},
-}
-
-
 # -------------------------------------------------------------------------------- dataset
 
 
@@ -189,7 +69,7 @@ class ImageFiles(TorchDataset):
     """Map-style dataset over image files, decoded and resized to ``image_size`` (H, W) on
     access. ``channels`` 1 (grey) or 3 (RGB). ``dataset[i]`` returns ``(x, label, i, error)``
     with ``error`` None or the message naming an unreadable file (raised by :class:`PKStream`
-    / :func:`embed_files` in the main process, or counted with ``skip_bad``);
+    / :func:`tripletlab.inference.embed.embed` in the main process, or counted with ``skip_bad``);
     ``dataset[(i, seed)]`` applies ``augment`` with that seed.
 
     Example:
@@ -256,7 +136,7 @@ class ImageFiles(TorchDataset):
         loader = DataLoader(
             _Decoded(self), batch_size=batch_size, num_workers=workers, collate_fn=_stack_u8
         )
-        for idx, arrs, errors in _guard(loader):
+        for idx, arrs, errors in guarded(loader):
             for i, e in zip(idx.tolist(), errors, strict=True):
                 if e and not skip_bad:
                     raise FileFormatError(f"{e} (pass --skip-bad to skip such files)")
@@ -289,7 +169,8 @@ def _stack_u8(items):
     )
 
 
-def _collate(items):
+def image_batches(items):
+    """Collate ``ImageFiles`` items: ``(x, labels, indices, errors)`` of a batch."""
     return (
         torch.stack([t[0] for t in items]),
         torch.tensor([t[1] for t in items], dtype=torch.long),
@@ -306,7 +187,7 @@ def _defer_sigchld() -> None:
     inside a weakref callback (where Python ignores it), a checkpoint write, or the compiler
     (CPython then fails with "AST constructor recursion depth mismatch"). The wrapper drops that
     one error. The DataLoader also polls its workers while it waits for a batch (every 5 s), so
-    the death is still reported, from ``next()``, where :func:`_guard` names it.
+    the death is still reported, from ``next()``, where :func:`guarded` names it.
     """
     import signal
     import threading
@@ -328,7 +209,7 @@ def _defer_sigchld() -> None:
     signal.signal(signal.SIGCHLD, handler)
 
 
-def _guard(loader: DataLoader) -> Iterator:
+def guarded(loader: DataLoader) -> Iterator:
     """Iterate a DataLoader; a dead worker becomes a :class:`DataWorkerError`."""
     it = iter(loader)
     if loader.num_workers:
@@ -348,6 +229,9 @@ def _guard(loader: DataLoader) -> Iterator:
                 raise _worker_died(f"{type(e).__name__}: {e}") from None
             raise
         yield batch
+
+
+_guard = guarded  # the earlier private name
 
 
 def _worker_died(detail: str) -> DataWorkerError:
@@ -417,10 +301,10 @@ class PKStream:
             self.files,
             batch_sampler=_SeededBatches(self.sampler, self.seed),
             num_workers=self.workers,
-            collate_fn=_collate,
+            collate_fn=image_batches,
             **kw,
         )
-        self._it = _guard(loader)
+        self._it = guarded(loader)
 
     def __iter__(self) -> PKStream:
         return self
@@ -461,60 +345,3 @@ class PKStream:
             st = self.state_dict()
             self._it = None  # the DataLoader iterator shuts its workers down when collected
             self.sampler.load_state_dict(st)
-
-
-# ------------------------------------------------------------------------------ embedding
-
-
-def embed_files(
-    model: torch.nn.Module,
-    files: ImageFiles,
-    batch_size: int = 128,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    skip_bad: bool = False,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> tuple[torch.Tensor, list[int]]:
-    """Embeddings (N, D) of ``files`` in eval mode, streamed in batches; returns
-    ``(embeddings, indices kept)`` (all indices unless ``skip_bad`` dropped unreadable files).
-
-    Example:
-        >>> files = ImageFiles(paths, labels, (112, 112), 3)  # doctest: +SKIP
-        >>> emb, kept = embed_files(model, files)  # doctest: +SKIP
-    """
-    from tqdm import tqdm
-
-    was_training = model.training
-    model.eval()
-    device = torch.device(device)
-    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
-    out, kept, bad = [], [], []
-    bar = tqdm(total=len(files), disable=not progress, unit="img", dynamic_ncols=True)
-    try:
-        with torch.no_grad():
-            for x, _, idx, errors in _guard(loader):
-                ok = [j for j, e in enumerate(errors) if not e]
-                if len(ok) < len(errors):
-                    msgs = [e for e in errors if e]
-                    if not skip_bad:
-                        raise FileFormatError(f"{msgs[0]} (pass --skip-bad to skip such files)")
-                    bad += msgs
-                    x, idx = x[ok], idx[ok]
-                bar.update(len(errors))
-                if not len(idx):
-                    continue
-                x = x.to(device, non_blocking=True)
-                if amp_dtype is not None:
-                    with torch.autocast(device.type, dtype=amp_dtype):
-                        e = model(x)
-                else:
-                    e = model(x)
-                out.append(e.float().cpu())
-                kept += idx.tolist()
-    finally:
-        bar.close()
-        model.train(was_training)
-    warn_skipped(bad, stacklevel=2)
-    dim = getattr(model, "config", {}).get("embedding_dim", 0)
-    return (torch.cat(out) if out else torch.zeros(0, dim)), kept

@@ -25,7 +25,7 @@ import torch
 from ..data import IMAGE_EXTENSIONS, Dataset, apply_split, load_image_files
 from ..distances import rowwise_distance
 from ..errors import InputError
-from ..metrics.evaluate import EvalResult, embed, eval_distance, evaluate_embeddings
+from ..metrics.evaluate import EvalResult, eval_distance, evaluate_embeddings
 from ..rundir.files import (
     load_dataset_for_run,
     load_run,
@@ -34,6 +34,7 @@ from ..rundir.files import (
     read_json,
 )
 from ..validation import as_embeddings, as_matrix
+from .embed import embed, embed_data
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
@@ -144,8 +145,6 @@ class Inference:
         ``workers`` decoding processes, so memory does not grow with the number of images;
         other data (digits, idx, vectors) is loaded whole. ``shard=(rank, world_size)``: only
         that rank's contiguous share (see :mod:`tripletlab.inference.shard`)."""
-        from ..train.image_data import embed_data
-
         emb, labels, paths, classes = embed_data(
             self.model,
             self.config,

@@ -102,6 +102,8 @@ def embed_sharded(
     ``stream``: image folders/manifests decoded in batches (each rank decodes only its own
     files); otherwise the data set is loaded on every rank and each embeds its rows.
     Unreadable images skipped with ``skip_bad`` leave their rows out, as in one process.
+    Each share is embedded by :func:`tripletlab.inference.embed.embed` (through
+    ``inf.embed_source`` / ``inf.embed_dataset``, which add the run's preprocessing checks).
 
     Example:
         >>> embed_sharded(inf, "photos/", stream=True, env=env)  # doctest: +SKIP

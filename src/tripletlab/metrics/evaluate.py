@@ -1,6 +1,6 @@
 """Evaluation of embeddings and of a trained run: one result type from train to report and CLI.
 
-``embed`` runs a model over a tensor in batches; ``evaluate_embeddings`` computes retrieval,
+``evaluate_embeddings`` computes retrieval,
 verification and (when there are enough classes) few-shot metrics on one labelled set;
 :class:`EvalResult` is the dict written to ``eval.json``, returned by ``Trainer.fit`` and read
 by the report, the CLI and :class:`tripletlab.inference.Inference`; ``summary_lines`` is its
@@ -70,6 +70,11 @@ def embed(
 ) -> torch.Tensor:
     """Embeddings of ``x`` (a tensor, or a list of strings for a text model) in eval mode, in
     batches, on the CPU (the model's train/eval mode is restored afterwards).
+
+    Superseded by :func:`tripletlab.inference.embed.embed` (the one ``embed``: tensors, texts,
+    data sets and streamed image files; everything in the package calls it). Kept only while
+    ``tripletlab.report`` imports it from here; this layer may not import inference, so it
+    cannot forward there. Remove it once report/ imports ``tripletlab.inference.embed``.
 
     Example:
         >>> from tripletlab.models import build_model

@@ -3,7 +3,8 @@ automatic defaults, the frozen-feature cache, the explicit-triplet trainer and t
 recipes (``tune``)."""
 
 from ..errors import NonFiniteError
-from ..metrics.evaluate import embed, eval_distance, evaluate_embeddings, summary_lines
+from ..inference.embed import embed
+from ..metrics.evaluate import eval_distance, evaluate_embeddings, summary_lines
 from ..rundir import (
     load_checkpoint,
     load_dataset_for_run,

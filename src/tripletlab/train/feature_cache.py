@@ -74,7 +74,7 @@ class FeatureCache:
         cls, model: nn.Module, x: torch.Tensor, flip: bool = False, batch_size: int = 64
     ) -> FeatureCache:
         """The cache of in-memory images ``x`` (N, C, H, W) (training only)."""
-        from ..metrics.evaluate import embed
+        from ..inference.embed import embed
 
         f = embed(_Features(model, False), x, batch_size)
         fm = embed(_Features(model, True), x, batch_size) if flip else None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import Dataset, apply_split, split_dataset, split_validation
+from ..data.augment import AugmentSpec, default_augment
 from ..errors import (
     InputError,
 )
@@ -42,13 +43,12 @@ PREFIX_CACHE_BYTES = 2 << 30
 
 
 def _read_augment(aug, streamed: bool):
-    """The augmentation object ``aug`` names (in-memory ``Augment`` or streamed
-    ``SampleAugment`` vocabulary); raises :class:`InputError` for an unknown one."""
-    if streamed:
-        from .image_data import stream_augment
-
-        return stream_augment(aug)
-    return build_augment(aug)
+    """The :class:`AugmentSpec` ``aug`` names (one vocabulary for in-memory and streamed
+    images; None when streamed: the streamed default); raises :class:`InputError` for an
+    unknown one."""
+    if aug is None and streamed:
+        aug = default_augment("image", streamed=True)
+    return AugmentSpec.from_config(aug)
 
 
 def _augment_flips(aug, streamed: bool) -> bool:
@@ -74,16 +74,7 @@ def _flips_only(aug, streamed: bool) -> bool:
         a = _read_augment(aug, streamed)
     except InputError:
         return False
-    if a is None:
-        return True
-    if streamed:
-        return (
-            a.crop_scale == (1.0, 1.0)
-            and a.crop_ratio == (1.0, 1.0)
-            and a.degrees == 0
-            and a.jitter == 0
-        )
-    return a.affine_degrees == 0 and a.translate == 0 and a.scale == (1.0, 1.0) and a.crop_pad == 0
+    return a is None or a.flips_only
 
 
 @dataclass
@@ -210,7 +201,7 @@ class TrainerSetup:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         # the caller's data is used as given (augment only when asked for by name)
-        auto = "light" if ds.kind == "image" and self._user_data is None else None
+        auto = default_augment(ds.kind, self.files is not None) if self._user_data is None else None
         aug = cfg.augment if cfg.augment is not None else auto
         aug_seed = cfg.seed + 2 + (1000 * self.dist.rank if self.dist else 0)  # own draws per rank
         self._aug_spec = aug

@@ -30,11 +30,11 @@ from ..errors import (
     TrainingInterrupted,
     TripletLabError,
 )
+from ..inference.embed import embed
 from ..losses.memory import CrossBatchMemory
 from ..metrics import retrieval_metrics
 from ..metrics.evaluate import (
     EvalResult,
-    embed,
     eval_distance,
     evaluate_embeddings,
     summary_lines,

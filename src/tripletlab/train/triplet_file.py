@@ -21,8 +21,9 @@ import torch
 from ..data.text import TextTriplets, load_text_triplets
 from ..distances import rowwise_distance
 from ..errors import InputError
+from ..inference.embed import embed
 from ..losses.triplet import TripletLoss
-from ..metrics.evaluate import EvalResult, embed, eval_distance
+from ..metrics.evaluate import EvalResult, eval_distance
 from ..rundir.files import load_run, read_json, write_run_config
 from ..utils import atomic_write_json, jsonable
 from .setup import _lr_factor, _Running
