@@ -10,10 +10,24 @@ from tripletlab.data import Dataset
 from tripletlab.data.streaming import ImageFiles, class_ids, scan_images
 from tripletlab.errors import InputError
 from tripletlab.inference.embed import embed, run_input_spec
-from tripletlab.metrics.evaluate import embed as embed_in_memory  # the earlier in-memory embed
 from tripletlab.models import build_model
 
 from helpers import make_folder
+
+
+def embed_in_memory(model, x, batch_size, device="cpu", amp=None):
+    """The earlier in-memory embed, as it was: eval mode, no grad, batches, float32 on the CPU."""
+    from tripletlab.runtime.devices import autocast
+
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad(), autocast(torch.device(device), amp):
+        for s in range(0, len(x), batch_size):
+            chunk = x[s : s + batch_size]
+            out.append(model(chunk.to(device) if torch.is_tensor(chunk) else chunk).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
 
 
 class _Texts(torch.nn.Module):

@@ -130,7 +130,9 @@ class TextTriplets:
         )
 
 
-def _decode(path: Path, data: bytes) -> str:
+def decode_text(path: Path, data: bytes) -> str:
+    """The text of a file's bytes (UTF-8, with or without BOM); a clear error names the file,
+    the line and the bytes that are not UTF-8."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -167,7 +169,7 @@ def read_text_rows(path: str | os.PathLike[str]) -> tuple[list[str], list[tuple[
         data = p.read_bytes()
     except OSError as e:
         raise FileFormatError(f"cannot read {p}: {e}") from None
-    text = _decode(p, data)
+    text = decode_text(p, data)
     if ext == ".jsonl":
         return _read_jsonl(p, text)
     return _read_delimited(p, text, "\t" if ext == ".tsv" else ",")

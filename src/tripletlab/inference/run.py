@@ -492,10 +492,10 @@ _TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")
 
 def _read_texts(p: Path) -> list[str]:
     """Query texts from a file: ``.txt`` one per non-empty line, else the ``text`` column."""
-    from ..data.text import _decode, read_text_rows
+    from ..data.text import decode_text, read_text_rows
 
     if p.suffix.lower() == ".txt":
-        return [t.strip() for t in _decode(p, p.read_bytes()).splitlines() if t.strip()]
+        return [t.strip() for t in decode_text(p, p.read_bytes()).splitlines() if t.strip()]
     columns, rows = read_text_rows(p)
     if "text" not in columns:
         raise InputError(f"{p}: no 'text' column (columns: {', '.join(columns)})")

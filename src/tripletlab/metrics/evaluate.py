@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -29,7 +28,6 @@ from . import few_shot_accuracy, retrieval_metrics, verification_metrics
 
 __all__ = [
     "EvalResult",
-    "embed",
     "eval_distance",
     "evaluate_embeddings",
     "summary_lines",
@@ -59,44 +57,6 @@ class EvalResult(TypedDict, total=False):
     threshold: float  # the calibrated verification threshold (distance <= threshold: same)
     training_items: int  # `tripletlab eval --data`: items that were in the run's training split
     report: str  # path of report.html (CLI only)
-
-
-def embed(
-    model: torch.nn.Module,
-    x: torch.Tensor | Sequence[str],
-    batch_size: int = 512,
-    device: str | torch.device = "cpu",
-    amp: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Embeddings of ``x`` (a tensor, or a list of strings for a text model) in eval mode, in
-    batches, on the CPU (the model's train/eval mode is restored afterwards).
-
-    Superseded by :func:`tripletlab.inference.embed.embed` (the one ``embed``: tensors, texts,
-    data sets and streamed image files; everything in the package calls it). Kept only while
-    ``tripletlab.report`` imports it from here; this layer may not import inference, so it
-    cannot forward there. Remove it once report/ imports ``tripletlab.inference.embed``.
-
-    Example:
-        >>> from tripletlab.models import build_model
-        >>> m = build_model({"name": "mlp", "input_shape": [4], "embedding_dim": 3})
-        >>> embed(m, torch.rand(10, 4), batch_size=4).shape
-        torch.Size([10, 3])
-    """
-    from ..runtime.devices import autocast
-
-    was_training = model.training
-    model.eval()
-    out = []
-    dev = torch.device(device)
-    with torch.no_grad(), autocast(dev, amp):  # amp: an autocast dtype, e.g. torch.bfloat16
-        for s in range(0, len(x), batch_size):
-            chunk = x[s : s + batch_size]
-            out.append(model(chunk.to(dev) if torch.is_tensor(chunk) else chunk).float().cpu())
-    model.train(was_training)
-    if not out:
-        cfg = getattr(model, "config", {})
-        return torch.zeros(0, cfg.get("output_dim") or cfg.get("embedding_dim") or 0)
-    return torch.cat(out)
 
 
 def eval_distance(model_config: dict) -> str:

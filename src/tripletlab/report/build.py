@@ -124,7 +124,7 @@ def embed_before_and_after(
     the trained one."""
     import torch
 
-    from ..metrics.evaluate import embed
+    from ..inference.embed import embed
     from ..models import build_model
 
     cfg = inf.config

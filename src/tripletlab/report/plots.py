@@ -28,10 +28,11 @@ __all__ = [
     "plot_retrieval_gallery",
     "plot_roc",
     "plot_training_curves",
+    "subplots",
 ]
 
 
-def _subplots(nrows: int = 1, ncols: int = 1, *, figsize, squeeze: bool = True):
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize, squeeze: bool = True):
     """``pyplot.subplots`` without pyplot: a standalone Figure and its axes."""
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
@@ -67,7 +68,7 @@ def plot_training_curves(train: Sequence[dict], evals: Sequence[dict]) -> Figure
     """Loss, active-triplet fraction and the collapse signal over steps; validation metrics
     (a third panel only when validation was recorded). Legends sit under the panels."""
     n = 3 if evals else 2
-    fig, axes = _subplots(1, n, figsize=(5 * n, 4.2))
+    fig, axes = subplots(1, n, figsize=(5 * n, 4.2))
     ax = axes[0]
     x, y = _series(train, "loss")
     ax.plot(x, y, color="tab:blue", lw=0.8, alpha=0.5, label="loss")
@@ -120,7 +121,7 @@ def plot_distance_histograms(
 
     ``panels`` holds ``(title, same_distances, different_distances)``.
     """
-    fig, axes = _subplots(1, len(panels), figsize=(6.5 * len(panels), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(6.5 * len(panels), 3.8), squeeze=False)
     for ax, (title, same, diff) in zip(axes[0], panels, strict=True):
         same = np.asarray(same, dtype=float)
         diff = np.asarray(diff, dtype=float)
@@ -192,7 +193,7 @@ def plot_embedding_map(
     """Scatter of a 2-D embedding map coloured by class (legend when there are few classes)."""
     labels = np.asarray(labels)
     classes = np.unique(labels)
-    fig, ax = _subplots(figsize=(7, 6))
+    fig, ax = subplots(figsize=(7, 6))
     cmap = matplotlib.colormaps.get_cmap("tab20" if len(classes) > 10 else "tab10")
     for i, c in enumerate(classes):
         sel = labels == c
@@ -234,7 +235,7 @@ def plot_retrieval_gallery(
     """One row per query: the query image, then its k nearest neighbours framed green/red."""
     k = neighbours.shape[1]
     rows = len(queries)
-    fig, axes = _subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.45 * rows + 0.5), squeeze=False)
+    fig, axes = subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.45 * rows + 0.5), squeeze=False)
     for r, q in enumerate(queries):
         ax = axes[r, 0]
         ax.imshow(_as_image(images[q]), cmap="gray", vmin=0, vmax=1)
@@ -268,7 +269,7 @@ def plot_roc(
     tar_at_far: dict[float, float] | None = None,
 ) -> Figure:
     """ROC curve (log-scaled FAR) with the EER point and TAR@FAR marked."""
-    fig, axes = _subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = subplots(1, 2, figsize=(11, 4.2))
     fpr = np.asarray(fpr, dtype=float)
     tpr = np.asarray(tpr, dtype=float)
     for ax, log in zip(axes, (False, True), strict=True):
