@@ -18,7 +18,6 @@ from ..data.loaders import is_idx_dir, warn_skipped
 from ..data.streaming import (
     SAMPLE_AUGMENT_PRESETS,
     ImageFiles,
-    PKStream,
     SampleAugment,
     class_ids,
     embed_files,
@@ -145,19 +144,6 @@ def stream_augment(aug) -> SampleAugment | None:
 def _part_files(trainer, part: Dataset, augment=None) -> ImageFiles:
     files = trainer.files
     return ImageFiles(part.paths or [], part.y.tolist(), files.image_size, files.channels, augment)
-
-
-def make_stream(trainer, aug) -> PKStream:
-    """The PK stream of the training split (cached in shared memory when it fits)."""
-    cfg = trainer.cfg
-    train_files = _part_files(trainer, trainer.train_set, stream_augment(aug))
-    workers = cfg.workers if cfg.workers is not None else default_workers()
-    if train_files.cache_bytes() <= cfg.cache_mb * 2**20:
-        train_files.build_cache(workers=workers, skip_bad=cfg.skip_bad)
-    trainer.workers = workers
-    return PKStream(
-        train_files, trainer.sampler, workers=workers, seed=cfg.seed + 2, skip_bad=cfg.skip_bad
-    )
 
 
 def embed_part(trainer, part: Dataset, model=None) -> tuple[torch.Tensor, torch.Tensor]:
