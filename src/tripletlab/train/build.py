@@ -62,6 +62,7 @@ __all__ = [
     "lr_factor",
     "prepare_splits",
     "resolve_defaults",
+    "step_stats",
 ]
 
 #: largest cache of frozen feature maps (``--freeze-stages N``) a trainer keeps in memory
@@ -402,6 +403,15 @@ def build_criterion(
     ).to(device)
 
 
+def step_stats(criterion: torch.nn.Module) -> dict:
+    """The batch statistics of the last step's loss (a memory's too, prefixed ``memory_``)."""
+    if isinstance(criterion, CrossBatchMemory):
+        mem = criterion.memory_stats
+        extra = {f"memory_{k}": mem[k] for k in ("active_fraction", "n_triplets") if k in mem}
+        return {**criterion.batch_stats, **extra}
+    return dict(getattr(criterion, "stats", {}))
+
+
 def build_text_model(cfg: TrainConfig, run_dir: Path, dataset, log) -> torch.nn.Module:
     """A pretrained text encoder (``--model minilm`` or a folder); its config.json and
     tokenizer are written to RUN/encoder so the run rebuilds it offline."""
@@ -559,19 +569,21 @@ def frozen_features(
 def choose_threads(
     cfg: TrainConfig,
     device: torch.device,
-    kind: str | None,
+    data: Splits,
+    parts: Parts,
     run_dir: Path,
     resume: bool,
-    probe: Callable[[], int | None],
+    log,
 ) -> int | None:
     """CPU threads for this run (None: torch's setting). ``cfg.threads`` when given; 1 for
     vector data (a small MLP step gains nothing from more threads and slows down badly on
-    a busy machine); for images the faster of one thread and torch's default, measured by
-    ``probe()`` (:func:`measure_threads`) at the start, reused on resume."""
+    a busy machine); for images the faster of one thread and torch's default, measured on a
+    PK batch at the start (:func:`measure_threads`), reused on resume."""
     if cfg.threads:
         return cfg.threads
     if device.type != "cpu":
         return None
+    kind = getattr(data.train, "kind", None)
     if kind == "vector":
         return 1
     if kind != "image":  # text encoders: torch's default
@@ -580,7 +592,12 @@ def choose_threads(
         env = read_json(run_dir / "config.json", "run config").get("environment") or {}
         if isinstance(env.get("threads"), int) and env["threads"] >= 1:
             return env["threads"]
-    return probe()
+    n = parts.sampler.p * parts.sampler.k  # one PK batch
+    if data.files is not None:  # streamed images: a batch of their shape
+        x = torch.rand(n, *data.files.input_shape, device=device)
+    else:
+        x = data.train.x[:n].to(device)
+    return measure_threads(parts.model, x, log)
 
 
 def measure_threads(model: torch.nn.Module, x: torch.Tensor, log, steps: int = 2) -> int | None:

@@ -46,6 +46,7 @@ from typing import Protocol
 
 import torch
 
+from ..errors import InputError
 from ..rundir.files import append_metrics, save_weights
 from .collapse import CollapseDetector
 from .hard_class_refresh import refresh_hard_classes
@@ -105,6 +106,12 @@ class TensorBoard:
     at the end the test embeddings (projector) and ``test/<metric>`` scalars."""
 
     def __init__(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as e:
+            raise InputError(
+                f"--tensorboard needs tensorboard ({e}): pip install 'tripletlab[tensorboard]'"
+            ) from None
         self.writer = None
 
     def on_start(self, trainer) -> None:

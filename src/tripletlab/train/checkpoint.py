@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,19 @@ from typing import Any
 
 import torch
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, InputError
 from ..losses.memory import CrossBatchMemory
-from ..rundir.files import load_checkpoint, save_checkpoint
+from ..rundir.files import load_checkpoint, save_checkpoint, trim_metrics
 
-__all__ = ["LoopState", "loop_json", "restore", "save", "stateful_tensors"]
+__all__ = [
+    "LoopState",
+    "SessionClock",
+    "loop_json",
+    "restore",
+    "resume",
+    "save",
+    "stateful_tensors",
+]
 
 
 @dataclass
@@ -40,6 +49,25 @@ class LoopState:
     best_step: int = -1
     evals_without_improvement: int = 0
     skipped_nonfinite: int = 0
+
+
+@dataclass
+class SessionClock:
+    """Training time of a run over its sessions (``before``: the earlier ones'; saved as
+    ``train_time_s``) and this session's throughput."""
+
+    start: float | None = None  # perf_counter at the start of this session
+    before: float = 0.0
+    step_seconds: float = 0.0  # optimisation steps only (no validation)
+    step_samples: int = 0
+
+    def train_seconds(self) -> float:
+        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+    def throughput(self) -> float | None:
+        """Training samples per second over this session's steps (batch, forward, loss,
+        backward, update)."""
+        return self.step_samples / self.step_seconds if self.step_seconds > 0 else None
 
 
 def stateful_tensors(
@@ -134,3 +162,31 @@ def restore(
     loop.evals_without_improvement = state["evals_without_improvement"]
     loop.skipped_nonfinite = state.get("skipped_nonfinite", 0)
     return state
+
+
+def resume(
+    run_dir: Path,
+    tensor_parts: dict,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    batches,
+    loop: LoopState,
+    total_steps: int,
+    is_main: bool,
+    log,
+) -> float:
+    """:func:`restore` a run to continue it to ``total_steps`` (an extension when larger than
+    the saved one; an InputError when smaller than the step reached); metrics.jsonl loses the
+    lines after the checkpoint (rank 0). Returns the training seconds of earlier sessions."""
+    saved = restore(run_dir, tensor_parts, optimizer, scheduler, batches, loop)
+    if loop.step > total_steps:
+        raise InputError(
+            f"{run_dir} is at step {loop.step}; to extend it pass --steps greater than "
+            f"{loop.step} (got {total_steps})"
+        )
+    if is_main:
+        trim_metrics(run_dir, loop.step)  # later lines will be produced again
+    saved_total = saved.get("total_steps", total_steps)
+    extended = f" (extended from {saved_total})" if total_steps != saved_total else ""
+    log(f"resumed {run_dir} at step {loop.step}/{total_steps}{extended}")
+    return float(saved.get("train_time_s", 0.0))

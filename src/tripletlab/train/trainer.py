@@ -13,29 +13,23 @@ the ``on_step`` hooks, every ``eval_every`` steps ``validate`` and the ``on_vali
 from __future__ import annotations
 
 import copy
-import shlex
 import shutil
-import signal
-import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..data import Dataset
 from ..errors import InputError, NonFiniteError, TrainingInterrupted, TripletLabError
-from ..losses.memory import CrossBatchMemory
 from ..metrics.evaluate import EvalResult, embed
 from ..rundir.environment import environment
-from ..rundir.files import read_json, trim_metrics, write_run_config
+from ..rundir.files import read_json, write_run_config
 from ..runtime.devices import amp_dtype, autocast, grad_scaler, resolve_device
 from ..runtime.process_group import DistEnv, any_rank, init_from_env, shutdown
 from ..utils import atomic_write_json, jsonable
 from . import checkpoint
 from .batches import Batch, CachedFeatureBatches
-from .build import LABELLED_DATA, Context, Task, choose_threads, frozen_features, measure_threads
+from .build import LABELLED_DATA, Context, Task, choose_threads, frozen_features, step_stats
 from .callbacks import (
     STOP,
     BestModel,
@@ -47,28 +41,11 @@ from .callbacks import (
 )
 from .config import TrainConfig, resolve_config
 from .custom import user_datasets
+from .interrupt import CtrlC, interrupted
 
 __all__ = ["STOP", "Trainer"]
 
 _UNSET = object()
-
-
-@dataclass
-class SessionClock:
-    """Training time of a run (``before``: earlier sessions') and this session's throughput."""
-
-    start: float | None = None  # perf_counter at the start of this session
-    before: float = 0.0
-    step_seconds: float = 0.0  # optimisation steps only (no validation)
-    step_samples: int = 0
-
-    def train_seconds(self) -> float:
-        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
-
-    def throughput(self) -> float | None:
-        """Training samples per second over this session's steps (batch, forward, loss,
-        backward, update)."""
-        return self.step_samples / self.step_seconds if self.step_seconds > 0 else None
 
 
 class Trainer:
@@ -116,6 +93,7 @@ class Trainer:
         self._custom_model, self._custom_data = model, user_data
         name = "custom" if user_data else Path(cfg.data).name or cfg.data
         self.run_dir = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        tensorboard = TensorBoard() if cfg.tensorboard else None  # (checks it is installed)
         # torchrun: join the process group; rank 0 alone writes files (see docs/scaling.md)
         self.device = resolve_device(cfg.device)
         self.dist: DistEnv | None = (
@@ -134,7 +112,7 @@ class Trainer:
         self._created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = checkpoint.LoopState()
-        self.clock = SessionClock()
+        self.clock = checkpoint.SessionClock()
         #: False: ``fit`` stops after training (no test evaluation; model selection only)
         self.evaluate_test = True
         self.amp = amp_dtype(self.device, cfg.amp) if task.autocast else None
@@ -146,16 +124,7 @@ class Trainer:
         self.last_batch_samples = 0  # items of the last step's batch, over all ranks
         self._checkpoint_step = 0
         self._threads = _UNSET
-        self._stop_requested = self._in_loop = False
-        tensorboard = TensorBoard() if cfg.tensorboard else None
-        if tensorboard is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-            except ImportError as e:
-                self._remove_unstarted_run()
-                raise InputError(
-                    f"--tensorboard needs tensorboard ({e}): pip install 'tripletlab[tensorboard]'"
-                ) from None
+        self._ctrl_c = CtrlC(on_request=self._stop_after_step)
         ctx = Context(self.run_dir, self.device, self.dist, resume, log, model, loss, user_data)
         try:
             self.data, self.defaults = task.prepare(cfg, ctx)
@@ -200,6 +169,9 @@ class Trainer:
             self._remove_unstarted_run()
             raise
 
+    def _stop_after_step(self) -> None:
+        self.stopping = True
+
     @classmethod
     def from_config(cls, cfg: TrainConfig, **kwargs) -> Trainer:
         """The same as ``Trainer(cfg, **kwargs)``."""
@@ -214,22 +186,12 @@ class Trainer:
         return {"train": self.train_set, "test": self.test_set, "val": self.val_set}
 
     def threads(self) -> int | None:
-        """CPU threads for this run (None: torch's setting; see :func:`.build.choose_threads`),
-        chosen once."""
+        """CPU threads for this run (None: torch's setting; :func:`.build.choose_threads`)."""
         if self._threads is _UNSET:
-            kind = getattr(self.train_set, "kind", None)
             self._threads = choose_threads(
-                self.cfg, self.device, kind, self.run_dir, self.resume, self._measure_threads
+                self.cfg, self.device, self.data, self.parts, self.run_dir, self.resume, self.log
             )
         return self._threads
-
-    def _measure_threads(self) -> int | None:
-        n = self.sampler.p * self.sampler.k  # one PK batch
-        if self.files is not None:  # streamed images: a batch of their shape
-            x = torch.rand(n, *self.files.input_shape, device=self.device)
-        else:
-            x = self.train_set.x[:n].to(self.device)
-        return measure_threads(self.model, x, self.log)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> EvalResult:
@@ -244,7 +206,7 @@ class Trainer:
         previous, n = torch.get_num_threads(), self.threads()
         if n:
             torch.set_num_threads(n)
-        handler = self._install_sigint()
+        self._ctrl_c.install()
         result = None
         try:
             result = self._fit()
@@ -268,14 +230,13 @@ class Trainer:
                     cb.on_end(self, result)
             torch.set_num_threads(previous)
             shutdown(self.dist, clean=result is not None)
-            if handler is not None:
-                signal.signal(signal.SIGINT, handler)
+            self._ctrl_c.restore()
 
     def _fit(self) -> EvalResult:
         self.prepare_features()
-        self.clock = SessionClock(start=time.perf_counter(), before=self.clock.before)
+        self.clock = checkpoint.SessionClock(time.perf_counter(), before=self.clock.before)
         self._hooks("on_start")
-        self._in_loop = True
+        self._ctrl_c.armed = True
         try:
             self._loop()
         except TrainingInterrupted:
@@ -283,7 +244,7 @@ class Trainer:
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
             raise self._interrupted() from None
         finally:
-            self._in_loop = False
+            self._ctrl_c.armed = False
         result = self._training_result()
         if not self.cfg.evaluate or not self.evaluate_test or not self.is_main:
             return {"evaluated": False, **result}
@@ -306,10 +267,14 @@ class Trainer:
                 self._hooks("on_step", st.step, loss, stats)
                 if self.due(self.eval_every):
                     self._hooks("on_validate", st.step, self._validation())
-        if self._stop_requested:  # Ctrl-C: stopped after a step
+        if self._ctrl_c.requested:  # stopped after a step
             if self._checkpoint_step != st.step:
                 self.save_checkpoint()
             raise self._interrupted()
+
+    def _interrupted(self) -> TrainingInterrupted:
+        st = self.state
+        return interrupted(self.run_dir, st.step, self.total_steps, self._checkpoint_step)
 
     def _hooks(self, hook: str, *args) -> None:
         """Call ``hook`` of every callback in order; a STOP sets ``stopping``."""
@@ -346,12 +311,7 @@ class Trainer:
         if any_rank(not bool(torch.isfinite(emb).all())):  # every rank takes the same branch
             return self._nonfinite("embeddings")
         loss = self.criterion(emb, batch.y)
-        if isinstance(self.criterion, CrossBatchMemory):  # plus the memory's, prefixed
-            mem = self.criterion.memory_stats
-            extra = {f"memory_{k}": mem[k] for k in ("active_fraction", "n_triplets") if k in mem}
-            stats = {**self.criterion.batch_stats, **extra}
-        else:
-            stats = dict(getattr(self.criterion, "stats", {}))
+        stats = step_stats(self.criterion)
         if not bool(torch.isfinite(loss)):
             return self._nonfinite("loss")
         if self.scaler is not None:  # float16 on CUDA
@@ -420,37 +380,6 @@ class Trainer:
             "collapse": self.collapse_watch.found,
         }
 
-    # ---------------------------------------------------------------- Ctrl-C
-    def _install_sigint(self):
-        """First Ctrl-C: finish the current step, save a checkpoint and stop with the resume
-        command; a second one stops at once. Only in the main thread (signals need it)."""
-        self._stop_requested = self._in_loop = False
-        if threading.current_thread() is not threading.main_thread():
-            return None
-
-        def on_sigint(signum, frame):
-            if not self._in_loop or self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = self.stopping = True
-            print(
-                "\nCtrl-C: stopping after this step and saving a checkpoint "
-                "(Ctrl-C again to stop at once)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-        return signal.signal(signal.SIGINT, on_sigint)
-
-    def _interrupted(self) -> TrainingInterrupted:
-        st, ckpt = self.state, self._checkpoint_step
-        return TrainingInterrupted(
-            f"interrupted at step {st.step}/{self.total_steps}; checkpoint at step {ckpt} in "
-            f"{self.run_dir / 'checkpoint'}. Continue with:\n"
-            f"  tripletlab train --resume {shlex.quote(str(self.run_dir))}",
-            step=ckpt,
-            run_dir=str(self.run_dir),
-        )
-
     # ---------------------------------------------------------------- checkpoints
     def _stateful(self) -> dict:
         return checkpoint.stateful_tensors(self.model, self.augment, self.loss_fn, self.criterion)
@@ -470,22 +399,11 @@ class Trainer:
         self._checkpoint_step = self.state.step
 
     def _restore(self) -> None:
-        st = self.state
-        saved = checkpoint.restore(
-            self.run_dir, self._stateful(), self.opt, self.sched, self.batches, st
-        )
-        self.clock.before = float(saved.get("train_time_s", 0.0))
-        self._checkpoint_step = st.step
-        if st.step > self.total_steps:
-            raise InputError(
-                f"{self.run_dir} is at step {st.step}; to extend it pass --steps greater than "
-                f"{st.step} (got {self.total_steps})"
-            )
-        if self.is_main:
-            trim_metrics(self.run_dir, st.step)  # later lines will be produced again
-        saved_total = saved.get("total_steps", self.total_steps)
-        extended = f" (extended from {saved_total})" if self.total_steps != saved_total else ""
-        self.log(f"resumed {self.run_dir} at step {st.step}/{self.total_steps}{extended}")
+        self.clock.before = checkpoint.resume(
+            self.run_dir, self._stateful(), self.opt, self.sched, self.batches, self.state,
+            self.total_steps, self.is_main, self.log,
+        )  # fmt: skip
+        self._checkpoint_step = self.state.step
 
     # ---------------------------------------------------------------- embeddings, evaluation
     def prepare_features(self) -> None:
