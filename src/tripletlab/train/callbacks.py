@@ -14,9 +14,9 @@ checkpoint is saved); the trainer's ``stopping`` is True from then on (also afte
 The trainer's own behaviour is built from the callbacks below: :class:`MetricsLog`
 (metrics.jsonl and the progress bar / lines), :class:`TensorBoard`, :class:`CollapseWatch`,
 :class:`BestModel` (model selection and early stopping), :class:`Checkpointing` and
-:class:`HardClassRefresh`; the callbacks passed
-as ``Trainer(callbacks=[...])`` run after the first four, before checkpointing (so a checkpoint
-sees their decision).
+:class:`HardClassRefresh`; the callbacks passed as ``Trainer(callbacks=[...])`` run after
+the trainer's logging, collapse watch and model selection and before its checkpointing (so a
+checkpoint sees their decision).
 
 Example: a callback that records validation scores and stops training at step 20:
 

@@ -92,7 +92,7 @@ class Trainer:
         self.cfg, self.log, self.resume, self.task = cfg, log, resume, task
         self._custom_model, self._custom_data = model, user_data
         name = "custom" if user_data else Path(cfg.data).name or cfg.data
-        self.run_dir = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.run_dir = run_dir = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         tensorboard = TensorBoard() if cfg.tensorboard else None  # (checks it is installed)
         # torchrun: join the process group; rank 0 alone writes files (see docs/scaling.md)
         self.device = resolve_device(cfg.device)
@@ -127,41 +127,33 @@ class Trainer:
         self._ctrl_c = CtrlC(on_request=self._stop_after_step)
         ctx = Context(self.run_dir, self.device, self.dist, resume, log, model, loss, user_data)
         try:
-            self.data, self.defaults = task.prepare(cfg, ctx)
-            self.parts = parts = task.build(cfg, self.data, self.defaults, ctx)
-        except BaseException:
-            self._remove_unstarted_run()
-            raise
-        d = self.data
-        self.dataset, self.files, self.choices = d.dataset, d.files, self.defaults.notes
-        self.train_set, self.val_set, self.test_set = d.train, d.val, d.test
-        self.train_full, self.test_info = d.train_full, d.test_info
-        self.model, self.model_config, self.forward = parts.model, parts.model_config, parts.forward
-        self.loss_fn, self.criterion, self.augment = parts.loss_fn, parts.criterion, parts.augment
-        self.sampler, self.stream, self.batches = parts.sampler, parts.stream, parts.batches
-        self.opt, self.sched, self.channels_last = (
-            parts.optimizer,
-            parts.scheduler,
-            parts.channels_last,
-        )
-        self.total_steps, self.eval_every = parts.total_steps, parts.eval_every
-        self.ckpt_every = parts.checkpoint_every
-        self.metrics_log = MetricsLog(tensorboard)
-        self.collapse_watch, self.hard_classes = CollapseWatch(), HardClassRefresh()
-        self.callbacks = [
-            self.metrics_log,
-            *([tensorboard] if tensorboard else []),
-            self.collapse_watch,
-            BestModel(cfg.patience),
-            *callbacks,
-            Checkpointing(self.ckpt_every),  # these two act once the step is decided
-            self.hard_classes,
-        ]
-        try:
+            d, self.defaults = task.prepare(cfg, ctx)
+            self.data = d  # the Splits
+            self.parts = p = task.build(cfg, d, self.defaults, ctx)
+            self.dataset, self.files, self.choices = d.dataset, d.files, self.defaults.notes
+            self.train_set, self.val_set, self.test_set = d.train, d.val, d.test
+            self.train_full, self.test_info = d.train_full, d.test_info
+            self.model, self.model_config, self.forward = p.model, p.model_config, p.forward
+            self.loss_fn, self.criterion, self.augment = p.loss_fn, p.criterion, p.augment
+            self.sampler, self.stream, self.batches = p.sampler, p.stream, p.batches
+            self.opt, self.sched, self.channels_last = p.optimizer, p.scheduler, p.channels_last
+            self.total_steps, self.eval_every = p.total_steps, p.eval_every
+            self.ckpt_every = p.checkpoint_every
+            self.metrics_log = MetricsLog(tensorboard)
+            self.collapse_watch, self.hard_classes = CollapseWatch(), HardClassRefresh()
+            self.callbacks = [
+                self.metrics_log,
+                *([tensorboard] if tensorboard else []),
+                self.collapse_watch,
+                BestModel(cfg.patience),
+                *callbacks,
+                Checkpointing(self.ckpt_every),  # these two act once the step is decided
+                self.hard_classes,
+            ]
             if self.is_main:
                 env = environment(str(self.device), self.threads())
                 write_run_config(
-                    self.run_dir, cfg.to_dict(), self.model_config, self.dataset, self.splits(), env
+                    run_dir, cfg.to_dict(), p.model_config, d.dataset, self.splits(), env
                 )
             if resume:
                 self._restore()
@@ -235,6 +227,7 @@ class Trainer:
     def _fit(self) -> EvalResult:
         self.prepare_features()
         self.clock = checkpoint.SessionClock(time.perf_counter(), before=self.clock.before)
+        self.stopping = False
         self._hooks("on_start")
         self._ctrl_c.armed = True
         try:
