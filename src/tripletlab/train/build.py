@@ -62,7 +62,6 @@ __all__ = [
     "lr_factor",
     "prepare_splits",
     "resolve_defaults",
-    "step_stats",
 ]
 
 #: largest cache of frozen feature maps (``--freeze-stages N``) a trainer keeps in memory
@@ -401,15 +400,6 @@ def build_criterion(
     return CrossBatchMemory(
         loss, size=cfg.memory_size, embedding_dim=cfg.embedding_dim, start_after=cfg.memory_warmup
     ).to(device)
-
-
-def step_stats(criterion: torch.nn.Module) -> dict:
-    """The batch statistics of the last step's loss (a memory's too, prefixed ``memory_``)."""
-    if isinstance(criterion, CrossBatchMemory):
-        mem = criterion.memory_stats
-        extra = {f"memory_{k}": mem[k] for k in ("active_fraction", "n_triplets") if k in mem}
-        return {**criterion.batch_stats, **extra}
-    return dict(getattr(criterion, "stats", {}))
 
 
 def build_text_model(cfg: TrainConfig, run_dir: Path, dataset, log) -> torch.nn.Module:

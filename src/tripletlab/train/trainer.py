@@ -24,12 +24,12 @@ from ..errors import InputError, NonFiniteError, TrainingInterrupted, TripletLab
 from ..metrics.evaluate import EvalResult, embed
 from ..rundir.environment import environment
 from ..rundir.files import read_json, write_run_config
-from ..runtime.devices import amp_dtype, autocast, grad_scaler, resolve_device
-from ..runtime.process_group import DistEnv, any_rank, init_from_env, shutdown
+from ..runtime.devices import amp_dtype, grad_scaler, resolve_device
+from ..runtime.process_group import DistEnv, init_from_env, shutdown
 from ..utils import atomic_write_json, jsonable
 from . import checkpoint
 from .batches import Batch, CachedFeatureBatches
-from .build import LABELLED_DATA, Context, Task, choose_threads, frozen_features, step_stats
+from .build import LABELLED_DATA, Context, Task, choose_threads, frozen_features
 from .callbacks import (
     STOP,
     BestModel,
@@ -42,6 +42,7 @@ from .callbacks import (
 from .config import TrainConfig, resolve_config
 from .custom import user_datasets
 from .interrupt import CtrlC, interrupted
+from .step import optimisation_step
 
 __all__ = ["STOP", "Trainer"]
 
@@ -293,42 +294,17 @@ class Trainer:
         return metrics
 
     def _train_step(self, batch: Batch) -> tuple[float, dict]:
-        """Embed, mine + loss, backward, clip, update; non-finite values handled."""
-        cfg = self.cfg
+        """One optimisation step (:func:`.step.optimisation_step`); non-finite values skipped
+        (``--skip-nonfinite``) or an error."""
         if hasattr(self.model, "set_backbone_trainable"):  # head-only warm-up
-            self.model.set_backbone_trainable(self.state.step >= cfg.head_warmup_steps)
-        self.opt.zero_grad(set_to_none=True)
-        with autocast(self.device, self.amp):
-            emb = self.batches.forward(self.forward)(batch.x)
-        emb = emb.float()
-        if any_rank(not bool(torch.isfinite(emb).all())):  # every rank takes the same branch
-            return self._nonfinite("embeddings")
-        loss = self.criterion(emb, batch.y)
-        stats = step_stats(self.criterion)
-        if not bool(torch.isfinite(loss)):
-            return self._nonfinite("loss")
-        if self.scaler is not None:  # float16 on CUDA
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.opt)
-        else:
-            loss.backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all()):
-            if self.scaler is not None:  # the scaler lowers its scale and skips the update
-                self.scaler.step(self.opt)
-                self.scaler.update()
-                self.sched.step()
-                return float(loss.detach()), {**stats, "skipped": "fp16 overflow"}
-            return self._nonfinite("gradients")
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        self.sched.step()
-        return float(loss.detach()), stats
+            self.model.set_backbone_trainable(self.state.step >= self.cfg.head_warmup_steps)
+        out = optimisation_step(
+            batch, self.batches.forward(self.forward), self.model, self.criterion,
+            self.opt, self.sched, self.scaler, self.amp, self.device, self.cfg.grad_clip,
+        )  # fmt: skip
+        if out.nonfinite is not None:
+            return self._nonfinite(out.nonfinite)
+        return out.loss, out.stats
 
     def _nonfinite(self, what: str) -> tuple[float, dict]:
         st = self.state
