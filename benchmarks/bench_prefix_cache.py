@@ -15,7 +15,7 @@ import json
 import tempfile
 import time
 
-import tripletlab.train.setup as ts
+import tripletlab.train.build as ts
 from tripletlab.train import Trainer
 from tripletlab.train.config import resolve_config
 
@@ -50,7 +50,7 @@ def run(data: str, steps: int, threads: int, cached: bool, out: str) -> dict:
     trainer = Trainer(cfg, log=lambda *_: None)
     trainer.fit()
     wall = time.perf_counter() - t
-    rate = trainer._step_samples / max(trainer._step_seconds, 1e-9)
+    rate = trainer.clock.step_samples / max(trainer.clock.step_seconds, 1e-9)
     return {"cached": cached, "train_img_s": round(rate, 1), "wall_s": round(wall, 1)}
 
 

@@ -94,9 +94,9 @@ MOVED_MODULES: dict[str, str | tuple[str, ...]] = {
     "tripletlab.models.augment": "tripletlab.data.augment",
     "tripletlab.shard": "tripletlab.inference.shard",
     "tripletlab.train_triplets": "tripletlab.train.triplet_file",
-    "tripletlab.training_log": "tripletlab.train.progress",
-    "tripletlab.training_setup": "tripletlab.train.setup",
-    "tripletlab.training_state": "tripletlab.train.state",
+    "tripletlab.training_log": "tripletlab.train.callbacks",
+    "tripletlab.training_setup": "tripletlab.train.build",
+    "tripletlab.training_state": "tripletlab.train.checkpoint",
     "tripletlab.tune": "tripletlab.train.tune",
 }
 

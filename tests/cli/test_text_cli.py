@@ -241,19 +241,16 @@ def test_minilm_on_a_wordnet_slice(tmp_path):
 
 
 def test_text_defaults_for_lr_and_epochs():
-    from types import SimpleNamespace
-
-    from tripletlab.train import Trainer
+    from tripletlab.train.build import resolve_defaults
     from tripletlab.train.config import resolve_config
 
     cfg = resolve_config()
     for kind, lr, epochs in (("text", 2e-5, 1), ("triplets", 2e-5, 1), ("image", 1e-3, 20)):
-        t = SimpleNamespace(cfg=cfg, train_set=SimpleNamespace(kind=kind))
-        t._is_text = lambda t=t: Trainer._is_text(t)
-        assert (Trainer._lr(t), Trainer._epochs(t)) == (lr, epochs)
+        d = resolve_defaults(cfg, kind, custom_data=False)
+        assert (d.lr, d.epochs) == (lr, epochs)
     explicit = resolve_config(overrides={"lr": 0.1, "epochs": 3})
-    t = SimpleNamespace(cfg=explicit, _is_text=lambda: True)
-    assert (Trainer._lr(t), Trainer._epochs(t)) == (0.1, 3)
+    d = resolve_defaults(explicit, "text", custom_data=False)
+    assert (d.lr, d.epochs) == (0.1, 3)
 
 
 def test_inference_rejects_empty_query_text(text_run):

@@ -122,7 +122,7 @@ def test_dead_worker_is_a_clear_error_and_the_checkpoint_survives(tmp_path, fold
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, key)
 
-    save = Trainer._save
+    save = Trainer.save_checkpoint
 
     def save_then_arm(self):
         save(self)
@@ -130,7 +130,7 @@ def test_dead_worker_is_a_clear_error_and_the_checkpoint_survives(tmp_path, fold
             trigger.touch()
 
     monkeypatch.setattr(ImageFiles, "__getitem__", dying)
-    monkeypatch.setattr(Trainer, "_save", save_then_arm)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_arm)
     t = Trainer(_cfg(tmp_path, folder, "w", cache_mb=0, checkpoint_every=2, steps=40))
     with pytest.raises(DataWorkerError, match="worker process died"):
         t.fit()
@@ -508,7 +508,7 @@ def test_frozen_stages_cache_their_output_and_train_the_later_blocks(tmp_path, f
 
 def test_cached_frozen_stages_train_exactly_like_images(tmp_path, folder, monkeypatch):
     """The same batches through the cache and through the whole backbone: the same model."""
-    import tripletlab.train.setup as ts
+    import tripletlab.train.build as ts
 
     cached = Trainer(_ft_cfg(tmp_path, folder, "cached"), log=lambda *_: None)
     cached.fit()
@@ -521,7 +521,7 @@ def test_cached_frozen_stages_train_exactly_like_images(tmp_path, folder, monkey
 
 
 def test_pixel_augmentation_keeps_frozen_stages_on_the_image_path(tmp_path, folder):
-    from tripletlab.train.setup import _flips_only
+    from tripletlab.train.build import flips_only as _flips_only
 
     trainer = Trainer(_ft_cfg(tmp_path, folder, "aug", augment="light", steps=2))
     trainer.fit()
@@ -541,7 +541,7 @@ def test_cached_training_embeddings_match_the_whole_model(tmp_path, folder, free
     """What a hard-class refresh reads from the cache equals the model run on the images."""
     cfg = _ft_cfg(tmp_path, folder, f"emb{freeze}", freeze_stages=freeze, tta="flip")
     trainer = Trainer(cfg, log=lambda *_: None)
-    trainer._prepare_features()
+    trainer.prepare_features()
     assert trainer.features is not None and trainer.features.start == (0 if freeze == "all" else 4)
     keep = [0, 3, 5, 7]
     got = trainer.features.train_embeddings(trainer.model, keep, trainer.device)

@@ -208,7 +208,7 @@ def test_hard_class_sampler_agrees_across_ranks(tmp_path):
 def test_streamed_images_train_under_two_processes(tmp_path):
     """Streamed image batches (DataLoader over the sharded PK sampler) under 2 gloo processes,
     with hard-class refreshes that reopen the stream; the run finishes and resumes."""
-    from test_streaming import make_folder
+    from helpers import make_folder
 
     root = make_folder(tmp_path / "imgs", n_classes=5, per_class=6, size=(12, 12))
     run = tmp_path / "run"

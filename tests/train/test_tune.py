@@ -222,10 +222,14 @@ def test_training_and_selection_never_read_the_test_split(tmp_path):
             "out": str(tmp_path / "r"),
         }  # fmt: skip
     )
-    tr = Trainer(cfg, log=lambda *a: None)
+    seen = []
+
+    class Seen:
+        def on_validate(self, trainer, step, metrics):
+            seen.append(step)
+
+    tr = Trainer(cfg, log=lambda *a: None, callbacks=[Seen()])
     tr.test_set = _Untouchable()
     tr.evaluate_test = False
-    seen = []
-    tr.on_validate = lambda step, m: seen.append(step)
     res = tr.fit()
     assert res["evaluated"] is False and seen and tr.state.best_step in seen

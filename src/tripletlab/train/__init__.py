@@ -1,6 +1,8 @@
-"""Training: the :class:`Trainer` loop, its configuration (:class:`TrainConfig`, recipes), the
-automatic defaults, the frozen-feature cache, the explicit-triplet trainer and the search over
-recipes (``tune``)."""
+"""Training: the :class:`Trainer` loop (``trainer.py``), what it is built from (``build.py``),
+its batches (``batches.py``), callbacks (``callbacks.py``: :data:`STOP` stops a run),
+checkpoints (``checkpoint.py``) and evaluators (``evaluation.py``); its configuration
+(:class:`TrainConfig`, recipes), the automatic defaults, the frozen-feature cache, the
+explicit-triplet task and the search over recipes (``tune``)."""
 
 from ..errors import NonFiniteError
 from ..inference.embed import embed
@@ -12,11 +14,13 @@ from ..rundir import (
     model_fingerprint,
     save_checkpoint,
 )
+from .callbacks import STOP
 from .collapse import CollapseDetector
 from .config import TrainConfig, resolve_config
 from .trainer import Trainer
 
 __all__ = [
+    "STOP",
     "CollapseDetector",
     "NonFiniteError",
     "TrainConfig",

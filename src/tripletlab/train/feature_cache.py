@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["FeatureCache"]
+__all__ = ["FeatureCache", "backbone_features"]
 
 
 class _Features(nn.Module):
@@ -48,6 +48,12 @@ class _Features(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flip(-1) if self.flip else x
         return self.model.prefix(x, self.start) if self.start else self.model.features(x)
+
+
+def backbone_features(model: nn.Module, flip: bool = False, start: int = 0) -> nn.Module:
+    """``model.features`` (of the mirror images with ``flip``; the feature maps after the
+    first ``start`` blocks with ``start`` > 0) as a module to embed with."""
+    return _Features(model, flip, start)
 
 
 class FeatureCache:
@@ -81,18 +87,28 @@ class FeatureCache:
         return cls(f, fm)
 
     @classmethod
-    def build(cls, trainer, flip: bool, start: int = 0) -> FeatureCache:
-        """Features of a trainer's training and validation splits (streamed when its images
-        are), computed with its device and autocast setting; with ``start`` > 0 the feature
-        maps after the model's first ``start`` (frozen) blocks."""
+    def build(
+        cls,
+        embed_split,
+        model: nn.Module,
+        train,
+        val,
+        flip: bool,
+        start: int = 0,
+        seed: int = 0,
+    ) -> FeatureCache:
+        """Features of the training and validation splits ``train`` / ``val`` (None: none),
+        computed by ``embed_split(part, model=...)`` (the trainer's way of embedding a split:
+        streamed when its images are, with its device and autocast); with ``start`` > 0 the
+        feature maps after ``model``'s first ``start`` (frozen) blocks."""
         parts = {}
-        for name, part in (("train", trainer.train_set), ("val", trainer.val_set)):
+        for name, part in (("train", train), ("val", val)):
             if part is None or len(part) == 0:
                 parts[name] = (None, None)
                 continue
             got = []
             for mirror in (False, True)[: 2 if flip else 1]:
-                f = trainer.embed_split(part, model=_Features(trainer.model, mirror, start))[0]
+                f = embed_split(part, model=_Features(model, mirror, start))[0]
                 if len(f) != len(part):
                     raise InputError(
                         f"{len(part) - len(f)} unreadable {name} images: cached backbone "
@@ -101,7 +117,7 @@ class FeatureCache:
                     )
                 got.append(f)
             parts[name] = (got[0], got[1] if flip else None)
-        return cls(*parts["train"], *parts["val"], seed=trainer.cfg.seed + 4, start=start)
+        return cls(*parts["train"], *parts["val"], seed=seed, start=start)
 
     def fit_set(self, model: nn.Module | None = None, batch_size: int = 64) -> torch.Tensor:
         """Every training feature vector (mirror images included), for whitening; a cache of

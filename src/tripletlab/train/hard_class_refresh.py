@@ -1,11 +1,13 @@
 """The trainer's periodic refresh of the hard-class neighbour table (``--sampler hard-class``):
 every ``hard_class_every`` steps embed a seeded sample of each training class with the current
 model and give the sampler each class's nearest classes (:mod:`tripletlab.samplers.hard_class`).
+The :class:`~tripletlab.train.callbacks.HardClassRefresh` callback calls it.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ def _table(trainer, sampler: HardClassSampler, step: int) -> tuple[torch.Tensor,
     train = trainer.train_set
     pos = np.searchsorted(sampler.classes, train.y.cpu().numpy())
     keep = sample_per_class(pos, cfg.hard_class_items, seed=cfg.seed * 1_000_003 + step)
-    if getattr(trainer, "features", None) is not None:  # frozen: from the feature cache
+    if trainer.features is not None:  # frozen: from the feature cache
         emb = trainer.features.train_embeddings(trainer.model, keep, trainer.device)
         labels = train.y[torch.as_tensor(keep, dtype=torch.long)]
     else:
@@ -42,14 +44,16 @@ def _table(trainer, sampler: HardClassSampler, step: int) -> tuple[torch.Tensor,
     return nearest_classes(centroids, present, sampler.pool, cfg.distance), len(emb)
 
 
-def refresh_hard_classes(trainer) -> dict | None:
+def refresh_hard_classes(trainer) -> dict[str, Any] | None:
     """At every ``hard_class_every``-th step (not step 0: the untrained model's neighbours
-    mean little) recompute the trainer's hard-class neighbour table; returns what was logged
-    (None when nothing was due). Rank 0 computes, the other ranks receive the table.
+    mean little) recompute the trainer's hard-class neighbour table and give it to the sampler;
+    returns the record of what was done (``seconds`` included; None when nothing was due).
+    Rank 0 computes, the other ranks receive the table. Batches read ahead with the old table
+    are dropped (``trainer.batches.close()``).
 
     Example:
         >>> refresh_hard_classes(trainer)  # doctest: +SKIP
-        {'step': 100, 'type': 'hard_classes', 'seconds': 0.8, 'items': 3200, ...}
+        {'step': 101, 'type': 'hard_classes', 'seconds': 0.8, 'items': 3200, ...}
     """
     sampler = getattr(trainer.sampler, "base", trainer.sampler)
     if not isinstance(sampler, HardClassSampler):
@@ -58,8 +62,7 @@ def refresh_hard_classes(trainer) -> dict | None:
     if step == 0 or step % every or sampler.refreshed_at == step:
         return None
     t0 = time.perf_counter()
-    if trainer.stream is not None:  # batches read ahead with the old table are dropped
-        trainer.stream.close()
+    trainer.batches.close()
     n_cls = len(sampler.classes)
     items = 0
     if trainer.is_main:
@@ -76,8 +79,6 @@ def refresh_hard_classes(trainer) -> dict | None:
     old = sampler.neighbours
     sampler.set_neighbours(table.numpy(), step)
     seconds = time.perf_counter() - t0
-    trainer._hard_class_seconds = getattr(trainer, "_hard_class_seconds", 0.0) + seconds
-    trainer._hard_class_refreshes = getattr(trainer, "_hard_class_refreshes", 0) + 1
     first = sampler.neighbours[:, 0]
     changed = None if old is None else float((old[:, 0] != first).mean())
     rec = {  # logged as the first step that uses it (a resume from step `step` redoes it)
@@ -89,6 +90,4 @@ def refresh_hard_classes(trainer) -> dict | None:
     }
     if changed is not None:
         rec["nearest_changed_fraction"] = changed
-    if trainer.is_main:
-        trainer._record(rec)
     return rec

@@ -17,7 +17,7 @@ from ..data import Dataset
 from ..data.augment import SampleAugment, default_augment
 from ..data.open import STREAM_ABOVE_BYTES, is_image_source
 from ..data.open import open_data as open_source
-from ..data.streaming import ImageFiles, PKStream
+from ..data.streaming import ImageFiles
 from ..inference.embed import default_workers, embed, embed_data, run_input_spec
 from .auto import auto_settings
 from .config import TrainConfig
@@ -28,7 +28,6 @@ __all__ = [
     "embed_data",
     "embed_part",
     "is_image_source",
-    "make_stream",
     "open_data",
     "run_input_spec",
     "stream_augment",
@@ -69,19 +68,6 @@ def stream_augment(aug) -> SampleAugment | None:
 def _part_files(trainer, part: Dataset, augment=None) -> ImageFiles:
     files = trainer.files
     return ImageFiles(part.paths or [], part.y.tolist(), files.image_size, files.channels, augment)
-
-
-def make_stream(trainer, aug) -> PKStream:
-    """The PK stream of the training split (cached in shared memory when it fits)."""
-    cfg = trainer.cfg
-    train_files = _part_files(trainer, trainer.train_set, stream_augment(aug))
-    workers = cfg.workers if cfg.workers is not None else default_workers()
-    if train_files.cache_bytes() <= cfg.cache_mb * 2**20:
-        train_files.build_cache(workers=workers, skip_bad=cfg.skip_bad)
-    trainer.workers = workers
-    return PKStream(
-        train_files, trainer.sampler, workers=workers, seed=cfg.seed + 2, skip_bad=cfg.skip_bad
-    )
 
 
 def embed_part(trainer, part: Dataset, model=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,17 @@
-"""Training on explicit (anchor, positive, negative) text triplets: :class:`TripletFileTrainer`.
+"""Training on explicit (anchor, positive, negative) text triplets: the :data:`TRIPLET_FILE` task.
 
 A triplet file (:func:`tripletlab.data.text.load_text_triplets`) has no labels, so there is
-nothing to mine: each batch holds ``p * k`` rows of the file and the loss is the explicit
-triplet loss ``max(0, d(a, p) - d(a, n) + margin)`` (or its soft-margin form) of exactly those
-triplets, through :class:`tripletlab.TripletLoss` with an ``indices_tuple`` (so the statistics —
-active fraction, mean d(a,p) / d(a,n) — are the same as for mined batches). The rows are split
-by a seeded permutation (``test_fraction``, then ``val_fraction`` of the rest); validation and
-test report the **triplet accuracy**, the share of held-out triplets with ``d(a,p) < d(a,n)``,
-and the best validation accuracy picks the saved model. Everything else — checkpoints, resume,
-logging, the run directory — is :class:`tripletlab.train.Trainer`'s.
+nothing to mine: each batch holds ``p * k`` rows of the file (:class:`TripletRowBatches`) and the
+loss is the explicit triplet loss ``max(0, d(a, p) - d(a, n) + margin)`` (or its soft-margin
+form) of exactly those triplets, through :class:`tripletlab.TripletLoss` with an
+``indices_tuple`` (:class:`ExplicitTripletLoss`; so the statistics — active fraction, mean
+d(a,p) / d(a,n) — are the same as for mined batches). The rows are split by a seeded permutation
+(``test_fraction``, then ``val_fraction`` of the rest); validation and test report the
+**triplet accuracy** (:class:`TripletAccuracyEvaluator`), the share of held-out triplets with
+``d(a,p) < d(a,n)``, and the best validation accuracy picks the saved model. These plug into
+the same :class:`tripletlab.train.Trainer` loop as labelled data; checkpoints, resume, logging
+and the run directory are the trainer's. :class:`TripletFileTrainer` is that trainer with this
+task.
 """
 
 from __future__ import annotations
@@ -24,12 +27,31 @@ from ..errors import InputError
 from ..inference.embed import embed
 from ..losses.triplet import TripletLoss
 from ..metrics.evaluate import EvalResult, eval_distance
-from ..rundir.files import load_run, read_json, write_run_config
-from ..utils import atomic_write_json, jsonable
-from .setup import _lr_factor, _Running
+from ..rundir.files import load_run, read_json
+from ..utils import atomic_write_json
+from .batches import Batch
+from .build import (
+    Context,
+    Defaults,
+    Parts,
+    Splits,
+    Task,
+    build_text_model,
+    lr_factor,
+    resolve_defaults,
+)
+from .config import TrainConfig
 from .trainer import Trainer
 
-__all__ = ["TripletBatches", "TripletFileTrainer", "triplet_accuracy"]
+__all__ = [
+    "TRIPLET_FILE",
+    "ExplicitTripletLoss",
+    "TripletAccuracyEvaluator",
+    "TripletBatches",
+    "TripletFileTrainer",
+    "TripletRowBatches",
+    "triplet_accuracy",
+]
 
 
 class TripletBatches:
@@ -109,8 +131,171 @@ def _split_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[int
     return sorted(perm[n_out:].tolist()), sorted(perm[:n_out].tolist())
 
 
+class TripletRowBatches:
+    """Training batches of triplet rows: ``x`` the anchors, then the positives, then the
+    negatives of the rows (texts); ``y`` labels that make exactly those triplets valid (a_i and
+    p_i share label i, n_i has its own label b + i)."""
+
+    def __init__(self, rows: TripletBatches, triplets: TextTriplets, device: torch.device):
+        self.rows, self.triplets, self.device = rows, triplets, device
+
+    @property
+    def epoch(self) -> int:
+        return self.rows.epoch
+
+    def __iter__(self):
+        for idx in self.rows:
+            batch = self.triplets.subset(idx)
+            b = len(idx)
+            r = torch.arange(b)
+            y = torch.cat([r, r, b + r]).to(self.device)
+            yield Batch(batch.anchors + batch.positives + batch.negatives, y, b)
+
+    def forward(self, model_forward):
+        return model_forward
+
+    def state_dict(self) -> dict:
+        return self.rows.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows.load_state_dict(state)
+
+    def close(self) -> None:
+        pass
+
+
+class ExplicitTripletLoss(torch.nn.Module):
+    """The triplet loss of the given triplets of a :class:`TripletRowBatches` batch (embeddings
+    of anchors, positives, negatives in thirds); ``stats``: the loss's batch statistics."""
+
+    def __init__(self, loss_fn: TripletLoss) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    @property
+    def stats(self) -> dict:
+        return self.loss_fn.stats
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        b = len(labels) // 3
+        r = torch.arange(b, device=emb.device)
+        return self.loss_fn(emb, labels, indices_tuple=(r, b + r, 2 * b + r))
+
+
+class TripletAccuracyEvaluator:
+    """Triplet accuracy on held-out triplets (it picks the saved model)."""
+
+    selection_metric = "triplet_accuracy"
+    val_metrics = ("triplet_accuracy", "mean_d_ap", "mean_d_an")
+
+    def validate(self, trainer) -> dict | None:
+        val = trainer.val_set
+        if val is None or len(val) == 0:
+            return None
+        distance = eval_distance(trainer.model_config)
+        return triplet_accuracy(
+            trainer.model, val, distance, trainer.cfg.eval_batch_size, trainer.device
+        )
+
+    def test(self, trainer, result: EvalResult) -> tuple[EvalResult, None]:
+        """The best model (loaded from the run into the trainer's) on the test triplets."""
+        model, _ = load_run(trainer.run_dir)
+        trainer.model.load_state_dict(model.state_dict())
+        dist = eval_distance(trainer.model_config)
+        out = {"split": "test", "distance": dist, **result}
+        best = trainer.state.best
+        out["best_val_triplet_accuracy"] = best if best >= 0 else None
+        if len(trainer.test_set):
+            out.update(
+                triplet_accuracy(
+                    trainer.model,
+                    trainer.test_set,
+                    dist,
+                    trainer.cfg.eval_batch_size,
+                    trainer.device,
+                )
+            )
+        return out, None
+
+
+def prepare_triplet_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
+    """Read the triplet file and split its rows (``split.json``; reused on resume)."""
+    data = load_text_triplets(cfg.data, skip_bad=cfg.skip_bad)
+    split_path = ctx.run_dir / "split.json"
+    if ctx.resume and split_path.exists():
+        info = read_json(split_path, "split")
+    else:
+        train_rows, test_rows = _split_rows(len(data), cfg.test_fraction, cfg.seed)
+        fit_rows, val_rows = (train_rows, [])
+        if cfg.val_fraction > 0 and cfg.evaluate:
+            keep, held = _split_rows(len(train_rows), cfg.val_fraction, cfg.seed + 1)
+            fit_rows, val_rows = [train_rows[i] for i in keep], [train_rows[i] for i in held]
+        info = {
+            "by": "triplets",
+            "n_items": len(data),
+            "train": fit_rows,
+            "val": val_rows,
+            "test": test_rows,
+        }
+        atomic_write_json(split_path, info)
+    if info.get("by") != "triplets" or info.get("n_items") != len(data):
+        raise InputError(f"{split_path} was written for other data")
+    train = data.subset(info["train"])
+    val = data.subset(info["val"]) if info["val"] else None
+    splits = Splits(data, train, val, data.subset(info["test"]), train, info)
+    return splits, resolve_defaults(cfg, "triplets", custom_data=False)
+
+
+def build_triplet_parts(
+    cfg: TrainConfig, splits: Splits, defaults: Defaults, ctx: Context
+) -> Parts:
+    """A pretrained text encoder, the explicit triplet loss, seeded row batches, AdamW."""
+    if ctx.dist is not None:
+        raise InputError(
+            "--distributed is not supported for (anchor, positive, negative) triplet files "
+            "yet: train them in one process"
+        )
+    torch.manual_seed(cfg.seed)
+    model = build_text_model(cfg, ctx.run_dir, splits.dataset, ctx.log).to(ctx.device)
+    loss_fn = TripletLoss(
+        margin=cfg.margin,
+        strategy="all",  # every given triplet; ignored with an indices_tuple
+        distance=cfg.distance,
+        soft_margin=cfg.soft_margin,
+        reduction="mean",
+        seed=cfg.seed + 3,
+    )
+    rows = TripletBatches(len(splits.train), cfg.p * cfg.k, seed=cfg.seed)
+    total_steps = cfg.steps or defaults.epochs * len(rows)
+    eval_every = cfg.eval_every or len(rows)
+    opt = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps)
+    )
+    return Parts(
+        model=model,
+        model_config=model.config,
+        loss_fn=loss_fn,
+        criterion=ExplicitTripletLoss(loss_fn),
+        sampler=rows,
+        batches=TripletRowBatches(rows, splits.train, ctx.device),
+        optimizer=opt,
+        scheduler=sched,
+        forward=model,
+        total_steps=total_steps,
+        eval_every=eval_every,
+        checkpoint_every=cfg.checkpoint_every or eval_every,
+    )
+
+
+#: explicit (anchor, positive, negative) text triplets: row batches, triplet accuracy
+TRIPLET_FILE = Task(
+    prepare_triplet_splits, build_triplet_parts, TripletAccuracyEvaluator, autocast=False
+)
+
+
 class TripletFileTrainer(Trainer):
-    """:class:`~tripletlab.train.Trainer` for a file of (anchor, positive, negative) texts.
+    """:class:`~tripletlab.train.Trainer` with the :data:`TRIPLET_FILE` task.
 
     Example:
         >>> cfg = resolve_config(overrides={"data": "triplets.jsonl", "steps": 100})
@@ -118,121 +303,5 @@ class TripletFileTrainer(Trainer):
         >>> TripletFileTrainer(cfg).fit()["triplet_accuracy"]  # doctest: +SKIP
     """
 
-    selection_metric = "triplet_accuracy"
-    val_metrics = ("triplet_accuracy", "mean_d_ap", "mean_d_an")
-
-    def _prepare_data(self) -> None:
-        cfg = self.cfg
-        data = load_text_triplets(cfg.data, skip_bad=cfg.skip_bad)
-        self.dataset = data
-        split_path = self.run_dir / "split.json"
-        if self.resume and split_path.exists():
-            info = read_json(split_path, "split")
-        else:
-            train_rows, test_rows = _split_rows(len(data), cfg.test_fraction, cfg.seed)
-            fit_rows, val_rows = (train_rows, [])
-            if cfg.val_fraction > 0 and cfg.evaluate:
-                keep, held = _split_rows(len(train_rows), cfg.val_fraction, cfg.seed + 1)
-                fit_rows, val_rows = [train_rows[i] for i in keep], [train_rows[i] for i in held]
-            info = {
-                "by": "triplets",
-                "n_items": len(data),
-                "train": fit_rows,
-                "val": val_rows,
-                "test": test_rows,
-            }
-            atomic_write_json(split_path, info)
-        if info.get("by") != "triplets" or info.get("n_items") != len(data):
-            raise InputError(f"{split_path} was written for other data")
-        self.train_set = data.subset(info["train"])
-        self.val_set = data.subset(info["val"]) if info["val"] else None
-        self.test_set = data.subset(info["test"])
-        self.train_full = self.train_set
-        self.test_info = info
-
-    def _build(self) -> None:
-        cfg = self.cfg
-        if self.dist is not None:
-            raise InputError(
-                "--distributed is not supported for (anchor, positive, negative) triplet files "
-                "yet: train them in one process"
-            )
-        torch.manual_seed(cfg.seed)
-        self.model = self._build_text_model()
-        self.augment = None
-        self.loss_fn = TripletLoss(
-            margin=cfg.margin,
-            strategy="all",  # every given triplet; ignored with an indices_tuple
-            distance=cfg.distance,
-            soft_margin=cfg.soft_margin,
-            reduction="mean",
-            seed=cfg.seed + 3,
-        )
-        self.sampler = TripletBatches(len(self.train_set), cfg.p * cfg.k, seed=cfg.seed)
-        self.total_steps = cfg.steps or self._epochs() * len(self.sampler)
-        self.eval_every = cfg.eval_every or len(self.sampler)
-        self.ckpt_every = cfg.checkpoint_every or self.eval_every
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=self._lr(), weight_decay=cfg.weight_decay
-        )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: _lr_factor(s, cfg.warmup_steps, self.total_steps)
-        )
-        self.forward = self.model
-        self.state = _Running()
-        self.model_config = self.model.config
-        write_run_config(
-            self.run_dir, cfg.to_dict(), self.model_config, self.dataset, self.splits()
-        )
-        if self.resume:
-            self._restore()
-
-    def _train_step(self, idx: list[int]) -> tuple[float, dict]:
-        batch = self.train_set.subset(idx)
-        b = len(idx)
-        self.opt.zero_grad(set_to_none=True)
-        emb = self.forward(batch.anchors + batch.positives + batch.negatives)
-        if not bool(torch.isfinite(emb).all()):
-            return self._nonfinite("embeddings")
-        r = torch.arange(b, device=emb.device)
-        # a_i and p_i share label i; n_i has its own label b + i: every given triplet is valid
-        labels = torch.cat([r, r, b + r])
-        loss = self.loss_fn(emb, labels, indices_tuple=(r, b + r, 2 * b + r))
-        stats = self.loss_fn.stats
-        if not bool(torch.isfinite(loss)):
-            return self._nonfinite("loss")
-        loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        return float(loss.detach()), stats
-
-    def validate(self) -> dict | None:
-        if self.val_set is None or len(self.val_set) == 0:
-            return None
-        return triplet_accuracy(
-            self.model,
-            self.val_set,
-            eval_distance(self.model_config),
-            self.cfg.eval_batch_size,
-            self.device,
-        )
-
-    def final_evaluation(self, result: EvalResult | float) -> EvalResult:
-        if not isinstance(result, dict):
-            result = self._training_result(float(result))
-        model, _ = load_run(self.run_dir)
-        self.model.load_state_dict(model.state_dict())
-        dist = eval_distance(self.model_config)
-        out = {"split": "test", "distance": dist, **result}
-        best = self.state.best
-        out["best_val_triplet_accuracy"] = best if best >= 0 else None
-        if len(self.test_set):
-            out.update(
-                triplet_accuracy(
-                    self.model, self.test_set, dist, self.cfg.eval_batch_size, self.device
-                )
-            )
-        atomic_write_json(self.run_dir / "eval.json", jsonable(out))
-        return out
+    def __init__(self, cfg: TrainConfig | None = None, resume: bool = False, log=print, **kw):
+        super().__init__(cfg, resume, log, task=TRIPLET_FILE, **kw)

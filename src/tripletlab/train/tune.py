@@ -271,12 +271,12 @@ def _write_report(out: Path, study, rows: list[dict], summary: dict) -> None:
     import numpy as np
 
     from ..report.html import ReportSection, render_html, write_html
-    from ..report.plots import _subplots
+    from ..report.plots import subplots
 
     done = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
     figs = {}
     if done:
-        fig, ax = _subplots(figsize=(7, 3.5))
+        fig, ax = subplots(figsize=(7, 3.5))
         n = [r["trial"] for r in done]
         v = [r["value"] for r in done]
         ax.plot(n, v, "o", label="trial (mean validation MAP@R)")
@@ -294,7 +294,7 @@ def _write_report(out: Path, study, rows: list[dict], summary: dict) -> None:
     except (ValueError, RuntimeError, ImportError):
         imp = {}
     if imp:
-        fig, ax = _subplots(figsize=(7, 0.4 * len(imp) + 1))
+        fig, ax = subplots(figsize=(7, 0.4 * len(imp) + 1))
         names = list(imp)[::-1]
         ax.barh(names, [imp[k] for k in names])
         ax.set_xlabel("importance (Optuna default evaluator)")
@@ -313,6 +313,28 @@ def _write_report(out: Path, study, rows: list[dict], summary: dict) -> None:
         out / "plots",
     )
     write_html(out / "tune_report.html", page)
+
+
+class TrialPruning:
+    """The callback of one fold's training in a trial: after each validation, report the mean
+    MAP@R so far (of the folds done and this one's latest) to Optuna and stop the trial when its
+    pruner says so (``optuna.TrialPruned`` propagates out of ``fit``)."""
+
+    def __init__(self, trial, fold_scores: list[float], fold: int) -> None:
+        self.trial, self.fold_scores, self.fold = trial, fold_scores, fold
+        self.n_evals = 0
+
+    def on_validate(self, trainer, step: int, metrics: dict | None) -> None:
+        if metrics is None:
+            return
+        import optuna
+
+        done = self.fold_scores + [metrics["map_at_r"]]
+        at = self.fold * _N_EVALS + min(self.n_evals, _N_EVALS - 1)
+        self.trial.report(float(sum(done) / len(done)), at)
+        self.n_evals += 1
+        if self.trial.should_prune():
+            raise optuna.TrialPruned()
 
 
 def tune(
@@ -386,7 +408,7 @@ def tune(
     )
     fingerprint = _data_fingerprint(probe.dataset)
     kind, input_dims = probe.train_set.kind, len(probe.train_set.input_shape)
-    first = _base_params(space, base_cfg, probe._lr(), kind)
+    first = _base_params(space, base_cfg, probe.defaults.lr, kind)
     del probe
     shutil.rmtree(out / "_probe", ignore_errors=True)
 
@@ -460,19 +482,9 @@ def tune(
             if cfg.val_folds == 1 and cfg.val_fraction == 0:
                 raise InputError("tune needs validation: folds >= 2 or a val_fraction > 0")
             shutil.rmtree(cfg.out, ignore_errors=True)  # a retried trial starts afresh
-            trainer = Trainer(cfg, log=lambda *a, **k: None)
+            pruning = TrialPruning(trial, scores, f)
+            trainer = Trainer(cfg, log=lambda *a, **k: None, callbacks=[pruning])
             trainer.evaluate_test = False  # the search never looks at the test split
-            n_eval = [0]
-
-            def report(step: int, m: dict, f=f, n_eval=n_eval) -> None:
-                done = scores + [m["map_at_r"]]
-                at = f * _N_EVALS + min(n_eval[0], _N_EVALS - 1)
-                trial.report(float(sum(done) / len(done)), at)
-                n_eval[0] += 1
-                if trial.should_prune():
-                    raise optuna.TrialPruned()
-
-            trainer.on_validate = report
             trainer.fit()
             best = trainer.state.best
             if not best >= 0:

@@ -1,0 +1,651 @@
+"""Everything a :class:`~tripletlab.train.Trainer` trains with, made from a :class:`TrainConfig`.
+
+Three steps, each a function of what it is given (nothing is written into a trainer):
+
+1. :func:`prepare_splits` opens the data (``image_data.open_data``), resolves the defaults that
+   depend on it (:func:`resolve_defaults`: learning rate, epochs, embedding size, augmentation,
+   with the ``auto: ...`` lines it logs) and splits it into train / validation / test
+   (``split.json``; reused on resume): a :class:`Splits`;
+2. :func:`build_parts` builds the model, loss, sampler and batches, optimiser and schedule: a
+   :class:`Parts`;
+3. :func:`frozen_features` (at the start of ``fit``) caches a frozen backbone's features.
+
+A :class:`Task` bundles the first two with the evaluator of a kind of data:
+:data:`LABELLED_DATA` (labelled items, PK batches, retrieval metrics) here, the explicit-triplet
+task in :mod:`tripletlab.train.triplet_file`.
+
+Example:
+    >>> from tripletlab.train.config import resolve_config
+    >>> d = resolve_defaults(resolve_config(), kind="image", custom_data=False, notes=["x"])
+    >>> d.lr, d.epochs, d.embedding_dim, d.augment, d.lines
+    (0.001, 20, 64, 'light', ['auto: x'])
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import Dataset, apply_split, split_dataset, split_validation
+from ..data.augment import AugmentSpec, build_augment, default_augment
+from ..errors import InputError
+from ..losses.distributed import DistributedTripletLoss
+from ..losses.memory import CrossBatchMemory
+from ..losses.triplet import TripletLoss
+from ..models import build_model, default_model_config
+from ..rundir.files import read_json
+from ..runtime.process_group import DistEnv, convert_sync_batchnorm_any
+from ..samplers import DistributedPKSampler, HardClassSampler, PKSampler
+from ..utils import atomic_write_json
+from .batches import IndexBatches, StreamBatches, make_stream
+from .config import TrainConfig
+from .custom import custom_model_config
+
+__all__ = [
+    "LABELLED_DATA",
+    "PREFIX_CACHE_BYTES",
+    "Context",
+    "Defaults",
+    "Parts",
+    "Splits",
+    "Task",
+    "build_parts",
+    "choose_threads",
+    "flips_only",
+    "frozen_features",
+    "lr_factor",
+    "prepare_splits",
+    "resolve_defaults",
+]
+
+#: largest cache of frozen feature maps (``--freeze-stages N``) a trainer keeps in memory
+PREFIX_CACHE_BYTES = 2 << 30
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The schedule's learning-rate factor at ``step``: linear warm-up, then cosine to 0.
+
+    >>> [round(lr_factor(s, 2, 10), 3) for s in (0, 1, 2, 6, 10)]
+    [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Context:
+    """Where and how a trainer runs (what building needs besides the config)."""
+
+    run_dir: Path
+    device: torch.device
+    dist: DistEnv | None
+    resume: bool
+    log: Callable[..., Any]
+    model: torch.nn.Module | None = None  # the caller's own module
+    loss: torch.nn.Module | None = None  # the caller's own loss
+    data: tuple | None = None  # the caller's own (train, test) data sets
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+
+# ------------------------------------------------------------------ 1. data, defaults, splits
+@dataclass
+class Defaults:
+    """The choices made for options left unset, and the lines logged about the data."""
+
+    lr: float
+    epochs: int
+    embedding_dim: int
+    augment: Any  # the augmentation spec (a preset name, a dict, an object or None)
+    notes: list[str] = field(default_factory=list)  # the automatic choices made from the data
+    lines: list[str] = field(default_factory=list)  # what is logged about them
+
+
+def resolve_defaults(
+    cfg: TrainConfig, kind: str, custom_data: bool, notes=(), streamed: bool = False
+) -> Defaults:
+    """Every default that depends on the data, in one place. ``kind``: the data's kind;
+    ``custom_data``: the caller's own data set (used as given: no automatic augmentation);
+    ``notes``: the automatic choices :func:`~tripletlab.train.image_data.open_data` made;
+    ``streamed``: images read from disk by DataLoader workers.
+
+    - lr: 1e-3; 3e-4 when fine-tuning an image backbone (1e-3 overfits AT&T's validation
+      identities within 50 steps); 2e-5 for a pretrained text encoder;
+    - epochs: 20; 1 for a pretrained text encoder;
+    - embedding_dim: 64;
+    - augment: :func:`~tripletlab.data.augment.default_augment` for images of the built-in
+      loaders (``"light"`` in memory, ``"crop"`` when streamed), none otherwise.
+    """
+    text = kind in ("text", "triplets")
+    lr = cfg.lr if cfg.lr is not None else 2e-5 if text else 3e-4 if cfg.backbone else 1e-3
+    epochs = cfg.epochs if cfg.epochs is not None else 1 if text else 20
+    auto_augment = None if custom_data else default_augment(kind, streamed)
+    return Defaults(
+        lr=lr,
+        epochs=epochs,
+        embedding_dim=cfg.embedding_dim if cfg.embedding_dim is not None else 64,
+        augment=cfg.augment if cfg.augment is not None else auto_augment,
+        notes=list(notes),
+        lines=[f"auto: {line}" for line in notes],
+    )
+
+
+@dataclass
+class Splits:
+    """The data of a run: the whole ``dataset``, its train / val (None without) / test splits,
+    ``train_full`` (train before the validation split), the test split's description
+    (``test_info``) and, for streamed images, their ``files``."""
+
+    dataset: Any
+    train: Any
+    val: Any
+    test: Any
+    train_full: Any
+    test_info: dict
+    files: Any = None
+
+
+def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
+    """Open and split the data of ``cfg`` (or the caller's own, ``ctx.data``); the split is
+    written to ``split.json`` (rank 0) and read back on resume."""
+    from .image_data import open_data
+
+    files = None
+    if ctx.data is not None:
+        ds, given_test = ctx.data
+        notes: list = []
+    else:
+        ds, files, notes = open_data(cfg, resume=ctx.resume)
+        given_test = None
+    defaults = resolve_defaults(cfg, ds.kind, ctx.data is not None, notes, files is not None)
+    for line in defaults.lines:
+        ctx.log(line)
+    split_path = ctx.run_dir / "split.json"
+    if ctx.resume and split_path.exists():
+        info = read_json(split_path, "split")
+        test_info = info["test"]
+        train, test = (ds, given_test) if given_test is not None else apply_split(ds, test_info)
+        train_full = train
+        val_info = info.get("val")
+        train, val = apply_split(train, val_info) if val_info else (train, None)
+    else:
+        by = cfg.split_by or (
+            "predefined"
+            if ds.predefined_split
+            else "sample"
+            if cfg.data == "digits" or (ds.kind == "vector" and ds.n_classes < 20)
+            else "class"
+        )
+        if given_test is not None:  # the caller's own test set
+            train, test = ds, given_test
+            test_info = {"by": "given", "test_items": len(test)}
+        else:
+            train, test, test_info = split_dataset(
+                ds,
+                by=by,
+                test_fraction=cfg.test_fraction,
+                seed=cfg.seed,
+                test_classes=cfg.test_classes if by == "class" else None,
+                class_order=cfg.class_order,
+            )
+        train_full = train
+        val, val_info = None, None
+        if (cfg.val_fraction > 0 or cfg.val_folds > 1) and cfg.evaluate:
+            if by == "class":  # open-set: whole (groups of) training classes held out
+                train, val, val_info = split_validation(
+                    train,
+                    fraction=cfg.val_fraction,
+                    seed=cfg.seed + 1,
+                    group_depth=cfg.val_group_depth,
+                    folds=cfg.val_folds,
+                    fold=cfg.val_fold,
+                )
+            else:
+                if cfg.val_folds > 1:
+                    raise InputError(
+                        f"--val-folds {cfg.val_folds} holds out whole classes, but this "
+                        "data set is split per sample (--split-by sample): use "
+                        "--val-fraction F for a per-sample validation share, or "
+                        "--split-by class"
+                    )
+                train, val, val_info = split_dataset(
+                    train, by="sample", test_fraction=cfg.val_fraction, seed=cfg.seed + 1
+                )
+        if ctx.is_main:
+            atomic_write_json(split_path, {"test": test_info, "val": val_info})
+    if len(torch.unique(train.y)) < 2:
+        raise InputError("the training split has fewer than 2 classes")
+    return Splits(ds, train, val, test, train_full, test_info, files), defaults
+
+
+# ------------------------------------------------------------------ 2. model, loss, batches
+@dataclass
+class Parts:
+    """What a trainer trains with (see :func:`build_parts`)."""
+
+    model: torch.nn.Module
+    model_config: dict
+    loss_fn: torch.nn.Module  # the triplet loss (or the caller's)
+    criterion: torch.nn.Module  # the loss of a step: loss_fn, inside DDP / a memory if asked
+    sampler: Any  # the index sampler (resumable)
+    batches: Any  # the training batches (:mod:`tripletlab.train.batches`)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    forward: Callable  # the model as a step runs it (compiled, DDP)
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+    augment: Any = None  # in-memory image augmentation (its random stream is checkpointed)
+    augment_spec: Any = None
+    stream: Any = None  # the PK stream of streamed images
+    channels_last: bool = False
+    cache_start: int | None = None  # what the frozen-feature cache starts at (None: no cache)
+    initial_state: dict | None = None  # a custom module's weights before training (report)
+
+
+def build_parts(cfg: TrainConfig, splits: Splits, defaults: Defaults, ctx: Context) -> Parts:
+    """Model, loss, sampler, batches, optimiser and schedule of labelled data (seeded: the
+    same config builds the same parts). The order of the random draws is part of the run."""
+    cfg.embedding_dim = defaults.embedding_dim  # recorded in config.json
+    torch.manual_seed(cfg.seed)
+    ds, device, dist = splits.train, ctx.device, ctx.dist
+    initial_state = None
+    if ds.kind == "text":
+        model = build_text_model(cfg, ctx.run_dir, splits.dataset, ctx.log).to(device)
+    elif ctx.model is not None:
+        model = ctx.model.to(device)
+        initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        shape = splits.files.input_shape if splits.files is not None else ds.input_shape
+        model = build_model(model_config_of(cfg, shape))
+        if (cfg.pretrained or cfg.weights) and not ctx.resume:
+            src = model.load_pretrained("imagenet" if cfg.pretrained else cfg.weights)
+            ctx.log(f"backbone {cfg.backbone}: weights from {src}")
+        model.to(device)
+    # channels-last convolutions are faster on CUDA (tensor cores); on the CPU they are not
+    channels_last = device.type == "cuda" and cfg.backbone is not None
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    aug = defaults.augment
+    augment = None
+    if ds.kind == "image" and splits.files is None:  # streamed images augment in the workers
+        aug_seed = cfg.seed + 2 + (1000 * dist.rank if dist else 0)  # own draws per rank
+        augment = build_augment(aug, seed=aug_seed)
+    loss_fn = ctx.loss if ctx.loss is not None else triplet_loss(cfg)
+    if ctx.loss is not None:
+        for key in ("margin", "strategy", "distance", "soft_margin", "semihard_fallback"):
+            if hasattr(loss_fn, key):  # recorded in config.json, used by the report
+                setattr(cfg, key, getattr(loss_fn, key))
+    criterion = build_criterion(cfg, loss_fn, dist, device)
+    n_cls = int(torch.unique(ds.y).numel())
+    if cfg.p > n_cls:
+        ctx.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
+    if cfg.sampler == "hard-class":  # groups of close classes (samplers/hard_class.py)
+        sampler = HardClassSampler(
+            ds.y, p=cfg.p, k=cfg.k, seed=cfg.seed, group=cfg.hard_class_group
+        )
+    else:
+        sampler = PKSampler(ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed)
+    if dist is not None:
+        sampler = DistributedPKSampler(sampler, dist.rank, dist.world_size)
+    total_steps = cfg.steps or defaults.epochs * len(sampler)
+    eval_every = cfg.eval_every or len(sampler)
+    if hasattr(model, "param_groups"):  # backbone: lower lr than the head
+        params = model.param_groups(defaults.lr, cfg.backbone_lr_mult)
+    else:
+        params = model.parameters()
+    opt = torch.optim.AdamW(params, lr=defaults.lr, weight_decay=cfg.weight_decay)
+    start = cache_start(model, aug, splits, dist)
+    stream = None
+    if splits.files is not None and start is None:
+        stream = make_stream(cfg, splits.files, ds, sampler, aug)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps)
+    )
+    forward = torch.compile(model) if cfg.compile else model
+    if dist is not None:  # gradients averaged over ranks (the loss is scaled for it)
+        # BatchNorm over the global batch: torch's SyncBatchNorm on CUDA, ours on gloo
+        if dist.backend == "nccl":
+            forward = torch.nn.SyncBatchNorm.convert_sync_batchnorm(forward)
+        else:
+            forward = convert_sync_batchnorm_any(forward)
+        forward = torch.nn.parallel.DistributedDataParallel(forward)
+    if stream is not None:
+        batches = StreamBatches(stream, device, channels_last)
+    else:
+        batches = IndexBatches(sampler, ds, device, augment, channels_last)
+    return Parts(
+        model=model,
+        model_config=(
+            custom_model_config(model, ds, str(device)) if ctx.model is not None else model.config
+        ),
+        loss_fn=loss_fn,
+        criterion=criterion,
+        sampler=sampler,
+        batches=batches,
+        optimizer=opt,
+        scheduler=sched,
+        forward=forward,
+        total_steps=total_steps,
+        eval_every=eval_every,
+        checkpoint_every=cfg.checkpoint_every or eval_every,
+        augment=augment,
+        augment_spec=aug,
+        stream=stream,
+        channels_last=channels_last,
+        cache_start=start,
+        initial_state=initial_state,
+    )
+
+
+def model_config_of(cfg: TrainConfig, input_shape) -> dict:
+    """The model config (``build_model``) of the options of ``cfg`` for inputs of a shape."""
+    mcfg = default_model_config(input_shape, cfg.embedding_dim)
+    if cfg.model:
+        mcfg["name"] = cfg.model
+    if cfg.backbone:
+        mcfg.update({"name": "backbone", "backbone": cfg.backbone, "pool": cfg.pool})
+        mcfg.update({"neck": cfg.neck, "freeze_bn": cfg.freeze_bn})
+        frozen = cfg.freeze_stages == "all"
+        mcfg["freeze_stages"] = cfg.freeze_stages if cfg.freeze_stages is not None else 0
+        mcfg["tta"] = cfg.tta or ("flip" if frozen else "none")
+        if cfg.feature_blocks:
+            mcfg["blocks"] = list(cfg.feature_blocks)
+    mcfg.update(cfg.model_options)
+    return mcfg
+
+
+def triplet_loss(cfg: TrainConfig, **overrides) -> TripletLoss:
+    """tripletlab's triplet loss with the options of ``cfg`` (seeded: ``seed + 3``)."""
+    options = {
+        "margin": cfg.margin,
+        "strategy": cfg.strategy,
+        "distance": cfg.distance,
+        "soft_margin": cfg.soft_margin,
+        "semihard_fallback": cfg.semihard_fallback,
+        "seed": cfg.seed + 3,
+    }
+    return TripletLoss(**{**options, **overrides})
+
+
+def build_criterion(
+    cfg: TrainConfig, loss_fn: torch.nn.Module, dist: DistEnv | None, device: torch.device
+) -> torch.nn.Module:
+    """The loss of a step: the triplet loss, over the gathered global batch under
+    ``--distributed``, inside a cross-batch memory with ``--memory-size``."""
+    loss: torch.nn.Module = loss_fn
+    if (dist is not None or cfg.memory_size > 0) and not isinstance(loss, TripletLoss):
+        raise InputError(
+            "--distributed and --memory-size need tripletlab's TripletLoss (a custom loss "
+            "cannot be mined over gathered batches or a memory)"
+        )
+    if dist is not None:  # own anchors x the gathered global batch
+        loss = DistributedTripletLoss(loss_fn, scale_for_ddp=True)
+    if cfg.memory_size <= 0:
+        return loss
+    batch = cfg.p * cfg.k
+    if cfg.memory_size < batch:
+        raise InputError(
+            f"--memory-size {cfg.memory_size} is smaller than the batch (P*K = {batch}): "
+            f"use at least {batch} (a few batches, e.g. {8 * batch}), or 0 for no memory"
+        )
+    if cfg.memory_warmup < 0:
+        raise InputError(f"--memory-warmup must be >= 0, got {cfg.memory_warmup}")
+    return CrossBatchMemory(
+        loss, size=cfg.memory_size, embedding_dim=cfg.embedding_dim, start_after=cfg.memory_warmup
+    ).to(device)
+
+
+def build_text_model(cfg: TrainConfig, run_dir: Path, dataset, log) -> torch.nn.Module:
+    """A pretrained text encoder (``--model minilm`` or a folder); its config.json and
+    tokenizer are written to RUN/encoder so the run rebuilds it offline."""
+    from ..models.text import ENCODER_DIR, build_text_encoder
+
+    mcfg = {"name": "text", "encoder": cfg.model or "minilm", **cfg.model_options}
+    model = build_text_encoder(mcfg)
+    model.save_encoder_files(run_dir / ENCODER_DIR)
+    ds = dataset
+    texts = (
+        ds.texts
+        if isinstance(ds, Dataset)
+        else [t for part in (ds.anchors, ds.positives, ds.negatives) for t in part]
+    )
+    n_long = model.count_too_long(texts)
+    ds.info["texts_truncated"] = n_long
+    if n_long:
+        log(
+            f"note: {n_long} of {len(texts)} texts are longer than {model.max_length} "
+            "tokens and are truncated"
+        )
+    return model
+
+
+# ------------------------------------------------------------------ 3. frozen-feature cache
+def read_augment(aug, streamed: bool) -> AugmentSpec | None:
+    """The :class:`~tripletlab.data.augment.AugmentSpec` ``aug`` names (one vocabulary for
+    in-memory and streamed images; None when streamed: the streamed default); raises
+    :class:`InputError` for an unknown one."""
+    if aug is None and streamed:
+        aug = default_augment("image", streamed=True)
+    return AugmentSpec.from_config(aug)
+
+
+def augment_flips(aug, streamed: bool) -> bool:
+    """True when the augmentation ``aug`` mirrors images (its cached features then include
+    the mirror images')."""
+    if aug is not None and not isinstance(aug, (str, dict)):
+        return bool(getattr(aug, "hflip", False))
+    try:
+        return bool(getattr(read_augment(aug, streamed), "hflip", False))
+    except InputError:
+        return False
+
+
+def flips_only(aug, streamed: bool) -> bool:
+    """True when the augmentation ``aug`` (a preset name, a dict or None) is at most
+    horizontal flips: cached feature maps of images and their mirror images reproduce it.
+    ``streamed``: the spec as streamed images read it (``image_data.stream_augment``).
+
+    >>> flips_only("flip", streamed=False), flips_only("light", streamed=False)
+    (True, False)
+    """
+    if isinstance(aug, str) and aug == "none":
+        return True
+    if aug is not None and not isinstance(aug, (str, dict)):
+        return False
+    try:
+        a = read_augment(aug, streamed)
+    except InputError:
+        return False
+    return a is None or a.flips_only
+
+
+def cache_start(model: torch.nn.Module, aug, splits: Splits, dist: DistEnv | None) -> int | None:
+    """What a one-process run caches: ``0`` the pooled features of a wholly frozen backbone
+    (the head alone is trained); ``n`` > 0 the feature maps after its first ``n`` frozen
+    blocks (``--freeze-stages N``: the later blocks and the head are trained on them) when the
+    augmentation is flips at most (they are cached as mirror images) and the maps fit in
+    :data:`PREFIX_CACHE_BYTES`; None: nothing (images every step)."""
+    if dist is not None:
+        return None
+    if getattr(model, "frozen", False):
+        return 0
+    n = getattr(model, "prefix_blocks", 0)
+    if not n or not flips_only(aug, splits.files is not None):
+        return None
+    was = model.training
+    model.eval()  # a dry run: no BatchNorm statistic may move
+    try:
+        with torch.no_grad():
+            shape = model.prefix(torch.zeros(1, *model.input_shape), n).shape
+    finally:
+        model.train(was)
+    n_images = len(splits.train) + (len(splits.val) if splits.val is not None else 0)
+    nbytes = 4 * math.prod(shape) * n_images * 2
+    return n if nbytes <= PREFIX_CACHE_BYTES else None
+
+
+def frozen_features(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    splits: Splits,
+    parts: Parts,
+    embed_split: Callable,
+    fresh: bool,
+    log,
+):
+    """Cache a frozen backbone's features (training flips them when the augmentation or
+    ``tta`` does) and, for a ``fresh`` run, start the head as the whitening of the training
+    features (``head_init``: default ``whiten`` for a frozen backbone). Returns the
+    :class:`~tripletlab.train.feature_cache.FeatureCache` (None: nothing cached).
+    ``embed_split(part, model=...)``: how the trainer embeds a split."""
+    cached = parts.cache_start is not None
+    frozen = bool(getattr(model, "frozen", False))
+    whiten = cfg.head_init == "whiten" or (cfg.head_init is None and cached and frozen)
+    if whiten and not hasattr(model, "init_whitening"):
+        raise InputError("--head-init whiten needs a --backbone model")
+    if not cached and not (whiten and fresh):
+        return None
+    from .feature_cache import FeatureCache, backbone_features
+
+    features = None
+    if cached:
+        streamed = splits.files is not None
+        flip = model.tta == "flip" or augment_flips(parts.augment_spec, streamed)
+        start = parts.cache_start
+        mirror = " and their mirror images" if flip else ""
+        if start:
+            log(
+                f"backbone blocks 0-{start - 1} frozen: caching their output for "
+                f"{len(splits.train)} training images{mirror}; the later blocks and "
+                "the head train on it"
+            )
+        else:
+            log(
+                f"backbone frozen: caching its features of {len(splits.train)} "
+                f"training images{mirror}"
+            )
+        features = FeatureCache.build(
+            embed_split, model, splits.train, splits.val, flip, start=start, seed=cfg.seed + 4
+        )
+    if whiten and fresh:
+        fit = (
+            features.fit_set(model)
+            if cached
+            else embed_split(splits.train, model=backbone_features(model))[0]
+        )
+        d = model.init_whitening(fit)
+        log(f"head: PCA whitening of the training features ({d} dimensions)")
+    return features
+
+
+# ------------------------------------------------------------------ threads
+def choose_threads(
+    cfg: TrainConfig,
+    device: torch.device,
+    data: Splits,
+    parts: Parts,
+    run_dir: Path,
+    resume: bool,
+    log,
+) -> int | None:
+    """CPU threads for this run (None: torch's setting). ``cfg.threads`` when given; 1 for
+    vector data (a small MLP step gains nothing from more threads and slows down badly on
+    a busy machine); for images the faster of one thread and torch's default, measured on a
+    PK batch at the start (:func:`measure_threads`), reused on resume."""
+    if cfg.threads:
+        return cfg.threads
+    if device.type != "cpu":
+        return None
+    kind = getattr(data.train, "kind", None)
+    if kind == "vector":
+        return 1
+    if kind != "image":  # text encoders: torch's default
+        return None
+    if resume and (run_dir / "config.json").exists():
+        env = read_json(run_dir / "config.json", "run config").get("environment") or {}
+        if isinstance(env.get("threads"), int) and env["threads"] >= 1:
+            return env["threads"]
+    n = parts.sampler.p * parts.sampler.k  # one PK batch
+    if data.files is not None:  # streamed images: a batch of their shape
+        x = torch.rand(n, *data.files.input_shape, device=device)
+    else:
+        x = data.train.x[:n].to(device)
+    return measure_threads(parts.model, x, log)
+
+
+def measure_threads(model: torch.nn.Module, x: torch.Tensor, log, steps: int = 2) -> int | None:
+    """Time forward + backward of the batch ``x`` on a copy of ``model`` (training state and
+    random streams untouched) with torch's default threads and with one; the default must be
+    more than 10% faster to be used (a busy machine often makes it slower)."""
+    many = torch.get_num_threads()
+    if many <= 1:
+        return 1
+    try:
+        model = copy.deepcopy(model).train()
+    except Exception:  # noqa: BLE001 - a module that cannot be copied: torch's default
+        return None
+    frozen = bool(getattr(model, "frozen", False))
+    if frozen:  # a frozen backbone's work is one inference pass: time a small one
+        x, steps = x[:8], 1
+
+    def seconds(n: int) -> float:
+        torch.set_num_threads(n)
+        best = float("inf")
+        with torch.random.fork_rng(devices=[]):
+            for i in range(steps + 1):
+                t = time.perf_counter()
+                if frozen:
+                    with torch.no_grad():
+                        model.features(x)
+                else:
+                    model(x).square().sum().backward()
+                if i:  # the first pass warms up
+                    best = min(best, time.perf_counter() - t)
+        return best
+
+    try:
+        t_many, t_one = seconds(many), seconds(1)
+    finally:
+        torch.set_num_threads(many)
+    choice = 1 if t_one <= 1.1 * t_many else many
+    log(
+        f"threads: {choice} (a step took {t_many:.3f} s with {many} threads, {t_one:.3f} s "
+        "with 1; --threads N sets it)"
+    )
+    return choice
+
+
+# ------------------------------------------------------------------ tasks
+@dataclass(frozen=True)
+class Task:
+    """What a trainer trains on: how its data is prepared (``prepare(cfg, ctx) -> (Splits,
+    Defaults)``), how its parts are built (``build(cfg, splits, defaults, ctx) -> Parts``) and
+    how a model of it is evaluated (``evaluator()``: see :mod:`tripletlab.train.evaluation`)."""
+
+    prepare: Callable[[TrainConfig, Context], tuple[Splits, Defaults]]
+    build: Callable[[TrainConfig, Splits, Defaults, Context], Parts]
+    evaluator: Callable[[], Any]
+    #: False: steps run without autocast (the explicit-triplet loop never used it)
+    autocast: bool = True
+
+
+def _retrieval_evaluator():
+    from .evaluation import RetrievalEvaluator
+
+    return RetrievalEvaluator()
+
+
+#: labelled items (vectors, images, texts): PK batches, retrieval metrics
+LABELLED_DATA = Task(prepare_splits, build_parts, _retrieval_evaluator)

@@ -1,0 +1,90 @@
+"""How a :class:`~tripletlab.train.Trainer` scores its model: validation during training (which
+picks the saved model) and the final test evaluation (``eval.json``).
+
+An evaluator has ``selection_metric`` (the validation metric that picks the saved model),
+``val_metrics`` (the ones logged to metrics.jsonl), ``validate(trainer) -> metrics | None`` and
+``test(trainer, result) -> (result, test embeddings | None)`` (which first loads the best weights,
+model.safetensors, into the trainer's model); it reads the trainer (its model, splits and
+``embed_split``) and changes nothing else in it. :class:`RetrievalEvaluator` serves
+labelled data; the explicit-triplet evaluator is in :mod:`tripletlab.train.triplet_file`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from ..metrics import retrieval_metrics
+from ..metrics.evaluate import (
+    EvalResult,
+    eval_distance,
+    evaluate_embeddings,
+    validation_threshold,
+)
+from ..rundir.files import load_weights
+
+__all__ = ["RetrievalEvaluator"]
+
+
+class RetrievalEvaluator:
+    """Retrieval metrics (MAP@R picks the saved model); the test evaluation adds verification
+    at a threshold calibrated on validation pairs, and for predefined splits the benchmark
+    protocol (test queries against the training items)."""
+
+    selection_metric = "map_at_r"
+    val_metrics = ("precision_at_1", "recall_at_4", "r_precision", "map_at_r")
+
+    def validate(self, trainer) -> dict | None:
+        """Retrieval metrics of the validation split (None without one)."""
+        val = trainer.val_set
+        if val is None or len(val) == 0:
+            return None
+        features = trainer.features
+        emb = features.val_embeddings(trainer.model, trainer.device) if features else None
+        if emb is not None:  # a frozen backbone: its cached features, the current head
+            labels = val.y
+        else:
+            emb, labels = trainer.embed_split(val)
+        try:
+            return retrieval_metrics(
+                emb, labels, ks=(1, 4), nmi=False, distance=eval_distance(trainer.model_config)
+            )
+        except InputError:
+            return None
+
+    def test(self, trainer, result: EvalResult) -> tuple[EvalResult, torch.Tensor]:
+        """The evaluation of the best model on the test split, added to ``result``."""
+        # the best weights (model.safetensors) into the trainer's module (a custom one too)
+        trainer.model.load_state_dict(load_weights(trainer.run_dir / "model.safetensors"))
+        dist = eval_distance(trainer.model_config)
+        emb, test_y = trainer.embed_split(trainer.test_set)
+        best = trainer.state.best
+        result = {"split": "test", "distance": dist, **result}
+        result["best_val_map_at_r"] = best if best >= 0 else None
+        calibration = None
+        val, seed = trainer.val_set, trainer.cfg.seed
+        if val is not None and len(val) >= 2:
+            # the threshold is chosen on validation pairs, never on the test pairs it is scored on
+            vemb, val_y = trainer.embed_split(val)
+            calibration = validation_threshold(vemb, val_y, dist, seed=seed)
+        if len(test_y) >= 2:
+            result.update(
+                evaluate_embeddings(emb, test_y, dist, seed=seed, calibration=calibration)
+            )
+        if trainer.test_info.get("by") == "predefined" and len(trainer.test_set):
+            # the benchmark protocol of predefined splits (e.g. Fashion-MNIST): test queries
+            # retrieved against the training items
+            ref, ref_y = trainer.embed_split(trainer.train_full)
+            result["retrieval_test_to_train"] = retrieval_metrics(
+                ref,
+                ref_y,
+                ks=(1, 2, 4, 8),
+                distance=dist,
+                query_embeddings=emb,
+                query_labels=test_y,
+                nmi=False,
+            )
+        ver = result.get("verification", {})
+        if "threshold" in ver:
+            result["threshold"] = ver["threshold"]
+        return result, emb
