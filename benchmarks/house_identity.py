@@ -219,9 +219,7 @@ def main() -> None:
             "40",
             "--quiet",
             "--no-report",
-            "--threads",
-            "1",
-        ]
+        ]  # the saved config already holds threads 1 (a resume takes no other options)
         p = subprocess.run(cmd, capture_output=True, text=True)
         result["resumed_old_checkpoint"] = record(src, p.returncode, p.stdout + p.stderr, 0)
         fresh = out / "resume_fresh"
