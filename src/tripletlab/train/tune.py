@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -337,6 +338,220 @@ class TrialPruning:
             raise optuna.TrialPruned()
 
 
+def _check_budget(n_trials: int | None, timeout_s: float | None, folds: int) -> None:
+    if n_trials is None and timeout_s is None:
+        raise InputError("give a budget: a number of trials and/or a time limit")
+    if n_trials is not None and n_trials < 1:
+        raise InputError(f"the trial budget must be >= 1, got {n_trials}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise InputError(f"the time budget must be > 0 seconds, got {timeout_s}")
+    if folds < 1:
+        raise InputError(f"folds must be >= 1, got {folds}")
+
+
+def _probe_data(
+    base_values: dict, out: Path, folds: int, group_depth: int
+) -> tuple[str, str, int, float]:
+    """Load the data set once (checks the folds): its fingerprint, kind, number of input
+    dimensions and the base configuration's learning rate."""
+    from .trainer import Trainer
+
+    probe = Trainer(
+        resolve_config(
+            base_values,
+            {
+                "out": str(out / "_probe"),
+                "val_folds": folds,
+                "val_fold": 0,
+                "val_group_depth": group_depth,
+                "quiet": True,
+                "report": False,
+            },
+        ),
+        log=lambda *a, **k: None,
+    )
+    fingerprint = _data_fingerprint(probe.dataset)
+    kind, input_dims = probe.train_set.kind, len(probe.train_set.input_shape)
+    lr = probe.defaults.lr
+    del probe
+    shutil.rmtree(out / "_probe", ignore_errors=True)
+    return fingerprint, kind, input_dims, lr
+
+
+def _open_study(optuna, db: Path, *, resume: bool, seed: int, first: dict, log, attrs: dict):
+    """The Optuna study in ``db`` (TPE + median pruning): a new one records ``attrs`` and
+    queues the base configuration ``first`` as trial 0; a resumed one must have been made on
+    the same data, space and folds, and a trial killed mid-run is marked failed and queued
+    again."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{db.resolve()}"
+    study = optuna.create_study(
+        study_name="tripletlab",
+        storage=storage,
+        load_if_exists=resume,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=_N_EVALS - 1),
+    )
+    saved = study.user_attrs
+    if resume:
+        if saved.get("data_fingerprint") != attrs["data_fingerprint"]:
+            raise InputError(
+                f"the study in {db} was made on another data set ({saved.get('data')!r}, "
+                f"fingerprint {saved.get('data_fingerprint')}); tune {attrs['data']!r} in a new "
+                "--out"
+            )
+        if saved.get("space") != attrs["space"] or saved.get("folds") != attrs["folds"]:
+            raise InputError(
+                f"the study in {db} searched another space or number of folds; start a new --out"
+            )
+        # a trial killed mid-run stays RUNNING in the database: mark it failed (not counted)
+        # and try its parameters again
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(t.params, skip_if_exists=False)
+            log(f"trial {t.number} was interrupted: marked failed, its parameters queued again")
+    else:
+        for k, v in attrs.items():
+            study.set_user_attr(k, v)
+        if first:  # trial 0: the base configuration itself, so the search is measured against it
+            study.enqueue_trial(first)
+            log(f"trial 0 starts from the base configuration: {first}")
+    return study
+
+
+def _finish(
+    study,
+    out: Path,
+    optuna,
+    base_values: dict,
+    base_cfg,
+    kind: str,
+    input_dims: int,
+    summary: dict[str, Any],
+    seconds: float,
+) -> dict:
+    """Write the trials table, ``best_recipe.json`` (the base with the best trial's options and
+    a ``_tune`` block; it must load back) and the tune report; returns the summary."""
+    rows = _trial_rows(study)
+    _write_tables(out, rows)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    folds, group_depth = summary["folds"], summary["group_depth"]
+    summary = {
+        **summary,
+        "trials_complete": len(complete),
+        "trials_pruned": sum(t.state.name == "PRUNED" for t in study.trials),
+        "trials_failed": sum(t.state.name == "FAIL" for t in study.trials),
+        "wall_time_s": round(seconds, 1),  # this call
+        "trials_time_s": round(sum(r["seconds"] or 0.0 for r in _trial_rows(study)), 1),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if complete:
+        best = study.best_trial
+        opts = _options(best.params, kind, input_dims, base_cfg.model_options)
+        recipe = {
+            "_comment": (
+                f"made by tripletlab tune on validation classes of the training split only "
+                f"({folds} fold(s), group depth {group_depth}); command: {summary['command']}"
+            ),
+            **{k: v for k, v in base_values.items() if k not in ("data", "threads")},
+            **opts,
+        }
+        recipe.pop("val_fold", None)
+        summary.update(
+            best_value=best.value,
+            best_trial=best.number,
+            best_params=best.params,
+            best_fold_scores=best.user_attrs.get("fold_scores"),
+        )
+        recipe["_tune"] = summary
+        resolve_config(_strip(recipe))  # the recipe must load back
+        atomic_write_json(out / "best_recipe.json", recipe)
+    _write_report(out, study, rows, {k: v for k, v in summary.items() if k != "best_params"})
+    return summary
+
+
+def _trial_score(
+    trial,
+    *,
+    space: dict,
+    kind: str,
+    input_dims: int,
+    base_values: dict,
+    base_cfg: TrainConfig,
+    folds: int,
+    group_depth: int,
+    out: Path,
+) -> float:
+    """One trial: train the suggested options on every validation fold (never the test
+    split; pruned through :class:`TrialPruning`) and return the mean best validation MAP@R."""
+    from .trainer import Trainer
+
+    params = _suggest(trial, space)
+    opts = _options(params, kind, input_dims, base_cfg.model_options)
+    scores = []
+    for f in range(folds):
+        steps = opts.get("steps", base_cfg.steps) or base_cfg.steps
+        cfg = resolve_config(
+            base_values,
+            {
+                **opts,
+                "out": str(out / "trials" / f"{trial.number:04d}" / f"fold{f}"),
+                "val_folds": folds,
+                "val_fold": f if folds > 1 else 0,
+                "val_group_depth": group_depth,
+                "eval_every": max(1, math.ceil((steps or 100) / _N_EVALS)) if steps else None,
+                "quiet": True,
+                "report": False,
+                "patience": 0,
+            },
+        )
+        if cfg.val_folds == 1 and cfg.val_fraction == 0:
+            raise InputError("tune needs validation: folds >= 2 or a val_fraction > 0")
+        shutil.rmtree(cfg.out, ignore_errors=True)  # a retried trial starts afresh
+        pruning = TrialPruning(trial, scores, f)
+        trainer = Trainer(cfg, log=lambda *a, **k: None, callbacks=[pruning])
+        trainer.evaluate_test = False  # the search never looks at the test split
+        trainer.fit()
+        best = trainer.state.best
+        if not best >= 0:
+            raise InputError("no validation score (validation split too small?)")
+        scores.append(float(best))
+    trial.set_user_attr("fold_scores", scores)
+    return float(sum(scores) / len(scores))
+
+
+def _run_trials(study, objective, n_trials: int | None, timeout_s: float | None, log) -> float:
+    """Run trials one at a time until the budget (finished trials, seconds) is spent; returns
+    the seconds taken."""
+    import optuna
+
+    def counted() -> int:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        return len(study.get_trials(deepcopy=False, states=states))
+
+    t0 = time.perf_counter()
+    while True:
+        left = None if n_trials is None else n_trials - counted()
+        elapsed = time.perf_counter() - t0
+        if (left is not None and left <= 0) or (timeout_s is not None and elapsed >= timeout_s):
+            break
+        study.optimize(
+            objective,
+            n_trials=1,
+            timeout=None if timeout_s is None else max(1e-3, timeout_s - elapsed),
+            catch=(),
+        )
+        rows = _trial_rows(study)
+        last = rows[-1]
+        log(
+            f"trial {last['trial']}: {last['state'].lower()}"
+            + (f", mean validation MAP@R {last['value']:.4f}" if last["value"] is not None else "")
+            + f" ({counted()} of {n_trials or '-'} trials, {time.perf_counter() - t0:.0f}s)"
+        )
+    return time.perf_counter() - t0
+
+
 def tune(
     data: str = "digits",
     *,
@@ -364,16 +579,8 @@ def tune(
         import optuna
     except ImportError:  # pragma: no cover - the [tune] extra
         raise InputError("tripletlab tune needs optuna: pip install 'tripletlab[tune]'") from None
-    from .trainer import Trainer
 
-    if n_trials is None and timeout_s is None:
-        raise InputError("give a budget: a number of trials and/or a time limit")
-    if n_trials is not None and n_trials < 1:
-        raise InputError(f"the trial budget must be >= 1, got {n_trials}")
-    if timeout_s is not None and not timeout_s > 0:
-        raise InputError(f"the time budget must be > 0 seconds, got {timeout_s}")
-    if folds < 1:
-        raise InputError(f"folds must be >= 1, got {folds}")
+    _check_budget(n_trials, timeout_s, folds)
     if isinstance(space, (str, Path)):
         space = load_space(space)
     space = check_space(copy.deepcopy(space) if space is not None else copy.deepcopy(DEFAULT_SPACE))
@@ -391,168 +598,60 @@ def tune(
         raise InputError(f"no study to resume in {out} (no study.db)")
     out.mkdir(parents=True, exist_ok=True)
 
-    # the data set is loaded once to check the folds and fingerprint the study
-    probe = Trainer(
-        resolve_config(
-            base_values,
-            {
-                "out": str(out / "_probe"),
-                "val_folds": folds,
-                "val_fold": 0,
-                "val_group_depth": group_depth,
-                "quiet": True,
-                "report": False,
-            },
-        ),
-        log=lambda *a, **k: None,
-    )
-    fingerprint = _data_fingerprint(probe.dataset)
-    kind, input_dims = probe.train_set.kind, len(probe.train_set.input_shape)
-    first = _base_params(space, base_cfg, probe.defaults.lr, kind)
-    del probe
-    shutil.rmtree(out / "_probe", ignore_errors=True)
+    fingerprint, kind, input_dims, lr = _probe_data(base_values, out, folds, group_depth)
+    first = _base_params(space, base_cfg, lr, kind)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{db.resolve()}"
-    study = optuna.create_study(
-        study_name="tripletlab",
-        storage=storage,
-        load_if_exists=resume,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=_N_EVALS - 1),
-    )
-    attrs = study.user_attrs
-    if resume:
-        if attrs.get("data_fingerprint") != fingerprint:
-            raise InputError(
-                f"the study in {db} was made on another data set ({attrs.get('data')!r}, "
-                f"fingerprint {attrs.get('data_fingerprint')}); tune {data!r} in a new --out"
-            )
-        if attrs.get("space") != space or attrs.get("folds") != folds:
-            raise InputError(
-                f"the study in {db} searched another space or number of folds; start a new --out"
-            )
-        # a trial killed mid-run stays RUNNING in the database: mark it failed (not counted)
-        # and try its parameters again
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(t.params, skip_if_exists=False)
-            log(f"trial {t.number} was interrupted: marked failed, its parameters queued again")
-    else:
-        for k, v in {
+    study = _open_study(
+        optuna,
+        db,
+        resume=resume,
+        seed=seed,
+        first=first,
+        log=log,
+        attrs={
             "data": data,
             "data_fingerprint": fingerprint,
             "space": space,
             "folds": folds,
             "group_depth": group_depth,
-            "base": {k: v for k, v in base_values.items()},
+            "base": dict(base_values),
             "command": command,
             "budget": {"n_trials": n_trials, "timeout_s": timeout_s},
-        }.items():
-            study.set_user_attr(k, v)
-        if first:  # trial 0: the base configuration itself, so the search is measured against it
-            study.enqueue_trial(first)
-            log(f"trial 0 starts from the base configuration: {first}")
+        },
+    )
 
-    def counted() -> int:
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        return len(study.get_trials(deepcopy=False, states=states))
-
-    def objective(trial) -> float:
-        params = _suggest(trial, space)
-        opts = _options(params, kind, input_dims, base_cfg.model_options)
-        scores = []
-        for f in range(folds):
-            steps = opts.get("steps", base_cfg.steps) or base_cfg.steps
-            cfg = resolve_config(
-                base_values,
-                {
-                    **opts,
-                    "out": str(out / "trials" / f"{trial.number:04d}" / f"fold{f}"),
-                    "val_folds": folds,
-                    "val_fold": f if folds > 1 else 0,
-                    "val_group_depth": group_depth,
-                    "eval_every": max(1, math.ceil((steps or 100) / _N_EVALS)) if steps else None,
-                    "quiet": True,
-                    "report": False,
-                    "patience": 0,
-                },
-            )
-            if cfg.val_folds == 1 and cfg.val_fraction == 0:
-                raise InputError("tune needs validation: folds >= 2 or a val_fraction > 0")
-            shutil.rmtree(cfg.out, ignore_errors=True)  # a retried trial starts afresh
-            pruning = TrialPruning(trial, scores, f)
-            trainer = Trainer(cfg, log=lambda *a, **k: None, callbacks=[pruning])
-            trainer.evaluate_test = False  # the search never looks at the test split
-            trainer.fit()
-            best = trainer.state.best
-            if not best >= 0:
-                raise InputError("no validation score (validation split too small?)")
-            scores.append(float(best))
-        trial.set_user_attr("fold_scores", scores)
-        return float(sum(scores) / len(scores))
-
-    t0 = time.perf_counter()
-    while True:
-        left = None if n_trials is None else n_trials - counted()
-        elapsed = time.perf_counter() - t0
-        if (left is not None and left <= 0) or (timeout_s is not None and elapsed >= timeout_s):
-            break
-        study.optimize(
-            objective,
-            n_trials=1,
-            timeout=None if timeout_s is None else max(1e-3, timeout_s - elapsed),
-            catch=(),
-        )
-        rows = _trial_rows(study)
-        last = rows[-1]
-        log(
-            f"trial {last['trial']}: {last['state'].lower()}"
-            + (f", mean validation MAP@R {last['value']:.4f}" if last["value"] is not None else "")
-            + f" ({counted()} of {n_trials or '-'} trials, {time.perf_counter() - t0:.0f}s)"
-        )
-    rows = _trial_rows(study)
-    _write_tables(out, rows)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    summary: dict[str, Any] = {
-        "command": study.user_attrs.get("command") or command,
-        "resumed_with": command if resume else None,
-        "data": data,
-        "budget": study.user_attrs.get("budget") or {"n_trials": n_trials, "timeout_s": timeout_s},
-        "resume_budget": {"n_trials": n_trials, "timeout_s": timeout_s} if resume else None,
-        "folds": folds,
-        "group_depth": group_depth,
-        "trials_complete": len(complete),
-        "trials_pruned": sum(t.state.name == "PRUNED" for t in study.trials),
-        "trials_failed": sum(t.state.name == "FAIL" for t in study.trials),
-        "wall_time_s": round(time.perf_counter() - t0, 1),  # this call
-        "trials_time_s": round(sum(r["seconds"] or 0.0 for r in _trial_rows(study)), 1),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if complete:
-        best = study.best_trial
-        opts = _options(best.params, kind, input_dims, base_cfg.model_options)
-        recipe = {
-            "_comment": (
-                f"made by tripletlab tune on validation classes of the training split only "
-                f"({folds} fold(s), group depth {group_depth}); command: {summary['command']}"
-            ),
-            **{k: v for k, v in base_values.items() if k not in ("data", "threads")},
-            **opts,
-        }
-        recipe.pop("val_fold", None)
-        summary.update(
-            best_value=best.value,
-            best_trial=best.number,
-            best_params=best.params,
-            best_fold_scores=best.user_attrs.get("fold_scores"),
-        )
-        recipe["_tune"] = summary
-        resolve_config(_strip(recipe))  # the recipe must load back
-        atomic_write_json(out / "best_recipe.json", recipe)
-    _write_report(out, study, rows, {k: v for k, v in summary.items() if k != "best_params"})
-    return summary
+    objective = functools.partial(
+        _trial_score,
+        space=space,
+        kind=kind,
+        input_dims=input_dims,
+        base_values=base_values,
+        base_cfg=base_cfg,
+        folds=folds,
+        group_depth=group_depth,
+        out=out,
+    )
+    seconds = _run_trials(study, objective, n_trials, timeout_s, log)
+    return _finish(
+        study,
+        out,
+        optuna,
+        base_values,
+        base_cfg,
+        kind,
+        input_dims,
+        {
+            "command": study.user_attrs.get("command") or command,
+            "resumed_with": command if resume else None,
+            "data": data,
+            "budget": study.user_attrs.get("budget")
+            or {"n_trials": n_trials, "timeout_s": timeout_s},
+            "resume_budget": {"n_trials": n_trials, "timeout_s": timeout_s} if resume else None,
+            "folds": folds,
+            "group_depth": group_depth,
+        },
+        seconds,
+    )
 
 
 def _strip(recipe: dict) -> dict:
