@@ -18,26 +18,9 @@ configuration, data summary and timing.
 
 from __future__ import annotations
 
+from . import plots
 from .build import build_report
 from .html import ReportSection, render_html, write_html
-from .plots import (
-    embedding_map_2d,
-    plot_distance_histograms,
-    plot_embedding_map,
-    plot_retrieval_gallery,
-    plot_roc,
-    plot_training_curves,
-)
+from .plots import *  # noqa: F403 - the plotting functions (plots.__all__)
 
-__all__ = [
-    "ReportSection",
-    "build_report",
-    "embedding_map_2d",
-    "plot_distance_histograms",
-    "plot_embedding_map",
-    "plot_retrieval_gallery",
-    "plot_roc",
-    "plot_training_curves",
-    "render_html",
-    "write_html",
-]
+__all__ = ["ReportSection", "build_report", "render_html", "write_html", *plots.__all__]

@@ -33,13 +33,14 @@ from typing import Any, Protocol
 import torch
 
 from ..data.streaming import ImageFiles, PKStream
-from .image_data import default_workers, stream_augment
+from .image_data import default_workers, part_files, stream_augment
 
 __all__ = [
     "Batch",
     "Batches",
     "CachedFeatureBatches",
     "IndexBatches",
+    "SamplerBatches",
     "StreamBatches",
     "make_stream",
 ]
@@ -80,7 +81,32 @@ class Batches(Protocol):
         ...
 
 
-class IndexBatches:
+class SamplerBatches:
+    """The common part of batches drawn by a sampler (anything with ``epoch``,
+    ``state_dict`` and ``load_state_dict``): the epoch and the resumable state are the
+    sampler's, the model's forward is used as it is and nothing is read ahead. Subclasses
+    define ``__iter__``."""
+
+    sampler: Any
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def forward(self, model_forward: Callable) -> Callable:
+        return model_forward
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def close(self) -> None:
+        pass
+
+
+class IndexBatches(SamplerBatches):
     """PK index batches of an in-memory split: ``data.inputs(idx)`` / ``data.y[idx]``, moved
     to ``device``, augmented by ``augment`` (an ``Augment`` or None) and made channels-last
     when asked (faster convolutions on CUDA)."""
@@ -96,10 +122,6 @@ class IndexBatches:
         self.sampler, self.data, self.device = sampler, data, device
         self.augment, self.channels_last = augment, channels_last
 
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
     def __iter__(self) -> Iterator[Batch]:
         for idx in self.sampler:
             x = self.data.inputs(idx)
@@ -110,18 +132,6 @@ class IndexBatches:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield Batch(x, y, len(idx))
-
-    def forward(self, model_forward: Callable) -> Callable:
-        return model_forward
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def close(self) -> None:
-        pass
 
 
 class StreamBatches:
@@ -155,7 +165,7 @@ class StreamBatches:
         self.stream.close()
 
 
-class CachedFeatureBatches:
+class CachedFeatureBatches(SamplerBatches):
     """Batches of a frozen backbone's cached features (each item of its mirror image with
     chance 1/2 when the cache holds them); the step runs only what is trained on them
     (:meth:`~tripletlab.train.feature_cache.FeatureCache.head_input`)."""
@@ -164,10 +174,6 @@ class CachedFeatureBatches:
         self.sampler, self.cache, self.labels = sampler, cache, labels
         self.device, self.model = device, model
 
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
     def __iter__(self) -> Iterator[Batch]:
         for idx in self.sampler:
             x = self.cache.batch(idx).to(self.device)
@@ -175,20 +181,6 @@ class CachedFeatureBatches:
 
     def forward(self, model_forward: Callable) -> Callable:
         return self.cache.head_input(self.model)
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def close(self) -> None:
-        pass
-
-
-def part_files(files: ImageFiles, part, augment=None) -> ImageFiles:
-    """The image files of one split ``part`` of a streamed data set (``files``)."""
-    return ImageFiles(part.paths or [], part.y.tolist(), files.image_size, files.channels, augment)
 
 
 def make_stream(cfg, files: ImageFiles, train_set, sampler, aug) -> PKStream:

@@ -29,6 +29,7 @@ __all__ = [
     "embed_part",
     "is_image_source",
     "open_data",
+    "part_files",
     "run_input_spec",
     "stream_augment",
 ]
@@ -65,8 +66,8 @@ def stream_augment(aug) -> SampleAugment | None:
     return SampleAugment.from_config(aug)
 
 
-def _part_files(trainer, part: Dataset, augment=None) -> ImageFiles:
-    files = trainer.files
+def part_files(files: ImageFiles, part: Dataset, augment=None) -> ImageFiles:
+    """The image files of one split ``part`` of a streamed data set (``files``)."""
     return ImageFiles(part.paths or [], part.y.tolist(), files.image_size, files.channels, augment)
 
 
@@ -76,7 +77,7 @@ def embed_part(trainer, part: Dataset, model=None) -> tuple[torch.Tensor, torch.
     cfg = trainer.cfg
     emb, kept = embed(
         trainer.model if model is None else model,
-        _part_files(trainer, part),
+        part_files(trainer.files, part),
         cfg.eval_batch_size,
         trainer.device,
         trainer.amp,

@@ -29,7 +29,7 @@ from ..losses.triplet import TripletLoss
 from ..metrics.evaluate import EvalResult, eval_distance
 from ..rundir.files import load_run, read_json
 from ..utils import atomic_write_json
-from .batches import Batch
+from .batches import Batch, SamplerBatches
 from .build import (
     Context,
     Defaults,
@@ -131,37 +131,21 @@ def _split_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[int
     return sorted(perm[n_out:].tolist()), sorted(perm[:n_out].tolist())
 
 
-class TripletRowBatches:
+class TripletRowBatches(SamplerBatches):
     """Training batches of triplet rows: ``x`` the anchors, then the positives, then the
     negatives of the rows (texts); ``y`` labels that make exactly those triplets valid (a_i and
     p_i share label i, n_i has its own label b + i)."""
 
     def __init__(self, rows: TripletBatches, triplets: TextTriplets, device: torch.device):
-        self.rows, self.triplets, self.device = rows, triplets, device
-
-    @property
-    def epoch(self) -> int:
-        return self.rows.epoch
+        self.sampler, self.triplets, self.device = rows, triplets, device
 
     def __iter__(self):
-        for idx in self.rows:
+        for idx in self.sampler:
             batch = self.triplets.subset(idx)
             b = len(idx)
             r = torch.arange(b)
             y = torch.cat([r, r, b + r]).to(self.device)
             yield Batch(batch.anchors + batch.positives + batch.negatives, y, b)
-
-    def forward(self, model_forward):
-        return model_forward
-
-    def state_dict(self) -> dict:
-        return self.rows.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rows.load_state_dict(state)
-
-    def close(self) -> None:
-        pass
 
 
 class ExplicitTripletLoss(torch.nn.Module):
