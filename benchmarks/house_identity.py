@@ -125,31 +125,10 @@ def runs(tmp: Path) -> dict[str, list[str]]:
             "--steps",
             "10",
         ]
+    minilm = ["--model", "minilm", "--steps", "4", "--p", "4", "--k", "2"]
     if text.exists():
-        out["text_minilm"] = [
-            "--data",
-            str(text),
-            "--model",
-            "minilm",
-            "--steps",
-            "4",
-            "--p",
-            "4",
-            "--k",
-            "2",
-        ]
-    out["text_triplets"] = [
-        "--data",
-        str(triplets),
-        "--model",
-        "minilm",
-        "--steps",
-        "4",
-        "--p",
-        "4",
-        "--k",
-        "2",
-    ]
+        out["text_minilm"] = ["--data", str(text), *minilm]
+    out["text_triplets"] = ["--data", str(triplets), *minilm]
     return out
 
 
