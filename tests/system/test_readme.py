@@ -60,6 +60,12 @@ def test_the_readme_has_the_blocks_this_test_runs():
     assert first[:2] == [["make", "demo"], ["make", "test"]]  # the project guide's two commands
 
 
+def test_the_readme_stays_short():
+    """A user's README (issue #24: 444 lines of lab notebook became docs/ pages)."""
+    n = len(README.read_text().splitlines())
+    assert n <= 200, f"README.md has {n} lines; move detail to docs/"
+
+
 def _check_make(argv: list[str]) -> None:
     makefile = (ROOT / "Makefile").read_text()
     for target in argv[1:]:
