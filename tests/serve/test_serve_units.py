@@ -38,11 +38,12 @@ def test_gallery_persists_and_recovers_an_interrupted_swap(tmp_path):
     assert (tmp_path / "gal.images").is_dir()
     assert len(EmbeddingIndex.load(d, expected_fingerprint="fp")) == 2
     # a crash between the two renames: NAME is gone, .NAME.old is complete, .NAME.new partial
+    s.close()  # one store per index directory at a time (its lock)
     os.rename(d, tmp_path / ".gal.old")
     (tmp_path / ".gal.new").mkdir()
     (tmp_path / ".gal.new" / "ids.npy").write_bytes(b"partial")
     s2 = GalleryStore(d, dim=2, metric="cosine", fingerprint="fp")
-    assert len(s2) == 2 and sorted(os.listdir(tmp_path)) == ["gal", "gal.images"]
+    assert len(s2) == 2 and sorted(os.listdir(tmp_path)) == [".gal.lock", "gal", "gal.images"]
     assert s2.describe([1]) == [{"id": 1, "label": "b", "path": ""}]
     # deletions, unknown ids, and a new id after the largest
     r = s2.apply([0, 7, Enrolment(vec(1, 1), "c")])
@@ -50,8 +51,10 @@ def test_gallery_persists_and_recovers_an_interrupted_swap(tmp_path):
     assert sorted(EmbeddingIndex.load(d).ids.tolist()) == [1, 2]
     # ids are never reused, also across restarts, even after deleting the largest
     assert s2.apply([2]) == [True]
+    s2.close()
     s3 = GalleryStore(d, dim=2, metric="cosine", fingerprint="fp")
     assert s3.apply([Enrolment(vec(1, 1), "d")]) == [3]
+    s3.close()
     with pytest.raises(InputError, match="another model"):
         GalleryStore(d, dim=2, metric="cosine", fingerprint="other")
     with pytest.raises(InputError, match="dimension"):

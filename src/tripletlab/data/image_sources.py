@@ -88,7 +88,7 @@ def scan_images(source: str | os.PathLike[str], skip_bad: bool = False):
         return read_image_manifest(src)
     if not src.is_dir():
         raise MissingFileError(f"image folder or manifest not found: {src}")
-    files, labels, other, _ = _scan_image_folder(src)
+    files, labels, other, _ = _scan_image_folder(src, skip_bad)
     if other and not skip_bad:
         raise FileFormatError(
             f"{len(other)} files in {_display(src)} are not images in a class folder (e.g. "

@@ -3,10 +3,12 @@ dependencies (used by :func:`tripletlab.serve.app.create_app`)."""
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import json
 import logging
 import math
+import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -65,6 +67,68 @@ class _BodyLimit:
             if started or e.status_code != 413:
                 raise
             await _send_json(send, 413, _too_large(limit))
+
+
+_RESERVED: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "tripletlab_reserved_pixels", default=None
+)
+
+
+class PixelBudget:
+    """The decoded pixels of all requests in flight, bounded by ``limit``.
+
+    :meth:`reserve` is called with a request's pixel count (from the image headers, before
+    decoding) and raises a 503 HTTPException while the others already hold too much; the
+    reservation is returned by :class:`_ReleasePixels` once the request's answer is sent
+    (a request outside that middleware reserves nothing).
+
+    Example:
+        >>> b = PixelBudget(100)
+        >>> b.in_use
+        0
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_use, self.refused = int(limit), 0, 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> None:
+        held = _RESERVED.get()
+        if held is None or n <= 0:
+            return
+        with self._lock:
+            if self.in_use and self.in_use + n > self.limit:
+                self.refused += 1
+                raise HTTPException(
+                    503,
+                    f"the server is busy decoding {self.in_use:,} pixels for other requests "
+                    f"(limit {self.limit:,}); retry in a moment",
+                    headers={"Retry-After": "1"},
+                )
+            self.in_use += n
+        held.append(n)
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.in_use = max(0, self.in_use - n)
+
+
+class _ReleasePixels:
+    """Give back the pixels a request reserved in its :class:`PixelBudget` when it ends."""
+
+    def __init__(self, app, budget: PixelBudget) -> None:
+        self.app, self.budget = app, budget
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: list = []
+        token = _RESERVED.set(held)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _RESERVED.reset(token)
+            self.budget.release(sum(held))
 
 
 def _too_large(limit: int) -> dict:
@@ -188,6 +252,7 @@ def install_error_handlers(app: FastAPI) -> None:
             413: "request_too_large",
             415: "unsupported_media_type",
             422: "invalid_request",
+            503: "busy",
         }.get(e.status_code, "bad_request")
         headers = getattr(e, "headers", None)
         return JSONResponse(_err(code, str(e.detail)), status_code=e.status_code, headers=headers)
