@@ -26,6 +26,8 @@ httpx = pytest.importorskip("httpx", reason="needs the serve extra (httpx)")
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'tripletlab[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'tripletlab[serve]'")
 
+pytestmark = pytest.mark.slow  # ~4 min: a dozen server processes
+
 TOKEN = "attack-token-1"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
