@@ -359,3 +359,81 @@ def test_images_mode_rejected_in_decode_is_an_input_error():
     with pytest.raises(InputError, match="mode LAB"):
         decode_image(lab_tiff(), max_pixels=1000, name="lab.tif")
     np.testing.assert_equal(decode_image(png(Image.new("RGB", (3, 2))), 100).size, (3, 2))
+
+
+# ------------------------------------------------------------------------- minor rows
+
+
+def test_bad_serve_options_exit_1_with_a_message(env, tmp_path):
+    """--threshold nan, --port 70000 and a port in use: exit 1, a message, no traceback."""
+    import socket
+
+    run = str(env["run"])
+    r = cli("serve", "--model", run, "--threshold", "nan", "--port", str(free_port()))
+    assert r.returncode == 1 and "finite" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli("serve", "--model", run, "--port", "70000")
+    assert r.returncode == 1 and "65535" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = cli("serve", "--model", run, "--port", str(port))
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "cannot listen on 127.0.0.1" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_slow_clients_unauthenticated_bodies_and_redoc(env, tmp_path):
+    """A client trickling its headers is closed after --header-timeout; a POST without a
+    token gets its 401 before sending any of its (announced 5 MB) body; /redoc is off."""
+    import socket
+
+    s = serve(env, tmp_path, "--header-timeout", "1.5")
+    try:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            t0 = time.monotonic()
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            try:
+                while time.monotonic() - t0 < 8:  # one header byte a second: never complete
+                    c.sendall(b"X")
+                    time.sleep(0.5)
+                    c.settimeout(0.5)
+                    try:
+                        if c.recv(1) == b"":
+                            break
+                    except TimeoutError:
+                        pass
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            closed_after = time.monotonic() - t0
+        assert closed_after < 5, closed_after
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            c.sendall(
+                b"POST /gallery HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                b"boundary=xyz\r\nContent-Length: 5000000\r\n\r\n"
+            )
+            c.settimeout(5)
+            head = c.recv(4096)
+        assert head.startswith(b"HTTP/1.1 401"), head[:200]
+        assert httpx.get(s.url + "/redoc").status_code == 404
+        assert httpx.get(s.url + "/healthz").status_code == 200
+    finally:
+        s.stop()
+
+
+def test_json_bombs_get_422_from_a_vector_model(tmp_path):
+    """/embed with 100,000-deep nesting or a 400-digit integer: 422, the server stays up."""
+    run = tmp_path / "digits"
+    r = cli("train", "--steps", "3", "--out", str(run), "--quiet", "--no-report", "--no-eval")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = Server(["--model", str(run)], tmp_path / "server.log")
+    try:
+        deep = b'{"vectors": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        huge = b'{"vectors": [[' + b"9" * 400 + b"" + b", 0" * 63 + b"]]}"
+        for body in (deep, huge):
+            r = httpx.post(s.url + "/embed", content=body,
+                           headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+            assert r.status_code == 422, (r.status_code, r.text[:300])
+        ok = httpx.post(s.url + "/embed", json={"vectors": [[0.5] * 64]}, timeout=30)
+        assert ok.status_code == 200, ok.text
+    finally:
+        s.stop()

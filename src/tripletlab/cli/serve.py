@@ -58,6 +58,25 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--max-batch", type=int, default=64, help="images per model call (64)")
     p.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=4 * 4096 * 4096,
+        help="decoded pixels of all images of one request, checked from their headers "
+        "before decoding (67,108,864)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections; above it requests get 503 (256)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send its request headers (10); slower ones are closed",
+    )
+    p.add_argument(
         "--threads", type=int, default=None, help="CPU threads for inference (torch or onnx)"
     )
     p.set_defaults(func=_cmd_serve)
@@ -99,6 +118,10 @@ def _cmd_serve(args) -> int:
         raise InputError(f"--port must be between 1 and 65535, got {args.port}")
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise InputError(f"--threshold must be a finite number, got {args.threshold}")
+    if args.max_connections < 1:
+        raise InputError(f"--max-connections must be at least 1, got {args.max_connections}")
+    if not (math.isfinite(args.header_timeout) and args.header_timeout > 0):
+        raise InputError(f"--header-timeout must be a positive number, got {args.header_timeout}")
     if args.threads:
         import torch
 
@@ -109,6 +132,8 @@ def _cmd_serve(args) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
         max_batch=args.max_batch,
+        max_request_pixels=args.max_request_pixels,
+        max_inflight_pixels=max(16 * 4096 * 4096, args.max_request_pixels),
         threshold=args.threshold,
     )
     app = create_app(
@@ -137,7 +162,14 @@ def _cmd_serve(args) -> int:
         f"a gallery of {len(app.state.store)} items on http://{args.host}:{args.port}/",
         flush=True,
     )
-    run_server(app, host=args.host, port=args.port, log_level="warning")
+    run_server(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+    )
     return 0
 
 

@@ -31,6 +31,7 @@ def read_image_manifest(path: str | os.PathLike[str], check_files: bool = True):
     if not p.is_file():
         raise MissingFileError(f"manifest not found: {p}")
     rows: list[tuple[str, str]] = []
+    reader = None
     try:
         if p.suffix.lower() == ".jsonl":
             with open(p, encoding="utf-8") as f:
@@ -60,7 +61,10 @@ def read_image_manifest(path: str | os.PathLike[str], check_files: bool = True):
                     rows.append((row["path"].strip(), row["label"].strip()))
         else:
             raise FileFormatError(f"{p}: a manifest is a .csv or .jsonl file")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+    except csv.Error as e:  # e.g. a field above csv's 131,072-character limit
+        line = f" line {reader.line_num}" if reader is not None else ""
+        raise FileFormatError(f"cannot read manifest {p}{line}: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FileFormatError(f"cannot read manifest {p}: {e}") from None
     if not rows:
         raise FileFormatError(f"manifest {p} lists no images")

@@ -389,6 +389,11 @@ def _vectors(x: np.ndarray, y: np.ndarray, path: Path) -> Dataset:
     if y.dtype.kind == "f":
         if not np.isfinite(y).all() or not np.all(y == np.round(y)):
             raise FileFormatError(f"{path}: labels must be integers or strings")
+        if len(y) and np.abs(y).max() > 2**53:  # e.g. 1e30: no int64, and floats lose digits
+            raise FileFormatError(
+                f"{path}: label {y.flat[int(np.abs(y).argmax())]:g} is beyond the integers a "
+                "float holds exactly (2^53); store labels as integers or strings"
+            )
         y = y.astype(np.int64)
     labels, classes = _contiguous_labels(y.tolist())
     return Dataset(
@@ -429,7 +434,11 @@ def load_vector_file(path: Path) -> Dataset:
             import csv
 
             with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.reader(f))
+                reader = csv.reader(f)
+                try:
+                    rows = list(reader)
+                except csv.Error as e:  # e.g. a field above csv's 131,072-character limit
+                    raise FileFormatError(f"{path} line {reader.line_num}: {e}") from None
             if not rows:
                 raise FileFormatError(f"{path} is empty")
             header = [h.strip() for h in rows[0]]

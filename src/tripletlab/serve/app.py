@@ -78,6 +78,7 @@ def create_app(
         version=__version__,
         description=APP_DESCRIPTION,
         lifespan=serving_lifespan(state),
+        redoc_url=None,  # it loads its script from a CDN; /docs (Swagger UI) does too
     )
     app.state.serve = state
     app.state.embedder, app.state.store, app.state.settings = embedder, state.store, s
