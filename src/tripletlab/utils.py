@@ -49,10 +49,10 @@ def check_replaceable(path: str | os.PathLike[str]) -> None:
     directory.
 
     Example:
-        >>> check_replaceable("/dev/null")
+        >>> check_replaceable("/dev/null")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        tripletlab.errors.InputError: /dev/null exists and is a character device, not a regular file: give the path of a file to write
+        tripletlab.errors.InputError: /dev/null exists and is a character device, not a ...
     """
     import stat
 

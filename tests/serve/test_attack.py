@@ -199,9 +199,7 @@ def big_rgba_png(side: int = 4096) -> bytes:
     import struct
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 
 
 def test_request_pixel_budget_is_checked_before_decoding(env, tmp_path):

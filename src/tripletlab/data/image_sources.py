@@ -31,7 +31,7 @@ def read_image_manifest(path: str | os.PathLike[str], check_files: bool = True):
     if not p.is_file():
         raise MissingFileError(f"manifest not found: {p}")
     rows: list[tuple[str, str]] = []
-    reader = None
+    reader, next_line = None, 2  # the line a csv.Error is in
     try:
         if p.suffix.lower() == ".jsonl":
             with open(p, encoding="utf-8") as f:
@@ -56,13 +56,14 @@ def read_image_manifest(path: str | os.PathLike[str], check_files: bool = True):
                         )
                 reader.fieldnames = header
                 for n, row in enumerate(reader, 2):
+                    next_line = n + 1
                     if row.get("path") in (None, "") or row.get("label") in (None, ""):
                         raise FileFormatError(f"{p} line {n}: empty path or label")
                     rows.append((row["path"].strip(), row["label"].strip()))
         else:
             raise FileFormatError(f"{p}: a manifest is a .csv or .jsonl file")
     except csv.Error as e:  # e.g. a field above csv's 131,072-character limit
-        line = f" line {reader.line_num}" if reader is not None else ""
+        line = f" line {next_line}" if reader is not None else ""
         raise FileFormatError(f"cannot read manifest {p}{line}: {e}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FileFormatError(f"cannot read manifest {p}: {e}") from None

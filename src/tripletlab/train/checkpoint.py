@@ -221,9 +221,7 @@ def resume(
     """:func:`restore` a run to continue it to ``total_steps`` (an extension when larger than
     the saved one; an InputError when smaller than the step reached); metrics.jsonl loses the
     lines after the checkpoint (rank 0). Returns the training seconds of earlier sessions."""
-    saved = restore(
-        run_dir, tensor_parts, optimizer, scheduler, batches, loop, rank, world_size
-    )
+    saved = restore(run_dir, tensor_parts, optimizer, scheduler, batches, loop, rank, world_size)
     if loop.step > total_steps:
         raise InputError(
             f"{run_dir} is at step {loop.step}; to extend it pass --steps greater than "
