@@ -123,10 +123,10 @@ def load_figures(seconds: float) -> dict:
     from PIL import Image
 
     sys.path.insert(0, str(ROOT / "tests"))
+    from tripletlab.serve.loadtest import run_load
+
     from conftest import SHARED_DATA
     from helpers import free_port, subprocess_env
-
-    from tripletlab.serve.loadtest import run_load
 
     att = SHARED_DATA / "att_faces"
     base = Path(tempfile.mkdtemp(prefix="attack-load-"))
