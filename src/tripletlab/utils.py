@@ -24,6 +24,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
         ...     f.write("{}")
     """
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -39,6 +40,48 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)  # make the rename durable
+
+
+def check_replaceable(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`~tripletlab.errors.InputError` when ``path`` exists (following links) and
+    is not a regular file: an atomic write renames a new file over it, which would turn
+    ``/dev/full`` or a FIFO into a regular file (and, as root, ``/dev/null``), or fail late on a
+    directory.
+
+    Example:
+        >>> check_replaceable("/dev/null")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        tripletlab.errors.InputError: /dev/null exists and is a character device, not a ...
+    """
+    import stat
+
+    from .errors import InputError
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = (
+        "a directory"
+        if stat.S_ISDIR(st.st_mode)
+        else "a character device"
+        if stat.S_ISCHR(st.st_mode)
+        else "a block device"
+        if stat.S_ISBLK(st.st_mode)
+        else "a FIFO"
+        if stat.S_ISFIFO(st.st_mode)
+        else "a socket"
+        if stat.S_ISSOCK(st.st_mode)
+        else "not a regular file"
+    )
+    raise InputError(
+        f"{path} exists and is {kind}, not a regular file: give the path of a file to write"
+    )
 
 
 def current_umask() -> int:

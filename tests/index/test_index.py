@@ -317,3 +317,31 @@ def test_ivfpq_on_too_few_vectors_is_a_clear_error():
         index.add(np.random.default_rng(0).normal(size=(100, 16)))
     with pytest.raises(InputError, match="pq_m"):
         EmbeddingIndex(10, kind="ivfpq", pq_m=3)
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("faiss", marks=needs_faiss)])
+def test_load_rejects_nan_vectors_and_a_kind_its_file_is_not(tmp_path, backend):
+    """Issue #25: a tampered index (checksums made to match) holding NaN vectors, or whose
+    manifest says hnsw over a flat faiss file, is a FileFormatError at load, not a 500 at
+    the first search."""
+    from tripletlab.utils import sha256_file
+
+    rng = np.random.default_rng(0)
+    idx = EmbeddingIndex(4, metric="euclidean", backend=backend)
+    idx.add(rng.normal(size=(5, 4)).astype(np.float32), labels=np.arange(5))
+    d = tmp_path / "idx"
+    idx.save(d)
+    man = json.loads((d / "manifest.json").read_text())
+    if backend == "numpy":
+        v = np.load(d / "vectors.npy")
+        v[2, 1] = np.nan
+        np.save(d / "vectors.npy", v)
+        man["files"]["vectors.npy"] = sha256_file(d / "vectors.npy")
+        (d / "manifest.json").write_text(json.dumps(man))
+        with pytest.raises(FileFormatError, match="NaN or infinite"):
+            EmbeddingIndex.load(d)
+    else:
+        man["kind"] = "hnsw"
+        (d / "manifest.json").write_text(json.dumps(man))
+        with pytest.raises(FileFormatError, match="not a 'hnsw' index"):
+            EmbeddingIndex.load(d)

@@ -38,11 +38,12 @@ def test_gallery_persists_and_recovers_an_interrupted_swap(tmp_path):
     assert (tmp_path / "gal.images").is_dir()
     assert len(EmbeddingIndex.load(d, expected_fingerprint="fp")) == 2
     # a crash between the two renames: NAME is gone, .NAME.old is complete, .NAME.new partial
+    s.close()  # one store per index directory at a time (its lock)
     os.rename(d, tmp_path / ".gal.old")
     (tmp_path / ".gal.new").mkdir()
     (tmp_path / ".gal.new" / "ids.npy").write_bytes(b"partial")
     s2 = GalleryStore(d, dim=2, metric="cosine", fingerprint="fp")
-    assert len(s2) == 2 and sorted(os.listdir(tmp_path)) == ["gal", "gal.images"]
+    assert len(s2) == 2 and sorted(os.listdir(tmp_path)) == [".gal.lock", "gal", "gal.images"]
     assert s2.describe([1]) == [{"id": 1, "label": "b", "path": ""}]
     # deletions, unknown ids, and a new id after the largest
     r = s2.apply([0, 7, Enrolment(vec(1, 1), "c")])
@@ -50,8 +51,10 @@ def test_gallery_persists_and_recovers_an_interrupted_swap(tmp_path):
     assert sorted(EmbeddingIndex.load(d).ids.tolist()) == [1, 2]
     # ids are never reused, also across restarts, even after deleting the largest
     assert s2.apply([2]) == [True]
+    s2.close()
     s3 = GalleryStore(d, dim=2, metric="cosine", fingerprint="fp")
     assert s3.apply([Enrolment(vec(1, 1), "d")]) == [3]
+    s3.close()
     with pytest.raises(InputError, match="another model"):
         GalleryStore(d, dim=2, metric="cosine", fingerprint="other")
     with pytest.raises(InputError, match="dimension"):
@@ -256,3 +259,74 @@ def test_inference_does_not_import_the_server():
                 if any(a.name.startswith("tripletlab.serve") for a in node.names):
                     found.append(f"{path.name}:{node.lineno}")
     assert found == []
+
+
+def test_batch_queue_isolates_a_failing_item_to_its_own_job():
+    """Issue #25 row 1: a batch whose model call fails is retried job by job, so only the
+    job holding the bad item gets the error."""
+
+    def embed(rows):
+        if any(r[0] < 0 for r in rows):
+            raise ValueError("bad row")
+        time.sleep(0.01)
+        return np.stack(rows)
+
+    q = BatchQueue({"vectors": embed}, max_batch=64, max_wait_s=0.02)
+    q.start()
+
+    async def many():
+        jobs = [q.submit("vectors", [np.full(2, -1.0 if i == 3 else i, np.float32)])
+                for i in range(12)]  # fmt: skip
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    try:
+        out = asyncio.run(many())
+    finally:
+        q.stop()
+    assert isinstance(out[3], ValueError)
+    assert all(np.array_equal(out[i], np.full((1, 2), i, np.float32)) for i in range(12) if i != 3)
+    assert q.isolated >= 1
+
+
+def test_pixel_budget_refuses_beyond_the_limit_and_releases():
+    from tripletlab.serve.http import _RESERVED, PixelBudget
+
+    b = PixelBudget(100)
+    held: list = []
+    token = _RESERVED.set(held)
+    try:
+        b.reserve(60)
+        with pytest.raises(Exception) as e:
+            b.reserve(50)
+        assert getattr(e.value, "status_code", None) == 503
+        b.reserve(40)
+        assert b.in_use == 100 and held == [60, 40]
+    finally:
+        _RESERVED.reset(token)
+    b.release(sum(held))
+    assert b.in_use == 0 and b.refused == 1
+
+
+def test_gallery_lock_and_rollback_of_a_failed_commit(tmp_path, monkeypatch):
+    """Issue #25 rows 2 and 6: a second store on the same directory is refused; an id beyond
+    int64 is that change's own KeyError; an unexpected error while persisting leaves
+    nothing in memory that is not on disk."""
+    d = tmp_path / "gal"
+    s = GalleryStore(d, dim=2, metric="cosine", fingerprint="fp")
+    with pytest.raises(InputError, match="in use by another process"):
+        GalleryStore(d, dim=2, metric="cosine", fingerprint="fp")
+    r = s.apply([Enrolment(vec(1, 0), "a"), 10**23, -5])
+    assert r[0] == 0 and isinstance(r[1], KeyError) and isinstance(r[2], KeyError)
+
+    def boom(*a, **k):
+        raise OverflowError("unexpected")
+
+    monkeypatch.setattr(EmbeddingIndex, "save", boom)
+    with pytest.raises(OverflowError):
+        s.apply([Enrolment(vec(0, 1), "b")])
+    monkeypatch.undo()
+    assert len(s) == 1
+    assert s.apply([Enrolment(vec(1, 1), "c")]) == [2]  # the failed one is not stored later
+    assert len(EmbeddingIndex.load(d)) == 2
+    s.close()
+    GalleryStore(d, dim=2, metric="cosine", fingerprint="fp").close()  # free again

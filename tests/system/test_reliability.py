@@ -402,3 +402,73 @@ def test_fuzz_cli_arguments(argv, capsys):
     err = capsys.readouterr().err
     assert code in (0, 1, 2)
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ issue #25 (files)
+
+
+def test_atomic_writers_refuse_what_is_not_a_regular_file(tmp_path):
+    """`--out /dev/full`: every atomic writer (tripletlab.utils, used by rundir.files) refuses
+    a device, a FIFO or a directory instead of renaming a regular file over it."""
+    from tripletlab import InputError
+    from tripletlab.rundir.files import save_weights
+    from tripletlab.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "dir").mkdir()
+    for target in ("/dev/full", "/dev/null", fifo, tmp_path / "dir"):
+        for write in (
+            lambda p: atomic_write_bytes(p, b"x"),
+            lambda p: atomic_write_text(p, "x"),
+            lambda p: atomic_write_json(p, {}),
+            lambda p: save_weights(p, {"w": torch.zeros(1)}),
+        ):
+            with pytest.raises(InputError, match="not a regular file"):
+                write(target)
+    assert Path("/dev/full").is_char_device() and fifo.is_fifo()
+    atomic_write_bytes(tmp_path / "ok.bin", b"x")  # a regular file (new or old) is fine
+    atomic_write_bytes(tmp_path / "ok.bin", b"y")
+    assert (tmp_path / "ok.bin").read_bytes() == b"y"
+
+
+def test_a_killed_checkpoint_write_leaves_no_directory_behind(tmp_path, monkeypatch):
+    from tripletlab.rundir import files
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / f".checkpoint.tmp-{dead.pid}").mkdir()  # a write SIGKILLed halfway
+    (run / ".checkpoint.tmp-notapid").mkdir()  # not ours: left alone
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "save_weights", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        files.save_checkpoint(run, {"w": torch.zeros(1)}, {}, {"step": 1})
+    assert sorted(p.name for p in run.iterdir()) == [".checkpoint.tmp-notapid"]
+
+
+def test_hostile_run_and_config_files_are_clear_errors(tmp_path):
+    """config.json holding 10^400, `"train": "oops"` or a FIFO; a --config FIFO."""
+    from tripletlab import FileFormatError
+    from tripletlab.rundir.files import read_json
+    from tripletlab.train.config import load_config_file
+
+    p = tmp_path / "config.json"
+    for text, match in (
+        ('{"model": {"embedding_dim": 1' + "0" * 400 + "}}", "401 digits"),
+        ('{"train": "oops", "model": {}}', "'train' must be a JSON object"),
+        ('{"model": ' * 5000 + "1" + "}" * 5000, "cannot read"),
+    ):
+        p.write_text(text)
+        with pytest.raises(FileFormatError, match=match):
+            read_json(p, "run config")
+    p.unlink()
+    os.mkfifo(p)
+    with pytest.raises(FileFormatError, match="not a regular file"):
+        read_json(p, "run config")  # would block forever in read_text
+    with pytest.raises(FileFormatError, match="not a regular file"):
+        load_config_file(p)

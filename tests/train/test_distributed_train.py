@@ -229,3 +229,63 @@ def test_streamed_images_train_under_two_processes(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 10
+
+
+def _weights_bytes(run: Path) -> bytes:
+    t = _model(run)
+    return b"".join(k.encode() + t[k].numpy().tobytes() for k in sorted(t))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the worker pids")
+@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
+def test_a_killed_rank_resumes_to_the_bytes_of_an_uninterrupted_run(tmp_path, stream):
+    """Issue #25 row 8: 2 gloo processes on images (per-rank augmentation draws; streamed:
+    data workers per rank). SIGKILL one rank after the checkpoint at step >= 10, resume with
+    --resume: the final weights are byte-identical to a run that never stopped."""
+    from helpers import make_folder
+
+    root = make_folder(tmp_path / "imgs", n_classes=6, per_class=8, size=(16, 16), rgb=True)
+    args = ["--data", str(root), "--steps", "40", "--checkpoint-every", "10", "--no-eval",
+            "--seed", "5", "--threads", "1", "--dist-timeout", "20", "--split-by", "sample",
+            *COMMON]  # fmt: skip
+    if stream:
+        args += ["--stream", "--workers", "1"]
+    full = subprocess.run(
+        _torchrun(2, [*args, "--out", str(tmp_path / "full")]),
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert full.returncode == 0, full.stderr[-3000:]
+    run = tmp_path / "cut"
+    proc = subprocess.Popen(
+        _torchrun(2, [*args, "--out", str(run)]),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    state_json = run / "checkpoint" / "state.json"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # the first checkpoint after step 0
+            try:
+                if json.loads(state_json.read_text())["step"] >= 10:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.02)
+        pids = _worker_pids(proc.pid)
+        assert set(pids) == {0, 1}, pids
+        os.kill(pids[1], signal.SIGKILL)
+        proc.communicate(timeout=90)  # bounded: the survivor stops within --dist-timeout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    step = json.loads(state_json.read_text())["step"]
+    assert 10 <= step < 40, step  # killed at a checkpoint before the end
+    resumed = subprocess.run(
+        _torchrun(2, ["--resume", str(run), "--quiet"]),
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {run} at step {step}" in resumed.stdout + resumed.stderr
+    assert _weights_bytes(run) == _weights_bytes(tmp_path / "full")

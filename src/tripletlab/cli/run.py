@@ -169,8 +169,9 @@ def _add_embed(sub) -> None:
 
 
 def _cmd_embed(args) -> int:
-    from ..utils import atomic_write_bytes
+    from ..utils import atomic_write_bytes, check_replaceable
 
+    check_replaceable(args.out)  # before the work: never rename over /dev/full or a FIFO
     inf = _inference(args)
     got = _embeddings(inf, args)
     if got is None:  # a rank > 0 of --distributed: rank 0 writes

@@ -58,14 +58,50 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--max-batch", type=int, default=64, help="images per model call (64)")
     p.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=4 * 4096 * 4096,
+        help="decoded pixels of all images of one request, checked from their headers "
+        "before decoding (67,108,864)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections; above it requests get 503 (256)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send its request headers (10); slower ones are closed",
+    )
+    p.add_argument(
         "--threads", type=int, default=None, help="CPU threads for inference (torch or onnx)"
     )
     p.set_defaults(func=_cmd_serve)
 
 
+def _token(given: str | None, flag: str, env_var: str) -> str | None:
+    """The token of ``flag``, else of ``$env_var``, else ``None`` (no authentication). A given
+    but empty or blank one is an error, never "no token": ``--token "$UNSET_VAR"`` must not
+    open the server."""
+    import os
+
+    if given is None:
+        given = os.environ.get(env_var)
+        flag = f"${env_var}"
+    if given is not None and not given.strip():
+        raise InputError(
+            f"{flag} is empty: give a token (e.g. `openssl rand -hex 16`), or leave {flag} "
+            "out altogether to serve without authentication"
+        )
+    return given
+
+
 def _cmd_serve(args) -> int:
     import ipaddress
-    import os
+    import math
 
     try:
         from ..serve import ServeSettings, create_app, run_server
@@ -76,8 +112,16 @@ def _cmd_serve(args) -> int:
         ) from None
     from ..serve.app import READ_TOKEN_ENV, TOKEN_ENV
 
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    read_token = args.read_token or os.environ.get(READ_TOKEN_ENV) or None
+    token = _token(args.token, "--token", TOKEN_ENV)
+    read_token = _token(args.read_token, "--read-token", READ_TOKEN_ENV)
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise InputError(f"--threshold must be a finite number, got {args.threshold}")
+    if args.max_connections < 1:
+        raise InputError(f"--max-connections must be at least 1, got {args.max_connections}")
+    if not (math.isfinite(args.header_timeout) and args.header_timeout > 0):
+        raise InputError(f"--header-timeout must be a positive number, got {args.header_timeout}")
     if args.threads:
         import torch
 
@@ -88,6 +132,8 @@ def _cmd_serve(args) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
         max_batch=args.max_batch,
+        max_request_pixels=args.max_request_pixels,
+        max_inflight_pixels=max(16 * 4096 * 4096, args.max_request_pixels),
         threshold=args.threshold,
     )
     app = create_app(
@@ -116,7 +162,14 @@ def _cmd_serve(args) -> int:
         f"a gallery of {len(app.state.store)} items on http://{args.host}:{args.port}/",
         flush=True,
     )
-    run_server(app, host=args.host, port=args.port, log_level="warning")
+    run_server(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+    )
     return 0
 
 
@@ -145,14 +198,28 @@ def _cmd_export(args) -> int:
         from ..inference.onnx import compare_onnx, export_onnx
     except ImportError as e:  # pragma: no cover
         raise InputError(f"export needs onnx: pip install 'tripletlab[serve]' ({e})") from None
+    from ..utils import check_replaceable
+
+    check_replaceable(args.out)  # before the work: never rename over /dev/full or a FIFO
     out = export_onnx(args.model, args.out, opset=args.opset)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     if not args.check_data:
         return 0
+    import os
+
     from ..data import IMAGE_EXTENSIONS
 
     root = Path(args.check_data)
-    files = sorted(str(f) for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+
+    def unreadable(e: OSError) -> None:  # a sample to compare on: say so, and go on
+        print(f"warning: cannot read folder {e.filename}: {e.strerror}", file=sys.stderr)
+
+    files = sorted(
+        os.path.join(d, f)
+        for d, _, names in os.walk(root, onerror=unreadable)
+        for f in names
+        if Path(f).suffix.lower() in IMAGE_EXTENSIONS
+    )
     if not files:
         raise InputError(f"no images under {root}")
     files = files[:: max(1, len(files) // 64)][:64]

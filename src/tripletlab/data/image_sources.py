@@ -31,6 +31,7 @@ def read_image_manifest(path: str | os.PathLike[str], check_files: bool = True):
     if not p.is_file():
         raise MissingFileError(f"manifest not found: {p}")
     rows: list[tuple[str, str]] = []
+    reader, next_line = None, 2  # the line a csv.Error is in
     try:
         if p.suffix.lower() == ".jsonl":
             with open(p, encoding="utf-8") as f:
@@ -55,12 +56,16 @@ def read_image_manifest(path: str | os.PathLike[str], check_files: bool = True):
                         )
                 reader.fieldnames = header
                 for n, row in enumerate(reader, 2):
+                    next_line = n + 1
                     if row.get("path") in (None, "") or row.get("label") in (None, ""):
                         raise FileFormatError(f"{p} line {n}: empty path or label")
                     rows.append((row["path"].strip(), row["label"].strip()))
         else:
             raise FileFormatError(f"{p}: a manifest is a .csv or .jsonl file")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+    except csv.Error as e:  # e.g. a field above csv's 131,072-character limit
+        line = f" line {next_line}" if reader is not None else ""
+        raise FileFormatError(f"cannot read manifest {p}{line}: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FileFormatError(f"cannot read manifest {p}: {e}") from None
     if not rows:
         raise FileFormatError(f"manifest {p} lists no images")
@@ -88,7 +93,7 @@ def scan_images(source: str | os.PathLike[str], skip_bad: bool = False):
         return read_image_manifest(src)
     if not src.is_dir():
         raise MissingFileError(f"image folder or manifest not found: {src}")
-    files, labels, other, _ = _scan_image_folder(src)
+    files, labels, other, _ = _scan_image_folder(src, skip_bad)
     if other and not skip_bad:
         raise FileFormatError(
             f"{len(other)} files in {_display(src)} are not images in a class folder (e.g. "

@@ -83,8 +83,13 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[str], list[str]]:
+def _scan_image_folder(
+    root: Path, skip_bad: bool = False
+) -> tuple[list[str], list[str], list[str], list[str]]:
     """(files, class names, non-image files, ignored folders), in sorted order.
+
+    A folder that cannot be listed (e.g. ``chmod 000``) is a :class:`FileFormatError` naming
+    it, or with ``skip_bad`` a warning: never silently a smaller data set.
 
     Hidden files and folders (``.name``) are ignored. Symlinked folders are followed when they
     point outside ROOT; every folder is read at most once (by device and inode), and links back
@@ -94,7 +99,18 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[str], lis
     real_root = os.path.realpath(root)
     st = os.stat(root)
     seen: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    unreadable: list[str] = []
+
+    def onerror(e: OSError) -> None:
+        where = _display(e.filename) if e.filename else _display(root)
+        if not skip_bad:
+            raise FileFormatError(
+                f"cannot read folder {where}: {e.strerror or e}; fix its permissions, or pass "
+                "--skip-bad to leave it out"
+            ) from None
+        unreadable.append(where)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=True):
         keep = []
         for d in sorted(dirnames):
             if d.startswith("."):
@@ -125,6 +141,12 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[str], lis
                 labels.append(_display(rel).replace(os.sep, "/"))
             else:
                 other.append(full)
+    if unreadable:
+        warnings.warn(
+            f"left out {len(unreadable)} unreadable folder(s) under {_display(root)} "
+            f"(e.g. {unreadable[0]})",
+            stacklevel=3,
+        )
     return files, labels, other, ignored_links
 
 
@@ -174,12 +196,16 @@ def image_to_array(im, mode: str | None, size: tuple[int, int] | None) -> np.nda
     from PIL import Image
 
     palette = im.mode in ("P", "PA")
-    if mode is None:
-        im = im.convert("L" if im.mode in _GREY_MODES else "RGB")
-    else:
-        im = im.convert(mode)
-    if size is not None and im.size != (size[1], size[0]):
-        im = im.resize((size[1], size[0]), Image.BILINEAR)
+    target = mode or ("L" if im.mode in _GREY_MODES else "RGB")
+    try:  # e.g. a LAB or CMYK-with-alpha TIFF: Pillow has no conversion to RGB
+        im = im.convert(target)
+        if size is not None and im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.BILINEAR)
+    except (ValueError, OSError) as e:
+        raise InputError(
+            f"cannot use an image of mode {im.mode} ({im.size[0]}x{im.size[1]}): conversion "
+            f"to {target} failed ({e}); send an RGB or greyscale image"
+        ) from None
     arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         return arr[None]
@@ -235,7 +261,7 @@ def load_image_files(
 
 
 def load_image_folder(root: Path, image_size=None, grayscale=None, skip_bad=False) -> Dataset:
-    files, labels, other, ignored_links = _scan_image_folder(root)
+    files, labels, other, ignored_links = _scan_image_folder(root, skip_bad)
     if ignored_links:
         warnings.warn(
             f"ignored {len(ignored_links)} folders under {_display(root)} reached again "
@@ -363,6 +389,11 @@ def _vectors(x: np.ndarray, y: np.ndarray, path: Path) -> Dataset:
     if y.dtype.kind == "f":
         if not np.isfinite(y).all() or not np.all(y == np.round(y)):
             raise FileFormatError(f"{path}: labels must be integers or strings")
+        if len(y) and np.abs(y).max() > 2**53:  # e.g. 1e30: no int64, and floats lose digits
+            raise FileFormatError(
+                f"{path}: label {y.flat[int(np.abs(y).argmax())]:g} is beyond the integers a "
+                "float holds exactly (2^53); store labels as integers or strings"
+            )
         y = y.astype(np.int64)
     labels, classes = _contiguous_labels(y.tolist())
     return Dataset(
@@ -403,7 +434,11 @@ def load_vector_file(path: Path) -> Dataset:
             import csv
 
             with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.reader(f))
+                reader = csv.reader(f)
+                try:
+                    rows = list(reader)
+                except csv.Error as e:  # e.g. a field above csv's 131,072-character limit
+                    raise FileFormatError(f"{path} line {reader.line_num}: {e}") from None
             if not rows:
                 raise FileFormatError(f"{path} is empty")
             header = [h.strip() for h in rows[0]]

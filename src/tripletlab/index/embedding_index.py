@@ -432,6 +432,8 @@ class EmbeddingIndex:
             bad.append("meta.json paths are not a list of strings of the index's length")
         if not bad and np.unique(index.ids).size != count:
             bad.append("ids.npy holds duplicate ids")
+        if not bad:
+            bad += _content_problems(index, data_file)
         if bad:
             raise FileFormatError(
                 f"index in {d} is inconsistent with its manifest ({count} x {dim}): "
@@ -442,6 +444,34 @@ class EmbeddingIndex:
     @staticmethod
     def remove(directory) -> None:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+#: the faiss class each kind is stored as (a manifest naming another kind is a damaged index)
+_FAISS_CLASSES = {
+    "flat": ("IndexFlatIP", "IndexFlatL2", "IndexFlat"),
+    "hnsw": ("IndexHNSWFlat",),
+    "ivf": ("IndexIVFFlat",),
+    "ivfpq": ("IndexIVFPQ",),
+}
+
+
+def _content_problems(index: EmbeddingIndex, data_file: str) -> list[str]:
+    """What a loaded index's files hold that no :meth:`EmbeddingIndex.save` writes: a faiss
+    structure of another kind than the manifest's, or non-finite vectors (checked where the
+    vectors are stored as such: numpy, faiss flat and hnsw)."""
+    bad = []
+    vectors = None
+    if index.backend == "faiss":
+        name = type(index._index).__name__
+        if name not in _FAISS_CLASSES[index.kind]:
+            bad.append(f"{data_file} holds a faiss {name}, not a {index.kind!r} index")
+        elif index.kind in ("flat", "hnsw") and len(index):
+            vectors = index._index.reconstruct_n(0, len(index))
+    else:
+        vectors = index._vectors
+    if vectors is not None and not np.isfinite(vectors).all():
+        bad.append(f"{data_file} holds NaN or infinite vectors")
+    return bad
 
 
 def search_quality(

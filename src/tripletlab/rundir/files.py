@@ -48,6 +48,7 @@ __all__ = [
     "model_fingerprint",
     "read_json",
     "read_jsonl",
+    "remove_stale_checkpoint_dirs",
     "save_checkpoint",
     "save_weights",
     "trim_metrics",
@@ -58,18 +59,39 @@ CHECKPOINT_FORMAT = 1
 _CHECKPOINT_FILES = ("state.safetensors", "optimizer.pt", "state.json")
 
 
+#: what a run's config.json holds as JSON objects (a string there is a damaged file)
+_RUN_CONFIG_OBJECTS = ("train", "model", "data")
+_MAX_JSON_INT_DIGITS = 19  # int64; a 400-digit integer is a damaged or hostile file
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_JSON_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits (more than int64 holds)")
+    return int(text)
+
+
 def read_json(path: str | Path, what: str) -> dict:
     """A JSON object from ``path``; MissingFileError / FileFormatError naming ``what`` and the
-    path otherwise."""
+    path otherwise: also for something that is not a regular file (a FIFO would block), an
+    integer beyond int64, nesting too deep, and in a run config (``what`` "run config") a
+    ``train`` / ``model`` / ``data`` entry that is not an object."""
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise FileFormatError(f"{what} {path} is not a regular file")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = json.loads(path.read_text(encoding="utf-8"), parse_int=_bounded_int)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FileFormatError(f"cannot read {what} {path}: {e}") from None
     if not isinstance(obj, dict):
         raise FileFormatError(f"{what} {path} must hold a JSON object")
+    if what == "run config":
+        for key in _RUN_CONFIG_OBJECTS:
+            if key in obj and obj[key] is not None and not isinstance(obj[key], dict):
+                raise FileFormatError(
+                    f"{what} {path}: {key!r} must be a JSON object, got {obj[key]!r:.60}"
+                )
     return obj
 
 
@@ -146,17 +168,22 @@ def save_checkpoint(
 ) -> None:
     """Write ``run_dir/checkpoint`` atomically (temp dir + rename) with a checksum manifest."""
     run_dir = Path(run_dir)
+    remove_stale_checkpoint_dirs(run_dir)
     tmp = run_dir / f".checkpoint.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_weights(tmp / "state.safetensors", tensors)
-    buf = io.BytesIO()
-    torch.save(optim_state, buf)
-    atomic_write_bytes(tmp / "optimizer.pt", buf.getvalue())
-    atomic_write_json(tmp / "state.json", state)
-    write_manifest(tmp, _CHECKPOINT_FILES, format=CHECKPOINT_FORMAT, step=state["step"])
-    fsync_dir(tmp)
+    try:
+        save_weights(tmp / "state.safetensors", tensors)
+        buf = io.BytesIO()
+        torch.save(optim_state, buf)
+        atomic_write_bytes(tmp / "optimizer.pt", buf.getvalue())
+        atomic_write_json(tmp / "state.json", state)
+        write_manifest(tmp, _CHECKPOINT_FILES, format=CHECKPOINT_FORMAT, step=state["step"])
+        fsync_dir(tmp)
+    except BaseException:  # e.g. a full disk: leave the previous checkpoint, and no debris
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final, old = run_dir / "checkpoint", run_dir / ".checkpoint.old"
     if old.exists():
         shutil.rmtree(old)
@@ -168,10 +195,42 @@ def save_checkpoint(
         shutil.rmtree(old)
 
 
+def remove_stale_checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Remove the ``.checkpoint.tmp-PID`` directories of processes that no longer run (a
+    checkpoint write killed halfway, e.g. by SIGKILL); returns what was removed.
+
+    Example:
+        >>> remove_stale_checkpoint_dirs("runs/x")  # doctest: +SKIP
+        []
+    """
+    removed = []
+    d = Path(run_dir)
+    if not d.is_dir():
+        return removed
+    for p in d.glob(".checkpoint.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
 def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """Read and verify ``run_dir/checkpoint`` (falls back to the previous one if a crash
     interrupted the final rename). Raises FileFormatError naming the bad file."""
     run_dir = Path(run_dir)
+    remove_stale_checkpoint_dirs(run_dir)
     ckpt = run_dir / "checkpoint"
     if not (ckpt / MANIFEST).exists() and (run_dir / ".checkpoint.old").exists():
         ckpt = run_dir / ".checkpoint.old"

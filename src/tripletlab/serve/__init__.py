@@ -30,12 +30,56 @@ __all__ = [
 ]
 
 
-def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def run_server(
+    app,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    max_connections: int = 256,
+    header_timeout_s: float = 10.0,
+    keep_alive_s: float = 5.0,
+) -> None:
     """Run ``app`` with uvicorn until interrupted (one process, one event loop).
+
+    The port is bound first, so a port in use or out of range is an
+    :class:`~tripletlab.errors.InputError` (the CLI: a message, exit 1). Slow clients are
+    bounded: a connection must send its complete request headers within ``header_timeout_s``
+    (else it is closed), an idle keep-alive connection is closed after ``keep_alive_s``, and
+    above ``max_connections`` open connections new requests get 503 (uvicorn's
+    ``limit_concurrency``); the body's own deadline is :class:`.http._BodyLimit`'s.
 
     Example:
         >>> run_server(create_app("runs/faces"), port=8000)  # doctest: +SKIP
     """
+    import socket
+
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    from ..errors import InputError
+    from .server import header_timeout_protocol
+
+    if not 0 < port < 65536:
+        raise InputError(f"port must be between 1 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, *_, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=int(keep_alive_s),
+        http=header_timeout_protocol(header_timeout_s),
+    )
+    uvicorn.Server(config).run(sockets=[sock])

@@ -18,7 +18,13 @@ from fastapi import FastAPI
 
 from .. import __version__
 from .engine import load_embedder
-from .http import _BodyLimit, _MetricsMiddleware, install_error_handlers
+from .http import (
+    _BodyLimit,
+    _EarlyAuth,
+    _MetricsMiddleware,
+    _ReleasePixels,
+    install_error_handlers,
+)
 from .routes import routers
 from .state import ServeSettings, ServeState, check_settings, gallery_writer
 
@@ -72,6 +78,7 @@ def create_app(
         version=__version__,
         description=APP_DESCRIPTION,
         lifespan=serving_lifespan(state),
+        redoc_url=None,  # it loads its script from a CDN; /docs (Swagger UI) does too
     )
     app.state.serve = state
     app.state.embedder, app.state.store, app.state.settings = embedder, state.store, s
@@ -81,7 +88,9 @@ def create_app(
     for router in route_groups:
         app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(_ReleasePixels, budget=state.pixels)
     app.add_middleware(_BodyLimit, max_bytes=s.max_upload_bytes)
+    app.add_middleware(_EarlyAuth, settings=s)  # 401 before a byte of the body is read
     # the metrics name a request rejected before routing by its path when that is a route's:
     # the routers' own routes too (recent FastAPI keeps an included router as one entry)
     known_routes = [*app.router.routes, *(r for router in route_groups for r in router.routes)]

@@ -27,7 +27,9 @@ class _Job:
 class BatchQueue:
     """Run ``fns[kind](items) -> np.ndarray (len(items), D)`` in one worker thread, joining the
     jobs that arrive within ``max_wait_s`` of each other into batches of up to ``max_batch``
-    items. ``await queue.submit(kind, items)`` returns the job's own rows.
+    items. ``await queue.submit(kind, items)`` returns the job's own rows, or raises the error
+    of its own items: when a batch fails, its jobs are run again one by one, so one bad
+    request never fails the others that shared its model call.
 
     Example:
         >>> q = BatchQueue({"vectors": lambda xs: np.stack(xs) * 2})
@@ -48,6 +50,7 @@ class BatchQueue:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self.items = 0
+        self.isolated = 0  # failed batches whose jobs were retried one by one
 
     def start(self) -> None:
         if self._thread is None:
@@ -95,14 +98,21 @@ class BatchQueue:
             self._execute(batch)
 
     def _execute(self, batch: list[_Job]) -> None:
+        """One model call for the batch; if it fails, each job is retried alone, so a bad
+        item fails its own request and never the requests batched with it."""
         items = [it for j in batch for it in j.items]
         try:
             out = self.fns[batch[0].kind](items)
             self.batches += 1
             self.items += len(items)
-        except BaseException as e:  # noqa: BLE001 - handed to every waiting request
+        except BaseException as e:  # noqa: BLE001 - isolated below, or handed to its request
+            if len(batch) == 1 or not isinstance(e, Exception):
+                for j in batch:
+                    j.loop.call_soon_threadsafe(_set_exception, j.future, e)
+                return
+            self.isolated += 1
             for j in batch:
-                j.loop.call_soon_threadsafe(_set_exception, j.future, e)
+                self._execute([j])
             return
         s = 0
         for j in batch:

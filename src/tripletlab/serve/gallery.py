@@ -7,6 +7,13 @@ with two renames (``NAME -> .NAME.old``, ``.NAME.new -> NAME``), fsyncing the pa
 between the renames leaves ``.NAME.old``, which the next :class:`GalleryStore` puts back: the
 gallery on disk is always a complete index whose checksums verify, holding every change that
 was answered with success. Enrolled images are kept, named by their sha256, in ``NAME.images/``.
+
+One process at a time: a store holds an exclusive ``fcntl.flock`` on ``.NAME.lock`` beside
+the directory (the directory itself is replaced on every change, so the lock cannot live
+inside it) for as long as it is open; a second server on the same ``--index`` refuses to start
+with an :class:`~tripletlab.errors.InputError` naming the process that holds it. The lock goes
+with the process, however it ends (the kernel drops it), so a killed server never leaves a
+stale lock behind.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from ..errors import InputError
 from ..index.embedding_index import EmbeddingIndex
 from ..utils import atomic_write_bytes, atomic_write_json, fsync_dir
 
-__all__ = ["Enrolment", "GalleryStore", "recover_gallery"]
+__all__ = ["Enrolment", "GalleryStore", "lock_gallery", "recover_gallery"]
 
 SERVE_STATE = "serve.json"  # the server's own state beside the index files (next id)
 
@@ -49,6 +56,41 @@ def recover_gallery(directory: str | Path) -> None:
         fsync_dir(d.parent)
     shutil.rmtree(new, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def lock_gallery(directory: str | Path):
+    """An open file holding an exclusive, non-blocking ``flock`` on ``directory``'s lock file
+    ``.NAME.lock`` (its parent is created if need be); :class:`InputError` naming the holder's
+    pid when another process has it. Close the file to release the lock. ``None`` where the
+    platform has no ``fcntl``.
+
+    Example:
+        >>> f = lock_gallery("gallery")  # doctest: +SKIP
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    d = Path(directory)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    path = d.parent / f".{d.name}.lock"
+    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open as the lock
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise InputError(
+            f"the index {d} is in use by another process (pid {holder}, lock {path}): two "
+            "servers on one index would lose each other's enrolments. Stop the other server, "
+            "or serve a copy of the index"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 class GalleryStore:
@@ -76,6 +118,17 @@ class GalleryStore:
         self.fingerprint = fingerprint
         self.lock = threading.RLock()  # guards the in-memory index
         self._write_lock = threading.Lock()  # serialises apply() (changes + persist)
+        self._lock_file = None
+        if self.directory is not None:
+            self._lock_file = lock_gallery(self.directory)  # before anything is read
+        try:
+            self._open(dim, metric, images_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, dim: int, metric: str, images_dir: str | Path | None) -> None:
+        fingerprint = self.fingerprint
         if self.directory is not None:
             recover_gallery(self.directory)
             d = self.directory
@@ -110,6 +163,12 @@ class GalleryStore:
         # ids are never reused, even after deleting the largest: the next one is kept on disk
         self.next_id = self._read_next_id()
         self._memory_images: dict[int, bytes] = {}  # enrolled images of an in-memory gallery
+
+    def close(self) -> None:
+        """Release the index directory's lock (the store must not be changed afterwards)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -164,26 +223,35 @@ class GalleryStore:
         with self._write_lock:  # one writer at a time; readers only wait for the changes
             results: list = []
             changed = False
-            with self.lock:
-                for ch in changes:
-                    try:
-                        if isinstance(ch, Enrolment):
-                            results.append(self._enrol(ch))
-                        else:
-                            if self.index.remove_ids([int(ch)]) == 0:
-                                raise KeyError(int(ch))
-                            results.append(True)
-                        changed = True
-                    except (InputError, KeyError, OSError) as e:
-                        results.append(e)
-            if changed:
-                try:
+            try:
+                with self.lock:
+                    for ch in changes:
+                        try:
+                            if isinstance(ch, Enrolment):
+                                results.append(self._enrol(ch))
+                            else:
+                                if self.index.remove_ids(self._item_id(ch)) == 0:
+                                    raise KeyError(int(ch))
+                                results.append(True)
+                            changed = True
+                        except Exception as e:  # noqa: BLE001 - this change's own answer
+                            results.append(e)
+                if changed:
                     self._persist()  # reads the index only: searches go on meanwhile
-                except BaseException:
-                    with self.lock:
-                        self._reload()
-                    raise
+            except BaseException:
+                # nothing may stay in memory that is not on disk: a later persist would store
+                # changes whose requests were answered with an error (and retried)
+                with self.lock:
+                    self._reload()
+                raise
             return results
+
+    @staticmethod
+    def _item_id(ch) -> list[int]:
+        i = int(ch)
+        if not 0 <= i < 2**63:
+            raise KeyError(i)
+        return [i]
 
     def _enrol(self, e: Enrolment) -> int:
         classes = self.index.classes

@@ -3,10 +3,13 @@ dependencies (used by :func:`tripletlab.serve.app.create_app`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import hmac
 import json
 import logging
 import math
+import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -24,10 +27,12 @@ log = logging.getLogger("tripletlab.serve")
 
 
 class _BodyLimit:
-    """Reject request bodies above ``max_bytes`` with 413 (Content-Length or streamed)."""
+    """Reject request bodies above ``max_bytes`` with 413 (Content-Length or streamed), and
+    bodies not complete within ``timeout_s`` of the request's start with 408 (a slow client
+    trickling its upload)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float = 60.0) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -43,14 +48,24 @@ class _BodyLimit:
                     return await _send_json(send, 413, _too_large(limit))
         seen = 0
         started = False
+        body_done = False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive():
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, body_done
+            if body_done:  # e.g. waiting for a disconnect while the answer streams
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise HTTPException(
+                    408, f"the request body did not arrive within {self.timeout_s:g} s"
+                ) from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
                     raise HTTPException(413, _too_large(limit)["error"]["message"])
+                body_done = not msg.get("more_body", False)
             return msg
 
         async def tracking_send(msg):
@@ -62,22 +77,124 @@ class _BodyLimit:
         try:
             await self.app(scope, limited_receive, tracking_send)
         except HTTPException as e:
-            if started or e.status_code != 413:
+            if started or e.status_code not in (408, 413):
                 raise
-            await _send_json(send, 413, _too_large(limit))
+            body = _too_large(limit) if e.status_code == 413 else _err("timeout", str(e.detail))
+            await _send_json(send, e.status_code, body)
+
+
+_RESERVED: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "tripletlab_reserved_pixels", default=None
+)
+
+
+class PixelBudget:
+    """The decoded pixels of all requests in flight, bounded by ``limit``.
+
+    :meth:`reserve` is called with a request's pixel count (from the image headers, before
+    decoding) and raises a 503 HTTPException while the others already hold too much; the
+    reservation is returned by :class:`_ReleasePixels` once the request's answer is sent
+    (a request outside that middleware reserves nothing).
+
+    Example:
+        >>> b = PixelBudget(100)
+        >>> b.in_use
+        0
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_use, self.refused = int(limit), 0, 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> None:
+        held = _RESERVED.get()
+        if held is None or n <= 0:
+            return
+        with self._lock:
+            if self.in_use and self.in_use + n > self.limit:
+                self.refused += 1
+                raise HTTPException(
+                    503,
+                    f"the server is busy decoding {self.in_use:,} pixels for other requests "
+                    f"(limit {self.limit:,}); retry in a moment",
+                    headers={"Retry-After": "1"},
+                )
+            self.in_use += n
+        held.append(n)
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.in_use = max(0, self.in_use - n)
+
+
+class _ReleasePixels:
+    """Give back the pixels a request reserved in its :class:`PixelBudget` when it ends."""
+
+    def __init__(self, app, budget: PixelBudget) -> None:
+        self.app, self.budget = app, budget
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: list = []
+        token = _RESERVED.set(held)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _RESERVED.reset(token)
+            self.budget.release(sum(held))
+
+
+class _EarlyAuth:
+    """With a token set, answer 401 to a request that has a body (POST, PUT, PATCH, DELETE)
+    and no valid token *before* its body is read: FastAPI parses a multipart body before it
+    runs the routes' token dependencies, so an unauthenticated client could otherwise make
+    the server parse up to the upload limit. (Which token may do what stays with
+    :func:`auth_dependencies`.)"""
+
+    def __init__(self, app, settings: Any) -> None:
+        self.app, self.s = app, settings
+
+    async def __call__(self, scope, receive, send):
+        s = self.s
+        if (
+            scope["type"] != "http"
+            or s.token is None
+            or scope.get("method") not in ("POST", "PUT", "PATCH", "DELETE")
+        ):
+            return await self.app(scope, receive, send)
+        given = b""
+        for k, v in scope.get("headers", []):
+            if k == b"authorization":
+                scheme, _, cred = v.partition(b" ")
+                given = cred.strip() if scheme.lower() == b"bearer" else b""
+        tokens = [t.encode() for t in (s.token, s.read_token) if t]
+        if not given or not any(hmac.compare_digest(given, t) for t in tokens):
+            body = _err(
+                "unauthorized",
+                "this server needs a bearer token: send 'Authorization: Bearer TOKEN'"
+                if not given
+                else "invalid token",
+            )
+            return await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        return await self.app(scope, receive, send)
 
 
 def _too_large(limit: int) -> dict:
     return _err("request_too_large", f"request body above this server's limit of {limit:,} bytes")
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
     data = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"connection", b"close"),
+                *(headers or []),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": data})
@@ -184,10 +301,12 @@ def install_error_handlers(app: FastAPI) -> None:
             403: "forbidden",
             404: "not_found",
             405: "method_not_allowed",
+            408: "timeout",
             409: "conflict",
             413: "request_too_large",
             415: "unsupported_media_type",
             422: "invalid_request",
+            503: "busy",
         }.get(e.status_code, "bad_request")
         headers = getattr(e, "headers", None)
         return JSONResponse(_err(code, str(e.detail)), status_code=e.status_code, headers=headers)

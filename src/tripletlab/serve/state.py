@@ -22,8 +22,8 @@ from ..inference.run import Inference
 from ..validation import check_k
 from .batching import BatchQueue
 from .gallery import GalleryStore
-from .http import _Metrics, auth_dependencies
-from .images import decode_image
+from .http import PixelBudget, _Metrics, auth_dependencies
+from .images import decode_image, image_header
 
 __all__ = ["ServeSettings", "ServeState", "check_settings", "gallery_writer"]
 
@@ -44,6 +44,8 @@ class ServeSettings:
     read_token: str | None = None
     max_upload_bytes: int = 10 * 1024 * 1024  # whole request body
     max_pixels: int = 4096 * 4096  # per decoded image (decompression bombs)
+    max_request_pixels: int = 4 * 4096 * 4096  # all images of one request, from their headers
+    max_inflight_pixels: int = 16 * 4096 * 4096  # all requests being decoded or embedded
     max_k: int = 100
     max_files: int = 64  # images per /embed or /gallery request
     max_vectors: int = 1024  # rows per /embed vectors request
@@ -62,12 +64,25 @@ def check_settings(s: ServeSettings) -> None:
         ...
         tripletlab.errors.InputError: a read-only token needs a full token too (--token)
     """
-    for name in ("max_upload_bytes", "max_pixels", "max_k", "max_files", "max_batch"):
+    for name in (
+        "max_upload_bytes",
+        "max_pixels",
+        "max_request_pixels",
+        "max_inflight_pixels",
+        "max_k",
+        "max_files",
+        "max_batch",
+    ):
         v = getattr(s, name)
-        if not isinstance(v, int) or v < 1:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise InputError(f"{name} must be a positive integer, got {v!r}")
-    if s.token is not None and not s.token:
-        raise InputError("the token must not be empty")
+    for name in ("token", "read_token"):
+        v = getattr(s, name)
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            # e.g. --token "$UNSET_VAR": an empty token must never mean "no authentication"
+            raise InputError(f"the {name.replace('_', ' ')} must not be empty or blank")
+    if s.threshold is not None and not np.isfinite(s.threshold):
+        raise InputError(f"the threshold must be a finite number, got {s.threshold!r}")
     if s.read_token and not s.token:
         raise InputError("a read-only token needs a full token too (--token)")
 
@@ -92,6 +107,7 @@ class ServeState:
     write: list = field(default_factory=list)
     changes: asyncio.Queue | None = None
     thumbnails: dict[int, bytes] = field(default_factory=dict)
+    pixels: PixelBudget = field(default_factory=lambda: PixelBudget(16 * 4096 * 4096))
 
     @classmethod
     def for_embedder(cls, embedder: Any, index: Any, settings: ServeSettings) -> ServeState:
@@ -116,26 +132,45 @@ class ServeState:
             runtime=getattr(embedder, "runtime", "torch"),
             read=read,
             write=write,
+            pixels=PixelBudget(settings.max_inflight_pixels),
         )
 
     # -------------------------------------------------------------- request helpers
     async def read_images(self, files: list[UploadFile], what: str) -> list:
         """Decode uploaded files (off the event loop) into ``[(PIL image, bytes), ...]``;
-        422 for no file or a non-file, 413 above ``max_files``."""
+        422 for no file or a non-file, 413 above ``max_files`` or, from the headers alone
+        before any pixel is decoded, above ``max_request_pixels`` in all; 503 while the
+        requests in flight already hold ``max_inflight_pixels`` (released when this request's
+        answer is sent, see :class:`~tripletlab.serve.http.PixelBudget`)."""
         s = self.settings
         if not files:
             raise HTTPException(422, f"send at least one image in '{what}'")
         if len(files) > s.max_files:
             raise HTTPException(413, f"at most {s.max_files} images per request")
-        out = []
+        uploads = []
         for i, f in enumerate(files):
             if not hasattr(f, "read"):
                 raise HTTPException(422, f"'{what}' must be a file upload")
-            data = await f.read()
-            name = f.filename or f"{what}[{i}]"
-            im = await run_in_threadpool(decode_image, data, s.max_pixels, name)
-            out.append((im, data))
-        return out
+            uploads.append((await f.read(), f.filename or f"{what}[{i}]"))
+
+        def headers() -> list[tuple[int, int]]:
+            return [image_header(data, s.max_pixels, name) for data, name in uploads]
+
+        sizes = await run_in_threadpool(headers)
+        total = sum(w * h for w, h in sizes)
+        if total > s.max_request_pixels:
+            raise HTTPException(
+                413,
+                f"the {len(sizes)} image(s) of this request hold {total:,} pixels in all, above "
+                f"this server's limit of {s.max_request_pixels:,} pixels per request; send "
+                "fewer or smaller images",
+            )
+        self.pixels.reserve(total)  # 503 when busy; released after the answer is sent
+
+        def decode() -> list:
+            return [(decode_image(data, s.max_pixels, name), data) for data, name in uploads]
+
+        return await run_in_threadpool(decode)
 
     async def embed_images(self, images: list) -> np.ndarray:
         """Embeddings of decoded images, through the micro-batcher."""

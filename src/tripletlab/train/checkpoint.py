@@ -9,6 +9,13 @@ the batches (``"sampler"``) and of the learning-rate schedule (``"scheduler"``) 
 weights as one that never stopped. The file format is the one of every earlier version (old
 checkpoints resume).
 
+Under ``--distributed`` the model and optimiser are the same on every rank, but the random
+streams, a cross-batch memory and the batches' state (e.g. a stream's data workers) are each
+rank's own: rank 0 gathers them (:func:`rank_parts`) and saves rank ``r``'s as ``rank.r.NAME``
+tensors and ``state["ranks"][r]``; on resume with the same world size each rank loads its
+own (:func:`restore` with ``rank``/``world_size``), so a killed and resumed distributed run
+ends with the bytes of one that never stopped. Another world size resumes from rank 0's.
+
 Example:
     >>> loop = LoopState(step=20, best=0.5, best_step=10)
     >>> loop_json(loop, sampler={}, scheduler={}, total_steps=40, train_time_s=1.5)["best_step"]
@@ -33,6 +40,7 @@ __all__ = [
     "LoopState",
     "SessionClock",
     "loop_json",
+    "rank_parts",
     "restore",
     "resume",
     "save",
@@ -89,6 +97,22 @@ def stateful_tensors(
     return parts
 
 
+def rank_parts(tensor_parts: dict, batches) -> dict:
+    """This rank's own state: every part of :func:`stateful_tensors` but the model (a dict of
+    ``name -> tensor``) and the batches' JSON state (``"batches"``), to gather on rank 0."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (get, _) in tensor_parts.items():
+        if name == "model.":
+            continue
+        value = get()
+        if name.endswith("."):
+            for k, v in value.items():
+                tensors[name + k] = v.detach().cpu().contiguous()
+        else:
+            tensors[name] = value.detach().cpu().contiguous()
+    return {"tensors": tensors, "batches": batches.state_dict()}
+
+
 def loop_json(
     loop: LoopState, sampler: dict, scheduler: dict, total_steps: int, train_time_s: float
 ) -> dict:
@@ -111,10 +135,17 @@ def save(
     tensor_parts: dict,
     optimizer: torch.optim.Optimizer,
     state: dict,
+    ranks: list[dict] | None = None,
 ) -> None:
     """Write the checkpoint: each of ``tensor_parts`` (:func:`stateful_tensors`), the
-    optimiser and ``state`` (:func:`loop_json`)."""
+    optimiser and ``state`` (:func:`loop_json`); ``ranks``: every rank's :func:`rank_parts`
+    (distributed runs), saved as ``rank.R.NAME`` and ``state["ranks"]``."""
     tensors: dict[str, torch.Tensor] = {}
+    if ranks is not None:
+        state = {**state, "world_size": len(ranks), "ranks": [r["batches"] for r in ranks]}
+        for r, part in enumerate(ranks):
+            for k, v in part["tensors"].items():
+                tensors[f"rank.{r}.{k}"] = v
     for name, (get, _) in tensor_parts.items():
         value = get()
         if name.endswith("."):
@@ -132,11 +163,21 @@ def restore(
     scheduler,
     batches,
     loop: LoopState,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict:
     """Load the checkpoint of ``run_dir`` into the parts and ``loop``; returns the saved state
     json (``total_steps``, ``train_time_s``). A checkpoint of another model is a
-    :class:`FileFormatError`."""
+    :class:`FileFormatError`. A distributed checkpoint of ``world_size`` ranks gives rank
+    ``rank`` its own random streams, memory and batches state."""
     tensors, optim_state, state = load_checkpoint(run_dir)
+    own = f"rank.{rank}."
+    if state.get("world_size") == world_size and any(k.startswith(own) for k in tensors):
+        mine = {k[len(own) :]: v for k, v in tensors.items() if k.startswith(own)}
+        tensors = {**{k: v for k, v in tensors.items() if not k.startswith("rank.")}, **mine}
+        if name_clash := [k for k in mine if k.startswith("model.")]:  # pragma: no cover
+            raise FileFormatError(f"checkpoint in {run_dir}: model tensors per rank {name_clash}")
+        state = {**state, "sampler": state["ranks"][rank]}
     for name, (_, load) in tensor_parts.items():
         if not name.endswith("."):
             if name in tensors:  # rng.torch is always there; the others since they exist
@@ -174,11 +215,13 @@ def resume(
     total_steps: int,
     is_main: bool,
     log,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> float:
     """:func:`restore` a run to continue it to ``total_steps`` (an extension when larger than
     the saved one; an InputError when smaller than the step reached); metrics.jsonl loses the
     lines after the checkpoint (rank 0). Returns the training seconds of earlier sessions."""
-    saved = restore(run_dir, tensor_parts, optimizer, scheduler, batches, loop)
+    saved = restore(run_dir, tensor_parts, optimizer, scheduler, batches, loop, rank, world_size)
     if loop.step > total_steps:
         raise InputError(
             f"{run_dir} is at step {loop.step}; to extend it pass --steps greater than "

@@ -542,13 +542,15 @@ def load_config_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.exists() and str(path) in RECIPES:
         return copy.deepcopy(RECIPES[str(path)])
+    if p.exists() and not p.is_file():  # a FIFO would block the read
+        raise FileFormatError(f"config file {p} is not a regular file")
     try:
         return _read_config(p.read_text(encoding="utf-8"), str(p))
     except FileNotFoundError:
         raise FileFormatError(
             f"config file not found: {p} (built-in recipes: {', '.join(RECIPES)})"
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FileFormatError(f"cannot read config file {p}: {e}") from None
 
 

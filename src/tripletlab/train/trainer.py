@@ -355,8 +355,18 @@ class Trainer:
         return checkpoint.stateful_tensors(self.model, self.augment, self.loss_fn, self.criterion)
 
     def save_checkpoint(self) -> None:
-        """Write RUN/checkpoint (rank 0): the loop state and every stateful part."""
+        """Write RUN/checkpoint (rank 0): the loop state and every stateful part; under
+        ``--distributed`` every rank calls it and rank 0 saves each rank's own random
+        streams, memory and batches state too (:func:`.checkpoint.rank_parts`)."""
+        ranks = None
+        if self.dist is not None:
+            import torch.distributed as dist
+
+            mine = checkpoint.rank_parts(self._stateful(), self.batches)
+            ranks = [None] * self.dist.world_size
+            dist.all_gather_object(ranks, mine)
         if not self.is_main:
+            self._checkpoint_step = self.state.step
             return
         state = checkpoint.loop_json(
             self.state,
@@ -365,13 +375,14 @@ class Trainer:
             self.total_steps,
             self.clock.train_seconds(),
         )
-        checkpoint.save(self.run_dir, self._stateful(), self.opt, state)
+        checkpoint.save(self.run_dir, self._stateful(), self.opt, state, ranks)
         self._checkpoint_step = self.state.step
 
     def _restore(self) -> None:
         self.clock.before = checkpoint.resume(
             self.run_dir, self._stateful(), self.opt, self.sched, self.batches, self.state,
             self.total_steps, self.is_main, self.log,
+            self.dist.rank if self.dist else 0, self.dist.world_size if self.dist else 1,
         )  # fmt: skip
         self._checkpoint_step = self.state.step
 

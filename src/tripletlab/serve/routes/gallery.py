@@ -8,7 +8,7 @@ import asyncio
 from collections import defaultdict
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -20,6 +20,7 @@ from ..state import ServeState
 __all__ = [
     "FORMAT_EXT",
     "MAX_CACHED_THUMBNAILS",
+    "ItemId",
     "build_router",
     "gallery_listing",
     "make_thumbnail",
@@ -36,6 +37,8 @@ FORMAT_EXT = {
     "WEBP": "webp",
 }
 MAX_CACHED_THUMBNAILS = 4096  # the cache is emptied when it grows past this
+#: a gallery id: ids are int64 on disk, so anything else is 422 before it reaches the index
+ItemId = Annotated[int, Path(ge=0, le=2**63 - 1, description="a gallery item's id")]
 
 
 def gallery_listing(store: GalleryStore, offset: int, limit: int) -> dict:
@@ -99,7 +102,7 @@ def build_router(state: ServeState) -> APIRouter:
         return {"ids": results, "label": label, "gallery_size": len(store)}
 
     @router.delete("/gallery/{item_id}", dependencies=state.write)
-    async def delete(item_id: int) -> dict:
+    async def delete(item_id: ItemId) -> dict:
         """Remove one gallery item."""
         r = await (await state.queue_change(item_id))
         thumbs.pop(item_id, None)
@@ -110,7 +113,7 @@ def build_router(state: ServeState) -> APIRouter:
         return {"deleted": item_id, "gallery_size": len(store)}
 
     @router.get("/gallery/{item_id}/image", dependencies=state.read)
-    async def gallery_image(item_id: int) -> Response:
+    async def gallery_image(item_id: ItemId) -> Response:
         """A PNG thumbnail of a gallery item's image (when its file is readable)."""
         if item_id not in thumbs:
             try:

@@ -62,8 +62,8 @@ async def vectors_from_json(state: ServeState, request: Request) -> np.ndarray:
         raise HTTPException(422, "this model takes images: send multipart/form-data with 'images'")
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise HTTPException(422, "the body is not valid JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
+        raise HTTPException(422, "the body is not valid JSON (or is nested too deeply)") from None
     vec = body.get("vectors") if isinstance(body, dict) else None
     if not isinstance(vec, list) or not vec:
         raise HTTPException(422, 'send JSON {"vectors": [[...], ...]}')
@@ -71,8 +71,8 @@ async def vectors_from_json(state: ServeState, request: Request) -> np.ndarray:
         raise HTTPException(413, f"at most {state.settings.max_vectors} vectors per request")
     try:
         x = np.asarray(vec, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise HTTPException(422, "vectors must be a list of lists of numbers") from None
+    except (ValueError, TypeError, OverflowError, RecursionError):  # e.g. a 400-digit integer
+        raise HTTPException(422, "vectors must be a list of lists of (float32) numbers") from None
     if x.ndim < 2 or list(x.shape[1:]) != list(input_shape):
         raise HTTPException(
             422,
