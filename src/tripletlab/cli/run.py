@@ -147,6 +147,8 @@ def _cmd_eval(args) -> int:
         result = inf.evaluate(
             inf.load_data(args.data, args.skip_bad), args.distance, data=args.data
         )
+    if args.data is not None:  # a folder of the user's, not the run's test split
+        result = {**result, "split": "data", "data": str(args.data)}
     if args.json:
         print_json(result)
     else:

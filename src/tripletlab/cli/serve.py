@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, missing_dependency, require
 from ._base import print_json, register_command
 
 
@@ -70,10 +70,7 @@ def _cmd_serve(args) -> int:
     try:
         from ..serve import ServeSettings, create_app, run_server
     except ImportError as e:
-        raise InputError(
-            f"`tripletlab serve` needs the serve extra ({e.name} is missing): "
-            "pip install 'tripletlab[serve]'"
-        ) from None
+        raise missing_dependency(e.name or "fastapi", "`tripletlab serve`") from None
     from ..serve.app import READ_TOKEN_ENV, TOKEN_ENV
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
@@ -144,7 +141,8 @@ def _cmd_export(args) -> int:
     try:
         from ..inference.onnx import compare_onnx, export_onnx
     except ImportError as e:  # pragma: no cover
-        raise InputError(f"export needs onnx: pip install 'tripletlab[serve]' ({e})") from None
+        raise missing_dependency(e.name or "onnx", "`tripletlab export`") from None
+    require("onnx", "`tripletlab export`")  # before any work
     out = export_onnx(args.model, args.out, opset=args.opset)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     if not args.check_data:

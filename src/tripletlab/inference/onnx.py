@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import __version__
-from ..errors import FileFormatError, InputError, MissingFileError
+from ..errors import FileFormatError, InputError, MissingFileError, require
 from ..utils import atomic_write_bytes
 from .run import Inference
 
@@ -75,9 +75,9 @@ def export_onnx(
         >>> export_onnx("runs/faces", "faces.onnx")  # doctest: +SKIP
         PosixPath('faces.onnx')
     """
-    import onnx
     import torch
 
+    onnx = require("onnx", "ONNX export")
     run_dir = Path(run_dir)
     inf = Inference.from_run(run_dir)
     model, cfg = inf.model, inf.config
@@ -135,8 +135,7 @@ def read_onnx_metadata(path: str | Path) -> dict:
         >>> read_onnx_metadata("faces.onnx")["input_shape"]  # doctest: +SKIP
         [1, 56, 46]
     """
-    import onnx
-
+    onnx = require("onnx", "reading an ONNX model")
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"ONNX model not found: {path}")
@@ -180,12 +179,7 @@ class OnnxInference(Inference):
     ) -> OnnxInference:
         """The run's ``Inference`` with its forward pass replaced by an onnxruntime session
         on ``onnx_path`` (``threads`` intra-op threads; 0: onnxruntime's default)."""
-        try:
-            import onnxruntime as ort
-        except ImportError:  # pragma: no cover
-            raise InputError(
-                "the onnx runtime needs onnxruntime: pip install 'tripletlab[serve]'"
-            ) from None
+        ort = require("onnxruntime", "the onnx runtime")
         base = Inference.from_run(run_dir)
         meta = read_onnx_metadata(onnx_path)
         if meta.get("fingerprint") != base.fingerprint:

@@ -227,6 +227,9 @@ class Inference:
             "threshold": self.threshold,
             "source": self.threshold_source,
             **{k: v for k, v in info.items() if k.startswith("validation_")},
+            # how it was chosen (runs before issue #24: best accuracy, no key)
+            **({"rule": info["threshold_rule"]} if "threshold_rule" in info else {}),
+            **({"target_far": info["target_far"]} if "target_far" in info else {}),
         }
 
     def evaluate(

@@ -37,6 +37,7 @@ from .callbacks import (
     Checkpointing,
     CollapseWatch,
     HardClassRefresh,
+    IdleWatch,
     MetricsLog,
     TensorBoard,
 )
@@ -147,7 +148,8 @@ class Trainer:
                 self.metrics_log,
                 *([tensorboard] if tensorboard else []),
                 self.collapse_watch,
-                BestModel(cfg.patience),
+                IdleWatch(),
+                BestModel(cfg.patience or 0),
                 *callbacks,
                 Checkpointing(self.ckpt_every),  # these two act once the step is decided
                 self.hard_classes,
