@@ -139,12 +139,14 @@ class Inference:
         batch_size: int = 256,
         progress: bool = False,
         shard: tuple[int, int] | None = None,
+        unlabelled: bool = False,
     ) -> tuple[np.ndarray, torch.Tensor, list[str] | None, list[str]]:
         """``(embeddings, labels, paths, classes)`` of ``data`` (or of the run's test split):
         image folders and CSV/JSONL manifests are streamed from disk in batches with
         ``workers`` decoding processes, so memory does not grow with the number of images;
         other data (digits, idx, vectors) is loaded whole. ``shard=(rank, world_size)``: only
-        that rank's contiguous share (see :mod:`tripletlab.inference.shard`)."""
+        that rank's contiguous share (see :mod:`tripletlab.inference.shard`). ``unlabelled``:
+        a plain photo folder is accepted, each image labelled by its path (embed, index)."""
         emb, labels, paths, classes = embed_data(
             self.model,
             self.config,
@@ -156,6 +158,7 @@ class Inference:
             batch_size=batch_size,
             progress=progress,
             shard=shard,
+            unlabelled=unlabelled,
         )
         return emb.numpy(), labels, paths, classes
 
