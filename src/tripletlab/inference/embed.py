@@ -179,7 +179,7 @@ def embed_data(
         >>> emb, y, paths, classes = embed_data(model, cfg, "photos/", "runs/x")  # doctest: +SKIP
     """
     from ..data import apply_split
-    from ..rundir.files import load_dataset_for_run, read_json
+    from ..rundir.files import load_dataset_for_run, preprocessing, read_json
     from ..runtime.devices import resolve_device
     from .shard import shard_bounds
 
@@ -210,7 +210,7 @@ def embed_data(
     if shard is not None:  # this rank's files only
         lo, hi = shard_bounds(len(paths), *shard)
         paths, ids = paths[lo:hi], ids[lo:hi]
-    files = ImageFiles(paths, ids, size, channels)
+    files = ImageFiles(paths, ids, size, channels, fit=preprocessing(cfg)["fit"])
     emb, kept = embed(
         model,
         files,

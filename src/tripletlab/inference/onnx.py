@@ -50,11 +50,13 @@ DEFAULT_OPSET = 20  # affine_grid (the CNN's test-time zoom views) needs opset 2
 _PREFIX = "tripletlab."
 
 
-def _preprocessing(input_shape: list[int]) -> dict:
+def _preprocessing(input_shape: list[int], fit: str = "stretch") -> dict:
     if len(input_shape) == 3:
         return {
             "color": "L" if input_shape[0] == 1 else "RGB",
             "resize": [int(input_shape[1]), int(input_shape[2])],
+            # crop: scale to cover H x W, cut the centre; pad: fit inside, centre on black
+            "fit": fit,
             "interpolation": "bilinear",
             "scale": 1.0 / 255.0,
             "layout": "NCHW",
@@ -105,7 +107,7 @@ def export_onnx(
     proto = onnx.load_from_string(buf.getvalue())
     distance, threshold = inf.distance, inf.threshold
     meta = {
-        "preprocessing": json.dumps(_preprocessing(shape)),
+        "preprocessing": json.dumps(_preprocessing(shape, inf.fit)),
         "input_shape": json.dumps(shape),
         "embedding_dim": json.dumps(int(cfg["model"]["embedding_dim"])),
         "distance": distance,
@@ -264,7 +266,10 @@ def compare_onnx(
         }
         shape = ref.input_shape
         x_all, _ = load_image_files(
-            [str(p) for p in images], image_size=tuple(shape[1:]), grayscale=shape[0] == 1
+            [str(p) for p in images],
+            image_size=tuple(shape[1:]),
+            grayscale=shape[0] == 1,
+            fit=ref.fit,
         )
         session, name = ort_inf.session, ort_inf.session.get_inputs()[0].name
         for bs in batch_sizes:  # the model call alone: preprocessed input in, embeddings out

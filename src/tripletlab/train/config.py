@@ -134,9 +134,18 @@ class TrainConfig:
     )
     image_size: list[int] | None = _opt(
         None,
-        "resize images to H x W (default: the images' own size)",
+        "resize images to H x W (default: chosen from the images' size and number, printed "
+        "as auto:, e.g. 61x50 for AT&T's 112x92 faces)",
         nargs=2,
         metavar=("H", "W"),
+        group="data and split",
+    )
+    # aspect kept by default (issue #24: 320x243 frames were squashed into a 56x46 model)
+    resize: str | None = _opt(
+        None,
+        "how images reach H x W: crop (scale to cover, cut the centre: keeps the aspect) | pad "
+        "(scale to fit, black borders) | stretch (ignore the aspect); default crop, recorded "
+        "in the run and used for every image it reads later (runs made before: stretch)",
         group="data and split",
     )
     grayscale: bool | None = _opt(
@@ -311,7 +320,8 @@ class TrainConfig:
     steps: int | None = _opt(None, "total optimisation steps (overrides --epochs)", group="common")
     epochs: int | None = _opt(
         None,
-        "passes over the training split (PK batches per epoch ~ N / (P*K)); default 20, or 1 "
+        "passes over the training split (PK batches per epoch ~ N / (P*K)); default: for image "
+        "folders a step count chosen from the data (printed as auto:), else 20 epochs, or 1 "
         "for text (a pretrained encoder needs little)",
         group="optimisation",
     )
@@ -441,6 +451,7 @@ def option_choices() -> dict[str, list[str]]:
     a dict of augmentation arguments in a config file, and the ``None`` default of an option
     stands for its automatic choice."""
     from ..data.augment import AUGMENT_PRESETS
+    from ..data.loaders import FIT_MODES
     from ..distances import DISTANCES
     from ..functional import SEMIHARD_FALLBACKS, STRATEGIES
     from ..models.backbones import BACKBONES, TTA_MODES
@@ -459,6 +470,7 @@ def option_choices() -> dict[str, list[str]]:
         "sampler": ["pk", "hard-class"],
         "hard_class_by": ["centroid", "items"],
         "threshold_rule": ["target-far", "best-accuracy"],
+        "resize": list(FIT_MODES),
     }
 
 
