@@ -231,10 +231,22 @@ def _add_index(sub) -> None:
 
 
 def _cmd_index(args) -> int:
+    import sys
+    import time
+
+    t0 = time.perf_counter()
     inf = _inference(args)
+    print(f"index: embedding {args.data} ...", file=sys.stderr, flush=True)
     got = _embeddings(inf, args)
     if got is None:  # a rank > 0 of --distributed: rank 0 builds and writes the index
         return 0
+    print(
+        f"index: {len(got.embeddings)} embeddings in {time.perf_counter() - t0:.0f}s; building "
+        f"the {args.kind} index"
+        + (" and measuring its recall against exact search" if args.kind != "flat" else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     # text items are shown by their text
     paths = got.texts if got.texts is not None else got.paths
     index = inf.index_embeddings(

@@ -225,7 +225,8 @@ def _cmd_train(args) -> int:
         try:
             from ..report import build_report
 
-            result["report"] = str(build_report(trainer.run_dir))
+            quiet = (lambda _line: None) if cfg.quiet else None  # None: progress on stderr
+            result["report"] = str(build_report(trainer.run_dir, log=quiet))
         except Exception as e:  # noqa: BLE001 - a failed report must not lose the run
             print(f"warning: report not written: {e}", file=sys.stderr)
     if args.json:

@@ -558,9 +558,18 @@ def frozen_features(
                 f"backbone frozen: caching its features of {len(splits.train)} "
                 f"training images{mirror}"
             )
+        import time
+
+        t0 = time.perf_counter()
+        n_val = len(splits.val) if splits.val is not None else 0
+        log(
+            f"  computing them once: {len(splits.train) * (2 if flip else 1) + n_val} images "
+            "through the frozen blocks (a minute or more for a pretrained backbone on CPU)"
+        )
         features = FeatureCache.build(
             embed_split, model, splits.train, splits.val, flip, start=start, seed=cfg.seed + 4
         )
+        log(f"  features cached in {time.perf_counter() - t0:.0f}s")
     if whiten and fresh:
         fit = (
             features.fit_set(model)
