@@ -121,7 +121,8 @@ class TrainConfig:
     val_group_depth: int = _opt(
         0,
         "validation holds out whole groups of classes: their first N folder levels (1 on "
-        "Omniglot = whole alphabets); 0 = single classes",
+        "Omniglot = whole alphabets, so validation characters come from alphabets never "
+        "trained on, as the test's do); 0 = single classes",
         group="data and split",
     )
     val_folds: int = _opt(
@@ -176,7 +177,13 @@ class TrainConfig:
         group="model",
     )
     augment: Any = _opt(
-        None, "augmentation preset (default: light for images, none for vectors)", group="model"
+        None,
+        "augmentation preset (default: light for images, crop when streamed, none for "
+        "vectors): none | flip (mirror only) | light (small rotation, shift, zoom) | faces "
+        "(light, stronger, + mirror: faces are left-right symmetric) | strokes (faces without "
+        "the mirror: handwriting is not) | crop / faces-crop / natural (random resized crops; "
+        "natural adds mirror and colour jitter for photos)",
+        group="model",
     )
     # --- pretrained backbones (models/backbones.py)
     backbone: str | None = _opt(
@@ -269,7 +276,9 @@ class TrainConfig:
     )
     semihard_fallback: str = _opt(
         "easiest",
-        "semi-hard pairs without a semi-hard negative: easiest (TF-Addons) | drop",
+        "semihard mining picks, per anchor-positive pair, the closest negative farther than "
+        "the positive; for a pair with none: easiest = take its farthest negative (as "
+        "TF-Addons' triplet_semihard_loss) | drop = leave the pair out of the loss",
         group="loss and mining",
     )
     # XBM (Wang et al. 2020): more negatives than one batch holds; off by default (it only pays
@@ -308,8 +317,9 @@ class TrainConfig:
     )
     hard_class_by: str = _opt(
         "centroid",
-        "how hard-class neighbours are found: centroid (nearest class means) | items (classes "
-        "whose items are each other's nearest neighbours, from an exact EmbeddingIndex)",
+        "with --sampler hard-class, how classes that are close to each other are found: "
+        "centroid (nearest class means; cheap) | items (classes whose items are each other's "
+        "nearest neighbours, from an exact EmbeddingIndex; for classes with several modes)",
         group="loss and mining",
     )
     # --- optimisation
