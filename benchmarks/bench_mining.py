@@ -472,7 +472,17 @@ def format_table(table: list[dict[str, Any]]) -> str:
             f"{_fmt(r.get('mem_fraction'), '.3f', 8)} {_fmt(r.get('vs_gemm'), '.2f', 7)} "
             f"{_fmt(r.get('vs_dist'), '.2f', 7)}  " + "; ".join(notes)
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *COLUMN_NOTES])
+
+
+#: what the columns of :func:`format_table` mean (printed under the table)
+COLUMN_NOTES = (
+    "tl s / peer s: median seconds of one loss forward + backward (tripletlab / the peer "
+    "library); tl MiB / peer MiB: their extra peak memory",
+    "speedup = peer s / tl s; mem frac = tl MiB / peer MiB (below 1: tripletlab needs less)",
+    "tl/GEMM = tl s / the time of (e @ e.T).sum() forward + backward; tl/dist = tl s / the time "
+    "of pairwise_distance(e).sum(): how far a loss is above the cost of its distance matrix",
+)
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,3 +46,60 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.step = step
         self.run_dir = run_dir
+
+
+class MissingDependencyError(TripletLabError, ImportError):
+    """An optional package (an extra of ``pip install 'tripletlab[extra]'``) is not installed;
+    the message names the feature, the package and the install line."""
+
+
+#: the optional packages (import name -> (pip name, the extra that installs it; None: a core
+#: dependency, reinstall tripletlab))
+OPTIONAL_PACKAGES: dict[str, tuple[str, str | None]] = {
+    "onnx": ("onnx", "serve"),
+    "onnxruntime": ("onnxruntime", "serve"),
+    "fastapi": ("fastapi", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
+    "multipart": ("python-multipart", "serve"),
+    "httpx": ("httpx", "serve"),
+    "optuna": ("optuna", "tune"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "transformers": ("transformers", "text"),
+    "sentence_transformers": ("sentence-transformers", "text"),
+    "datasets": ("datasets", "text"),
+    "pytorch_metric_learning": ("pytorch-metric-learning", "bench"),
+    "faiss": ("faiss-cpu", None),
+}
+
+
+def missing_dependency(module: str, feature: str) -> MissingDependencyError:
+    """The one error for a missing optional package: what needs it and the ``pip install``
+    line (``module``: the import name, its top-level package is looked up in
+    :data:`OPTIONAL_PACKAGES`).
+
+    Example:
+        >>> str(missing_dependency("onnx", "tripletlab export")).split(": ")[-1]
+        "pip install 'tripletlab[serve]'"
+    """
+    top = module.split(".")[0]
+    pip_name, extra = OPTIONAL_PACKAGES.get(top, (top, None))
+    line = f"pip install 'tripletlab[{extra}]'" if extra else f"pip install {pip_name}"
+    return MissingDependencyError(
+        f"{feature} needs the Python package {pip_name!r}, which is not installed: {line}"
+    )
+
+
+def require(module: str, feature: str):
+    """``importlib.import_module(module)``, or :func:`missing_dependency`'s error when it (or
+    a package it needs) is not installed.
+
+    Example:
+        >>> require("json", "reading JSON").__name__
+        'json'
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise missing_dependency(getattr(e, "name", None) or module, feature) from None

@@ -127,6 +127,9 @@ def test_eval_embed_index_search_verify_report(text_run, tmp_path, capsys):
     assert hits[0]["query"] == "a small cat"
     assert hits[0]["neighbours"][0]["path"] == "a small cat"  # the text itself, distance 0
     assert hits[0]["neighbours"][0]["distance"] < 1e-5
+    assert main(["search", "--model", str(run), "--index", str(idx), "a small cat", "-k", "1"]) == 0
+    header = capsys.readouterr().out.splitlines()[1].split()
+    assert header[-1] == "text"  # a text index shows each item by its text, not a path
     q = tmp_path / "queries.txt"
     q.write_text("a red bus\n\na young dog\n")
     assert main(["search", "--model", str(run), "--index", str(idx), str(q), "--json"]) == 0

@@ -49,9 +49,11 @@ def run_benchmark(argv: list[str]) -> int:
     module = load_benchmark()
     if module is None:
         print(
-            "error: the mining benchmark is not installed with the package; run it from a "
-            "source checkout (pip install -e .[bench]; tripletlab bench, or python "
-            f"benchmarks/{_SCRIPT}), or set TRIPLETLAB_BENCHMARKS to the folder holding {_SCRIPT}",
+            "error: `tripletlab bench` needs a source checkout of tripletlab: its benchmarks/ "
+            "folder is not part of the installed package. Clone the repository, then "
+            "`pip install -e '.[bench]'` and run `tripletlab bench` (or "
+            f"`python benchmarks/{_SCRIPT}`) there, or set TRIPLETLAB_BENCHMARKS to the "
+            f"folder holding {_SCRIPT}",
             file=sys.stderr,
         )
         return 1

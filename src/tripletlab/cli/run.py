@@ -35,6 +35,8 @@ def _embed_source(inf, args):
         workers=args.workers,
         batch_size=args.batch_size,
         progress=sys.stderr.isatty(),
+        # embed / index take a plain photo folder (the file path is the id); eval needs labels
+        unlabelled=getattr(args, "command", None) != "eval",
     )
 
 
@@ -56,7 +58,13 @@ def _add_model_data(p, data_required: bool = False) -> None:
         "--data",
         required=data_required,
         default=None,
-        help="data to use (a folder is used whole; default for eval: the run's test split)",
+        help=(
+            "data to embed: an image folder (class sub-folders, or a plain folder of photos: "
+            "each file path is then its id), a manifest, or vectors/texts; a folder is used whole"
+            if data_required
+            else "labelled data to evaluate (ROOT/<class>/<image>, a manifest, vectors or "
+            "texts; a folder is used whole; default: the run's test split)"
+        ),
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files")
     _add_device(p)
@@ -147,6 +155,8 @@ def _cmd_eval(args) -> int:
         result = inf.evaluate(
             inf.load_data(args.data, args.skip_bad), args.distance, data=args.data
         )
+    if args.data is not None:  # a folder of the user's, not the run's test split
+        result = {**result, "split": "data", "data": str(args.data)}
     if args.json:
         print_json(result)
     else:
@@ -222,10 +232,22 @@ def _add_index(sub) -> None:
 
 
 def _cmd_index(args) -> int:
+    import sys
+    import time
+
+    t0 = time.perf_counter()
     inf = _inference(args)
+    print(f"index: embedding {args.data} ...", file=sys.stderr, flush=True)
     got = _embeddings(inf, args)
     if got is None:  # a rank > 0 of --distributed: rank 0 builds and writes the index
         return 0
+    print(
+        f"index: {len(got.embeddings)} embeddings in {time.perf_counter() - t0:.0f}s; building "
+        f"the {args.kind} index"
+        + (" and measuring its recall against exact search" if args.kind != "flat" else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     # text items are shown by their text
     paths = got.texts if got.texts is not None else got.paths
     index = inf.index_embeddings(
@@ -254,7 +276,8 @@ def _add_search(sub) -> None:
     p.add_argument(
         "queries",
         nargs="+",
-        help="image files, or one .npy/.npz/.csv of raw vectors (scaled as the training data "
+        help="image files or folders of images (searched for every image in them, "
+        "sub-folders too), or one .npy/.npz/.csv of raw vectors (scaled as the training data "
         "was: a warning says when they are not); for a text model query strings (quoted) or "
         "one .txt/.csv/.tsv/.jsonl file of texts",
     )
@@ -266,10 +289,35 @@ def _add_search(sub) -> None:
     p.set_defaults(func=_cmd_search)
 
 
+def _expand_folders(queries: list[str]) -> list[str]:
+    """Image queries with every folder replaced by the images under it (sorted, hidden files
+    skipped); a folder without images is an InputError."""
+    from ..data import IMAGE_EXTENSIONS
+
+    out: list[str] = []
+    for q in queries:
+        p = Path(q)
+        if not p.is_dir():
+            out.append(q)
+            continue
+        found = sorted(
+            str(f)
+            for f in p.rglob("*")
+            if f.is_file()
+            and f.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
+        if not found:
+            raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {q}")
+        out.extend(found)
+    return out
+
+
 def _cmd_search(args) -> int:
     inf = _inference(args)
     index = inf.load_index(args.index)
-    emb, names = inf.embed_inputs(args.queries)
+    queries = args.queries if inf.takes_texts else _expand_folders(args.queries)
+    emb, names = inf.embed_inputs(queries)
     dist, ids = inf.search(index, emb, args.k)
     results = [
         {"query": name, "neighbours": hits}
@@ -278,9 +326,11 @@ def _cmd_search(args) -> int:
     if args.json:
         print_json(results)
         return 0
+    column = "text" if inf.takes_texts else "path"
     for r in results:
         print(f"query: {r['query']}")
-        print(f"  {'rank':>4}  {'distance':>9}  {'label':<20} path")
+        # a text index shows each item by its text
+        print(f"  {'rank':>4}  {'distance':>9}  {'label':<20} {column}")
         for h in r["neighbours"]:
             path = (h["path"] or "").encode("utf-8", "backslashreplace").decode("utf-8")
             print(f"  {h['rank']:>4}  {h['distance']:>9.4f}  {str(h['label']):<20} {path}")
@@ -300,7 +350,12 @@ def _add_verify(sub) -> None:
         "(eval.json) unless --threshold is given.",
     )
     p.add_argument("inputs", nargs="*", help="two image files (two quoted texts for a text model)")
-    p.add_argument("--model", required=True, metavar="RUN_DIR")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="RUN_DIR",
+        help="a trained run directory (its eval.json holds the calibrated threshold)",
+    )
     _add_device(p)
     p.add_argument(
         "--pairs",
@@ -327,6 +382,26 @@ def _read_pairs(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def threshold_facts(info: dict | None) -> dict:
+    """How a run's threshold was chosen and what it lets through, from its eval.json
+    verification block: the rule, the target FAR, the FAR/TAR on the validation identities
+    with their 95% intervals, how many identities, and the small-set warning (keys absent where
+    the run did not record them, e.g. runs made before these were)."""
+    v = info or {}
+    keys = {
+        "threshold_rule": "threshold_rule",
+        "target_far": "target_far",
+        "validation_far": "far",
+        "validation_far_ci": "far_ci",
+        "validation_tar": "tar",
+        "validation_tar_ci": "tar_ci",
+        "validation_identities": "identities",
+        "validation_interval": "interval",
+        "validation_warning": "calibration_warning",
+    }
+    return {new: v[old] for old, new in keys.items() if v.get(old) is not None}
+
+
 def _cmd_verify(args) -> int:
     if args.pairs:
         pairs = _read_pairs(args.pairs)
@@ -349,17 +424,23 @@ def _cmd_verify(args) -> int:
         {"a": pa, "b": pb, "distance": r["distance"], "same": r["same"]}
         for (pa, pb), r in zip(pairs, inf.verify(a, b, threshold), strict=True)
     ]
+    calibration = {} if args.threshold is not None else threshold_facts(inf.threshold_info)
     if args.json:
         src = "--threshold" if args.threshold is not None else inf.threshold_source
         print_json(
             {
                 "threshold": threshold,
                 "threshold_source": src,
+                **calibration,
                 "distance": inf.distance,
                 "pairs": out,
             }
         )
         return 0
+    if calibration.get("calibration_warning"):
+        import sys
+
+        print(f"warning: {calibration['calibration_warning']}", file=sys.stderr)
     for r in out:
         verdict = "SAME" if r["same"] else "DIFFERENT"
         print(

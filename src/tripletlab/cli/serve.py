@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, missing_dependency, require
 from ._base import print_json, register_command
 
 
@@ -106,10 +106,7 @@ def _cmd_serve(args) -> int:
     try:
         from ..serve import ServeSettings, create_app, run_server
     except ImportError as e:
-        raise InputError(
-            f"`tripletlab serve` needs the serve extra ({e.name} is missing): "
-            "pip install 'tripletlab[serve]'"
-        ) from None
+        raise missing_dependency(e.name or "fastapi", "`tripletlab serve`") from None
     from ..serve.app import READ_TOKEN_ENV, TOKEN_ENV
 
     token = _token(args.token, "--token", TOKEN_ENV)
@@ -177,16 +174,22 @@ def _cmd_serve(args) -> int:
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="export a run's model to ONNX and check it against PyTorch",
+        help="export a run's model to ONNX (with --check-data: checked against PyTorch)",
         description="Write the model as ONNX (dynamic batch axis; the preprocessing, distance "
         "and threshold in its metadata). With --check-data, embed up to 64 images of that "
         "folder with both runtimes and report the max abs difference and CPU latency.",
     )
-    p.add_argument("--model", required=True, metavar="RUN_DIR")
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a trained run directory")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (the only one)")
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (20)")
-    p.add_argument("--check-data", default=None, metavar="DIR", help="images to compare on")
+    p.add_argument(
+        "--check-data",
+        default=None,
+        metavar="DIR",
+        help="compare the ONNX model with PyTorch on up to 64 images of DIR (without it the "
+        "export is not checked)",
+    )
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference (1e-4)")
     p.add_argument("--threads", type=int, default=1, help="threads for the latency check (1)")
     p.add_argument("--json", action="store_true", help="print the check as JSON")
@@ -197,7 +200,8 @@ def _cmd_export(args) -> int:
     try:
         from ..inference.onnx import compare_onnx, export_onnx
     except ImportError as e:  # pragma: no cover
-        raise InputError(f"export needs onnx: pip install 'tripletlab[serve]' ({e})") from None
+        raise missing_dependency(e.name or "onnx", "`tripletlab export`") from None
+    require("onnx", "`tripletlab export`")  # before any work
     from ..utils import check_replaceable
 
     check_replaceable(args.out)  # before the work: never rename over /dev/full or a FIFO
@@ -223,6 +227,12 @@ def _cmd_export(args) -> int:
     if not files:
         raise InputError(f"no images under {root}")
     files = files[:: max(1, len(files) // 64)][:64]
+    print(
+        f"checking against PyTorch on {len(files)} images of {root} (embeddings, then latency "
+        "at a few batch sizes)...",
+        file=sys.stderr,
+        flush=True,
+    )
     r = compare_onnx(args.model, out, files, threads=args.threads)
     r["tolerance"] = args.tolerance
     r["ok"] = r["max_abs_diff"] <= args.tolerance

@@ -155,6 +155,25 @@ def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _class_names(ds, limit: int = 12) -> str:
+    from ..data.dataset import natural_key
+
+    names = sorted({ds.classes[i] for i in ds.y.unique().tolist()}, key=natural_key)
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)})" if len(names) > limit else "")
+    return shown
+
+
+def held_out_line(trainer) -> str | None:
+    """Which classes an open-set run holds out (test, and validation where there is one), so a
+    user knows which identities the reported figures are about; None for other splits."""
+    if getattr(trainer, "test_info", {}).get("by") != "class" or not len(trainer.test_set):
+        return None
+    line = f"held out for test: {_class_names(trainer.test_set)}"
+    if trainer.val_set is not None and len(trainer.val_set):
+        line += f"; for validation (model selection, threshold): {_class_names(trainer.val_set)}"
+    return line
+
+
 def _cmd_train(args) -> int:
     from ..data.text import is_triplet_file
     from ..metrics.evaluate import summary_lines
@@ -198,12 +217,16 @@ def _cmd_train(args) -> int:
         ),
         file=sys.stderr,
     )
+    held = held_out_line(trainer)
+    if held:
+        print(held, file=sys.stderr)
     result = trainer.fit()
     if cfg.report and cfg.evaluate:
         try:
             from ..report import build_report
 
-            result["report"] = str(build_report(trainer.run_dir))
+            quiet = (lambda _line: None) if cfg.quiet else None  # None: progress on stderr
+            result["report"] = str(build_report(trainer.run_dir, log=quiet))
         except Exception as e:  # noqa: BLE001 - a failed report must not lose the run
             print(f"warning: report not written: {e}", file=sys.stderr)
     if args.json:

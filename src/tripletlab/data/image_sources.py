@@ -82,8 +82,12 @@ def read_image_manifest(path: str | os.PathLike[str], check_files: bool = True):
     return paths, labels
 
 
-def scan_images(source: str | os.PathLike[str], skip_bad: bool = False):
+def scan_images(source: str | os.PathLike[str], skip_bad: bool = False, unlabelled: bool = False):
     """``(paths, labels)`` of an image folder (``ROOT/<class>/.../<image>``) or a manifest.
+
+    ``unlabelled``: a folder with images directly under ROOT (a plain photo folder) is taken
+    whole without classes: every image under it, each labelled by its path relative to ROOT
+    (the file path is its id), for embedding, indexing and searching a gallery.
 
     Example:
         >>> paths, labels = scan_images("../shared/data/att_faces")  # doctest: +SKIP
@@ -94,6 +98,12 @@ def scan_images(source: str | os.PathLike[str], skip_bad: bool = False):
     if not src.is_dir():
         raise MissingFileError(f"image folder or manifest not found: {src}")
     files, labels, other, _ = _scan_image_folder(src, skip_bad)
+    loose = [f for f in other if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    if unlabelled and loose:  # photos without class folders: each file is its own id
+        taken = set(loose)
+        other = [f for f in other if f not in taken]
+        files = loose + files
+        labels = [os.path.relpath(f, src).replace(os.sep, "/") for f in files]
     if other and not skip_bad:
         raise FileFormatError(
             f"{len(other)} files in {_display(src)} are not images in a class folder (e.g. "

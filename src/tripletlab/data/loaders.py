@@ -14,7 +14,12 @@ import torch
 from ..errors import FileFormatError, InputError, MissingFileError
 from .dataset import Dataset, natural_key
 
-__all__ = ["IMAGE_EXTENSIONS", "load_dataset", "load_image_files"]
+__all__ = ["FIT_MODES", "IMAGE_EXTENSIONS", "fit_image", "load_dataset", "load_image_files"]
+
+#: how an image is brought to the run's H x W: crop (scale to cover, centre crop: keeps the
+#: aspect; the default of runs made since issue #24), pad (scale to fit, centre on black) or
+#: stretch (resize both sides independently; runs made before record no mode and keep it)
+FIT_MODES = ("crop", "pad", "stretch")
 
 IMAGE_EXTENSIONS = (
     ".png",
@@ -153,7 +158,9 @@ def _scan_image_folder(
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
 
-def _read_image(path: str, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
+def _read_image(
+    path: str, mode: str | None, size: tuple[int, int] | None, fit: str = "stretch"
+) -> np.ndarray:
     """One image as uint8 (C, H, W). ``mode`` "L" or "RGB" converts; ``None`` keeps grey images
     grey (C=1; palette images whose colours are all grey count as grey) and others RGB (C=3)."""
     from PIL import Image, UnidentifiedImageError
@@ -167,7 +174,7 @@ def _read_image(path: str, mode: str | None, size: tuple[int, int] | None) -> np
                 # (3-4x less work for a 224-pixel JPEG read at 112); the resize below finishes
                 im.draft(mode or im.mode, (size[1], size[0]))
             im.load()
-            return image_to_array(im, mode, size)
+            return image_to_array(im, mode, size, fit)
     except FileFormatError:
         raise
     except (
@@ -182,25 +189,61 @@ def _read_image(path: str, mode: str | None, size: tuple[int, int] | None) -> np
         raise FileFormatError(f"cannot read image {_display(path)}: {e}") from None
 
 
-def image_to_array(im, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
+def fit_image(im, size: tuple[int, int], fit: str = "stretch"):
+    """A PIL image brought to ``size`` (H, W), bilinear: ``fit`` "stretch" resizes both sides
+    independently; "crop" scales it to cover H x W and cuts the centre (the aspect is kept);
+    "pad" scales it to fit inside and centres it on black. The one place every image of a run
+    (training, eval, embed, serve, export check) is sized.
+
+    Example:
+        >>> from PIL import Image
+        >>> [fit_image(Image.new("L", (40, 10)), (8, 8), f).size for f in FIT_MODES]
+        [(8, 8), (8, 8), (8, 8)]
+    """
+    from PIL import Image
+
+    if fit not in FIT_MODES:
+        raise InputError(f"unknown resize mode {fit!r}; choose one of {', '.join(FIT_MODES)}")
+    h, w = int(size[0]), int(size[1])
+    if im.size == (w, h):
+        return im
+    if fit == "stretch":
+        return im.resize((w, h), Image.BILINEAR)
+    iw, ih = im.size
+    if fit == "crop":
+        s = max(w / iw, h / ih)
+        nw, nh = max(w, round(iw * s)), max(h, round(ih * s))
+        im = im.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - w) // 2, (nh - h) // 2
+        return im.crop((left, top, left + w, top + h))
+    s = min(w / iw, h / ih)
+    nw, nh = max(1, min(w, round(iw * s))), max(1, min(h, round(ih * s)))
+    canvas = Image.new(im.mode, (w, h))
+    canvas.paste(im.resize((nw, nh), Image.BILINEAR), ((w - nw) // 2, (h - nh) // 2))
+    return canvas
+
+
+def image_to_array(
+    im, mode: str | None, size: tuple[int, int] | None, fit: str = "stretch"
+) -> np.ndarray:
     """A PIL image as uint8 (C, H, W), converted and resized the way training data is read.
 
     ``mode`` "L" or "RGB" converts; ``None`` keeps grey images grey (C=1; palette images whose
-    colours are all grey count as grey) and others RGB (C=3). ``size`` is (H, W), bilinear.
+    colours are all grey count as grey) and others RGB (C=3). ``size`` is (H, W), bilinear,
+    brought there by :func:`fit_image` with ``fit``.
 
     Example:
         >>> from PIL import Image
         >>> image_to_array(Image.new("RGB", (8, 4)), "L", (2, 3)).shape
         (1, 2, 3)
     """
-    from PIL import Image
 
     palette = im.mode in ("P", "PA")
     target = mode or ("L" if im.mode in _GREY_MODES else "RGB")
     try:  # e.g. a LAB or CMYK-with-alpha TIFF: Pillow has no conversion to RGB
         im = im.convert(target)
         if size is not None and im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
+            im = fit_image(im, size, fit)
     except (ValueError, OSError) as e:
         raise InputError(
             f"cannot use an image of mode {im.mode} ({im.size[0]}x{im.size[1]}): conversion "
@@ -221,6 +264,7 @@ def load_image_files(
     image_size: tuple[int, int] | None = None,
     grayscale: bool | None = None,
     skip_bad: bool = False,
+    fit: str = "stretch",
 ) -> tuple[torch.Tensor, list[int]]:
     """Read images into a float tensor (N, C, H, W) in [0, 1]; returns (x, indices kept).
 
@@ -235,7 +279,7 @@ def load_image_files(
     size = image_size
     for i, p in enumerate(paths):
         try:
-            arr = _read_image(p, mode, image_size)
+            arr = _read_image(p, mode, image_size, fit)
         except FileFormatError as e:
             if not skip_bad:
                 raise
@@ -260,7 +304,9 @@ def load_image_files(
     return x, kept
 
 
-def load_image_folder(root: Path, image_size=None, grayscale=None, skip_bad=False) -> Dataset:
+def load_image_folder(
+    root: Path, image_size=None, grayscale=None, skip_bad=False, fit: str = "stretch"
+) -> Dataset:
     files, labels, other, ignored_links = _scan_image_folder(root, skip_bad)
     if ignored_links:
         warnings.warn(
@@ -281,7 +327,9 @@ def load_image_folder(root: Path, image_size=None, grayscale=None, skip_bad=Fals
             f"no images found under {_display(root)} (expected ROOT/<class>/<image>, "
             f"extensions {', '.join(IMAGE_EXTENSIONS)})"
         )
-    x, kept = load_image_files(files, image_size=image_size, grayscale=grayscale, skip_bad=skip_bad)
+    x, kept = load_image_files(
+        files, image_size=image_size, grayscale=grayscale, skip_bad=skip_bad, fit=fit
+    )
     y, classes = _contiguous_labels([labels[i] for i in kept])
     return Dataset(
         x=x,
@@ -472,8 +520,10 @@ def load_dataset(
     image_size: tuple[int, int] | None = None,
     grayscale: bool | None = None,
     skip_bad: bool = False,
+    fit: str = "stretch",
 ) -> Dataset:
-    """Load a data set into memory.
+    """Load a data set into memory (``fit``: how image folders reach ``image_size``, see
+    :func:`fit_image`).
 
     ``spec`` is one of:
 
@@ -509,7 +559,7 @@ def load_dataset(
             if grayscale is False:
                 ds.x = ds.x.expand(-1, 3, -1, -1).contiguous()
             return ds
-        return load_image_folder(path, image_size, grayscale, skip_bad)
+        return load_image_folder(path, image_size, grayscale, skip_bad, fit)
     from .text import is_text_file, load_text_dataset
 
     if is_text_file(path):  # .tsv/.jsonl, or a .csv with a text column

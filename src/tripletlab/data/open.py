@@ -44,6 +44,7 @@ def open_data(
     grayscale: bool | None = None,
     skip_bad: bool = False,
     stream: bool | None = None,
+    fit: str = "stretch",
     choose: Callable[[int, tuple[int, int] | None, int], tuple] | None = None,
     explain: bool = True,
 ) -> tuple[Dataset, ImageFiles | None, list[str]]:
@@ -58,7 +59,7 @@ def open_data(
     """
     if not is_image_source(spec):
         size = tuple(image_size) if image_size else None
-        ds = load_dataset(spec, image_size=size, grayscale=grayscale, skip_bad=skip_bad)
+        ds = load_dataset(spec, image_size=size, grayscale=grayscale, skip_bad=skip_bad, fit=fit)
         return ds, None, []
     paths, labels = scan_images(spec, skip_bad=skip_bad)
     native, channels = probe_images(paths)
@@ -84,13 +85,14 @@ def open_data(
             image_size=size if image_size else None,
             grayscale=grayscale,
             skip_bad=skip_bad,
+            fit=fit,
         )
         return ds, None, notes
     if size is None:
         raise InputError(
             f"the images of {spec} differ in size; pass --image-size H W to resize them"
         )
-    files = ImageFiles(paths, ids, size, channels)
+    files = ImageFiles(paths, ids, size, channels, fit=fit)
     if not streamed:  # a small manifest: decode it once into memory
         x, y_kept, kept = decode_all(files, skip_bad)
         ds = Dataset(

@@ -84,6 +84,7 @@ class ImageFiles(TorchDataset):
         image_size: tuple[int, int],
         channels: int,
         augment: SampleAugment | None = None,
+        fit: str = "stretch",
     ) -> None:
         if channels not in (1, 3):
             raise InputError(f"channels must be 1 or 3, got {channels}")
@@ -96,6 +97,7 @@ class ImageFiles(TorchDataset):
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.channels = int(channels)
         self.augment = augment
+        self.fit = fit  # how files reach image_size (tripletlab.data.loaders.fit_image)
         self.cache: torch.Tensor | None = None  # uint8 (N, C, H, W) in shared memory
         self.bad: dict[int, str] = {}  # unreadable files met while caching (with skip_bad)
 
@@ -115,7 +117,9 @@ class ImageFiles(TorchDataset):
             if i in self.bad:
                 raise FileFormatError(self.bad[i])
             return self.cache[i]
-        arr = _read_image(self.paths[i], "L" if self.channels == 1 else "RGB", self.image_size)
+        arr = _read_image(
+            self.paths[i], "L" if self.channels == 1 else "RGB", self.image_size, self.fit
+        )
         return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
     def __getitem__(self, key):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..distances import iter_score_blocks, normalize_rows
-from ..errors import FileFormatError, InputError, MissingFileError
+from ..errors import FileFormatError, InputError, MissingFileError, missing_dependency
 from ..rundir.manifest import read_manifest, verify_files, write_manifest
 from ..utils import atomic_write_bytes, atomic_write_json
 from ..validation import as_matrix, check_k
@@ -118,7 +118,7 @@ class EmbeddingIndex:
         if backend not in ("faiss", "numpy"):
             raise InputError(f"unknown backend {backend!r}; choose 'faiss', 'numpy' or 'auto'")
         if backend == "faiss" and not HAVE_FAISS:
-            raise InputError("faiss is not installed; use backend='numpy'")
+            raise missing_dependency("faiss", "the faiss backend (or use backend='numpy')")
         if backend == "numpy" and kind != "flat":
             raise InputError("the numpy backend supports only the exact 'flat' index")
         self.dim, self.metric, self.kind, self.backend = int(dim), metric, kind, backend
@@ -385,7 +385,7 @@ class EmbeddingIndex:
                 f"this model {expected_fingerprint[:12]}…); rebuild it with `tripletlab index`"
             )
         if backend == "faiss" and not HAVE_FAISS:
-            raise FileFormatError(f"{d} is a faiss index but faiss is not installed")
+            raise missing_dependency("faiss", f"{d} (a faiss index)")
         try:
             index = cls(
                 dim,

@@ -165,19 +165,21 @@ def embed_data(
     batch_size: int = 256,
     progress: bool = False,
     shard: tuple[int, int] | None = None,
+    unlabelled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str] | None, list[str]]:
     """``(embeddings, labels, paths, classes)`` of ``data`` (or of the run's test split when
     ``data`` is None) with a trained model (``cfg``: the run's ``config.json``). Image folders
     and manifests are streamed in batches (memory does not grow with the number of images);
     other data is loaded whole. ``shard=(rank, world_size)``: only that rank's contiguous share
     of the items (:func:`tripletlab.inference.shard.shard_bounds`; ``tripletlab embed
-    --distributed``).
+    --distributed``). ``unlabelled``: a plain photo folder (images directly in it) is taken
+    whole, each image labelled by its path (see :func:`~tripletlab.data.streaming.scan_images`).
 
     Example:
         >>> emb, y, paths, classes = embed_data(model, cfg, "photos/", "runs/x")  # doctest: +SKIP
     """
     from ..data import apply_split
-    from ..rundir.files import load_dataset_for_run, read_json
+    from ..rundir.files import load_dataset_for_run, preprocessing, read_json
     from ..runtime.devices import resolve_device
     from .shard import shard_bounds
 
@@ -192,7 +194,7 @@ def embed_data(
         if shard is not None:
             ds = ds.subset(range(*shard_bounds(len(ds), *shard)))
         return embed(model, ds.x, batch_size, dev), ds.y, ds.paths, ds.classes
-    paths, labels = scan_images(spec, skip_bad=skip_bad)
+    paths, labels = scan_images(spec, skip_bad=skip_bad, unlabelled=unlabelled and data is not None)
     ids, classes = class_ids(labels)
     if data is None:  # the run's test split (by class names, or by saved indices)
         placeholder = Dataset(
@@ -208,7 +210,7 @@ def embed_data(
     if shard is not None:  # this rank's files only
         lo, hi = shard_bounds(len(paths), *shard)
         paths, ids = paths[lo:hi], ids[lo:hi]
-    files = ImageFiles(paths, ids, size, channels)
+    files = ImageFiles(paths, ids, size, channels, fit=preprocessing(cfg)["fit"])
     emb, kept = embed(
         model,
         files,

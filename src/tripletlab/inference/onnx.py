@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import __version__
-from ..errors import FileFormatError, InputError, MissingFileError
+from ..errors import FileFormatError, InputError, MissingFileError, require
 from ..utils import atomic_write_bytes
 from .run import Inference
 
@@ -50,11 +50,13 @@ DEFAULT_OPSET = 20  # affine_grid (the CNN's test-time zoom views) needs opset 2
 _PREFIX = "tripletlab."
 
 
-def _preprocessing(input_shape: list[int]) -> dict:
+def _preprocessing(input_shape: list[int], fit: str = "stretch") -> dict:
     if len(input_shape) == 3:
         return {
             "color": "L" if input_shape[0] == 1 else "RGB",
             "resize": [int(input_shape[1]), int(input_shape[2])],
+            # crop: scale to cover H x W, cut the centre; pad: fit inside, centre on black
+            "fit": fit,
             "interpolation": "bilinear",
             "scale": 1.0 / 255.0,
             "layout": "NCHW",
@@ -75,9 +77,9 @@ def export_onnx(
         >>> export_onnx("runs/faces", "faces.onnx")  # doctest: +SKIP
         PosixPath('faces.onnx')
     """
-    import onnx
     import torch
 
+    onnx = require("onnx", "ONNX export")
     run_dir = Path(run_dir)
     inf = Inference.from_run(run_dir)
     model, cfg = inf.model, inf.config
@@ -105,7 +107,7 @@ def export_onnx(
     proto = onnx.load_from_string(buf.getvalue())
     distance, threshold = inf.distance, inf.threshold
     meta = {
-        "preprocessing": json.dumps(_preprocessing(shape)),
+        "preprocessing": json.dumps(_preprocessing(shape, inf.fit)),
         "input_shape": json.dumps(shape),
         "embedding_dim": json.dumps(int(cfg["model"]["embedding_dim"])),
         "distance": distance,
@@ -135,8 +137,7 @@ def read_onnx_metadata(path: str | Path) -> dict:
         >>> read_onnx_metadata("faces.onnx")["input_shape"]  # doctest: +SKIP
         [1, 56, 46]
     """
-    import onnx
-
+    onnx = require("onnx", "reading an ONNX model")
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"ONNX model not found: {path}")
@@ -180,12 +181,7 @@ class OnnxInference(Inference):
     ) -> OnnxInference:
         """The run's ``Inference`` with its forward pass replaced by an onnxruntime session
         on ``onnx_path`` (``threads`` intra-op threads; 0: onnxruntime's default)."""
-        try:
-            import onnxruntime as ort
-        except ImportError:  # pragma: no cover
-            raise InputError(
-                "the onnx runtime needs onnxruntime: pip install 'tripletlab[serve]'"
-            ) from None
+        ort = require("onnxruntime", "the onnx runtime")
         base = Inference.from_run(run_dir)
         meta = read_onnx_metadata(onnx_path)
         if meta.get("fingerprint") != base.fingerprint:
@@ -270,7 +266,10 @@ def compare_onnx(
         }
         shape = ref.input_shape
         x_all, _ = load_image_files(
-            [str(p) for p in images], image_size=tuple(shape[1:]), grayscale=shape[0] == 1
+            [str(p) for p in images],
+            image_size=tuple(shape[1:]),
+            grayscale=shape[0] == 1,
+            fit=ref.fit,
         )
         session, name = ort_inf.session, ort_inf.session.get_inputs()[0].name
         for bs in batch_sizes:  # the model call alone: preprocessed input in, embeddings out

@@ -46,6 +46,45 @@ __all__ = ["VECTOR_SUFFIXES", "Inference"]
 VECTOR_SUFFIXES = (".npy", ".npz", ".csv")
 
 
+def warn_unlike_training(images, input_shape, fit: str) -> None:
+    """One warning line when input images differ a lot from the model's input in aspect (the
+    width/height ratio differs by more than 1.3x) or size (over 16x the pixels, or under a
+    quarter): they are cropped/padded/stretched to fit, which may not be what the run saw.
+    ``images``: file paths or (width, height) sizes."""
+    import warnings
+
+    from PIL import Image
+
+    if len(input_shape) != 3:
+        return
+    h, w = int(input_shape[1]), int(input_shape[2])
+    odd, example = 0, None
+    images = list(images)[:64]  # a look at the first ones is enough
+    for item in images:
+        if isinstance(item, tuple):
+            iw, ih = item
+        else:
+            try:
+                with Image.open(item) as im:
+                    iw, ih = im.size
+            except (OSError, ValueError):
+                continue
+        aspect = (iw / max(ih, 1)) / (w / h)
+        area = (iw * ih) / (w * h)
+        if not (1 / 1.3 <= aspect <= 1.3) or not (0.25 <= area <= 16):
+            odd += 1
+            example = example or f"{iw}x{ih}"
+    if odd:
+        warnings.warn(
+            f"{odd} of {len(images)} inputs looked at differ a lot from the model's {w}x{h} "
+            f"input (e.g. "
+            f"{example}, width x height); they are resized with '{fit}'. Results are reliable "
+            "only for images framed like the training images",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 class Inference:
     """A trained model with the facts needed to use it: preprocessing, distance, threshold.
 
@@ -86,6 +125,7 @@ class Inference:
         self.input_shape: list[int] = prep["input_shape"]
         self.image_size: list[int] | None = prep["image_size"]
         self.grayscale: bool | None = prep["grayscale"]
+        self.fit: str = prep["fit"]  # how images reach the input size (crop | pad | stretch)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Inference:
@@ -139,12 +179,14 @@ class Inference:
         batch_size: int = 256,
         progress: bool = False,
         shard: tuple[int, int] | None = None,
+        unlabelled: bool = False,
     ) -> tuple[np.ndarray, torch.Tensor, list[str] | None, list[str]]:
         """``(embeddings, labels, paths, classes)`` of ``data`` (or of the run's test split):
         image folders and CSV/JSONL manifests are streamed from disk in batches with
         ``workers`` decoding processes, so memory does not grow with the number of images;
         other data (digits, idx, vectors) is loaded whole. ``shard=(rank, world_size)``: only
-        that rank's contiguous share (see :mod:`tripletlab.inference.shard`)."""
+        that rank's contiguous share (see :mod:`tripletlab.inference.shard`). ``unlabelled``:
+        a plain photo folder is accepted, each image labelled by its path (embed, index)."""
         emb, labels, paths, classes = embed_data(
             self.model,
             self.config,
@@ -156,6 +198,7 @@ class Inference:
             batch_size=batch_size,
             progress=progress,
             shard=shard,
+            unlabelled=unlabelled,
         )
         return emb.numpy(), labels, paths, classes
 
@@ -227,6 +270,9 @@ class Inference:
             "threshold": self.threshold,
             "source": self.threshold_source,
             **{k: v for k, v in info.items() if k.startswith("validation_")},
+            # how it was chosen (runs before issue #24: best accuracy, no key)
+            **({"rule": info["threshold_rule"]} if "threshold_rule" in info else {}),
+            **({"target_far": info["target_far"]} if "target_far" in info else {}),
         }
 
     def evaluate(
@@ -338,7 +384,9 @@ class Inference:
             [str(p) for p in paths],
             image_size=tuple(self.input_shape[1:]),
             grayscale=self.input_shape[0] == 1,
+            fit=self.fit,
         )
+        warn_unlike_training([str(p) for p in paths], self.input_shape, self.fit)
         return self._embed_tensor(x)
 
     def embed_images(self, images: Sequence[Image]) -> np.ndarray:
@@ -350,7 +398,8 @@ class Inference:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
         mode = "L" if self.input_shape[0] == 1 else "RGB"
         size = (self.input_shape[1], self.input_shape[2])
-        arrays = [image_to_array(im, mode, size) for im in images]
+        warn_unlike_training([im.size for im in images], self.input_shape, self.fit)
+        arrays = [image_to_array(im, mode, size, self.fit) for im in images]
         x = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
         return self._embed_tensor(x)
 

@@ -25,11 +25,14 @@ import torch
 
 from ..errors import InputError
 from . import few_shot_accuracy, retrieval_metrics, verification_metrics
+from .verification import calibrate_threshold
 
 __all__ = [
     "EvalResult",
     "eval_distance",
     "evaluate_embeddings",
+    "calibration_lines",
+    "degenerate_verification",
     "summary_lines",
     "validation_threshold",
 ]
@@ -70,32 +73,83 @@ def eval_distance(model_config: dict) -> str:
 
 
 def validation_threshold(
-    emb: torch.Tensor, labels: torch.Tensor, distance: str, seed: int = 0
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    distance: str,
+    seed: int = 0,
+    target_far: float = 0.01,
+    rule: str = "target-far",
 ) -> dict | None:
-    """The verification threshold calibrated on validation pairs (held-out training classes):
-    ``{"threshold", "source": "validation", "validation_far", "validation_tar",
-    "validation_accuracy", "validation_pairs"}``, or None when the set has no same/different
-    pairs. Pass it to :func:`evaluate_embeddings` as ``calibration`` so the test figures are
-    measured *at* this threshold instead of at the test split's own best one.
+    """The verification threshold calibrated on validation pairs (held-out training classes,
+    all of them) for ``target_far`` (or ``rule="best-accuracy"``), see
+    :func:`~tripletlab.metrics.verification.calibrate_threshold`: ``{"threshold", "source":
+    "validation", "rule", "target_far", "validation_far", "validation_far_ci",
+    "validation_tar", "validation_tar_ci", "validation_accuracy", "validation_pairs",
+    "validation_impostor_pairs", "validation_identities", "validation_interval",
+    "validation_warning"}``, or None when the set has no same/different pairs. Pass it to
+    :func:`evaluate_embeddings` as ``calibration`` so the test figures are measured *at* this
+    threshold instead of at the test split's own best one.
 
     Example:
         >>> y = torch.arange(4).repeat_interleave(3)
         >>> cal = validation_threshold(torch.nn.functional.one_hot(y, 4).float(), y, "cosine")
-        >>> cal["source"], cal["validation_far"]
-        ('validation', 0.0)
+        >>> cal["source"], cal["validation_far"], cal["validation_warning"] is not None
+        ('validation', 0.0, True)
     """
     try:
-        v = verification_metrics(emb, labels, distance=distance, seed=seed)
+        c = calibrate_threshold(
+            emb, labels, distance=distance, target_far=target_far, rule=rule, seed=seed
+        )
     except InputError:
         return None
     return {
-        "threshold": float(v["threshold"]),
+        "threshold": c["threshold"],
         "source": "validation",
-        "validation_far": v["far_at_threshold"],
-        "validation_tar": v["tar_at_threshold"],
-        "validation_accuracy": v["accuracy"],
-        "validation_pairs": v["n_pairs_same"] + v["n_pairs_diff"],
+        "rule": c["rule"],
+        "target_far": c["target_far"],
+        "validation_far": c["far"],
+        "validation_far_ci": c["far_ci"],
+        "validation_tar": c["tar"],
+        "validation_tar_ci": c["tar_ci"],
+        "validation_accuracy": c["accuracy"],
+        "validation_pairs": c["n_pairs_same"] + c["n_pairs_diff"],
+        "validation_impostor_pairs": c["n_pairs_diff"],
+        "validation_identities": c["n_identities"],
+        "validation_interval": c["interval"],
+        "validation_warning": c["warning"],
     }
+
+
+def calibration_lines(v: dict) -> list[str]:
+    """How a verification block's threshold was chosen, in one line (plus one warning line when
+    its validation set is too small for its target), e.g. for ``tripletlab eval`` and ``train``.
+
+    Example:
+        >>> calibration_lines({"threshold": 0.5, "threshold_source": "validation",
+        ...     "threshold_rule": "target-far", "target_far": 0.01, "validation_far": 0.01,
+        ...     "validation_far_ci": [0.0, 0.05], "validation_identities": 5})[0][:56]
+        'threshold 0.5000 for FAR 0.01 on 5 validation identities'
+    """
+    if v.get("threshold_source") != "validation":
+        return [f"threshold {v['threshold']:.4f} {v.get('threshold_source', 'in-sample')}"]
+    rule = v.get("threshold_rule")
+    how = (
+        f"for FAR {v.get('target_far', 0.01):g}"
+        if rule == "target-far"
+        else "for best accuracy"
+        if rule == "best-accuracy"
+        else "calibrated"
+    )
+    n_id = v.get("validation_identities")
+    on = f"on {n_id} validation identities" if n_id else "on the validation split"
+    ci = v.get("validation_far_ci")
+    interval = f", 95% interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+    lines = [
+        f"threshold {v['threshold']:.4f} {how} {on} (FAR there {v['validation_far']:.3f}{interval})"
+    ]
+    if v.get("validation_warning"):
+        lines.append(f"WARNING: {v['validation_warning']}")
+    return lines
 
 
 def _verification(
@@ -125,6 +179,11 @@ def _verification(
         far_at_threshold=float((d[~same] <= t).mean()),
         tar_at_threshold=float((d[same] <= t).mean()),
         threshold_source=calibration.get("source", "given"),
+        **{
+            ("threshold_rule" if k == "rule" else k): calibration[k]
+            for k in ("rule", "target_far")
+            if k in calibration
+        },
         **{k: val for k, val in calibration.items() if k.startswith("validation_")},
     )
     return v
@@ -182,6 +241,32 @@ def _training_line(result: EvalResult) -> str:
     )
 
 
+def degenerate_verification(v: dict, eps: float = 0.02) -> str | None:
+    """A sentence when the verification at the threshold is degenerate: TAR and FAR both ~1
+    (everything accepted) or both ~0 (everything rejected), e.g. inputs prepared unlike the
+    training images; else None.
+
+    Example:
+        >>> degenerate_verification({"tar_at_threshold": 1.0, "far_at_threshold": 0.995})[:30]
+        'degenerate result: TAR 1.000 a'
+        >>> degenerate_verification({"tar_at_threshold": 0.9, "far_at_threshold": 0.01}) is None
+        True
+    """
+    tar, far = v.get("tar_at_threshold"), v.get("far_at_threshold")
+    if not isinstance(tar, float) or not isinstance(far, float):
+        return None
+    if tar >= 1 - eps and far >= 1 - eps:
+        what = "accepts almost every pair"
+    elif tar <= eps and far <= eps:
+        what = "rejects almost every pair"
+    else:
+        return None
+    return (
+        f"degenerate result: TAR {tar:.3f} and FAR {far:.3f} - the threshold {what}; are these "
+        "inputs like the training images (size, crop, kind)?"
+    )
+
+
 def summary_lines(result: EvalResult, run_dir: str | Path, training: bool = True) -> list[str]:
     """A one-screen summary of a run's evaluation (``training=False``: metrics only, e.g. for
     ``tripletlab eval``)."""
@@ -194,9 +279,12 @@ def summary_lines(result: EvalResult, run_dir: str | Path, training: bool = True
             "the test split; `tripletlab verify` then needs --threshold"
         )
         return lines
+    # `tripletlab eval --data DIR` scores a folder of the user's, not the run's test split
+    label = "test" if result.get("split", "test") == "test" else "data"
+    where = f" ({result['data']})" if label == "data" and result.get("data") else ""
     lines.append(
-        f"test: {result.get('n_items', 0)} items, {result.get('n_classes', 0)} classes, "
-        f"distance {result.get('distance')}"
+        f"{label}{where}: {result.get('n_items', 0)} items, {result.get('n_classes', 0)} "
+        f"classes, distance {result.get('distance')}"
     )
     if "triplet_accuracy" in result:  # a triplet-file run
         lines.append(
@@ -217,12 +305,6 @@ def summary_lines(result: EvalResult, run_dir: str | Path, training: bool = True
             "retrieval: "
             + ", ".join(f"{k}={r[k]:.4f}" for k in keys if isinstance(r.get(k), float))
         )
-    leak = result.get("training_items")
-    if leak:
-        lines.append(
-            f"WARNING: {leak} of these {result.get('n_items', 0)} items were used in training "
-            "(compared with the run's split.json): the metrics are inflated"
-        )
     v = result.get("verification", {})
     if "roc_auc" in v:
         tar = v.get("tar_at_far", {})
@@ -230,22 +312,27 @@ def summary_lines(result: EvalResult, run_dir: str | Path, training: bool = True
             f"verification: ROC AUC={v['roc_auc']:.4f}, EER={100 * v['eer']:.2f}%, "
             + ", ".join(f"TAR@FAR={float(k):g}: {t:.3f}" for k, t in tar.items())
         )
-        src = v.get("threshold_source", "in-sample")
-        where = (
-            f"calibrated on the validation split (FAR there {v['validation_far']:.3f})"
-            if src == "validation"
-            else src
-        )
+        cal = calibration_lines(v)
         lines.append(
-            f"threshold {v['threshold']:.4f} {where}: test accuracy={v['accuracy']:.4f}, "
+            f"{cal[0]}: {label} accuracy={v['accuracy']:.4f}, "
             f"TAR={v.get('tar_at_threshold', float('nan')):.3f}, "
             f"FAR={v.get('far_at_threshold', float('nan')):.3f}"
         )
+        lines.extend(cal[1:])
     fs = result.get("few_shot")
     if fs:
         lines.append(
             f"few-shot: {fs['n_way']}-way {fs['k_shot']}-shot accuracy "
             f"{fs['accuracy']:.4f} ± {fs['ci95']:.4f}"
+        )
+    degenerate = degenerate_verification(v)
+    if degenerate:
+        lines.append(f"WARNING: {degenerate}")
+    leak = result.get("training_items")
+    if leak:  # after the table, not inside it
+        lines.append(
+            f"WARNING: {leak} of these {result.get('n_items', 0)} items were used in training "
+            "(compared with the run's split.json): the metrics are inflated"
         )
     if result.get("collapse"):
         lines.append(f"WARNING: embedding collapse detected: {result['collapse']}")

@@ -34,7 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import FileFormatError, InputError, InputTypeError, MissingFileError
+from ..errors import (
+    FileFormatError,
+    InputError,
+    InputTypeError,
+    MissingFileError,
+    missing_dependency,
+)
 
 __all__ = [
     "BUILTIN_TEXT_MODELS",
@@ -282,9 +288,7 @@ def build_text_encoder(
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError:
-        raise MissingFileError(
-            "text models need the transformers package: pip install 'tripletlab[text]'"
-        ) from None
+        raise missing_dependency("transformers", "text models") from None
     unknown = sorted(set(config) - {"name", *TEXT_DEFAULTS, "input_shape", "output_dim"})
     if unknown:
         raise InputError(f"unknown keys for model 'text': {unknown}")

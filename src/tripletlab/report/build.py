@@ -18,6 +18,7 @@ import numpy as np
 
 from .html import ReportSection, render_html, write_html
 from .plots import (
+    TSNE_MAX_POINTS,
     embedding_map_2d,
     plot_distance_histograms,
     plot_embedding_map,
@@ -480,8 +481,10 @@ def build_report(
     model=None,
     test_data=None,
     initial_model=None,
+    log=None,
 ) -> Path:
     """Write ``RUN_DIR/report.html`` and ``RUN_DIR/plots/*.png``; returns the HTML path.
+    ``log``: where the progress lines of its slow steps go (default: stderr).
 
     Evaluates the trained model (``model.safetensors``) and the initial model (rebuilt with the
     run's seed, exactly the weights training started from) on the run's held-out split.
@@ -492,7 +495,16 @@ def build_report(
         >>> build_report("runs/faces")  # doctest: +SKIP
         PosixPath('runs/faces/report.html')
     """
+    import sys
+    import time
+
     from ..metrics import pair_distances
+
+    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+
+    def step(what: str) -> None:
+        say(f"report: {what} ({time.perf_counter() - t0:.0f}s)")
 
     run = Path(run_dir)
     inf = load_inference(run, model)
@@ -505,12 +517,17 @@ def build_report(
     test = test_data if test_data is not None else inf.load_data()  # the held-out split
     test = sample_held_out(test, max_points, rng)
     dist = inf.distance
+    step(f"embedding {len(test)} held-out items before and after training")
     emb_before, emb_after = embed_before_and_after(inf, test, seed, initial_model)
     y = test.y.numpy()
     pairs, same = sample_pairs(y, MAX_PAIRS, seed)
     d_before = pair_distances(emb_before, pairs, dist) if emb_before is not None else None
     d_after = pair_distances(emb_after, pairs, dist)
 
+    step(
+        f"plots; a 2-D map of {len(test)} points "
+        + ("(t-SNE)" if 3 <= len(test) <= TSNE_MAX_POINTS else "(PCA)")
+    )
     sections = [
         training_section(files.train_records, files.eval_records, train_cfg),
         distances_section(
@@ -524,6 +541,7 @@ def build_report(
         ),
         embedding_map_section(emb_after, y, test.classes, seed),
     ]
+    step("retrieval gallery and ROC curve")
     if len(np.unique(y)) >= 2:
         sections.append(
             retrieval_section(emb_after, test, distance=dist, k=k, n_gallery=n_gallery, rng=rng)

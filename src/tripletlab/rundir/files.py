@@ -326,6 +326,8 @@ def preprocessing(cfg: dict) -> dict[str, Any]:
         "image_size": list(size) if size else None,
         "grayscale": gray,
         "input_shape": model_shape,
+        # how images reach image_size (data.loaders.fit_image); runs made before: stretch
+        "fit": train_cfg.get("resize") or "stretch",
     }
 
 
@@ -338,6 +340,7 @@ def load_dataset_for_run(cfg: dict, data: str, skip_bad: bool = False) -> Datase
         image_size=tuple(size) if size else None,
         grayscale=prep["grayscale"],
         skip_bad=skip_bad,
+        fit=prep["fit"],
     )
     is_text_model = cfg.get("model", {}).get("name") == "text"
     if is_text_model != (ds.kind == "text"):

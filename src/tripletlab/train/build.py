@@ -56,6 +56,7 @@ __all__ = [
     "Parts",
     "Splits",
     "Task",
+    "auto_patience",
     "build_parts",
     "choose_threads",
     "flips_only",
@@ -301,6 +302,13 @@ def build_parts(cfg: TrainConfig, splits: Splits, defaults: Defaults, ctx: Conte
         sampler = DistributedPKSampler(sampler, dist.rank, dist.world_size)
     total_steps = cfg.steps or defaults.epochs * len(sampler)
     eval_every = cfg.eval_every or len(sampler)
+    if cfg.patience is None:  # recorded in config.json, as embedding_dim
+        cfg.patience = auto_patience(total_steps, eval_every, splits.val is not None)
+        if cfg.patience and ctx.is_main:
+            ctx.log(
+                f"auto: early stopping after {cfg.patience} validations without MAP@R "
+                f"improvement (of {total_steps // max(eval_every, 1)}; --patience 0 = off)"
+            )
     if hasattr(model, "param_groups"):  # backbone: lower lr than the head
         params = model.param_groups(defaults.lr, cfg.backbone_lr_mult)
     else:
@@ -347,6 +355,20 @@ def build_parts(cfg: TrainConfig, splits: Splits, defaults: Defaults, ctx: Conte
         cache_start=start,
         initial_state=initial_state,
     )
+
+
+def auto_patience(total_steps: int, eval_every: int, validated: bool = True) -> int:
+    """The default early-stopping patience: a quarter of the run's validations, at least 10;
+    0 (off) without validation or with fewer than 20 validations (too few to tell a plateau).
+
+    Example:
+        >>> auto_patience(600, 4), auto_patience(100, 10), auto_patience(600, 4, validated=False)
+        (37, 0, 0)
+    """
+    n_evals = total_steps // max(int(eval_every), 1)
+    if not validated or n_evals < 20:
+        return 0
+    return max(10, n_evals // 4)
 
 
 def model_config_of(cfg: TrainConfig, input_shape) -> dict:
@@ -536,9 +558,18 @@ def frozen_features(
                 f"backbone frozen: caching its features of {len(splits.train)} "
                 f"training images{mirror}"
             )
+        import time
+
+        t0 = time.perf_counter()
+        n_val = len(splits.val) if splits.val is not None else 0
+        log(
+            f"  computing them once: {len(splits.train) * (2 if flip else 1) + n_val} images "
+            "through the frozen blocks (a minute or more for a pretrained backbone on CPU)"
+        )
         features = FeatureCache.build(
             embed_split, model, splits.train, splits.val, flip, start=start, seed=cfg.seed + 4
         )
+        log(f"  features cached in {time.perf_counter() - t0:.0f}s")
     if whiten and fresh:
         fit = (
             features.fit_set(model)

@@ -46,7 +46,7 @@ from typing import Protocol
 
 import torch
 
-from ..errors import InputError
+from ..errors import missing_dependency
 from ..rundir.files import append_metrics, save_weights
 from .collapse import CollapseDetector
 from .hard_class_refresh import refresh_hard_classes
@@ -58,6 +58,7 @@ __all__ = [
     "Checkpointing",
     "CollapseWatch",
     "HardClassRefresh",
+    "IdleWatch",
     "MetricsLog",
     "TensorBoard",
 ]
@@ -108,10 +109,8 @@ class TensorBoard:
     def __init__(self) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError as e:
-            raise InputError(
-                f"--tensorboard needs tensorboard ({e}): pip install 'tripletlab[tensorboard]'"
-            ) from None
+        except ImportError:
+            raise missing_dependency("tensorboard", "--tensorboard") from None
         self.writer = None
 
     def on_start(self, trainer) -> None:
@@ -252,6 +251,54 @@ class CollapseWatch:
     def on_step(self, trainer, step: int, loss: float, stats: dict) -> None:
         if "skipped" not in stats:
             self.found = self.detector.update(stats, loss, step) or self.found
+
+
+class IdleWatch:
+    """Notes once, in one line, when the loss and the active fraction have been ~0 for a long
+    stretch (a tenth of the run, at least 50 steps): the batches no longer teach anything and
+    the remaining steps are likely wasted (early stopping, --patience, ends such runs).
+
+    Example:
+        >>> w = IdleWatch(); w.on_start(type("T", (), {"total_steps": 100})())
+        >>> [w.on_step(None, s, 0.0, {"active_fraction": 0.0}) for s in range(1, 50)][-1] is None
+        True
+        >>> w.since, w.noted
+        (1, False)
+    """
+
+    def __init__(self, loss_eps: float = 1e-4, active_eps: float = 0.01) -> None:
+        self.loss_eps, self.active_eps = loss_eps, active_eps
+        self.since: int | None = None
+        self.noted = False
+        self.stretch = 50
+
+    def on_start(self, trainer) -> None:
+        self.stretch = max(50, int(getattr(trainer, "total_steps", 0) or 0) // 10)
+
+    def on_step(self, trainer, step: int, loss: float, stats: dict) -> None:
+        if "skipped" in stats:
+            return
+        idle = loss < self.loss_eps and stats.get("active_fraction", 1.0) < self.active_eps
+        if not idle:
+            self.since = None
+            return
+        if self.since is None:
+            self.since = step
+        if not self.noted and step - self.since + 1 >= self.stretch:
+            self.noted = True
+            if trainer is not None and trainer.is_main:
+                best = trainer.state.best_step
+                trainer.log(
+                    f"note: loss and active triplets ~0 since step {self.since} (now {step}): "
+                    "the batches teach little"
+                    + (f"; best validation step so far {best}" if best and best > 0 else "")
+                    + (
+                        f"; early stopping after {trainer.cfg.patience} validations without "
+                        "improvement"
+                        if trainer.cfg.patience
+                        else "; --patience N stops such runs early"
+                    )
+                )
 
 
 class BestModel:

@@ -121,7 +121,8 @@ class TrainConfig:
     val_group_depth: int = _opt(
         0,
         "validation holds out whole groups of classes: their first N folder levels (1 on "
-        "Omniglot = whole alphabets); 0 = single classes",
+        "Omniglot = whole alphabets, so validation characters come from alphabets never "
+        "trained on, as the test's do); 0 = single classes",
         group="data and split",
     )
     val_folds: int = _opt(
@@ -134,9 +135,18 @@ class TrainConfig:
     )
     image_size: list[int] | None = _opt(
         None,
-        "resize images to H x W (default: the images' own size)",
+        "resize images to H x W (default: chosen from the images' size and number, printed "
+        "as auto:, e.g. 61x50 for AT&T's 112x92 faces)",
         nargs=2,
         metavar=("H", "W"),
+        group="data and split",
+    )
+    # aspect kept by default (issue #24: 320x243 frames were squashed into a 56x46 model)
+    resize: str | None = _opt(
+        None,
+        "how images reach H x W: crop (scale to cover, cut the centre: keeps the aspect) | pad "
+        "(scale to fit, black borders) | stretch (ignore the aspect); default crop, recorded "
+        "in the run and used for every image it reads later (runs made before: stretch)",
         group="data and split",
     )
     grayscale: bool | None = _opt(
@@ -167,7 +177,13 @@ class TrainConfig:
         group="model",
     )
     augment: Any = _opt(
-        None, "augmentation preset (default: light for images, none for vectors)", group="model"
+        None,
+        "augmentation preset (default: light for images, crop when streamed, none for "
+        "vectors): none | flip (mirror only) | light (small rotation, shift, zoom) | faces "
+        "(light, stronger, + mirror: faces are left-right symmetric) | strokes (faces without "
+        "the mirror: handwriting is not) | crop / faces-crop / natural (random resized crops; "
+        "natural adds mirror and colour jitter for photos)",
+        group="model",
     )
     # --- pretrained backbones (models/backbones.py)
     backbone: str | None = _opt(
@@ -260,7 +276,9 @@ class TrainConfig:
     )
     semihard_fallback: str = _opt(
         "easiest",
-        "semi-hard pairs without a semi-hard negative: easiest (TF-Addons) | drop",
+        "semihard mining picks, per anchor-positive pair, the closest negative farther than "
+        "the positive; for a pair with none: easiest = take its farthest negative (as "
+        "TF-Addons' triplet_semihard_loss) | drop = leave the pair out of the loss",
         group="loss and mining",
     )
     # XBM (Wang et al. 2020): more negatives than one batch holds; off by default (it only pays
@@ -299,8 +317,9 @@ class TrainConfig:
     )
     hard_class_by: str = _opt(
         "centroid",
-        "how hard-class neighbours are found: centroid (nearest class means) | items (classes "
-        "whose items are each other's nearest neighbours, from an exact EmbeddingIndex)",
+        "with --sampler hard-class, how classes that are close to each other are found: "
+        "centroid (nearest class means; cheap) | items (classes whose items are each other's "
+        "nearest neighbours, from an exact EmbeddingIndex; for classes with several modes)",
         group="loss and mining",
     )
     # --- optimisation
@@ -311,7 +330,8 @@ class TrainConfig:
     steps: int | None = _opt(None, "total optimisation steps (overrides --epochs)", group="common")
     epochs: int | None = _opt(
         None,
-        "passes over the training split (PK batches per epoch ~ N / (P*K)); default 20, or 1 "
+        "passes over the training split (PK batches per epoch ~ N / (P*K)); default: for image "
+        "folders a step count chosen from the data (printed as auto:), else 20 epochs, or 1 "
         "for text (a pretrained encoder needs little)",
         group="optimisation",
     )
@@ -365,9 +385,25 @@ class TrainConfig:
         "steps between validations (default: once per epoch)",
         group="evaluation, checkpoints and logging",
     )
-    patience: int = _opt(
-        0,
-        "early stop after N validations without MAP@R improvement (0 = off)",
+    # early stopping on by default: AT&T's best validation step is ~180 of 600 (issue #24)
+    patience: int | None = _opt(
+        None,
+        "early stop after N validations without MAP@R improvement (0 = off; default: a "
+        "quarter of the run's validations, at least 10, printed as auto:; off with fewer "
+        "than 20 validations)",
+        group="evaluation, checkpoints and logging",
+    )
+    # the verification threshold: a security decision, chosen for its false-accept rate
+    target_far: float = _opt(
+        0.01,
+        "false-accept rate the verification threshold is calibrated for, on the validation "
+        "identities (the FAR/TAR there come with a 95% identity-bootstrap interval)",
+        group="evaluation, checkpoints and logging",
+    )
+    threshold_rule: str = _opt(
+        "target-far",
+        "how the verification threshold is chosen on the validation pairs: target-far (the "
+        "largest threshold with FAR <= --target-far) | best-accuracy",
         group="evaluation, checkpoints and logging",
     )
     checkpoint_every: int | None = _opt(
@@ -425,6 +461,7 @@ def option_choices() -> dict[str, list[str]]:
     a dict of augmentation arguments in a config file, and the ``None`` default of an option
     stands for its automatic choice."""
     from ..data.augment import AUGMENT_PRESETS
+    from ..data.loaders import FIT_MODES
     from ..distances import DISTANCES
     from ..functional import SEMIHARD_FALLBACKS, STRATEGIES
     from ..models.backbones import BACKBONES, TTA_MODES
@@ -442,6 +479,8 @@ def option_choices() -> dict[str, list[str]]:
         "semihard_fallback": list(SEMIHARD_FALLBACKS),
         "sampler": ["pk", "hard-class"],
         "hard_class_by": ["centroid", "items"],
+        "threshold_rule": ["target-far", "best-accuracy"],
+        "resize": list(FIT_MODES),
     }
 
 
@@ -655,6 +694,10 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         )
     if cfg.sampler == "hard-class":
         _check_hard_class(cfg)
+    if not 0.0 < cfg.target_far < 1.0:
+        raise InputError(f"target_far must lie in (0, 1), got {cfg.target_far}")
+    if cfg.patience is not None and cfg.patience < 0:
+        raise InputError("patience must be >= 0 (0 = no early stopping)")
     if cfg.val_group_depth < 0:
         raise InputError("val_group_depth must be >= 0")
     if cfg.image_size is not None and (

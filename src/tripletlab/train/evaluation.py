@@ -66,7 +66,15 @@ class RetrievalEvaluator:
         if val is not None and len(val) >= 2:
             # the threshold is chosen on validation pairs, never on the test pairs it is scored on
             vemb, val_y = trainer.embed_split(val)
-            calibration = validation_threshold(vemb, val_y, dist, seed=seed)
+            # all validation identities, the threshold for the target FAR (or best accuracy)
+            calibration = validation_threshold(
+                vemb,
+                val_y,
+                dist,
+                seed=seed,
+                target_far=getattr(trainer.cfg, "target_far", 0.01),
+                rule=getattr(trainer.cfg, "threshold_rule", "target-far"),
+            )
         if len(test_y) >= 2:
             result.update(
                 evaluate_embeddings(emb, test_y, dist, seed=seed, calibration=calibration)

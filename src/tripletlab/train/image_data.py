@@ -40,6 +40,9 @@ def open_data(cfg: TrainConfig, resume: bool = False) -> tuple[Dataset, ImageFil
     the automatic choices made from the data (:func:`~tripletlab.train.auto.auto_settings`,
     not when resuming) are written into ``cfg`` so the run's config.json records them."""
 
+    if cfg.resize is None:  # new runs keep the aspect; a run resumed from before: stretch
+        cfg.resize = "stretch" if resume else "crop"
+
     def choose(n_items: int, native, n_classes: int):
         values, notes = auto_settings(cfg, n_items, native, n_classes)
         for k, v in values.items():
@@ -52,6 +55,7 @@ def open_data(cfg: TrainConfig, resume: bool = False) -> tuple[Dataset, ImageFil
         grayscale=cfg.grayscale,
         skip_bad=cfg.skip_bad,
         stream=cfg.stream,
+        fit=cfg.resize,
         choose=None if resume else choose,
         explain=not resume,
     )
@@ -68,7 +72,14 @@ def stream_augment(aug) -> SampleAugment | None:
 
 def part_files(files: ImageFiles, part: Dataset, augment=None) -> ImageFiles:
     """The image files of one split ``part`` of a streamed data set (``files``)."""
-    return ImageFiles(part.paths or [], part.y.tolist(), files.image_size, files.channels, augment)
+    return ImageFiles(
+        part.paths or [],
+        part.y.tolist(),
+        files.image_size,
+        files.channels,
+        augment,
+        fit=files.fit,
+    )
 
 
 def embed_part(trainer, part: Dataset, model=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,7 @@ from .callbacks import (
     Checkpointing,
     CollapseWatch,
     HardClassRefresh,
+    IdleWatch,
     MetricsLog,
     TensorBoard,
 )
@@ -147,7 +148,8 @@ class Trainer:
                 self.metrics_log,
                 *([tensorboard] if tensorboard else []),
                 self.collapse_watch,
-                BestModel(cfg.patience),
+                IdleWatch(),
+                BestModel(cfg.patience or 0),
                 *callbacks,
                 Checkpointing(self.ckpt_every),  # these two act once the step is decided
                 self.hard_classes,
@@ -432,12 +434,14 @@ class Trainer:
         custom module and data: the report uses this trainer's model and test set."""
         from ..report import build_report
 
+        # its progress lines go where the trainer's notes go (nowhere with quiet)
+        say = (lambda _line: None) if self.cfg.quiet else self.log
         if self._custom_model is None and self._custom_data is None:
-            return build_report(self.run_dir)
+            return build_report(self.run_dir, log=say)
         initial = None
         if self._custom_model is not None:
             initial = copy.deepcopy(self.model)
             initial.load_state_dict(self.parts.initial_state)
         return build_report(
-            self.run_dir, model=self.model, test_data=self.test_set, initial_model=initial
+            self.run_dir, model=self.model, test_data=self.test_set, initial_model=initial, log=say
         )

@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import FileFormatError, InputError
+from ..errors import FileFormatError, InputError, missing_dependency
 from ..utils import atomic_write_json, atomic_write_text
 from .config import TrainConfig, load_config_file, option_choices, resolve_config
 
@@ -578,7 +578,7 @@ def tune(
     try:
         import optuna
     except ImportError:  # pragma: no cover - the [tune] extra
-        raise InputError("tripletlab tune needs optuna: pip install 'tripletlab[tune]'") from None
+        raise missing_dependency("optuna", "`tripletlab tune`") from None
 
     _check_budget(n_trials, timeout_s, folds)
     if isinstance(space, (str, Path)):

@@ -83,23 +83,36 @@ def build_router(state: ServeState) -> APIRouter:
     @router.post("/gallery", dependencies=state.write, status_code=201)
     async def enrol(
         images: Annotated[list[UploadFile], File(description="one or more images")],
-        label: Annotated[str, Form(min_length=1, max_length=200)],
+        label: Annotated[str | None, Form(max_length=200)] = None,
     ) -> dict:
-        """Enrol images under a label; answered once the gallery is safely on disk."""
-        label = label.strip()
-        if not label or any(ord(c) < 32 for c in label):
-            raise HTTPException(422, "label must be non-empty printable text")
+        """Enrol images under a label (without one, each image under its file name: an
+        unlabelled gallery, the file is the id); answered once the gallery is safely on disk."""
+        names = None
+        if label is None:
+            names = [(f.filename or f"image[{i}]").strip() for i, f in enumerate(images)]
+        else:
+            label = label.strip()
+            if not label:
+                raise HTTPException(422, "label must be non-empty printable text")
+        for name in names or [label]:
+            if not name or any(ord(c) < 32 for c in name):
+                raise HTTPException(422, "label must be non-empty printable text")
         decoded = await state.read_images(images, "images")
         e = await state.embed_images([im for im, _ in decoded])
         futs = []
-        for (im, data), row in zip(decoded, e, strict=True):
+        for i, ((im, data), row) in enumerate(zip(decoded, e, strict=True)):
             ext = FORMAT_EXT.get(im.format or "", "img")
-            futs.append(await state.queue_change(Enrolment(row, label, data, ext)))
+            lab = names[i] if names is not None else label
+            futs.append(await state.queue_change(Enrolment(row, lab, data, ext)))
         results = await asyncio.gather(*futs)
         bad = [r for r in results if isinstance(r, Exception)]
         if bad:
             raise HTTPException(422, f"enrolment failed: {bad[0]}")
-        return {"ids": results, "label": label, "gallery_size": len(store)}
+        return {
+            "ids": results,
+            "label": label if names is None else names,
+            "gallery_size": len(store),
+        }
 
     @router.delete("/gallery/{item_id}", dependencies=state.write)
     async def delete(item_id: ItemId) -> dict:

@@ -107,6 +107,10 @@ def verification_answer(state: ServeState, pair: np.ndarray) -> dict:
         "same": d <= threshold,
         "threshold": threshold,
         "far": far,
+        # the calibration: target FAR and the FAR interval on the validation identities
+        "target_far": ti.get("target_far"),
+        "far_ci": ti.get("validation_far_ci"),
+        "calibration_warning": ti.get("validation_warning"),
         "metric": embedder.distance,
         "threshold_info": embedder.threshold_info,
     }
