@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..data import Dataset, apply_split, split_dataset, split_validation
+from ..data import Dataset, apply_split, concat_labelled, split_dataset, split_validation
 from ..data.augment import AugmentSpec, build_augment, default_augment
 from ..errors import InputError
 from ..losses.distributed import DistributedTripletLoss
@@ -179,6 +179,7 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
         train_full = train
         val_info = info.get("val")
         train, val = apply_split(train, val_info) if val_info else (train, None)
+        val = add_val_data(cfg, ds, files, val)
     else:
         by = cfg.split_by or (
             "predefined"
@@ -201,7 +202,10 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
             )
         train_full = train
         val, val_info = None, None
-        if (cfg.val_fraction > 0 or cfg.val_folds > 1) and cfg.evaluate:
+        held_out = (cfg.val_fraction > 0 or cfg.val_folds > 1) and cfg.evaluate
+        if cfg.val_data and val_mode(cfg) == "only":
+            held_out = False  # validation on the --val-data sources alone
+        if held_out:
             if by == "class":  # open-set: whole (groups of) training classes held out
                 train, val, val_info = split_validation(
                     train,
@@ -210,6 +214,7 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
                     group_depth=cfg.val_group_depth,
                     folds=cfg.val_folds,
                     fold=cfg.val_fold,
+                    by_source=bool(ds.info.get("sources")),  # drawn per training source
                 )
             else:
                 if cfg.val_folds > 1:
@@ -222,11 +227,67 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
                 train, val, val_info = split_dataset(
                     train, by="sample", test_fraction=cfg.val_fraction, seed=cfg.seed + 1
                 )
+        val = add_val_data(cfg, ds, files, val)
+        split_info = {"test": test_info, "val": val_info}
+        if val is not None and val.info.get("val_sources"):
+            split_info["val_sources"] = val.info["val_sources"]
         if ctx.is_main:
-            atomic_write_json(split_path, {"test": test_info, "val": val_info})
+            atomic_write_json(split_path, split_info)
     if len(torch.unique(train.y)) < 2:
         raise InputError("the training split has fewer than 2 classes")
     return Splits(ds, train, val, test, train_full, test_info, files), defaults
+
+
+def val_mode(cfg: TrainConfig) -> str | None:
+    """How ``--val-data`` is used: ``"both"`` (default with it: the held-out training
+    classes and the other sources) or ``"only"``; None without ``--val-data``."""
+    if not cfg.val_data:
+        if cfg.val_mode is not None:
+            raise InputError("--val-mode says how --val-data is used: give --val-data FOLDER")
+        return None
+    if cfg.val_mode == "only" and cfg.val_folds > 1:
+        raise InputError(
+            "--val-mode only validates on the --val-data sources alone: drop --val-folds "
+            "(or use --val-mode both)"
+        )
+    return cfg.val_mode or "both"
+
+
+def add_val_data(cfg: TrainConfig, ds, files, val):
+    """The validation set of a run: the held-out training classes ``val`` (None: none) and,
+    with ``--val-data``, the classes of the other sources
+    (:func:`tripletlab.data.open.open_val_data`), joined into one data set whose
+    ``info["val_sources"]`` lists each source (name, kind, items, classes) and
+    ``info["val_groups"]`` the class ids of each (the evaluator scores each alone)."""
+    mode = val_mode(cfg)
+    if mode is None or not cfg.evaluate:
+        return val
+    from ..data.open import open_val_data, source_of
+
+    shape = files.input_shape if files is not None else ds.input_shape
+    ext = open_val_data(
+        cfg.val_data, shape, ds, skip_bad=cfg.skip_bad, stream=files is not None
+    )
+    sources, groups = [], {}
+    if val is not None and len(val):  # the held-out training classes: one group
+        present = sorted(set(val.y.tolist()))
+        groups["held-out"] = present
+        held = {"name": "held-out", "kind": "held-out", "items": len(val), "classes": len(present)}
+        if ds.info.get("sources"):  # drawn per training source
+            names = [src["name"] for src in ds.info["sources"]]
+            held["classes_per_source"] = {
+                n: sum(1 for i in present if source_of(ds.classes[i]) == n) for n in names
+            }
+        sources.append(held)
+    joined = concat_labelled([val, ext] if val is not None and len(val) else [ext])
+    offset = len(val.classes) if val is not None and len(val) else 0
+    for src in ext.info["val_sources"]:
+        groups[src["name"]] = [
+            offset + i for i, c in enumerate(ext.classes) if source_of(c) == src["name"]
+        ]
+        sources.append(src)
+    joined.info = {**joined.info, "val_sources": sources, "val_groups": groups, "val_mode": mode}
+    return joined
 
 
 # ------------------------------------------------------------------ 2. model, loss, batches
@@ -291,12 +352,17 @@ def build_parts(cfg: TrainConfig, splits: Splits, defaults: Defaults, ctx: Conte
     n_cls = int(torch.unique(ds.y).numel())
     if cfg.p > n_cls:
         ctx.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
+    if cfg.source_ratio and cfg.sampler == "hard-class":
+        raise InputError("--source-ratio draws classes for the pk sampler: use --sampler pk")
     if cfg.sampler == "hard-class":  # groups of close classes (samplers/hard_class.py)
         sampler = HardClassSampler(
             ds.y, p=cfg.p, k=cfg.k, seed=cfg.seed, group=cfg.hard_class_group
         )
     else:
-        sampler = PKSampler(ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed)
+        weights = source_class_weights(cfg.source_ratio, ds, ctx.log)
+        sampler = PKSampler(
+            ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed, class_weights=weights
+        )
     if dist is not None:
         sampler = DistributedPKSampler(sampler, dist.rank, dist.world_size)
     total_steps = cfg.steps or defaults.epochs * len(sampler)
@@ -347,6 +413,67 @@ def build_parts(cfg: TrainConfig, splits: Splits, defaults: Defaults, ctx: Conte
         cache_start=start,
         initial_state=initial_state,
     )
+
+
+def parse_source_ratio(text: str, names: list[str]) -> dict[str, float]:
+    """The weight of each source of ``--source-ratio`` (``"1:1"`` in source order, or
+    ``"name=2,name=1"``), normalised to sum 1.
+
+    >>> parse_source_ratio("3:1", ["a", "b"])
+    {'a': 0.75, 'b': 0.25}
+    >>> parse_source_ratio("b=1,a=1", ["a", "b"])
+    {'a': 0.5, 'b': 0.5}
+    """
+    try:
+        if "=" in text:
+            pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+            given = {k.strip(): float(v) for k, v in pairs}
+            unknown = sorted(set(given) - set(names))
+            if unknown:
+                raise InputError(
+                    f"--source-ratio names {unknown}, which are not sources ({names})"
+                )
+            w = [given.get(n, 0.0) for n in names]
+        else:
+            w = [float(v) for v in text.split(":")]
+    except ValueError:
+        raise InputError(
+            f"--source-ratio {text!r}: give numbers, e.g. 1:1 or {names[0]}=2,..."
+        ) from None
+    if len(w) != len(names):
+        raise InputError(
+            f"--source-ratio {text!r} gives {len(w)} weights for {len(names)} sources ({names})"
+        )
+    if any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
+        raise InputError(f"--source-ratio {text!r}: weights must be >= 0, not all 0")
+    return {n: v / sum(w) for n, v in zip(names, w, strict=True)}
+
+
+def source_class_weights(ratio: str | None, train, log) -> dict | None:
+    """Per-class sampling weights for ``--source-ratio`` (each source's share spread evenly
+    over its training classes), or None (classes equally often: each source in proportion to
+    its classes)."""
+    if not ratio:
+        return None
+    sources = train.info.get("sources")
+    if not sources:
+        raise InputError("--source-ratio needs several training sources (--data A --data B)")
+    from ..data.open import source_of
+
+    names = [src["name"] for src in sources]
+    share = parse_source_ratio(ratio, names)
+    present = sorted(set(train.y.tolist()))
+    n_of = {n: sum(1 for i in present if source_of(train.classes[i]) == n) for n in names}
+    weights = {
+        i: share[source_of(train.classes[i])] / max(1, n_of[source_of(train.classes[i])])
+        for i in present
+    }
+    log(
+        "sources: "
+        + ", ".join(f"{n} {n_of[n]} classes, {share[n]:.0%} of each batch's" for n in names)
+        + " classes (--source-ratio)"
+    )
+    return weights
 
 
 def model_config_of(cfg: TrainConfig, input_shape) -> dict:

@@ -78,11 +78,13 @@ class TrainConfig:
     ``tripletlab train --help`` text; the CLI appends the default)."""
 
     # scikit-learn's bundled digits: no download, trains in about a minute
-    data: str = _opt(
+    data: str | list[str] = _opt(
         "digits",
         "'digits', an image folder ROOT/<class>/..., a directory of MNIST idx files, or a "
-        ".npz/.npy/.csv vector file",
+        ".npz/.npy/.csv vector file; repeat it for several image sources (--data A --data B: "
+        "classes prefixed by the folder name, A/<class>)",
         group="common",
+        append=True,
     )
     out: str | None = _opt(None, "run directory (default runs/<data>-<timestamp>)", group="common")
     # everything (init, split, sampler, augmentation) derives from it
@@ -132,6 +134,30 @@ class TrainConfig:
     val_fold: int = _opt(
         0, "which fold (0..K-1) is the validation split with --val-folds K", group="data and split"
     )
+    # --- issue 23: validation from other sources, several training sources (one block)
+    val_data: list[str] | None = _opt(
+        None,
+        "a labelled image folder or path,label manifest validated on (repeatable): it picks "
+        "the best step, calibrates the threshold and scores tune trials; its classes must not "
+        "be training classes",
+        group="data and split",
+        append=True,
+        metavar="FOLDER",
+    )
+    val_mode: str | None = _opt(
+        None,
+        "with --val-data: both = the held-out training classes and the --val-data sources, "
+        "each source scored alone and the selection metric their mean (default); only = the "
+        "--val-data sources alone (no training class held out)",
+        group="data and split",
+    )
+    source_ratio: str | None = _opt(
+        None,
+        "several --data sources: the share of each source's classes in a PK batch, in --data "
+        "order (e.g. 1:1, or name=2,name=1); default proportional to their classes",
+        group="data and split",
+    )
+    # --- end of the issue-23 block
     image_size: list[int] | None = _opt(
         None,
         "resize images to H x W (default: the images' own size)",
@@ -169,6 +195,20 @@ class TrainConfig:
     augment: Any = _opt(
         None, "augmentation preset (default: light for images, none for vectors)", group="model"
     )
+    # --- issue 23: preprocessing and augmented feature caches (one block)
+    equalize: str = _opt(
+        "none",
+        "image preprocessing applied identically in training, embedding and serving: none | "
+        "clahe (local histogram equalisation, lighting normalised per tile)",
+        group="model",
+    )
+    cached_views: int = _opt(
+        1,
+        "frozen backbone: cache the features of N augmented views of each training image "
+        "(view 0 the image itself) and draw one per item in each batch; bounded by --cache-mb",
+        group="model",
+    )
+    # --- end of the issue-23 block
     # --- pretrained backbones (models/backbones.py)
     backbone: str | None = _opt(
         None,
@@ -442,6 +482,8 @@ def option_choices() -> dict[str, list[str]]:
         "semihard_fallback": list(SEMIHARD_FALLBACKS),
         "sampler": ["pk", "hard-class"],
         "hard_class_by": ["centroid", "items"],
+        "val_mode": ["both", "only"],
+        "equalize": ["none", "clahe"],
     }
 
 
@@ -501,6 +543,9 @@ def _normalise(values: dict, source: str) -> dict:
                 raise InputError(
                     f"{source}: option {k!r} must be a list of {item} values{how}, got {v!r}"
                 )
+        elif v is not None and k == "data" and isinstance(v, list):  # several sources
+            if not v or not all(isinstance(x, str) for x in v):
+                raise InputError(f"{source}: option 'data' must be a string or a list of them")
         elif v is not None and not _kind_ok(kind, v):
             raise InputError(f"{source}: option {k!r} must be {_KIND_WORDS[kind]}, got {v!r}")
         out[k] = v
