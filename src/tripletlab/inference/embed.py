@@ -191,7 +191,12 @@ def embed_data(
             _, ds = apply_split(ds, read_json(Path(run_dir) / "split.json", "split")["test"])
         if shard is not None:
             ds = ds.subset(range(*shard_bounds(len(ds), *shard)))
-        return embed(model, ds.x, batch_size, dev), ds.y, ds.paths, ds.classes
+        x = ds.x
+        if ds.kind == "image":  # the run's preprocessing (--equalize)
+            from ..data.augment import preprocess
+
+            x = preprocess(x, cfg.get("train", {}).get("equalize"))
+        return embed(model, x, batch_size, dev), ds.y, ds.paths, ds.classes
     paths, labels = scan_images(spec, skip_bad=skip_bad)
     ids, classes = class_ids(labels)
     if data is None:  # the run's test split (by class names, or by saved indices)
@@ -208,7 +213,9 @@ def embed_data(
     if shard is not None:  # this rank's files only
         lo, hi = shard_bounds(len(paths), *shard)
         paths, ids = paths[lo:hi], ids[lo:hi]
-    files = ImageFiles(paths, ids, size, channels)
+    files = ImageFiles(
+        paths, ids, size, channels, preprocess=cfg.get("train", {}).get("equalize") or "none"
+    )
     emb, kept = embed(
         model,
         files,

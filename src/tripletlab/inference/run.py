@@ -86,6 +86,7 @@ class Inference:
         self.input_shape: list[int] = prep["input_shape"]
         self.image_size: list[int] | None = prep["image_size"]
         self.grayscale: bool | None = prep["grayscale"]
+        self.equalize: str = prep["equalize"]  # the run's image preprocessing
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Inference:
@@ -248,8 +249,16 @@ class Inference:
         return out
 
     # ------------------------------------------------------------------ embedding
+    def _prepared(self, x: torch.Tensor) -> torch.Tensor:
+        """Images as the run's model saw them in training (``--equalize``)."""
+        if self.takes_images and x.dim() == 4:
+            from ..data.augment import preprocess
+
+            return preprocess(x, self.equalize)
+        return x
+
     def _embed_tensor(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-        return embed(self.model, x, batch_size, self.device).numpy()
+        return embed(self.model, self._prepared(x), batch_size, self.device).numpy()
 
     def embed_dataset(self, dataset: Dataset, batch_size: int = 256) -> np.ndarray:
         """Embeddings (N, D) float32 of every item of a :class:`~tripletlab.data.Dataset`."""

@@ -254,7 +254,8 @@ def model_fingerprint(run_dir: str | Path) -> str:
 
 def preprocessing(cfg: dict) -> dict[str, Any]:
     """How a run's inputs were prepared: ``{"image_size": [H, W] | None, "grayscale": bool |
-    None, "input_shape": [...]}`` from its config (training options, else the model's shape)."""
+    None, "input_shape": [...], "equalize": "none" | "clahe"}`` from its config (training
+    options, else the model's shape)."""
     train_cfg = cfg.get("train", {})
     model_shape = list(cfg.get("model", {}).get("input_shape", []))
     size = train_cfg.get("image_size")
@@ -267,6 +268,8 @@ def preprocessing(cfg: dict) -> dict[str, Any]:
         "image_size": list(size) if size else None,
         "grayscale": gray,
         "input_shape": model_shape,
+        # --equalize: applied to images alike in training and use (data.augment.preprocess)
+        "equalize": train_cfg.get("equalize") or "none",
     }
 
 

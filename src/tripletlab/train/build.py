@@ -168,6 +168,7 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
     else:
         ds, files, notes = open_data(cfg, resume=ctx.resume)
         given_test = None
+        apply_preprocessing(cfg.equalize, ds, files)
     defaults = resolve_defaults(cfg, ds.kind, ctx.data is not None, notes, files is not None)
     for line in defaults.lines:
         ctx.log(line)
@@ -238,6 +239,22 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
     return Splits(ds, train, val, test, train_full, test_info, files), defaults
 
 
+def apply_preprocessing(name: str | None, ds, files) -> None:
+    """The run's image preprocessing (``--equalize``, :func:`tripletlab.data.augment.preprocess`)
+    on an opened data set: in memory its images, streamed its ``files`` (each decoded file).
+    Inference applies the same (``rundir.files.preprocessing``)."""
+    if name in (None, "none"):
+        return
+    if ds.kind != "image":
+        raise InputError(f"--equalize {name} preprocesses images; this data is {ds.kind} data")
+    from ..data.augment import preprocess
+
+    if files is not None:
+        files.preprocess = name
+    elif ds.x.numel():
+        ds.x = preprocess(ds.x, name)
+
+
 def val_mode(cfg: TrainConfig) -> str | None:
     """How ``--val-data`` is used: ``"both"`` (default with it: the held-out training
     classes and the other sources) or ``"only"``; None without ``--val-data``."""
@@ -265,9 +282,8 @@ def add_val_data(cfg: TrainConfig, ds, files, val):
     from ..data.open import open_val_data, source_of
 
     shape = files.input_shape if files is not None else ds.input_shape
-    ext = open_val_data(
-        cfg.val_data, shape, ds, skip_bad=cfg.skip_bad, stream=files is not None
-    )
+    ext = open_val_data(cfg.val_data, shape, ds, skip_bad=cfg.skip_bad, stream=files is not None)
+    apply_preprocessing(cfg.equalize, ext, None if files is None else files)
     sources, groups = [], {}
     if val is not None and len(val):  # the held-out training classes: one group
         present = sorted(set(val.y.tolist()))
@@ -430,9 +446,7 @@ def parse_source_ratio(text: str, names: list[str]) -> dict[str, float]:
             given = {k.strip(): float(v) for k, v in pairs}
             unknown = sorted(set(given) - set(names))
             if unknown:
-                raise InputError(
-                    f"--source-ratio names {unknown}, which are not sources ({names})"
-                )
+                raise InputError(f"--source-ratio names {unknown}, which are not sources ({names})")
             w = [given.get(n, 0.0) for n in names]
         else:
             w = [float(v) for v in text.split(":")]
@@ -666,6 +680,8 @@ def frozen_features(
         features = FeatureCache.build(
             embed_split, model, splits.train, splits.val, flip, start=start, seed=cfg.seed + 4
         )
+        if cfg.cached_views > 1:
+            add_cached_views(cfg, model, splits, parts, features, log)
     if whiten and fresh:
         fit = (
             features.fit_set(model)
@@ -675,6 +691,46 @@ def frozen_features(
         d = model.init_whitening(fit)
         log(f"head: PCA whitening of the training features ({d} dimensions)")
     return features
+
+
+def add_cached_views(cfg: TrainConfig, model, splits: Splits, parts: Parts, features, log):
+    """``--cached-views N``: features of N - 1 augmented views of each training image (the
+    run's augmentation, seeded per view and item) added to the cache of a wholly frozen
+    backbone, as many as fit in ``--cache-mb`` with the features already cached; the number
+    cached is logged and recorded (``features.n_views``)."""
+    from .feature_cache import augmented_view_features
+
+    if cfg.cached_views < 1:
+        raise InputError(f"--cached-views must be >= 1, got {cfg.cached_views}")
+    if features.start:
+        log("--cached-views: only for a wholly frozen backbone (--freeze-stages all); not used")
+        return
+    streamed = splits.files is not None
+    spec = read_augment(parts.augment_spec, streamed)
+    if spec is None or spec.flips_only:
+        log("--cached-views: the augmentation is flips at most (nothing more to cache)")
+        return
+    per_view = features.train.numel() * 4
+    held = per_view * (2 if features.train_mirror is not None else 1)
+    fit = max(0, (cfg.cache_mb * 2**20 - held) // max(1, per_view))
+    n = int(min(cfg.cached_views - 1, fit))
+    if n < cfg.cached_views - 1:
+        log(
+            f"--cached-views {cfg.cached_views}: {n + 1} views fit in --cache-mb {cfg.cache_mb} "
+            f"({per_view / 2**20:.1f} MiB a view)"
+        )
+    if n <= 0:
+        return
+    views = augmented_view_features(
+        model, splits.train, spec, n, cfg.seed + 5, files=splits.files,
+        device=next(model.parameters()).device, batch_size=cfg.eval_batch_size,
+        workers=cfg.workers,
+    )  # fmt: skip
+    features.add_views(views)
+    log(
+        f"cached {n} augmented views of each training image besides the image itself "
+        f"({features.n_views} views, {(n * per_view) / 2**20:.1f} MiB): each batch draws one"
+    )
 
 
 # ------------------------------------------------------------------ threads

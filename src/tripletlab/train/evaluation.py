@@ -102,8 +102,9 @@ class RetrievalEvaluator:
 def per_source(metrics: dict, emb, labels, groups: dict | None, model_config) -> dict:
     """With validation from several sources (``groups``: source -> class ids, see
     :func:`tripletlab.train.build.add_val_data`): each source's MAP@R (within its classes;
-    a source of one class is left out) as ``map_at_r[<source>]``, the pooled one as ``map_at_r_pooled`` and ``map_at_r`` (the
-    selection metric) their mean, so a large source does not outweigh a small one."""
+    a source of one class is left out) as ``map_at_r[<source>]``, the pooled one as
+    ``map_at_r_pooled`` and ``map_at_r`` (the selection metric) their mean, so a large source
+    does not outweigh a small one."""
     if not groups or len(groups) < 2:
         return metrics
     scores = {}

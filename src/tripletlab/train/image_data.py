@@ -68,7 +68,10 @@ def stream_augment(aug) -> SampleAugment | None:
 
 def part_files(files: ImageFiles, part: Dataset, augment=None) -> ImageFiles:
     """The image files of one split ``part`` of a streamed data set (``files``)."""
-    return ImageFiles(part.paths or [], part.y.tolist(), files.image_size, files.channels, augment)
+    return ImageFiles(
+        part.paths or [], part.y.tolist(), files.image_size, files.channels, augment,
+        preprocess=files.preprocess,
+    )  # fmt: skip
 
 
 def embed_part(trainer, part: Dataset, model=None) -> tuple[torch.Tensor, torch.Tensor]:
