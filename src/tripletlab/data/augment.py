@@ -687,13 +687,14 @@ class SampleAugment:
 PREPROCESSING = ("none", "clahe")
 
 
-def equalize_u8(img, tiles: int = 8, clip: float = 2.0):
+def equalize_u8(img, tiles: int = 8, clip: float = 3.0):
     """CLAHE-like local histogram equalisation (Zuiderveld, "Contrast Limited Adaptive
     Histogram Equalization", Graphics Gems IV, 1994) of one uint8 image (C, H, W) (numpy or
-    torch): per tile of a ``tiles`` x ``tiles`` grid (fewer on small images: tiles of >= 8
-    pixels), the histogram clipped at ``clip`` x its mean count (the excess spread over every
-    level) gives a mapping (its CDF); each pixel takes the bilinear blend of the mappings of the
-    four nearest tile centres. RGB images equalise their luma (the channels scaled by it).
+    torch): per tile of a ``tiles`` x ``tiles`` grid (fewer on small images: tiles of >= 16
+    pixels a side, so a 56x46 face has 3x2), the histogram clipped at ``clip`` x its mean count
+    (the excess spread over every level; the mapping's slope is at most ``clip``) gives a
+    mapping (its CDF); each pixel takes the bilinear blend of the mappings of the four nearest
+    tile centres. RGB images equalise their luma (the channels scaled by it).
 
     Example:
         >>> import numpy as np
@@ -711,7 +712,7 @@ def equalize_u8(img, tiles: int = 8, clip: float = 2.0):
         y = (0.299 * a[0] + 0.587 * a[1] + 0.114 * a[2]).round().clip(0, 255).astype(np.uint8)
     else:
         y = a[0]
-    ty, tx = max(1, min(tiles, h // 8)), max(1, min(tiles, w // 8))
+    ty, tx = max(1, min(tiles, h // 16)), max(1, min(tiles, w // 16))
     ys = np.linspace(0, h, ty + 1).round().astype(int)
     xs = np.linspace(0, w, tx + 1).round().astype(int)
     luts = np.empty((ty, tx, 256), dtype=np.float64)
@@ -745,7 +746,7 @@ def equalize_u8(img, tiles: int = 8, clip: float = 2.0):
     return torch.from_numpy(out) if was_tensor else out
 
 
-def equalize(x: torch.Tensor, tiles: int = 8, clip: float = 2.0) -> torch.Tensor:
+def equalize(x: torch.Tensor, tiles: int = 8, clip: float = 3.0) -> torch.Tensor:
     """:func:`equalize_u8` of float images (N, C, H, W) or (C, H, W) in [0, 1] (read as the
     uint8 values they were decoded from, so the same file gives the same pixels in memory and
     streamed)."""

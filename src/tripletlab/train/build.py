@@ -444,16 +444,17 @@ def parse_source_ratio(text: str, names: list[str]) -> dict[str, float]:
         if "=" in text:
             pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
             given = {k.strip(): float(v) for k, v in pairs}
-            unknown = sorted(set(given) - set(names))
-            if unknown:
-                raise InputError(f"--source-ratio names {unknown}, which are not sources ({names})")
-            w = [given.get(n, 0.0) for n in names]
         else:
             w = [float(v) for v in text.split(":")]
     except ValueError:
         raise InputError(
             f"--source-ratio {text!r}: give numbers, e.g. 1:1 or {names[0]}=2,..."
         ) from None
+    if "=" in text:
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise InputError(f"--source-ratio names {unknown}, which are not sources ({names})")
+        w = [given.get(n, 0.0) for n in names]
     if len(w) != len(names):
         raise InputError(
             f"--source-ratio {text!r} gives {len(w)} weights for {len(names)} sources ({names})"
