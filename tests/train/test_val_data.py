@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from helpers import make_folder
 
 from tripletlab import InputError
 from tripletlab.data.augment import AugmentSpec, preprocess
@@ -16,6 +15,8 @@ from tripletlab.inference.run import Inference
 from tripletlab.train import Trainer
 from tripletlab.train.config import resolve_config
 from tripletlab.train.feature_cache import view_images
+
+from helpers import make_folder
 
 
 def people(root, n=5, per_class=4, size=(16, 12)):
