@@ -432,7 +432,7 @@ def load_vector_file(path: Path) -> Dataset:
 
 
 def load_dataset(
-    spec: str | list[str],
+    spec: str,
     *,
     image_size: tuple[int, int] | None = None,
     grayscale: bool | None = None,
@@ -459,12 +459,6 @@ def load_dataset(
     Unreadable or non-image files raise :class:`FileFormatError` naming the file; with
     ``skip_bad=True`` they are left out and counted in a warning.
     """
-    if isinstance(spec, (list, tuple)):  # several image sources, classes prefixed by source
-        from .open import open_data
-
-        return open_data(
-            list(spec), image_size=image_size, grayscale=grayscale, skip_bad=skip_bad, stream=False
-        )[0]
     if spec == "digits":
         return load_digits_dataset()
     path = Path(spec)

@@ -273,16 +273,24 @@ def preprocessing(cfg: dict) -> dict[str, Any]:
     }
 
 
-def load_dataset_for_run(cfg: dict, data: str, skip_bad: bool = False) -> Dataset:
+def load_dataset_for_run(cfg: dict, data: str | list[str], skip_bad: bool = False) -> Dataset:
     """Load ``data`` with the preprocessing a run was trained with (image size, colour)."""
     prep = preprocessing(cfg)
     size = prep["image_size"]
-    ds = load_dataset(
-        data,
-        image_size=tuple(size) if size else None,
-        grayscale=prep["grayscale"],
-        skip_bad=skip_bad,
-    )
+    if isinstance(data, (list, tuple)):  # several image sources (classes prefixed by source)
+        from ..data.open import open_data
+
+        ds = open_data(
+            list(data), image_size=tuple(size) if size else None, grayscale=prep["grayscale"],
+            skip_bad=skip_bad, stream=False,
+        )[0]  # fmt: skip
+    else:
+        ds = load_dataset(
+            data,
+            image_size=tuple(size) if size else None,
+            grayscale=prep["grayscale"],
+            skip_bad=skip_bad,
+        )
     is_text_model = cfg.get("model", {}).get("name") == "text"
     if is_text_model != (ds.kind == "text"):
         want = (
