@@ -113,6 +113,10 @@ def test_two_training_sources_with_a_ratio(tmp_path, folders):
     assert result["steps"] == 4
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())
     assert cfg["train"]["data"] == [str(a), str(b)]
+    # the run's test split reloads from the two sources (tripletlab eval/embed of the run)
+    test = Inference.from_run(tmp_path / "two").load_data()
+    assert test.classes == t.dataset.classes and torch.equal(test.y, t.test_set.y)
+    assert torch.allclose(test.x, t.test_set.x)
     with pytest.raises(InputError, match="several training sources"):
         Trainer(_cfg(tmp_path, "one", data=str(a), source_ratio="1:1"))
 

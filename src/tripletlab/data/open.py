@@ -36,13 +36,14 @@ STREAM_ABOVE_BYTES = 512 * 2**20  # decoded float32 size above which images are 
 
 
 def is_image_source(spec: str) -> bool:
-    """An image folder (not an idx folder) or a CSV/JSONL image manifest.
+    """An image folder (not an idx folder) or a CSV/JSONL image manifest (a list of several
+    sources is not one source: False).
 
     Example:
-        >>> is_image_source("digits")
-        False
+        >>> is_image_source("digits"), is_image_source(["a", "b"])
+        (False, False)
     """
-    if spec == "digits":
+    if not isinstance(spec, (str, os.PathLike)) or spec == "digits":
         return False
     p = Path(spec)
     return (p.is_dir() and not is_idx_dir(p)) or is_manifest(spec)

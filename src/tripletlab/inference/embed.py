@@ -185,7 +185,7 @@ def embed_data(
     model.to(dev)
     spec = data if data is not None else cfg.get("train", {}).get("data", "digits")
     size, channels = run_input_spec(cfg)
-    if size is None or not is_image_source(spec):
+    if size is None or not isinstance(spec, str) or not is_image_source(spec):
         ds = load_dataset_for_run(cfg, spec, skip_bad)
         if data is None:
             _, ds = apply_split(ds, read_json(Path(run_dir) / "split.json", "split")["test"])
