@@ -190,8 +190,9 @@ def test_tune_trials_are_scored_on_the_val_data(tmp_path, folders):
     base.update({"steps": 4, "eval_every": 2, "p": 4, "k": 2, "threads": 1, "augment": "none"})
     base.update({"embedding_dim": 8, "val_data": [str(v)], "val_mode": "only"})
     logs = []
-    s = tune(str(a), out=tmp_path / "t", base=base, n_trials=1, folds=2,
-             space={"margin": {"type": "float", "low": 0.1, "high": 0.3}}, log=logs.append)  # fmt: skip
+    space = {"margin": {"type": "float", "low": 0.1, "high": 0.3}}
+    s = tune(str(a), out=tmp_path / "t", base=base, n_trials=1, folds=2, space=space,
+             log=logs.append)  # fmt: skip
     assert s["trials_complete"] == 1 and any("1 fold" in m for m in logs)
     split = json.loads((tmp_path / "t" / "trials" / "0000" / "fold0" / "split.json").read_text())
     assert split["val"] is None and [x["name"] for x in split["val_sources"]] == ["yale_val"]
