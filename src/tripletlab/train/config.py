@@ -536,6 +536,8 @@ def _normalise(values: dict, source: str) -> dict:
         sep = _FIELDS[k].metadata.get("list_sep")
         if sep and isinstance(v, str):
             v = [c.strip() for c in v.split(sep) if c.strip()] or None
+        if k == "val_data" and isinstance(v, str):  # one folder: a list of one
+            v = [v]
         if v is not None and kind.startswith("list["):
             item = kind[5:-1]
             if not isinstance(v, list) or not all(_kind_ok(item, x) for x in v):
