@@ -61,7 +61,7 @@ def test_alias_and_spec_round_trip():
 @pytest.mark.parametrize(
     ("cfg", "match"),
     [
-        ({"blur": 1}, r"unknown augmentation keys: \['blur'\]"),
+        ({"sharpen": 1}, r"unknown augmentation keys: \['sharpen'\]"),
         ("wild", "unknown augmentation preset 'wild'"),
         ({"degrees": -2}, "degrees must be >= 0"),
         ({"translate": 1.5}, "translate"),

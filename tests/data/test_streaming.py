@@ -99,7 +99,7 @@ def test_sample_augment_is_seeded_and_bounded():
     assert torch.allclose(ident(x, 3), x, atol=1e-5)
     assert SampleAugment.from_config("none") is None
     with pytest.raises(InputError, match="unknown augmentation keys"):
-        SampleAugment.from_config({"blur": 1})
+        SampleAugment.from_config({"sharpen": 1})
     with pytest.raises(InputError, match="crop_scale"):
         SampleAugment(crop_scale=(0.5, 1.5))
 

@@ -67,6 +67,12 @@ def add_field_flag(target, f: dataclasses.Field, choices: dict[str, list[str]]) 
         action = "store_false" if f.default is True else "store_true"
         target.add_argument(flag, dest=f.name, action=action, default=None, help=_help(f))
         return
+    if f.metadata.get("append"):  # repeatable: --data A --data B
+        target.add_argument(
+            flag, dest=f.name, type=kind, default=None, action="append",
+            metavar=f.metadata.get("metavar"), help=_help(f),
+        )  # fmt: skip
+        return
     target.add_argument(
         flag,
         dest=f.name,
@@ -97,6 +103,9 @@ def config_overrides(args) -> dict[str, Any]:
         sep = f.metadata.get("list_sep")
         if sep:
             value = [c.strip() for c in value.split(sep) if c.strip()] or None
+        one = f.metadata.get("append") and not str(f.type).startswith("list")
+        if one and isinstance(value, list) and len(value) == 1:
+            value = value[0]  # one --data: the plain string, as before
         out[f.name] = value
     if "test_classes" in out:
         out.setdefault("split_by", "class")  # naming held-out classes implies a class split
@@ -175,6 +184,7 @@ def held_out_line(trainer) -> str | None:
 
 
 def _cmd_train(args) -> int:
+    from ..data.open import data_sources
     from ..data.text import is_triplet_file
     from ..metrics.evaluate import summary_lines
     from ..rundir.files import read_json
@@ -182,7 +192,11 @@ def _cmd_train(args) -> int:
     from ..train.triplet_file import TripletFileTrainer
 
     def trainer_class(cfg):  # explicit (anchor, positive, negative) texts: nothing to mine
-        return TripletFileTrainer if is_triplet_file(cfg.data) else Trainer
+        return (
+            TripletFileTrainer
+            if isinstance(cfg.data, str) and is_triplet_file(cfg.data)
+            else Trainer
+        )
 
     overrides = config_overrides(args)
     if args.resume:
@@ -206,7 +220,7 @@ def _cmd_train(args) -> int:
         trainer.fit()
         return 0
     print(
-        f"training on {cfg.data}: {len(trainer.train_set)} train / "
+        f"training on {' + '.join(data_sources(cfg.data))}: {len(trainer.train_set)} train / "
         f"{len(trainer.val_set) if trainer.val_set is not None else 0} val / "
         f"{len(trainer.test_set)} test items; strategy={cfg.strategy}, "
         f"{trainer.total_steps} steps -> {trainer.run_dir}"

@@ -19,7 +19,18 @@ def _add_tune(sub) -> None:
         "held-out training classes. The test split is never evaluated. Writes study.db, "
         "trials.csv/.md, best_recipe.json and tune_report.html in --out.",
     )
-    p.add_argument("--data", default="digits", help="data set (as for train)")
+    p.add_argument(
+        "--data", action="append", default=None,
+        help="data set (as for train; repeat it for several image sources)",
+    )  # fmt: skip
+    p.add_argument(
+        "--val-data", action="append", default=None, metavar="FOLDER",
+        help="score trials on this labelled source too (repeatable; as for train)",
+    )  # fmt: skip
+    p.add_argument(
+        "--val-mode", choices=["both", "only"], default=None,
+        help="with --val-data: both (default) = also the held-out folds; only = it alone",
+    )  # fmt: skip
     p.add_argument("--config", default=None, help="base recipe or config file (its test split)")
     p.add_argument("--out", required=True, help="tune directory (study.db lives here)")
     p.add_argument("--space", default=None, help="JSON file overriding the default space")
@@ -43,9 +54,14 @@ def _cmd_tune(args) -> int:
     base = load_config_file(args.config) if args.config else {}
     if args.threads:
         base["threads"] = args.threads
+    if args.val_data:
+        base["val_data"] = args.val_data
+    if args.val_mode:
+        base["val_mode"] = args.val_mode
+    data = args.data or ["digits"]
     n_trials = args.trials if args.trials is not None else (None if args.timeout else 10)
     summary = tune(
-        args.data,
+        data[0] if len(data) == 1 else data,
         out=args.out,
         base=base,
         space=args.space,

@@ -5,7 +5,14 @@ small enough): ``x`` float32 images (N, C, H, W) in [0, 1] or vectors (N, D), ``
 0..C-1, ``classes`` the original class names.
 """
 
-from .dataset import Dataset, apply_split, class_group, split_dataset, split_validation
+from .dataset import (
+    Dataset,
+    apply_split,
+    class_group,
+    concat_labelled,
+    split_dataset,
+    split_validation,
+)
 from .loaders import IMAGE_EXTENSIONS, load_dataset, load_image_files
 
 __all__ = [
@@ -13,6 +20,7 @@ __all__ = [
     "Dataset",
     "apply_split",
     "class_group",
+    "concat_labelled",
     "load_dataset",
     "load_image_files",
     "split_dataset",

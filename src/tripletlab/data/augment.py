@@ -22,7 +22,21 @@ field                     what                                             batch
 ``crop_ratio``            random resized crop: aspect range                yes        yes
 ``hflip``                 horizontal flip with chance 1/2                  yes        yes
 ``jitter``                brightness/contrast/saturation in [1-j, 1+j]     yes (RGB)  yes (RGB)
+``gamma``                 gamma range ``[lo, hi]`` (log-uniform), x**g      yes        yes
+``brightness``            brightness factor in [1-b, 1+b] (grey too)       yes        yes
+``contrast``              contrast about the image mean, [1-c, 1+c]        yes        yes
+``illumination``          a linear light ramp in a random direction,       yes        yes
+                          multiplied in: x * (1 + s * ramp), s in [0, i]
+``blur``                  Gaussian blur, sigma in [0, blur] pixels         yes        yes
+``jpeg``                  JPEG round trip (PIL), quality in [jpeg, 95];    yes        yes
+                          0 = off
 ========================  ===============================================  =========  ==========
+
+The photometric fields (``gamma`` .. ``jpeg``: lighting, the variation between face sets) run
+after the geometry, in one shared function (:func:`photometric`), with one draw per image and
+field that is on, in the order of the table. Preprocessing that must be the same in training
+and use (local histogram equalisation, ``--equalize clahe``) is not augmentation: see
+:func:`equalize`.
 
 Both executors do every field (the batch executor in steps: padded crop, affine, flip, resized
 crop, jitter; the per-sample one in a single ``grid_sample``), so the same spec draws from the
@@ -63,6 +77,12 @@ __all__ = [
     "SampleAugment",
     "build_augment",
     "default_augment",
+    "PREPROCESSING",
+    "draw_photometric",
+    "equalize",
+    "equalize_u8",
+    "photometric",
+    "preprocess",
     "zoom",
 ]
 
@@ -106,9 +126,30 @@ class AugmentSpec:
     crop_ratio: tuple[float, float] = (1.0, 1.0)
     hflip: bool = False
     jitter: float = 0.0
+    gamma: tuple[float, float] = (1.0, 1.0)
+    brightness: float = 0.0
+    contrast: float = 0.0
+    illumination: float = 0.0
+    blur: float = 0.0
+    jpeg: int = 0
 
     def __post_init__(self) -> None:
         put = functools.partial(object.__setattr__, self)
+        put("gamma", _pair("gamma", self.gamma))
+        if not 0 < self.gamma[0] <= self.gamma[1]:
+            raise InputError(f"gamma must be a range (lo, hi) with 0 < lo <= hi, got {self.gamma}")
+        for name in ("brightness", "contrast", "illumination"):
+            put(name, _number(name, getattr(self, name)))
+            if not 0 <= getattr(self, name) < 1:
+                raise InputError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        put("blur", _number("blur", self.blur))
+        if not 0 <= self.blur <= 10:
+            raise InputError(f"blur is a sigma in pixels in [0, 10], got {self.blur}")
+        if isinstance(self.jpeg, bool) or int(self.jpeg) != self.jpeg or not 0 <= self.jpeg <= 95:
+            raise InputError(
+                f"jpeg is the lowest JPEG quality in [1, 95] (0 = off), got {self.jpeg!r}"
+            )
+        put("jpeg", int(self.jpeg))
         put("degrees", _number("degrees", self.degrees))
         put("translate", _number("translate", self.translate))
         if self.degrees < 0:
@@ -192,10 +233,22 @@ class AugmentSpec:
         return self.hflip
 
     @property
+    def photometric(self) -> bool:
+        """Changes pixel values (gamma, brightness, contrast, illumination, blur, JPEG)."""
+        return bool(
+            self.gamma != (1.0, 1.0)
+            or self.brightness
+            or self.contrast
+            or self.illumination
+            or self.blur
+            or self.jpeg
+        )
+
+    @property
     def flips_only(self) -> bool:
         """At most horizontal flips: cached feature maps of images and their mirror images
         reproduce it."""
-        return not (self.affine or self.crops or self.crop_pad or self.jitter)
+        return not (self.affine or self.crops or self.crop_pad or self.jitter or self.photometric)
 
     def to_dict(self) -> dict:
         """The fields that are on (``from_config`` of it gives this spec back)."""
@@ -230,6 +283,26 @@ AUGMENT_PRESETS: dict[str, dict] = {
         "crop_ratio": [0.9, 1.1],
         "hflip": True,
         "degrees": 10.0,
+    },
+    # lighting (issue 23): the geometry of ``faces`` plus gamma, brightness/contrast, a
+    # directional light ramp and blur; ``faces`` itself is unchanged
+    "faces-lighting": {
+        "degrees": 10.0,
+        "translate": 0.06,
+        "scale": [0.9, 1.1],
+        "hflip": True,
+        "gamma": [0.5, 2.0],
+        "brightness": 0.3,
+        "contrast": 0.3,
+        "illumination": 0.7,
+        "blur": 1.0,
+    },
+    "lighting": {  # photometric only (no geometry)
+        "gamma": [0.5, 2.0],
+        "brightness": 0.3,
+        "contrast": 0.3,
+        "illumination": 0.7,
+        "blur": 1.0,
     },
     "natural": {
         "crop_scale": [0.5, 1.0],
@@ -337,6 +410,8 @@ class Augment(nn.Module):
             x = torch.addcmul(mean * (1 - k), x, b * k)
             grey = torch.tensordot(_GREY_WEIGHTS.to(x.dtype), x, dims=([0], [1]))[:, None]
             x = torch.lerp(grey, x, sat).clamp(0, 1)
+        if self.spec.photometric:
+            x = photometric(x, draw_photometric(self.spec, self.generator, n))
         return x
 
     def get_state(self) -> torch.Tensor:
@@ -363,6 +438,110 @@ def zoom(x: torch.Tensor, scale: float) -> torch.Tensor:
     theta = torch.tensor([[1.0 / scale, 0.0, 0.0], [0.0, 1.0 / scale, 0.0]], dtype=x.dtype)
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# ------------------------------------------------------------------- photometric fields
+
+
+def draw_photometric(spec: AugmentSpec, g: torch.Generator, n: int) -> dict[str, torch.Tensor]:
+    """The photometric parameters of ``n`` images (one (n,) tensor per field that is on, drawn
+    in the order gamma, brightness, contrast, illumination (angle, strength), blur, jpeg)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+    if spec.gamma != (1.0, 1.0):
+        out["gamma"] = torch.exp(u(math.log(spec.gamma[0]), math.log(spec.gamma[1])))
+    if spec.brightness:
+        out["brightness"] = u(1 - spec.brightness, 1 + spec.brightness)
+    if spec.contrast:
+        out["contrast"] = u(1 - spec.contrast, 1 + spec.contrast)
+    if spec.illumination:
+        out["angle"] = u(0.0, 2 * math.pi)
+        out["strength"] = u(0.0, spec.illumination)
+    if spec.blur:
+        out["sigma"] = u(0.0, spec.blur)
+    if spec.jpeg:
+        out["quality"] = torch.randint(spec.jpeg, 96, (n,), generator=g).double()
+    return out
+
+
+def photometric(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply photometric parameters (:func:`draw_photometric`) to a batch (N, C, H, W) in
+    [0, 1]: the light ramp ``x * (1 + s * r)`` (``r`` in [-1, 1] along the direction ``angle``),
+    gamma ``x ** g``, brightness ``x * b``, contrast ``(x - mean) * c + mean``, Gaussian blur,
+    JPEG round trip; clamped to [0, 1].
+
+    Example:
+        >>> x = torch.full((1, 1, 4, 4), 0.25)
+        >>> photometric(x, {"gamma": torch.tensor([0.5])})[0, 0, 0, 0].item()
+        0.5
+    """
+    n, c, h, w = x.shape
+    dt = x.dtype
+
+    def col(v: torch.Tensor) -> torch.Tensor:
+        return v.to(dt).view(n, 1, 1, 1)
+
+    if "angle" in params:
+        xs, ys = _base_coords(h, w, torch.float64)
+        ca, sa = torch.cos(params["angle"]), torch.sin(params["angle"])
+        ramp = ca.view(n, 1, 1) * xs.view(1, 1, w) + sa.view(n, 1, 1) * ys.view(1, h, 1)
+        ramp = ramp / (ca.abs() + sa.abs()).clamp_min(1e-6).view(n, 1, 1)  # in [-1, 1]
+        light = 1 + params["strength"].view(n, 1, 1) * ramp
+        x = x * light.to(dt)[:, None]
+    if "gamma" in params:
+        x = x.clamp(0, 1).pow(col(params["gamma"]))
+    if "brightness" in params:
+        x = x * col(params["brightness"])
+    if "contrast" in params:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * col(params["contrast"]) + mean
+    x = x.clamp(0, 1)
+    if "sigma" in params:
+        x = _gaussian_blur(x, params["sigma"])
+    if "quality" in params:
+        x = _jpeg(x, params["quality"])
+    return x
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of each image with its own sigma (0: unchanged)."""
+    n, c, h, w = x.shape
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    s = sigma.clamp_min(1e-3).view(n, 1)
+    k = torch.exp(-0.5 * (t.view(1, -1) / s) ** 2)
+    k = k / k.sum(1, keepdim=True)
+    k = torch.where(sigma.view(n, 1) < 1e-3, (t == 0).double().expand(n, -1), k).to(x.dtype)
+    k = k.repeat_interleave(c, 0)  # (N*C, 2r+1), one kernel per image and channel
+    z = x.reshape(1, n * c, h, w)
+    z = F.pad(z, (radius, radius, radius, radius), mode="replicate")
+    z = F.conv2d(z, k.view(n * c, 1, 1, -1), groups=n * c)
+    z = F.conv2d(z, k.view(n * c, 1, -1, 1), groups=n * c)
+    return z.view(n, c, h, w)
+
+
+def _jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """A JPEG round trip (PIL) of each image at its quality."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for img, q in zip(x, quality.tolist(), strict=True):
+        a = (img.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+        arr = a[0].numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="JPEG", quality=int(q))
+        buf.seek(0)
+        back = np.asarray(Image.open(buf).convert("L" if a.shape[0] == 1 else "RGB"))
+        t = torch.from_numpy(back.copy())
+        t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
+        out.append(t.to(x.dtype) / 255)
+    return torch.stack(out).to(x.device)
 
 
 # ------------------------------------------------------------------- per-sample executor
@@ -402,6 +581,12 @@ class SampleAugment:
     translate: float = 0.0
     scale: tuple[float, float] = (1.0, 1.0)
     crop_pad: int = 0
+    gamma: tuple[float, float] = (1.0, 1.0)
+    brightness: float = 0.0
+    contrast: float = 0.0
+    illumination: float = 0.0
+    blur: float = 0.0
+    jpeg: int = 0
 
     def __post_init__(self) -> None:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -416,6 +601,11 @@ class SampleAugment:
     def _params(self, seed: int, h: int = 0, w: int = 0) -> tuple[list[float], list[float]]:
         """The affine matrix (row-major 2x3) and the jitter factors (brightness, contrast,
         saturation) drawn from ``seed`` (``h``, ``w``: the image size, for ``crop_pad``)."""
+        return self._draw(seed, h, w)[:2]
+
+    def _draw(self, seed: int, h: int = 0, w: int = 0) -> tuple[list, list, dict]:
+        """:meth:`_params` and then the photometric parameters (:func:`draw_photometric`;
+        empty when none is on)."""
         g = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
         u = torch.rand(8, generator=g).tolist()
         area = self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * u[0]
@@ -449,7 +639,8 @@ class SampleAugment:
         if z != 1.0:
             sw, sh = sw / z, sh / z
         theta = [sw * c * flip, -sh * s, tx, sw * s * flip, sh * c, ty]
-        return theta, jit
+        photo = draw_photometric(self.spec, g, 1) if self.spec.photometric else {}
+        return theta, jit, photo  # photometric: drawn last, only when on
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         return self.apply_batch(x[None], [seed])[0]
@@ -459,7 +650,9 @@ class SampleAugment:
         (the same values as one call per image; workers call it per image, which keeps the
         working set in cache and measured faster than whole batches)."""
         n, _, h, w = x.shape
-        params = [self._params(s, h, w) for s in seeds]
+        drawn = [self._draw(s, h, w) for s in seeds]
+        params = [d[:2] for d in drawn]
+        photo = [d[2] for d in drawn if d[2]]
         theta = torch.tensor([p[0] for p in params], dtype=x.dtype).view(-1, 2, 3)
         # F.affine_grid(theta, x.shape, align_corners=False), from cached pixel-centre coordinates:
         # 22 µs instead of 88 µs for one 112x112 image
@@ -476,6 +669,8 @@ class SampleAugment:
             out = torch.addcmul(mean * (1 - k), out, b * k)
             grey = torch.tensordot(_GREY_WEIGHTS.to(out.dtype), out, dims=([0], [1]))[:, None]
             out = torch.lerp(grey, out, sat).clamp_(0, 1)  # saturation: (x - grey) * sat + grey
+        if photo:
+            out = photometric(out, {k: torch.cat([p[k] for p in photo]) for k in photo[0]})
         return out
 
     @classmethod
@@ -484,3 +679,96 @@ class SampleAugment:
         :class:`AugmentSpec` fields (missing ones off) or a spec; None / ``"none"``: off."""
         spec = AugmentSpec.from_config(cfg)
         return None if spec is None else spec.per_sample()
+
+
+# ------------------------------------------------------------------------- preprocessing
+
+#: image preprocessing a run applies alike in training and use (``--equalize``)
+PREPROCESSING = ("none", "clahe")
+
+
+def equalize_u8(img, tiles: int = 8, clip: float = 3.0):
+    """CLAHE-like local histogram equalisation (Zuiderveld, "Contrast Limited Adaptive
+    Histogram Equalization", Graphics Gems IV, 1994) of one uint8 image (C, H, W) (numpy or
+    torch): per tile of a ``tiles`` x ``tiles`` grid (fewer on small images: tiles of >= 16
+    pixels a side, so a 56x46 face has 3x2), the histogram clipped at ``clip`` x its mean count
+    (the excess spread over every level; the mapping's slope is at most ``clip``) gives a
+    mapping (its CDF); each pixel takes the bilinear blend of the mappings of the four nearest
+    tile centres. RGB images equalise their luma (the channels scaled by it).
+
+    Example:
+        >>> import numpy as np
+        >>> img = np.tile(np.arange(32, 96, dtype=np.uint8), (1, 64, 1))  # (1, 64, 64)
+        >>> out = equalize_u8(img)
+        >>> out.dtype, out.shape, int(out.max()) - int(out.min()) > 64
+        (dtype('uint8'), (1, 64, 64), True)
+    """
+    import numpy as np
+
+    a = img.numpy() if torch.is_tensor(img) else np.asarray(img)
+    was_tensor = torch.is_tensor(img)
+    c, h, w = a.shape
+    if c == 3:
+        y = (0.299 * a[0] + 0.587 * a[1] + 0.114 * a[2]).round().clip(0, 255).astype(np.uint8)
+    else:
+        y = a[0]
+    ty, tx = max(1, min(tiles, h // 16)), max(1, min(tiles, w // 16))
+    ys = np.linspace(0, h, ty + 1).round().astype(int)
+    xs = np.linspace(0, w, tx + 1).round().astype(int)
+    luts = np.empty((ty, tx, 256), dtype=np.float64)
+    for i in range(ty):
+        for j in range(tx):
+            tile = y[ys[i] : ys[i + 1], xs[j] : xs[j + 1]]
+            hist = np.bincount(tile.ravel(), minlength=256).astype(np.float64)
+            limit = max(1.0, clip * tile.size / 256)
+            excess = np.maximum(hist - limit, 0).sum()
+            hist = np.minimum(hist, limit) + excess / 256
+            cdf = np.cumsum(hist)
+            luts[i, j] = 255 * (cdf - cdf[0]) / max(cdf[-1] - cdf[0], 1e-9)
+    # tile-centre coordinates of each pixel; bilinear weights between neighbouring tiles
+    cy = (np.arange(h) + 0.5) / (h / ty) - 0.5
+    cx = (np.arange(w) + 0.5) / (w / tx) - 0.5
+    y0 = np.clip(np.floor(cy).astype(int), 0, ty - 1)
+    x0 = np.clip(np.floor(cx).astype(int), 0, tx - 1)
+    y1, x1 = np.minimum(y0 + 1, ty - 1), np.minimum(x0 + 1, tx - 1)
+    wy = np.clip(cy - y0, 0, 1)[:, None]
+    wx = np.clip(cx - x0, 0, 1)[None, :]
+    v = y.astype(np.intp)
+    Y0, X0, Y1, X1 = y0[:, None], x0[None, :], y1[:, None], x1[None, :]
+    top = luts[Y0, X0, v] * (1 - wx) + luts[Y0, X1, v] * wx
+    bottom = luts[Y1, X0, v] * (1 - wx) + luts[Y1, X1, v] * wx
+    eq = top * (1 - wy) + bottom * wy
+    if c == 3:
+        scale = (eq + 1) / (y.astype(np.float64) + 1)
+        out = (a.astype(np.float64) * scale[None]).round().clip(0, 255).astype(np.uint8)
+    else:
+        out = eq.round().clip(0, 255).astype(np.uint8)[None]
+    return torch.from_numpy(out) if was_tensor else out
+
+
+def equalize(x: torch.Tensor, tiles: int = 8, clip: float = 3.0) -> torch.Tensor:
+    """:func:`equalize_u8` of float images (N, C, H, W) or (C, H, W) in [0, 1] (read as the
+    uint8 values they were decoded from, so the same file gives the same pixels in memory and
+    streamed)."""
+    single = x.dim() == 3
+    b = x[None] if single else x
+    u8 = (b.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    out = torch.stack([equalize_u8(im, tiles, clip) for im in u8]).to(x.dtype).div_(255)
+    out = out.to(x.device)
+    return out[0] if single else out
+
+
+def preprocess(x: torch.Tensor, name: str | None) -> torch.Tensor:
+    """The run's preprocessing ``name`` (:data:`PREPROCESSING`; None / ``"none"``: unchanged)
+    of float images (N, C, H, W) in [0, 1].
+
+    Example:
+        >>> x = torch.rand(2, 1, 16, 16)
+        >>> preprocess(x, "none") is x, preprocess(x, "clahe").shape
+        (True, torch.Size([2, 1, 16, 16]))
+    """
+    if name in (None, "none"):
+        return x
+    if name not in PREPROCESSING:
+        raise InputError(f"unknown preprocessing {name!r}; choose one of {list(PREPROCESSING)}")
+    return equalize(x)

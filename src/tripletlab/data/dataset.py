@@ -15,6 +15,7 @@ __all__ = [
     "Dataset",
     "apply_split",
     "class_group",
+    "concat_labelled",
     "natural_key",
     "split_dataset",
     "split_validation",
@@ -233,6 +234,7 @@ def split_validation(
     group_depth: int = 0,
     folds: int = 1,
     fold: int = 0,
+    by_source: bool = False,
 ) -> tuple[Dataset, Dataset, dict]:
     """Hold out whole classes of the training split for validation (open-set, like the test):
     ``(train, val, info)``.
@@ -243,6 +245,11 @@ def split_validation(
     selection, as in Musgrave et al. 2020); otherwise a seeded ``fraction`` of the groups (at
     least one, and at least :data:`MIN_VAL_GROUPS` when there are 4x as many). ``info`` is a
     class split that :func:`apply_split` reproduces.
+
+    ``by_source``: the classes of several sources (``source/<class>``, see
+    :func:`tripletlab.data.open.scan_sources`): groups are formed within each source
+    (``group_depth`` counts folder levels below the source's name) and drawn per source, so
+    every source has validation classes (and every fold some of each source).
 
     Example:
         >>> import torch
@@ -259,30 +266,42 @@ def split_validation(
     if group_depth < 0:
         raise InputError(f"val_group_depth must be >= 0, got {group_depth}")
     present = sorted({train.classes[i] for i in train.y.unique().tolist()}, key=natural_key)
-    groups = sorted({class_group(c, group_depth) for c in present}, key=natural_key)
+
+    def group_of(c: str) -> str:
+        if not by_source or "/" not in c:
+            return class_group(c, group_depth)
+        src, rest = c.split("/", 1)
+        return f"{src}/{class_group(rest, group_depth)}"
+
+    groups = sorted({group_of(c) for c in present}, key=natural_key)
+    strata = sorted({g.split("/", 1)[0] for g in groups}) if by_source else [""]
     rng = np.random.default_rng(seed)
     order = [groups[i] for i in rng.permutation(len(groups))]
-    if folds > 1:
-        if len(groups) < folds:
-            what = "classes" if group_depth == 0 else f"class groups at depth {group_depth}"
-            raise InputError(
-                f"cannot make {folds} validation folds from {len(groups)} {what}; use "
-                f"--val-folds <= {len(groups)} or a smaller --val-group-depth"
-            )
-        val_groups = order[fold::folds]
-    else:
-        if not 0.0 < fraction < 1.0:
-            raise InputError(f"val_fraction must be in (0, 1), got {fraction}")
-        # at least MIN_VAL_GROUPS (up to a quarter of the groups): with 2-3 validation
-        # classes the selection metric saturates at once (AT&T: MAP@R 1.0 from step 6)
-        n = max(1, round(len(groups) * fraction), min(MIN_VAL_GROUPS, len(groups) // 4))
-        val_groups = order[:n]
+    if not folds > 1 and not 0.0 < fraction < 1.0:
+        raise InputError(f"val_fraction must be in (0, 1), got {fraction}")
+    val_groups = []
+    for stratum in strata:  # one stratum (all groups), or one per source
+        own = [g for g in order if not by_source or g.split("/", 1)[0] == stratum]
+        if folds > 1:
+            if len(own) < folds:
+                what = "classes" if group_depth == 0 else f"class groups at depth {group_depth}"
+                where = f" of source {stratum}" if by_source else ""
+                raise InputError(
+                    f"cannot make {folds} validation folds from {len(own)} {what}{where}; use "
+                    f"--val-folds <= {len(own)} or a smaller --val-group-depth"
+                )
+            val_groups += own[fold::folds]
+        else:
+            # at least MIN_VAL_GROUPS (up to a quarter of the groups): with 2-3 validation
+            # classes the selection metric saturates at once (AT&T: MAP@R 1.0 from step 6)
+            n = max(1, round(len(own) * fraction), min(MIN_VAL_GROUPS, len(own) // 4))
+            val_groups += own[:n]
     if len(val_groups) >= len(groups):
         raise InputError(
             f"validation would take all {len(groups)} class groups; nothing left to train on"
         )
     chosen = set(val_groups)
-    val_classes = [c for c in present if class_group(c, group_depth) in chosen]
+    val_classes = [c for c in present if group_of(c) in chosen]
     info = {
         "by": "class",
         "seed": int(seed),
@@ -291,6 +310,7 @@ def split_validation(
         "folds": int(folds),
         "fold": int(fold),
         "val_groups": sorted(val_groups, key=natural_key),
+        **({"by_source": True} if by_source else {}),
         "test_classes": val_classes,  # the key apply_split reads: the held-out classes
         "train_classes": [c for c in present if c not in set(val_classes)],
     }
@@ -330,3 +350,43 @@ def apply_split(ds: Dataset, info: dict) -> tuple[Dataset, Dataset]:
                 stacklevel=2,
             )
     return train, test
+
+
+def concat_labelled(parts: list[Dataset], name: str | None = None) -> Dataset:
+    """One data set of ``parts`` with disjoint label spaces: the class lists are joined in
+    order and each part's labels shifted past the classes before it (``paths`` kept when every
+    part has them; ``info`` of the first part).
+
+    Example:
+        >>> a = Dataset(torch.zeros(2, 3), torch.tensor([0, 1]), ["a", "b"], None, "vector", "A")
+        >>> b = Dataset(torch.ones(1, 3), torch.tensor([0]), ["c"], None, "vector", "B")
+        >>> ab = concat_labelled([a, b])
+        >>> ab.classes, ab.y.tolist(), ab.name
+        (['a', 'b', 'c'], [0, 1, 2], 'A+B')
+    """
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        raise InputError("nothing to join")
+    classes: list[str] = []
+    ys, xs = [], []
+    for p in parts:
+        ys.append(p.y + len(classes))
+        xs.append(p.x)
+        classes += list(p.classes)
+    if len(set(classes)) != len(classes):
+        raise InputError("the data sets to join share class names")
+    shapes = {tuple(x.shape[1:]) for x in xs}
+    if len(shapes) > 1:
+        raise InputError(f"the data sets to join have different input shapes: {sorted(shapes)}")
+    paths = None
+    if all(p.paths is not None for p in parts):
+        paths = [q for p in parts for q in p.paths]
+    return Dataset(
+        x=torch.cat(xs),
+        y=torch.cat(ys),
+        classes=classes,
+        paths=paths,
+        kind=parts[0].kind,
+        name=name or "+".join(p.name for p in parts),
+        info=dict(parts[0].info),
+    )

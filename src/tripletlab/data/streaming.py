@@ -31,7 +31,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from ..errors import FileFormatError, InputError, TripletLabError
-from .augment import SampleAugment  # re-exported: documented here since 0.1
+from .augment import (
+    SampleAugment,  # re-exported: documented here since 0.1
+    equalize_u8,
+)
 from .image_sources import (  # re-exported: the sources of streamed images
     MANIFEST_EXTENSIONS,
     class_ids,
@@ -85,6 +88,7 @@ class ImageFiles(TorchDataset):
         channels: int,
         augment: SampleAugment | None = None,
         fit: str = "stretch",
+        preprocess: str = "none",
     ) -> None:
         if channels not in (1, 3):
             raise InputError(f"channels must be 1 or 3, got {channels}")
@@ -98,6 +102,8 @@ class ImageFiles(TorchDataset):
         self.channels = int(channels)
         self.augment = augment
         self.fit = fit  # how files reach image_size (tripletlab.data.loaders.fit_image)
+        #: the run's preprocessing (``--equalize``), applied to each decoded file
+        self.preprocess = preprocess
         self.cache: torch.Tensor | None = None  # uint8 (N, C, H, W) in shared memory
         self.bad: dict[int, str] = {}  # unreadable files met while caching (with skip_bad)
 
@@ -120,6 +126,8 @@ class ImageFiles(TorchDataset):
         arr = _read_image(
             self.paths[i], "L" if self.channels == 1 else "RGB", self.image_size, self.fit
         )
+        if self.preprocess not in (None, "none"):
+            arr = equalize_u8(arr)
         return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
     def __getitem__(self, key):

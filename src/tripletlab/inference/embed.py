@@ -187,13 +187,18 @@ def embed_data(
     model.to(dev)
     spec = data if data is not None else cfg.get("train", {}).get("data", "digits")
     size, channels = run_input_spec(cfg)
-    if size is None or not is_image_source(spec):
+    if size is None or not isinstance(spec, str) or not is_image_source(spec):
         ds = load_dataset_for_run(cfg, spec, skip_bad)
         if data is None:
             _, ds = apply_split(ds, read_json(Path(run_dir) / "split.json", "split")["test"])
         if shard is not None:
             ds = ds.subset(range(*shard_bounds(len(ds), *shard)))
-        return embed(model, ds.x, batch_size, dev), ds.y, ds.paths, ds.classes
+        x = ds.x
+        if ds.kind == "image":  # the run's preprocessing (--equalize)
+            from ..data.augment import preprocess
+
+            x = preprocess(x, cfg.get("train", {}).get("equalize"))
+        return embed(model, x, batch_size, dev), ds.y, ds.paths, ds.classes
     paths, labels = scan_images(spec, skip_bad=skip_bad, unlabelled=unlabelled and data is not None)
     ids, classes = class_ids(labels)
     if data is None:  # the run's test split (by class names, or by saved indices)
@@ -210,7 +215,14 @@ def embed_data(
     if shard is not None:  # this rank's files only
         lo, hi = shard_bounds(len(paths), *shard)
         paths, ids = paths[lo:hi], ids[lo:hi]
-    files = ImageFiles(paths, ids, size, channels, fit=preprocessing(cfg)["fit"])
+    files = ImageFiles(
+        paths,
+        ids,
+        size,
+        channels,
+        fit=preprocessing(cfg)["fit"],
+        preprocess=cfg.get("train", {}).get("equalize") or "none",
+    )
     emb, kept = embed(
         model,
         files,

@@ -209,6 +209,7 @@ class OnnxInference(Inference):
 
     def _embed_tensor(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         # the one place Inference runs its model: replaced by an onnxruntime session
+        x = self._prepared(x)
         a = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         out = []
         with self._lock:

@@ -126,6 +126,7 @@ class Inference:
         self.image_size: list[int] | None = prep["image_size"]
         self.grayscale: bool | None = prep["grayscale"]
         self.fit: str = prep["fit"]  # how images reach the input size (crop | pad | stretch)
+        self.equalize: str = prep["equalize"]  # the run's image preprocessing
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Inference:
@@ -294,8 +295,16 @@ class Inference:
         return out
 
     # ------------------------------------------------------------------ embedding
+    def _prepared(self, x: torch.Tensor) -> torch.Tensor:
+        """Images as the run's model saw them in training (``--equalize``)."""
+        if self.takes_images and x.dim() == 4:
+            from ..data.augment import preprocess
+
+            return preprocess(x, self.equalize)
+        return x
+
     def _embed_tensor(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-        return embed(self.model, x, batch_size, self.device).numpy()
+        return embed(self.model, self._prepared(x), batch_size, self.device).numpy()
 
     def embed_dataset(self, dataset: Dataset, batch_size: int = 256) -> np.ndarray:
         """Embeddings (N, D) float32 of every item of a :class:`~tripletlab.data.Dataset`."""

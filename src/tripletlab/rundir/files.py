@@ -313,7 +313,8 @@ def model_fingerprint(run_dir: str | Path) -> str:
 
 def preprocessing(cfg: dict) -> dict[str, Any]:
     """How a run's inputs were prepared: ``{"image_size": [H, W] | None, "grayscale": bool |
-    None, "input_shape": [...]}`` from its config (training options, else the model's shape)."""
+    None, "input_shape": [...], "equalize": "none" | "clahe"}`` from its config (training
+    options, else the model's shape)."""
     train_cfg = cfg.get("train", {})
     model_shape = list(cfg.get("model", {}).get("input_shape", []))
     size = train_cfg.get("image_size")
@@ -328,20 +329,30 @@ def preprocessing(cfg: dict) -> dict[str, Any]:
         "input_shape": model_shape,
         # how images reach image_size (data.loaders.fit_image); runs made before: stretch
         "fit": train_cfg.get("resize") or "stretch",
+        # --equalize: applied to images alike in training and use (data.augment.preprocess)
+        "equalize": train_cfg.get("equalize") or "none",
     }
 
 
-def load_dataset_for_run(cfg: dict, data: str, skip_bad: bool = False) -> Dataset:
+def load_dataset_for_run(cfg: dict, data: str | list[str], skip_bad: bool = False) -> Dataset:
     """Load ``data`` with the preprocessing a run was trained with (image size, colour)."""
     prep = preprocessing(cfg)
     size = prep["image_size"]
-    ds = load_dataset(
-        data,
-        image_size=tuple(size) if size else None,
-        grayscale=prep["grayscale"],
-        skip_bad=skip_bad,
-        fit=prep["fit"],
-    )
+    if isinstance(data, (list, tuple)):  # several image sources (classes prefixed by source)
+        from ..data.open import open_data
+
+        ds = open_data(
+            list(data), image_size=tuple(size) if size else None, grayscale=prep["grayscale"],
+            skip_bad=skip_bad, stream=False, fit=prep["fit"],
+        )[0]  # fmt: skip
+    else:
+        ds = load_dataset(
+            data,
+            image_size=tuple(size) if size else None,
+            grayscale=prep["grayscale"],
+            skip_bad=skip_bad,
+            fit=prep["fit"],
+        )
     is_text_model = cfg.get("model", {}).get("name") == "text"
     if is_text_model != (ds.kind == "text"):
         want = (

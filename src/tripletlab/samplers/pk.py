@@ -23,6 +23,11 @@ class PKSampler:
     ``(seed, epoch)``; ``state_dict()`` stores the epoch and the position within it so a resumed
     run continues with exactly the same batches.
 
+    ``class_weights`` (one weight >= 0 per class, in the order of the sorted label values, or
+    a dict label -> weight): the P classes of a batch are drawn without replacement with
+    chances proportional to the weights (e.g. a ratio between the classes of several sources)
+    instead of the equal-frequency class queue.
+
     Example:
         >>> import torch
         >>> from tripletlab.samplers import PKSampler
@@ -33,7 +38,13 @@ class PKSampler:
     """
 
     def __init__(
-        self, labels, p: int, k: int, seed: int = 0, batches_per_epoch: int | None = None
+        self,
+        labels,
+        p: int,
+        k: int,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+        class_weights=None,
     ) -> None:
         y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
         if y.ndim != 1 or y.size == 0:
@@ -52,6 +63,21 @@ class PKSampler:
             p = len(classes)
         self.p, self.k, self.seed = int(p), int(k), int(seed)
         self.classes = classes
+        self.weights = None
+        if class_weights is not None:
+            w = np.asarray(
+                [float(class_weights[int(c)]) for c in classes]
+                if isinstance(class_weights, dict)
+                else class_weights,
+                dtype=np.float64,
+            )
+            if w.shape != (len(classes),) or not np.all(np.isfinite(w)) or np.any(w < 0):
+                raise InputError(
+                    f"class_weights must be {len(classes)} finite weights >= 0 (one per class)"
+                )
+            if np.count_nonzero(w) < self.p:
+                raise InputError(f"class_weights: fewer than p={self.p} classes have weight > 0")
+            self.weights = w / w.sum()
         self.by_class = [np.flatnonzero(y == c) for c in classes]
         self.small = [int(c) for c, idx in zip(classes, self.by_class, strict=True) if len(idx) < k]
         if self.small:
@@ -81,6 +107,8 @@ class PKSampler:
         batches = []
         for _ in range(self.batches_per_epoch):
             chosen: list[int] = []
+            if self.weights is not None:  # classes drawn by weight (e.g. a share per source)
+                chosen = rng.choice(n_cls, size=self.p, replace=False, p=self.weights).tolist()
             while len(chosen) < self.p:
                 if not class_queue:
                     class_queue = rng.permutation(n_cls).tolist()

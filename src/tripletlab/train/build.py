@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..data import Dataset, apply_split, split_dataset, split_validation
+from ..data import Dataset, apply_split, concat_labelled, split_dataset, split_validation
 from ..data.augment import AugmentSpec, build_augment, default_augment
 from ..errors import InputError
 from ..losses.distributed import DistributedTripletLoss
@@ -169,6 +169,7 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
     else:
         ds, files, notes = open_data(cfg, resume=ctx.resume)
         given_test = None
+        apply_preprocessing(cfg.equalize, ds, files)
     defaults = resolve_defaults(cfg, ds.kind, ctx.data is not None, notes, files is not None)
     for line in defaults.lines:
         ctx.log(line)
@@ -180,6 +181,7 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
         train_full = train
         val_info = info.get("val")
         train, val = apply_split(train, val_info) if val_info else (train, None)
+        val = add_val_data(cfg, ds, files, val)
     else:
         by = cfg.split_by or (
             "predefined"
@@ -202,7 +204,10 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
             )
         train_full = train
         val, val_info = None, None
-        if (cfg.val_fraction > 0 or cfg.val_folds > 1) and cfg.evaluate:
+        held_out = (cfg.val_fraction > 0 or cfg.val_folds > 1) and cfg.evaluate
+        if cfg.val_data and val_mode(cfg) == "only":
+            held_out = False  # validation on the --val-data sources alone
+        if held_out:
             if by == "class":  # open-set: whole (groups of) training classes held out
                 train, val, val_info = split_validation(
                     train,
@@ -211,6 +216,7 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
                     group_depth=cfg.val_group_depth,
                     folds=cfg.val_folds,
                     fold=cfg.val_fold,
+                    by_source=bool(ds.info.get("sources")),  # drawn per training source
                 )
             else:
                 if cfg.val_folds > 1:
@@ -223,11 +229,89 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
                 train, val, val_info = split_dataset(
                     train, by="sample", test_fraction=cfg.val_fraction, seed=cfg.seed + 1
                 )
+        val = add_val_data(cfg, ds, files, val)
+        split_info = {"test": test_info, "val": val_info}
+        if val is not None and val.info.get("val_sources"):
+            split_info["val_sources"] = val.info["val_sources"]
         if ctx.is_main:
-            atomic_write_json(split_path, {"test": test_info, "val": val_info})
+            atomic_write_json(split_path, split_info)
     if len(torch.unique(train.y)) < 2:
         raise InputError("the training split has fewer than 2 classes")
     return Splits(ds, train, val, test, train_full, test_info, files), defaults
+
+
+def apply_preprocessing(name: str | None, ds, files) -> None:
+    """The run's image preprocessing (``--equalize``, :func:`tripletlab.data.augment.preprocess`)
+    on an opened data set: in memory its images, streamed its ``files`` (each decoded file).
+    Inference applies the same (``rundir.files.preprocessing``)."""
+    if name in (None, "none"):
+        return
+    if ds.kind != "image":
+        raise InputError(f"--equalize {name} preprocesses images; this data is {ds.kind} data")
+    from ..data.augment import preprocess
+
+    if files is not None:
+        files.preprocess = name
+    elif ds.x.numel():
+        ds.x = preprocess(ds.x, name)
+
+
+def val_mode(cfg: TrainConfig) -> str | None:
+    """How ``--val-data`` is used: ``"both"`` (default with it: the held-out training
+    classes and the other sources) or ``"only"``; None without ``--val-data``."""
+    if not cfg.val_data:
+        if cfg.val_mode is not None:
+            raise InputError("--val-mode says how --val-data is used: give --val-data FOLDER")
+        return None
+    if cfg.val_mode == "only" and cfg.val_folds > 1:
+        raise InputError(
+            "--val-mode only validates on the --val-data sources alone: drop --val-folds "
+            "(or use --val-mode both)"
+        )
+    return cfg.val_mode or "both"
+
+
+def add_val_data(cfg: TrainConfig, ds, files, val):
+    """The validation set of a run: the held-out training classes ``val`` (None: none) and,
+    with ``--val-data``, the classes of the other sources
+    (:func:`tripletlab.data.open.open_val_data`), joined into one data set whose
+    ``info["val_sources"]`` lists each source (name, kind, items, classes) and
+    ``info["val_groups"]`` the class ids of each (the evaluator scores each alone)."""
+    mode = val_mode(cfg)
+    if mode is None or not cfg.evaluate:
+        return val
+    from ..data.open import open_val_data, source_of
+
+    shape = files.input_shape if files is not None else ds.input_shape
+    ext = open_val_data(
+        cfg.val_data,
+        shape,
+        ds,
+        skip_bad=cfg.skip_bad,
+        stream=files is not None,
+        fit=cfg.resize or "stretch",
+    )
+    apply_preprocessing(cfg.equalize, ext, None if files is None else files)
+    sources, groups = [], {}
+    if val is not None and len(val):  # the held-out training classes: one group
+        present = sorted(set(val.y.tolist()))
+        groups["held-out"] = present
+        held = {"name": "held-out", "kind": "held-out", "items": len(val), "classes": len(present)}
+        if ds.info.get("sources"):  # drawn per training source
+            names = [src["name"] for src in ds.info["sources"]]
+            held["classes_per_source"] = {
+                n: sum(1 for i in present if source_of(ds.classes[i]) == n) for n in names
+            }
+        sources.append(held)
+    joined = concat_labelled([val, ext] if val is not None and len(val) else [ext])
+    offset = len(val.classes) if val is not None and len(val) else 0
+    for src in ext.info["val_sources"]:
+        groups[src["name"]] = [
+            offset + i for i, c in enumerate(ext.classes) if source_of(c) == src["name"]
+        ]
+        sources.append(src)
+    joined.info = {**joined.info, "val_sources": sources, "val_groups": groups, "val_mode": mode}
+    return joined
 
 
 # ------------------------------------------------------------------ 2. model, loss, batches
@@ -292,12 +376,17 @@ def build_parts(cfg: TrainConfig, splits: Splits, defaults: Defaults, ctx: Conte
     n_cls = int(torch.unique(ds.y).numel())
     if cfg.p > n_cls:
         ctx.log(f"note: {n_cls} training classes, so P = {n_cls} classes per batch")
+    if cfg.source_ratio and cfg.sampler == "hard-class":
+        raise InputError("--source-ratio draws classes for the pk sampler: use --sampler pk")
     if cfg.sampler == "hard-class":  # groups of close classes (samplers/hard_class.py)
         sampler = HardClassSampler(
             ds.y, p=cfg.p, k=cfg.k, seed=cfg.seed, group=cfg.hard_class_group
         )
     else:
-        sampler = PKSampler(ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed)
+        weights = source_class_weights(cfg.source_ratio, ds, ctx.log)
+        sampler = PKSampler(
+            ds.y, p=min(cfg.p, n_cls), k=cfg.k, seed=cfg.seed, class_weights=weights
+        )
     if dist is not None:
         sampler = DistributedPKSampler(sampler, dist.rank, dist.world_size)
     total_steps = cfg.steps or defaults.epochs * len(sampler)
@@ -369,6 +458,66 @@ def auto_patience(total_steps: int, eval_every: int, validated: bool = True) -> 
     if not validated or n_evals < 20:
         return 0
     return max(10, n_evals // 4)
+
+
+def parse_source_ratio(text: str, names: list[str]) -> dict[str, float]:
+    """The weight of each source of ``--source-ratio`` (``"1:1"`` in source order, or
+    ``"name=2,name=1"``), normalised to sum 1.
+
+    >>> parse_source_ratio("3:1", ["a", "b"])
+    {'a': 0.75, 'b': 0.25}
+    >>> parse_source_ratio("b=1,a=1", ["a", "b"])
+    {'a': 0.5, 'b': 0.5}
+    """
+    try:
+        if "=" in text:
+            pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+            given = {k.strip(): float(v) for k, v in pairs}
+        else:
+            w = [float(v) for v in text.split(":")]
+    except ValueError:
+        raise InputError(
+            f"--source-ratio {text!r}: give numbers, e.g. 1:1 or {names[0]}=2,..."
+        ) from None
+    if "=" in text:
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise InputError(f"--source-ratio names {unknown}, which are not sources ({names})")
+        w = [given.get(n, 0.0) for n in names]
+    if len(w) != len(names):
+        raise InputError(
+            f"--source-ratio {text!r} gives {len(w)} weights for {len(names)} sources ({names})"
+        )
+    if any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
+        raise InputError(f"--source-ratio {text!r}: weights must be >= 0, not all 0")
+    return {n: v / sum(w) for n, v in zip(names, w, strict=True)}
+
+
+def source_class_weights(ratio: str | None, train, log) -> dict | None:
+    """Per-class sampling weights for ``--source-ratio`` (each source's share spread evenly
+    over its training classes), or None (classes equally often: each source in proportion to
+    its classes)."""
+    if not ratio:
+        return None
+    sources = train.info.get("sources")
+    if not sources:
+        raise InputError("--source-ratio needs several training sources (--data A --data B)")
+    from ..data.open import source_of
+
+    names = [src["name"] for src in sources]
+    share = parse_source_ratio(ratio, names)
+    present = sorted(set(train.y.tolist()))
+    n_of = {n: sum(1 for i in present if source_of(train.classes[i]) == n) for n in names}
+    weights = {
+        i: share[source_of(train.classes[i])] / max(1, n_of[source_of(train.classes[i])])
+        for i in present
+    }
+    log(
+        "sources: "
+        + ", ".join(f"{n} {n_of[n]} classes, {share[n]:.0%} of each batch's" for n in names)
+        + " classes (--source-ratio)"
+    )
+    return weights
 
 
 def model_config_of(cfg: TrainConfig, input_shape) -> dict:
@@ -570,6 +719,8 @@ def frozen_features(
             embed_split, model, splits.train, splits.val, flip, start=start, seed=cfg.seed + 4
         )
         log(f"  features cached in {time.perf_counter() - t0:.0f}s")
+        if cfg.cached_views > 1:
+            add_cached_views(cfg, model, splits, parts, features, log)
     if whiten and fresh:
         fit = (
             features.fit_set(model)
@@ -579,6 +730,46 @@ def frozen_features(
         d = model.init_whitening(fit)
         log(f"head: PCA whitening of the training features ({d} dimensions)")
     return features
+
+
+def add_cached_views(cfg: TrainConfig, model, splits: Splits, parts: Parts, features, log):
+    """``--cached-views N``: features of N - 1 augmented views of each training image (the
+    run's augmentation, seeded per view and item) added to the cache of a wholly frozen
+    backbone, as many as fit in ``--cache-mb`` with the features already cached; the number
+    cached is logged and recorded (``features.n_views``)."""
+    from .feature_cache import augmented_view_features
+
+    if cfg.cached_views < 1:
+        raise InputError(f"--cached-views must be >= 1, got {cfg.cached_views}")
+    if features.start:
+        log("--cached-views: only for a wholly frozen backbone (--freeze-stages all); not used")
+        return
+    streamed = splits.files is not None
+    spec = read_augment(parts.augment_spec, streamed)
+    if spec is None or spec.flips_only:
+        log("--cached-views: the augmentation is flips at most (nothing more to cache)")
+        return
+    per_view = features.train.numel() * 4
+    held = per_view * (2 if features.train_mirror is not None else 1)
+    fit = max(0, (cfg.cache_mb * 2**20 - held) // max(1, per_view))
+    n = int(min(cfg.cached_views - 1, fit))
+    if n < cfg.cached_views - 1:
+        log(
+            f"--cached-views {cfg.cached_views}: {n + 1} views fit in --cache-mb {cfg.cache_mb} "
+            f"({per_view / 2**20:.1f} MiB a view)"
+        )
+    if n <= 0:
+        return
+    views = augmented_view_features(
+        model, splits.train, spec, n, cfg.seed + 5, files=splits.files,
+        device=next(model.parameters()).device, batch_size=cfg.eval_batch_size,
+        workers=cfg.workers,
+    )  # fmt: skip
+    features.add_views(views)
+    log(
+        f"cached {n} augmented views of each training image besides the image itself "
+        f"({features.n_views} views, {(n * per_view) / 2**20:.1f} MiB): each batch draws one"
+    )
 
 
 # ------------------------------------------------------------------ threads

@@ -228,7 +228,10 @@ class MetricsLog:
     def on_validate(self, trainer, step: int, metrics: dict | None) -> None:
         if metrics is not None and trainer.is_main:
             names = trainer.evaluator.val_metrics
-            self.record(trainer, {"step": step, "type": "eval", **{k: metrics[k] for k in names}})
+            keep = {k: metrics[k] for k in names}
+            # validation from several sources: each source's MAP@R too (evaluation.per_source)
+            keep.update({k: v for k, v in metrics.items() if k.startswith("map_at_r[")})
+            self.record(trainer, {"step": step, "type": "eval", **keep})
 
     def on_end(self, trainer, result: dict | None) -> None:
         if self.bar is not None:

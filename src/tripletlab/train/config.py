@@ -78,11 +78,13 @@ class TrainConfig:
     ``tripletlab train --help`` text; the CLI appends the default)."""
 
     # scikit-learn's bundled digits: no download, trains in about a minute
-    data: str = _opt(
+    data: str | list[str] = _opt(
         "digits",
         "'digits', an image folder ROOT/<class>/..., a directory of MNIST idx files, or a "
-        ".npz/.npy/.csv vector file",
+        ".npz/.npy/.csv vector file; repeat it for several image sources (--data A --data B: "
+        "classes prefixed by the folder name, A/<class>)",
         group="common",
+        append=True,
     )
     out: str | None = _opt(None, "run directory (default runs/<data>-<timestamp>)", group="common")
     # everything (init, split, sampler, augmentation) derives from it
@@ -133,6 +135,30 @@ class TrainConfig:
     val_fold: int = _opt(
         0, "which fold (0..K-1) is the validation split with --val-folds K", group="data and split"
     )
+    # --- issue 23: validation from other sources, several training sources (one block)
+    val_data: list[str] | None = _opt(
+        None,
+        "a labelled image folder or path,label manifest validated on (repeatable): it picks "
+        "the best step, calibrates the threshold and scores tune trials; its classes must not "
+        "be training classes",
+        group="data and split",
+        append=True,
+        metavar="FOLDER",
+    )
+    val_mode: str | None = _opt(
+        None,
+        "with --val-data: both = the held-out training classes and the --val-data sources, "
+        "each source scored alone and the selection metric their mean (default); only = the "
+        "--val-data sources alone (no training class held out)",
+        group="data and split",
+    )
+    source_ratio: str | None = _opt(
+        None,
+        "several --data sources: the share of each source's classes in a PK batch, in --data "
+        "order (e.g. 1:1, or name=2,name=1); default proportional to their classes",
+        group="data and split",
+    )
+    # --- end of the issue-23 block
     image_size: list[int] | None = _opt(
         None,
         "resize images to H x W (default: chosen from the images' size and number, printed "
@@ -185,6 +211,20 @@ class TrainConfig:
         "natural adds mirror and colour jitter for photos)",
         group="model",
     )
+    # --- issue 23: preprocessing and augmented feature caches (one block)
+    equalize: str = _opt(
+        "none",
+        "image preprocessing applied identically in training, embedding and serving: none | "
+        "clahe (local histogram equalisation, lighting normalised per tile)",
+        group="model",
+    )
+    cached_views: int = _opt(
+        1,
+        "frozen backbone: cache the features of N augmented views of each training image "
+        "(view 0 the image itself) and draw one per item in each batch; bounded by --cache-mb",
+        group="model",
+    )
+    # --- end of the issue-23 block
     # --- pretrained backbones (models/backbones.py)
     backbone: str | None = _opt(
         None,
@@ -481,6 +521,8 @@ def option_choices() -> dict[str, list[str]]:
         "hard_class_by": ["centroid", "items"],
         "threshold_rule": ["target-far", "best-accuracy"],
         "resize": list(FIT_MODES),
+        "val_mode": ["both", "only"],
+        "equalize": ["none", "clahe"],
     }
 
 
@@ -533,6 +575,8 @@ def _normalise(values: dict, source: str) -> dict:
         sep = _FIELDS[k].metadata.get("list_sep")
         if sep and isinstance(v, str):
             v = [c.strip() for c in v.split(sep) if c.strip()] or None
+        if k == "val_data" and isinstance(v, str):  # one folder: a list of one
+            v = [v]
         if v is not None and kind.startswith("list["):
             item = kind[5:-1]
             if not isinstance(v, list) or not all(_kind_ok(item, x) for x in v):
@@ -540,6 +584,9 @@ def _normalise(values: dict, source: str) -> dict:
                 raise InputError(
                     f"{source}: option {k!r} must be a list of {item} values{how}, got {v!r}"
                 )
+        elif v is not None and k == "data" and isinstance(v, list):  # several sources
+            if not v or not all(isinstance(x, str) for x in v):
+                raise InputError(f"{source}: option 'data' must be a string or a list of them")
         elif v is not None and not _kind_ok(kind, v):
             raise InputError(f"{source}: option {k!r} must be {_KIND_WORDS[kind]}, got {v!r}")
         out[k] = v

@@ -46,11 +46,12 @@ class RetrievalEvaluator:
         else:
             emb, labels = trainer.embed_split(val)
         try:
-            return retrieval_metrics(
+            metrics = retrieval_metrics(
                 emb, labels, ks=(1, 4), nmi=False, distance=eval_distance(trainer.model_config)
             )
         except InputError:
             return None
+        return per_source(metrics, emb, labels, val.info.get("val_groups"), trainer.model_config)
 
     def test(self, trainer, result: EvalResult) -> tuple[EvalResult, torch.Tensor]:
         """The evaluation of the best model on the test split, added to ``result``."""
@@ -92,7 +93,43 @@ class RetrievalEvaluator:
                 query_labels=test_y,
                 nmi=False,
             )
+        if val is not None and val.info.get("val_sources"):  # which validation was used
+            result["validation"] = {
+                "mode": val.info.get("val_mode"),
+                "sources": val.info["val_sources"],
+                "selection": "mean map_at_r of the sources"
+                if len(val.info["val_sources"]) > 1
+                else "map_at_r",
+            }
         ver = result.get("verification", {})
         if "threshold" in ver:
             result["threshold"] = ver["threshold"]
         return result, emb
+
+
+def per_source(metrics: dict, emb, labels, groups: dict | None, model_config) -> dict:
+    """With validation from several sources (``groups``: source -> class ids, see
+    :func:`tripletlab.train.build.add_val_data`): each source's MAP@R (within its classes;
+    a source of one class is left out) as ``map_at_r[<source>]``, the pooled one as
+    ``map_at_r_pooled`` and ``map_at_r`` (the selection metric) their mean, so a large source
+    does not outweigh a small one."""
+    if not groups or len(groups) < 2:
+        return metrics
+    scores = {}
+    for name, ids in groups.items():
+        keep = torch.isin(labels.cpu(), torch.as_tensor(ids, dtype=labels.dtype))
+        if len(torch.unique(labels.cpu()[keep])) < 2:
+            continue  # one class: retrieval within it is trivially perfect
+        try:
+            m = retrieval_metrics(
+                emb[keep], labels.cpu()[keep], ks=(1,), nmi=False,
+                distance=eval_distance(model_config),
+            )  # fmt: skip
+        except InputError:
+            continue
+        scores[name] = float(m["map_at_r"])
+        metrics[f"map_at_r[{name}]"] = scores[name]
+    if scores:
+        metrics["map_at_r_pooled"] = metrics["map_at_r"]
+        metrics["map_at_r"] = sum(scores.values()) / len(scores)
+    return metrics

@@ -34,7 +34,13 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["FeatureCache", "backbone_features"]
+__all__ = [
+    "FeatureCache",
+    "augmented_view_features",
+    "backbone_features",
+    "view_images",
+    "view_seed",
+]
 
 
 class _Features(nn.Module):
@@ -74,6 +80,25 @@ class FeatureCache:
         self.val, self.val_mirror = val, val_mirror
         self.start = int(start)
         self._gen = torch.Generator().manual_seed(seed)
+        #: features of augmented views of the training images (V, N, D) (None: none)
+        self.views: torch.Tensor | None = None
+
+    @property
+    def n_views(self) -> int:
+        """Views of each training image drawn from: the image (or its mirror) and the
+        augmented views cached (:meth:`add_views`)."""
+        return 1 + (0 if self.views is None else len(self.views))
+
+    def add_views(self, views: torch.Tensor) -> None:
+        """Cache features of augmented views (V, N, D) of the training images (from
+        :func:`augmented_view_features`); each training item then draws one of the
+        ``1 + V`` views per batch (view 0 the image itself, mirrored as before)."""
+        if views.dim() != 3 or views.shape[1:] != self.train.shape:
+            raise InputError(
+                f"views must be (V, {len(self.train)}, {self.train.shape[1]}), got "
+                f"{tuple(views.shape)}"
+            )
+        self.views = views if len(views) else None
 
     @classmethod
     def from_tensors(
@@ -152,10 +177,15 @@ class FeatureCache:
         """Features of training items ``idx``; each one of its mirror image with chance 1/2."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         f = self.train[idx]
-        if self.train_mirror is None:
+        if self.train_mirror is not None:
+            flip = torch.rand(len(idx), generator=self._gen) < 0.5
+            f = torch.where(flip.view(-1, *[1] * (f.dim() - 1)), self.train_mirror[idx], f)
+        if self.views is None:
             return f
-        flip = torch.rand(len(idx), generator=self._gen) < 0.5
-        return torch.where(flip.view(-1, *[1] * (f.dim() - 1)), self.train_mirror[idx], f)
+        # one of the 1 + V views per item (0: the image itself, mirrored as above)
+        v = torch.randint(0, 1 + len(self.views), (len(idx),), generator=self._gen)
+        aug = self.views[(v - 1).clamp_min(0), idx]
+        return torch.where((v > 0).view(-1, 1), aug, f)
 
     def val_embeddings(self, model: nn.Module, device: torch.device) -> torch.Tensor | None:
         """Embeddings of the cached validation features by ``model.head`` (None without)."""
@@ -183,3 +213,97 @@ class FeatureCache:
                 return model.head(f.to(device), use_mirror).float().cpu()
         finally:
             model.train(was)
+
+
+# ---------------------------------------------------------------- augmented views
+
+
+def view_seed(seed: int, view: int, index: int) -> int:
+    """The per-sample augmentation seed of view ``view`` of training item ``index``
+    (deterministic: the same run caches the same views).
+
+    >>> view_seed(4, 1, 0) == view_seed(4, 1, 0) != view_seed(4, 2, 0)
+    True
+    """
+    return ((int(seed) * 1_000_003 + int(view)) * 1_000_000_007 + int(index)) & 0x7FFF_FFFF_FFFF
+
+
+def view_images(x: torch.Tensor, spec, seed: int, view: int, indices) -> torch.Tensor:
+    """View ``view`` of the in-memory images ``x`` (N, C, H, W) of training items ``indices``:
+    the per-sample executor of the augmentation ``spec``
+    (:class:`~tripletlab.data.augment.AugmentSpec`) with :func:`view_seed` seeds."""
+    aug = spec.per_sample()
+    return aug.apply_batch(x, [view_seed(seed, view, int(i)) for i in indices])
+
+
+class _ViewFiles(torch.utils.data.Dataset):
+    """Streamed images of one view: item ``i`` is ``files[(i, seeds[i])]`` (augmented)."""
+
+    def __init__(self, files, seeds: list[int]) -> None:
+        self.files, self.seeds = files, seeds
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return self.files[(int(i), self.seeds[int(i)])]
+
+
+def augmented_view_features(
+    model: nn.Module,
+    part,
+    spec,
+    views: int,
+    seed: int,
+    *,
+    files=None,
+    device: torch.device | str = "cpu",
+    amp=None,
+    batch_size: int = 64,
+    workers: int | None = None,
+) -> torch.Tensor:
+    """``model.features`` of ``views`` augmented views of every image of the training split
+    ``part`` (V, N, D), view ``v`` (1..V) of item ``i`` augmented with seed
+    ``view_seed(seed, v, i)`` (:func:`view_images`); ``files``: the run's streamed
+    :class:`~tripletlab.data.streaming.ImageFiles` (None: ``part.x`` in memory)."""
+    from ..data.streaming import ImageFiles, image_batches
+    from ..inference.embed import default_workers, embed
+
+    feats = _Features(model, False)
+    out = []
+    for v in range(1, views + 1):
+        if files is None:
+            chunks = []
+            for lo in range(0, len(part), 256):
+                idx = range(lo, min(lo + 256, len(part)))
+                xa = view_images(part.x[lo : lo + 256], spec, seed, v, idx)
+                chunks.append(embed(feats, xa, batch_size, device, amp))
+            out.append(torch.cat(chunks))
+            continue
+        vf = ImageFiles(
+            part.paths or [], part.y.tolist(), files.image_size, files.channels, spec.per_sample()
+        )
+        vf.preprocess = getattr(files, "preprocess", "none")
+        data = _ViewFiles(vf, [view_seed(seed, v, i) for i in range(len(part))])
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=batch_size,
+            num_workers=default_workers() if workers is None else workers,
+            collate_fn=image_batches,
+        )
+        was = model.training
+        model.eval()
+        got = []
+        try:
+            with torch.no_grad():
+                for x, _, _, errors in loader:
+                    if any(errors):
+                        raise InputError(
+                            f"unreadable training image ({next(e for e in errors if e)}): "
+                            "cached views need every image"
+                        )
+                    got.append(embed(feats, x, batch_size, device, amp))
+        finally:
+            model.train(was)
+        out.append(torch.cat(got))
+    return torch.stack(out) if out else torch.zeros(0, len(part), 0)

@@ -79,6 +79,7 @@ def part_files(files: ImageFiles, part: Dataset, augment=None) -> ImageFiles:
         files.channels,
         augment,
         fit=files.fit,
+        preprocess=files.preprocess,
     )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data import Dataset
+from ..data.open import data_sources
 from ..errors import InputError, NonFiniteError, TrainingInterrupted, TripletLabError
 from ..inference.embed import embed
 from ..metrics.evaluate import EvalResult
@@ -94,7 +95,9 @@ class Trainer:
             raise InputError("test_data needs train_data")
         self.cfg, self.log, self.resume, self.task = cfg, log, resume, task
         self._custom_model, self._custom_data = model, user_data
-        name = "custom" if user_data else Path(cfg.data).name or cfg.data
+        name = (
+            "custom" if user_data else "+".join(Path(d).name or d for d in data_sources(cfg.data))
+        )
         self.run_dir = run_dir = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         tensorboard = TensorBoard() if cfg.tensorboard else None  # (checks it is installed)
         # torchrun: join the process group; rank 0 alone writes files (see docs/scaling.md)
@@ -339,6 +342,8 @@ class Trainer:
         extra: dict = {"auto": self.choices} if self.choices else {}
         if self.stream is not None and self.stream.skipped:
             extra["skipped_bad_images"] = self.stream.skipped
+        if self.features is not None and getattr(self.features, "views", None) is not None:
+            extra["cached_views"] = self.features.n_views  # --cached-views: views cached
         if self.hard_classes.refreshes:  # this session's refreshes
             extra["hard_class_refreshes"] = self.hard_classes.refreshes
             extra["hard_class_seconds"] = round(self.hard_classes.seconds, 3)

@@ -506,7 +506,7 @@ def _trial_score(
                 "patience": 0,
             },
         )
-        if cfg.val_folds == 1 and cfg.val_fraction == 0:
+        if cfg.val_folds == 1 and cfg.val_fraction == 0 and not cfg.val_data:
             raise InputError("tune needs validation: folds >= 2 or a val_fraction > 0")
         shutil.rmtree(cfg.out, ignore_errors=True)  # a retried trial starts afresh
         pruning = TrialPruning(trial, scores, f)
@@ -590,6 +590,9 @@ def tune(
     base_values.pop("out", None)
     base_values["data"] = data
     base_cfg = resolve_config(base_values)  # checks the base before any training
+    if base_cfg.val_data and base_cfg.val_mode == "only" and folds > 1:
+        log("tune: --val-mode only scores trials on the --val-data sources alone (1 fold)")
+        folds = 1
     out = Path(out)
     db = out / "study.db"
     if db.exists() and not resume:
