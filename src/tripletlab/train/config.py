@@ -236,8 +236,9 @@ class TrainConfig:
     # keep what the backbone knew (train/robust.py, issue #23): every choice on validation
     guard: bool = _opt(
         True,
-        "score the untrained backbone's features (no head) and the starting head on validation "
-        "and keep them when training does not beat them (pretrained backbones)",
+        "keep the trained model unchecked (default, pretrained backbones: the untrained "
+        "backbone's features (no head) and the starting head are scored on validation too and "
+        "kept when training does not beat them)",
         flag="--no-guard",
         group="pretrained backbones",
     )
