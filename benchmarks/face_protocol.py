@@ -307,6 +307,76 @@ def stage_heads(out: Path) -> None:
     tmp.replace(out)
 
 
+def _best(rows: list[dict], **where) -> dict:
+    """The row with the highest combined validation score among ``where``; a tie keeps the
+    earlier (simpler: smaller alpha, lower lr) one."""
+    rows = [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+    best = rows[0]
+    for r in rows[1:]:
+        if r["val"] > best["val"]:
+            best = r
+    return best
+
+
+def _test_parts(size, blocks) -> dict[str, Part]:
+    return {f"{src}-test": Part(load(src, size), blocks, "test", src) for src in SOURCES}
+
+
+def stage_test(out: Path) -> None:
+    """Score the test people of both sources once for each model; every choice was made on
+    validation (search_whitening.json, search_heads.json)."""
+    torch.set_num_threads(1)
+    heads = json.loads((CACHE / "search_heads.json").read_text())
+    results = []
+
+    def record(name, m, size, blocks, note):
+        row = {"model": name, "size": size, "blocks": blocks, "note": note}
+        row.update({n: score(m, p) for n, p in _test_parts(size, blocks).items()})
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    # 1. the untrained backbone: global average pool of the final layer, cosine, flip
+    size = SIZES[0]
+    obj = load("att", size)
+    m = head_model(features(obj, None).shape[1], features(obj, None).shape[1])
+    m.init_identity()
+    record("untrained backbone", m, size, None, "no training; final 1280-d layer, GAP, flip")
+    # 2. today's recipe: --backbone mobilenet_v2 --pretrained defaults, trained on s1-s25
+    size, blocks = SIZES[1], [15, 16]
+    att = load("att", size)
+    train, val = Part(att, blocks, "train", "att"), Part(att, blocks, "val", "att")
+    m = head_model(train.x.shape[1], train.x.shape[1])
+    old_whitening(m, torch.cat([train.x, train.xm]))
+    m.load_state_dict(train_head(m, [train], select=lambda h: score(h, val)["map_at_r"]))
+    record("today's pretrained recipe", m, size, blocks,
+           "272x224, blocks 15 16, ridge whitening, 300 steps, step on AT&T val MAP@R")  # fmt: skip
+    # 3. the chosen recipes (one per training-source choice), everything from validation
+    for train_name in ("att", "att+yale"):
+        best = _best(heads, train=train_name)
+        size, blocks = best["size"], best["blocks"]
+        objs = {src: load(src, size) for src in SOURCES}
+        parts = {f"{src}-{p}": Part(objs[src], blocks, p, src)
+                 for src in SOURCES for p in ("train", "val")}  # fmt: skip
+        train = [parts["att-train"]] + ([parts["yale-train"]] if "yale" in train_name else [])
+        vals = [parts["att-val"], parts["yale-val"]]
+        fit = torch.cat([torch.cat([p.x, p.xm]) for p in train])
+        m = head_model(fit.shape[1], min(fit.shape[1], 512))
+        m.init_whitening(fit, shrink=best["shrink"])
+        start = {k: v.clone() for k, v in m.state_dict().items()}
+
+        def on_val(h, v=vals):
+            return combined({p.name: score(h, p) for p in v})
+
+        trained = train_head(m, train, lr=best["lr"], select=on_val)
+        m.load_state_dict(interpolate_state(start, trained, best["alpha"]))
+        record(f"new recipe, trained on {train_name}", m, size, blocks,
+               f"whiten shrink {best['shrink']}, lr {best['lr']}, alpha {best['alpha']}, "
+               f"val {best['val']}")  # fmt: skip
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=["features", "search", "heads", "test"])
@@ -317,6 +387,8 @@ def main(argv=None) -> int:
         stage_search(CACHE / "search_whitening.json")
     elif args.stage == "heads":
         stage_heads(CACHE / "search_heads.json")
+    elif args.stage == "test":
+        stage_test(CACHE / "test.json")
     return 0
 
 

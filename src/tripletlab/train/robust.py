@@ -264,7 +264,8 @@ def begin(trainer, fresh: bool) -> dict | None:
             state["untrained"] = load_weights(run_dir / UNTRAINED_FILE)
         return state
     state["start"] = _snapshot(model)
-    if what["guard"] and trainer.is_main:
+    has_val = trainer.val_set is not None and len(trainer.val_set) > 0
+    if what["guard"] and trainer.is_main and has_val:
         features = trainer.features.fit_set(model) if trainer.features is not None else None
         if model.init_identity(features):
             state["untrained"] = _snapshot(model)
