@@ -45,6 +45,7 @@ __all__ = [
     "TTA_MODES",
     "WeightsMismatchError",
     "builtin_weights_path",
+    "ledoit_wolf_shrinkage",
     "load_backbone_weights",
     "read_state_dict",
     "resnet18",
@@ -177,6 +178,43 @@ def load_backbone_weights(
 
 
 # ------------------------------------------------------------------------------------- head
+
+
+def ledoit_wolf_shrinkage(features: torch.Tensor) -> float:
+    """Ledoit-Wolf's estimate of the shrinkage toward ``mu I`` of the sample covariance of
+    ``features`` (N, D): ``min(1, beta^2 / delta^2)`` with ``delta^2 = ||S - mu I||_F^2`` and
+    ``beta^2 = (1/N^2) sum_i ||x_i x_i^T - S||_F^2`` (x centred). Computed from the D x D
+    covariance or the N x N Gram matrix, whichever is smaller. 1.0 for fewer than 2 samples or
+    features that do not vary.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> scales = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        >>> ledoit_wolf_shrinkage(torch.randn(5000, 4) * scales) < 0.01  # N >> D: hardly
+        True
+        >>> ledoit_wolf_shrinkage(torch.randn(3, 4) * scales) > 0.1  # N < D: much more
+        True
+    """
+    x = features.double()
+    n, dim = x.shape
+    if n < 2:
+        return 1.0
+    x = x - x.mean(0)
+    sq = (x * x).sum(1)  # ||x_i||^2
+    if dim <= n:
+        s = x.T @ x / n
+        s_fro2 = float((s * s).sum())
+        xsx = ((x @ s) * x).sum(1)  # x_i^T S x_i
+    else:
+        g = x @ x.T  # Gram: ||S||_F^2 = ||G||_F^2 / n^2, x_i^T S x_i = sum_j G_ij^2 / n
+        s_fro2 = float((g * g).sum()) / n**2
+        xsx = (g * g).sum(1) / n
+    mu = float(sq.sum()) / n / dim
+    delta2 = s_fro2 - 2 * mu * float(sq.sum()) / n + mu * mu * dim
+    beta2 = float((sq * sq - 2 * xsx + s_fro2).sum()) / n**2
+    if not delta2 > 0:
+        return 1.0
+    return float(min(1.0, max(0.0, beta2 / delta2)))
 
 
 class GeM(nn.Module):
@@ -396,35 +434,94 @@ class BackboneEmbedding(nn.Module):
         return self
 
     @torch.no_grad()
-    def init_whitening(self, features: torch.Tensor, shrink: float = 0.1) -> int:
+    def init_whitening(
+        self, features: torch.Tensor, shrink: float | None = None, power: float = 0.5
+    ) -> int:
         """Start the projection as PCA whitening of ``features`` (N, num_features), e.g. the
-        frozen backbone's features of the training images: centred, rotated onto their
-        principal axes and scaled by ``1 / sqrt(variance + shrink * mean variance)``; rows past
-        the features' rank stay zero. Returns the number of whitened dimensions. (Chosen on
-        AT&T validation identities: it beats a projection learned from random init by triplet
-        loss alone, docs/training.md.)
+        frozen backbone's features of the training images, shrunk toward the identity.
+
+        With the sample covariance ``S = U diag(lambda) U^T`` of the centred features and
+        ``mu = trace(S) / num_features`` (the mean variance over *every* feature), the
+        projection is ``W = diag(((1 - shrink) lambda + shrink mu)^-power) U^T`` on the top
+        ``d`` principal axes, bias ``-W mean``: ``shrink`` 0 is plain PCA whitening
+        (``power`` 0.5), ``shrink`` 1 a plain rotation onto the principal axes (cosine of
+        the centred features), in between the whitening of the Ledoit-Wolf-style shrunk
+        covariance ``(1 - s) S + s mu I`` (Ledoit & Wolf, "A well-conditioned estimator for
+        large-dimensional covariance matrices", J. Multivariate Analysis 2004). ``shrink``
+        None: Ledoit-Wolf's estimate of the strength from the features
+        (:func:`ledoit_wolf_shrinkage`). ``power`` < 0.5 flattens the eigenvalues less than
+        whitening does (0: no scaling). ``d`` is at most the embedding size and the
+        features' rank (at most N - 1 for N samples): rows past it stay zero. Returns ``d``.
+        (Before issue #23 ``shrink`` was a ridge ``lambda + 0.1 mean(lambda[:d])`` relative to
+        the kept variances only, fixed, never chosen on validation.)
 
         Example:
             >>> m = BackboneEmbedding([1, 64, 64], embedding_dim=8, freeze_stages="all")
-            >>> m.init_whitening(torch.randn(20, m.num_features))
+            >>> m.init_whitening(torch.randn(20, m.num_features), shrink=0.2)
             8
         """
+        if shrink is not None and not 0.0 <= float(shrink) <= 1.0:
+            raise InputError(f"whitening shrinkage must be in [0, 1], got {shrink}")
+        if not 0.0 <= float(power) <= 1.0:
+            raise InputError(f"whitening power must be in [0, 1], got {power}")
+        f = self._head_input(features)
+        if len(f) < 2:
+            raise InputError("whitening needs at least 2 training feature vectors")
+        mu = f.mean(0)
+        x = (f - mu).double()
+        _, s, vt = torch.linalg.svd(x, full_matrices=False)
+        rank = int((s > s[0] * 1e-6).sum()) if len(s) and s[0] > 0 else 0
+        d = min(self.proj.out_features, rank)
+        if d == 0:
+            raise InputError("cannot whiten features that do not vary (all training images equal?)")
+        shrink = ledoit_wolf_shrinkage(f) if shrink is None else float(shrink)
+        lam = s[:d] ** 2 / len(f)
+        mean_var = (s**2).sum() / len(f) / f.shape[1]
+        scale = ((1.0 - shrink) * lam + shrink * mean_var).pow(-float(power))
+        w = torch.zeros_like(self.proj.weight)
+        w[:d] = (vt[:d] * scale[:, None]).to(w.dtype)
+        self.proj.weight.copy_(w)
+        self.proj.bias.copy_(-(w @ mu.to(w.dtype)))
+        self.whiten_shrink = shrink
+        return d
+
+    @torch.no_grad()
+    def init_identity(self, features: torch.Tensor | None = None) -> bool:
+        """Start the projection as the plain pooled features ("no head"): the identity when
+        the embedding is at least as large as the features (extra rows zero); otherwise the
+        rotation onto the top principal axes of ``features`` (:meth:`init_whitening` with
+        ``shrink=1``, ``power=0``), or False when no ``features`` are given. The embedding is
+        then the untrained backbone's (L2-normalised) features, the model a run's guard
+        scores first (:mod:`tripletlab.train.robust`).
+
+        Example:
+            >>> m = BackboneEmbedding([1, 64, 64], embedding_dim=32, freeze_stages="all",
+            ...                       blocks=[3])
+            >>> f = torch.rand(3, m.num_features)
+            >>> m.init_identity(), torch.allclose(m.head(f)[:, : m.num_features],
+            ...                                   torch.nn.functional.normalize(f))
+            (True, True)
+        """
+        nf, out = self.proj.in_features, self.proj.out_features
+        if out < nf:
+            if features is None:
+                return False
+            self.init_whitening(features, shrink=1.0, power=0.0)
+            return True
+        if self.neck is not None:
+            self.neck.reset_running_stats()
+            self.neck.reset_parameters()
+        self.proj.weight.copy_(torch.eye(out, nf, dtype=self.proj.weight.dtype))
+        self.proj.bias.zero_()
+        return True
+
+    def _head_input(self, features: torch.Tensor) -> torch.Tensor:
         f = features.float()
         if self.neck is not None:
             self.neck.eval()
             f = self.neck(f)
             self.neck.train(self.training)
-        mu = f.mean(0)
-        _, s, vt = torch.linalg.svd(f - mu, full_matrices=False)
-        d = int(min(self.proj.out_features, int((s > s[0] * 1e-6).sum()) if len(s) else 0))
-        if d == 0:
-            raise InputError("cannot whiten features that do not vary (all training images equal?)")
-        var = s[:d] ** 2 / len(f)
-        w = torch.zeros_like(self.proj.weight)
-        w[:d] = vt[:d] / (var + shrink * var.mean()).sqrt()[:, None]
-        self.proj.weight.copy_(w)
-        self.proj.bias.copy_(-(w @ mu))
-        return d
+        return f
 
     # ------------------------------------------------------------------------- forward
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -337,6 +337,7 @@ class Parts:
     channels_last: bool = False
     cache_start: int | None = None  # what the frozen-feature cache starts at (None: no cache)
     initial_state: dict | None = None  # a custom module's weights before training (report)
+    whitening: dict | None = None  # how the head's whitening was chosen (frozen_features)
 
 
 def build_parts(cfg: TrainConfig, splits: Splits, defaults: Defaults, ctx: Context) -> Parts:
@@ -390,6 +391,13 @@ def build_parts(cfg: TrainConfig, splits: Splits, defaults: Defaults, ctx: Conte
     if dist is not None:
         sampler = DistributedPKSampler(sampler, dist.rank, dist.world_size)
     total_steps = cfg.steps or defaults.epochs * len(sampler)
+    if cfg.lp_ft:  # linear probe, then fine-tune (Kumar et al. 2022): whitened head first
+        cfg.head_init = cfg.head_init or "whiten"
+        cfg.head_warmup_steps = cfg.head_warmup_steps or total_steps // 3
+        ctx.log(
+            f"LP-FT: the head starts as whitening and trains alone for {cfg.head_warmup_steps} "
+            "steps, then the backbone fine-tunes with it"
+        )
     eval_every = cfg.eval_every or len(sampler)
     if cfg.patience is None:  # recorded in config.json, as embedding_dim
         cfg.patience = auto_patience(total_steps, eval_every, splits.val is not None)
@@ -675,12 +683,15 @@ def frozen_features(
     embed_split: Callable,
     fresh: bool,
     log,
+    score: Callable | None = None,
 ):
     """Cache a frozen backbone's features (training flips them when the augmentation or
     ``tta`` does) and, for a ``fresh`` run, start the head as the whitening of the training
-    features (``head_init``: default ``whiten`` for a frozen backbone). Returns the
-    :class:`~tripletlab.train.feature_cache.FeatureCache` (None: nothing cached).
-    ``embed_split(part, model=...)``: how the trainer embeds a split."""
+    features (``head_init``: default ``whiten`` for a frozen backbone), shrunk toward the
+    identity as ``cfg.whiten_shrink`` says (:func:`~tripletlab.train.robust.choose_whitening`:
+    a grid is scored by ``score(features)``, the validation score of the model with the cache
+    ``features``). Returns the :class:`~tripletlab.train.feature_cache.FeatureCache` (None:
+    nothing cached). ``embed_split(part, model=...)``: how the trainer embeds a split."""
     cached = parts.cache_start is not None
     frozen = bool(getattr(model, "frozen", False))
     whiten = cfg.head_init == "whiten" or (cfg.head_init is None and cached and frozen)
@@ -727,8 +738,17 @@ def frozen_features(
             if cached
             else embed_split(splits.train, model=backbone_features(model))[0]
         )
-        d = model.init_whitening(fit)
-        log(f"head: PCA whitening of the training features ({d} dimensions)")
+        from .robust import choose_whitening
+
+        line, record = choose_whitening(
+            model,
+            fit,
+            cfg.whiten_shrink,
+            cfg.whiten_power,
+            score=(lambda: score(features)) if score is not None else None,
+        )
+        parts.whitening = record
+        log(line)
     return features
 
 

@@ -289,6 +289,45 @@ class TrainConfig:
     head_warmup_steps: int = _opt(
         0, "first steps train the head alone (backbone frozen)", group="pretrained backbones"
     )
+    # keep what the backbone knew (train/robust.py, issue #23): every choice on validation
+    guard: bool = _opt(
+        True,
+        "keep the trained model unchecked (default, pretrained backbones: the untrained "
+        "backbone's features (no head) and the starting head are scored on validation too and "
+        "kept when training does not beat them)",
+        flag="--no-guard",
+        group="pretrained backbones",
+    )
+    whiten_shrink: str = _opt(
+        "auto",
+        "shrinkage of the whitened head toward the identity (Ledoit-Wolf style): auto (chosen "
+        "on validation from 0 0.1 0.3 0.6 1; Ledoit-Wolf's estimate without validation) | lw "
+        "| S in [0, 1]",
+        group="pretrained backbones",
+    )
+    whiten_power: float = _opt(
+        0.5,
+        "eigenvalue power of the whitened head: 0.5 whitens, < 0.5 flattens the spectrum less",
+        group="pretrained backbones",
+    )
+    interpolate: str = _opt(
+        "auto",
+        "WiSE-FT: save start + alpha (trained - start): auto (alpha chosen on validation from "
+        "0 .25 .5 .75 1, pretrained backbones only) | ALPHA in [0, 1] | none",
+        group="pretrained backbones",
+    )
+    anchor_weights: float = _opt(
+        0.0,
+        "L2-SP: add STRENGTH/2 x ||w - w_start||^2 of the trained weights to the loss (0: off)",
+        group="pretrained backbones",
+    )
+    lp_ft: bool = _opt(
+        False,
+        "linear probe, then fine-tune (LP-FT): the head starts whitened and trains alone for "
+        "--head-warmup-steps (default a third of the steps) before the backbone (needs an "
+        "unfrozen backbone)",
+        group="pretrained backbones",
+    )
     # --- streamed images (data/streaming.py)
     stream: bool | None = _opt(
         None,
@@ -729,6 +768,9 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
     if cfg.backbone is not None and cfg.model not in (None, "backbone"):
         raise InputError(f"--backbone builds its own model; drop --model {cfg.model}")
     _check_choices(cfg)
+    from .robust import check_robust_options
+
+    check_robust_options(cfg)
     from ..runtime.devices import resolve_device
 
     resolve_device(cfg.device)  # a bad or unavailable device fails before any data is read

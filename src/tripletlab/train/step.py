@@ -64,10 +64,13 @@ def optimisation_step(
     amp: torch.dtype | None,
     device: torch.device,
     grad_clip: float,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> StepOutcome:
     """Embed ``batch.x`` with ``forward`` (under autocast ``amp``), ``criterion(emb, batch.y)``,
     backward (through the fp16 ``scaler`` when given), clip to ``grad_clip`` (0: no clipping),
-    update ``model``'s parameters and the schedule. An fp16 overflow is skipped by the scaler
+    update ``model``'s parameters and the schedule. ``penalty()``: a regulariser added to the
+    loss that is minimised (e.g. L2-SP, :func:`~tripletlab.train.robust.l2sp_penalty`; the
+    returned ``loss`` is the criterion's alone). An fp16 overflow is skipped by the scaler
     (``stats["skipped"]``); any other non-finite value returns before the update."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, amp):
@@ -79,11 +82,12 @@ def optimisation_step(
     stats = step_stats(criterion)
     if not bool(torch.isfinite(loss)):
         return StepOutcome(float("nan"), stats, "loss")
+    total = loss + penalty() if penalty is not None else loss
     if scaler is not None:  # float16 on CUDA
-        scaler.scale(loss).backward()
+        scaler.scale(total).backward()
         scaler.unscale_(optimizer)
     else:
-        loss.backward()
+        total.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if grads and not bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all()):
         if scaler is not None:  # the scaler lowers its scale and skips the update

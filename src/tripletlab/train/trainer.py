@@ -29,7 +29,7 @@ from ..rundir.files import read_json, write_run_config
 from ..runtime.devices import amp_dtype, grad_scaler, resolve_device
 from ..runtime.process_group import DistEnv, init_from_env, shutdown
 from ..utils import atomic_write_json, jsonable
-from . import checkpoint
+from . import checkpoint, robust
 from .batches import Batch, CachedFeatureBatches
 from .build import LABELLED_DATA, Context, Task, choose_threads, frozen_features
 from .callbacks import (
@@ -125,6 +125,8 @@ class Trainer:
         self.scaler = grad_scaler(self.device, self.amp)
         self.evaluator = task.evaluator()
         self.features = None  # a frozen backbone's cached features (prepare_features)
+        self._robust: dict | None = None  # the starting weights (train/robust.py)
+        self.kept: dict | None = None  # which candidate robust.finish kept (eval.json)
         self.test_embeddings: torch.Tensor | None = None  # of the final evaluation
         self.stopping = False  # a callback returned STOP (or Ctrl-C): no step follows
         self.last_batch_samples = 0  # items of the last step's batch, over all ranks
@@ -233,6 +235,7 @@ class Trainer:
 
     def _fit(self) -> EvalResult:
         self.prepare_features()
+        self._robust = robust.begin(self, fresh=self.state.step == 0 and not self.resume)
         self.clock = checkpoint.SessionClock(time.perf_counter(), before=self.clock.before)
         self.stopping = False
         self._hooks("on_start")
@@ -245,6 +248,8 @@ class Trainer:
             raise self._interrupted() from None
         finally:
             self._ctrl_c.armed = False
+        if self.is_main:  # the guard and WiSE-FT: the best candidate on validation is kept
+            self.kept = robust.finish(self, self._robust)
         result = self._training_result()
         if not self.cfg.evaluate or not self.evaluate_test or not self.is_main:
             return {"evaluated": False, **result}
@@ -304,9 +309,16 @@ class Trainer:
         (``--skip-nonfinite``) or an error."""
         if hasattr(self.model, "set_backbone_trainable"):  # head-only warm-up
             self.model.set_backbone_trainable(self.state.step >= self.cfg.head_warmup_steps)
+        anchor = self._robust["start"] if self._robust and self._robust["anchor"] else None
+        penalty = (
+            (lambda: robust.l2sp_penalty(self.model, anchor, self.cfg.anchor_weights))
+            if anchor is not None
+            else None
+        )
         out = optimisation_step(
             batch, self.batches.forward(self.forward), self.model, self.criterion,
             self.opt, self.sched, self.scaler, self.amp, self.device, self.cfg.grad_clip,
+            penalty,
         )  # fmt: skip
         if out.nonfinite is not None:
             return self._nonfinite(out.nonfinite)
@@ -340,6 +352,10 @@ class Trainer:
     def _training_result(self, train_time: float | None = None) -> EvalResult:
         st = self.state
         extra: dict = {"auto": self.choices} if self.choices else {}
+        if self.parts.whitening is not None:
+            extra["whitening"] = self.parts.whitening
+        if self.kept is not None:
+            extra["kept"] = self.kept
         if self.stream is not None and self.stream.skipped:
             extra["skipped_bad_images"] = self.stream.skipped
         if self.features is not None and getattr(self.features, "views", None) is not None:
@@ -399,8 +415,9 @@ class Trainer:
         ``self.batches``); see :func:`.build.frozen_features`."""
         fresh = self.state.step == 0 and not self.resume
         self.features = frozen_features(
-            self.cfg, self.model, self.data, self.parts, self.embed_split, fresh, self.log
-        )
+            self.cfg, self.model, self.data, self.parts, self.embed_split, fresh, self.log,
+            score=self.validation_score,
+        )  # fmt: skip
         if self.features is not None:
             y = self.train_set.y
             self.batches = CachedFeatureBatches(
@@ -423,6 +440,18 @@ class Trainer:
     def validate(self) -> dict | None:
         """Validation metrics of the current model (None without a validation split)."""
         return self.evaluator.validate(self)
+
+    def validation_score(self, features=_UNSET) -> float | None:
+        """The selection metric of the current model on validation (None without one);
+        ``features``: the frozen-feature cache to validate with instead of ``self.features``."""
+        kept = self.features
+        if features is not _UNSET:
+            self.features = features
+        try:
+            metrics = self.validate()
+        finally:
+            self.features = kept
+        return None if metrics is None else metrics[self.evaluator.selection_metric]
 
     def final_evaluation(self, result: EvalResult | float) -> EvalResult:
         """Evaluate the best model on the held-out test split; write eval.json.
