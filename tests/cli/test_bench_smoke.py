@@ -47,9 +47,13 @@ def test_smoke_table_and_agreement(tmp_path, capsys):
     table = saved["table"]
     kinds = {(r["strategy"], r.get("peer")) for r in table}
     assert {("floor-gemm", None), ("floor-dist", None), ("semihard", "dense-tfa")} <= kinds
-    # one printed line per table row, after the title (+ a busy-machine note) and the header rule
+    # one printed line per table row, after the title (+ a busy-machine note) and the header
+    # rule, then a blank line and the column notes
+    from bench_mining import COLUMN_NOTES
+
     lines = printed.strip().splitlines()
-    assert len(lines) - lines.index(header) - 2 == len(table)
+    rows = lines[lines.index(header) + 2 :]
+    assert rows[len(table)] == "" and rows[len(table) + 1 :] == list(COLUMN_NOTES)
     # the dense TF-Addons reference must agree with tripletlab's semihard (value and gradient)
     dense = next(r for r in table if r.get("peer") == "dense-tfa")
     assert dense["check"] == "loss+grad agree"

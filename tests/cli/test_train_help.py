@@ -48,6 +48,9 @@ def test_every_train_flag_is_still_parsed():
         ["train", "--data", "digits", "--steps", "3", "--p", "4", "--memory-size", "64",
          "--no-eval", "--config", "att_faces", "--resume", "RUN", "--json"]
     )  # fmt: skip
-    assert (args.data, args.steps, args.p, args.memory_size) == ("digits", 3, 4, 64)
+    assert (args.data, args.steps, args.p, args.memory_size) == (["digits"], 3, 4, 64)
+    from tripletlab.cli.train import config_overrides
+
+    assert config_overrides(args)["data"] == "digits"  # one --data: the plain string
     assert args.evaluate is False and args.config_file == "att_faces" and args.resume == "RUN"
     assert args.json is True

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import FileFormatError, InputError
 from .dataset import Dataset, natural_key
+from .image_sources import MANIFEST_EXTENSIONS
 from .loaders import is_idx_dir, load_dataset, warn_skipped
 from .streaming import ImageFiles, class_ids, is_manifest, probe_images, scan_images
 
@@ -73,7 +74,9 @@ def source_name(spec: str) -> str:
         ('att_faces', 'people')
     """
     p = Path(spec)
-    return p.stem if is_manifest(spec) else (p.resolve().name if not p.name else p.name)
+    if p.suffix.lower() in MANIFEST_EXTENSIONS:  # a manifest (or other data file): its stem
+        return p.stem
+    return p.resolve().name if not p.name else p.name
 
 
 def source_of(class_name: str) -> str:
