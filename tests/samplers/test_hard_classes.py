@@ -224,7 +224,7 @@ def test_trainer_bad_input(tmp_path):
 
 
 def test_streamed_images_resume_exactly(tmp_path):
-    from test_streaming import make_folder
+    from helpers import make_folder
 
     root = make_folder(tmp_path / "imgs", n_classes=6, per_class=8, size=(12, 12))
     kw = {"data": str(root), "split_by": "sample", "test_fraction": 0.25, "p": 3, "k": 2,
