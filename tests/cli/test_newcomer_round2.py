@@ -148,3 +148,10 @@ def test_help_texts_say_what_the_program_does(capsys):
         assert words in help_text, cmd
     assert main(["embed", "--help"]) == 0
     assert "default: the run's test split" not in " ".join(capsys.readouterr().out.split())
+
+
+def test_report_has_the_threshold_section(run):
+    out, _ = run
+    assert main(["report", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "Verification threshold" in html and "for FAR 0.01 on" in html

@@ -60,10 +60,15 @@ def test_idle_note_once_after_a_long_flat_stretch():
     for step in range(40, 200):
         w.on_step(t, step, 0.0, {"active_fraction": 0.0})
     assert len(t.lines) == 1
-    assert "~0 since step 40" in t.lines[0] and "best validation step so far 30" in t.lines[0]
+    assert "~0 since step" in t.lines[0] and 40 < w.since < 100 and "best validation step so far 30" in t.lines[0]
     assert "early stopping after 12" in t.lines[0]
     t2, w2 = _Trainer(), IdleWatch()
     w2.on_start(t2)
-    for step in range(1, 200):  # ~0 loss interrupted every 30 steps: no note
+    for step in range(1, 200):  # a loss of ~0 interrupted every 30 steps: no note
         w2.on_step(t2, step, 0.0 if step % 30 else 0.2, {"active_fraction": 0.0})
     assert t2.lines == []
+    t3, w3 = _Trainer(), IdleWatch()
+    w3.on_start(t3)
+    for step in range(1, 200):  # ~0, with a stray 0.0002 loss now and then: the note
+        w3.on_step(t3, step, 0.0002 if step % 25 == 0 else 0.0, {"active_fraction": 0.0})
+    assert len(t3.lines) == 1

@@ -48,6 +48,7 @@ __all__ = [
     "text_gallery_rows",
     "timing_rows",
     "training_section",
+    "threshold_section",
     "verification_section",
     "worst_query_rows",
     "write_report_page",
@@ -428,6 +429,31 @@ def verification_section(emb: np.ndarray, y: np.ndarray, distance: str, seed: in
         return ReportSection("Verification", text=f"not available: {e}")
 
 
+def threshold_section(ev: dict) -> ReportSection | None:
+    """How the deployment threshold was chosen (target FAR on the validation identities, with
+    its interval and the small-set warning) and what it does on the test pairs, from eval.json;
+    None without a threshold."""
+    from ..metrics.evaluate import calibration_lines
+
+    v = ev.get("verification", {})
+    if not isinstance(v.get("threshold"), (int, float)):
+        return None
+    lines = calibration_lines(v)
+    rows = [
+        ("threshold (distance <= it: same)", f"{v['threshold']:.4f}"),
+        ("test FAR at it", f"{v.get('far_at_threshold', float('nan')):.4f}"),
+        ("test TAR at it", f"{v.get('tar_at_threshold', float('nan')):.4f}"),
+        ("pairs (same / different)", f"{v.get('n_pairs_same')} / {v.get('n_pairs_diff')}"),
+    ]
+    if v.get("validation_interval"):
+        rows.append(("interval", v["validation_interval"]))
+    return ReportSection(
+        "Verification threshold",
+        text=" ".join(lines[:1]) + "." + (" " + " ".join(lines[1:]) if lines[1:] else ""),
+        tables=[("threshold", rows)],
+    )
+
+
 def run_section(cfg: dict, files: RunFiles) -> ReportSection:
     """The configuration: data, timing, model, training configuration and environment."""
     return ReportSection(
@@ -547,6 +573,9 @@ def build_report(
             retrieval_section(emb_after, test, distance=dist, k=k, n_gallery=n_gallery, rng=rng)
         )
     sections.append(verification_section(emb_after, y, dist, seed))
+    threshold = threshold_section(ev)
+    if threshold is not None:
+        sections.append(threshold)
     sections.append(run_section(cfg, files))
     if ev.get("collapse"):
         sections.insert(

@@ -259,7 +259,9 @@ class CollapseWatch:
 class IdleWatch:
     """Notes once, in one line, when the loss and the active fraction have been ~0 for a long
     stretch (a tenth of the run, at least 50 steps): the batches no longer teach anything and
-    the remaining steps are likely wasted (early stopping, --patience, ends such runs).
+    the remaining steps are likely wasted (early stopping, --patience, ends such runs). "~0":
+    their moving averages (over ~10 steps) below 1e-3 and 2%, so a stray active batch does not
+    restart the stretch.
 
     Example:
         >>> w = IdleWatch(); w.on_start(type("T", (), {"total_steps": 100})())
@@ -269,20 +271,26 @@ class IdleWatch:
         (1, False)
     """
 
-    def __init__(self, loss_eps: float = 1e-4, active_eps: float = 0.01) -> None:
+    def __init__(self, loss_eps: float = 1e-3, active_eps: float = 0.02) -> None:
         self.loss_eps, self.active_eps = loss_eps, active_eps
         self.since: int | None = None
         self.noted = False
         self.stretch = 50
+        self.loss_avg: float | None = None
+        self.active_avg = 1.0
 
     def on_start(self, trainer) -> None:
         self.stretch = max(50, int(getattr(trainer, "total_steps", 0) or 0) // 10)
 
     def on_step(self, trainer, step: int, loss: float, stats: dict) -> None:
-        if "skipped" in stats:
+        if "skipped" in stats or not math.isfinite(loss):
             return
-        idle = loss < self.loss_eps and stats.get("active_fraction", 1.0) < self.active_eps
-        if not idle:
+        active = float(stats.get("active_fraction", 1.0))
+        if self.loss_avg is None:
+            self.loss_avg, self.active_avg = loss, active
+        self.loss_avg = 0.9 * self.loss_avg + 0.1 * loss
+        self.active_avg = 0.9 * self.active_avg + 0.1 * active
+        if not (self.loss_avg < self.loss_eps and self.active_avg < self.active_eps):
             self.since = None
             return
         if self.since is None:
