@@ -73,7 +73,9 @@ def source_name(spec: str) -> str:
         ('att_faces', 'people')
     """
     p = Path(spec)
-    return p.stem if is_manifest(spec) else (p.resolve().name if not p.name else p.name)
+    if p.suffix.lower() in (".csv", ".jsonl"):  # a manifest
+        return p.stem
+    return p.name or p.resolve().name
 
 
 def source_of(class_name: str) -> str:
