@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tripletlab import InputError
-from tripletlab.data import Dataset, concat_labelled, split_validation
+from tripletlab.data import Dataset, concat_labelled, split_dataset, split_validation
 from tripletlab.data.open import open_data, open_val_data, source_name
 from tripletlab.samplers import PKSampler
 from tripletlab.train.build import parse_source_ratio
@@ -77,6 +77,19 @@ def people(root, n=4):
     for i in range(n):
         (tmp / f"c{i}").rename(root / f"p{i}")
     return root
+
+
+def test_the_test_split_takes_a_share_of_each_source(two):
+    a, b = two
+    ds, _, _ = open_data([str(a), str(b)])
+    _, test, info = split_dataset(ds, test_fraction=0.25, seed=0, by_source=True)
+    per = Counter(c.split("/")[0] for c in info["test_classes"])
+    assert per == {"att": 2, "yale": 1} and info["by_source"]  # round(6/4), round(4/4)
+    _, _, s = split_dataset(ds, test_fraction=0.25, class_order="sorted", by_source=True)
+    assert s["test_classes"] == ["att/c4", "att/c5", "yale/c3"]
+    # one source (the old call) draws as before
+    _, _, old = split_dataset(ds, test_fraction=0.25, seed=0)
+    assert "by_source" not in old and len(old["test_classes"]) == 2
 
 
 def test_val_data_may_not_share_classes_or_files_with_training(tmp_path, two):

@@ -141,6 +141,7 @@ def split_dataset(
     seed: int = 0,
     test_classes: list[str] | None = None,
     class_order: str = "random",
+    by_source: bool = False,
 ) -> tuple[Dataset, Dataset, dict]:
     """Split into (train, test, split_info).
 
@@ -150,6 +151,9 @@ def split_dataset(
       AT&T's ``s1``..``s40`` and 0.25, the test classes are ``s31``..``s40``).
     * ``by="sample"``: a seeded, per-class stratified ``test_fraction`` of each class's items.
     * ``by="predefined"``: the data set's own split (e.g. MNIST-style train/t10k files).
+
+    ``by_source`` (classes of several sources, ``source/<class>``): a ``test_fraction`` of
+    each source's classes (at least one of each), chosen within the source as above.
 
     ``split_info`` is JSON-serialisable; :func:`apply_split` reproduces the split from it.
     """
@@ -172,16 +176,24 @@ def split_dataset(
             if len(test_set) == len(present):
                 raise InputError("every class is a test class: nothing left to train on")
         else:
-            n_test = max(1, round(len(present) * test_fraction))
-            if n_test >= len(present):
-                raise InputError(
-                    f"cannot hold out {n_test} of {len(present)} classes and still train"
-                )
-            if class_order == "sorted":
-                test_set = present[-n_test:]
-            else:
-                rng = np.random.default_rng(seed)
-                test_set = rng.choice(present, size=n_test, replace=False).tolist()
+            strata = [present]
+            if by_source:  # each source's own share
+                sources = sorted({c.split("/", 1)[0] for c in present}, key=natural_key)
+                strata = [[c for c in present if c.split("/", 1)[0] == s] for s in sources]
+                info["by_source"] = True
+            rng = np.random.default_rng(seed)
+            test_set = []
+            for classes in strata:
+                n_test = max(1, round(len(classes) * test_fraction))
+                if n_test >= len(classes):
+                    raise InputError(
+                        f"cannot hold out {n_test} of {len(classes)} classes and still train"
+                        + (f" (source {classes[0].split('/', 1)[0]})" if by_source else "")
+                    )
+                if class_order == "sorted":
+                    test_set += classes[-n_test:]
+                else:
+                    test_set += rng.choice(classes, size=n_test, replace=False).tolist()
             info["class_order"] = class_order
         test_set = sorted(test_set, key=natural_key)
         info["test_classes"] = test_set

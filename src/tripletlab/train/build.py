@@ -201,6 +201,7 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
                 seed=cfg.seed,
                 test_classes=cfg.test_classes if by == "class" else None,
                 class_order=cfg.class_order,
+                by_source=bool(ds.info.get("sources")),  # several sources: a share of each
             )
         train_full = train
         val, val_info = None, None
