@@ -30,6 +30,15 @@ from tripletlab.train.robust import (
 from conftest import make_image_folder
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is several times faster than many on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------ pure functions
 def test_interpolation_ends_are_exactly_the_start_and_the_trained_weights():
     torch.manual_seed(0)
