@@ -60,11 +60,8 @@ def test_idle_note_once_after_a_long_flat_stretch():
     for step in range(40, 200):
         w.on_step(t, step, 0.0, {"active_fraction": 0.0})
     assert len(t.lines) == 1
-    assert (
-        "~0 since step" in t.lines[0]
-        and 40 < w.since < 100
-        and "best validation step so far 30" in t.lines[0]
-    )
+    assert "~0 since step" in t.lines[0] and 40 < w.since < 100
+    assert "best validation step so far 30" in t.lines[0]
     assert "early stopping after 12" in t.lines[0]
     t2, w2 = _Trainer(), IdleWatch()
     w2.on_start(t2)
