@@ -17,6 +17,7 @@ import torch
 
 from ..errors import FileFormatError, InputError
 from .dataset import Dataset, natural_key
+from .image_sources import MANIFEST_EXTENSIONS
 from .loaders import is_idx_dir, load_dataset, warn_skipped
 from .streaming import ImageFiles, class_ids, is_manifest, probe_images, scan_images
 
@@ -73,9 +74,9 @@ def source_name(spec: str) -> str:
         ('att_faces', 'people')
     """
     p = Path(spec)
-    if p.suffix.lower() in (".csv", ".jsonl"):  # a manifest
+    if p.suffix.lower() in MANIFEST_EXTENSIONS:  # a manifest (or other data file): its stem
         return p.stem
-    return p.name or p.resolve().name
+    return p.resolve().name if not p.name else p.name
 
 
 def source_of(class_name: str) -> str:
@@ -134,6 +135,7 @@ def _open_sources(
     stream: bool | None,
     choose,
     explain: bool,
+    fit: str = "stretch",
 ) -> tuple[Dataset, ImageFiles | None, list[str]]:
     """:func:`open_data` of several image sources (one data set, classes prefixed by source).
     Sources of different sizes are resized to ``image_size`` or, when none is given, to the
@@ -175,7 +177,7 @@ def _open_sources(
     ids, classes = class_ids(labels)
     info = {"source": list(specs), "sources": sources}
     name = "+".join(s["name"] for s in sources)
-    files = ImageFiles(paths, ids, size, channels)
+    files = ImageFiles(paths, ids, size, channels, fit=fit)
     if not streamed:
         x, y_kept, kept = decode_all(files, skip_bad)
         ds = Dataset(x, y_kept, classes, [paths[i] for i in kept], "image", name, info=info)
@@ -195,6 +197,7 @@ def open_data(
     grayscale: bool | None = None,
     skip_bad: bool = False,
     stream: bool | None = None,
+    fit: str = "stretch",
     choose: Callable[[int, tuple[int, int] | None, int], tuple] | None = None,
     explain: bool = True,
 ) -> tuple[Dataset, ImageFiles | None, list[str]]:
@@ -212,11 +215,11 @@ def open_data(
     """
     specs = data_sources(spec)
     if len(specs) > 1:
-        return _open_sources(specs, image_size, grayscale, skip_bad, stream, choose, explain)
+        return _open_sources(specs, image_size, grayscale, skip_bad, stream, choose, explain, fit)
     spec = specs[0]
     if not is_image_source(spec):
         size = tuple(image_size) if image_size else None
-        ds = load_dataset(spec, image_size=size, grayscale=grayscale, skip_bad=skip_bad)
+        ds = load_dataset(spec, image_size=size, grayscale=grayscale, skip_bad=skip_bad, fit=fit)
         return ds, None, []
     paths, labels = scan_images(spec, skip_bad=skip_bad)
     native, channels = probe_images(paths)
@@ -242,13 +245,14 @@ def open_data(
             image_size=size if image_size else None,
             grayscale=grayscale,
             skip_bad=skip_bad,
+            fit=fit,
         )
         return ds, None, notes
     if size is None:
         raise InputError(
             f"the images of {spec} differ in size; pass --image-size H W to resize them"
         )
-    files = ImageFiles(paths, ids, size, channels)
+    files = ImageFiles(paths, ids, size, channels, fit=fit)
     if not streamed:  # a small manifest: decode it once into memory
         x, y_kept, kept = decode_all(files, skip_bad)
         ds = Dataset(
@@ -303,6 +307,7 @@ def open_val_data(
     *,
     skip_bad: bool = False,
     stream: bool = False,
+    fit: str = "stretch",
 ) -> Dataset:
     """The labelled validation sources ``specs`` (image folders / manifests) as one data set
     of the training images' ``input_shape`` (C, H, W): classes prefixed by their source's name
@@ -318,7 +323,7 @@ def open_val_data(
         )
     channels, size = int(input_shape[0]), (int(input_shape[1]), int(input_shape[2]))
     ds, _, _ = _open_sources(
-        list(specs), size, channels == 1, skip_bad, stream, choose=None, explain=False
+        list(specs), size, channels == 1, skip_bad, stream, choose=None, explain=False, fit=fit
     )
     several = bool(train.info.get("sources"))  # training classes are source/<class> names
     own_train = {_own_name(c, several) for c in train.classes}
