@@ -281,9 +281,14 @@ def augmented_view_features(
             out.append(torch.cat(chunks))
             continue
         vf = ImageFiles(
-            part.paths or [], part.y.tolist(), files.image_size, files.channels, spec.per_sample()
+            part.paths or [],
+            part.y.tolist(),
+            files.image_size,
+            files.channels,
+            spec.per_sample(),
+            fit=files.fit,  # the run's resize mode and preprocessing, as training reads them
+            preprocess=files.preprocess,
         )
-        vf.preprocess = getattr(files, "preprocess", "none")
         data = _ViewFiles(vf, [view_seed(seed, v, i) for i in range(len(part))])
         loader = torch.utils.data.DataLoader(
             data,
