@@ -372,8 +372,9 @@ def test_bad_requests_get_4xx_json_and_the_server_stays_up(env, server):
             u + "/embed", json={"vectors": [["a"]]}, headers=AUTH
         ),
         "embed as plain text": lambda: httpx.post(u + "/embed", content=b"x", headers=AUTH),
-        "label missing": lambda: httpx.post(
-            u + "/gallery", files={"images": ("a.pgm", good)}, headers=AUTH
+        # no label is allowed since #24 (the file name is the id); a blank one is not
+        "label blank": lambda: httpx.post(
+            u + "/gallery", data={"label": " "}, files={"images": ("a.pgm", good)}, headers=AUTH
         ),
         "delete a non-integer id": lambda: httpx.delete(u + "/gallery/abc", headers=AUTH),
         "missing token": lambda: post_image(u, "/search", q, headers={}),
