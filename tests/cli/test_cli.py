@@ -244,7 +244,7 @@ def test_train_flags_are_generated_from_the_config(capsys):
     assert "--grayscale" not in text and "--eval-batch-size" not in text
     for name in option_choices()["strategy"]:
         assert name in text
-    assert "att_faces, att_faces_pretrained, fashion_mnist, omniglot" in text
+    assert "att_faces, att_faces_pretrained, faces, fashion_mnist, omniglot" in text
 
 
 def test_bench_without_the_benchmark_file_says_where_to_get_it(monkeypatch, capsys):

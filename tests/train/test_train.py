@@ -197,12 +197,22 @@ def test_config_file_flags_and_errors(tmp_path):
 def test_recipes_resolve_and_are_copies(tmp_path):
     from tripletlab.train.config import RECIPES
 
-    assert set(RECIPES) == {"att_faces", "att_faces_pretrained", "omniglot", "fashion_mnist"}
+    assert set(RECIPES) == {
+        "att_faces",
+        "att_faces_pretrained",
+        "faces",
+        "omniglot",
+        "fashion_mnist",
+    }
     for name in RECIPES:
         got = load_config_file(name)
         got["test_classes"] = ["changed"]  # callers may mutate their copy
         assert RECIPES[name].get("test_classes") != ["changed"]
         resolve_config(got)
+    faces = resolve_config(load_config_file("faces"))  # the cross-domain recipe (#23)
+    assert faces.pretrained and faces.feature_blocks == [13, 14, 15, 16]
+    assert faces.image_size == [136, 112] and faces.whiten_shrink == "0.1"
+    assert faces.interpolate == "auto" and not faces.test_classes  # no data set in it
     cfg = resolve_config(load_config_file("att_faces"), {"steps": 5})
     assert cfg.steps == 5 and cfg.test_classes[0] == "s31" and cfg.split_by == "class"
     (tmp_path / "att_faces").write_text(json.dumps({"steps": 7}))  # a real file wins
