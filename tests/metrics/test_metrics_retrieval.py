@@ -149,6 +149,61 @@ def test_large_reference_ties_equal_bruteforce(dtype, monkeypatch):
         np.testing.assert_allclose(d[row].numpy(), [dist[j] for j in order[:7]], atol=1e-5)
 
 
+@pytest.mark.parametrize("order", ["random", "by_label"])
+def test_sampled_threshold_and_threaded_selection_equal_bruteforce(order, monkeypatch):
+    """Long float32 rows take the sampled-threshold selection, split over two threads; with
+    ties (grid data, duplicates) and a biased sample (items sorted by label) the result must
+    still be the brute force's, and rows whose threshold catches too few items fall back."""
+    monkeypatch.setattr(retrieval, "_PREFILTER_MIN_N", 32)
+    monkeypatch.setattr(retrieval, "_SAMPLE_STRIDE", 4)
+    monkeypatch.setattr(retrieval, "_PARALLEL_MIN_ELEMS", 1)
+    monkeypatch.setattr(retrieval, "_BLOCK_ELEMS", 2000)
+    emb, y = _data(120, 2, 12, 7, np.float32, grid=True)
+    emb[10:20] = emb[5]  # duplicates: exact ties across the threshold
+    if order == "by_label":
+        perm = np.argsort(y, kind="stable")
+        emb, y = emb[perm], y[perm]
+    compacted = []
+    real_flatnonzero = np.flatnonzero
+    monkeypatch.setattr(
+        retrieval.np, "flatnonzero", lambda a: compacted.append(1) or real_flatnonzero(a)
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = retrieval_metrics(emb, y, ks=(1, 2, 5), nmi=False, distance="euclidean")
+        d, i = knn_search(emb, emb, 9, exclude_self=True, distance="euclidean")
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.undo()
+    assert compacted, "the sampled-threshold path was not taken"
+    _check(got, _brute_retrieval(emb, y, (1, 2, 5)), 1e-6)
+    for row in range(120):
+        want, _ = _brute_order(emb, emb, row, "euclidean", True)
+        assert i[row].tolist() == want[:9]
+
+
+def test_sampled_threshold_selection_is_exact_on_adversarial_rows(monkeypatch):
+    """The selection core against a full sort of (score, index): constant rows, rows sorted
+    ascending (the sample sees only small scores) and descending, many zeros, k = 1 and k = n."""
+    monkeypatch.setattr(retrieval, "_PREFILTER_MIN_N", 16)
+    rng = np.random.default_rng(3)
+    n = 400
+    rows = [
+        np.full(n, 0.5),
+        np.sort(rng.random(n)),
+        np.sort(rng.random(n))[::-1],
+        np.where(rng.random(n) < 0.3, 0.0, rng.random(n)),
+        np.round(rng.random(n) * 4) / 4,
+    ]
+    sc = np.ascontiguousarray(np.stack(rows), dtype=np.float32)
+    for k in (1, 3, 17, 60, n):
+        keys = retrieval._smallest_keys(sc, k)
+        for r, row in enumerate(sc):
+            want = sorted(range(n), key=lambda j, row=row: (row[j], j))[:k]
+            assert (keys[r] & 0xFFFFFFFF).tolist() == want, (r, k)
+
+
 def test_knn_search_matches_cdist_and_orders_ties_by_index():
     rng = np.random.default_rng(0)
     ref = torch.from_numpy(rng.normal(size=(5000, 4)).astype(np.float32))

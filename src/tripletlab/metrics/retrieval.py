@@ -48,29 +48,103 @@ _FULL_SORT_MAX = 4096  # float64 only: up to this many references, one full stab
 _BLOCK_ELEMS = 1 << 24  # query block size x references per step (bounded memory)
 
 
-def _smallest_packed(sc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k smallest of each row of non-negative float32 scores, ordered by (score, index).
+_PREFILTER_MIN_N = 16384  # float32 rows at least this long: sample a threshold, compact, select
+_SAMPLE_STRIDE = 8  # the threshold sample takes every 8th column
+_PARALLEL_MIN_ELEMS = 1 << 18  # a block of at least this many scores is split over threads
+_POOL: list = [None, 0]  # a thread pool for the per-block selection, and its size
 
-    A non-negative float32's bit pattern orders like its value, so ``bits << 32 | index`` is
-    one int64 key whose order is exactly (score, then index); numpy's ``partition`` and
-    ``sort`` on it select and order the k nearest exactly, ties included, without the
-    separate tie handling that ``torch.topk`` needs.
-    """
-    b, n = sc.shape
-    if sys.byteorder == "little":  # write both 32-bit halves of the key: no shift/or passes
-        words = np.empty((b, n, 2), dtype=np.int32)
-        np.maximum(sc.numpy().view(np.int32), 0, out=words[:, :, 1])  # -0.0 -> +0.0
-        words[:, :, 0] = np.arange(n, dtype=np.int32)[None, :]
-        a = words.view(np.int64).reshape(b, n)
+
+def _pack_keys(bits: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """int64 keys ``bits << 32 | cols`` (same shapes, int32 inputs), written as two words."""
+    words = np.empty((*bits.shape, 2), dtype=np.int32)
+    if sys.byteorder == "little":
+        np.maximum(bits, 0, out=words[..., 1])  # -0.0 -> +0.0
+        words[..., 0] = cols
     else:  # pragma: no cover
-        key = sc.view(torch.int32).to(torch.int64)
-        a = key.bitwise_left_shift_(32).bitwise_or_(torch.arange(n)).numpy()
-    if k < n:
-        a = np.partition(a, k - 1, axis=1)[:, :k]
-    a.sort(axis=1)
+        np.maximum(bits, 0, out=words[..., 0])
+        words[..., 1] = cols
+    return words.view(np.int64).reshape(bits.shape)
+
+
+def _sorted_smallest(a: np.ndarray, k: int) -> np.ndarray:
+    """The k smallest keys of each row (or of a 1-d array), sorted."""
+    if k < a.shape[-1]:
+        a = np.partition(a, k - 1, axis=-1)[..., :k]
+    a.sort(axis=-1)
+    return a
+
+
+def _smallest_keys(scn: np.ndarray, k: int) -> np.ndarray:
+    """(b, k) sorted int64 keys ``score bits << 32 | column`` of the k smallest (score, column)
+    of each row of non-negative float32 scores.
+
+    A non-negative float32's bit pattern orders like its value, so the key orders exactly by
+    (score, then column), ties included. Long rows with k well below n are not packed whole: a
+    threshold ``tau`` is taken from a strided sample of the row (a rank a few standard
+    deviations above k's expected rank in the sample), the columns with score <= tau are
+    compacted, and the k smallest are selected among them. Exact: when at least k scores are
+    <= tau, every other column scores more than all of them; rows with fewer (an unlucky or
+    adversarial sample) or with far more than expected take the whole-row path.
+    """
+    b, n = scn.shape
+    bits = scn.view(np.int32)
+    m = -(-n // _SAMPLE_STRIDE)
+    expected = k * m / n
+    r = int(math.ceil(expected + 4.0 * math.sqrt(expected) + 2.0))
+    if n < _PREFILTER_MIN_N or r >= m or 2 * r * _SAMPLE_STRIDE > n:
+        return _sorted_smallest(_pack_keys(bits, np.arange(n, dtype=np.int32)[None, :]), k)
+    tau = np.partition(scn[:, ::_SAMPLE_STRIDE], r - 1, axis=1)[:, r - 1 : r]
+    flat = np.flatnonzero(scn <= tau)
+    starts = np.searchsorted(flat, np.arange(b + 1, dtype=np.int64) * n)
+    counts = np.diff(starts)
+    row_start = np.repeat(np.arange(b, dtype=np.int64) * n, counts)
+    cols = (flat - row_start).astype(np.int32)
+    keys = _pack_keys(bits.reshape(-1)[flat], cols)
+    out = np.empty((b, k), dtype=np.int64)
+    whole = []
+    for i in range(b):
+        if k <= counts[i] <= 4 * r * _SAMPLE_STRIDE:
+            out[i] = _sorted_smallest(keys[starts[i] : starts[i + 1]], k)
+        else:
+            whole.append(i)
+    if whole:
+        out[whole] = _sorted_smallest(
+            _pack_keys(bits[whole], np.arange(n, dtype=np.int32)[None, :]), k
+        )
+    return out
+
+
+def _smallest_packed(sc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k smallest of each row of non-negative float32 scores, ordered by (score, index), as
+    ``(scores, indices)`` tensors (see :func:`_smallest_keys`)."""
+    a = _smallest_keys(sc.numpy(), k)
     idx = torch.from_numpy(a & 0xFFFFFFFF)
     vals = torch.from_numpy((a >> 32).astype(np.int32)).view(torch.float32)
     return vals, idx
+
+
+def _thread_pool(n_threads: int):
+    """A pool of ``n_threads`` threads (numpy's partition/sort release the GIL), kept."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _POOL[0] is None or _POOL[1] != n_threads:
+        if _POOL[0] is not None:
+            _POOL[0].shutdown(wait=False)
+        _POOL[:] = [ThreadPoolExecutor(n_threads, thread_name_prefix="tripletlab-knn"), n_threads]
+    return _POOL[0]
+
+
+def _map_row_parts(fn, s: int, e: int, sc: torch.Tensor) -> list:
+    """``[fn(s_i, e_i, sc[rows_i]) ...]`` over row parts of one score block: one part per torch
+    thread when the block is large (the GEMM already used them; the selection would not)."""
+    n_threads = torch.get_num_threads()
+    rows = e - s
+    if n_threads < 2 or rows < 2 or sc.numel() < _PARALLEL_MIN_ELEMS:
+        return [fn(s, e, sc)]
+    parts = min(n_threads, rows)
+    bounds = [s + (rows * i) // parts for i in range(parts + 1)]
+    args = [(a, z, sc[a - s : z - s]) for a, z in zip(bounds[:-1], bounds[1:], strict=True)]
+    return list(_thread_pool(parts).map(lambda t: fn(*t), args))
 
 
 def _order_ties_by_index(vals: torch.Tensor, idx: torch.Tensor):
@@ -99,25 +173,36 @@ def _smallest_float64(sc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return vals, idx
 
 
-def _knn_blocks(queries, reference, k, distance, exclude_self, need_distances=True):
-    """Yield ``(start, stop, distances, indices)`` of the exact k-NN, one query block at a time.
+def _knn_blocks(queries, reference, k, distance, exclude_self, need_distances=True, reduce=None):
+    """Yield ``(start, stop, distances, indices)`` of the exact k-NN, one query block (or a part
+    of one) at a time; with ``reduce``, yield ``reduce(start, stop, indices)`` instead, computed
+    in the same worker thread as the selection.
 
     Neighbours are ordered by distance, then by reference index (the order of a full stable
     sort). ``k`` must be in [1, number of candidates]. Distances are None when not needed.
+    Float32 blocks are split over the torch threads for the selection (numpy, GIL released);
+    float64 ones use torch's own parallel sort.
     """
     nr = reference.shape[0]
     if distance == "cosine":
         queries, reference = normalize_rows(queries), normalize_rows(reference)
     packed = reference.dtype == torch.float32 and nr < 2**31
+
+    def part(s: int, e: int, sc: torch.Tensor):
+        vals, idx = _smallest_packed(sc, k) if packed else _smallest_float64(sc, k)
+        if reduce is not None:
+            return reduce(s, e, idx)
+        return s, e, (scores_to_distances(vals, distance) if need_distances else None), idx
+
     for s, e, sc in iter_score_blocks(queries, reference, distance, _BLOCK_ELEMS):
         if exclude_self:
             ar = torch.arange(s, e)
             sc[ar - s, ar] = float("inf")
-        vals, idx = _smallest_packed(sc, k) if packed else _smallest_float64(sc, k)
+        if packed:
+            yield from _map_row_parts(part, s, e, sc)
+        else:
+            yield part(s, e, sc)
         del sc
-        if need_distances:
-            vals = scores_to_distances(vals, distance)
-        yield s, e, (vals if need_distances else None), idx
 
 
 def knn_search(
@@ -242,20 +327,38 @@ def retrieval_metrics(
         raise InputError("no query has another item of its label: retrieval metrics undefined")
     k = min(k, ref.shape[0] - (1 if loo else 0))
     # accumulate per query block: memory O(block x k), never (N x k)
-    sums = {"p1": 0.0, "rp": 0.0, "map": 0.0, **{f"r{kk}": 0.0 for kk in ks}}
-    ranks = torch.arange(1, k + 1, dtype=torch.float64)
-    for s, e, _, idx in _knn_blocks(q, ref, k, distance, loo, need_distances=False):
-        ok = valid[s:e]
-        if not bool(ok.any()):
-            continue
-        rel = (ref_y[idx[ok]] == q_y[s:e][ok][:, None]).double()
-        r_b = r[s:e][ok].clamp_max(k).double()
-        sums["p1"] += float(rel[:, 0].sum()) if k else 0.0
-        for kk in ks:
-            sums[f"r{kk}"] += float((rel[:, :kk].sum(1) > 0).sum())
-        rel_r = rel * (ranks[None, :] <= r_b[:, None])
-        sums["rp"] += float((rel_r.sum(1) / r_b).sum())
-        sums["map"] += float(((rel_r.cumsum(1) / ranks[None, :] * rel_r).sum(1) / r_b).sum())
+    ref_y_np, q_y_np = ref_y.numpy(), q_y.numpy()
+    r_np, valid_np = r.clamp_max(k).numpy(), valid.numpy()
+    ranks = np.arange(1, k + 1, dtype=np.float64)
+
+    def block_sums(s: int, e: int, idx: torch.Tensor) -> np.ndarray:
+        """[P@1, R-Precision, MAP@R, recall@k for each k] summed over the block's queries."""
+        ok = valid_np[s:e]
+        rel = ref_y_np[idx.numpy()[ok]] == q_y_np[s:e][ok][:, None]  # (b, k) bool
+        r_b = r_np[s:e][ok]
+        out = np.zeros(3 + len(ks))
+        if rel.shape[0] == 0:
+            return out
+        if int(r_b.min()) < k:  # only the first R neighbours count for R-Precision and MAP@R
+            rel_r = rel & (ranks[None, :] <= r_b[:, None])
+        else:
+            rel_r = rel
+        cum = np.cumsum(rel_r, axis=1, dtype=np.int32)
+        hits_r = cum[np.arange(len(r_b)), r_b - 1]  # relevant items among the first R
+        prec = np.divide(cum, ranks[None, :], out=np.zeros(cum.shape), where=rel_r)
+        first = np.where(rel.any(axis=1), rel.argmax(axis=1), k)  # first relevant rank - 1
+        out[0] = float(rel[:, 0].sum())
+        out[1] = float((hits_r / r_b).sum())
+        out[2] = float((prec.sum(axis=1) / r_b).sum())
+        for i, kk in enumerate(ks):
+            out[3 + i] = float((first < kk).sum())
+        return out
+
+    totals = np.zeros(3 + len(ks))
+    for part in _knn_blocks(q, ref, k, distance, loo, need_distances=False, reduce=block_sums):
+        totals += part
+    sums = {"p1": float(totals[0]), "rp": float(totals[1]), "map": float(totals[2])}
+    sums.update({f"r{kk}": float(totals[3 + i]) for i, kk in enumerate(ks)})
     out: dict = {
         "n_queries": int(q.shape[0]),
         "n_queries_evaluated": n_valid,
