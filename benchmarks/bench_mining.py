@@ -663,7 +663,13 @@ def _parser() -> argparse.ArgumentParser:
         help="skip configurations estimated to need more, and cap each one's address space (8)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration (600)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: measure twice in one run, at torch's default count and "
+        "at 1, one table each)",
+    )
     p.add_argument(
         "--cpu-time",
         action="store_true",
@@ -683,38 +689,126 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_floor(args, sizes, env) -> int:
+def thread_counts(requested: int | None) -> list[int]:
+    """The torch thread counts one run measures: the requested one, or by default the
+    machine's default count (what a user gets) and 1 (comparable across machines), in that
+    order (one entry where they coincide)."""
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if requested:
+        return [int(requested)]
+    default = torch.get_num_threads()
+    return [default] if default == 1 else [default, 1]
+
+
+def _run_floor_table(args, sizes, env, threads: int) -> tuple[list[dict[str, Any]], str]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     t0 = time.time()
-    rows = floor_ratios(
-        sizes,
-        repeats=args.repeats,
-        d=args.dim,
-        k=args.k,
-        margin=args.margin,
-        cpu_time=args.cpu_time,
-    )
+    load0 = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "?"
+    try:
+        rows = floor_ratios(
+            sizes,
+            repeats=args.repeats,
+            d=args.dim,
+            k=args.k,
+            margin=args.margin,
+            cpu_time=args.cpu_time,
+        )
+    finally:
+        torch.set_num_threads(before)
     after = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "?"
-    print(
+    title = (
         f"tripletlab bench --floor: D={args.dim}, K={args.k}, median of {args.repeats} "
         f"interleaved repetitions ({'thread CPU time' if args.cpu_time else 'wall-clock'}); "
         f"x floor = time / pairwise_distance fwd+bwd at the same B; "
-        f"torch {env['torch']} ({torch.get_num_threads()} threads); {env['cpus']} CPUs, load "
-        f"{env.get('loadavg', ['?'])[0]} -> {after}; {time.time() - t0:.0f} s"
+        f"torch {env['torch']} ({threads} threads); {env['cpus']} CPUs, load "
+        f"{load0} -> {after}; {time.time() - t0:.0f} s"
     )
-    print(format_floor_table(rows))
+    return rows, title + "\n" + format_floor_table(rows)
+
+
+def _run_floor(args, sizes, env) -> int:
+    results = []
+    for threads in thread_counts(args.threads):
+        rows, text = _run_floor_table(args, sizes, env, threads)
+        print(text, flush=True)
+        results.append({"threads": threads, "floor": rows})
     if args.json_out:
         from tripletlab.utils import atomic_write_json
 
-        atomic_write_json(args.json_out, {"args": vars(args), "environment": env, "floor": rows})
+        atomic_write_json(
+            args.json_out,
+            {
+                "args": vars(args),
+                "environment": env,
+                "floor": results[0]["floor"],
+                "by_threads": results,
+            },
+        )
     return 0
 
 
+def _run_table(args, sizes, repeats, env, threads: int):
+    """Every configuration at ``threads`` torch threads: ``(rows, table, printed text)``."""
+    t0 = time.time()
+    try:
+        load0 = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load0 = ["?"]
+    rows = []
+    for strategy, impl, b in _plan(args.strategies, sizes):
+        if impl == "pml" and args.no_pml:
+            continue
+        spec = {
+            "impl": impl,
+            "strategy": "all" if strategy == "floor" else strategy,
+            "b": b,
+            "d": args.dim,
+            "k": args.k,
+            "margin": args.margin,
+            "repeats": repeats,
+            "mem_cap_gib": args.mem_cap_gib,
+            "threads": threads,
+        }
+        res = _run_one(spec, args.timeout, args.in_process)
+        rows.append({"strategy": strategy, "impl": impl, "b": b, **res})
+        took = f" {res['time_s']:.4f} s" if "time_s" in res else ""
+        mem = f" +{res['extra_mib']:.0f} MiB" if res.get("extra_mib") is not None else ""
+        print(
+            f"  {strategy:<9} B={b:<5} {impl:<10} T={threads} {res['status']}{took}{mem}",
+            file=sys.stderr,
+        )
+    table = compare(rows)
+    try:
+        load1 = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load1 = ["?"]
+    lines = [
+        f"tripletlab bench: D={args.dim}, K={args.k}, margin={args.margin}, median of {repeats} "
+        f"steps (fwd+bwd) after a warm-up; torch {env['torch']} ({threads} threads), "
+        f"pml {env['pytorch_metric_learning']}; {env['cpus']} CPUs, load "
+        f"{load0[0]} -> {load1[0]}; "
+        f"{time.time() - t0:.0f} s" + ("; in-process: no memory figures" if args.in_process else "")
+    ]
+    load = load0[0] if isinstance(load0[0], float) else 0.0
+    if env["cpus"] and load > env["cpus"] - 0.5:
+        lines.append(
+            f"note: the machine was busy (load {load} on {env['cpus']} CPUs): timings are "
+            "inflated and noisy; ratios within this run still compare like with like"
+            + ("" if threads == 1 else "; prefer --threads 1 on a busy machine")
+        )
+    lines.append(format_table(table))
+    return rows, table, "\n".join(lines)
+
+
 def run_benchmark(argv: list[str] | None = None) -> int:
-    """Run the benchmark, print the table; exit code 0, 1 if values disagree, 2 on bad usage.
+    """Run the benchmark, print the table(s); exit code 0, 1 if values disagree, 2 on bad usage.
+
+    Without ``--threads`` it measures twice in one run, at the machine's default torch thread
+    count and at 1 thread, and prints one table per count.
 
     Example:
         >>> from bench_mining import run_benchmark
@@ -731,9 +825,10 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(json.loads(args.worker))))
         return 0
     bad = [b for b in args.sizes if b < 2 * args.k] + ([args.k] if args.k < 2 else [])
-    if bad or args.repeats < 1 or args.dim < 1:
+    if bad or args.repeats < 1 or args.dim < 1 or (args.threads is not None and args.threads < 1):
         print(
-            "tripletlab bench: error: need k >= 2, every size >= 2k, repeats >= 1, dim >= 1",
+            "tripletlab bench: error: need k >= 2, every size >= 2k, repeats >= 1, dim >= 1, "
+            "threads >= 1",
             file=sys.stderr,
         )
         return 2
@@ -741,55 +836,30 @@ def run_benchmark(argv: list[str] | None = None) -> int:
     env = _environment(args.threads)
     if args.floor:
         return _run_floor(args, sizes if (args.quick or args.sizes_given) else FLOOR_SIZES, env)
-    t0 = time.time()
-    rows = []
-    for strategy, impl, b in _plan(args.strategies, sizes):
-        if impl == "pml" and args.no_pml:
-            continue
-        spec = {
-            "impl": impl,
-            "strategy": "all" if strategy == "floor" else strategy,
-            "b": b,
-            "d": args.dim,
-            "k": args.k,
-            "margin": args.margin,
-            "repeats": repeats,
-            "mem_cap_gib": args.mem_cap_gib,
-            "threads": args.threads,
-        }
-        res = _run_one(spec, args.timeout, args.in_process)
-        rows.append({"strategy": strategy, "impl": impl, "b": b, **res})
-        took = f" {res['time_s']:.4f} s" if "time_s" in res else ""
-        mem = f" +{res['extra_mib']:.0f} MiB" if res.get("extra_mib") is not None else ""
-        print(f"  {strategy:<9} B={b:<5} {impl:<10} {res['status']}{took}{mem}", file=sys.stderr)
-    table = compare(rows)
+    import torch
+
+    results, before = [], torch.get_num_threads()
     try:
-        env["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    print(
-        f"tripletlab bench: D={args.dim}, K={args.k}, margin={args.margin}, median of {repeats} "
-        f"steps (fwd+bwd) after a warm-up; torch {env['torch']} ({env['torch_threads']} threads), "
-        f"pml {env['pytorch_metric_learning']}; {env['cpus']} CPUs, load "
-        f"{env.get('loadavg', ['?'])[0]} -> {env.get('loadavg_after', ['?'])[0]}; "
-        f"{time.time() - t0:.0f} s" + ("; in-process: no memory figures" if args.in_process else "")
-    )
-    load = env.get("loadavg", [0.0])[0]
-    if env["cpus"] and load > env["cpus"] - 0.5:
-        print(
-            f"note: the machine was busy (load {load} on {env['cpus']} CPUs): timings are "
-            "inflated and noisy; ratios within this run still compare like with like"
-            + ("" if env["torch_threads"] == 1 else "; prefer --threads 1 on a busy machine")
-        )
-    print(format_table(table))
+        for threads in thread_counts(args.threads):
+            rows, table, text = _run_table(args, sizes, repeats, env, threads)
+            print(text, flush=True)
+            results.append({"threads": threads, "runs": rows, "table": table})
+    finally:  # in-process runs set the count of this process
+        torch.set_num_threads(before)
     if args.json_out:
         from tripletlab.utils import atomic_write_json
 
         atomic_write_json(
             args.json_out,
-            {"args": vars(args), "environment": env, "runs": rows, "table": table},
+            {
+                "args": vars(args),
+                "environment": env,
+                "runs": results[0]["runs"],
+                "table": results[0]["table"],
+                "by_threads": results,
+            },
         )
-    disagree = [r for r in table if "DIFFERS" in str(r.get("check", ""))]
+    disagree = [r for res in results for r in res["table"] if "DIFFERS" in str(r.get("check", ""))]
     return 1 if disagree else 0
 
 

@@ -188,3 +188,42 @@ def test_floor_mode_times_every_strategy_against_the_distance_floor(capsys):
             assert r["vs_pml"] == pytest.approx(r["time_s"] / pml[r["strategy"]])
     if pml:
         assert "x pml" in out
+
+
+def test_default_run_measures_default_threads_and_one_thread(tmp_path, capsys):
+    """Without --threads, one run gives a table at the default thread count and one at 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = tmp_path / "t.json"
+        argv = ["--sizes", "16", "--repeats", "1", "--strategies", "hard", "--in-process"]
+        assert run_benchmark(argv + ["--no-pml", "--json", str(out)]) == 0
+        assert torch.get_num_threads() == 2  # restored after the 1-thread table
+        printed = capsys.readouterr().out
+        titles = [line for line in printed.splitlines() if line.startswith("tripletlab bench:")]
+        assert len(titles) == 2 and "(2 threads)" in titles[0] and "(1 threads)" in titles[1]
+        saved = json.loads(out.read_text())
+        assert [r["threads"] for r in saved["by_threads"]] == [2, 1]
+        assert {r["threads"] for r in saved["by_threads"][1]["runs"]} == {1}
+        assert saved["table"] == saved["by_threads"][0]["table"]
+        from bench_mining import thread_counts
+
+        assert thread_counts(3) == [3]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_floor_run_prints_one_table_per_thread_count(capsys):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert run_benchmark(["--floor", "--sizes", "16", "--repeats", "1"]) == 0
+        titles = [
+            line
+            for line in capsys.readouterr().out.splitlines()
+            if line.startswith("tripletlab bench --floor:")
+        ]
+        assert len(titles) == 2 and "(2 threads)" in titles[0] and "(1 threads)" in titles[1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
