@@ -102,3 +102,16 @@ def tiny_text_model(tmp_path_factory) -> Path:
     )
     transformers.BertModel(cfg).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests skip, with a reason, where torch sees no CUDA device (they run in
+    ``benchmarks/gpu_check.sh`` on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here): benchmarks/gpu_check.sh")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
