@@ -374,3 +374,41 @@ def test_dense_small_batch_miners_equal_chunked_many_patterns(monkeypatch):
                 got.append(mine_from_distances(dist, labels, ref, generator=gen, **kw))
             for x, y in zip(*got, strict=True):
                 assert torch.equal(x, y), (seed, strategy)
+
+
+@pytest.mark.parametrize("chunk_elems", [7, 1 << 22])
+def test_batch_all_exclude_self_against_a_reference_set_matches_bruteforce(
+    monkeypatch, chunk_elems
+):
+    """``exclude_self`` with a reference set whose column i may carry another label than anchor
+    i: the pairs (i, i) are dropped as positives, and a column i of another label stays a
+    negative (the direct counting path corrects its counts only for the anchor's own class)."""
+    from tripletlab import functional
+    from tripletlab.functional import batch_all_triplet_loss
+
+    from oracle import negatives, positive_pairs, term
+
+    monkeypatch.setattr(functional, "_CHUNK_ELEMS", chunk_elems)
+    g = torch.Generator().manual_seed(5)
+    labels = torch.tensor([0, 0, 1, 1, 2, 0])
+    ref = torch.tensor([0, 1, 1, 2, 2, 0, 1, 0, 2])  # column 1 differs from anchor 1's label
+    dist = (torch.rand(6, 9, generator=g, dtype=torch.float64) * 8).round() / 4  # exact ties
+    dist = dist.requires_grad_(True)
+    for reduction in ("sum", "mean_active"):
+        loss, stats = batch_all_triplet_loss(
+            dist, labels, ref, margin=0.5, reduction=reduction, exclude_self=True
+        )
+        lab, rl = labels.tolist(), ref.tolist()
+        trip = [
+            (a, p, n)
+            for a, p in positive_pairs(lab, rl, exclude_self=True)
+            for n in negatives(lab, a, rl)
+        ]
+        terms = torch.stack([term(dist[a, p], dist[a, n], 0.5, False) for a, p, n in trip])
+        n_active = int((terms > 0).sum())
+        want = terms.sum() if reduction == "sum" else terms.sum() / n_active
+        assert int(stats.n_triplets) == len(trip) and int(stats.n_active) == n_active
+        assert torch.allclose(loss, want, atol=1e-12)
+        (g1,) = torch.autograd.grad(loss, dist)
+        (g2,) = torch.autograd.grad(want, dist)
+        assert torch.allclose(g1, g2, atol=1e-12)

@@ -25,6 +25,8 @@ from .reductions import reduce_total
 from .slots import iter_label_slots, label_slots, resolve_ref, row_chunks
 from .stats import TripletStats, n_classes, n_pairs, zero_reason
 
+_KEEP_FLOAT_COUNTS = 1 << 24  # up to this many distances the backward's counts stay float
+
 
 def _count_at_or_below(sorted_thr: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``j[a, n] = #{q : sorted_thr[a, q] <= d[a, n]}``: uint8 for few thresholds, else int64."""
@@ -58,6 +60,42 @@ def _hinge_all_chunk(d: torch.Tensor, same, slots, valid, margin: float):
     return sthr, perm, j, hist.cumsum(dim=1)[:, :width]
 
 
+def _hinge_direct_chunk(d: torch.Tensor, s, margin: float):
+    """Few thresholds (P <= ``_DIRECT_SLOTS``): the thresholds ``t = d_ap + margin`` (rows, P),
+    unsorted, ``cnt`` (rows, R) = #{p : d(a, n) < t_p} on the negatives (0 on the anchor's own
+    class) and ``c`` (rows, P) = #{negatives n : d(a, n) < t_p}, both in d's dtype.
+
+    The indicator is ``max(sign(t_p - d), 0)`` in floating point over whole rows (float kernels
+    vectorise; comparisons that write booleans do not): exact, because the difference of two
+    floats is positive exactly when the first is larger (gradual underflow), and ``t = -inf``
+    on empty slots gives -inf, i.e. inactive. The anchor's own class (its P positive slots and,
+    with ``exclude_self``, itself) is then taken out of both counts from the (rows, P) gathered
+    distances, without a (rows, R) mask.
+    """
+    slots, valid = s.slots, s.valid
+    ninf = torch.tensor(-float("inf"), dtype=d.dtype, device=d.device)
+    d_ap = d.gather(1, slots)
+    thr = torch.where(valid, d_ap + margin, ninf)
+    cnt = torch.zeros_like(d)
+    act = torch.empty_like(d)
+    c = torch.empty_like(thr)
+    for p in range(thr.shape[1]):
+        torch.sub(thr[:, p : p + 1], d, out=act).sign_().clamp_min_(0.0)
+        c[:, p] = act.sum(dim=1)
+        cnt += act
+    # the positives counted above: c_p -= #{valid q : d_aq < t_p}; cnt = 0 on the slots
+    inside = (d_ap[:, None, :] < thr[:, :, None]) & valid[:, None, :]  # (rows, P, P)
+    c -= inside.sum(dim=2).to(d.dtype)
+    cnt.scatter_add_(1, slots, -(cnt.gather(1, slots) * valid))
+    if s.exclude_self:  # the anchor itself: (i, rows.start + i) where that column exists
+        own = s.own_label_at_self().to(d.dtype)  # 1 where it is of the anchor's own class
+        self_d = d.diagonal(s.rows.start)
+        n_self = self_d.shape[0]
+        c[:n_self] -= (self_d[:, None] < thr[:n_self]).to(d.dtype) * own[:, None]
+        cnt.diagonal(s.rows.start).mul_(1.0 - own)
+    return thr, cnt, c
+
+
 def _hinge_sum(dist, labels, ref_labels, exclude_self, margin, moments=None, cache=None):
     """Sum of max(0, d_ap - d_an + m) over all valid triplets and the number of active ones;
     with a ``moments`` tensor, :func:`_chunk_moments` accumulates into it in the same pass; with a
@@ -70,14 +108,21 @@ def _hinge_sum(dist, labels, ref_labels, exclude_self, margin, moments=None, cac
         d = dist[s.rows]
         if moments is not None:
             _chunk_moments(moments, d, s, exclude_self)
-        sthr, perm, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
-        if cache is not None:  # small problems keep the slot table too (no rebuild in backward)
-            cache.append((sthr, perm, c, s if small else None))
-        # active triplets per (anchor, negative): P - j (0 where j = P: positives, the anchor)
-        cnt = j.to(d.dtype).neg_().add_(sthr.shape[1])
-        finite = torch.where(torch.isfinite(sthr), sthr, 0.0)
+        if s.slots.shape[1] <= _knobs._DIRECT_SLOTS:  # few positives: count directly
+            thr, cnt, c = _hinge_direct_chunk(d, s, margin)
+            if cache is not None:  # the backward only reads the counts (<= P: exact in uint8)
+                kept = cnt if dist.numel() <= _KEEP_FLOAT_COUNTS else cnt.to(torch.uint8)
+                cache.append(("direct", kept, c, s if small else None))
+            cnt = cnt * d
+        else:
+            thr, perm, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
+            if cache is not None:  # small problems keep the slot table too (no rebuild)
+                cache.append((thr, perm, c, s if small else None))
+            # active triplets per (anchor, negative): P - j (0 where j = P: positives, anchor)
+            cnt = j.to(d.dtype).neg_().add_(thr.shape[1]).mul_(d)
+        finite = torch.where(torch.isfinite(thr), thr, 0.0)
         total += (c * finite).sum(dim=1, dtype=torch.float64).sum()
-        total -= (cnt.mul_(d)).sum(dim=1).double().sum()
+        total -= cnt.sum(dim=1).double().sum()
         n_active += c.sum(dim=1, dtype=torch.float64).sum()  # sum_q c_q = sum_n (P - j_n)
     return total, n_active.round().long()  # a float64 sum of exact counts
 
@@ -93,12 +138,17 @@ def _hinge_grad(dist, labels, ref_labels, exclude_self, margin, cache=None):
         if s is None:
             s = label_slots(labels, ref_labels, exclude_self, rows)
         d = dist[rows]
+        g = grad[s.rows]
+        if cached is not None and isinstance(cached[0], str):  # the direct path's counts
+            _, cnt, c, _ = cached
+            g.copy_(cnt).neg_()  # dL/d(a, n) = -#{p : d_an < d_ap + m}
+            g.scatter_add_(1, s.slots, c * s.valid)  # dL/d(a, p) = #{n : d_an < d_ap + m}
+            continue
         if cached is None:
             _, perm, j, c = _hinge_all_chunk(d, s.same, s.slots, s.valid, margin)
         else:
             sthr, perm, c, _ = cached
             j = _count_at_or_below(sthr, d).masked_fill_(s.same, sthr.shape[1])
-        g = grad[s.rows]
         # dL/d(a, n) = -#{p : d_an < d_ap + m}
         g.copy_(j).sub_(perm.shape[1])
         # dL/d(a, p) = #{n : d_an < d_ap + m}
@@ -202,7 +252,7 @@ def _chunk_moments(acc: torch.Tensor, d: torch.Tensor, s, exclude_self: bool) ->
     :func:`_all_triplet_moments`): per-row terms stacked, one reduction, one add."""
     f64 = torch.float64
     n_pos = s.n_pos.to(f64)
-    n_neg = (d.shape[1] - s.same.sum(dim=1, dtype=torch.int32)).to(f64)
+    n_neg = (d.shape[1] - s.n_same).to(f64)
     row_sum = d.sum(dim=1).to(f64)  # float sums of (rows, R), then float64 (rows,)
     ap_sum = (d.gather(1, s.slots) * s.valid).sum(dim=1).to(f64)
     same_sum = ap_sum

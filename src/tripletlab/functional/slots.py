@@ -74,12 +74,34 @@ class LabelSlots:
         self.rows = rows
         self.exclude_self = exclude_self
         self.labels, self.ref_labels = labels, ref_labels
-        self.same = labels[rows][:, None] == ref_labels[None, :]
+
+    @cached_property
+    def same(self) -> torch.Tensor:
+        """(rows, R) ``y_a == y_r``, the anchor itself included (built on first use)."""
+        return self.labels[self.rows][:, None] == self.ref_labels[None, :]
+
+    @cached_property
+    def n_same(self) -> torch.Tensor:
+        """(rows,) int32 columns of the anchor's own class, itself included, from the slot
+        table (no (rows, R) pass): ``n_pos`` plus 1 where the anchor's own column exists."""
+        n = self.n_pos.to(torch.int32)
+        if self.exclude_self:
+            n = n.clone()
+            own = self.own_label_at_self()
+            n[: own.shape[0]] += own
+        return n
+
+    def own_label_at_self(self) -> torch.Tensor:
+        """(m,) int32: whether the column (i, rows.start + i) holds the anchor's own label, for
+        the first m rows of the chunk whose own column exists (exclude_self's (i, i) pairs)."""
+        ar, cols = self.self_pairs()
+        return (self.labels[self.rows][ar] == self.ref_labels[cols]).to(torch.int32)
 
     def self_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, column) of the pairs (i, i) inside this chunk."""
-        n, r = self.same.shape
-        ar = torch.arange(n, device=self.same.device)
+        n = self.labels[self.rows].shape[0]
+        r = self.ref_labels.shape[0]
+        ar = torch.arange(n, device=self.labels.device)
         cols = ar + self.rows.start
         inside = cols < r
         return ar[inside], cols[inside]
@@ -95,14 +117,14 @@ class LabelSlots:
 
     @cached_property
     def _table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, r = self.same.shape
+        n, r = self.labels[self.rows].shape[0], self.ref_labels.shape[0]
         if n == 0 or r == 0:
-            return _empty_table(n, self.same.device)
+            return _empty_table(n, self.labels.device)
         if n * r <= _knobs._SMALL_ELEMS:  # small: from the mask, in a few whole-matrix kernels
             return self._table_from_mask()
         # From the sorted column labels, not from a (rows, R) scan: O(rows x class size).
         sorted_cols, starts, counts, uniq = _class_columns(self.ref_labels)
-        device = self.same.device
+        device = self.labels.device
         lab = self.labels[self.rows]
         n = lab.shape[0]
         if n == 0 or uniq.numel() == 0:
