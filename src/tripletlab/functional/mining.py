@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import InputError
-from .slots import iter_label_slots
+from .slots import float_mask, iter_label_slots
 
 IndexTuple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 _INF = float("inf")
@@ -50,6 +50,7 @@ class PairChunk(NamedTuple):
     has_neg: torch.Tensor  # (rows, 1) whether the row has a negative
     slots: torch.Tensor  # (rows, P) positive columns
     valid: torch.Tensor  # (rows, P) real slots
+    same: torch.Tensor | None = None  # (rows, R) the anchor's own class (~neg), when built
 
 
 # chunk -> (negative column per slot (rows, P), extra keep mask or None)
@@ -68,12 +69,6 @@ def _cat_triplets(out_a: list, out_p: list, out_n: list, device: torch.device) -
     return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
 
 
-def _n_same(s) -> torch.Tensor:
-    """(rows, 1) columns with the anchor's label (an int32 sum: a bool ``any``/``all`` or an
-    int64 count over (rows, R) costs several times more on CPU)."""
-    return s.same.sum(dim=1, keepdim=True, dtype=torch.int32)
-
-
 def per_pair(
     dist: torch.Tensor,
     labels: torch.Tensor,
@@ -88,9 +83,10 @@ def per_pair(
         if not bool(s.valid.any()):
             continue
         rows = s.rows
-        neg = ~s.same
-        has_neg = _n_same(s) < s.same.shape[1]
-        nn, extra = choose(PairChunk(dist[rows], neg, has_neg, s.slots, s.valid), opts)
+        same = s.same
+        has_neg = s.n_same[:, None] < same.shape[1]
+        chunk = PairChunk(dist[rows], ~same, has_neg, s.slots, s.valid, same)
+        nn, extra = choose(chunk, opts)
         keep = s.valid & has_neg
         if extra is not None:
             keep = keep & extra
@@ -124,8 +120,9 @@ def per_anchor(
         p = s.slots.gather(1, q).squeeze(1)
         # closest negative: same-label columns pushed out by + float max (an add, not a bool
         # masked_fill, which costs ~25x more on CPU); real distances keep their exact values
-        n = torch.add(d, s.same.to(d.dtype), alpha=torch.finfo(d.dtype).max).argmin(dim=1)
-        keep = (s.n_pos > 0) & (_n_same(s).squeeze(1) < s.same.shape[1])
+        n = torch.add(d, float_mask(s.same, d.dtype), alpha=torch.finfo(d.dtype).max)
+        n = n.argmin(dim=1)
+        keep = (s.n_pos > 0) & (s.n_same < d.shape[1])
         a = torch.arange(s.rows.start, s.rows.stop, device=dist.device)
         out_a.append(a[keep])
         out_p.append(p[keep])

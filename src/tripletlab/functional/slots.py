@@ -26,6 +26,14 @@ import torch
 from .. import functional as _knobs  # tuning knobs are read from the package at call time
 
 
+def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as 0/1 in ``dtype``. On CPU, through a uint8 view: the same values, and the
+    uint8 -> float conversion vectorises where bool -> float does not (~10x faster)."""
+    if mask.device.type == "cpu" and mask.dtype == torch.bool:
+        return mask.view(torch.uint8).to(dtype)
+    return mask.to(dtype)
+
+
 def resolve_ref(
     labels: torch.Tensor, ref_labels: torch.Tensor | None, exclude_self: bool | None
 ) -> tuple[torch.Tensor, bool]:
