@@ -376,9 +376,10 @@ def test_dense_small_batch_miners_equal_chunked_many_patterns(monkeypatch):
                 assert torch.equal(x, y), (seed, strategy)
 
 
+@pytest.mark.parametrize("small_elems", [0, 1 << 16])  # the direct counting / sorted paths
 @pytest.mark.parametrize("chunk_elems", [7, 1 << 22])
 def test_batch_all_exclude_self_against_a_reference_set_matches_bruteforce(
-    monkeypatch, chunk_elems
+    monkeypatch, chunk_elems, small_elems
 ):
     """``exclude_self`` with a reference set whose column i may carry another label than anchor
     i: the pairs (i, i) are dropped as positives, and a column i of another label stays a
@@ -389,6 +390,7 @@ def test_batch_all_exclude_self_against_a_reference_set_matches_bruteforce(
     from oracle import negatives, positive_pairs, term
 
     monkeypatch.setattr(functional, "_CHUNK_ELEMS", chunk_elems)
+    monkeypatch.setattr(functional, "_SMALL_ELEMS", small_elems)
     g = torch.Generator().manual_seed(5)
     labels = torch.tensor([0, 0, 1, 1, 2, 0])
     ref = torch.tensor([0, 1, 1, 2, 2, 0, 1, 0, 2])  # column 1 differs from anchor 1's label

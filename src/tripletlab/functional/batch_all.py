@@ -108,7 +108,8 @@ def _hinge_sum(dist, labels, ref_labels, exclude_self, margin, moments=None, cac
         d = dist[s.rows]
         if moments is not None:
             _chunk_moments(moments, d, s, exclude_self)
-        if s.slots.shape[1] <= _knobs._DIRECT_SLOTS:  # few positives: count directly
+        # few positives in a large matrix: count directly (small ones: fewer kernels sorted)
+        if s.slots.shape[1] <= _knobs._DIRECT_SLOTS and d.numel() > _knobs._SMALL_ELEMS:
             thr, cnt, c = _hinge_direct_chunk(d, s, margin)
             if cache is not None:  # the backward only reads the counts (<= P: exact in uint8)
                 kept = cnt if dist.numel() <= _KEEP_FLOAT_COUNTS else cnt.to(torch.uint8)
