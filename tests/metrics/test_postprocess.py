@@ -242,7 +242,9 @@ def test_rerank_sparse_and_dense_paths_agree(kind):
     ds32, is32 = k_reciprocal_rerank(
         q.astype(np.float32), g.astype(np.float32), dense_limit=0, **kw
     )
-    dd32, _ = k_reciprocal_rerank(q.astype(np.float32), g.astype(np.float32), **kw)
+    dd32, _ = k_reciprocal_rerank(
+        q.astype(np.float32), g.astype(np.float32), dense_limit=10_000, **kw
+    )
     assert ds32.dtype == torch.float32
     torch.testing.assert_close(ds32, dd32, atol=1e-6, rtol=0)
 
@@ -485,3 +487,21 @@ def test_sparse_rerank_uses_no_dense_helper(monkeypatch):
         warnings.simplefilter("error")
         d, i = k_reciprocal_rerank(g[:10], g, k1=6, top_k=5, dense_limit=100)
     assert d.shape == (10, 5)
+
+
+def test_aqe_negative_similarities_weigh_zero():
+    q = np.array([[1.0, 0.0]])
+    g = np.array([[1.0, 0.2], [-1.0, 0.1], [-1.0, -0.3]])
+    got = alpha_query_expansion(q, g, k=3, alpha=1.0)
+    g0 = _unit(g[0])
+    np.testing.assert_allclose(got.numpy(), _unit(q[0] + float(g0[0]) * g0)[None], atol=1e-12)
+    np.testing.assert_allclose(got.numpy(), ref_aqe(q, g, 3, 1.0, "cosine"), atol=1e-12)
+
+
+def test_long_rows_select_like_a_full_stable_sort():
+    """Rows longer than the full-sort limit take the topk path; ties still by index."""
+    vals = torch.from_numpy(np.random.default_rng(0).integers(0, 50, size=(7, 6000)) / 7.0)
+    for k in (1, 10, 200, 5999):
+        v, i = pp._smallest(vals, k)
+        fv, fi = torch.sort(vals, dim=1, stable=True)
+        assert torch.equal(v, fv[:, :k]) and torch.equal(i, fi[:, :k])

@@ -52,8 +52,10 @@ __all__ = [
 ]
 
 #: k_reciprocal_rerank builds dense (N x N) matrices only up to this many items (probe +
-#: gallery): 4096 items is ~0.5 GiB of float64 matrices; above it the sparse path runs.
-DENSE_LIMIT = 4096
+#: gallery). 0: never. The sparse path measured faster and smaller at every size tried (0.06 s
+#: vs 0.17 s at 1,100 items, 2.2 s / 0.33 GiB vs 3.4 s / 0.6 GiB at 4,096); the dense one is the
+#: plain cross-check, selected with ``dense_limit=``.
+DENSE_LIMIT = 0
 _ELEMS = 1 << 20  # elements per block of the vectorised steps (bounded memory)
 _PAIR_BUDGET = 1 << 19  # (query, column, gallery item) triples per block of the sparse Jaccard
 _FULL_SORT_MAX = 4096
@@ -397,13 +399,22 @@ def k_reciprocal_rerank(
       reference does, as ``1 - m / (2 - m)``, m the sum of minima: each V row sums to 1) and
       ``d*(i, j) = (1 - lambda) d_J(i, j) + lambda d(i, j)``: these are the distances returned.
 
-    Exact: the reference's float16 V is float64 here and its unstable ``argsort`` is an order by
-    (distance, index); otherwise the same numbers. Memory: with N > ``dense_limit`` no N x N
-    matrix is made: the neighbour lists (N x (k1+1)), V as a sparse matrix and its inverted
-    index (O(N k1^2) entries), and query blocks of (rows x N) distances. A gallery item that
-    shares no support with a query's V has ``d_J = 1`` exactly, so only the overlaps are
-    computed; the rest of each row is ``(1 - lambda) + lambda d``. Up to ``dense_limit`` items,
-    dense matrices (the same result; tested). Costs two exact N x N k-NN passes (O(N^2 D)).
+    Exact: nothing is approximated or truncated (exact neighbour lists, every V entry, every
+    overlap); d is computed by GEMM in the input's precision, as :func:`knn_search` does, and
+    everything after it in float64. Where the reference differs, on purpose: its float16 V is
+    float64 here, and its unstable ``argsort`` is an order by (distance, index). Ties in d* are
+    returned by gallery index.
+
+    Memory: with N > ``dense_limit`` no N x N matrix is made: the neighbour lists (N x
+    max(k1+1, k2)), V as a sparse matrix and its inverted index (O(N k1 k2) entries), and
+    blocks of (query rows x N) distances. A gallery item that shares no support with a query's
+    V has ``d_J = 1`` exactly, so only the overlaps are computed; the rest of each row is
+    ``(1 - lambda) + lambda d``. Up to ``dense_limit`` items (default 0, see
+    :data:`DENSE_LIMIT`): dense matrices, the same result (tested).
+
+    Time: the exact k-NN of all N items plus one more blocked N x N pass for the row maxima,
+    O(N^2 D); about 45 s and 0.3 GiB above the inputs for 1,000 queries and 30,000 gallery
+    items of dimension 128 on 2 CPU cores.
 
     Example:
         >>> import torch
