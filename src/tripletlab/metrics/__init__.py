@@ -1,7 +1,16 @@
 """Evaluation: retrieval (P@1, Recall@K, R-Precision, MAP@R, NMI), verification (ROC AUC, EER,
-TAR@FAR, 10-fold accuracy) and few-shot (N-way K-shot) metrics."""
+TAR@FAR, 10-fold accuracy) and few-shot (N-way K-shot) metrics; retrieval post-processing (query
+expansion, database-side augmentation, k-reciprocal re-ranking)."""
 
 from .fewshot import few_shot_accuracy
+from .postprocess import (
+    PostProcess,
+    alpha_query_expansion,
+    apply_postprocess,
+    database_augmentation,
+    k_reciprocal_rerank,
+    parse_postprocess,
+)
 from .retrieval import knn_search, nmi_score, retrieval_metrics
 from .verification import (
     best_threshold,
@@ -12,13 +21,19 @@ from .verification import (
 )
 
 __all__ = [
+    "PostProcess",
+    "alpha_query_expansion",
+    "apply_postprocess",
     "best_threshold",
     "calibrate_threshold",
+    "database_augmentation",
     "few_shot_accuracy",
+    "k_reciprocal_rerank",
     "knn_search",
     "nmi_score",
     "pair_distances",
     "pairs_from_labels",
+    "parse_postprocess",
     "retrieval_metrics",
     "verification_metrics",
 ]
