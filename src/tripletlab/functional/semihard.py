@@ -45,6 +45,22 @@ def _min_lowest_index(x: torch.Tensor, cols: torch.Tensor | None):
     return val, x.amin(dim=1).long()
 
 
+def _semihard_slots_small(d, neg, d_ap, big: float):
+    """:func:`semihard_slots` for a small matrix: per slot one bool compare, or, add and min."""
+    rows, width = d_ap.shape
+    idx = torch.empty(rows, width, dtype=torch.long, device=d.device)
+    found = torch.empty(rows, width, dtype=torch.bool, device=d.device)
+    same = ~neg
+    flag = torch.empty_like(d)
+    out = torch.empty_like(neg)
+    for q in range(width):
+        torch.le(d, d_ap[:, q : q + 1], out=out).logical_or_(same)
+        val, arg = torch.add(d, flag.copy_(out), alpha=big, out=flag).min(dim=1)
+        idx[:, q] = arg
+        found[:, q] = val < big
+    return idx, found
+
+
 def semihard_slots(
     d: torch.Tensor, neg: torch.Tensor, d_ap: torch.Tensor, same: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +79,8 @@ def semihard_slots(
         # ``min(sign(d_ap - d_an) + 1, 1)`` (exact: a float difference is 0 only for equal
         # values), and the anchor's own class is a float mask made once.
         big = torch.finfo(d.dtype).max
+        if d.numel() <= _knobs._SMALL_ELEMS:  # small: fewer kernels beat vectorised ones
+            return _semihard_slots_small(d, neg, d_ap, big)
         same = float_mask(~neg if same is None else same, d.dtype)
         flag = torch.empty_like(d)  # the only (rows, R) float temporaries
         cols = _column_numbers(d)

@@ -92,6 +92,8 @@ class LabelSlots:
     def n_same(self) -> torch.Tensor:
         """(rows,) int32 columns of the anchor's own class, itself included, from the slot
         table (no (rows, R) pass): ``n_pos`` plus 1 where the anchor's own column exists."""
+        if "same" in self.__dict__:  # the mask exists already: one int32 sum over it
+            return self.same.sum(dim=1, dtype=torch.int32)
         n = self.n_pos.to(torch.int32)
         if self.exclude_self:
             n = n.clone()
