@@ -124,6 +124,16 @@ def _smallest_packed(sc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return vals, idx
 
 
+def _label_codes(ref_y: torch.Tensor, q_y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as small integer codes (int16 when they fit: a cheaper gather per neighbour);
+    query labels absent from the reference set get -1."""
+    uniq, ref_codes = np.unique(ref_y.numpy(), return_inverse=True)
+    dtype = np.int16 if len(uniq) < 2**15 else np.int32
+    pos = np.searchsorted(uniq, q_y.numpy()).clip(0, len(uniq) - 1)
+    q_codes = np.where(uniq[pos] == q_y.numpy(), pos, -1).astype(dtype)
+    return ref_codes.astype(dtype), q_codes
+
+
 def _thread_pool(n_threads: int):
     """A pool of ``n_threads`` threads (numpy's partition/sort release the GIL), kept."""
     from concurrent.futures import ThreadPoolExecutor
@@ -328,14 +338,15 @@ def retrieval_metrics(
         raise InputError("no query has another item of its label: retrieval metrics undefined")
     k = min(k, ref.shape[0] - (1 if loo else 0))
     # accumulate per query block: memory O(block x k), never (N x k)
-    ref_y_np, q_y_np = ref_y.numpy(), q_y.numpy()
+    ref_codes, q_codes = _label_codes(ref_y, q_y)
     r_np, valid_np = r.clamp_max(k).numpy(), valid.numpy()
-    ranks = np.arange(1, k + 1, dtype=np.float64)
+    inv_ranks = 1.0 / np.arange(1, k + 1, dtype=np.float64)
+    ranks = np.arange(1, k + 1)
 
     def block_sums(s: int, e: int, idx: torch.Tensor) -> np.ndarray:
         """[P@1, R-Precision, MAP@R, recall@k for each k] summed over the block's queries."""
         ok = valid_np[s:e]
-        rel = ref_y_np[idx.numpy()[ok]] == q_y_np[s:e][ok][:, None]  # (b, k) bool
+        rel = ref_codes[idx.numpy()[ok]] == q_codes[s:e][ok][:, None]  # (b, k) bool
         r_b = r_np[s:e][ok]
         out = np.zeros(3 + len(ks))
         if rel.shape[0] == 0:
@@ -346,11 +357,13 @@ def retrieval_metrics(
             rel_r = rel
         cum = np.cumsum(rel_r, axis=1, dtype=np.int32)
         hits_r = cum[np.arange(len(r_b)), r_b - 1]  # relevant items among the first R
-        prec = np.divide(cum, ranks[None, :], out=np.zeros(cum.shape), where=rel_r)
+        # sum_i rel_i * P@i = (cum * rel) . (1 / i); einsum, not BLAS: this runs in a worker
+        # thread, where BLAS's own threads would oversubscribe the cores
+        ap = np.einsum("ij,j->i", cum * rel_r, inv_ranks)
         first = np.where(rel.any(axis=1), rel.argmax(axis=1), k)  # first relevant rank - 1
         out[0] = float(rel[:, 0].sum())
         out[1] = float((hits_r / r_b).sum())
-        out[2] = float((prec.sum(axis=1) / r_b).sum())
+        out[2] = float((ap / r_b).sum())
         for i, kk in enumerate(ks):
             out[3 + i] = float((first < kk).sum())
         return out
