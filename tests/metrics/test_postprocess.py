@@ -507,6 +507,6 @@ def test_long_rows_select_like_a_full_stable_sort():
     """Rows longer than the full-sort limit take the topk path; ties still by index."""
     vals = torch.from_numpy(np.random.default_rng(0).integers(0, 50, size=(7, 6000)) / 7.0)
     for k in (1, 10, 200, 5999):
-        v, i = pp._smallest(vals, k)
+        v, i = pp._smallest_by_value_then_index(vals, k)
         fv, fi = torch.sort(vals, dim=1, stable=True)
         assert torch.equal(v, fv[:, :k]) and torch.equal(i, fi[:, :k])

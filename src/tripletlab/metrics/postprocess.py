@@ -38,6 +38,7 @@ import torch
 from ..distances import block_scores, iter_score_blocks, normalize_rows
 from ..errors import InputError
 from ..validation import as_embeddings, check_distance, check_k, is_int
+from .retrieval import _smallest_float64 as _smallest_by_value_then_index
 from .retrieval import knn_search
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
 DENSE_LIMIT = 0
 _ELEMS = 1 << 20  # elements per block of the vectorised steps (bounded memory)
 _PAIR_BUDGET = 1 << 19  # (query, column, gallery item) triples per block of the sparse Jaccard
-_FULL_SORT_MAX = 4096
 
 
 # ----------------------------------------------------------------------------- shared checks
@@ -92,25 +92,6 @@ def _clamp(k: int, n_candidates: int, what: str, warn: bool = True) -> int:
             stacklevel=3,
         )
     return min(k, n_candidates)
-
-
-def _smallest(vals: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest of each row ordered by (value, column index), as a full stable sort."""
-    n = vals.shape[1]
-    if n <= _FULL_SORT_MAX or k + 1 >= n:
-        v, i = torch.sort(vals, dim=1, stable=True)
-        return v[:, :k], i[:, :k]
-    v, i = torch.topk(vals, k + 1, dim=1, largest=False, sorted=True)
-    by_idx = torch.sort(i, dim=1, stable=True).indices
-    v, i = v.gather(1, by_idx), i.gather(1, by_idx)
-    by_val = torch.sort(v, dim=1, stable=True).indices
-    v, i = v.gather(1, by_val), i.gather(1, by_val)
-    cut_tie = (v[:, k] == v[:, k - 1]).nonzero().flatten()
-    v, i = v[:, :k].contiguous(), i[:, :k].contiguous()
-    if cut_tie.numel():
-        fv, fi = torch.sort(vals[cut_tie], dim=1, stable=True)
-        v[cut_tie], i[cut_tie] = fv[:, :k], fi[:, :k]
-    return v, i
 
 
 # ------------------------------------------------------------------ query expansion and DBA
@@ -312,7 +293,7 @@ def _rerank_dense(x, q_rows, offset, ng, rank, indptr, cols, rows, w, rowmax, k2
         fin = _final(dist[qr][:, offset : offset + ng], jac, lam)
         if ex:
             fin[torch.arange(len(qr)), qr] = float("inf")
-        out_d[s : s + step], out_i[s : s + step] = _smallest(fin, top)
+        out_d[s : s + step], out_i[s : s + step] = _smallest_by_value_then_index(fin, top)
     return out_d, out_i
 
 
@@ -363,7 +344,7 @@ def _rerank_sparse(x, q_rows, offset, ng, rank, indptr, cols, rows, w, rowmax, k
         fin = _final(d[:, offset : offset + ng], jac, lam)
         if ex:
             fin[torch.arange(b), qr] = float("inf")
-        out_d[s:e], out_i[s:e] = _smallest(fin, top)
+        out_d[s:e], out_i[s:e] = _smallest_by_value_then_index(fin, top)
         s = e
     return out_d, out_i
 
