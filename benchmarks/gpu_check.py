@@ -80,16 +80,21 @@ def _cuda_problem() -> str | None:
 # ------------------------------------------------------------------------------------ steps
 
 
-def _sync_time(fn, repeats: int) -> list[float]:
+def _sync(device) -> None:
     import torch
 
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _sync_time(fn, repeats: int, device="cuda") -> list[float]:
     fn()
-    torch.cuda.synchronize()
+    _sync(device)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - t)
     return times
 
@@ -105,16 +110,18 @@ def step_tests(work: Path) -> dict[str, Any]:
     return {"ok": proc.returncode == 0, "summary": tail[0], "exit": proc.returncode}
 
 
-def step_mining(work: Path) -> dict[str, Any]:
+def step_mining(work: Path, device: str = "cuda", sizes=MINING_SIZES) -> dict[str, Any]:
+    """Every strategy, the floor and pml per B on ``device`` (CPU only for the smoke test)."""
     import torch
 
     sys.path.insert(0, str(HERE))
     from bench_mining import _make_loss_fn, estimate_gib, make_inputs
 
-    dev = torch.device("cuda")
-    free = torch.cuda.mem_get_info()[0] / 2**30
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    free = torch.cuda.mem_get_info()[0] / 2**30 if cuda else 4.0
     rows = []
-    for b in MINING_SIZES:
+    for b in sizes:
         x, y, lin = make_inputs(b, 128, 4)
         x, y, lin = x.to(dev), y.to(dev), lin.to(dev)
         impls = [("floor-dist", "all")] + [("tripletlab", s) for s in MINING_STRATEGIES]
@@ -136,14 +143,15 @@ def step_mining(work: Path) -> dict[str, Any]:
                 out = fn(torch.nn.functional.normalize(lin(x), dim=1), y)
                 (out[0] if isinstance(out, tuple) else out).backward()
 
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             try:
-                med = statistics.median(_sync_time(one, 5))
+                med = statistics.median(_sync_time(one, 5, dev))
             except torch.OutOfMemoryError:
                 rows.append({"b": b, "impl": impl, "strategy": strategy, "status": "OOM"})
                 continue
-            peak = torch.cuda.max_memory_allocated() / 2**20
+            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
             if impl == "floor-dist":
                 floor = med
             rows.append(
@@ -184,20 +192,24 @@ def _retrieval_torch(e, y, k: int) -> dict[str, float]:
     return {"precision_at_1": p1 / n, "map_at_r": mapr / n}
 
 
-def step_retrieval(work: Path) -> dict[str, Any]:
+def step_retrieval(
+    work: Path, device: str = "cuda", n: int = RETRIEVAL_N, classes: int = RETRIEVAL_CLASSES
+) -> dict[str, Any]:
+    """Exact P@1 / MAP@R of n clustered vectors on ``device`` (CPU only for the smoke test)."""
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    centres = torch.randn(RETRIEVAL_CLASSES, RETRIEVAL_D, generator=g)
-    y = torch.arange(RETRIEVAL_N) % RETRIEVAL_CLASSES
-    e = centres[y] + 1.5 * torch.randn(RETRIEVAL_N, RETRIEVAL_D, generator=g)
+    centres = torch.randn(classes, RETRIEVAL_D, generator=g)
+    y = torch.arange(n) % classes
+    e = centres[y] + 1.5 * torch.randn(n, RETRIEVAL_D, generator=g)
     e = torch.nn.functional.normalize(e, dim=1)
-    k = RETRIEVAL_N // RETRIEVAL_CLASSES - 1
-    out: dict[str, Any] = {"n": RETRIEVAL_N, "d": RETRIEVAL_D, "k": k}
+    k = n // classes - 1
+    out: dict[str, Any] = {"n": n, "d": RETRIEVAL_D, "k": k}
+    cuda = torch.device(device).type == "cuda"
     try:
         import faiss
 
-        have_faiss_gpu = faiss.get_num_gpus() > 0
+        have_faiss_gpu = cuda and faiss.get_num_gpus() > 0
     except (ImportError, AttributeError):
         have_faiss_gpu = False
     t = time.perf_counter()
@@ -211,17 +223,19 @@ def step_retrieval(work: Path) -> dict[str, Any]:
         out["engine"] = "faiss-gpu GpuIndexFlatL2"
         out["precision_at_1"] = float((y[idx[:, 0]] == y).double().mean())
     else:
-        out["engine"] = "torch on the GPU (blocked GEMM + topk)"
-        out.update(_retrieval_torch(e.cuda(), y.cuda(), k))
-    torch.cuda.synchronize()
+        out["engine"] = f"torch on {device} (blocked GEMM + topk)"
+        out.update(_retrieval_torch(e.to(device), y.to(device), k))
+    _sync(device)
     out["time_s"] = time.perf_counter() - t
-    out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if cuda:
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     # the GPU path against the library on a subset (same definitions, CPU)
     from tripletlab.metrics import retrieval_metrics
 
-    sub = torch.arange(20_000)
+    sub = torch.arange(min(n, 20_000))
     lib = retrieval_metrics(e[sub], y[sub], ks=(1,), distance="euclidean", nmi=False)
-    gpu = _retrieval_torch(e[sub].cuda(), y[sub].cuda(), int(torch.bincount(y[sub]).max()) - 1)
+    k_sub = int(torch.bincount(y[sub]).max()) - 1
+    gpu = _retrieval_torch(e[sub].to(device), y[sub].to(device), k_sub)
     out["subset_check"] = {"library": lib["map_at_r"], "gpu": gpu["map_at_r"]}
     ok = abs(lib["map_at_r"] - gpu["map_at_r"]) < 1e-3
     return {"ok": ok, **out}

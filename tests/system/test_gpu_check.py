@@ -49,3 +49,29 @@ def test_budget_above_8_minutes_is_refused():
     with pytest.raises(SystemExit) as exc:
         gpu_check.main(["--dry-run", "--budget", "900"])
     assert exc.value.code == 2
+
+
+def test_the_gpu_retrieval_path_equals_the_library_on_cpu():
+    """The 1M-item step's torch path (blocked GEMM + topk) gives the library's P@1 and MAP@R."""
+    from tripletlab.metrics import retrieval_metrics
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(600) % 12
+    e = torch.nn.functional.normalize(
+        torch.randn(12, 8, generator=g)[y] + torch.randn(600, 8, generator=g), dim=1
+    )
+    lib = retrieval_metrics(e, y, ks=(1,), distance="euclidean", nmi=False)
+    got = gpu_check._retrieval_torch(e, y, 49)
+    assert got["precision_at_1"] == pytest.approx(lib["precision_at_1"], abs=1e-9)
+    assert got["map_at_r"] == pytest.approx(lib["map_at_r"], abs=1e-6)
+
+
+def test_mining_and_retrieval_steps_run_on_cpu(tmp_path):
+    """The steps' logic, on the CPU at toy sizes (the GPU machine runs the real ones)."""
+    res = gpu_check.step_mining(tmp_path, device="cpu", sizes=(32,))
+    assert res["ok"]
+    ok = [r for r in res["rows"] if r["status"] == "ok"]
+    assert {r["impl"] for r in ok} >= {"floor-dist", "tripletlab"}
+    assert all(r["time_s"] > 0 and r["x_floor"] > 0 for r in ok)
+    ret = gpu_check.step_retrieval(tmp_path, device="cpu", n=2000, classes=20)
+    assert ret["ok"] and ret["k"] == 99 and 0 < ret["map_at_r"] <= 1
