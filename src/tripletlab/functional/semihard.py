@@ -69,6 +69,9 @@ def semihard_slots(
     the caller has it."""
     inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
     rows, width = d_ap.shape
+    if width <= _knobs._DIRECT_SLOTS and d.numel() <= _knobs._SMALL_ELEMS:
+        # small: fewer kernels beat vectorised ones
+        return _semihard_slots_small(d, neg, d_ap, torch.finfo(d.dtype).max)
     if width <= _knobs._DIRECT_SLOTS:
         idx = torch.empty(rows, width, dtype=torch.long, device=d.device)
         found = torch.empty(rows, width, dtype=torch.bool, device=d.device)
@@ -79,8 +82,6 @@ def semihard_slots(
         # ``min(sign(d_ap - d_an) + 1, 1)`` (exact: a float difference is 0 only for equal
         # values), and the anchor's own class is a float mask made once.
         big = torch.finfo(d.dtype).max
-        if d.numel() <= _knobs._SMALL_ELEMS:  # small: fewer kernels beat vectorised ones
-            return _semihard_slots_small(d, neg, d_ap, big)
         same = float_mask(~neg if same is None else same, d.dtype)
         flag = torch.empty_like(d)  # the only (rows, R) float temporaries
         cols = _column_numbers(d)

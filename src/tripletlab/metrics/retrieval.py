@@ -88,6 +88,10 @@ def _smallest_keys(scn: np.ndarray, k: int) -> np.ndarray:
     """
     b, n = scn.shape
     bits = scn.view(np.int32)
+
+    def whole_rows(rows) -> np.ndarray:
+        return _sorted_smallest(_pack_keys(bits[rows], np.arange(n, dtype=np.int32)[None, :]), k)
+
     # the sample: every _SAMPLE_STRIDE-th run of 16 contiguous columns (one cache line each),
     # spread over the whole row, so it reads 1/_SAMPLE_STRIDE of the row's memory
     runs = n // 16
@@ -95,7 +99,7 @@ def _smallest_keys(scn: np.ndarray, k: int) -> np.ndarray:
     expected = k * m / n
     r = int(math.ceil(expected + 4.0 * math.sqrt(expected) + 2.0))
     if n < _PREFILTER_MIN_N or runs == 0 or 2 * r > m:  # short rows, or k near n: whole rows
-        return _sorted_smallest(_pack_keys(bits, np.arange(n, dtype=np.int32)[None, :]), k)
+        return whole_rows(slice(None))
     sample = scn[:, : runs * 16].reshape(b, runs, 16)[:, ::_SAMPLE_STRIDE].reshape(b, -1)
     tau = np.partition(sample, r - 1, axis=1)[:, r - 1]
     cap = 4 * r * n // m
@@ -109,9 +113,7 @@ def _smallest_keys(scn: np.ndarray, k: int) -> np.ndarray:
             continue
         out[i] = _sorted_smallest(_pack_keys(bits[i][cand], cand.astype(np.int32)), k)
     if whole:
-        out[whole] = _sorted_smallest(
-            _pack_keys(bits[whole], np.arange(n, dtype=np.int32)[None, :]), k
-        )
+        out[whole] = whole_rows(whole)
     return out
 
 
