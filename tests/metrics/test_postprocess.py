@@ -510,3 +510,53 @@ def test_long_rows_select_like_a_full_stable_sort():
         v, i = pp._smallest_by_value_then_index(vals, k)
         fv, fi = torch.sort(vals, dim=1, stable=True)
         assert torch.equal(v, fv[:, :k]) and torch.equal(i, fi[:, :k])
+
+
+def ref_dba_leave_one_out(g, k_dba, alpha, distance, k, with_aqe):
+    """Query i searched in DBA(gallery without i) (then alpha-QE over it): one loop per i."""
+    out_i, out_d = [], []
+    for i in range(len(g)):
+        keep = [j for j in range(len(g)) if j != i]
+        g2 = ref_dba(g[keep], min(k_dba, len(keep)), alpha, distance)
+        q = g[i]
+        if with_aqe:
+            q = ref_aqe(q[None], g2, min(k_dba, len(keep)), alpha, distance)[0]
+        order, d = _order(q, g2, distance)
+        out_i.append([keep[j] for j in order[:k]])
+        out_d.append([d[j] for j in order[:k]])
+    return np.array(out_i), np.array(out_d)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("spec", ["dba:k=2,alpha=1", "dba:k=4,alpha=3", "dba+aqe:k=3,alpha=1"])
+def test_dba_leave_one_out_is_the_search_without_the_query(spec, distance):
+    """exclude_self: every query is searched in the DBA of the gallery *without* it (DBA of
+    the whole set would mix each query into its neighbours and flatter DBA)."""
+    g = _random(23, seed=31)
+    p = parse_postprocess(spec)
+    d, i = apply_postprocess(p, g, g, k=6, exclude_self=True, distance=distance)
+    ri, rd = ref_dba_leave_one_out(
+        g, p.params["k"], p.params["alpha"], distance, 6, p.method == "dba+aqe"
+    )
+    assert i.tolist() == ri.tolist()
+    np.testing.assert_allclose(d.numpy(), rd, atol=1e-10)
+    # the naive whole-set DBA differs: the query is mixed into its own neighbours
+    naive = knn_search(
+        g,
+        database_augmentation(g, k=p.params["k"], alpha=p.params["alpha"], distance=distance),
+        6,
+        distance=distance,
+        exclude_self=True,
+    )[0]
+    if p.method == "dba":
+        assert not np.allclose(naive.numpy(), rd)
+
+
+def test_dba_leave_one_out_tiny_galleries():
+    for n in (2, 3):
+        g = _random(n, seed=n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, i = apply_postprocess("dba+aqe:k=5", g, g, k=4, exclude_self=True)
+        ri, _ = ref_dba_leave_one_out(g, 5, 3.0, "cosine", n - 1, True)
+        assert i.tolist() == ri.tolist()

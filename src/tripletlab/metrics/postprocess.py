@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..distances import block_scores, iter_score_blocks, normalize_rows
+from ..distances import block_scores, iter_score_blocks, normalize_rows, scores_to_distances
 from ..errors import InputError
 from ..validation import as_embeddings, check_distance, check_k, is_int
 from .retrieval import _smallest_float64 as _smallest_by_value_then_index
@@ -102,21 +102,22 @@ def _expand(
 ) -> torch.Tensor:
     """``q_i + sum_t w_it g_idx[i,t]`` with ``w = max(cos(q_i, g_j), 0) ** alpha``: normalised
     for cosine (on normalised rows), the weighted mean for euclidean."""
-    qn, gn = normalize_rows(q), normalize_rows(g)
     out = torch.empty_like(q)
-    k = idx.shape[1]
-    step = max(1, _ELEMS // max(1, k * q.shape[1]))
+    step = max(1, _ELEMS // max(1, idx.shape[1] * q.shape[1]))
     for s in range(0, q.shape[0], step):
         e = min(q.shape[0], s + step)
-        nb = idx[s:e]
-        sim = torch.einsum("bd,bkd->bk", qn[s:e], gn[nb])
-        w = sim.clamp_min(0.0).pow(alpha)  # 0 ** 0 == 1: alpha = 0 is the plain average
-        if distance == "cosine":
-            out[s:e] = normalize_rows(qn[s:e] + torch.einsum("bk,bkd->bd", w, gn[nb]))
-        else:
-            tot = q[s:e] + torch.einsum("bk,bkd->bd", w, g[nb])
-            out[s:e] = tot / (1.0 + w.sum(1, keepdim=True))
+        out[s:e] = _expand_with(q[s:e], g[idx[s:e]], alpha, distance)
     return out
+
+
+def _expand_with(q: torch.Tensor, nbrs: torch.Tensor, alpha: float, distance: str) -> torch.Tensor:
+    """:func:`_expand` of queries ``q`` (b, D) with their neighbours' vectors ``nbrs`` (b, k, D)."""
+    qn = normalize_rows(q)
+    nn_ = normalize_rows(nbrs.reshape(-1, q.shape[1])).view(nbrs.shape)
+    w = torch.einsum("bd,bkd->bk", qn, nn_).clamp_min(0.0).pow(alpha)  # 0 ** 0 == 1: average
+    if distance == "cosine":
+        return normalize_rows(qn + torch.einsum("bk,bkd->bd", w, nn_))
+    return (q + torch.einsum("bk,bkd->bd", w, nbrs)) / (1.0 + w.sum(1, keepdim=True))
 
 
 def alpha_query_expansion(
@@ -194,6 +195,82 @@ def database_augmentation(
         return normalize_rows(g) if distance == "cosine" else g.clone()
     _, idx = knn_search(g, g, k - 1, distance=distance, exclude_self=True)
     return _expand(g, g, idx, alpha, distance)
+
+
+def _dba_leave_one_out(
+    g: torch.Tensor, k_dba: int, alpha: float, k: int, distance: str, with_aqe: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of every item i searched in DBA(gallery minus i), exactly (see
+    :func:`apply_postprocess`). Only pairs (i, j) with i among j's ``k_dba - 1`` DBA neighbours
+    differ from the DBA of the whole set; for those, j is re-augmented without i (its next
+    neighbour takes i's place) and its score for query i recomputed. ``with_aqe``: each query is
+    first expanded (alpha-QE, ``k_dba`` neighbours) over its own corrected gallery."""
+    n = g.shape[0]
+    m = min(k_dba - 1, n - 1)  # DBA neighbours of each gallery item
+    pair_i = pair_j = galt = None
+    if m == 0:
+        gp = _unit(g, distance)
+    else:
+        width = min(m + 1, n - 1)  # one spare neighbour replaces a query that is left out
+        _, nb = knn_search(g, g, width, distance=distance, exclude_self=True)
+        gp = _expand(g, g, nb[:, :m], alpha, distance)
+        pair_j = torch.arange(n).repeat_interleave(m)
+        pair_i = nb[:, :m].reshape(-1)
+        order = torch.sort(pair_i * n + pair_j).indices  # pairs by (query, gallery item)
+        pair_i, pair_j = pair_i[order], pair_j[order]
+        rows = nb[pair_j]
+        alt = rows[rows != pair_i[:, None]].view(rows.shape[0], width - 1)[:, :m]
+        galt = _expand(g[pair_j], g, alt, alpha, distance)
+    q = _unit(g, distance)
+    if with_aqe:
+        _, nb_q = _corrected_topk(q, gp, pair_i, pair_j, galt, min(k_dba, n - 1), distance)
+        q = _expand_with(q, _corrected_rows(nb_q, gp, pair_i, pair_j, galt), alpha, distance)
+    return _corrected_topk(q, gp, pair_i, pair_j, galt, k, distance)
+
+
+def _unit(x: torch.Tensor, distance: str) -> torch.Tensor:
+    return normalize_rows(x) if distance == "cosine" else x
+
+
+def _corrected_rows(nb, gp, pair_i, pair_j, galt) -> torch.Tensor:
+    """(n_queries, k, D): the gallery vectors of each query's neighbours ``nb``, the
+    re-augmented one where (query, item) is a corrected pair."""
+    vec = gp[nb]
+    if pair_i is None or pair_i.numel() == 0:
+        return vec
+    n = gp.shape[0]
+    keys = pair_i * n + pair_j
+    want = (torch.arange(nb.shape[0])[:, None] * n + nb).reshape(-1)
+    pos = torch.searchsorted(keys, want).clamp_max(keys.numel() - 1)
+    hit = keys[pos] == want
+    flat = vec.view(-1, vec.shape[-1])
+    flat[hit] = galt[pos[hit]]
+    return vec
+
+
+def _corrected_topk(q, gp, pair_i, pair_j, galt, k, distance):
+    """Top-``k`` (distances, indices) of queries q (query i = gallery item i, never returned
+    for itself) in the gallery ``gp``, the pairs' scores taken from ``galt``; ties by index."""
+    n = q.shape[0]
+    out_d = torch.empty(n, k, dtype=q.dtype)
+    out_i = torch.empty(n, k, dtype=torch.long)
+    bounds = None if pair_i is None else torch.searchsorted(pair_i, torch.arange(n + 1))
+    for s, e, sc in iter_score_blocks(q, gp, distance, _ELEMS * 16):
+        if bounds is not None:
+            a, b = int(bounds[s]), int(bounds[e])
+            sc[pair_i[a:b] - s, pair_j[a:b]] = _row_scores(q[pair_i[a:b]], galt[a:b], distance)
+        ar = torch.arange(s, e)
+        sc[ar - s, ar] = float("inf")
+        vals, idx = _smallest_by_value_then_index(sc, k)
+        out_d[s:e], out_i[s:e] = scores_to_distances(vals, distance), idx
+    return out_d, out_i
+
+
+def _row_scores(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """The :func:`~tripletlab.distances.block_scores` value of each row pair (a_i, b_i)."""
+    if distance == "cosine":
+        return (1.0 - (a * b).sum(1)).clamp_min(0.0)
+    return (a - b).pow(2).sum(1)
 
 
 # --------------------------------------------------------------- k-reciprocal re-ranking
@@ -565,7 +642,11 @@ def apply_postprocess(
     over the augmented gallery, the expanded queries searched in it. Distances are those of the
     transformed vectors. ``rerank``: :func:`k_reciprocal_rerank` with ``top_k=k`` (distances:
     the re-ranked d*). ``exclude_self``: the queries are the gallery (leave-one-out); item i is
-    never returned for query i. ``k`` larger than the candidates is clamped with a warning.
+    never returned for query i; DBA is then exact leave-one-out: query i is searched in the
+    gallery *without i*, augmented (a gallery item that had i among its DBA neighbours takes its
+    next neighbour instead), as a query that is not in the database would be; augmenting the
+    whole set first would mix each query into its neighbours and flatter DBA. ``k`` larger than
+    the candidates is clamped with a warning.
 
     Example:
         >>> import torch
@@ -595,6 +676,8 @@ def apply_postprocess(
             distance=distance,
             exclude_self=exclude_self,
         )
+    if m in ("dba", "dba+aqe") and exclude_self:
+        return _dba_leave_one_out(g, p["k"], p["alpha"], k, distance, m == "dba+aqe")
     if m in ("dba", "dba+aqe"):
         g = database_augmentation(g, k=p["k"], alpha=p["alpha"], distance=distance)
     if m in ("aqe", "dba+aqe"):
