@@ -7,8 +7,16 @@ Directory layout written by :meth:`EmbeddingIndex.save`::
     ids.npy         int64 ids (allow_pickle=False)
     labels.npy      int64 labels (-1 where unknown)
     meta.json       paths and class names (JSON, never pickle)
+    raw.npy         the vectors before post-processing (only with a ``postprocess``)
 
 Distances are in the metric's own units: euclidean distance, or cosine distance ``1 - cos``.
+
+Post-processing (``postprocess=``, see :mod:`tripletlab.metrics.postprocess`) is part of the
+index: ``dba`` and ``dba+aqe`` store the augmented gallery (recomputed from the raw vectors on
+every ``add`` and ``remove_ids``, so a changed gallery stays consistent), ``aqe`` expands each
+query over the gallery before the search, ``rerank`` re-ranks each query with k-reciprocal
+encoding against the whole gallery (exact, one query at a time, O(N^2) per query: galleries up
+to :data:`RERANK_MAX_ITEMS`). The manifest records it; an index is searched only with its own.
 """
 
 from __future__ import annotations
@@ -23,11 +31,22 @@ import torch
 
 from ..distances import iter_score_blocks, normalize_rows
 from ..errors import FileFormatError, InputError, MissingFileError, missing_dependency
+from ..metrics.postprocess import (
+    PostProcess,
+    alpha_query_expansion,
+    database_augmentation,
+    k_reciprocal_rerank,
+    parse_postprocess,
+)
 from ..rundir.manifest import read_manifest, verify_files, write_manifest
 from ..utils import atomic_write_bytes, atomic_write_json
 from ..validation import as_matrix, check_k
 
-__all__ = ["EmbeddingIndex", "default_pq_m", "search_quality"]
+__all__ = ["RERANK_MAX_ITEMS", "EmbeddingIndex", "default_pq_m", "search_quality"]
+
+#: k-reciprocal re-ranking at search time is exact and costs O(N^2 D) per query: refused above
+#: this many gallery items (measured in docs/retrieval.md)
+RERANK_MAX_ITEMS = 20000
 
 FORMAT = 1
 KINDS = ("flat", "hnsw", "ivf", "ivfpq")
@@ -106,6 +125,7 @@ class EmbeddingIndex:
         nprobe: int = 8,
         pq_m: int | None = None,
         pq_bits: int = 8,
+        postprocess: str | PostProcess = "none",
     ) -> None:
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise InputError(f"index dimension must be a positive integer, got {dim!r}")
@@ -141,6 +161,9 @@ class EmbeddingIndex:
         self._index = self._new_faiss() if backend == "faiss" else None
         # recall@k against exact search and latency (search_quality), kept in the manifest
         self.quality: dict | None = None
+        #: the post-processing every search applies (:mod:`tripletlab.metrics.postprocess`)
+        self.postprocess = parse_postprocess(postprocess)
+        self._raw = np.zeros((0, self.dim), dtype=np.float32)  # kept with a postprocess
 
     # ------------------------------------------------------------------ build
     def _new_faiss(self):
@@ -196,6 +219,37 @@ class EmbeddingIndex:
             paths = [""] * n
         if paths is not None and self.paths is None:
             self.paths = [""] * len(self)
+        if self.postprocess.method != "none":
+            self._raw = np.concatenate([self._raw, x])
+        if self.postprocess.method in _DBA:
+            self._store(self._augmented(self._raw), rebuild=True)
+        else:
+            self._store(x)
+        self.ids = np.concatenate([self.ids, new_ids])
+        self.labels = np.concatenate([self.labels, lab.astype(np.int64)])
+        if paths is not None:
+            self.paths = list(self.paths or []) + [str(p) for p in paths]
+
+    def _augmented(self, raw: np.ndarray) -> np.ndarray:
+        """The DBA of the raw gallery (``dba``, ``dba+aqe``)."""
+        if raw.shape[0] == 0:
+            return raw
+        p = self.postprocess.params
+        k = min(int(p["k"]), raw.shape[0])  # a gallery smaller than k: all of it, no warning
+        aug = database_augmentation(torch.from_numpy(raw), k=k, alpha=p["alpha"],
+                                    distance=self.metric)  # fmt: skip
+        return self._prep(aug.numpy())
+
+    def _store(self, x: np.ndarray, rebuild: bool = False) -> None:
+        """Add ``x`` to the searched structure (``rebuild``: replace its content by ``x``)."""
+        n = x.shape[0]
+        if rebuild:
+            if self.backend == "faiss":
+                self._index = self._new_faiss()
+            else:
+                self._vectors = np.zeros((0, self.dim), dtype=np.float32)
+            if n == 0:
+                return
         if self.backend == "faiss":
             if self.kind in _IVF_KINDS and not self._index.is_trained:
                 need = self.ivf_nlist
@@ -212,10 +266,6 @@ class EmbeddingIndex:
             self._index.add(x)
         else:
             self._vectors = np.concatenate([self._vectors, x])
-        self.ids = np.concatenate([self.ids, new_ids])
-        self.labels = np.concatenate([self.labels, lab.astype(np.int64)])
-        if paths is not None:
-            self.paths = list(self.paths or []) + [str(p) for p in paths]
 
     # ------------------------------------------------------------------ search
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,6 +282,41 @@ class EmbeddingIndex:
         k = check_k(k)
         q = self._prep(as_matrix(queries, self.dim, "queries"))
         k = min(int(k), len(self))
+        method, p = self.postprocess.method, self.postprocess.params
+        if method == "rerank":
+            return self._rerank(q, k)
+        if method in ("aqe", "dba+aqe"):
+            gallery = self._raw if method == "aqe" else self._augmented(self._raw)
+            q = self._prep(
+                alpha_query_expansion(torch.from_numpy(q), torch.from_numpy(gallery),
+                    k=min(int(p["k"]), len(self)), alpha=p["alpha"], distance=self.metric,
+                ).numpy()
+            )  # fmt: skip
+        return self._search_base(q, k)
+
+    def _rerank(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k-reciprocal re-ranking of each query against the whole gallery, one at a time (a
+        query's answer never depends on the others searched with it)."""
+        n = len(self)
+        if n > RERANK_MAX_ITEMS:
+            raise InputError(
+                f"k-reciprocal re-ranking is exact and costs O(N^2) per query; this gallery "
+                f"holds {n} items (limit {RERANK_MAX_ITEMS}): rebuild the index with "
+                "--postprocess none, aqe or dba"
+            )
+        p = self.postprocess.params
+        raw = torch.from_numpy(self._raw)
+        dist = np.empty((q.shape[0], k), dtype=np.float32)
+        pos = np.empty((q.shape[0], k), dtype=np.int64)
+        for i in range(q.shape[0]):
+            d, j = k_reciprocal_rerank(torch.from_numpy(q[i : i + 1]), raw, k1=p["k1"],
+                k2=p["k2"], lambda_value=p["lambda"], top_k=k, distance=self.metric,
+            )  # fmt: skip
+            dist[i], pos[i] = d[0].numpy(), j[0].numpy()
+        return dist, self.ids[pos]
+
+    def _search_base(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The search of the stored vectors (after DBA, before any query-side step)."""
         if self.backend == "faiss":
             if self.kind in _IVF_KINDS:
                 self._index.nprobe = self.nprobe
@@ -264,11 +349,15 @@ class EmbeddingIndex:
         n = int(drop.sum())
         if n == 0:
             return 0
-        if self.backend == "faiss":
+        keep = ~drop
+        if self.postprocess.method != "none":
+            self._raw = self._raw[keep]
+        if self.postprocess.method in _DBA:  # every item's DBA neighbours may have changed
+            self._store(self._augmented(self._raw), rebuild=True)
+        elif self.backend == "faiss":
             self._index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(drop).astype(np.int64)))
         else:
             self._vectors = self._vectors[~drop]
-        keep = ~drop
         self.ids, self.labels = self.ids[keep], self.labels[keep]
         if self.paths is not None:
             self.paths = [p for p, k in zip(self.paths, keep, strict=True) if k]
@@ -326,12 +415,16 @@ class EmbeddingIndex:
             data_file = "vectors.npy"
         self._save_npy(d / "ids.npy", self.ids)
         self._save_npy(d / "labels.npy", self.labels)
+        files = [data_file, "ids.npy", "labels.npy", "meta.json"]
+        if self.postprocess.method != "none":
+            self._save_npy(d / "raw.npy", self._raw)
+            files.append("raw.npy")
         atomic_write_json(
             d / "meta.json", {"paths": self.paths, "classes": self.classes, "root": self.root}
         )
         write_manifest(
             d,
-            [data_file, "ids.npy", "labels.npy", "meta.json"],
+            files,
             format=FORMAT,
             dim=self.dim,
             metric=self.metric,
@@ -343,6 +436,7 @@ class EmbeddingIndex:
             pq_m=self.pq_m if self.kind == "ivfpq" else None,
             pq_bits=self.pq_bits if self.kind == "ivfpq" else None,
             quality=self.quality,
+            postprocess=str(self.postprocess),
         )
 
     @staticmethod
@@ -375,9 +469,13 @@ class EmbeddingIndex:
         except (ValueError, KeyError, TypeError) as e:
             raise FileFormatError(f"corrupt index manifest {man_path}: {e}") from None
         data_file = "index.faiss" if backend == "faiss" else "vectors.npy"
-        verify_files(
-            d, man["files"], [data_file, "ids.npy", "labels.npy", "meta.json"], what="index"
-        )
+        try:
+            post = parse_postprocess(str(man.get("postprocess") or "none"))
+        except InputError as e:
+            raise FileFormatError(f"corrupt index manifest {man_path}: {e}") from None
+        needed = [data_file, "ids.npy", "labels.npy", "meta.json"]
+        needed += ["raw.npy"] if post.method != "none" else []
+        verify_files(d, man["files"], needed, what="index")
         fp = man.get("fingerprint")
         if expected_fingerprint is not None and fp != expected_fingerprint:
             raise InputError(
@@ -395,6 +493,7 @@ class EmbeddingIndex:
                 nprobe=int(man.get("nprobe", 8)),
                 pq_m=man.get("pq_m"),
                 pq_bits=int(man.get("pq_bits") or 8),
+                postprocess=post,
             )
             index.quality = man.get("quality")
         except (InputError, ValueError, TypeError) as e:
@@ -416,6 +515,13 @@ class EmbeddingIndex:
                 if index._vectors.dtype != np.float32:
                     raise ValueError(f"vectors.npy has dtype {index._vectors.dtype}, not float32")
                 n_vec, vdim = index._vectors.shape
+            if post.method != "none":
+                index._raw = np.load(d / "raw.npy", allow_pickle=False)
+                if index._raw.dtype != np.float32 or index._raw.shape != (count, dim):
+                    raise ValueError(
+                        f"raw.npy holds {index._raw.shape} {index._raw.dtype}, not "
+                        f"({count}, {dim}) float32"
+                    )
         except (OSError, ValueError, RuntimeError) as e:
             raise FileFormatError(f"cannot read index in {d}: {e}") from None
         bad = []
@@ -447,6 +553,8 @@ class EmbeddingIndex:
 
 
 #: the faiss class each kind is stored as (a manifest naming another kind is a damaged index)
+_DBA = ("dba", "dba+aqe")  # post-processings that change the stored vectors
+
 _FAISS_CLASSES = {
     "flat": ("IndexFlatIP", "IndexFlatL2", "IndexFlat"),
     "hnsw": ("IndexHNSWFlat",),
@@ -496,12 +604,14 @@ def search_quality(
     x = index._prep(as_matrix(vectors, index.dim, "vectors"))
     if x.shape[0] != len(index):
         raise InputError(f"{x.shape[0]} vectors for an index of {len(index)} items")
+    if index.postprocess.method in _DBA:  # the structure holds the augmented vectors
+        x = index._augmented(x)
     k = min(check_k(k), len(index))
     rng = np.random.default_rng(seed)
     pick = rng.choice(x.shape[0], size=min(n_queries, x.shape[0]), replace=False)
     q = x[pick]
     t0 = time.perf_counter()
-    _, ids = index.search(q, k)
+    _, ids = index._search_base(index._prep(q), k)  # the structure's own quality
     t_index = time.perf_counter() - t0
     t0 = time.perf_counter()
     _, pos = _exact_search(q, x, k, index.metric)
