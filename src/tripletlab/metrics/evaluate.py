@@ -57,6 +57,7 @@ class EvalResult(TypedDict, total=False):
     verification: dict[str, Any]  # verification_metrics, or {"skipped": reason}
     few_shot: dict[str, Any]  # few_shot_accuracy
     retrieval_test_to_train: dict[str, Any]  # predefined splits: test queries vs train items
+    postprocess: dict[str, Any]  # the post-processing used and the retrieval metrics after it
     threshold: float  # the calibrated verification threshold (distance <= threshold: same)
     training_items: int  # `tripletlab eval --data`: items that were in the run's training split
     report: str  # path of report.html (CLI only)
@@ -196,12 +197,16 @@ def evaluate_embeddings(
     few_shot: bool = True,
     seed: int = 0,
     calibration: dict | None = None,
+    postprocess: dict | str | None = None,
 ) -> EvalResult:
     """Retrieval + verification (+ few-shot when there are enough classes) on one set.
 
     ``calibration`` (see :func:`validation_threshold`): verification accuracy, TAR and FAR are
     reported at its threshold (``verification.threshold_source``); without it the threshold is
-    the best one on these pairs, which is in-sample and optimistic."""
+    the best one on these pairs, which is in-sample and optimistic. ``postprocess``: a spec
+    (``"dba:k=3"``) or a run's record of one (``eval.json["postprocess"]``); the result then
+    holds ``"postprocess"``: that record plus the retrieval metric keys after it (see
+    :func:`postprocess_block`), beside the raw keys."""
     out: EvalResult = {
         "n_items": int(emb.shape[0]),
         "n_classes": int(torch.unique(labels).numel()),
@@ -209,6 +214,8 @@ def evaluate_embeddings(
     out["retrieval"] = retrieval_metrics(
         emb, labels, ks=(1, 2, 4, 8), distance=distance, nmi=emb.shape[0] <= 20000, seed=seed
     )
+    if postprocess is not None:
+        out["postprocess"] = postprocess_block(emb, labels, distance, postprocess, out["retrieval"])
     out["verification"] = _verification(emb, labels, distance, seed, calibration)
     if few_shot:
         counts = torch.bincount(labels)
@@ -225,6 +232,73 @@ def evaluate_embeddings(
                 distance=distance,
             )
     return out
+
+
+#: the retrieval keys a post-processed block repeats (after post-processing)
+POSTPROCESS_KEYS = ("precision_at_1", "r_precision", "map_at_r", "mean_average_precision", "minp")
+
+
+def postprocess_block(
+    emb: torch.Tensor, labels: torch.Tensor, distance: str, post: dict | str, raw: dict
+) -> dict:
+    """``post`` (a spec, or a record with ``"spec"``) plus the leave-one-out retrieval metrics
+    after it (:func:`~tripletlab.metrics.postprocess_select.postprocessed_metrics`); for
+    ``none`` the raw ones (``raw``, the :func:`retrieval_metrics` result of the same set).
+
+    Example:
+        >>> y = torch.arange(4).repeat_interleave(3)
+        >>> emb = torch.nn.functional.one_hot(y, 4).float()
+        >>> postprocess_block(emb, y, "cosine", "aqe:k=1", {})["spec"]
+        'aqe:k=1,alpha=3.0'
+    """
+    from .postprocess import parse_postprocess
+    from .postprocess_select import postprocessed_metrics
+
+    record = dict(post) if isinstance(post, dict) else {}
+    spec = parse_postprocess(record.get("spec", post) if record else post)
+    if not record:
+        record = {"method": spec.method, "params": dict(spec.params), "spec": str(spec)}
+    if spec.method == "none":
+        metrics = raw
+    else:
+        try:
+            metrics = postprocessed_metrics(emb, labels, spec, distance=distance)
+        except InputError as e:
+            return {**record, "skipped": str(e)}
+    keys = [k for k in metrics if k in POSTPROCESS_KEYS or k.startswith("recall_at_")]
+    return {**record, **{k: metrics[k] for k in keys}}
+
+
+def postprocess_line(post: dict, raw: dict) -> str:
+    """One line: the post-processing, how it was chosen and what it changed.
+
+    Example:
+        >>> postprocess_line({"spec": "none", "chosen_by": "validation", "best_candidate":
+        ...  "dba:k=3,alpha=3.0", "validation_gain": 0.002, "validation_gain_se": 0.004}, {})[:62]
+        'post-processing: none (chosen on validation: the best candidate'
+    """
+    spec, by = post.get("spec", "none"), post.get("chosen_by")
+    gain, se = post.get("validation_gain"), post.get("validation_gain_se")
+    if post.get("skipped"):
+        how = f"({post['skipped']})"
+    elif by == "validation" and spec == "none" and isinstance(gain, float):
+        how = (
+            f"(chosen on validation: the best candidate, {post.get('best_candidate')}, gained "
+            f"{gain:+.4f} MAP@R there, within the noise, 2 x SE {se:.4f})"
+        )
+    elif by == "validation" and isinstance(gain, float):
+        how = f"(chosen on validation: {gain:+.4f} MAP@R there, bootstrap SE {se:.4f})"
+    elif by == "user":
+        how = "(given)" + (f", {gain:+.4f} MAP@R on validation" if isinstance(gain, float) else "")
+    else:
+        how = f"({by})" if by else ""
+    line = f"post-processing: {spec} {how}".rstrip()
+    if spec != "none" and isinstance(post.get("map_at_r"), float) and "map_at_r" in raw:
+        line += (
+            f"; MAP@R {raw['map_at_r']:.4f} -> {post['map_at_r']:.4f}, P@1 "
+            f"{raw['precision_at_1']:.4f} -> {post['precision_at_1']:.4f}"
+        )
+    return line
 
 
 def _training_line(result: EvalResult) -> str:
@@ -305,6 +379,9 @@ def summary_lines(result: EvalResult, run_dir: str | Path, training: bool = True
             "retrieval: "
             + ", ".join(f"{k}={r[k]:.4f}" for k in keys if isinstance(r.get(k), float))
         )
+    post = result.get("postprocess")
+    if post:
+        lines.append(postprocess_line(post, r))
     v = result.get("verification", {})
     if "roc_auc" in v:
         tar = v.get("tar_at_far", {})

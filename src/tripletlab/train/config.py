@@ -485,6 +485,16 @@ class TrainConfig:
         "largest threshold with FAR <= --target-far) | best-accuracy",
         group="evaluation, checkpoints and logging",
     )
+    # retrieval post-processing: tried on the validation classes, kept only where it pays
+    postprocess: str = _opt(
+        "auto",
+        "retrieval post-processing: auto (none, alpha-QE, DBA, DBA+QE or k-reciprocal "
+        "re-ranking over a small grid, scored on the validation classes; the best is kept only "
+        "if it beats none by more than the validation noise) | none | METHOD[:k=..,alpha=..] "
+        "(aqe, dba, dba+aqe; rerank:k1=..,k2=..,lambda=..); recorded in eval.json and used by "
+        "eval, search, index and serve",
+        group="evaluation, checkpoints and logging",
+    )
     checkpoint_every: int | None = _opt(
         None,
         "steps between resumable checkpoints (default: --eval-every)",
@@ -785,6 +795,10 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         _check_hard_class(cfg)
     if not 0.0 < cfg.target_far < 1.0:
         raise InputError(f"target_far must lie in (0, 1), got {cfg.target_far}")
+    if cfg.postprocess != "auto":
+        from ..metrics.postprocess import parse_postprocess
+
+        parse_postprocess(cfg.postprocess)  # an unknown name or bad parameter, named
     if cfg.patience is not None and cfg.patience < 0:
         raise InputError("patience must be >= 0 (0 = no early stopping)")
     if cfg.val_group_depth < 0:

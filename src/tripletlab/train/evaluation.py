@@ -76,10 +76,19 @@ class RetrievalEvaluator:
                 target_far=getattr(trainer.cfg, "target_far", 0.01),
                 rule=getattr(trainer.cfg, "threshold_rule", "target-far"),
             )
+        post = None
+        if val is not None and len(val) >= 2:
+            post = postprocess_choice(trainer.cfg.postprocess, vemb, val_y, dist, seed)
+        elif trainer.cfg.postprocess != "auto":
+            post = postprocess_choice(trainer.cfg.postprocess, None, None, dist, seed)
         if len(test_y) >= 2:
             result.update(
-                evaluate_embeddings(emb, test_y, dist, seed=seed, calibration=calibration)
+                evaluate_embeddings(
+                    emb, test_y, dist, seed=seed, calibration=calibration, postprocess=post
+                )
             )
+        elif post is not None:
+            result["postprocess"] = post
         if trainer.test_info.get("by") == "predefined" and len(trainer.test_set):
             # the benchmark protocol of predefined splits (e.g. Fashion-MNIST): test queries
             # retrieved against the training items
@@ -105,6 +114,34 @@ class RetrievalEvaluator:
         if "threshold" in ver:
             result["threshold"] = ver["threshold"]
         return result, emb
+
+
+def postprocess_choice(requested: str, vemb, val_y, distance: str, seed: int) -> dict:
+    """The post-processing record of a run (``eval.json["postprocess"]`` before the test
+    metrics are added): ``auto`` chooses on the validation embeddings
+    (:func:`~tripletlab.metrics.postprocess_select.choose_postprocess`); a given spec is kept
+    as the user's choice, with its validation MAP@R gain when there is a validation split."""
+    from ..metrics.postprocess import parse_postprocess
+    from ..metrics.postprocess_select import choose_postprocess, postprocessed_metrics
+
+    if requested == "auto":
+        if vemb is None:
+            return {"method": "none", "params": {}, "spec": "none", "chosen_by": "default",
+                    "skipped": "no validation split to choose on"}  # fmt: skip
+        return choose_postprocess(vemb, val_y, distance=distance, seed=seed)
+    spec = parse_postprocess(requested)
+    out = {"method": spec.method, "params": dict(spec.params), "spec": str(spec),
+           "chosen_by": "user"}  # fmt: skip
+    if vemb is not None and spec.method != "none":
+        try:
+            m0 = postprocessed_metrics(vemb, val_y, "none", distance=distance, ks=(1,))
+            m1 = postprocessed_metrics(vemb, val_y, spec, distance=distance, ks=(1,))
+        except InputError:
+            return out
+        out["validation_map_at_r_none"] = m0["map_at_r"]
+        out["validation_map_at_r"] = m1["map_at_r"]
+        out["validation_gain"] = m1["map_at_r"] - m0["map_at_r"]
+    return out
 
 
 def per_source(metrics: dict, emb, labels, groups: dict | None, model_config) -> dict:
