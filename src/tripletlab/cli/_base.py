@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import InputError
 from ..utils import jsonable
 
 COMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], None]]] = []
@@ -25,3 +26,27 @@ def register_command(name: str):
 def print_json(obj: Any) -> None:
     """Print ``obj`` as indented JSON (numpy values converted, NaN/Inf as null)."""
     print(json.dumps(jsonable(obj), indent=2))
+
+
+def postprocess_arg(text: str) -> str:
+    """argparse type of ``--postprocess``: ``auto`` or a valid spec (else exit 2, naming it)."""
+    from ..metrics.postprocess import parse_postprocess
+
+    if text == "auto":
+        return text
+    try:
+        return str(parse_postprocess(text))
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_postprocess(p, what: str) -> None:
+    p.add_argument(
+        "--postprocess",
+        type=postprocess_arg,
+        default="auto",
+        metavar="SPEC",
+        help=f"retrieval post-processing {what}: auto (the run's choice on its validation "
+        "classes, in eval.json; default) | none | aqe | dba | dba+aqe | rerank, with "
+        "parameters as NAME:k=..,alpha=.. (rerank: k1=..,k2=..,lambda=..)",
+    )

@@ -14,13 +14,15 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..validation import EVAL_DISTANCES
-from ._base import print_json, register_command
+from ._base import add_postprocess, print_json, register_command
 
 
 def _inference(args):
     from ..inference.run import Inference
 
-    return Inference.from_run(args.model, device=getattr(args, "device", "auto"))
+    inf = Inference.from_run(args.model, device=getattr(args, "device", "auto"))
+    inf.use_postprocess(getattr(args, "postprocess", None) or "auto")
+    return inf
 
 
 def _embed_source(inf, args):
@@ -137,6 +139,7 @@ def _add_eval(sub) -> None:
         default=None,
         help="distance for evaluation (default: cosine for normalised embeddings)",
     )
+    add_postprocess(p, 'scored beside the raw metrics ("postprocess" in --json)')
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_eval)
 
@@ -227,6 +230,8 @@ def _add_index(sub) -> None:
         "inverted lists of product-quantised codes (faiss), for millions of vectors. "
         "Approximate kinds report recall@10 against exact search and the query latency",
     )
+    add_postprocess(p, "built into the index (DBA augments the stored gallery; the manifest "
+                    "records it and search uses it)")  # fmt: skip
     _add_distributed(p)
     p.set_defaults(func=_cmd_index)
 
@@ -255,7 +260,8 @@ def _cmd_index(args) -> int:
         files=got.texts is None,
     )  # fmt: skip
     index.save(args.out, fingerprint=inf.fingerprint)
-    print(f"indexed {len(index)} items ({inf.distance}, {args.kind}) in {args.out}")
+    post = "" if index.postprocess.method == "none" else f", post-processing {index.postprocess}"
+    print(f"indexed {len(index)} items ({inf.distance}, {args.kind}{post}) in {args.out}")
     q = index.quality
     if q:
         print(
@@ -285,6 +291,7 @@ def _add_search(sub) -> None:
     _add_device(p)
     p.add_argument("--index", required=True, metavar="DIR", help="index directory")
     p.add_argument("-k", type=int, default=5, help="neighbours per query (5)")
+    add_postprocess(p, "(must be the one the index was built with)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_search)
 

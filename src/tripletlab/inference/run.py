@@ -26,6 +26,7 @@ from ..data import IMAGE_EXTENSIONS, Dataset, apply_split, load_image_files
 from ..distances import rowwise_distance
 from ..errors import InputError
 from ..metrics.evaluate import EvalResult, eval_distance, evaluate_embeddings
+from ..metrics.postprocess import PostProcess, parse_postprocess
 from ..rundir.files import (
     load_dataset_for_run,
     load_run,
@@ -92,8 +93,10 @@ class Inference:
     ``config.json``), ``run_dir``, ``distance`` (the evaluation distance), ``threshold`` (the
     verification threshold calibrated on the run's test split, or None), ``threshold_info``
     (``eval.json``'s verification block: how the threshold was chosen, its accuracy, EER,
-    TAR@FAR ...; None without an evaluation) and ``fingerprint`` (sha256 of the weights, which
-    identifies the embedding space of an index).
+    TAR@FAR ...; None without an evaluation), ``fingerprint`` (sha256 of the weights, which
+    identifies the embedding space of an index) and ``postprocess`` (the retrieval
+    post-processing every search and evaluation applies: the run's choice on its validation
+    classes, ``eval.json["postprocess"]``, or none; change it with :meth:`use_postprocess`).
     """
 
     def __init__(
@@ -121,6 +124,12 @@ class Inference:
         t = ev.get("threshold")
         self.threshold: float | None = float(t) if isinstance(t, (int, float)) else None
         self.fingerprint = fingerprint
+        post = ev.get("postprocess")
+        #: how the run chose its post-processing (eval.json), or None for runs without one
+        self.postprocess_info: dict | None = post if isinstance(post, dict) else None
+        self.postprocess: PostProcess = parse_postprocess(
+            (self.postprocess_info or {}).get("spec", "none")
+        )
         prep = preprocessing(config)
         self.input_shape: list[int] = prep["input_shape"]
         self.image_size: list[int] | None = prep["image_size"]
@@ -143,6 +152,27 @@ class Inference:
             evaluation=evaluation,
             fingerprint=model_fingerprint(run_dir),
         )
+
+    def use_postprocess(self, spec: str | PostProcess = "auto") -> PostProcess:
+        """Set the retrieval post-processing: ``"auto"`` (the run's own choice, see
+        ``postprocess_info``), ``"none"`` or a spec (``"dba:k=3"``; an unknown name or bad
+        parameter is an :class:`~tripletlab.errors.InputError` naming it). Returns it."""
+        if spec == "auto":
+            self.postprocess = parse_postprocess((self.postprocess_info or {}).get("spec", "none"))
+        else:
+            self.postprocess = parse_postprocess(spec)
+        return self.postprocess
+
+    def postprocess_record(self) -> dict:
+        """What the evaluation records of the post-processing in use: the run's record when it
+        is the run's choice, else the spec given (``chosen_by: "user"``)."""
+        info = self.postprocess_info or {}
+        if info.get("spec", "none") == str(self.postprocess) and info:
+            keep = ("method", "params", "spec", "chosen_by", "validation_gain",
+                    "validation_gain_se", "best_candidate")  # fmt: skip
+            return {k: info[k] for k in keep if k in info}
+        p = self.postprocess
+        return {"method": p.method, "params": dict(p.params), "spec": str(p), "chosen_by": "user"}
 
     @property
     def takes_images(self) -> bool:
@@ -216,8 +246,11 @@ class Inference:
         cal = self.calibration() if dist == self.distance else None
         return {
             "distance": dist,
-            **evaluate_embeddings(torch.from_numpy(emb), labels, dist, seed=seed, calibration=cal),
-        }
+            **evaluate_embeddings(
+                torch.from_numpy(emb), labels, dist, seed=seed, calibration=cal,
+                postprocess=self.postprocess_record(),
+            ),
+        }  # fmt: skip
 
     def training_items(
         self, dataset: Dataset | None, data: str | None, paths: list[str] | None = None
@@ -495,6 +528,7 @@ class Inference:
             metric=self.distance,
             kind=kind,
             ivf_nlist=max(1, min(256 if kind == "ivf" else 4096, len(emb) // 39)),
+            postprocess=self.postprocess,
         )
         index.add(emb, labels=np.asarray(labels), paths=paths)
         index.classes = classes
@@ -505,10 +539,13 @@ class Inference:
         return index
 
     def load_index(self, directory: str | Path) -> EmbeddingIndex:
-        """Load an index saved by ``tripletlab index``, checking it was built with this model."""
+        """Load an index saved by ``tripletlab index``, checking it was built with this model
+        and with this post-processing (``postprocess``)."""
         from ..index.embedding_index import EmbeddingIndex
 
-        return EmbeddingIndex.load(directory, expected_fingerprint=self.fingerprint)
+        index = EmbeddingIndex.load(directory, expected_fingerprint=self.fingerprint)
+        check_index_postprocess(index, self.postprocess, directory)
+        return index
 
     def search(
         self, index: EmbeddingIndex, queries: np.ndarray, k: int
@@ -543,6 +580,17 @@ class Inference:
                 )
             out.append(hits)
         return out
+
+
+def check_index_postprocess(index: EmbeddingIndex, expected: PostProcess, where: Any) -> None:
+    """An InputError when ``index`` was built for another post-processing than ``expected``
+    (a DBA index holds augmented vectors: searching it as a plain one is silently wrong)."""
+    if index.postprocess != expected:
+        raise InputError(
+            f"the index in {where} was built with post-processing {str(index.postprocess)!r}, "
+            f"but this run uses {str(expected)!r}: rebuild it with `tripletlab index` (which "
+            f"uses the run's), or search with --postprocess {str(index.postprocess)}"
+        )
 
 
 _TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")

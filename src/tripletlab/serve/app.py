@@ -48,12 +48,16 @@ def create_app(
     runtime: str = "torch",
     onnx_path: str | Path | None = None,
     threads: int = 0,
+    postprocess: str = "auto",
 ) -> FastAPI:
     """The FastAPI app serving ``model`` (a run directory, or an object with the
     :class:`~tripletlab.serve.engine.Embedder` interface) with the gallery in ``index`` (an
     index directory, created on the first enrolment; ``None``: in memory only). ``runtime``
     "onnx" serves ``onnx_path`` (default: the run exported at start-up) with onnxruntime using
     ``threads`` intra-op threads (0: its default); torch's threads are the process's.
+    ``postprocess``: the retrieval post-processing of ``/search`` and ``/identify`` ("auto": the
+    run's choice, see :meth:`~tripletlab.inference.Inference.use_postprocess`); a gallery
+    directory built with another one is refused at start-up.
 
     Example:
         >>> import uvicorn
@@ -72,6 +76,8 @@ def create_app(
         if isinstance(model, (str, Path))
         else model
     )
+    if hasattr(embedder, "use_postprocess"):
+        embedder.use_postprocess(postprocess)
     state = ServeState.for_embedder(embedder, index, s)
     app = FastAPI(
         title="tripletlab",

@@ -30,6 +30,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..index.embedding_index import EmbeddingIndex
+from ..inference.run import check_index_postprocess
+from ..metrics.postprocess import PostProcess, parse_postprocess
 from ..utils import atomic_write_bytes, atomic_write_json, fsync_dir
 
 __all__ = ["Enrolment", "GalleryStore", "lock_gallery", "recover_gallery"]
@@ -113,8 +115,10 @@ class GalleryStore:
         metric: str,
         fingerprint: str,
         images_dir: str | Path | None = None,
+        postprocess: str | PostProcess = "none",
     ) -> None:
         self.directory = Path(directory) if directory is not None else None
+        self.postprocess = parse_postprocess(postprocess)  # of every search; kept on changes
         self.fingerprint = fingerprint
         self.lock = threading.RLock()  # guards the in-memory index
         self._write_lock = threading.Lock()  # serialises apply() (changes + persist)
@@ -142,13 +146,14 @@ class GalleryStore:
                 )
         if self.directory is not None and (self.directory / "manifest.json").exists():
             self.index = EmbeddingIndex.load(self.directory, expected_fingerprint=fingerprint)
+            check_index_postprocess(self.index, self.postprocess, self.directory)
             if self.index.dim != dim or self.index.metric != metric:
                 raise InputError(
                     f"the gallery {self.directory} holds {self.index.metric} vectors of dimension "
                     f"{self.index.dim}; the model gives {metric} vectors of dimension {dim}"
                 )
         else:
-            self.index = EmbeddingIndex(dim, metric=metric)
+            self.index = EmbeddingIndex(dim, metric=metric, postprocess=self.postprocess)
             self.index.classes, self.index.paths = [], []
         if self.index.classes is None:  # e.g. an index of vectors with integer labels
             n = int(self.index.labels.max()) + 1 if len(self.index) else 0
@@ -304,5 +309,7 @@ class GalleryStore:
         if self.directory is not None and (self.directory / "manifest.json").exists():
             self.index = EmbeddingIndex.load(self.directory, expected_fingerprint=self.fingerprint)
         elif self.directory is not None:
-            self.index = EmbeddingIndex(self.index.dim, metric=self.index.metric)
+            self.index = EmbeddingIndex(
+                self.index.dim, metric=self.index.metric, postprocess=self.postprocess
+            )
             self.index.classes, self.index.paths = [], []

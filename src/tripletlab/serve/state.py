@@ -112,7 +112,13 @@ class ServeState:
     @classmethod
     def for_embedder(cls, embedder: Any, index: Any, settings: ServeSettings) -> ServeState:
         """The state serving ``embedder`` with the gallery in ``index`` (``None``: in memory)."""
-        store = GalleryStore(index, embedder.embedding_dim, embedder.distance, embedder.fingerprint)
+        store = GalleryStore(
+            index,
+            embedder.embedding_dim,
+            embedder.distance,
+            embedder.fingerprint,
+            postprocess=getattr(embedder, "postprocess", "none"),
+        )
         batcher = BatchQueue(
             {
                 "images": embedder.embed_images,

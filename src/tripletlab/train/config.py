@@ -796,9 +796,13 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
     if not 0.0 < cfg.target_far < 1.0:
         raise InputError(f"target_far must lie in (0, 1), got {cfg.target_far}")
     if cfg.postprocess != "auto":
+        from ..errors import UsageError
         from ..metrics.postprocess import parse_postprocess
 
-        parse_postprocess(cfg.postprocess)  # an unknown name or bad parameter, named
+        try:
+            parse_postprocess(cfg.postprocess)
+        except InputError as e:  # an unknown name or bad parameter, named (exit 2)
+            raise UsageError(f"postprocess: {e}") from None
     if cfg.patience is not None and cfg.patience < 0:
         raise InputError("patience must be >= 0 (0 = no early stopping)")
     if cfg.val_group_depth < 0:
