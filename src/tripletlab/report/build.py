@@ -539,7 +539,7 @@ def retrieval_section(
         picks = pick_gallery_queries(rng, len(y), n_gallery, worst)
         sec.tables.append(
             (
-                "retrieval gallery (✓ same class, ✗ other class; the last ones: worst queries)",
+                "retrieval gallery (✓ same class, ✗ other class; random queries, then the worst)",
                 text_gallery_rows(test, y, nd, ni, picks, k),
             )
         )
