@@ -15,6 +15,7 @@ from tripletlab.metrics import (
     knn_search,
     nmi_score,
     pair_distances,
+    per_class_retrieval,
     retrieval,
     retrieval_metrics,
     verification_metrics,
@@ -351,8 +352,9 @@ METRICS = {
     "few_shot": _fewshot,
     "knn_search": _knn,
     "pair_distances": _pairs,
+    "per_class": per_class_retrieval,
 }
-USES_LABELS = {"retrieval", "verification", "few_shot"}
+USES_LABELS = {"retrieval", "verification", "few_shot", "per_class"}
 COMMON_BAD = [  # (embeddings, labels, extra kwargs, exception, message words)
     (np.zeros(5), Y5, {}, InputError, "2-D"),
     (np.zeros((5, 2, 1)), Y5, {}, InputError, "2-D"),

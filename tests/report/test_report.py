@@ -136,3 +136,100 @@ def test_report_steps_tables_from_plain_values():
     assert hinge_margin({"distance": "cosine", "soft_margin": True}, "cosine") is None
     assert hinge_margin({"distance": "euclidean"}, "cosine") is None
     assert "soft margin (softplus)" in report_subtitle({"soft_margin": True}, "cosine")
+
+
+def _held_out(kind="image", n_cls=4, per_class=5, seed=0):
+    """A tiny held-out split as the report sees it, and embeddings where class 'c1' lies
+    inside class 'c2' (its queries find c2 first)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(n_cls), per_class)
+    centres = rng.normal(size=(n_cls, 8)) * 5
+    centres[1] = centres[2]
+    emb = (centres[y] + rng.normal(size=(len(y), 8)) * 0.3).astype(np.float32)
+    classes = [f"c{i}" for i in range(n_cls)]
+    test = SimpleNamespace(
+        y=torch.from_numpy(y),
+        x=torch.from_numpy(rng.random((len(y), 1, 8, 8)).astype(np.float32)),
+        classes=classes,
+        kind=kind,
+        texts=[f"text {i}" for i in range(len(y))] if kind == "text" else None,
+        paths=None,
+    )
+    return emb, test
+
+
+def test_retrieval_section_shows_per_class_table_and_worst_query_figure(tmp_path):
+    from tripletlab.metrics import per_class_retrieval
+    from tripletlab.report import Table
+    from tripletlab.report.build import N_WORST_SHOWN, retrieval_section
+
+    emb, test = _held_out()
+    sec = retrieval_section(
+        emb, test, distance="cosine", k=4, n_gallery=3, rng=np.random.default_rng(0)
+    )
+    assert set(sec.figures) == {"worst_queries", "retrieval_gallery"}
+    fig = sec.figures["worst_queries"]
+    assert len(fig.axes) == N_WORST_SHOWN * 5  # each worst query, then its top 4
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("query #") and titles[0].endswith(("c1", "c2"))
+    table = sec.tables[0]
+    assert isinstance(table, Table) and table.header[:4] == ("class", "items", "P@1", "MAP@R")
+    rows = per_class_retrieval(emb, test.y.numpy())
+    worst = rows[0]
+    assert table.rows[0][0] == f"c{worst['label']}" and table.rows[0][3] == (
+        f"{worst['map_at_r']:.3f}"
+    )
+    assert {table.rows[0][0], table.rows[1][0]} == {"c1", "c2"}  # the two mixed classes
+    assert table.rows[0][4].startswith(("c1 (", "c2 ("))
+    assert [r[0] for r in table.rows[2:]] == ["c0", "c3"]  # perfect: a tie, by name
+    assert sec.tables[1][0].startswith("worst queries")  # the existing table is kept
+    page = render_html("r", "s", [], [sec], tmp_path)
+    assert "data-plot='worst_queries'" in page and (tmp_path / "worst_queries.png").exists()
+    assert "<th>most confused with (its queries at rank 1)</th>" in page
+    assert re.search(r"<tr><td>c[12]</td><td>5</td><td>[0-9.]+</td><td>[0-9.]+</td>", page)
+
+
+def test_worst_queries_order_and_text_gallery_keeps_them():
+    from tripletlab.report.build import (
+        nearest_neighbours,
+        pick_gallery_queries,
+        retrieval_section,
+        worst_queries,
+    )
+
+    y = np.array([0, 0, 1, 1])
+    ni = np.array([[2, 1], [2, 3], [3, 0], [0, 1]])  # wrong: 1, 2, 1, 2
+    nd = np.array([[0.5, 0.6], [0.1, 0.2], [0.1, 0.3], [0.2, 0.3]])
+    assert list(worst_queries(y, nd, ni, 4)) == [1, 3, 2, 0]  # ties: the nearer wrong first
+    emb, test = _held_out("text")
+    nd, ni = nearest_neighbours(emb, 4, "cosine")
+    worst = worst_queries(test.y.numpy(), nd, ni, 10)
+    for seed in range(20):  # a worst query drawn at random past the cut still appears
+        picks = pick_gallery_queries(np.random.default_rng(seed), 20, 4, worst)
+        assert set(worst[:3]) <= set(picks) and len(set(picks)) == len(picks)
+    sec = retrieval_section(
+        emb, test, distance="cosine", k=4, n_gallery=4, rng=np.random.default_rng(0)
+    )
+    assert sec.figures == {}
+    queries = [text for name, text in sec.tables[2][1] if name.startswith("query")]
+    assert {test.texts[q] for q in worst[:3]} <= set(queries)
+
+
+def test_per_class_table_caps_rows_and_says_how_many_more(tmp_path):
+    from tripletlab.metrics import per_class_retrieval
+    from tripletlab.report.build import per_class_table, write_per_class_csv
+
+    emb, test = _held_out(n_cls=12, per_class=3)
+    rows = per_class_retrieval(emb, test.y.numpy())
+    table = per_class_table(rows, test.classes, max_rows=5)
+    assert len(table.rows) == 5 and table.note.startswith("… and 7 more classes")
+    maps = [float(r[3]) for r in table.rows]
+    assert maps == sorted(maps)
+    write_per_class_csv(tmp_path / "pc.csv", rows, test.classes)
+    lines = (tmp_path / "pc.csv").read_text().splitlines()
+    assert len(lines) == 13 and lines[0].startswith("class,items,queries,precision_at_1")
+    assert [line.split(",")[0] for line in lines[1:6]] == [r[0] for r in table.rows]

@@ -69,7 +69,14 @@ def test_report_files_reference_every_plot(report_run):
     html = (report_run / "report.html").read_text(encoding="utf-8")
     pngs = sorted(p.stem for p in (report_run / "plots").glob("*.png"))
     assert pngs == sorted(
-        ["training_curves", "distance_histograms", "embedding_map", "retrieval_gallery", "roc"]
+        [
+            "training_curves",
+            "distance_histograms",
+            "embedding_map",
+            "worst_queries",
+            "retrieval_gallery",
+            "roc",
+        ]
     )
     for name in pngs:
         m = re.search(rf"data-plot='{name}' src='data:image/png;base64,([^']+)'", html)
@@ -85,6 +92,8 @@ def test_report_files_reference_every_plot(report_run):
         "Run",
     ):
         assert f"<h2>{heading}" in html
+    assert "<caption>per class, the worst first (MAP@R ascending)</caption>" in html
+    assert (report_run / "per_class_retrieval.csv").read_text().count("\n") == 3  # 2 classes
 
 
 def test_report_renders_in_headless_chromium(report_run, tmp_path):
@@ -96,7 +105,7 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
     common = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-500:]
-    assert "tripletlab report" in dom.stdout and dom.stdout.count("<img") == 5
+    assert "tripletlab report" in dom.stdout and dom.stdout.count("<img") == 6
     r = subprocess.run(
         [*common, f"--screenshot={shot}", "--window-size=1280,1800", url],
         capture_output=True,

@@ -3,6 +3,7 @@ TAR@FAR, 10-fold accuracy) and few-shot (N-way K-shot) metrics; retrieval post-p
 expansion, database-side augmentation, k-reciprocal re-ranking)."""
 
 from .fewshot import few_shot_accuracy
+from .per_class import per_class_retrieval
 from .postprocess import (
     PostProcess,
     alpha_query_expansion,
@@ -34,6 +35,7 @@ __all__ = [
     "pair_distances",
     "pairs_from_labels",
     "parse_postprocess",
+    "per_class_retrieval",
     "retrieval_metrics",
     "verification_metrics",
 ]

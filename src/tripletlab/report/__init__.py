@@ -11,16 +11,17 @@ held-out data, embed, compute the tables, one function per section, write the pa
 Sections: training curves (loss, active-triplet fraction, collapse signal) with validation
 metrics per evaluation; anchor-positive vs anchor-negative distance histograms before and after
 training with the margin and the calibrated threshold marked; a 2-D map of the validation
-embeddings (t-SNE, or PCA for large sets); a retrieval gallery for image data (correct neighbours
-framed green, wrong ones red) and the worst queries; the ROC curve with EER and TAR@FAR; the
-configuration, data summary and timing.
+embeddings (t-SNE, or PCA for large sets); retrieval: a per-class table (P@1, MAP@R and the most
+confused class of every class, the worst first), the worst queries with their top matches and a
+retrieval gallery (images framed green for the same class, red for another; or texts); the ROC
+curve with EER and TAR@FAR; the configuration, data summary and timing.
 """
 
 from __future__ import annotations
 
 from . import plots
 from .build import build_report
-from .html import ReportSection, render_html, write_html
+from .html import ReportSection, Table, render_html, write_html
 from .plots import *  # noqa: F403 - the plotting functions (plots.__all__)
 
-__all__ = ["ReportSection", "build_report", "render_html", "write_html", *plots.__all__]
+__all__ = ["ReportSection", "Table", "build_report", "render_html", "write_html", *plots.__all__]

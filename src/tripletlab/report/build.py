@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .html import ReportSection, render_html, write_html
+from .html import ReportSection, Table, render_html, write_html
 from .plots import (
     TSNE_MAX_POINTS,
     embedding_map_2d,
@@ -39,6 +39,7 @@ __all__ = [
     "hinge_margin",
     "load_inference",
     "nearest_neighbours",
+    "per_class_table",
     "pick_gallery_queries",
     "read_run_files",
     "retrieval_section",
@@ -50,11 +51,16 @@ __all__ = [
     "training_section",
     "threshold_section",
     "verification_section",
+    "worst_queries",
     "worst_query_rows",
+    "write_per_class_csv",
     "write_report_page",
 ]
 
 N_WORST = 10  # queries listed in the retrieval table
+N_WORST_SHOWN = 6  # of them, the queries drawn with their top matches (image runs)
+MAX_CLASS_ROWS = 30  # classes listed in the per-class table (all of them in the CSV)
+PER_CLASS_CSV = "per_class_retrieval.csv"
 MAX_PAIRS = 200_000  # pairs drawn for the distance histograms
 NO_VALIDATION = "— (no validation: the last model is kept)"
 
@@ -203,6 +209,108 @@ def item_name(test: Any, q: int) -> str:
     return test.paths[q] if test.paths else f"item {q}"
 
 
+def worst_queries(y: np.ndarray, nd: np.ndarray, ni: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` worst queries: the most wrong neighbours among their top k, ties by the
+    distance of the first wrong one (nearer is worse), then by index."""
+    wrong = y[ni] != y[:, None]
+    n_wrong = wrong.sum(axis=1)
+    first = wrong.argmax(axis=1)
+    first_d = np.where(n_wrong > 0, nd[np.arange(len(y)), first], np.inf)
+    return np.lexsort((np.arange(len(y)), first_d, -n_wrong))[:n]
+
+
+def _class_name(classes: Any, label: int | None) -> str:
+    if label is None:
+        return "—"
+    return str(classes[label]) if 0 <= label < len(classes) else str(label)
+
+
+def _sorted_by_name(per_class: list[dict], classes: Any) -> list[dict]:
+    """The rows of :func:`~tripletlab.metrics.per_class_retrieval`, worst MAP@R first, ties
+    (and the classes without a MAP@R, last) by class name."""
+    return sorted(
+        per_class,
+        key=lambda r: (
+            r["map_at_r"] is None,
+            r["map_at_r"] or 0.0,
+            _class_name(classes, r["label"]),
+        ),
+    )
+
+
+def per_class_table(per_class: list[dict], classes: Any, max_rows: int = MAX_CLASS_ROWS) -> Table:
+    """The per-class table of the report: the ``max_rows`` worst classes (MAP@R ascending,
+    ties by name) with their items, P@1, MAP@R and most confused class, and how many more."""
+    ordered = _sorted_by_name(per_class, classes)
+    rows = []
+    for r in ordered[:max_rows]:
+        conf = (
+            f"{_class_name(classes, r['confused_with'])} ({r['confused_count']} of "
+            f"{r['n_items']} at rank 1)"
+            if r["confused_with"] is not None
+            else "—"
+        )
+        rows.append(
+            (
+                _class_name(classes, r["label"]),
+                r["n_items"],
+                "—" if r["precision_at_1"] is None else f"{r['precision_at_1']:.3f}",
+                "—" if r["map_at_r"] is None else f"{r['map_at_r']:.3f}",
+                conf,
+            )
+        )
+    more = len(ordered) - len(rows)
+    note = f"… and {more} more classes (all in {PER_CLASS_CSV} next to the report)." if more else ""
+    if any(r["map_at_r"] is None for r in ordered):
+        note += " —: a class of a single item (no other item to find)."
+    return Table(
+        "per class, the worst first (MAP@R ascending)",
+        ("class", "items", "P@1", "MAP@R", "most confused with (its queries at rank 1)"),
+        rows,
+        note=note.strip(),
+    )
+
+
+def write_per_class_csv(path: Path, per_class: list[dict], classes: Any) -> None:
+    """Every class's row of the per-class table as CSV (worst first), written atomically."""
+    import csv
+    import io
+
+    from ..utils import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(
+        [
+            "class",
+            "items",
+            "queries",
+            "precision_at_1",
+            "r_precision",
+            "map_at_r",
+            "wrong_at_1",
+            "confused_with",
+            "confused_count",
+        ]
+    )
+    for r in _sorted_by_name(per_class, classes):
+        w.writerow(
+            [
+                _class_name(classes, r["label"]),
+                r["n_items"],
+                r["n_queries"],
+                *(
+                    "" if r[k] is None else f"{r[k]:.6f}"
+                    for k in ("precision_at_1", "r_precision", "map_at_r")
+                ),
+                r["wrong_at_1"],
+                "" if r["confused_with"] is None else _class_name(classes, r["confused_with"]),
+                r["confused_count"],
+            ]
+        )
+    atomic_write_text(path, buf.getvalue())
+
+
 def worst_query_rows(
     test: Any, y: np.ndarray, nd: np.ndarray, ni: np.ndarray, worst: np.ndarray, k: int
 ) -> list[tuple[str, str]]:
@@ -225,7 +333,8 @@ def pick_gallery_queries(
 ) -> list:
     """The queries of a retrieval gallery: random ones, then up to 3 of the worst."""
     picks = list(rng.choice(n_items, size=min(n_gallery, n_items), replace=False))
-    return picks[: max(1, n_gallery - 3)] + [q for q in worst[:3] if q not in picks]
+    head = picks[: max(1, n_gallery - 3)]
+    return head + [q for q in worst[:3] if q not in head]
 
 
 def text_gallery_rows(
@@ -371,29 +480,57 @@ def retrieval_section(
     k: int,
     n_gallery: int,
     rng: np.random.Generator,
+    per_class: list[dict] | None = None,
 ) -> ReportSection:
-    """Where does it fail? P@1 and MAP@R, the worst queries, and a retrieval gallery (images,
-    or texts) of random and worst queries (drawn with ``rng``)."""
-    from ..metrics import retrieval_metrics
+    """Where does it fail? P@1 and MAP@R, the per-class table (``per_class``: the rows of
+    :func:`~tripletlab.metrics.per_class_retrieval`, computed here when not given), the worst
+    queries (a table, and for images a figure of them with their top-k matches), and a
+    retrieval gallery (images, or texts) of random and worst queries (drawn with ``rng``)."""
+    from ..metrics import per_class_retrieval
 
     y = test.y.numpy()
-    rm = retrieval_metrics(emb, y, ks=(1,), distance=distance, nmi=False)
+    if per_class is None:
+        per_class = per_class_retrieval(emb, y, distance=distance)
+    n_q = sum(r["n_queries"] for r in per_class)  # the overall figures, from the same search
+    p1 = sum(r["n_queries"] * r["precision_at_1"] for r in per_class if r["n_queries"])
+    mapr = sum(r["n_queries"] * r["map_at_r"] for r in per_class if r["n_queries"])
     nd, ni = nearest_neighbours(emb, k, distance)
+    k = ni.shape[1]
     wrong_first = np.flatnonzero(y[ni[:, 0]] != y)
-    bad_rate = np.mean(y[ni] != y[:, None], axis=1)
-    worst = np.argsort(-bad_rate, kind="stable")[: min(N_WORST, len(y))]
+    worst = worst_queries(y, nd, ni, min(N_WORST, len(y)))
+    summary = (
+        f"Held-out P@1 {p1 / n_q:.3f}, MAP@R {mapr / n_q:.3f}; "
+        if n_q
+        else "No class has two items: P@1 and MAP@R are undefined; "
+    )
     sec = ReportSection(
         "Retrieval",
-        text=f"Held-out P@1 {rm['precision_at_1']:.3f}, MAP@R {rm['map_at_r']:.3f}; "
-        f"{len(wrong_first)} of {len(y)} queries have a wrong nearest neighbour.",
+        text=summary + f"{len(wrong_first)} of {len(y)} queries have a wrong nearest neighbour. "
+        f"Per class ({len(per_class)} classes): P@1 and MAP@R over its items as queries, and "
+        "the other class most often at rank 1.",
         tables=[
+            per_class_table(per_class, test.classes),
             (
                 "worst queries (most wrong among the top neighbours)",
                 worst_query_rows(test, y, nd, ni, worst, k),
-            )
+            ),
         ],
     )
     if test.kind == "image":
+        shown = [int(q) for q in worst[:N_WORST_SHOWN] if (y[ni[q]] != y[q]).any()]
+        if shown:
+            sec.figures["worst_queries"] = plot_retrieval_gallery(
+                test.x.numpy(),
+                y,
+                shown,
+                ni[shown],
+                nd[shown],
+                title=f"the {len(shown)} worst queries | their top {k} "
+                "(green = same class, red = other class: named)",
+                class_names=test.classes,
+            )
+        else:
+            sec.text += f" No query has a wrong neighbour among its top {k}."
         picks = pick_gallery_queries(rng, len(y), n_gallery, worst)
         sec.figures["retrieval_gallery"] = plot_retrieval_gallery(
             test.x.numpy(), y, picks, ni[picks], nd[picks]
@@ -402,7 +539,7 @@ def retrieval_section(
         picks = pick_gallery_queries(rng, len(y), n_gallery, worst)
         sec.tables.append(
             (
-                "retrieval gallery (✓ same class, ✗ other class)",
+                "retrieval gallery (✓ same class, ✗ other class; random queries, then the worst)",
                 text_gallery_rows(test, y, nd, ni, picks, k),
             )
         )
@@ -567,10 +704,22 @@ def build_report(
         ),
         embedding_map_section(emb_after, y, test.classes, seed),
     ]
-    step("retrieval gallery and ROC curve")
+    step("per-class retrieval, retrieval gallery and ROC curve")
     if len(np.unique(y)) >= 2:
+        from ..metrics import per_class_retrieval
+
+        per_class = per_class_retrieval(emb_after, y, distance=dist)
+        write_per_class_csv(run / PER_CLASS_CSV, per_class, test.classes)
         sections.append(
-            retrieval_section(emb_after, test, distance=dist, k=k, n_gallery=n_gallery, rng=rng)
+            retrieval_section(
+                emb_after,
+                test,
+                distance=dist,
+                k=k,
+                n_gallery=n_gallery,
+                rng=rng,
+                per_class=per_class,
+            )
         )
     sections.append(verification_section(emb_after, y, dist, seed))
     threshold = threshold_section(ev)

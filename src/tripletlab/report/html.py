@@ -16,18 +16,44 @@ from matplotlib.figure import Figure
 
 from ..utils import atomic_write_bytes, atomic_write_text
 
-__all__ = ["ReportSection", "png_bytes", "render_html", "write_html"]
+__all__ = ["ReportSection", "Table", "png_bytes", "render_html", "write_html"]
+
+
+@dataclass
+class Table:
+    """A table of several columns: a caption, the column names, the rows (one value per
+    column) and an optional note under it."""
+
+    caption: str
+    header: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+    note: str = ""
 
 
 @dataclass
 class ReportSection:
-    """One heading with optional text, tables and figures (name -> Figure)."""
+    """One heading with optional text, tables and figures (name -> Figure). A table is
+    ``(caption, [(name, value), ...])`` or a :class:`Table`."""
 
     title: str
     text: str = ""
     figures: dict[str, Figure] = field(default_factory=dict)
-    tables: list[tuple[str, list[tuple[str, Any]]]] = field(default_factory=list)
+    tables: list[tuple[str, list[tuple[str, Any]]] | Table] = field(default_factory=list)
     html_extra: str = ""
+
+
+def _table_html(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
+    parts = [
+        f"<table data-table='{html.escape(t.caption)}'><caption>{html.escape(t.caption)}"
+        f"</caption><tr>{head}</tr>"
+    ]
+    for row in t.rows:
+        parts.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>")
+    parts.append("</table>")
+    if t.note:
+        parts.append(f"<p class='muted'>{html.escape(t.note)}</p>")
+    return "".join(parts)
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -56,6 +82,7 @@ max-width:1200px;color:#222;padding:0 16px}
 h1{margin-bottom:4px} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
 table{border-collapse:collapse;margin:8px 0 16px} td,th{border:1px solid #ddd;padding:3px 8px;
 font-size:13px;text-align:left} th{background:#f5f5f5}
+caption{text-align:left;font-weight:600;font-size:13px;padding:3px 0}
 img{max-width:100%;border:1px solid #eee;margin:6px 0} .muted{color:#666;font-size:13px}
 .kpi{display:inline-block;margin:4px 16px 4px 0;padding:8px 12px;background:#f5f7fb;
 border-radius:6px} .kpi b{font-size:20px;display:block}
@@ -84,7 +111,11 @@ def render_html(
         parts.append(f"<h2>{html.escape(sec.title)}</h2>")
         if sec.text:
             parts.append(f"<p>{html.escape(sec.text)}</p>")
-        for caption, rows in sec.tables:
+        for table in sec.tables:
+            if isinstance(table, Table):
+                parts.append(_table_html(table))
+                continue
+            caption, rows = table
             parts.append(f"<table><tr><th colspan='2'>{html.escape(caption)}</th></tr>")
             for k, v in rows:
                 parts.append(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>")

@@ -236,15 +236,26 @@ def plot_retrieval_gallery(
     neighbours: np.ndarray,
     distances: np.ndarray | None = None,
     title: str = "retrieval: query | nearest neighbours (green = same class, red = different)",
+    class_names: Sequence[str] | None = None,
 ) -> Figure:
-    """One row per query: the query image, then its k nearest neighbours framed green/red."""
+    """One row per query: the query image, then its k nearest neighbours framed green/red,
+    each titled with its distance (where given). With ``class_names`` (indexed by label) the
+    query's class is named, and so is the class of each wrong neighbour."""
     k = neighbours.shape[1]
     rows = len(queries)
-    fig, axes = subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.45 * rows + 0.5), squeeze=False)
+    height = 1.45 if class_names is None else 1.7  # a second title line: the class
+    fig, axes = subplots(rows, k + 1, figsize=(1.3 * (k + 1), height * rows + 0.5), squeeze=False)
+
+    def name(i: int) -> str:
+        s = str(class_names[int(labels[i])])  # type: ignore[index]
+        return s if len(s) <= 16 else s[:15] + "…"
+
     for r, q in enumerate(queries):
         ax = axes[r, 0]
         ax.imshow(_as_image(images[q]), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"query #{q}", fontsize=7)
+        ax.set_title(
+            f"query #{q}" + (f"\n{name(q)}" if class_names is not None else ""), fontsize=7
+        )
         for s in ax.spines.values():
             s.set_edgecolor("tab:blue")
             s.set_linewidth(3)
@@ -256,8 +267,11 @@ def plot_retrieval_gallery(
             for s in ax.spines.values():
                 s.set_edgecolor("tab:green" if ok else "tab:red")
                 s.set_linewidth(3)
-            if distances is not None:
-                ax.set_title(f"{distances[r, j]:.3f}", fontsize=7)
+            lines = [f"{distances[r, j]:.3f}"] if distances is not None else []
+            if class_names is not None and not ok:
+                lines.append(name(nb))
+            if lines:
+                ax.set_title("\n".join(lines), fontsize=7, color="black" if ok else "tab:red")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
