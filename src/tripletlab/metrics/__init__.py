@@ -11,7 +11,7 @@ from .postprocess import (
     k_reciprocal_rerank,
     parse_postprocess,
 )
-from .retrieval import knn_search, nmi_score, retrieval_metrics
+from .retrieval import knn_search, nmi_score, ranking_metrics, retrieval_metrics
 from .verification import (
     best_threshold,
     calibrate_threshold,
@@ -34,6 +34,7 @@ __all__ = [
     "pair_distances",
     "pairs_from_labels",
     "parse_postprocess",
+    "ranking_metrics",
     "retrieval_metrics",
     "verification_metrics",
 ]
