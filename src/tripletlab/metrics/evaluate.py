@@ -196,19 +196,24 @@ def evaluate_embeddings(
     few_shot: bool = True,
     seed: int = 0,
     calibration: dict | None = None,
+    groups=None,
 ) -> EvalResult:
     """Retrieval + verification (+ few-shot when there are enough classes) on one set.
 
     ``calibration`` (see :func:`validation_threshold`): verification accuracy, TAR and FAR are
     reported at its threshold (``verification.threshold_source``); without it the threshold is
-    the best one on these pairs, which is in-sample and optimistic."""
+    the best one on these pairs, which is in-sample and optimistic. ``groups`` (one per item:
+    camera, session): retrieval excludes each query's own group (see
+    :func:`~tripletlab.metrics.retrieval_metrics`; mAP and mINP come with the automatic full
+    ranking); verification and few-shot do not use them."""
     out: EvalResult = {
         "n_items": int(emb.shape[0]),
         "n_classes": int(torch.unique(labels).numel()),
     }
     out["retrieval"] = retrieval_metrics(
-        emb, labels, ks=(1, 2, 4, 8), distance=distance, nmi=emb.shape[0] <= 20000, seed=seed
-    )
+        emb, labels, ks=(1, 2, 4, 8), distance=distance, nmi=emb.shape[0] <= 20000, seed=seed,
+        groups=groups,
+    )  # fmt: skip
     out["verification"] = _verification(emb, labels, distance, seed, calibration)
     if few_shot:
         counts = torch.bincount(labels)
@@ -300,10 +305,19 @@ def summary_lines(result: EvalResult, run_dir: str | Path, training: bool = True
         )
     r = result.get("retrieval", {})
     if r:
-        keys = ("precision_at_1", "recall_at_4", "r_precision", "map_at_r", "nmi")
+        keys = ("precision_at_1", "recall_at_4", "r_precision", "map_at_r")
+        keys += ("mean_average_precision", "minp", "nmi")
+        short = {"mean_average_precision": "mAP", "minp": "mINP"}
         lines.append(
             "retrieval: "
-            + ", ".join(f"{k}={r[k]:.4f}" for k in keys if isinstance(r.get(k), float))
+            + ", ".join(
+                f"{short.get(k, k)}={r[k]:.4f}" for k in keys if isinstance(r.get(k), float)
+            )
+            + (
+                f" ({r['groups']} groups: each query's own group left out of its gallery)"
+                if r.get("groups")
+                else ""
+            )
         )
     v = result.get("verification", {})
     if "roc_auc" in v:
