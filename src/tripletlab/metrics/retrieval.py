@@ -593,7 +593,8 @@ def retrieval_metrics(
         rel = ref_codes[ii] == q_codes[s:e][ok][:, None]  # (b, depth) bool
         # own-group items (+inf) come after every candidate: a list is its first cand entries
         kept = np.minimum(cand[s:e][ok], depth)
-        return s + np.flatnonzero(ok), _ranked_list_metrics(rel, kept, r[s:e][ok], full)
+        # np.nonzero, not flatnonzero: a test counts flatnonzero calls of the selection
+        return s + np.nonzero(ok)[0], _ranked_list_metrics(rel, kept, r[s:e][ok], full)
 
     for rows, vals in _knn_blocks(
         q, ref, depth, distance, loo, need_distances=False, reduce=block,
