@@ -338,3 +338,13 @@ def test_bad_ranking_inputs(indices, kw, err, match):
 def test_ranking_metrics_leave_one_out_needs_equal_labels():
     with pytest.raises(InputError, match="must equal reference_labels"):
         ranking_metrics(np.array([[1], [0]]), [0, 1], [1, 1], exclude_self=True)
+
+
+def test_recall_beyond_a_capped_search_counts_only_found_items():
+    """max_k < k: a query with nothing relevant among its max_k neighbours is no hit at k
+    (before, the missing rank was taken as max_k, which counted it at every k > max_k)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 4)), rng.integers(0, 40, 200)
+    with pytest.warns(UserWarning, match="max_k"):
+        m = retrieval_metrics(x, y, ks=(3, 10), max_k=3, nmi=False, distance="euclidean")
+    assert m["recall_at_10"] == m["recall_at_3"] < 0.2
