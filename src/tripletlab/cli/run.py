@@ -140,8 +140,29 @@ def _add_eval(sub) -> None:
         help="distance for evaluation (default: cosine for normalised embeddings)",
     )
     add_postprocess(p, 'scored beside the raw metrics ("postprocess" in --json)')
+    p.add_argument(
+        "--groups",
+        default=None,
+        metavar="SPEC",
+        help="evaluation groups (camera, session): each query's gallery leaves out every item "
+        "of its own group. path:N = the N-th folder above each file (1 = its parent), "
+        "column:NAME = a column of the CSV manifest, or a .csv/.tsv file of path,group rows",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_eval)
+
+
+def _eval_groups(inf, args, paths, n_items):
+    """The --groups codes of the evaluated items (None without --groups)."""
+    if args.groups is None:
+        return None
+    from ..data.groups import load_groups, manifest_columns
+
+    cols = None
+    if args.groups.startswith("column:") and paths is not None:
+        manifest = args.data if args.data is not None else inf.config.get("train", {}).get("data")
+        cols = manifest_columns(manifest, paths)
+    return load_groups(args.groups, paths, n_items, csv_columns=cols)
 
 
 def _cmd_eval(args) -> int:
@@ -150,14 +171,15 @@ def _cmd_eval(args) -> int:
     inf = _inference(args)
     if _streams(inf, args):
         emb, labels, paths, _ = _embed_source(inf, args)
-        result = inf.evaluate_embeddings(emb, labels, args.distance)
+        groups = _eval_groups(inf, args, paths, len(labels))
+        result = inf.evaluate_embeddings(emb, labels, args.distance, groups=groups)
         leak = inf.training_items(None, args.data, paths)
         if leak:
             result["training_items"] = leak
     else:
-        result = inf.evaluate(
-            inf.load_data(args.data, args.skip_bad), args.distance, data=args.data
-        )
+        ds = inf.load_data(args.data, args.skip_bad)
+        groups = _eval_groups(inf, args, ds.paths, len(ds))
+        result = inf.evaluate(ds, args.distance, data=args.data, groups=groups)
     if args.data is not None:  # a folder of the user's, not the run's test split
         result = {**result, "split": "data", "data": str(args.data)}
     if args.json:

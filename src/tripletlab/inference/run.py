@@ -239,16 +239,19 @@ class Inference:
         labels: torch.Tensor,
         distance: str | None = None,
         seed: int = 0,
+        groups=None,
     ) -> EvalResult:
         """Retrieval, verification and few-shot metrics of embeddings with their labels
-        (verification at the run's calibrated threshold when the distance is the run's)."""
+        (verification at the run's calibrated threshold when the distance is the run's;
+        ``groups``: the retrieval's evaluation groups, see
+        :func:`~tripletlab.metrics.evaluate.evaluate_embeddings`)."""
         dist = distance or self.distance
         cal = self.calibration() if dist == self.distance else None
         return {
             "distance": dist,
             **evaluate_embeddings(
                 torch.from_numpy(emb), labels, dist, seed=seed, calibration=cal,
-                postprocess=self.postprocess_record(),
+                postprocess=self.postprocess_record(), groups=groups,
             ),
         }  # fmt: skip
 
@@ -315,13 +318,17 @@ class Inference:
         distance: str | None = None,
         seed: int = 0,
         data: str | None = None,
+        groups=None,
     ) -> EvalResult:
         """Retrieval, verification and few-shot metrics of ``dataset`` (see
         :func:`~.metrics.evaluate.evaluate_embeddings`); verification accuracy/TAR/FAR at the
         run's calibrated threshold when the distance is the run's. ``data``: where ``dataset``
         was loaded from, to count items that were in the training split
-        (``training_items`` in the result)."""
-        out = self.evaluate_embeddings(self.embed_dataset(dataset), dataset.y, distance, seed)
+        (``training_items`` in the result). ``groups``: one per item, see
+        :meth:`evaluate_embeddings`."""
+        out = self.evaluate_embeddings(
+            self.embed_dataset(dataset), dataset.y, distance, seed, groups=groups
+        )
         leak = self.training_items(dataset, data)
         if leak:
             out["training_items"] = leak

@@ -12,7 +12,7 @@ from .postprocess import (
     k_reciprocal_rerank,
     parse_postprocess,
 )
-from .retrieval import knn_search, nmi_score, retrieval_metrics
+from .retrieval import knn_search, nmi_score, ranking_metrics, retrieval_metrics
 from .verification import (
     best_threshold,
     calibrate_threshold,
@@ -36,6 +36,7 @@ __all__ = [
     "pairs_from_labels",
     "parse_postprocess",
     "per_class_retrieval",
+    "ranking_metrics",
     "retrieval_metrics",
     "verification_metrics",
 ]

@@ -198,12 +198,16 @@ def evaluate_embeddings(
     seed: int = 0,
     calibration: dict | None = None,
     postprocess: dict | str | None = None,
+    groups=None,
 ) -> EvalResult:
     """Retrieval + verification (+ few-shot when there are enough classes) on one set.
 
     ``calibration`` (see :func:`validation_threshold`): verification accuracy, TAR and FAR are
     reported at its threshold (``verification.threshold_source``); without it the threshold is
-    the best one on these pairs, which is in-sample and optimistic. ``postprocess``: a spec
+    the best one on these pairs, which is in-sample and optimistic. ``groups`` (one per item:
+    camera, session): retrieval excludes each query's own group (see
+    :func:`~tripletlab.metrics.retrieval_metrics`; mAP and mINP come with the automatic full
+    ranking); verification and few-shot do not use them. ``postprocess``: a spec
     (``"dba:k=3"``) or a run's record of one (``eval.json["postprocess"]``); the result then
     holds ``"postprocess"``: that record plus the retrieval metric keys after it (see
     :func:`postprocess_block`), beside the raw keys."""
@@ -212,10 +216,13 @@ def evaluate_embeddings(
         "n_classes": int(torch.unique(labels).numel()),
     }
     out["retrieval"] = retrieval_metrics(
-        emb, labels, ks=(1, 2, 4, 8), distance=distance, nmi=emb.shape[0] <= 20000, seed=seed
-    )
+        emb, labels, ks=(1, 2, 4, 8), distance=distance, nmi=emb.shape[0] <= 20000, seed=seed,
+        groups=groups,
+    )  # fmt: skip
     if postprocess is not None:
-        out["postprocess"] = postprocess_block(emb, labels, distance, postprocess, out["retrieval"])
+        out["postprocess"] = postprocess_block(
+            emb, labels, distance, postprocess, out["retrieval"], groups=groups
+        )
     out["verification"] = _verification(emb, labels, distance, seed, calibration)
     if few_shot:
         counts = torch.bincount(labels)
@@ -239,7 +246,12 @@ POSTPROCESS_KEYS = ("precision_at_1", "r_precision", "map_at_r", "mean_average_p
 
 
 def postprocess_block(
-    emb: torch.Tensor, labels: torch.Tensor, distance: str, post: dict | str, raw: dict
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    distance: str,
+    post: dict | str,
+    raw: dict,
+    groups: Any = None,
 ) -> dict:
     """``post`` (a spec, or a record with ``"spec"``) plus the leave-one-out retrieval metrics
     after it (:func:`~tripletlab.metrics.postprocess_select.postprocessed_metrics`); for
@@ -262,7 +274,7 @@ def postprocess_block(
         metrics = raw
     else:
         try:
-            metrics = postprocessed_metrics(emb, labels, spec, distance=distance)
+            metrics = postprocessed_metrics(emb, labels, spec, distance=distance, groups=groups)
         except InputError as e:
             return {**record, "skipped": str(e)}
     keys = [k for k in metrics if k in POSTPROCESS_KEYS or k.startswith("recall_at_")]
@@ -374,10 +386,19 @@ def summary_lines(result: EvalResult, run_dir: str | Path, training: bool = True
         )
     r = result.get("retrieval", {})
     if r:
-        keys = ("precision_at_1", "recall_at_4", "r_precision", "map_at_r", "nmi")
+        keys = ("precision_at_1", "recall_at_4", "r_precision", "map_at_r")
+        keys += ("mean_average_precision", "minp", "nmi")
+        short = {"mean_average_precision": "mAP", "minp": "mINP"}
         lines.append(
             "retrieval: "
-            + ", ".join(f"{k}={r[k]:.4f}" for k in keys if isinstance(r.get(k), float))
+            + ", ".join(
+                f"{short.get(k, k)}={r[k]:.4f}" for k in keys if isinstance(r.get(k), float)
+            )
+            + (
+                f" ({r['groups']} groups: each query's own group left out of its gallery)"
+                if r.get("groups")
+                else ""
+            )
         )
     post = result.get("postprocess")
     if post:

@@ -57,7 +57,7 @@ def postprocess_candidates(labels: Any) -> list[PostProcess]:
         >>> [str(c) for c in postprocess_candidates([0, 0, 0, 1, 1, 1])][-1]
         'rerank:k1=3,k2=1,lambda=0.3'
     """
-    y = as_labels(labels)
+    y = as_labels(labels, len(labels))
     med = int(torch.unique(y, return_counts=True)[1].double().median().round()) if len(y) else 1
     texts = [f"aqe:k={k}" for k in (1, 2, 3, 5)]
     texts += [f"{m}:k={k}" for m in ("dba", "dba+aqe") for k in (2, 3, 5)]

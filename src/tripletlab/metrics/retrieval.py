@@ -1,19 +1,40 @@
-"""Retrieval metrics: Precision@1, Recall@K, R-Precision, MAP@R, NMI.
+"""Retrieval metrics: Precision@1, Recall@K (CMC), R-Precision, MAP@R, mAP, mINP, NMI.
 
 Definitions follow Musgrave, Belongie & Lim 2020, "A Metric Learning Reality Check" (as in
 pytorch-metric-learning's AccuracyCalculator). For a query q with label y_q, let R be the number of
-reference items with label y_q (excluding q itself in the leave-one-out setting), and rel_i = 1 if
-the i-th nearest reference has label y_q:
+reference items with label y_q (excluding q itself in the leave-one-out setting, and every item of
+q's group with ``groups``), and rel_i = 1 if the i-th nearest reference has label y_q:
 
 * ``precision_at_1`` = mean_q rel_1
-* ``recall_at_k``    = mean_q [any(rel_1..rel_k)]   (the "Recall@K" of the metric-learning papers)
+* ``recall_at_k``    = mean_q [any(rel_1..rel_k)]   (the "Recall@K" of the metric-learning papers;
+                      it is exactly the rank-k accuracy CMC@k of re-identification, so there is no
+                      separate ``cmc_at_k`` key)
 * ``r_precision``    = mean_q (1/R) sum_{i<=R} rel_i
 * ``map_at_r``       = mean_q (1/R) sum_{i<=R} rel_i * P@i,  P@i = (1/i) sum_{j<=i} rel_j
+* ``mean_average_precision`` (mAP, the re-identification one of Market-1501 / torchreid)
+                    = mean_q (1/R) sum_{i<=N} rel_i * P@i over the FULL ranking of N candidates
+* ``minp``           = mean_q R / rank of the last relevant item (mean inverse negative penalty,
+                      Ye et al., "Deep Learning for Person Re-identification: A Survey and
+                      Outlook", TPAMI 2021)
 * ``nmi``            = normalised mutual information between labels and k-means clusters
                       (k = number of labels; seeded)
 
+mAP and mINP need the rank of every relevant item, so the whole ranking: ``full_ranking=True``
+ranks every candidate of every query (a full stable sort of each score block, in blocks);
+``None`` (the default) does so when n_queries x n_references <= 4e8 and ``max_k`` is None,
+otherwise the two keys are absent.
+
+Evaluation groups (``groups``, with ``query_groups`` in query/reference mode): one hashable per
+item (camera, session, sequence). A query's gallery excludes EVERY reference item of its own
+group, whatever its label, as open-metric-learning's ``sequence_key`` does; the excluded items
+are neither retrieved nor counted in R. Leave-one-out is the special case where every item is its
+own group. This is stricter than the Market-1501 / torchreid rule, which removes only the items
+of the query's identity AND camera (other identities of that camera stay in the gallery): pass
+``groups=camera`` to get ours; theirs is not provided.
+
 Queries whose label has no other reference item (R = 0) are left out of every metric and counted
 in ``n_queries_skipped``. Labels are compared as int64 (never cast to float).
+:func:`ranking_metrics` scores given ranked lists (e.g. after re-ranking) with the same code.
 
 Ties: neighbours are ordered by distance, and exactly equal distances by increasing reference
 index, whatever the size of the reference set (the order of a full stable sort; a tie across the
@@ -34,18 +55,21 @@ import math
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..distances import iter_score_blocks, normalize_rows, scores_to_distances
-from ..errors import InputError
+from ..errors import InputError, InputTypeError
 from ..validation import as_embeddings, as_labels, check_distance, check_k, check_ks, is_int
 
-__all__ = ["knn_search", "retrieval_metrics", "nmi_score"]
+__all__ = ["knn_search", "nmi_score", "ranking_metrics", "retrieval_metrics"]
 
 _FULL_SORT_MAX = 4096  # float64 only: up to this many references, one full stable sort
 _BLOCK_ELEMS = 1 << 24  # query block size x references per step (bounded memory)
+_FULL_BLOCK_ELEMS = 1 << 22  # the same with full ranking (every list holds every candidate)
+_FULL_RANKING_AUTO = 4e8  # full_ranking=None: on up to n_queries x n_references this large
 
 
 _PREFILTER_MIN_N = 16384  # float32 rows at least this long: sample a threshold, compact, select
@@ -67,11 +91,13 @@ def _pack_keys(bits: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 
 def _sorted_smallest(a: np.ndarray, k: int) -> np.ndarray:
-    """The k smallest keys of each row (or of a 1-d array), sorted."""
-    if k < a.shape[-1]:
+    """The k smallest keys of each row (or of a 1-d array), sorted (k near the row length, e.g.
+    a full ranking: one sort of the whole row, cheaper than a partition first)."""
+    n = a.shape[-1]
+    if 4 * k < 3 * n:
         a = np.partition(a, k - 1, axis=-1)[..., :k]
     a.sort(axis=-1)
-    return a
+    return a[..., :k] if k < n else a
 
 
 def _smallest_keys(scn: np.ndarray, k: int) -> np.ndarray:
@@ -117,11 +143,15 @@ def _smallest_keys(scn: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _smallest_packed(sc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _smallest_packed(
+    sc: torch.Tensor, k: int, need_values: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """k smallest of each row of non-negative float32 scores, ordered by (score, index), as
-    ``(scores, indices)`` tensors (see :func:`_smallest_keys`)."""
+    ``(scores, indices)`` tensors (see :func:`_smallest_keys`; scores None unless needed)."""
     a = _smallest_keys(sc.numpy(), k)
     idx = torch.from_numpy(a & 0xFFFFFFFF)
+    if not need_values:
+        return None, idx
     vals = torch.from_numpy((a >> 32).astype(np.int32)).view(torch.float32)
     return vals, idx
 
@@ -186,15 +216,27 @@ def _smallest_float64(sc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return vals, idx
 
 
-def _knn_blocks(queries, reference, k, distance, exclude_self, need_distances=True, reduce=None):
+def _knn_blocks(
+    queries,
+    reference,
+    k,
+    distance,
+    exclude_self,
+    need_distances=True,
+    reduce=None,
+    exclude=None,
+    block_elems=_BLOCK_ELEMS,
+):
     """Yield ``(start, stop, distances, indices)`` of the exact k-NN, one query block (or a part
     of one) at a time; with ``reduce``, yield ``reduce(start, stop, indices)`` instead, computed
     in the same worker thread as the selection.
 
     Neighbours are ordered by distance, then by reference index (the order of a full stable
     sort). ``k`` must be in [1, number of candidates]. Distances are None when not needed.
-    Float32 blocks are split over the torch threads for the selection (numpy, GIL released);
-    float64 ones use torch's own parallel sort.
+    ``exclude(start, stop, scores)`` sets the scores of excluded references to +inf in place
+    (the evaluation groups; they then come after every candidate). Float32 blocks are split
+    over the torch threads for the selection (numpy, GIL released); float64 ones use torch's
+    own parallel sort.
     """
     nr = reference.shape[0]
     if distance == "cosine":
@@ -202,13 +244,18 @@ def _knn_blocks(queries, reference, k, distance, exclude_self, need_distances=Tr
     packed = reference.dtype == torch.float32 and nr < 2**31
 
     def part(s: int, e: int, sc: torch.Tensor):
-        vals, idx = _smallest_packed(sc, k) if packed else _smallest_float64(sc, k)
+        if packed:
+            vals, idx = _smallest_packed(sc, k, need_values=need_distances and reduce is None)
+        else:
+            vals, idx = _smallest_float64(sc, k)
         if reduce is not None:
             return reduce(s, e, idx)
         return s, e, (scores_to_distances(vals, distance) if need_distances else None), idx
 
-    for s, e, sc in iter_score_blocks(queries, reference, distance, _BLOCK_ELEMS):
-        if exclude_self:
+    for s, e, sc in iter_score_blocks(queries, reference, distance, block_elems):
+        if exclude is not None:
+            exclude(s, e, sc)
+        elif exclude_self:
             ar = torch.arange(s, e)
             sc[ar - s, ar] = float("inf")
         if packed:
@@ -273,6 +320,184 @@ def nmi_score(embeddings, labels, seed: int = 0) -> float:
     return float(normalized_mutual_info_score(y, pred))
 
 
+# ------------------------------------------------------------------------ evaluation groups
+
+
+def _group_values(groups: Any, n: int, name: str, what: str) -> list | np.ndarray:
+    """``groups`` as a 1-D numpy array (numbers or strings) or a list of hashables, of length
+    ``n``."""
+    if isinstance(groups, torch.Tensor):
+        groups = groups.detach().cpu().numpy()
+    if isinstance(groups, np.ndarray):
+        if groups.ndim != 1:
+            raise InputError(f"{name} must be 1-D (one group per item), got {groups.shape}")
+        if groups.dtype.kind == "f" and not np.isfinite(groups).all():
+            raise InputError(f"{name} contain NaN or Inf values")
+        if groups.dtype.kind not in "biufUS":
+            groups = groups.tolist()
+    elif isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__"):
+        raise InputTypeError(
+            f"{name} must be a sequence with one group per item, got {type(groups).__name__}"
+        )
+    else:
+        groups = list(groups)
+    if len(groups) != n:
+        raise InputError(f"{name} has {len(groups)} values but there are {n} {what}")
+    return groups
+
+
+def _encode_groups(ref: list | np.ndarray, query: list | np.ndarray | None):
+    """Joint int64 codes of reference and query group values (equal values, equal codes) and
+    the number of distinct groups."""
+    parts = [ref] if query is None else [ref, query]
+    kinds = {p.dtype.kind if isinstance(p, np.ndarray) else None for p in parts}
+    if kinds <= set("biuf") or kinds <= set("US"):  # homogeneous arrays: one np.unique
+        uniq, codes = np.unique(np.concatenate(parts), return_inverse=True)
+        n_groups = len(uniq)
+    else:  # lists of hashables (1 and "1" stay distinct)
+        table: dict = {}
+        try:
+            values = [v for p in parts for v in (p.tolist() if isinstance(p, np.ndarray) else p)]
+            codes = np.fromiter((table.setdefault(v, len(table)) for v in values), np.int64)
+        except TypeError as e:
+            raise InputTypeError(f"groups must be hashable values (int, str, ...): {e}") from None
+        n_groups = len(table)
+    codes = np.asarray(codes, dtype=np.int64).reshape(-1)
+    n_ref = len(ref)
+    return codes[:n_ref], (codes[n_ref:] if query is not None else codes[:n_ref]), n_groups
+
+
+def _group_mask(ref_g: np.ndarray, q_g: np.ndarray, n_groups: int):
+    """``exclude(start, stop, scores)`` for :func:`_knn_blocks`: +inf at every reference item
+    of each query's own group (by index pairs when they are few, else by one comparison)."""
+    order = np.argsort(ref_g, kind="stable")
+    sizes = np.bincount(ref_g, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+
+    def exclude(s: int, e: int, sc: torch.Tensor) -> None:
+        qg = q_g[s:e]
+        own = sizes[qg]
+        tot = int(own.sum())
+        if tot == 0:
+            return
+        b, n = sc.shape
+        if 8 * tot >= b * n:
+            sc.masked_fill_(torch.from_numpy(qg[:, None] == ref_g[None, :]), float("inf"))
+            return
+        rows = np.repeat(np.arange(b, dtype=np.int64), own)
+        first = np.repeat(starts[qg] - (np.cumsum(own) - own), own)
+        cols = order[first + np.arange(tot)]
+        sc.view(-1).index_fill_(0, torch.from_numpy(rows * n + cols), float("inf"))
+
+    return exclude
+
+
+def _r_counts(ref_codes, q_codes, ref_g, q_g, n_groups, loo):
+    """R of every query: same-label references, less the query itself (leave-one-out, no
+    groups) or less every same-label reference of its own group (groups)."""
+    n_lab = int(ref_codes.max()) + 1 if len(ref_codes) else 0
+    lab_count = np.bincount(ref_codes.astype(np.int64), minlength=n_lab)
+    qc = q_codes.astype(np.int64)
+    r = np.where(qc >= 0, lab_count[qc.clip(0)], 0)
+    if ref_g is None:
+        return r - (1 if loo else 0)
+    pairs, counts = np.unique(ref_codes.astype(np.int64) * n_groups + ref_g, return_counts=True)
+    key = qc * n_groups + q_g
+    pos = np.searchsorted(pairs, key).clip(0, len(pairs) - 1)
+    same_group = np.where((qc >= 0) & (pairs[pos] == key), counts[pos], 0)
+    return r - same_group
+
+
+# ---------------------------------------------------------------- scoring of ranked lists
+
+
+def _ranked_list_metrics(rel: np.ndarray, kept: np.ndarray, r: np.ndarray, full: bool) -> dict:
+    """Per-query metrics of ranked lists: the ONE implementation behind
+    :func:`retrieval_metrics` and :func:`ranking_metrics`.
+
+    ``rel`` (b, L) bool: relevance of each query's list, excluded (own-group) items already
+    removed, so that the first ``kept[i]`` entries of row i are its list (later ones are
+    ignored). ``r`` (b,): R of each query (>= 1). R-Precision and MAP@R use the first
+    ``min(R, kept)`` entries; with ``full`` (every candidate in the list) AP over the whole list
+    and INP = R / rank of the last relevant item. Summed per query by ``bincount`` over the
+    relevant positions (sequentially), so equal lists give bit-equal values.
+    """
+    b, width = rel.shape
+    if width and int(kept.min()) < width:
+        rel = rel & (np.arange(width)[None, :] < kept[:, None])
+    rc = np.maximum(np.minimum(r, kept), 1)
+    rows, cols = np.nonzero(rel)
+    cnt = np.bincount(rows, minlength=b)
+    start = np.cumsum(cnt) - cnt
+    m = np.arange(1, rows.shape[0] + 1) - start[rows]  # rank among the row's relevant items
+    prec = m / (cols + 1.0)  # P@i at each relevant position i
+    in_r = cols < rc[rows]
+    has = cnt > 0
+    first = np.full(b, np.iinfo(np.int64).max, dtype=np.int64)  # none: never within any k
+    first[has] = cols[start[has]]
+    out = {
+        "p1": rel[:, 0] if width else np.zeros(b, dtype=bool),
+        "first": first,
+        "rp": np.bincount(rows, weights=in_r, minlength=b) / rc,
+        "map": np.bincount(rows, weights=np.where(in_r, prec, 0.0), minlength=b) / rc,
+        "truncated": r > kept,
+    }
+    if full:
+        out["ap"] = np.bincount(rows, weights=prec, minlength=b) / r
+        last = np.zeros(b, dtype=np.float64)
+        last[has] = cols[(start + cnt - 1)[has]] + 1.0
+        out["inp"] = np.where(has, r / np.maximum(last, 1.0), 0.0)
+    return out
+
+
+class _PerQuery:
+    """Per-query metric values of the evaluated queries, filled block by block; the means are
+    taken once at the end (independent of the block sizes)."""
+
+    def __init__(self, n: int, full: bool):
+        self.full = full
+        self.p1 = np.zeros(n, dtype=bool)
+        self.first = np.zeros(n, dtype=np.int64)
+        self.rp, self.map = np.zeros(n), np.zeros(n)
+        self.truncated = np.zeros(n, dtype=bool)
+        if full:
+            self.ap, self.inp = np.zeros(n), np.zeros(n)
+
+    def put(self, rows: np.ndarray, vals: dict) -> None:
+        for key, v in vals.items():
+            getattr(self, key)[rows] = v
+
+    def metrics(self, valid: np.ndarray, ks: list[int]) -> dict:
+        n_valid = int(valid.sum())
+        out = {"precision_at_1": float(self.p1[valid].sum()) / n_valid}
+        first = self.first[valid]
+        for kk in ks:
+            out[f"recall_at_{kk}"] = float((first < kk).sum()) / n_valid
+        out["r_precision"] = float(self.rp[valid].sum()) / n_valid
+        out["map_at_r"] = float(self.map[valid].sum()) / n_valid
+        if self.full:
+            out["mean_average_precision"] = float(self.ap[valid].sum()) / n_valid
+            out["minp"] = float(self.inp[valid].sum()) / n_valid
+        return out
+
+
+def _check_finite(out: dict) -> dict:
+    for key, v in list(out.items()):
+        if isinstance(v, float) and not math.isfinite(v) and key != "nmi":
+            raise InputError(f"metric {key} is not finite")
+    return out
+
+
+def _warn_truncated(truncated: int, r_max: int, k: int, what: str) -> None:
+    if truncated:
+        warnings.warn(
+            f"{truncated} queries have more same-label items ({r_max}) than {what}: "
+            "R-Precision and MAP@R are computed on the first "
+            f"{'max_k' if what.startswith('max_k') else k} neighbours only",
+            stacklevel=3,
+        )
+
+
 def retrieval_metrics(
     embeddings,
     labels,
@@ -284,6 +509,9 @@ def retrieval_metrics(
     nmi: bool = True,
     max_k: int | None = None,
     seed: int = 0,
+    groups=None,
+    query_groups=None,
+    full_ranking: bool | None = None,
 ) -> dict:
     """All retrieval metrics from one exact k-NN search.
 
@@ -292,6 +520,13 @@ def retrieval_metrics(
     verification, few-shot, the index and the CLI do for L2-normalised embeddings (where it
     ranks exactly as euclidean); pass ``"euclidean"`` for unnormalised ones.
 
+    ``groups`` (one hashable per reference item: camera, session, sequence) and, with
+    ``query_embeddings``, ``query_groups``: a query's gallery excludes every reference item of
+    its own group (see the module docstring); the result then has ``"groups"``, the number of
+    distinct groups. ``full_ranking``: also rank every candidate for ``mean_average_precision``
+    and ``minp``; None (the default) turns it on when n_queries x n_references <= 4e8 and
+    ``max_k`` is None (else those keys are absent).
+
     Example:
         >>> import torch
         >>> from tripletlab.metrics import retrieval_metrics
@@ -299,6 +534,8 @@ def retrieval_metrics(
         >>> m = retrieval_metrics(emb, torch.arange(10).repeat(10), ks=(1, 5), nmi=False)
         >>> sorted(k for k in m if k.startswith("recall"))
         ['recall_at_1', 'recall_at_5']
+        >>> 0.0 <= m["minp"] <= m["mean_average_precision"] <= 1.0
+        True
     """
     check_distance(distance)
     ref = as_embeddings(embeddings)
@@ -306,6 +543,10 @@ def retrieval_metrics(
     ks = check_ks(ks)
     if max_k is not None and (not is_int(max_k) or max_k < 1):
         raise InputError(f"max_k must be a positive integer or None, got {max_k!r}")
+    if full_ranking is not None and not isinstance(full_ranking, (bool, np.bool_)):
+        raise InputError(f"full_ranking must be True, False or None, got {full_ranking!r}")
+    if full_ranking and max_k is not None:
+        raise InputError("full_ranking ranks every candidate: it cannot be combined with max_k")
     loo = query_embeddings is None
     if loo:
         if query_labels is not None:
@@ -321,77 +562,235 @@ def retrieval_metrics(
         q = q.to(ref.dtype)
     if ref.shape[0] == 0 or q.shape[0] == 0:
         raise InputError("retrieval metrics need at least one query and one reference item")
-    # R for every query = same-label references (minus the query itself when leave-one-out)
-    uniq, counts = torch.unique(ref_y, return_counts=True)
-    pos = torch.searchsorted(uniq, q_y).clamp_max(len(uniq) - 1)
-    r = torch.where(uniq[pos] == q_y, counts[pos], torch.zeros_like(q_y)) - (1 if loo else 0)
+    ref_g, q_g, n_groups = _check_groups(groups, query_groups, ref.shape[0], q.shape[0], loo)
+    nq, nr = int(q.shape[0]), int(ref.shape[0])
+    if full_ranking is None:
+        full = max_k is None and nq * nr <= _FULL_RANKING_AUTO
+    else:
+        full = bool(full_ranking)
+    ref_codes, q_codes = _label_codes(ref_y, q_y)
+    # R for every query = same-label references outside its group (leave-one-out: not itself)
+    r = _r_counts(ref_codes, q_codes, ref_g, q_g, n_groups, loo)
+    if ref_g is None:
+        cand = np.full(nq, nr - (1 if loo else 0), dtype=np.int64)
+    else:  # the candidates of a query: the references outside its group
+        cand = nr - np.bincount(ref_g, minlength=n_groups)[q_g]
     need = max(int(r.max()), ks[-1])
     k = need if max_k is None else min(need, int(max_k))
     truncated = int((r > k).sum())
-    if truncated:
-        warnings.warn(
-            f"{truncated} queries have more same-label items ({int(r.max())}) than max_k={k}: "
-            "R-Precision and MAP@R are computed on the first max_k neighbours only",
-            stacklevel=2,
-        )
+    _warn_truncated(truncated, int(r.max()), k, f"max_k={k}")
     valid = r > 0
     n_valid = int(valid.sum())
     if n_valid == 0:
         raise InputError("no query has another item of its label: retrieval metrics undefined")
-    k = min(k, ref.shape[0] - (1 if loo else 0))
-    # accumulate per query block: memory O(block x k), never (N x k)
-    ref_codes, q_codes = _label_codes(ref_y, q_y)
-    r_np, valid_np = r.clamp_max(k).numpy(), valid.numpy()
-    inv_ranks = 1.0 / np.arange(1, k + 1, dtype=np.float64)
-    ranks = np.arange(1, k + 1)
+    k = min(k, int(cand.max()))
+    depth = int(cand.max()) if full else k  # full ranking: every candidate
+    per = _PerQuery(nq, full)
 
-    def block_sums(s: int, e: int, idx: torch.Tensor) -> np.ndarray:
-        """[P@1, R-Precision, MAP@R, recall@k for each k] summed over the block's queries."""
-        ok = valid_np[s:e]
-        rel = ref_codes[idx.numpy()[ok]] == q_codes[s:e][ok][:, None]  # (b, k) bool
-        r_b = r_np[s:e][ok]
-        out = np.zeros(3 + len(ks))
-        if rel.shape[0] == 0:
-            return out
-        if int(r_b.min()) < k:  # only the first R neighbours count for R-Precision and MAP@R
-            rel_r = rel & (ranks[None, :] <= r_b[:, None])
-        else:
-            rel_r = rel
-        cum = np.cumsum(rel_r, axis=1, dtype=np.int32)
-        hits_r = cum[np.arange(len(r_b)), r_b - 1]  # relevant items among the first R
-        # sum_i rel_i * P@i = (cum * rel) . (1 / i); einsum, not BLAS: this runs in a worker
-        # thread, where BLAS's own threads would oversubscribe the cores
-        ap = np.einsum("ij,j->i", cum * rel_r, inv_ranks)
-        first = np.where(rel.any(axis=1), rel.argmax(axis=1), k)  # first relevant rank - 1
-        out[0] = float(rel[:, 0].sum())
-        out[1] = float((hits_r / r_b).sum())
-        out[2] = float((ap / r_b).sum())
-        for i, kk in enumerate(ks):
-            out[3 + i] = float((first < kk).sum())
-        return out
+    def block(s: int, e: int, idx: torch.Tensor):
+        ok = valid[s:e]
+        ii = idx.numpy() if ok.all() else idx.numpy()[ok]
+        rel = ref_codes[ii] == q_codes[s:e][ok][:, None]  # (b, depth) bool
+        # own-group items (+inf) come after every candidate: a list is its first cand entries
+        kept = np.minimum(cand[s:e][ok], depth)
+        # np.nonzero, not flatnonzero: a test counts flatnonzero calls of the selection
+        return s + np.nonzero(ok)[0], _ranked_list_metrics(rel, kept, r[s:e][ok], full)
 
-    totals = np.zeros(3 + len(ks))
-    for part in _knn_blocks(q, ref, k, distance, loo, need_distances=False, reduce=block_sums):
-        totals += part
-    sums = {"p1": float(totals[0]), "rp": float(totals[1]), "map": float(totals[2])}
-    sums.update({f"r{kk}": float(totals[3 + i]) for i, kk in enumerate(ks)})
+    for rows, vals in _knn_blocks(
+        q, ref, depth, distance, loo, need_distances=False, reduce=block,
+        exclude=None if ref_g is None else _group_mask(ref_g, q_g, n_groups),
+        block_elems=_FULL_BLOCK_ELEMS if full else _BLOCK_ELEMS,
+    ):  # fmt: skip
+        per.put(rows, vals)
     out: dict = {
-        "n_queries": int(q.shape[0]),
+        "n_queries": nq,
         "n_queries_evaluated": n_valid,
-        "n_queries_skipped": int(q.shape[0]) - n_valid,
+        "n_queries_skipped": nq - n_valid,
         "k_searched": int(k),
         "truncated_queries": truncated,
         "r_metrics_exact": truncated == 0,
         "distance": distance,
-        "precision_at_1": sums["p1"] / n_valid,
     }
-    for kk in ks:
-        out[f"recall_at_{kk}"] = sums[f"r{kk}"] / n_valid
-    out["r_precision"] = sums["rp"] / n_valid
-    out["map_at_r"] = sums["map"] / n_valid
+    if ref_g is not None:
+        out["groups"] = n_groups
+    out.update(per.metrics(valid, ks))
     if nmi:
         out["nmi"] = nmi_score(ref, ref_y, seed=seed) if loo else nmi_score(q, q_y, seed=seed)
-    for key, v in list(out.items()):
-        if isinstance(v, float) and not math.isfinite(v) and key != "nmi":
-            raise InputError(f"metric {key} is not finite")
+    return _check_finite(out)
+
+
+def _check_groups(groups, query_groups, n_ref: int, n_q: int, loo: bool):
+    """(reference codes, query codes, number of groups), or (None, None, 0) without groups."""
+    if groups is None:
+        if query_groups is not None:
+            raise InputError("query_groups given without groups (the reference items' groups)")
+        return None, None, 0
+    ref_v = _group_values(groups, n_ref, "groups", "reference items")
+    if loo:
+        if query_groups is not None:
+            raise InputError(
+                "query_groups given in leave-one-out mode: there groups serves the queries too"
+            )
+        q_v = None
+    else:
+        if query_groups is None:
+            raise InputError(
+                "groups given for the reference items but no query_groups for the queries"
+            )
+        q_v = _group_values(query_groups, n_q, "query_groups", "queries")
+    ref_g, q_g, n_groups = _encode_groups(ref_v, q_v)
+    return ref_g, q_g, n_groups
+
+
+def _as_indices(indices: Any, n_q: int, n_ref: int) -> np.ndarray:
+    if isinstance(indices, torch.Tensor):
+        indices = indices.detach().cpu().numpy()
+    if isinstance(indices, (list, tuple)):
+        indices = np.asarray(indices)
+    if not isinstance(indices, np.ndarray):
+        raise InputTypeError(
+            f"indices must be a numpy array or torch tensor, got {type(indices).__name__}"
+        )
+    if indices.dtype.kind not in "iu":
+        raise InputTypeError(f"indices must be integers, got dtype {indices.dtype}")
+    if indices.ndim != 2:
+        raise InputError(f"indices must be 2-D (n_queries, k), got shape {indices.shape}")
+    if indices.shape[0] != n_q:
+        raise InputError(f"indices has {indices.shape[0]} rows but there are {n_q} queries")
+    if indices.shape[1] == 0:
+        raise InputError("indices must hold at least one neighbour per query")
+    return indices.astype(np.int64, copy=False)
+
+
+def _check_lists(ii: np.ndarray, s: int, n_ref: int, exclude_self: bool) -> None:
+    """Every entry a reference index, no repeat in a row, not the query itself (leave-one-out)."""
+    bad = (ii < 0) | (ii >= n_ref)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise InputError(
+            f"indices[{s + i}, {j}] = {ii[i, j]} is not a reference index in [0, {n_ref})"
+        )
+    if exclude_self:
+        selfs = ii == np.arange(s, s + ii.shape[0])[:, None]
+        if selfs.any():
+            i = int(np.argwhere(selfs)[0][0])
+            raise InputError(
+                f"indices row {s + i} lists the query itself (exclude_self: item i must not "
+                "retrieve i)"
+            )
+    if ii.shape[1] > 1:
+        srt = np.sort(ii, axis=1)
+        dup = (srt[:, 1:] == srt[:, :-1]).any(axis=1)
+        if dup.any():
+            raise InputError(f"indices row {s + int(np.flatnonzero(dup)[0])} repeats an index")
+
+
+def ranking_metrics(
+    indices,
+    query_labels,
+    reference_labels,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    exclude_self: bool = False,
+    query_groups=None,
+    groups=None,
+    n_candidates: int | None = None,
+    per_query: bool = False,
+) -> dict:
+    """The retrieval metrics of GIVEN ranked lists: ``indices`` (n_queries, L), row q the
+    reference indices ranked for query q, best first (e.g. after query expansion or
+    re-ranking).
+
+    Keys as in :func:`retrieval_metrics` (``precision_at_1``, ``recall_at_k``,
+    ``r_precision``, ``map_at_r``; ``mean_average_precision`` and ``minp`` when the lists are
+    full rankings, i.e. L >= ``n_candidates``, by default every reference item, less the query
+    itself with ``exclude_self``), computed by the same code: the k-NN lists of
+    :func:`knn_search` give exactly the numbers of :func:`retrieval_metrics`.
+    ``exclude_self``: leave-one-out, queries are the reference items (``query_labels`` equal
+    to ``reference_labels``) and row i must not list i. ``groups`` (and ``query_groups``
+    without ``exclude_self``): own-group items are dropped from a list (the junk rule) before
+    scoring. A list with fewer (kept) entries than a query's R truncates its R-metrics
+    (``truncated_queries``, ``r_metrics_exact``, a warning); ``recall_at_k`` for k beyond a
+    list is measured on the whole list. ``per_query``: also ``"per_query": {"precision_at_1",
+    "map_at_r"}``, arrays (n_queries,) with NaN for the skipped queries (for paired
+    comparisons, e.g. the bootstrap of :mod:`tripletlab.metrics.postprocess_select`).
+
+    Example:
+        >>> import numpy as np
+        >>> y = np.array([0, 0, 1, 1])
+        >>> m = ranking_metrics(np.array([[1, 2, 3], [2, 0, 3], [3, 0, 1], [0, 2, 1]]), y, y,
+        ...                     ks=(1,), exclude_self=True)
+        >>> m["precision_at_1"], m["map_at_r"], m["mean_average_precision"], m["minp"]
+        (0.5, 0.5, 0.75, 0.75)
+    """
+    ks = check_ks(ks)
+    if n_candidates is not None and not is_int(n_candidates):
+        raise InputError(f"n_candidates must be a positive integer or None, got {n_candidates!r}")
+    if isinstance(query_labels, (list, tuple)):
+        query_labels = np.asarray(query_labels)
+    if isinstance(reference_labels, (list, tuple)):
+        reference_labels = np.asarray(reference_labels)
+    n_ref = len(reference_labels) if hasattr(reference_labels, "__len__") else -1
+    ref_y = as_labels(reference_labels, max(n_ref, 0), "reference_labels")
+    n_q = len(query_labels) if hasattr(query_labels, "__len__") else -1
+    q_y = as_labels(query_labels, max(n_q, 0), "query_labels")
+    nq, nr = int(q_y.shape[0]), int(ref_y.shape[0])
+    if nq == 0 or nr == 0:
+        raise InputError("ranking metrics need at least one query and one reference item")
+    if exclude_self and (nq != nr or not bool((q_y == ref_y).all())):
+        raise InputError(
+            "exclude_self: the queries are the reference items, so query_labels must equal "
+            "reference_labels"
+        )
+    ii_all = _as_indices(indices, nq, nr)
+    width = ii_all.shape[1]
+    ref_g, q_g, n_groups = _check_groups(groups, query_groups, nr, nq, exclude_self)
+    default_cand = nr - (1 if exclude_self else 0)
+    if n_candidates is None:
+        n_candidates = default_cand
+    if not 1 <= n_candidates <= nr:
+        raise InputError(f"n_candidates must be in [1, {nr}], got {n_candidates}")
+    full = width >= n_candidates
+    ref_codes, q_codes = _label_codes(ref_y, q_y)
+    r = _r_counts(ref_codes, q_codes, ref_g, q_g, n_groups, exclude_self)
+    valid = r > 0
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise InputError("no query has another item of its label: retrieval metrics undefined")
+    per = _PerQuery(nq, full)
+    step = max(1, _FULL_BLOCK_ELEMS // width)
+    for s in range(0, nq, step):
+        e = min(nq, s + step)
+        ii = ii_all[s:e]
+        _check_lists(ii, s, nr, exclude_self)
+        ok = valid[s:e]
+        ii = ii[ok]
+        rel = ref_codes[ii] == q_codes[s:e][ok][:, None]
+        kept = np.full(ii.shape[0], width, dtype=np.int64)
+        if ref_g is not None:  # the junk rule: own-group items leave the list
+            keep = ref_g[ii] != q_g[s:e][ok][:, None]
+            kept = keep.sum(axis=1)
+            if (keep[:, 1:] & ~keep[:, :-1]).any():  # a dropped item before a kept one
+                order = np.argsort(~keep, axis=1, kind="stable")
+                rel = np.take_along_axis(rel & keep, order, axis=1)
+        per.put(s + np.flatnonzero(ok), _ranked_list_metrics(rel, kept, r[s:e][ok], full))
+    truncated = int(per.truncated[valid].sum())
+    _warn_truncated(truncated, int(r.max()), width, "the lists hold")
+    out: dict = {
+        "n_queries": nq,
+        "n_queries_evaluated": n_valid,
+        "n_queries_skipped": nq - n_valid,
+        "list_length": width,
+        "truncated_queries": truncated,
+        "r_metrics_exact": truncated == 0,
+    }
+    if ref_g is not None:
+        out["groups"] = n_groups
+    out.update(per.metrics(valid, ks))
+    out = _check_finite(out)
+    if per_query:
+        out["per_query"] = {
+            "precision_at_1": np.where(valid, per.p1.astype(np.float64), np.nan),
+            "map_at_r": np.where(valid, per.map, np.nan),
+        }
     return out

@@ -47,8 +47,9 @@ class RetrievalEvaluator:
             emb, labels = trainer.embed_split(val)
         try:
             metrics = retrieval_metrics(
-                emb, labels, ks=(1, 4), nmi=False, distance=eval_distance(trainer.model_config)
-            )
+                emb, labels, ks=(1, 4), nmi=False, distance=eval_distance(trainer.model_config),
+                full_ranking=False,  # every validation: MAP@R only, not the full ranking
+            )  # fmt: skip
         except InputError:
             return None
         return per_source(metrics, emb, labels, val.info.get("val_groups"), trainer.model_config)
@@ -160,7 +161,7 @@ def per_source(metrics: dict, emb, labels, groups: dict | None, model_config) ->
         try:
             m = retrieval_metrics(
                 emb[keep], labels.cpu()[keep], ks=(1,), nmi=False,
-                distance=eval_distance(model_config),
+                distance=eval_distance(model_config), full_ranking=False,
             )  # fmt: skip
         except InputError:
             continue
