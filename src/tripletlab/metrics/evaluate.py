@@ -286,7 +286,7 @@ def postprocess_line(post: dict, raw: dict) -> str:
 
     Example:
         >>> postprocess_line({"spec": "none", "chosen_by": "validation", "best_candidate":
-        ...  "dba:k=3,alpha=3.0", "validation_gain": 0.002, "validation_gain_se": 0.004}, {})[:62]
+        ...  "dba:k=3,alpha=3.0", "validation_gain": 0.002, "validation_gain_se": 0.004}, {})[:63]
         'post-processing: none (chosen on validation: the best candidate'
     """
     spec, by = post.get("spec", "none"), post.get("chosen_by")
