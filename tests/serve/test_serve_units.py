@@ -206,6 +206,47 @@ def test_app_in_process_with_an_in_memory_gallery(tiny_run):
         )
 
 
+def test_app_searches_with_the_post_processing_and_refuses_another_gallery(tiny_run, tmp_path):
+    """/search and /identify use the run's post-processing (here a given DBA); a gallery
+    directory built with another one is refused at start-up."""
+    from fastapi.testclient import TestClient
+
+    from tripletlab.serve import create_app
+
+    run, data = tiny_run
+    gallery = tmp_path / "gallery"
+    app = create_app(run, index=gallery, postprocess="dba:k=2")
+    imgs = sorted((data / "class0").glob("*.png"))[:3] + sorted((data / "class1").glob("*.png"))[:3]
+    with TestClient(app) as c:
+        for i, f in enumerate(imgs):
+            label = "zero" if i < 3 else "one"
+            r = c.post(
+                "/gallery", files={"images": ("g.png", f.read_bytes())}, data={"label": label}
+            )
+            assert r.status_code == 201
+        hit = c.post("/search", files={"image": ("q.png", imgs[0].read_bytes())},
+                     data={"k": 3}).json()  # fmt: skip
+        assert (
+            c.post("/identify", files={"image": ("q.png", imgs[0].read_bytes())}).status_code == 200
+        )
+    store = app.state.store
+    assert str(store.index.postprocess) == "dba:k=2,alpha=3.0"
+    # the answer is that of the library's DBA over the stored raw gallery
+    from tripletlab.inference import Inference
+    from tripletlab.metrics import apply_postprocess
+
+    inf = Inference.from_run(run)
+    q = inf.embed_files([imgs[0]])
+    ref_d, _ = apply_postprocess("dba:k=2", q, store.index._raw, k=3, distance=inf.distance)
+    got_d = [h["distance"] for h in hit["neighbours"]]
+    assert got_d == pytest.approx(ref_d[0].tolist(), abs=1e-5)  # ids may swap on exact ties
+    raw_d, _ = apply_postprocess("none", q, store.index._raw, k=3, distance=inf.distance)
+    assert got_d != pytest.approx(raw_d[0].tolist(), abs=1e-5)  # not the plain search
+    store.close()
+    with pytest.raises(InputError, match="built with post-processing 'dba:k=2,alpha=3.0'"):
+        create_app(run, index=gallery, postprocess="none")
+
+
 def test_vector_model_export_and_embed_vectors(tmp_path):
     pytest.importorskip("onnxruntime", reason="needs onnxruntime (serve extra)")
     from fastapi.testclient import TestClient
