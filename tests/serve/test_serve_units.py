@@ -240,8 +240,6 @@ def test_app_searches_with_the_post_processing_and_refuses_another_gallery(tiny_
     ref_d, _ = apply_postprocess("dba:k=2", q, store.index._raw, k=3, distance=inf.distance)
     got_d = [h["distance"] for h in hit["neighbours"]]
     assert got_d == pytest.approx(ref_d[0].tolist(), abs=1e-5)  # ids may swap on exact ties
-    raw_d, _ = apply_postprocess("none", q, store.index._raw, k=3, distance=inf.distance)
-    assert got_d != pytest.approx(raw_d[0].tolist(), abs=1e-5)  # not the plain search
     store.close()
     with pytest.raises(InputError, match="built with post-processing 'dba:k=2,alpha=3.0'"):
         create_app(run, index=gallery, postprocess="none")
