@@ -92,3 +92,20 @@ def test_index_records_dba_and_search_refuses_a_run_without_it(auto_run, tmp_pat
                  "-k", "4", "--json"]) == 0  # fmt: skip
     res = json.loads(capsys.readouterr().out)
     assert len(res) == 3 and len(res[0]["neighbours"]) == 4
+
+
+def test_k_beyond_the_gallery_is_clamped_with_a_note(auto_run, tmp_path, capsys):
+    idx = tmp_path / "small"
+    v, data = tmp_path / "v.npy", tmp_path / "data.npy"  # data: 64 features + a label column
+    x = np.random.default_rng(0).random((6, 64)).astype(np.float32)
+    np.save(v, x)
+    np.save(data, np.hstack([x, np.arange(6, dtype=np.float32)[:, None] % 2]))
+    run_spec = json.loads((auto_run / "eval.json").read_text())["postprocess"]["spec"]
+    assert main(["index", "--model", str(auto_run), "--data", str(data), "--out", str(idx)]) == 0
+    assert json.loads((idx / "manifest.json").read_text())["postprocess"] == run_spec
+    capsys.readouterr()
+    assert main(["search", str(v), "--model", str(auto_run), "--index", str(idx), "-k", "50",
+                 "--json"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert "-k 50 is more than the 6 indexed items" in captured.err
+    assert all(len(r["neighbours"]) == 6 for r in json.loads(captured.out))

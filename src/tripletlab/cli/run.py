@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -347,6 +348,9 @@ def _cmd_search(args) -> int:
     index = inf.load_index(args.index)
     queries = args.queries if inf.takes_texts else _expand_folders(args.queries)
     emb, names = inf.embed_inputs(queries)
+    if args.k > len(index):
+        print(f"note: -k {args.k} is more than the {len(index)} indexed items; showing all of "
+              "them", file=sys.stderr)  # fmt: skip
     dist, ids = inf.search(index, emb, args.k)
     results = [
         {"query": name, "neighbours": hits}

@@ -190,6 +190,9 @@ def headline_kpis(ev: dict) -> list[tuple[str, str]]:
             kpis.append((name + " (test)", fmt.format(src[key])))
     if isinstance(ver.get("eer"), (int, float)):
         kpis.append(("EER (test)", f"{100 * ver['eer']:.2f}%"))
+    post = ev.get("postprocess") or {}
+    if post.get("spec", "none") != "none" and isinstance(post.get("map_at_r"), (int, float)):
+        kpis.append((f"MAP@R after {post['method']} (test)", f"{post['map_at_r']:.3f}"))
     if ev.get("train_time_s") is not None:
         kpis.append(("training time", f"{ev['train_time_s']:.0f} s"))
     return kpis
