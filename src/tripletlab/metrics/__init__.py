@@ -1,6 +1,6 @@
 """Evaluation: retrieval (P@1, Recall@K, R-Precision, MAP@R, NMI), verification (ROC AUC, EER,
 TAR@FAR, 10-fold accuracy) and few-shot (N-way K-shot) metrics; retrieval post-processing (query
-expansion, database-side augmentation, k-reciprocal re-ranking)."""
+expansion, database-side augmentation, k-reciprocal re-ranking) and its choice on validation."""
 
 from .fewshot import few_shot_accuracy
 from .per_class import per_class_retrieval
@@ -12,6 +12,7 @@ from .postprocess import (
     k_reciprocal_rerank,
     parse_postprocess,
 )
+from .postprocess_select import choose_postprocess, postprocessed_metrics
 from .retrieval import knn_search, nmi_score, ranking_metrics, retrieval_metrics
 from .verification import (
     best_threshold,
@@ -27,6 +28,7 @@ __all__ = [
     "apply_postprocess",
     "best_threshold",
     "calibrate_threshold",
+    "choose_postprocess",
     "database_augmentation",
     "few_shot_accuracy",
     "k_reciprocal_rerank",
@@ -36,6 +38,7 @@ __all__ = [
     "pairs_from_labels",
     "parse_postprocess",
     "per_class_retrieval",
+    "postprocessed_metrics",
     "ranking_metrics",
     "retrieval_metrics",
     "verification_metrics",
