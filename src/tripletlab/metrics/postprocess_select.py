@@ -181,7 +181,9 @@ def choose_postprocess(
     (``"validation"``), ``validation_map_at_r_none``, ``validation_map_at_r`` (of the choice),
     ``validation_gain`` and ``validation_gain_se`` (of the best candidate, chosen or not),
     ``rule``, ``validation_items``, ``validation_classes``, ``candidates`` (each one's spec,
-    MAP@R, gain, SE and seconds) and ``seconds``. Sets above ``max_items`` are scored on whole
+    MAP@R, gain, SE, its P@1 change ``p1_gain`` and seconds) and ``seconds``. The choice is by
+    MAP@R: re-ranking can gain MAP@R and lose top-1 (see docs/retrieval.md); ``p1_gain`` says
+    what a candidate did to P@1 on validation. Sets above ``max_items`` are scored on whole
     classes drawn at random (``seed``) up to that size.
     """
     check_distance(distance)
@@ -225,6 +227,7 @@ def choose_postprocess(
             "map_at_r": float(m["map_at_r"]),
             "gain": gain,
             "gain_se": se,
+            "p1_gain": float(m["precision_at_1"] - base["precision_at_1"]),
             "seconds": round(time.perf_counter() - t0, 3),
         }
         rows.append(row)
