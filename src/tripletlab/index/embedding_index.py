@@ -164,6 +164,7 @@ class EmbeddingIndex:
         #: the post-processing every search applies (:mod:`tripletlab.metrics.postprocess`)
         self.postprocess = parse_postprocess(postprocess)
         self._raw = np.zeros((0, self.dim), dtype=np.float32)  # kept with a postprocess
+        self._aug: np.ndarray | None = None  # the DBA of _raw (dba, dba+aqe), once computed
 
     # ------------------------------------------------------------------ build
     def _new_faiss(self):
@@ -222,7 +223,7 @@ class EmbeddingIndex:
         if self.postprocess.method != "none":
             self._raw = np.concatenate([self._raw, x])
         if self.postprocess.method in _DBA:
-            self._store(self._augmented(self._raw), rebuild=True)
+            self._store(self._augmented(self._raw, cache=True), rebuild=True)
         else:
             self._store(x)
         self.ids = np.concatenate([self.ids, new_ids])
@@ -230,8 +231,16 @@ class EmbeddingIndex:
         if paths is not None:
             self.paths = list(self.paths or []) + [str(p) for p in paths]
 
-    def _augmented(self, raw: np.ndarray) -> np.ndarray:
-        """The DBA of the raw gallery (``dba``, ``dba+aqe``)."""
+    def _augmented(self, raw: np.ndarray | None = None, cache: bool = False) -> np.ndarray:
+        """The DBA of the raw gallery (``dba``, ``dba+aqe``); without ``raw``, the index's own
+        (computed once: ``add`` and ``remove_ids`` replace it)."""
+        if raw is None:
+            if self._aug is None or self._aug.shape[0] != len(self):
+                self._aug = self._augmented(self._raw)
+            return self._aug
+        if cache:
+            self._aug = self._augmented(raw)
+            return self._aug
         if raw.shape[0] == 0:
             return raw
         p = self.postprocess.params
@@ -286,7 +295,7 @@ class EmbeddingIndex:
         if method == "rerank":
             return self._rerank(q, k)
         if method in ("aqe", "dba+aqe"):
-            gallery = self._raw if method == "aqe" else self._augmented(self._raw)
+            gallery = self._raw if method == "aqe" else self._augmented()
             q = self._prep(
                 alpha_query_expansion(torch.from_numpy(q), torch.from_numpy(gallery),
                     k=min(int(p["k"]), len(self)), alpha=p["alpha"], distance=self.metric,
@@ -353,7 +362,7 @@ class EmbeddingIndex:
         if self.postprocess.method != "none":
             self._raw = self._raw[keep]
         if self.postprocess.method in _DBA:  # every item's DBA neighbours may have changed
-            self._store(self._augmented(self._raw), rebuild=True)
+            self._store(self._augmented(self._raw, cache=True), rebuild=True)
         elif self.backend == "faiss":
             self._index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(drop).astype(np.int64)))
         else:
