@@ -109,3 +109,18 @@ def test_k_beyond_the_gallery_is_clamped_with_a_note(auto_run, tmp_path, capsys)
     captured = capsys.readouterr()
     assert "-k 50 is more than the 6 indexed items" in captured.err
     assert all(len(r["neighbours"]) == 6 for r in json.loads(captured.out))
+
+
+def test_index_refuses_a_gallery_a_server_holds(auto_run, tmp_path, capsys):
+    """`tripletlab index --out DIR` takes the gallery lock: a server writing DIR would lose it."""
+    from tripletlab.rundir.lock import lock_gallery
+
+    held = lock_gallery(tmp_path / "gal")
+    try:
+        code = main(["index", "--model", str(auto_run), "--data", "digits", "--out",
+                     str(tmp_path / "gal")])  # fmt: skip
+        assert code == 1 and "in use by another process" in capsys.readouterr().err
+    finally:
+        held.close()
+    assert main(["index", "--model", str(auto_run), "--data", "digits", "--out",
+                 str(tmp_path / "gal")]) == 0  # fmt: skip

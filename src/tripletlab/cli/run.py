@@ -282,7 +282,14 @@ def _cmd_index(args) -> int:
         got.embeddings, got.labels, paths, got.classes, kind=args.kind,
         files=got.texts is None,
     )  # fmt: skip
-    index.save(args.out, fingerprint=inf.fingerprint)
+    from ..rundir.lock import lock_gallery
+
+    lock = lock_gallery(args.out)  # a server writing this gallery would lose our index
+    try:
+        index.save(args.out, fingerprint=inf.fingerprint)
+    finally:
+        if lock is not None:
+            lock.close()
     post = "" if index.postprocess.method == "none" else f", post-processing {index.postprocess}"
     print(f"indexed {len(index)} items ({inf.distance}, {args.kind}{post}) in {args.out}")
     q = index.quality

@@ -32,6 +32,7 @@ from ..errors import InputError
 from ..index.embedding_index import EmbeddingIndex
 from ..inference.run import check_index_postprocess
 from ..metrics.postprocess import PostProcess, parse_postprocess
+from ..rundir.lock import lock_gallery
 from ..utils import atomic_write_bytes, atomic_write_json, fsync_dir
 
 __all__ = ["Enrolment", "GalleryStore", "lock_gallery", "recover_gallery"]
@@ -58,41 +59,6 @@ def recover_gallery(directory: str | Path) -> None:
         fsync_dir(d.parent)
     shutil.rmtree(new, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def lock_gallery(directory: str | Path):
-    """An open file holding an exclusive, non-blocking ``flock`` on ``directory``'s lock file
-    ``.NAME.lock`` (its parent is created if need be); :class:`InputError` naming the holder's
-    pid when another process has it. Close the file to release the lock. ``None`` where the
-    platform has no ``fcntl``.
-
-    Example:
-        >>> f = lock_gallery("gallery")  # doctest: +SKIP
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return None
-    d = Path(directory)
-    d.parent.mkdir(parents=True, exist_ok=True)
-    path = d.parent / f".{d.name}.lock"
-    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open as the lock
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise InputError(
-            f"the index {d} is in use by another process (pid {holder}, lock {path}): two "
-            "servers on one index would lose each other's enrolments. Stop the other server, "
-            "or serve a copy of the index"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
 
 
 class GalleryStore:
