@@ -82,3 +82,15 @@ def test_degenerate_validation_sets():
     assert single["method"] == "none" and "skipped" in single
     with pytest.raises(InputError):
         postprocessed_metrics(torch.randn(1, 4), torch.zeros(1, dtype=torch.long), "dba")
+
+
+def test_a_spec_k_above_the_set_is_clamped_with_a_note():
+    x, y = _noisy_clusters(n_cls=3, per=3)
+    with pytest.warns(UserWarning, match="larger than"):
+        m = postprocessed_metrics(x, y, "dba:k=50")
+    assert 0 <= m["map_at_r"] <= 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the grid over a tiny validation set: silent
+        choose_postprocess(x, y, n_boot=20)

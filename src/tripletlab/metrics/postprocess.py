@@ -677,7 +677,8 @@ def apply_postprocess(
             exclude_self=exclude_self,
         )
     if m in ("dba", "dba+aqe") and exclude_self:
-        return _dba_leave_one_out(g, p["k"], p["alpha"], k, distance, m == "dba+aqe")
+        k_dba = _clamp(p["k"], g.shape[0] - 1, "k")  # each query's gallery: the others
+        return _dba_leave_one_out(g, k_dba, p["alpha"], k, distance, m == "dba+aqe")
     if m in ("dba", "dba+aqe"):
         g = database_augmentation(g, k=p["k"], alpha=p["alpha"], distance=distance)
     if m in ("aqe", "dba+aqe"):

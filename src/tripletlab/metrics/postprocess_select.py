@@ -113,10 +113,9 @@ def postprocessed_metrics(
     ks = check_ks(ks)
     if emb.shape[0] < 2:
         raise InputError("post-processed retrieval metrics need at least 2 items")
-    k = _search_k(y, ks, emb.shape[0], groups)
-    with warnings.catch_warnings():  # k clamped to a small gallery: expected here
-        warnings.simplefilter("ignore", UserWarning)
-        _, idx = apply_postprocess(spec, emb, emb, k=k, distance=distance, exclude_self=True)
+    k = _search_k(y, ks, emb.shape[0], groups)  # never above the candidates: no clamp note
+    # a spec's own k above the set is clamped by apply_postprocess, with its warning
+    _, idx = apply_postprocess(spec, emb, emb, k=k, distance=distance, exclude_self=True)
     return ranking_metrics(idx, y, y, ks=ks, exclude_self=True, groups=groups, per_query=per_query)
 
 
@@ -218,7 +217,9 @@ def choose_postprocess(
     rows, best = [], None
     for spec in specs:
         t0 = time.perf_counter()
-        m = postprocessed_metrics(emb, y, spec, distance=distance, ks=(1,), per_query=True)
+        with warnings.catch_warnings():  # a grid k above a small validation set: clamped
+            warnings.simplefilter("ignore", UserWarning)
+            m = postprocessed_metrics(emb, y, spec, distance=distance, ks=(1,), per_query=True)
         sums, counts = _class_means(m["per_query"]["map_at_r"] - none_q, y_np)
         gain = float(m["map_at_r"] - base["map_at_r"])
         se = _bootstrap_se(sums, counts, n_boot, seed)
