@@ -77,7 +77,10 @@ def test_bootstrap_se_and_class_subsample():
 
 def test_degenerate_validation_sets():
     one = choose_postprocess(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), n_boot=10)
-    assert one["method"] == "none"
+    assert one["method"] == "none" and one["validation_gain_se"] is None  # JSON-safe, no inf
+    from tripletlab.metrics.evaluate import postprocess_line
+
+    assert "no estimate of the noise" in postprocess_line(one, {})
     single = choose_postprocess(torch.randn(4, 4), torch.arange(4), n_boot=10)
     assert single["method"] == "none" and "skipped" in single
     with pytest.raises(InputError):

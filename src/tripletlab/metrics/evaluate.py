@@ -291,12 +291,18 @@ def postprocess_line(post: dict, raw: dict) -> str:
     """
     spec, by = post.get("spec", "none"), post.get("chosen_by")
     gain, se = post.get("validation_gain"), post.get("validation_gain_se")
+    # SE: None (JSON null) where fewer than 2 validation classes gave no estimate of the noise
     if post.get("skipped"):
         how = f"({post['skipped']})"
     elif by == "validation" and spec == "none" and isinstance(gain, float):
+        bar = (
+            f"within the noise, 2 x SE {se:.4f}"
+            if isinstance(se, float)
+            else "one validation class: no estimate of the noise, nothing kept"
+        )
         how = (
             f"(chosen on validation: the best candidate, {post.get('best_candidate')}, gained "
-            f"{gain:+.4f} MAP@R there, within the noise, 2 x SE {se:.4f})"
+            f"{gain:+.4f} MAP@R there, {bar})"
         )
     elif by == "validation" and isinstance(gain, float):
         how = f"(chosen on validation: {gain:+.4f} MAP@R there, bootstrap SE {se:.4f})"

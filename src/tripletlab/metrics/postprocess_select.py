@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -227,7 +228,7 @@ def choose_postprocess(
             "spec": str(spec),
             "map_at_r": float(m["map_at_r"]),
             "gain": gain,
-            "gain_se": se,
+            "gain_se": se if math.isfinite(se) else None,  # None: < 2 classes, no estimate
             "p1_gain": float(m["precision_at_1"] - base["precision_at_1"]),
             "seconds": round(time.perf_counter() - t0, 3),
         }
@@ -239,7 +240,7 @@ def choose_postprocess(
         spec, row = best
         out["validation_gain"], out["validation_gain_se"] = row["gain"], row["gain_se"]
         out["best_candidate"] = row["spec"]
-        if row["gain"] > max(z * row["gain_se"], min_gain):
+        if row["gain_se"] is not None and row["gain"] > max(z * row["gain_se"], min_gain):
             out.update(
                 method=spec.method,
                 params=dict(spec.params),
