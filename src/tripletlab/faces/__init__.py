@@ -10,13 +10,33 @@
 
 from __future__ import annotations
 
+from .align import (
+    ARCFACE_112,
+    TEMPLATES,
+    align_face,
+    apply_transform,
+    similarity_transform,
+    template_points,
+    warp_affine,
+)
 from .detect import MTCNN, Detections, detect_faces
 from .image import load_image, to_rgb_tensor
 from .networks import ONet, PNet, RNet, load_mtcnn, mtcnn_weights_dir
 from .nms import box_overlap, nms
+from .pipeline import AlignedFace, align_detections, detect_and_align
 
 __all__ = [
+    "ARCFACE_112",
+    "AlignedFace",
     "MTCNN",
+    "TEMPLATES",
+    "align_detections",
+    "align_face",
+    "apply_transform",
+    "detect_and_align",
+    "similarity_transform",
+    "template_points",
+    "warp_affine",
     "Detections",
     "ONet",
     "PNet",
