@@ -81,7 +81,8 @@ def to_rgb_tensor(image) -> torch.Tensor:
             image = image[:, :, None]
         if image.ndim != 3:
             raise InputError(f"an image array is (H, W) or (H, W, C), got {image.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        a = np.ascontiguousarray(image)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.ndim == 2:
