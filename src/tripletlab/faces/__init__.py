@@ -20,6 +20,7 @@ from .align import (
     warp_affine,
 )
 from .detect import MTCNN, Detections, detect_faces
+from .folder import MANIFEST_NAME, align_folder
 from .image import load_image, to_rgb_tensor
 from .networks import ONet, PNet, RNet, load_mtcnn, mtcnn_weights_dir
 from .nms import box_overlap, nms
@@ -28,10 +29,12 @@ from .pipeline import AlignedFace, align_detections, detect_and_align
 __all__ = [
     "ARCFACE_112",
     "AlignedFace",
+    "MANIFEST_NAME",
     "MTCNN",
     "TEMPLATES",
     "align_detections",
     "align_face",
+    "align_folder",
     "apply_transform",
     "detect_and_align",
     "similarity_transform",
