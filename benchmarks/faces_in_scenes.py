@@ -88,6 +88,21 @@ def _truth(det, paste):
     return box, pts
 
 
+def _draw(frame: np.ndarray, det, width: int = 320) -> Image.Image:
+    """The frame at ``width`` pixels with the boxes (green) and landmarks (red) drawn."""
+    from PIL import ImageDraw
+
+    im = Image.fromarray(frame)
+    r = width / im.width
+    im = im.resize((width, round(im.height * r)), Image.BILINEAR)
+    draw = ImageDraw.Draw(im)
+    for b, pts in zip(det.boxes.tolist(), det.landmarks.tolist(), strict=True):
+        draw.rectangle([v * r for v in b], outline=(0, 255, 0), width=2)
+        for x, y in pts:
+            draw.ellipse([x * r - 2, y * r - 2, x * r + 2, y * r + 2], fill=(255, 0, 0))
+    return im
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="../shared/data/att_faces")
@@ -97,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument(
+        "--figure", default=None, help="draw the first ten frames' detections into this image"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -114,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     n_faces = found = 0
     crop_missed = 0
     lm_err, box_err, times = [], [], []
+    drawn: list = []
     for _ in range(args.n):
         k = 2 if rng.uniform() < args.second else 1
         picks = [files[int(i)] for i in rng.choice(len(files), k, replace=False)]
@@ -123,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         d = det.detect(frame)
         times.append(time.perf_counter() - t0)
+        if args.figure and len(drawn) < 10:
+            drawn.append(_draw(frame, d))
         for tdet, paste in zip(truths, pastes, strict=True):
             if len(tdet) == 0:  # the detector misses the original crop: no ground truth
                 crop_missed += 1
@@ -151,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         "ms_per_frame_median": 1000 * float(np.median(times)),
         "ms_per_frame_mean": 1000 * float(np.mean(times)),
     }
+    if drawn:
+        w, h = drawn[0].size
+        sheet = Image.new("RGB", (5 * w, 2 * h))
+        for i, im in enumerate(drawn):
+            sheet.paste(im, ((i % 5) * w, (i // 5) * h))
+        sheet.save(args.figure, quality=85)
     print(json.dumps(res, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

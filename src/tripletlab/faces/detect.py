@@ -117,7 +117,7 @@ class _Octaves:
             grid = torch.stack([ux, uy], dim=-1).reshape(1, -1, size, 2)
             s = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             out[idx] = s.reshape(3, -1, size, size).transpose(0, 1)
-        return (out - 127.5) / 128.0
+        return ((out - 127.5) / 128.0).contiguous(memory_format=torch.channels_last)
 
 
 class MTCNN:
@@ -188,7 +188,7 @@ class MTCNN:
                     src, size=(hs, ws), mode="bilinear", antialias=True, align_corners=False
                 )
             )
-            level = (level - 127.5) / 128.0
+            level = ((level - 127.5) / 128.0).contiguous(memory_format=torch.channels_last)
             prob, reg = self.pnet(level)
             p = prob[0, 1]
             ii, jj = (p >= self.thresholds[0]).nonzero(as_tuple=True)
