@@ -24,6 +24,18 @@ def shared_data(name: str) -> Path:
     return p
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """MTCNN's layers are small: on the shared 2-core machine 2 threads wait on each other
+    (~1 s per frame instead of ~40 ms); the previous setting is restored after each test."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def mtcnn():
     from tripletlab.errors import MissingDependencyError

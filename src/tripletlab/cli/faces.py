@@ -38,7 +38,11 @@ def _add_faces(sub) -> None:
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.add_argument("--skip-bad", action="store_true", help="ignore non-image files")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1: MTCNN's layers are small, and on a busy machine "
+        "more threads wait on each other; measured in docs/faces.md)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_faces)
 
@@ -49,24 +53,27 @@ def _cmd_faces(args) -> int:
     from ..errors import UsageError
     from ..faces import align_folder
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if not args.min_face >= 12:
         raise UsageError(f"--min-face must be >= 12 pixels, got {args.min_face}")
-    s = align_folder(
-        args.folder,
-        args.out,
-        template=args.template,
-        size=args.size,
-        all_faces=args.all_faces,
-        min_face=args.min_face,
-        manifest=args.manifest,
-        overwrite=args.overwrite,
-        skip_bad=args.skip_bad,
-        log=lambda msg: print(msg, file=sys.stderr),
-    )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        s = align_folder(
+            args.folder,
+            args.out,
+            template=args.template,
+            size=args.size,
+            all_faces=args.all_faces,
+            min_face=args.min_face,
+            manifest=args.manifest,
+            overwrite=args.overwrite,
+            skip_bad=args.skip_bad,
+            log=lambda msg: print(msg, file=sys.stderr),
+        )
+    finally:
+        torch.set_num_threads(previous)  # main() may run in-process (tests, notebooks)
     if args.json:
         print_json(s)
     else:
