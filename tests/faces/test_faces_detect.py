@@ -137,6 +137,19 @@ def test_detect_and_align_largest_and_templates(mtcnn, att_faces):
     assert not torch.equal(head.crop, detect_and_align(frame, detector=mtcnn)[0].crop)
 
 
+@pytest.mark.parametrize("x0,y0", [(-25, 100), (600, 100), (300, -30), (300, 420)])
+def test_face_cut_by_the_border(mtcnn, att_face, x0, y0):
+    frame = texture(480, 640, np.random.default_rng(1))
+    ys, xs = slice(max(0, y0), min(480, y0 + 112)), slice(max(0, x0), min(640, x0 + 92))
+    frame[ys, xs] = att_face[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0, None]
+    faces = detect_and_align(frame, detector=mtcnn)  # found or not: never an exception
+    for f in faces:
+        assert f.crop.shape == (3, 112, 112) and torch.isfinite(f.landmarks).all()
+    if faces:  # the face found is the pasted one
+        b = faces[0].box
+        assert abs(float(b[0] + b[2]) / 2 - (x0 + 46)) < 40
+
+
 def test_detector_options_are_checked(mtcnn):
     with pytest.raises(InputError, match="min_face"):
         MTCNN(min_face=5)

@@ -52,7 +52,8 @@ __all__ = ["MTCNN", "Detections", "detect_faces"]
 class Detections:
     """Faces found in one image: ``boxes`` (N, 4) ``(x1, y1, x2, y2)``, ``scores`` (N,) (O-Net's
     face probability), ``landmarks`` (N, 5, 2), in the coordinates of the input image, sorted by
-    decreasing score; ``image_size`` = (H, W) of the input."""
+    decreasing score; ``image_size`` = (H, W) of the input. A box may extend past the image
+    border (a face cut by it): it is the face's extent, not clipped."""
 
     boxes: torch.Tensor
     scores: torch.Tensor
