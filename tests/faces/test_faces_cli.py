@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from faces_fixtures import *  # noqa: F403 - the fixtures mtcnn, att_face(s), _one_thread
 from PIL import Image
 
 from faces_in_scenes import paste_scene, texture

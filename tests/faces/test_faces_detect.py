@@ -8,6 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from faces_fixtures import *  # noqa: F403 - the fixtures mtcnn, att_face(s), _one_thread
 from PIL import Image
 
 from faces_in_scenes import paste_scene, texture

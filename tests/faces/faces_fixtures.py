@@ -1,5 +1,7 @@
 """Fixtures of the face tests: the MTCNN detector (skips without its weights package) and
-AT&T faces (skip without ../shared/data)."""
+AT&T faces (skip without ../shared/data). Imported by each test module (``from faces_fixtures
+import ...``): a nested ``conftest.py`` would shadow tests/conftest.py, which other tests
+import by the name ``conftest``."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+__all__ = ["_one_thread", "att_face", "att_faces", "mtcnn"]
 
 # as tests/conftest.py (a nested conftest cannot import that module by name)
 _SHARED = Path(
