@@ -151,6 +151,22 @@ def test_face_cut_by_the_border(mtcnn, att_face, x0, y0):
         assert abs(float(b[0] + b[2]) / 2 - (x0 + 46)) < 40
 
 
+def test_exif_orientation_is_applied(mtcnn, att_face, tmp_path):
+    from tripletlab.faces import load_image
+
+    frame, _ = paste_scene([att_face], (240, 320), fixed=[(100, 60, 1.0)])
+    upright = Image.fromarray(frame)
+    ref = mtcnn.detect(upright)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as a phone held sideways stores it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    im = load_image(tmp_path / "phone.jpg")
+    assert im.size == (320, 240)
+    det = mtcnn.detect(im)
+    assert len(det) == 1 and (det.boxes[0] - ref.boxes[0]).abs().max() < 4
+
+
 def test_detector_options_are_checked(mtcnn):
     with pytest.raises(InputError, match="min_face"):
         MTCNN(min_face=5)

@@ -26,14 +26,15 @@ __all__ = ["load_image", "to_rgb_tensor"]
 
 
 def load_image(path: str | os.PathLike[str]):
-    """A PIL image of ``path`` in RGB (first frame of an animation; transparency on white), or a
-    :class:`FileFormatError` naming the file.
+    """A PIL image of ``path`` in RGB (first frame of an animation; transparency on white; turned
+    upright by its EXIF orientation, as a phone photo is displayed, so boxes and landmarks refer
+    to the upright image), or a :class:`FileFormatError` naming the file.
 
     Example:
         >>> load_image("photo.jpg").mode  # doctest: +SKIP
         'RGB'
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = Path(path)
     if not p.is_file():
@@ -41,7 +42,7 @@ def load_image(path: str | os.PathLike[str]):
     try:
         with Image.open(p) as im:
             im.seek(0)
-            return _pil_to_rgb(im)
+            return _pil_to_rgb(ImageOps.exif_transpose(im) or im)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise FileFormatError(f"cannot read image {p}: {e}") from None
 
