@@ -167,7 +167,7 @@ def test_exif_orientation_is_applied(mtcnn, att_face, tmp_path):
     assert len(det) == 1 and (det.boxes[0] - ref.boxes[0]).abs().max() < 4
 
 
-def test_detector_options_are_checked(mtcnn):
+def test_detector_options_are_checked():  # checked before the weights are read
     with pytest.raises(InputError, match="min_face"):
         MTCNN(min_face=5)
     with pytest.raises(InputError, match="factor"):
