@@ -167,6 +167,27 @@ def test_exif_orientation_is_applied(mtcnn, att_face, tmp_path):
     assert len(det) == 1 and (det.boxes[0] - ref.boxes[0]).abs().max() < 4
 
 
+def test_detect_batch_equals_one_at_a_time(mtcnn, att_faces):
+    g = np.random.default_rng(3)
+    images = [
+        paste_scene(att_faces[:1], (240, 320), rng=g)[0],
+        paste_scene(att_faces[1:3], (240, 320), rng=g)[0],
+        texture(240, 320, g),  # no face, same size
+        paste_scene(att_faces[3:4], (300, 200), rng=g)[0],  # another size
+        np.zeros((5, 5), np.uint8),  # too small
+        att_faces[0],
+    ]
+    batch = mtcnn.detect_batch(images, images_per_batch=2)
+    assert [len(d) for d in batch] == [len(mtcnn.detect(im)) for im in images]
+    for im, d in zip(images, batch, strict=True):
+        one = mtcnn.detect(im)
+        assert d.image_size == one.image_size
+        assert torch.allclose(d.boxes, one.boxes, atol=1e-3)
+        assert torch.allclose(d.landmarks, one.landmarks, atol=1e-3)
+        assert torch.allclose(d.scores, one.scores, atol=1e-5)
+    assert [len(d) for d in batch][:3] == [1, 2, 0] and len(batch[4]) == 0
+
+
 def test_detector_options_are_checked():  # checked before the weights are read
     with pytest.raises(InputError, match="min_face"):
         MTCNN(min_face=5)

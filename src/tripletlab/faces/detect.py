@@ -96,21 +96,23 @@ class _Octaves:
         while min(self.levels[-1].shape[-2:]) >= 2 * smallest:
             self.levels.append(F.avg_pool2d(self.levels[-1], 2, ceil_mode=True))
 
-    def crops(self, boxes: torch.Tensor, size: int) -> torch.Tensor:
-        """(N, 3, size, size) bilinear crops of ``boxes`` (image coordinates), normalised."""
+    def crops(self, boxes: torch.Tensor, size: int, image: torch.Tensor | None = None):
+        """(N, 3, size, size) bilinear crops of ``boxes`` (image coordinates), normalised;
+        ``image`` (N,): which image of the batch each box is on (default: the first)."""
         out = torch.empty(boxes.shape[0], 3, size, size)
         if boxes.shape[0] == 0:
             return out
+        if image is None:
+            image = torch.zeros(boxes.shape[0], dtype=torch.long)
         side = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3).min(dim=1).values
         level = torch.floor(torch.log2(side / size)).clamp(0, len(self.levels) - 1).long()
-        for k in level.unique().tolist():
-            idx = (level == k).nonzero().flatten()
-            img = self.levels[k]
-            scale = 2.0**k
-            b = boxes[idx] / scale
+        t = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+        for k, b_i in torch.unique(torch.stack([level, image], 1), dim=0).tolist():
+            idx = ((level == k) & (image == b_i)).nonzero().flatten()
+            img = self.levels[k][b_i : b_i + 1]
+            b = boxes[idx] / 2.0**k
             h, w = img.shape[-2:]
             # one tall grid (1, n*size, size, 2) sampled from the single image: no batch copies
-            t = (torch.arange(size, dtype=torch.float32) + 0.5) / size
             gx = b[:, 0:1] + t[None] * (b[:, 2:3] - b[:, 0:1])  # (n, size) pixel x
             gy = b[:, 1:2] + t[None] * (b[:, 3:4] - b[:, 1:2])
             ux = (2 * gx / w - 1)[:, None, :].expand(-1, size, -1)
@@ -173,10 +175,11 @@ class MTCNN:
             shorter *= self.factor
         return out
 
-    def _stage1(self, octaves: _Octaves) -> torch.Tensor:
+    def _stage1(self, octaves: _Octaves) -> list[torch.Tensor]:
+        """P-Net over the pyramid of a batch of same-size images: boxes (n_b, 4) per image."""
         x = octaves.levels[0]
-        h, w = x.shape[-2:]
-        found = []
+        n_img, (h, w) = x.shape[0], x.shape[-2:]
+        found: list[list[torch.Tensor]] = [[] for _ in range(n_img)]
         for s in self.scales(h, w):
             hs, ws = math.ceil(h * s), math.ceil(w * s)
             # resize from the smallest octave still at least as large (cheap, antialiased)
@@ -191,30 +194,32 @@ class MTCNN:
             )
             level = ((level - 127.5) / 128.0).contiguous(memory_format=torch.channels_last)
             prob, reg = self.pnet(level)
-            p = prob[0, 1]
-            ii, jj = (p >= self.thresholds[0]).nonzero(as_tuple=True)
-            if ii.numel() == 0:
+            for i in range(n_img):
+                p = prob[i, 1]
+                ii, jj = (p >= self.thresholds[0]).nonzero(as_tuple=True)
+                if ii.numel() == 0:
+                    continue
+                b = torch.stack([2.0 * jj, 2.0 * ii, 2.0 * jj + 12, 2.0 * ii + 12], dim=1) / s
+                score = p[ii, jj]
+                off = reg[i][:, ii, jj].T
+                keep = nms(b, score, self.nms_thresholds[0])
+                found[i].append(torch.cat([b[keep], score[keep, None], off[keep]], dim=1))
+        out = []
+        for parts in found:
+            if not parts:
+                out.append(torch.zeros(0, 4))
                 continue
-            b = torch.stack([2.0 * jj, 2.0 * ii, 2.0 * jj + 12, 2.0 * ii + 12], dim=1) / s
-            score = p[ii, jj]
-            off = reg[0][:, ii, jj].T
-            keep = nms(b, score, self.nms_thresholds[0])
-            found.append(torch.cat([b[keep], score[keep, None], off[keep]], dim=1))
-        if not found:
-            return torch.zeros(0, 4)
-        allb = torch.cat(found)
-        keep = nms(allb[:, :4], allb[:, 4], self.nms_thresholds[1])
-        allb = allb[keep]
-        return _square(_regress(allb[:, :4], allb[:, 5:9]))
+            allb = torch.cat(parts)
+            allb = allb[nms(allb[:, :4], allb[:, 4], self.nms_thresholds[1])]
+            out.append(_square(_regress(allb[:, :4], allb[:, 5:9])))
+        return out
 
     def _run(self, net, crops: torch.Tensor) -> list[torch.Tensor]:
         outs = [net(crops[i : i + self.batch]) for i in range(0, crops.shape[0], self.batch)]
         return [torch.cat([o[k] for o in outs]) for k in range(len(outs[0]))]
 
-    @torch.no_grad()
-    def detect(self, image) -> Detections:
-        """Faces in ``image`` (PIL image, array, tensor or path; see :mod:`.image`); an empty
-        :class:`Detections` when there is none or the image is smaller than 12 pixels."""
+    def _prepare(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``(x (1, 3, h, w) in [0, 255], downscaled to max_side; the input's (H, W))``."""
         from PIL import Image
 
         if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image: shrink it first
@@ -226,49 +231,104 @@ class MTCNN:
                     Image.BILINEAR,
                     reducing_gap=2.0,
                 )
-            x = to_rgb_tensor(image)[None]
-        else:
-            x = to_rgb_tensor(image)[None]
-            size = (int(x.shape[-2]), int(x.shape[-1]))
-            r = min(1.0, self.max_side / max(size)) if min(size) > 0 else 1.0
-            if r < 1.0:
-                x = F.interpolate(
-                    x, size=(max(1, round(size[0] * r)), max(1, round(size[1] * r))), mode="area"
-                )
-        if min(x.shape[-2:]) < 12:
-            return Detections.empty(size)
-        # r: the factor from the input image to x
-        r_h, r_w = x.shape[-2] / size[0], x.shape[-1] / size[1]
+            return to_rgb_tensor(image)[None], size
+        x = to_rgb_tensor(image)[None]
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        r = min(1.0, self.max_side / max(size)) if min(size) > 0 else 1.0
+        if r < 1.0:
+            x = F.interpolate(
+                x, size=(max(1, round(size[0] * r)), max(1, round(size[1] * r))), mode="area"
+            )
+        return x, size
+
+    @torch.no_grad()
+    def detect(self, image) -> Detections:
+        """Faces in ``image`` (PIL image, array, tensor or path; see :mod:`.image`); an empty
+        :class:`Detections` when there is none or the image is smaller than 12 pixels."""
+        return self.detect_batch([image])[0]
+
+    @torch.no_grad()
+    def detect_batch(self, images, images_per_batch: int = 16) -> list[Detections]:
+        """:meth:`detect` on each of ``images``: images of one (downscaled) size go through
+        P-Net together (``images_per_batch`` at a time), and every image's crops through R-Net
+        and O-Net together; the same results as one at a time.
+
+        Example:
+            >>> dets = MTCNN().detect_batch(["a.jpg", "b.jpg"])  # doctest: +SKIP
+        """
+        prepared = [self._prepare(im) for im in images]
+        out: list[Detections | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (x, size) in enumerate(prepared):
+            if min(x.shape[-2:]) < 12:
+                out[i] = Detections.empty(size)
+            else:
+                groups.setdefault((int(x.shape[-2]), int(x.shape[-1])), []).append(i)
+        for idx in groups.values():
+            for start in range(0, len(idx), max(1, images_per_batch)):
+                chunk = idx[start : start + max(1, images_per_batch)]
+                x = torch.cat([prepared[i][0] for i in chunk])
+                dets = self._detect_stacked(x, [prepared[i][1] for i in chunk])
+                for i, d in zip(chunk, dets, strict=True):
+                    out[i] = d
+        return out  # type: ignore[return-value]
+
+    def _detect_stacked(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Detections]:
+        n = x.shape[0]
         oct_ = _Octaves(x)
         boxes = self._stage1(oct_)
-        if boxes.shape[0] == 0:
-            return Detections.empty(size)
-        # stage 2
-        prob, reg = self._run(self.rnet, oct_.crops(boxes, 24))
-        keep = prob[:, 1] >= self.thresholds[1]
-        boxes, score, reg = boxes[keep], prob[keep, 1], reg[keep]
-        if boxes.shape[0] == 0:
-            return Detections.empty(size)
-        k = nms(boxes, score, self.nms_thresholds[2])
-        boxes = _square(_regress(boxes[k], reg[k]))
+        # stage 2: every image's crops in one R-Net pass
+        boxes, score, reg = self._stage(self.rnet, oct_, boxes, 24)
+        boxes = [
+            _square(_regress(b[k], r[k]))
+            for b, sc, r in zip(boxes, score, reg, strict=True)
+            for k in [nms(b, sc, self.nms_thresholds[2])]
+        ]
         # stage 3
-        prob, reg, pts = self._run(self.onet, oct_.crops(boxes, 48))
-        keep = prob[:, 1] >= self.thresholds[2]
-        boxes, score, reg, pts = boxes[keep], prob[keep, 1], reg[keep], pts[keep]
-        if boxes.shape[0] == 0:
-            return Detections.empty(size)
-        w = (boxes[:, 2] - boxes[:, 0])[:, None]
-        h = (boxes[:, 3] - boxes[:, 1])[:, None]
-        lx = boxes[:, 0:1] + w * pts[:, 0:5]
-        ly = boxes[:, 1:2] + h * pts[:, 5:10]
-        landmarks = torch.stack([lx, ly], dim=2)
-        boxes = _regress(boxes, reg)
-        k = nms(boxes, score, self.nms_thresholds[3], mode="min")
-        scale = torch.tensor([r_w, r_h])
-        boxes = boxes[k] / scale.repeat(2)
-        landmarks = landmarks[k] / scale
-        ok = torch.isfinite(boxes).all(1) & torch.isfinite(landmarks).flatten(1).all(1)
-        return Detections(boxes[ok].float(), score[k][ok].float(), landmarks[ok].float(), size)
+        boxes, score, reg, pts = self._stage(self.onet, oct_, boxes, 48)
+        out = []
+        for i in range(n):
+            b, sc, r, p = boxes[i], score[i], reg[i], pts[i]
+            if b.shape[0] == 0:
+                out.append(Detections.empty(sizes[i]))
+                continue
+            w = (b[:, 2] - b[:, 0])[:, None]
+            h = (b[:, 3] - b[:, 1])[:, None]
+            landmarks = torch.stack([b[:, 0:1] + w * p[:, 0:5], b[:, 1:2] + h * p[:, 5:10]], 2)
+            b = _regress(b, r)
+            k = nms(b, sc, self.nms_thresholds[3], mode="min")
+            # from the downscaled image back to the input's coordinates
+            scale = torch.tensor([x.shape[-1] / sizes[i][1], x.shape[-2] / sizes[i][0]])
+            b, landmarks, sc = b[k] / scale.repeat(2), landmarks[k] / scale, sc[k]
+            ok = torch.isfinite(b).all(1) & torch.isfinite(landmarks).flatten(1).all(1)
+            out.append(Detections(b[ok].float(), sc[ok].float(), landmarks[ok].float(), sizes[i]))
+        return out
+
+    def _stage(self, net, oct_: _Octaves, boxes: list[torch.Tensor], size: int):
+        """R-Net or O-Net on the crops of every image's boxes; per image the boxes, scores and
+        the other outputs that pass the stage's threshold."""
+        threshold = self.thresholds[1] if size == 24 else self.thresholds[2]
+        counts = [b.shape[0] for b in boxes]
+        n_out = 2 if size == 24 else 3
+        if sum(counts) == 0:
+            empty = [torch.zeros(0, 4) for _ in boxes]
+            extra = [[torch.zeros(0, 4) for _ in boxes]] + (
+                [[torch.zeros(0, 10) for _ in boxes]] if n_out == 3 else []
+            )
+            return (empty, [torch.zeros(0) for _ in boxes], *extra)
+        allb = torch.cat(boxes)
+        which = torch.repeat_interleave(torch.arange(len(boxes)), torch.tensor(counts))
+        outs = self._run(net, oct_.crops(allb, size, which))
+        prob, rest = outs[0][:, 1], outs[1:]
+        keep = prob >= threshold
+        res_b, res_s, res_rest = [], [], [[] for _ in rest]
+        for i in range(len(boxes)):
+            m = keep & (which == i)
+            res_b.append(allb[m])
+            res_s.append(prob[m])
+            for j, o in enumerate(rest):
+                res_rest[j].append(o[m])
+        return (res_b, res_s, *res_rest)
 
 
 _DEFAULT: dict[tuple, MTCNN] = {}
