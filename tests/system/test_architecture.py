@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"losses"},
     {"data"},
     {"models"},
+    {"faces"},  # detection + alignment: reads image folders (data); used by inference/serve later
     {"metrics"},
     {"rundir"},
     {"index"},

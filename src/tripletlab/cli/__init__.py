@@ -17,7 +17,7 @@ import warnings
 
 from .. import __version__
 from ..errors import TripletLabError, UsageError
-from . import bench, run, serve, train, tune  # noqa: F401 - importing registers the commands
+from . import bench, faces, run, serve, train, tune  # noqa: F401 - importing registers the commands
 from ._base import COMMANDS, register_command
 
 __all__ = ["build_parser", "main", "register_command"]
