@@ -33,6 +33,7 @@ from ..errors import InputError
 
 __all__ = [
     "backward_in_chunks",
+    "batch_length",
     "cached_backward",
     "check_chunk_size",
     "embed_in_chunks",
@@ -46,7 +47,7 @@ BN_WARNING = (
     "BatchNorm in training mode normalises each chunk of {chunk} items with the chunk's "
     "statistics, not the batch's ({batch}): the cached gradient is that of the chunked forward; "
     "freeze BatchNorm (its layers in eval mode; tripletlab backbones: freeze_bn=True, the "
-    "default, i.e. drop --no-freeze-bn)"
+    "default, i.e. drop --no-freeze-bn; the mlp model: model_options batchnorm=false)"
 )
 
 
@@ -57,7 +58,9 @@ def check_chunk_size(chunk_size: int) -> int:
     return chunk_size
 
 
-def _batch_size(inputs: Inputs) -> int:
+def batch_length(inputs: Inputs) -> int:
+    """The number of items of ``inputs`` (a tensor's rows, a mapping's shared first dimension,
+    a sequence's length)."""
     if isinstance(inputs, torch.Tensor):
         return int(inputs.shape[0])
     if isinstance(inputs, Mapping):
@@ -157,7 +160,7 @@ def embed_in_chunks(
     """Step 1: ``model`` on each chunk of ``inputs`` without a graph (under autocast ``amp``),
     the embeddings concatenated (cast to ``dtype`` when given) and the :class:`ChunkRecord`."""
     check_chunk_size(chunk_size)
-    n = _batch_size(inputs)
+    n = batch_length(inputs)
     warn_batchnorm(model, chunk_size, n)
     devices = _cuda_devices(model, inputs)
     device = devices[0] if devices else torch.device("cpu")
@@ -261,7 +264,7 @@ def cached_backward(
         (False, torch.Size([8, 5]))
     """
     check_chunk_size(chunk_size)
-    n = _batch_size(inputs)
+    n = batch_length(inputs)
     cast = torch.float32 if amp is not None else None
     if chunk_size >= n:  # the plain path
         with _autocast(amp, _device_of(model, inputs)):

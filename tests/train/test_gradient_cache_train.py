@@ -1,0 +1,148 @@
+"""``--chunk-size``: the trainer's gradient caching trains like the plain path, resumes exactly,
+is ignored (with a note) on the frozen-feature cache, and a bad value exits 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tripletlab.cli import main
+from tripletlab.errors import UsageError
+from tripletlab.train import Trainer
+from tripletlab.train.config import resolve_config
+
+from conftest import make_image_folder
+
+
+def _cfg(tmp_path, name, **kw):
+    base = {
+        "data": "digits",
+        "out": str(tmp_path / name),
+        "steps": 8,
+        "eval_every": 4,
+        "checkpoint_every": 4,
+        "log_every": 2,
+        "quiet": True,
+        "report": False,
+        "evaluate": False,
+        "embedding_dim": 16,
+        "model_options": {"hidden": [32], "batchnorm": False},
+        "p": 5,
+        "k": 4,
+        "threads": 1,
+    }
+    base.update(kw)
+    return resolve_config(overrides=base)
+
+
+def _weights(run):
+    w = load_file(str(run / "checkpoint" / "state.safetensors"))
+    return {k: v for k, v in w.items() if k.startswith("model.")}
+
+
+def _losses(run):
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r.get("type") != "eval"]
+
+
+def test_chunked_training_equals_the_plain_path(tmp_path):
+    lines = []
+    Trainer(_cfg(tmp_path, "plain")).fit()
+    Trainer(_cfg(tmp_path, "chunked", chunk_size=6), log=lines.append).fit()
+    assert any("embedded 6 at a time" in x for x in lines)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "chunked")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    la, lb = _losses(tmp_path / "plain"), _losses(tmp_path / "chunked")
+    assert len(la) == 4 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb, strict=True))
+
+
+def test_chunked_training_resumes_bit_identical(tmp_path):
+    Trainer(_cfg(tmp_path, "full", chunk_size=7, memory_size=40)).fit()
+    half = Trainer(_cfg(tmp_path, "half", chunk_size=7, memory_size=40))
+    half.total_steps = 4  # as if killed after the checkpoint at step 4
+    half.fit()
+    resumed = Trainer(_cfg(tmp_path, "half", chunk_size=7, memory_size=40), resume=True)
+    assert resumed.state.step == 4
+    resumed.fit()
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "half")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chunk_size_at_least_the_batch_is_the_plain_path(tmp_path):
+    lines = []
+    Trainer(_cfg(tmp_path, "plain", steps=4)).fit()
+    Trainer(_cfg(tmp_path, "big", steps=4, chunk_size=20), log=lines.append).fit()
+    assert any("no caching" in x for x in lines)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "big")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("value", ["0", "-4"])
+def test_bad_chunk_size_exits_2(tmp_path, value, capsys):
+    with pytest.raises(UsageError, match="chunk-size must be an integer >= 1"):
+        resolve_config(overrides={"chunk_size": int(value)})
+    code = main(["train", "--chunk-size", value, "--out", str(tmp_path / "r"), "--quiet"])
+    assert code == 2
+    assert "--chunk-size must be an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_chunk_size_trains_like_without(tmp_path):
+    common = ["train", "--steps", "6", "--log-every", "2", "--eval-every", "6", "--quiet"]
+    common += ["--no-report", "--p", "5", "--k", "4", "--threads", "1"]
+    conf = tmp_path / "mlp.json"  # no BatchNorm: chunks then see what the batch sees
+    conf.write_text(
+        json.dumps({"model_options": {"hidden": [32], "batchnorm": False}, "evaluate": False})
+    )
+    common += ["--config", str(conf)]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--chunk-size", "8"]) == 0
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(la) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb, strict=True))
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert json.dumps(cfg).count('"chunk_size": 8') == 1
+
+
+def test_frozen_feature_cache_ignores_chunk_size_with_a_note(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", n_classes=6, per_class=5, size=(16, 12))
+    cfg = resolve_config(
+        overrides={
+            "data": str(folder),
+            "out": str(tmp_path / "frozen"),
+            "steps": 2,
+            "eval_every": 2,
+            "quiet": True,
+            "report": False,
+            "evaluate": False,
+            "backbone": "mobilenet_v2",
+            "image_size": [32, 32],
+            "freeze_stages": "all",
+            "feature_blocks": [3],
+            "embedding_dim": 8,
+            "p": 3,
+            "k": 2,
+            "threads": 1,
+            "device": "cpu",
+            "chunk_size": 2,
+        }
+    )
+    lines = []
+    trainer = Trainer(cfg, log=lines.append)
+    trainer.fit()
+    assert trainer.features is not None
+    assert any("--chunk-size 2 ignored" in x and "frozen-feature cache" in x for x in lines)
+
+
+def test_batchnorm_model_warns_once_in_one_line(tmp_path):
+    cfg = _cfg(tmp_path, "bn", steps=3, chunk_size=6, model_options={"hidden": [32]})
+    with pytest.warns(UserWarning, match="BatchNorm in training mode.*batchnorm=false") as rec:
+        Trainer(cfg).fit()
+    msgs = {str(w.message) for w in rec if "BatchNorm" in str(w.message)}
+    assert len(msgs) == 1 and "\n" not in msgs.pop()
