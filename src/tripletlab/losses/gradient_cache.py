@@ -64,7 +64,12 @@ def batch_length(inputs: Inputs) -> int:
     if isinstance(inputs, torch.Tensor):
         return int(inputs.shape[0])
     if isinstance(inputs, Mapping):
-        sizes = {int(v.shape[0]) for v in inputs.values() if isinstance(v, torch.Tensor)}
+        for key in ("input_ids", "attention_mask"):  # a tokenizer's output
+            if isinstance(inputs.get(key), torch.Tensor):
+                return int(inputs[key].shape[0])
+        sizes = {
+            int(v.shape[0]) for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0
+        }
         if len(sizes) != 1:
             raise InputError(f"the inputs' tensors disagree on the batch size: {sorted(sizes)}")
         return sizes.pop()
@@ -143,8 +148,8 @@ class ChunkRecord:
     the random state before each chunk, the state after the last one, and the running
     statistics of training-mode BatchNorm layers after the graph-free pass."""
 
-    def __init__(self, bounds: list[tuple[int, int]], states: list[_RngState]) -> None:
-        self.bounds, self.states = bounds, states
+    def __init__(self, bounds: list[tuple[int, int]], states: list[_RngState], module: Any) -> None:
+        self.bounds, self.states, self.module = bounds, states, module
         self.after: _RngState | None = None
         self.bn_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -156,15 +161,19 @@ def embed_in_chunks(
     *,
     amp: torch.dtype | None = None,
     dtype: torch.dtype | None = None,
+    module: nn.Module | None = None,
 ) -> tuple[torch.Tensor, ChunkRecord]:
     """Step 1: ``model`` on each chunk of ``inputs`` without a graph (under autocast ``amp``),
-    the embeddings concatenated (cast to ``dtype`` when given) and the :class:`ChunkRecord`."""
+    the embeddings concatenated (cast to ``dtype`` when given) and the :class:`ChunkRecord`.
+    ``module``: the network behind ``model`` when ``model`` is a plain function (its BatchNorm
+    layers, devices and DDP ``no_sync``); default ``model`` itself."""
     check_chunk_size(chunk_size)
     n = batch_length(inputs)
-    warn_batchnorm(model, chunk_size, n)
-    devices = _cuda_devices(model, inputs)
+    module = module if module is not None else model
+    warn_batchnorm(module, chunk_size, n)
+    devices = _cuda_devices(module, inputs)
     device = devices[0] if devices else torch.device("cpu")
-    record = ChunkRecord(_chunks(n, chunk_size), [])
+    record = ChunkRecord(_chunks(n, chunk_size), [], module)
     outs = []
     with torch.no_grad():
         for start, stop in record.bounds:
@@ -173,7 +182,7 @@ def embed_in_chunks(
                 out = model(_slice(inputs, start, stop))
             outs.append(out if dtype is None else out.to(dtype))
     record.bn_buffers = [
-        (buf, buf.detach().clone()) for m in _training_batchnorms(model) for buf in m.buffers()
+        (buf, buf.detach().clone()) for m in _training_batchnorms(module) for buf in m.buffers()
     ]
     return torch.cat(outs, dim=0), record
 
@@ -192,15 +201,16 @@ def backward_in_chunks(
     gradients are synchronised on the last chunk only (``no_sync``). Afterwards the random
     state is the one after the loss (as on the plain path) and BatchNorm running statistics
     are those of step 1."""
-    after = _RngState(_cuda_devices(model, inputs))
-    device = _device_of(model, inputs)
+    module = record.module
+    after = _RngState(_cuda_devices(module, inputs))
+    device = _device_of(module, inputs)
     last = len(record.bounds) - 1
     for i, ((start, stop), state) in enumerate(zip(record.bounds, record.states, strict=True)):
         state.restore()
         sync = contextlib.nullcontext()
-        if i < last and hasattr(model, "no_sync"):
-            sync = model.no_sync()
-        with sync:
+        if i < last and hasattr(module, "no_sync"):
+            sync = module.no_sync()
+        with sync, torch.enable_grad():  # (a backward hook runs without grad mode)
             with _autocast(amp, device):
                 out = model(_slice(inputs, start, stop))
             if dtype is not None:
