@@ -146,3 +146,32 @@ def test_batchnorm_model_warns_once_in_one_line(tmp_path):
         Trainer(cfg).fit()
     msgs = {str(w.message) for w in rec if "BatchNorm" in str(w.message)}
     assert len(msgs) == 1 and "\n" not in msgs.pop()
+
+
+def test_text_encoder_and_triplet_file_train_with_chunks(tmp_path, tiny_text_model, capsys):
+    """Texts (a list of strings per batch) go through the cached path too."""
+    pytest.importorskip("transformers", reason="text models need transformers (extra [text])")
+    data = tmp_path / "texts.csv"
+    groups = {
+        "cat": ["a small cat", "a young cat", "a wild cat", "a cat of the forest"],
+        "dog": ["a young dog", "a small dog", "a wild dog", "a dog of the forest"],
+        "car": ["a small car", "a red car", "a car or bus", "a blue car"],
+        "bus": ["a red bus", "a blue bus", "a bus or car", "a small bus"],
+    }
+    data.write_text("text,label\n" + "".join(f"{t},{c}\n" for c, ts in groups.items() for t in ts))
+    fast = ["--steps", "2", "--p", "3", "--k", "2", "--threads", "1", "--quiet", "--no-report"]
+    code = main(
+        ["train", "--data", str(data), "--model", str(tiny_text_model), "--val-fraction", "0",
+         "--test-classes", "bus", "--out", str(tmp_path / "t"), "--chunk-size", "4", *fast]
+    )  # fmt: skip
+    assert code == 0
+    assert "embedded 4 at a time" in capsys.readouterr().err
+    assert all(x == x for x in _losses(tmp_path / "t"))  # finite (not NaN)
+    rows = [{"anchor": "a small cat", "positive": "a young cat", "negative": "a red bus"}] * 8
+    trip = tmp_path / "triplets.jsonl"
+    trip.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(
+        ["train", "--data", str(trip), "--model", str(tiny_text_model), "--eval-every", "2",
+         "--out", str(tmp_path / "trip"), "--chunk-size", "4", *fast]
+    )  # fmt: skip
+    assert code == 0
