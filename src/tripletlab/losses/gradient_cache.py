@@ -145,12 +145,11 @@ def _device_of(model: Any, inputs: Inputs) -> torch.device:
 
 class ChunkRecord:
     """What :func:`embed_in_chunks` leaves for :func:`backward_in_chunks`: the chunk bounds,
-    the random state before each chunk, the state after the last one, and the running
-    statistics of training-mode BatchNorm layers after the graph-free pass."""
+    the random state before each chunk, the module (BatchNorm, devices, ``no_sync``) and the
+    running statistics of its training-mode BatchNorm layers after the graph-free pass."""
 
     def __init__(self, bounds: list[tuple[int, int]], states: list[_RngState], module: Any) -> None:
         self.bounds, self.states, self.module = bounds, states, module
-        self.after: _RngState | None = None
         self.bn_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
