@@ -175,3 +175,32 @@ def test_text_encoder_and_triplet_file_train_with_chunks(tmp_path, tiny_text_mod
          "--out", str(tmp_path / "trip"), "--chunk-size", "4", *fast]
     )  # fmt: skip
     assert code == 0
+
+
+def test_two_gloo_processes_with_chunks_train_like_one_plain_process(tmp_path):
+    """torchrun, 2 processes of 10 items each in chunks of 3 (DDP no_sync on all but the last
+    chunk, the distributed loss) == 1 process on the 20-item batch without chunks."""
+    import subprocess
+    import sys
+
+    from helpers import free_port, subprocess_env
+
+    recipe = tmp_path / "model.json"  # a linear model: no BatchNorm, no dropout
+    recipe.write_text(json.dumps({"model_options": {"hidden": []}}))
+    args = ["--data", "digits", "--steps", "10", "--no-eval", "--seed", "3", "--quiet"]
+    args += ["--embedding-dim", "16", "--p", "5", "--k", "4", "--no-report"]
+    args += ["--config", str(recipe), "--threads", "1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    torchrun += ["-m", "tripletlab", "train", "--distributed", "--chunk-size", "3"]
+    proc = subprocess.run(
+        [*torchrun, *args, "--out", str(tmp_path / "two")],
+        env=subprocess_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "this rank's 10 of the P*K = 20" in proc.stderr
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    two, one = _weights(tmp_path / "two"), _weights(tmp_path / "one")
+    assert two.keys() == one.keys()
+    for k in one:
+        assert torch.allclose(two[k], one[k], atol=1e-5), k

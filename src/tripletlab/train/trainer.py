@@ -419,11 +419,15 @@ class Trainer:
             score=self.validation_score,
         )  # fmt: skip
         chunk, batch = self.cfg.chunk_size, self.cfg.p * self.cfg.k
+        world = self.dist.world_size if self.dist else 1
+        local = (
+            f"this rank's {batch // world} of the P*K = {batch}" if world > 1 else f"P*K = {batch}"
+        )
         if chunk is not None and self.features is None and self.is_main:
-            if self.task is LABELLED_DATA and chunk >= batch:
-                self.log(f"note: --chunk-size {chunk} >= the batch P*K = {batch}: no caching")
+            if self.task is LABELLED_DATA and chunk >= batch // world:
+                self.log(f"note: --chunk-size {chunk} >= the batch ({local}): no caching")
             elif self.task is LABELLED_DATA:
-                self.log(f"gradient caching: the P*K = {batch} batch embedded {chunk} at a time")
+                self.log(f"gradient caching: the batch ({local}) embedded {chunk} at a time")
         if self.features is not None:
             if self.cfg.chunk_size is not None and self.is_main:
                 self.log(
