@@ -429,8 +429,9 @@ class TrainConfig:
     chunk_size: int | None = _opt(
         None,
         "gradient caching: embed the P*K batch N items at a time (no graph), mine and take "
-        "the loss on the whole batch, then re-run each chunk to backpropagate (exact, about "
-        "one extra forward; for batches larger than memory; default: off)",
+        "the loss on the whole batch, then re-run each chunk to backpropagate (exact unless "
+        "BatchNorm trains; about one extra forward; for batches larger than memory; default: "
+        "off)",
         group="optimisation",
         metavar="N",
     )
