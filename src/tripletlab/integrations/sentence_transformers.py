@@ -9,6 +9,13 @@ line::
     # loss = losses.BatchSemiHardTripletLoss(model)
     loss = TripletLoss(model, strategy="semihard", margin=0.2)
 
+:class:`CachedTripletLoss` is the same loss with gradient caching (Gao et al. 2021; their
+``CachedMultipleNegativesRankingLoss`` does it for in-batch softmax): the batch is embedded
+``mini_batch_size`` texts at a time, so a mined batch of thousands of texts fits, with the
+same loss and gradients::
+
+    loss = CachedTripletLoss(model, strategy="semihard", mini_batch_size=32)
+
 and :func:`log_triplet_stats` adds the loss's mining statistics (active fraction, mean d(a,p),
 d(a,n), collapse signal) to the trainer's logs. docs/text.md puts both examples side by side.
 
@@ -25,9 +32,21 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, InputTypeError
+from ..losses.gradient_cache import (
+    backward_in_chunks,
+    check_chunk_size,
+    embed_in_chunks,
+    embedding_gradient,
+)
 from ..losses.triplet import TripletLoss as _CoreTripletLoss
 
-__all__ = ["STATS_KEYS", "TripletLoss", "TripletStatsCallback", "log_triplet_stats"]
+__all__ = [
+    "STATS_KEYS",
+    "CachedTripletLoss",
+    "TripletLoss",
+    "TripletStatsCallback",
+    "log_triplet_stats",
+]
 
 #: The statistics :func:`log_triplet_stats` adds to the logs (as ``triplet/<key>``), averaged
 #: over the steps since the last log line.
@@ -235,6 +254,105 @@ class TripletLoss(nn.Module):
     year={2015}
 }
 """
+
+
+class CachedTripletLoss(TripletLoss):
+    """:class:`TripletLoss` with gradient caching: the mined loss of a batch larger than memory.
+
+    Gao, Zhang, Han & Callan 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+    Limited Setup". ``forward`` embeds the batch ``mini_batch_size`` texts at a time without a
+    graph, computes the loss ``L(E, y)`` of the whole batch (exact online mining over all of it)
+    and ``G = dL/dE``, and returns ``L`` with a hook: when the trainer calls ``backward``, each
+    mini-batch is embedded again with a graph, its random state replayed (dropout draws the same
+    masks), and ``G_c`` scaled by the incoming gradient (fp16 loss scaling, gradient
+    accumulation) is backpropagated, so ``dL/dθ = Σ_c (dE_c/dθ)ᵀ G_c``: the gradient of the
+    uncached loss, with the activations of one mini-batch alive at a time (one extra forward).
+    Under DDP the gradients are synchronised on the last mini-batch only. A model with BatchNorm
+    in training mode sees mini-batch statistics (a warning says so); transformers have none.
+
+    Swap it in for :class:`TripletLoss` (or for sentence-transformers' batch triplet losses) in a
+    ``SentenceTransformerTrainer``; ``per_device_train_batch_size`` can then exceed what fits in
+    memory. Same arguments as :class:`TripletLoss` plus ``mini_batch_size`` (texts per forward
+    with a graph; memory, not the result, depends on it).
+
+    Example:
+        >>> loss = CachedTripletLoss(model, mini_batch_size=32)  # doctest: +SKIP
+        >>> trainer = SentenceTransformerTrainer(model=model, args=args,
+        ...     train_dataset=train_dataset, loss=loss)  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        margin: float = 0.2,
+        strategy: str = "semihard",
+        distance: str | Callable | None = None,
+        *,
+        mini_batch_size: int = 32,
+        distance_metric: Callable | None = None,
+        reduction: str | None = None,
+        soft_margin: bool = False,
+        semihard_fallback: str = "easiest",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            margin,
+            strategy,
+            distance,
+            distance_metric=distance_metric,
+            reduction=reduction,
+            soft_margin=soft_margin,
+            semihard_fallback=semihard_fallback,
+            seed=seed,
+        )
+        self.mini_batch_size = check_chunk_size(mini_batch_size)
+
+    def _embed(self, features: dict[str, Tensor]) -> Tensor:
+        return self.model(features)["sentence_embedding"]
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        """The loss of the whole batch; its ``backward`` runs the cached re-forward."""
+        features = list(sentence_features)
+        if len(features) != 1:
+            raise InputError(
+                f"CachedTripletLoss takes one text column and a 'label' column, got "
+                f"{len(features)} text columns"
+            )
+        inputs = dict(features[0])
+        emb, record = embed_in_chunks(self._embed, inputs, self.mini_batch_size, module=self.model)
+        if not torch.is_grad_enabled():  # evaluation: no backward to prepare
+            return self.compute_loss_from_embeddings([emb], labels)
+        emb = emb.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.compute_loss_from_embeddings([emb], labels)
+            grad = embedding_gradient(loss, emb)
+        loss = loss.detach().requires_grad_(True)
+
+        def replay(grad_output: Tensor) -> None:
+            backward_in_chunks(self._embed, inputs, grad * grad_output.to(grad.dtype), record)
+
+        loss.register_hook(replay)
+        return loss
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size}
+
+    @property
+    def citation(self) -> str:
+        return (
+            super().citation
+            + """
+@misc{gao2021scaling,
+    title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
+    author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
+    year={2021},
+    eprint={2101.06983},
+    archivePrefix={arXiv}
+}
+"""
+        )
 
 
 def _find_losses(loss: Any) -> list[TripletLoss]:

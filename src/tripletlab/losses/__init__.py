@@ -6,9 +6,12 @@
 - :class:`CrossBatchMemory` (``memory.py``): a FIFO bank of past embeddings (XBM).
 - :class:`DistributedTripletLoss` (``distributed.py``): own anchors x the gathered global batch
   under torchrun, gradients reduce-scattered to their owners.
+- :func:`cached_backward` (``gradient_cache.py``): the exact mined loss of a batch larger than
+  memory (gradient caching, Gao et al. 2021).
 """
 
 from .distributed import DistributedTripletLoss, all_gather_with_grad, gather_labels
+from .gradient_cache import cached_backward
 from .memory import CrossBatchMemory
 from .miners import TripletMiner
 from .triplet import TripletLoss
@@ -19,5 +22,6 @@ __all__ = [
     "TripletLoss",
     "TripletMiner",
     "all_gather_with_grad",
+    "cached_backward",
     "gather_labels",
 ]

@@ -14,7 +14,9 @@ __all__ = ["EmbeddingMLP"]
 
 @register_model("mlp")
 class EmbeddingMLP(nn.Module):
-    """MLP for vectors: (Linear-BN-ReLU) blocks then the embedding head.
+    """MLP for vectors: (Linear-BN-ReLU) blocks then the embedding head. ``batchnorm=False``
+    drops the BatchNorm layers (Linear-ReLU blocks), e.g. for gradient caching
+    (``--chunk-size``), where BatchNorm would see chunk statistics.
 
     Example:
         >>> m = EmbeddingMLP(input_shape=[64], embedding_dim=16)
@@ -29,6 +31,7 @@ class EmbeddingMLP(nn.Module):
         normalize: bool = True,
         hidden=(256, 256),
         dropout: float = 0.0,
+        batchnorm: bool = True,
     ) -> None:
         super().__init__()
         if len(input_shape) != 1:
@@ -36,7 +39,10 @@ class EmbeddingMLP(nn.Module):
         layers: list[nn.Module] = []
         width = int(input_shape[0])
         for h in hidden:
-            layers += [nn.Linear(width, int(h)), nn.BatchNorm1d(int(h)), nn.ReLU(inplace=True)]
+            layers.append(nn.Linear(width, int(h)))
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(int(h)))
+            layers.append(nn.ReLU(inplace=True))
             if dropout:
                 layers.append(nn.Dropout(dropout))
             width = int(h)

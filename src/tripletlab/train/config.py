@@ -425,6 +425,16 @@ class TrainConfig:
         50, "linear LR warm-up steps before cosine decay to 0", group="optimisation"
     )
     grad_clip: float = _opt(5.0, "max gradient norm, 0 = off", group="optimisation")
+    # off: a batch that fits needs no second forward pass
+    chunk_size: int | None = _opt(
+        None,
+        "gradient caching: embed the P*K batch N items at a time (no graph), mine and take "
+        "the loss on the whole batch, then re-run each chunk to backpropagate (exact unless "
+        "BatchNorm trains; about one extra forward; for batches larger than memory; default: "
+        "off)",
+        group="optimisation",
+        metavar="N",
+    )
     skip_nonfinite: bool = _opt(
         False,
         "skip steps whose loss or gradients are NaN/Inf instead of stopping",
@@ -793,6 +803,14 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         )
     if cfg.sampler == "hard-class":
         _check_hard_class(cfg)
+    if cfg.chunk_size is not None and (
+        isinstance(cfg.chunk_size, bool)
+        or not isinstance(cfg.chunk_size, int)
+        or cfg.chunk_size < 1
+    ):
+        from ..errors import UsageError
+
+        raise UsageError(f"--chunk-size must be an integer >= 1, got {cfg.chunk_size!r}")
     if not 0.0 < cfg.target_far < 1.0:
         raise InputError(f"target_far must lie in (0, 1), got {cfg.target_far}")
     if cfg.postprocess != "auto":

@@ -1,6 +1,8 @@
 """One optimisation step of the :class:`~tripletlab.train.Trainer`: embed a batch, the loss
 (mined inside the criterion), backward, clip, update; a non-finite value stops it before any
-weight changes.
+weight changes. With ``chunk_size`` smaller than the batch, the embedding and the backward go
+through gradient caching (:mod:`tripletlab.losses.gradient_cache`): the same loss and gradient,
+only ``chunk_size`` items holding activations at a time.
 
 Everything it uses is an argument (the trainer passes its current optimiser and schedule), so
 the step is the same for every source of batches (:mod:`tripletlab.train.batches`) and task.
@@ -27,6 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..losses.gradient_cache import (
+    backward_in_chunks,
+    batch_length,
+    embed_in_chunks,
+    embedding_gradient,
+)
 from ..losses.memory import CrossBatchMemory
 from ..runtime.devices import autocast
 from ..runtime.process_group import any_rank
@@ -65,29 +73,45 @@ def optimisation_step(
     device: torch.device,
     grad_clip: float,
     penalty: Callable[[], torch.Tensor] | None = None,
+    chunk_size: int | None = None,
 ) -> StepOutcome:
     """Embed ``batch.x`` with ``forward`` (under autocast ``amp``), ``criterion(emb, batch.y)``,
     backward (through the fp16 ``scaler`` when given), clip to ``grad_clip`` (0: no clipping),
     update ``model``'s parameters and the schedule. ``penalty()``: a regulariser added to the
     loss that is minimised (e.g. L2-SP, :func:`~tripletlab.train.robust.l2sp_penalty`; the
     returned ``loss`` is the criterion's alone). An fp16 overflow is skipped by the scaler
-    (``stats["skipped"]``); any other non-finite value returns before the update."""
+    (``stats["skipped"]``); any other non-finite value returns before the update.
+    ``chunk_size``: gradient caching when smaller than the batch (None: off)."""
     optimizer.zero_grad(set_to_none=True)
-    with autocast(device, amp):
-        emb = forward(batch.x)
-    emb = emb.float()
+    record = None
+    if chunk_size is not None and chunk_size < batch_length(batch.x):
+        emb, record = embed_in_chunks(forward, batch.x, chunk_size, amp=amp, dtype=torch.float32)
+        emb = emb.detach().requires_grad_(True)
+    else:
+        with autocast(device, amp):
+            emb = forward(batch.x)
+        emb = emb.float()
     if any_rank(not bool(torch.isfinite(emb).all())):  # every rank takes the same branch
         return StepOutcome(float("nan"), {}, "embeddings")
     loss = criterion(emb, batch.y)
     stats = step_stats(criterion)
     if not bool(torch.isfinite(loss)):
         return StepOutcome(float("nan"), stats, "loss")
-    total = loss + penalty() if penalty is not None else loss
-    if scaler is not None:  # float16 on CUDA
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
+    if record is not None:  # gradient caching: dL/dE, then each chunk re-run and backpropagated
+        grad = embedding_gradient(loss, emb, scaler)
+        backward_in_chunks(forward, batch.x, grad, record, amp=amp, dtype=torch.float32)
+        if penalty is not None:
+            extra = penalty()
+            (scaler.scale(extra) if scaler is not None else extra).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
     else:
-        total.backward()
+        total = loss + penalty() if penalty is not None else loss
+        if scaler is not None:  # float16 on CUDA
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if grads and not bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all()):
         if scaler is not None:  # the scaler lowers its scale and skips the update

@@ -318,7 +318,7 @@ class Trainer:
         out = optimisation_step(
             batch, self.batches.forward(self.forward), self.model, self.criterion,
             self.opt, self.sched, self.scaler, self.amp, self.device, self.cfg.grad_clip,
-            penalty,
+            penalty, None if self.features is not None else self.cfg.chunk_size,
         )  # fmt: skip
         if out.nonfinite is not None:
             return self._nonfinite(out.nonfinite)
@@ -418,7 +418,23 @@ class Trainer:
             self.cfg, self.model, self.data, self.parts, self.embed_split, fresh, self.log,
             score=self.validation_score,
         )  # fmt: skip
+        chunk, batch = self.cfg.chunk_size, self.cfg.p * self.cfg.k
+        world = self.dist.world_size if self.dist else 1
+        local = (
+            f"this rank's {batch // world} of the P*K = {batch}" if world > 1 else f"P*K = {batch}"
+        )
+        if chunk is not None and self.features is None and self.is_main:
+            if self.task is LABELLED_DATA and chunk >= batch // world:
+                self.log(f"note: --chunk-size {chunk} >= the batch ({local}): no caching")
+            elif self.task is LABELLED_DATA:
+                self.log(f"gradient caching: the batch ({local}) embedded {chunk} at a time")
         if self.features is not None:
+            if self.cfg.chunk_size is not None and self.is_main:
+                self.log(
+                    f"note: --chunk-size {self.cfg.chunk_size} ignored: with the frozen-feature "
+                    "cache only the head trains, on cached features, and a batch fits without "
+                    "gradient caching"
+                )
             y = self.train_set.y
             self.batches = CachedFeatureBatches(
                 self.sampler, self.features, y, self.device, self.model

@@ -1,0 +1,206 @@
+"""``--chunk-size``: the trainer's gradient caching trains like the plain path, resumes exactly,
+is ignored (with a note) on the frozen-feature cache, and a bad value exits 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tripletlab.cli import main
+from tripletlab.errors import UsageError
+from tripletlab.train import Trainer
+from tripletlab.train.config import resolve_config
+
+from conftest import make_image_folder
+
+
+def _cfg(tmp_path, name, **kw):
+    base = {
+        "data": "digits",
+        "out": str(tmp_path / name),
+        "steps": 8,
+        "eval_every": 4,
+        "checkpoint_every": 4,
+        "log_every": 2,
+        "quiet": True,
+        "report": False,
+        "evaluate": False,
+        "embedding_dim": 16,
+        "model_options": {"hidden": [32], "batchnorm": False},
+        "p": 5,
+        "k": 4,
+        "threads": 1,
+    }
+    base.update(kw)
+    return resolve_config(overrides=base)
+
+
+def _weights(run):
+    w = load_file(str(run / "checkpoint" / "state.safetensors"))
+    return {k: v for k, v in w.items() if k.startswith("model.")}
+
+
+def _losses(run):
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r.get("type") != "eval"]
+
+
+def test_chunked_training_equals_the_plain_path(tmp_path):
+    lines = []
+    Trainer(_cfg(tmp_path, "plain")).fit()
+    Trainer(_cfg(tmp_path, "chunked", chunk_size=6), log=lines.append).fit()
+    assert any("embedded 6 at a time" in x for x in lines)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "chunked")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    la, lb = _losses(tmp_path / "plain"), _losses(tmp_path / "chunked")
+    assert len(la) == 4 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb, strict=True))
+
+
+def test_chunked_training_resumes_bit_identical(tmp_path):
+    Trainer(_cfg(tmp_path, "full", chunk_size=7, memory_size=40)).fit()
+    half = Trainer(_cfg(tmp_path, "half", chunk_size=7, memory_size=40))
+    half.total_steps = 4  # as if killed after the checkpoint at step 4
+    half.fit()
+    resumed = Trainer(_cfg(tmp_path, "half", chunk_size=7, memory_size=40), resume=True)
+    assert resumed.state.step == 4
+    resumed.fit()
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "half")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chunk_size_at_least_the_batch_is_the_plain_path(tmp_path):
+    lines = []
+    Trainer(_cfg(tmp_path, "plain", steps=4)).fit()
+    Trainer(_cfg(tmp_path, "big", steps=4, chunk_size=20), log=lines.append).fit()
+    assert any("no caching" in x for x in lines)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "big")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("value", ["0", "-4"])
+def test_bad_chunk_size_exits_2(tmp_path, value, capsys):
+    with pytest.raises(UsageError, match="chunk-size must be an integer >= 1"):
+        resolve_config(overrides={"chunk_size": int(value)})
+    code = main(["train", "--chunk-size", value, "--out", str(tmp_path / "r"), "--quiet"])
+    assert code == 2
+    assert "--chunk-size must be an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_chunk_size_trains_like_without(tmp_path):
+    common = ["train", "--steps", "6", "--log-every", "2", "--eval-every", "6", "--quiet"]
+    common += ["--no-report", "--p", "5", "--k", "4", "--threads", "1"]
+    conf = tmp_path / "mlp.json"  # no BatchNorm: chunks then see what the batch sees
+    conf.write_text(
+        json.dumps({"model_options": {"hidden": [32], "batchnorm": False}, "evaluate": False})
+    )
+    common += ["--config", str(conf)]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--chunk-size", "8"]) == 0
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(la) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb, strict=True))
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert json.dumps(cfg).count('"chunk_size": 8') == 1
+
+
+def test_frozen_feature_cache_ignores_chunk_size_with_a_note(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", n_classes=6, per_class=5, size=(16, 12))
+    cfg = resolve_config(
+        overrides={
+            "data": str(folder),
+            "out": str(tmp_path / "frozen"),
+            "steps": 2,
+            "eval_every": 2,
+            "quiet": True,
+            "report": False,
+            "evaluate": False,
+            "backbone": "mobilenet_v2",
+            "image_size": [32, 32],
+            "freeze_stages": "all",
+            "feature_blocks": [3],
+            "embedding_dim": 8,
+            "p": 3,
+            "k": 2,
+            "threads": 1,
+            "device": "cpu",
+            "chunk_size": 2,
+        }
+    )
+    lines = []
+    trainer = Trainer(cfg, log=lines.append)
+    trainer.fit()
+    assert trainer.features is not None
+    assert any("--chunk-size 2 ignored" in x and "frozen-feature cache" in x for x in lines)
+
+
+def test_batchnorm_model_warns_once_in_one_line(tmp_path):
+    cfg = _cfg(tmp_path, "bn", steps=3, chunk_size=6, model_options={"hidden": [32]})
+    with pytest.warns(UserWarning, match="BatchNorm in training mode.*batchnorm=false") as rec:
+        Trainer(cfg).fit()
+    msgs = {str(w.message) for w in rec if "BatchNorm" in str(w.message)}
+    assert len(msgs) == 1 and "\n" not in msgs.pop()
+
+
+def test_text_encoder_and_triplet_file_train_with_chunks(tmp_path, tiny_text_model, capsys):
+    """Texts (a list of strings per batch) go through the cached path too."""
+    pytest.importorskip("transformers", reason="text models need transformers (extra [text])")
+    data = tmp_path / "texts.csv"
+    groups = {
+        "cat": ["a small cat", "a young cat", "a wild cat", "a cat of the forest"],
+        "dog": ["a young dog", "a small dog", "a wild dog", "a dog of the forest"],
+        "car": ["a small car", "a red car", "a car or bus", "a blue car"],
+        "bus": ["a red bus", "a blue bus", "a bus or car", "a small bus"],
+    }
+    data.write_text("text,label\n" + "".join(f"{t},{c}\n" for c, ts in groups.items() for t in ts))
+    fast = ["--steps", "2", "--p", "3", "--k", "2", "--threads", "1", "--quiet", "--no-report"]
+    code = main(
+        ["train", "--data", str(data), "--model", str(tiny_text_model), "--val-fraction", "0",
+         "--test-classes", "bus", "--out", str(tmp_path / "t"), "--chunk-size", "4", *fast]
+    )  # fmt: skip
+    assert code == 0
+    assert "embedded 4 at a time" in capsys.readouterr().err
+    assert all(x == x for x in _losses(tmp_path / "t"))  # finite (not NaN)
+    rows = [{"anchor": "a small cat", "positive": "a young cat", "negative": "a red bus"}] * 8
+    trip = tmp_path / "triplets.jsonl"
+    trip.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(
+        ["train", "--data", str(trip), "--model", str(tiny_text_model), "--eval-every", "2",
+         "--out", str(tmp_path / "trip"), "--chunk-size", "4", *fast]
+    )  # fmt: skip
+    assert code == 0
+
+
+def test_two_gloo_processes_with_chunks_train_like_one_plain_process(tmp_path):
+    """torchrun, 2 processes of 10 items each in chunks of 3 (DDP no_sync on all but the last
+    chunk, the distributed loss) == 1 process on the 20-item batch without chunks."""
+    import subprocess
+    import sys
+
+    from helpers import free_port, subprocess_env
+
+    recipe = tmp_path / "model.json"  # a linear model: no BatchNorm, no dropout
+    recipe.write_text(json.dumps({"model_options": {"hidden": []}}))
+    args = ["--data", "digits", "--steps", "10", "--no-eval", "--seed", "3", "--quiet"]
+    args += ["--embedding-dim", "16", "--p", "5", "--k", "4", "--no-report"]
+    args += ["--config", str(recipe), "--threads", "1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    torchrun += ["-m", "tripletlab", "train", "--distributed", "--chunk-size", "3"]
+    proc = subprocess.run(
+        [*torchrun, *args, "--out", str(tmp_path / "two")],
+        env=subprocess_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "this rank's 10 of the P*K = 20" in proc.stderr
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    two, one = _weights(tmp_path / "two"), _weights(tmp_path / "one")
+    assert two.keys() == one.keys()
+    for k in one:
+        assert torch.allclose(two[k], one[k], atol=1e-5), k
