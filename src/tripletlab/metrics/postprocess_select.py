@@ -12,7 +12,7 @@ keeps the best candidate only if its MAP@R gain over none is larger than the val
 
 ``SE`` is the paired bootstrap standard error of the gain over validation *classes* (classes
 resampled with replacement, ``n_boot`` draws; a class's queries move together, since items of one
-class are not independent). Picking the largest of ~15 noisy gains is biased upwards; ``z = 2``
+class are not independent). Picking the largest of 12 noisy gains is biased upwards; ``z = 2``
 and ``min_gain`` keep that bias from turning noise into a choice. When nothing passes, the answer
 is ``none``, and that is a correct answer.
 
