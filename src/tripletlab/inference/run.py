@@ -42,7 +42,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..index.embedding_index import EmbeddingIndex
 
-__all__ = ["VECTOR_SUFFIXES", "Inference"]
+__all__ = [
+    "FACE_TEMPLATES",
+    "VECTOR_SUFFIXES",
+    "Inference",
+    "check_faces",
+    "face_crop_size",
+    "run_faces",
+]
 
 VECTOR_SUFFIXES = (".npy", ".npz", ".csv")
 
@@ -136,6 +143,11 @@ class Inference:
         self.grayscale: bool | None = prep["grayscale"]
         self.fit: str = prep["fit"]  # how images reach the input size (crop | pad | stretch)
         self.equalize: str = prep["equalize"]  # the run's image preprocessing
+        #: face detection + alignment before embedding images: None, "arcface" or "head" (the
+        #: run's ``--faces``, config.json train.faces; change it with :meth:`use_faces`)
+        self.faces: str | None = run_faces(config)
+        self._detector = None
+        self._face_cache: dict[tuple, Any] = {}
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Inference:
@@ -173,6 +185,72 @@ class Inference:
             return {k: info[k] for k in keep if k in info}
         p = self.postprocess
         return {"method": p.method, "params": dict(p.params), "spec": str(p), "chosen_by": "user"}
+
+    def use_faces(self, template: str | None = "auto") -> str | None:
+        """Detect and align the largest face of every image before embedding it: ``"arcface"``
+        or ``"head"`` (the template, see :mod:`tripletlab.faces.align`), ``None``/``"none"``
+        (the whole image), ``"auto"`` (the run's own, ``config.json`` train.faces). Returns the
+        setting; an unknown template is an :class:`~tripletlab.errors.InputError`."""
+        if template == "auto":
+            self.faces = run_faces(self.config)
+        else:
+            self.faces = check_faces(template)
+        return self.faces
+
+    @property
+    def face_size(self) -> int:
+        """Side of the aligned face crop before the run's resizing (see :func:`face_crop_size`)."""
+        return face_crop_size(self.image_size)
+
+    def _face_detector(self):
+        if self._detector is None:
+            from ..faces import MTCNN
+
+            self._detector = MTCNN()
+        return self._detector
+
+    def detect_face(self, image, name: str = "the image"):
+        """The largest face of ``image`` (a path or PIL image) aligned with the current
+        template (:attr:`faces`): an :class:`~tripletlab.faces.AlignedFace`, or an
+        :class:`~tripletlab.errors.InputError` "no face found in NAME". Detections of files are
+        cached in memory per (path, modification time, size, template)."""
+        from ..faces import detect_and_align
+
+        template = self.faces or "arcface"
+        key = None
+        if isinstance(image, (str, Path)):
+            p = Path(image)
+            st = p.stat()
+            key = (str(p.resolve()), st.st_mtime_ns, st.st_size, template, self.face_size)
+            name = str(image)
+        if key is not None and key in self._face_cache:
+            face = self._face_cache[key]
+        else:
+            found = detect_and_align(
+                image, template=template, size=self.face_size, faces="largest",
+                detector=self._face_detector(),
+            )  # fmt: skip
+            face = found[0] if found else None
+            if key is not None:
+                self._face_cache[key] = face
+        if face is None:
+            raise InputError(f"no face found in {name}")
+        return face
+
+    def _face_arrays(self, items: Sequence, names: Sequence[str]) -> torch.Tensor:
+        """Aligned crops of ``items`` (paths or PIL images) through the run's preprocessing."""
+        from PIL import Image as PILImage
+
+        from ..data.loaders import image_to_array
+
+        mode = "L" if self.input_shape[0] == 1 else "RGB"
+        size = (self.input_shape[1], self.input_shape[2])
+        arrays = []
+        for item, name in zip(items, names, strict=True):
+            crop = self.detect_face(item, name).crop
+            im = PILImage.fromarray(crop.permute(1, 2, 0).contiguous().numpy(), "RGB")
+            arrays.append(image_to_array(im, mode, size, self.fit))
+        return torch.from_numpy(np.stack(arrays)).float().div_(255.0)
 
     @property
     def takes_images(self) -> bool:
@@ -422,13 +500,19 @@ class Inference:
             raise InputError("this model takes vectors: give one .npy/.npz/.csv file of queries")
 
     def embed_files(self, paths: Sequence[str | Path]) -> np.ndarray:
-        """Embeddings of image files, read, converted and resized exactly as training did."""
+        """Embeddings of image files, read, converted and resized exactly as training did; with
+        :attr:`faces` set, of the largest face of each (detected, aligned, then preprocessed as
+        training did; "no face found in FILE" is an InputError)."""
         self._check_images_model()
         for q in paths:
             if not Path(q).is_file():
                 raise InputError(f"query not found: {q}")
             if Path(q).suffix.lower() not in IMAGE_EXTENSIONS:
                 raise InputError(f"{q} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+        if self.faces is not None:
+            if not paths:
+                return np.zeros((0, self.embedding_dim), dtype=np.float32)
+            return self._embed_tensor(self._face_arrays(list(paths), [str(p) for p in paths]))
         x, _ = load_image_files(
             [str(p) for p in paths],
             image_size=tuple(self.input_shape[1:]),
@@ -439,12 +523,17 @@ class Inference:
         return self._embed_tensor(x)
 
     def embed_images(self, images: Sequence[Image]) -> np.ndarray:
-        """Embeddings of PIL images (e.g. uploads), preprocessed exactly as training did."""
+        """Embeddings of PIL images (e.g. uploads), preprocessed exactly as training did (with
+        :attr:`faces` set: of the largest face of each, see :meth:`embed_files`)."""
         from ..data.loaders import image_to_array
 
         self._check_images_model()
         if not images:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        if self.faces is not None:
+            n = len(images)
+            names = ["the image" if n == 1 else f"image {i + 1} of {n}" for i in range(n)]
+            return self._embed_tensor(self._face_arrays(list(images), names))
         mode = "L" if self.input_shape[0] == 1 else "RGB"
         size = (self.input_shape[1], self.input_shape[2])
         warn_unlike_training([im.size for im in images], self.input_shape, self.fit)
@@ -587,6 +676,43 @@ class Inference:
                 )
             out.append(hits)
         return out
+
+
+FACE_TEMPLATES = ("arcface", "head")
+
+
+def check_faces(template: str | None) -> str | None:
+    """``template`` checked: None (also ``"none"``), ``"arcface"`` or ``"head"``; anything
+    else is an :class:`~tripletlab.errors.InputError` naming the choices.
+
+    Example:
+        >>> check_faces("none") is None, check_faces("head")
+        (True, 'head')
+    """
+    if template is None or template == "none":
+        return None
+    if template not in FACE_TEMPLATES:
+        raise InputError(
+            f"--faces must be one of {', '.join(FACE_TEMPLATES)} or none, got {template!r}"
+        )
+    return str(template)
+
+
+def run_faces(config: dict) -> str | None:
+    """The face template a run was trained with (``config.json`` train.faces), or None."""
+    return check_faces((config.get("train") or {}).get("faces"))
+
+
+def face_crop_size(image_size: Sequence[int] | None) -> int:
+    """Side of the aligned face crop: 112 (the ArcFace template's own size), or the longer
+    side of the run's image size when that is larger, so no detail is lost before resizing.
+    Training (``--faces``) and inference use the same rule.
+
+    Example:
+        >>> face_crop_size([112, 92]), face_crop_size([224, 224]), face_crop_size(None)
+        (112, 224, 112)
+    """
+    return max(112, *(int(v) for v in image_size)) if image_size else 112
 
 
 def check_index_postprocess(index: EmbeddingIndex, expected: PostProcess, where: Any) -> None:
