@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..validation import EVAL_DISTANCES
-from ._base import add_postprocess, print_json, register_command
+from ._base import add_faces, add_postprocess, faces_line, print_json, register_command
 
 
 def _inference(args):
@@ -23,7 +23,14 @@ def _inference(args):
 
     inf = Inference.from_run(args.model, device=getattr(args, "device", "auto"))
     inf.use_postprocess(getattr(args, "postprocess", None) or "auto")
+    inf.use_faces(getattr(args, "faces", None) or "auto")
     return inf
+
+
+def _print_faces(inf, file=None) -> None:
+    line = faces_line(inf)
+    if line:
+        print(line, file=file)
 
 
 def _embed_source(inf, args):
@@ -101,6 +108,11 @@ def _embeddings(inf, args):
     from ..inference.shard import Embedded, embed_sharded
 
     stream = _streams(inf, args)
+    if args.distributed and inf.faces is not None:
+        raise UsageError(
+            "--faces is not supported with --distributed yet: align the folder first with "
+            "`tripletlab faces FOLDER --out ALIGNED` and embed that"
+        )
     if args.distributed:
         from ..runtime.process_group import init_from_env, shutdown
 
@@ -141,6 +153,7 @@ def _add_eval(sub) -> None:
         help="distance for evaluation (default: cosine for normalised embeddings)",
     )
     add_postprocess(p, 'scored beside the raw metrics ("postprocess" in --json)')
+    add_faces(p)
     p.add_argument(
         "--groups",
         default=None,
@@ -183,10 +196,14 @@ def _cmd_eval(args) -> int:
         result = inf.evaluate(ds, args.distance, data=args.data, groups=groups)
     if args.data is not None:  # a folder of the user's, not the run's test split
         result = {**result, "split": "data", "data": str(args.data)}
+    if inf.faces_summary:
+        keep = ("images", "with_face", "no_face", "errors", "template", "size")
+        result = {**result, "faces": {k: inf.faces_summary[k] for k in keep}}
     if args.json:
         print_json(result)
     else:
         print("\n".join(summary_lines(result, inf.run_dir, training=False)))
+        _print_faces(inf)
     return 0
 
 
@@ -200,6 +217,7 @@ def _add_embed(sub) -> None:
     )
     _add_model_data(p, data_required=True)
     p.add_argument("--out", required=True, help="output .npz file")
+    add_faces(p)
     _add_distributed(p)
     p.set_defaults(func=_cmd_embed)
 
@@ -227,6 +245,7 @@ def _cmd_embed(args) -> int:
     )
     atomic_write_bytes(args.out, buf.getvalue())
     print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {Path(args.out)}")
+    _print_faces(inf)
     return 0
 
 
@@ -255,6 +274,7 @@ def _add_index(sub) -> None:
     )
     add_postprocess(p, "built into the index (DBA augments the stored gallery; the manifest "
                     "records it and search uses it)")  # fmt: skip
+    add_faces(p)
     _add_distributed(p)
     p.set_defaults(func=_cmd_index)
 
@@ -292,6 +312,7 @@ def _cmd_index(args) -> int:
             lock.close()
     post = "" if index.postprocess.method == "none" else f", post-processing {index.postprocess}"
     print(f"indexed {len(index)} items ({inf.distance}, {args.kind}{post}) in {args.out}")
+    _print_faces(inf)
     q = index.quality
     if q:
         print(
@@ -322,6 +343,7 @@ def _add_search(sub) -> None:
     p.add_argument("--index", required=True, metavar="DIR", help="index directory")
     p.add_argument("-k", type=int, default=5, help="neighbours per query (5)")
     add_postprocess(p, "(must be the one the index was built with)")
+    add_faces(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_search)
 
@@ -403,6 +425,7 @@ def _add_verify(sub) -> None:
         help="CSV file with one pair per line: path_a,path_b (text_a,text_b for a text model)",
     )
     p.add_argument("--threshold", type=float, default=None, help="override the threshold")
+    add_faces(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)
 

@@ -148,6 +148,7 @@ class Inference:
         self.faces: str | None = run_faces(config)
         self._detector = None
         self._face_cache: dict[tuple, Any] = {}
+        self.faces_summary: dict | None = None
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Inference:
@@ -252,6 +253,63 @@ class Inference:
             arrays.append(image_to_array(im, mode, size, self.fit))
         return torch.from_numpy(np.stack(arrays)).float().div_(255.0)
 
+    def face_folder(self, folder: str | Path) -> tuple[Path, dict[str, str], dict]:
+        """``folder`` (an image folder) aligned once with the current template (:attr:`faces`,
+        :func:`~tripletlab.faces.align_folder`, largest face): ``(aligned folder, {crop path:
+        source path}, summary)``. The crops are cached in ``RUN_DIR/faces_cache/<key>`` (a temp
+        directory when the run directory is read-only), the key being the folder, the template,
+        the crop size and every file's (name, mtime, size), so a changed folder is aligned
+        again. The summary's ``no_face`` counts the images left out."""
+        import hashlib
+        import json
+        import os
+        import tempfile
+
+        from ..data.image_sources import scan_images
+        from ..faces import MANIFEST_NAME, align_folder
+
+        src = Path(folder)
+        template = self.faces or "arcface"
+        paths, _ = scan_images(src, unlabelled=True)
+        h = hashlib.sha256(f"{src.resolve()}|{template}|{self.face_size}".encode())
+        for p in paths:
+            st = os.stat(p)
+            h.update(f"|{os.path.relpath(p, src)}:{st.st_mtime_ns}:{st.st_size}".encode())
+        key = h.hexdigest()[:16]
+        out = self.run_dir / "faces_cache" / key
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            probe = out.parent / ".write_probe"
+            probe.touch()
+            probe.unlink()
+        except OSError:
+            out = Path(tempfile.gettempdir()) / "tripletlab_faces" / key
+        done = out / ".summary.json"
+        if done.is_file():
+            summary = json.loads(done.read_text(encoding="utf-8"))
+        else:
+            summary = align_folder(
+                src, out, template=template, size=self.face_size, overwrite=True,
+                detector=self._face_detector(),
+            )  # fmt: skip
+            done.write_text(json.dumps(summary), encoding="utf-8")
+        back: dict[str, str] = {}
+        for line in (out / MANIFEST_NAME).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("status") == "ok":
+                back[str((out / row["crop"]).resolve())] = str(src / row["source"])
+        #: the summary of the last folder aligned (``images``, ``with_face``, ``no_face`` ...)
+        self.faces_summary = summary
+        return out, back, summary
+
+    def _faces_data(self, data: str | None):
+        """``data`` with faces on: an image folder is replaced by its aligned crops, and a
+        function mapping the crops' paths back to the source files; else ``data`` as is."""
+        if self.faces is None or not self.takes_images or data is None or not Path(data).is_dir():
+            return data, None
+        out, back, _ = self.face_folder(data)
+        return str(out), (lambda ps: [back.get(str(Path(p).resolve()), p) for p in ps])
+
     @property
     def takes_images(self) -> bool:
         """True for image models (input C x H x W), False for vector and text models."""
@@ -265,9 +323,15 @@ class Inference:
     # ------------------------------------------------------------------ data sets
     def load_data(self, data: str | None = None, skip_bad: bool = False) -> Dataset:
         """``data`` loaded with the run's preprocessing (a folder is used whole), or the run's
-        own test split when ``data`` is None."""
+        own test split when ``data`` is None. With :attr:`faces` set, a folder ``data`` is
+        aligned first (:meth:`face_folder`; images without a face are left out) and the
+        dataset's paths are the source files."""
         if data is not None:
-            return load_dataset_for_run(self.config, data, skip_bad)
+            aligned, back = self._faces_data(data)
+            ds = load_dataset_for_run(self.config, aligned, skip_bad)
+            if back is not None and ds.paths is not None:
+                ds.paths = back(ds.paths)
+            return ds
         split = read_json(self.run_dir / "split.json", "split")
         if split.get("by") == "triplets":
             raise InputError(
@@ -295,11 +359,13 @@ class Inference:
         ``workers`` decoding processes, so memory does not grow with the number of images;
         other data (digits, idx, vectors) is loaded whole. ``shard=(rank, world_size)``: only
         that rank's contiguous share (see :mod:`tripletlab.inference.shard`). ``unlabelled``:
-        a plain photo folder is accepted, each image labelled by its path (embed, index)."""
+        a plain photo folder is accepted, each image labelled by its path (embed, index).
+        With :attr:`faces` set, a folder is aligned first (see :meth:`load_data`)."""
+        aligned, back = self._faces_data(data)
         emb, labels, paths, classes = embed_data(
             self.model,
             self.config,
-            data,
+            aligned,
             self.run_dir,
             skip_bad=skip_bad,
             device=self.device,
@@ -309,6 +375,8 @@ class Inference:
             shard=shard,
             unlabelled=unlabelled,
         )
+        if back is not None and paths is not None:
+            paths = back(paths)
         return emb.numpy(), labels, paths, classes
 
     def evaluate_embeddings(
