@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -261,7 +262,6 @@ class Inference:
         the crop size and every file's (name, mtime, size), so a changed folder is aligned
         again. The summary's ``no_face`` counts the images left out."""
         import hashlib
-        import json
         import os
         import tempfile
 
@@ -277,13 +277,25 @@ class Inference:
             h.update(f"|{os.path.relpath(p, src)}:{st.st_mtime_ns}:{st.st_size}".encode())
         key = h.hexdigest()[:16]
         out = self.run_dir / "faces_cache" / key
+        train = self.config.get("train") or {}
+        own = self.run_dir / "faces"  # the run's training folder, aligned by train --faces
+        if (
+            train.get("faces") == template
+            and isinstance(train.get("data"), str)
+            and Path(train["data"]).resolve() == src.resolve()
+            and (own / ".summary.json").is_file()
+            and json.loads((own / ".summary.json").read_text(encoding="utf-8")).get("size")
+            == self.face_size
+        ):
+            out = own
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             probe = out.parent / ".write_probe"
             probe.touch()
             probe.unlink()
         except OSError:
-            out = Path(tempfile.gettempdir()) / "tripletlab_faces" / key
+            if out != own:
+                out = Path(tempfile.gettempdir()) / "tripletlab_faces" / key
         done = out / ".summary.json"
         if done.is_file():
             summary = json.loads(done.read_text(encoding="utf-8"))
@@ -301,6 +313,22 @@ class Inference:
         #: the summary of the last folder aligned (``images``, ``with_face``, ``no_face`` ...)
         self.faces_summary = summary
         return out, back, summary
+
+    def _own_source(self) -> tuple[dict, Any]:
+        """The config to read the run's own test split with, and a path mapper (or None): a
+        run trained with ``--faces`` is read from its aligned training folder, so the saved
+        split indices refer to the same items."""
+        train = self.config.get("train") or {}
+        faces, data = run_faces(self.config), train.get("data")
+        if faces is None or not isinstance(data, str) or not Path(data).is_dir():
+            return self.config, None
+        saved, self.faces = self.faces, faces
+        try:
+            out, back, _ = self.face_folder(data)
+        finally:
+            self.faces = saved
+        cfg = {**self.config, "train": {**train, "data": str(out)}}
+        return cfg, (lambda ps: [back.get(str(Path(p).resolve()), p) for p in ps])
 
     def _faces_data(self, data: str | None):
         """``data`` with faces on: an image folder is replaced by its aligned crops, and a
@@ -338,10 +366,14 @@ class Inference:
                 f"{self.run_dir} was trained on a triplet file, which has no labelled test "
                 "split; give a labelled text file (text,label) with --data"
             )
-        train_data = self.config.get("train", {}).get("data", "digits")
-        ds = load_dataset_for_run(self.config, train_data, skip_bad)
+        cfg, back = self._own_source()
+        train_data = cfg.get("train", {}).get("data", "digits")
+        ds = load_dataset_for_run(cfg, train_data, skip_bad)
         split = read_json(self.run_dir / "split.json", "split")
-        return apply_split(ds, split["test"])[1]
+        test = apply_split(ds, split["test"])[1]
+        if back is not None and test.paths is not None:
+            test.paths = back(test.paths)
+        return test
 
     def embed_source(
         self,
@@ -362,9 +394,12 @@ class Inference:
         a plain photo folder is accepted, each image labelled by its path (embed, index).
         With :attr:`faces` set, a folder is aligned first (see :meth:`load_data`)."""
         aligned, back = self._faces_data(data)
+        cfg = self.config
+        if data is None:
+            cfg, back = self._own_source()
         emb, labels, paths, classes = embed_data(
             self.model,
-            self.config,
+            cfg,
             aligned,
             self.run_dir,
             skip_bad=skip_bad,
