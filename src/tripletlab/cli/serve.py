@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError, missing_dependency, require
-from ._base import add_postprocess, print_json, register_command
+from ._base import add_faces, add_postprocess, print_json, register_command
 
 
 @register_command("serve")
@@ -53,6 +53,7 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--threshold", type=float, default=None, help="override the run's threshold")
     add_postprocess(p, "of /search and /identify (a gallery built with another is refused)")
+    add_faces(p)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="request size limit (10)")
     p.add_argument(
         "--max-pixels", type=int, default=4096 * 4096, help="pixels per image (16,777,216)"
@@ -142,6 +143,7 @@ def _cmd_serve(args) -> int:
         onnx_path=args.onnx,
         threads=args.threads or 0,
         postprocess=args.postprocess,
+        faces=args.faces,
     )
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback

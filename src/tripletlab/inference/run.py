@@ -625,15 +625,30 @@ class Inference:
         warn_unlike_training([str(p) for p in paths], self.input_shape, self.fit)
         return self._embed_tensor(x)
 
-    def embed_images(self, images: Sequence[Image]) -> np.ndarray:
+    def face_crops(self, images: Sequence[Image]) -> list[tuple[Image, Any]]:
+        """The largest face of each PIL image, aligned (:attr:`faces`): ``[(crop as a PIL RGB
+        image, AlignedFace), ...]``; "no face found in ..." is an InputError. The crops are
+        what :meth:`embed_images` with ``detect=False`` embeds (the server detects first)."""
+        from PIL import Image as PILImage
+
+        n = len(images)
+        out = []
+        for i, im in enumerate(images):
+            face = self.detect_face(im, "the image" if n == 1 else f"image {i + 1} of {n}")
+            crop = PILImage.fromarray(face.crop.permute(1, 2, 0).contiguous().numpy(), "RGB")
+            out.append((crop, face))
+        return out
+
+    def embed_images(self, images: Sequence[Image], detect: bool = True) -> np.ndarray:
         """Embeddings of PIL images (e.g. uploads), preprocessed exactly as training did (with
-        :attr:`faces` set: of the largest face of each, see :meth:`embed_files`)."""
+        :attr:`faces` set: of the largest face of each, see :meth:`embed_files`; ``detect``
+        False: the images are taken as aligned crops already, see :meth:`face_crops`)."""
         from ..data.loaders import image_to_array
 
         self._check_images_model()
         if not images:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
-        if self.faces is not None:
+        if self.faces is not None and detect:
             n = len(images)
             names = ["the image" if n == 1 else f"image {i + 1} of {n}" for i in range(n)]
             return self._embed_tensor(self._face_arrays(list(images), names))

@@ -149,16 +149,19 @@ def build_router(state: ServeState) -> APIRouter:
         """Embeddings of uploaded images (multipart field `images`, repeatable; image models) or
         of input vectors (JSON `{"vectors": [[...], ...]}`; vector models)."""
         ctype = request.headers.get("content-type", "")
+        faces = None
         if ctype.startswith("application/json"):
             x = await vectors_from_json(state, request)
             e = await state.batcher.submit("vectors", list(x))
         elif ctype.startswith("multipart/form-data"):
-            e = await state.embed_images(await images_from_form(state, request))
+            images = await images_from_form(state, request)
+            e, faces = await state.embed_images(images, with_faces=True)
         else:
             raise HTTPException(
                 415, "send multipart/form-data with 'images' or JSON with 'vectors'"
             )
-        return {"embeddings": e.tolist(), "dim": int(e.shape[1]), "metric": embedder.distance}
+        out = {"embeddings": e.tolist(), "dim": int(e.shape[1]), "metric": embedder.distance}
+        return {**out, "faces": faces} if faces is not None else out
 
     @router.post("/search")
     async def search(
@@ -171,14 +174,15 @@ def build_router(state: ServeState) -> APIRouter:
         ((im, _),) = await state.read_images([image], "image")
         if len(store) == 0:
             raise HTTPException(409, "the gallery is empty: enrol images with POST /gallery")
-        e = await state.embed_images([im])
+        e, faces = await state.embed_images([im], with_faces=True)
         dist, ids = await run_in_threadpool(store.search, e, k)
-        return {
+        out = {
             "k": k,
             "threshold": threshold,
             "metric": embedder.distance,
             "neighbours": state.hits(dist[0], ids[0]),
         }
+        return {**out, "face": faces[0]} if faces else out
 
     @router.post("/verify")
     async def verify(
@@ -189,7 +193,9 @@ def build_router(state: ServeState) -> APIRouter:
         if threshold is None:
             raise HTTPException(409, NO_THRESHOLD)
         (a, _), (b, _) = await state.read_images([image_a, image_b], "image")
-        return verification_answer(state, await state.embed_images([a, b]))
+        e, faces = await state.embed_images([a, b], with_faces=True)
+        out = verification_answer(state, e)
+        return {**out, "faces": faces} if faces else out
 
     @router.post("/identify")
     async def identify(image: Annotated[UploadFile, File()]) -> dict:
@@ -200,9 +206,10 @@ def build_router(state: ServeState) -> APIRouter:
         ((im, _),) = await state.read_images([image], "image")
         if len(store) == 0:
             return identification_answer(None, threshold)
-        e = await state.embed_images([im])
+        e, faces = await state.embed_images([im], with_faces=True)
         dist, ids = await run_in_threadpool(store.search, e, 1)
         (best,) = state.hits(dist[0], ids[0])
-        return identification_answer(best, threshold)
+        out = identification_answer(best, threshold)
+        return {**out, "face": faces[0]} if faces else out
 
     return router
