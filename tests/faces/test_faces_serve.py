@@ -79,3 +79,74 @@ def test_serve_detects_first_and_answers_the_box(tiny_run, att_faces, mtcnn, tmp
     with TestClient(create_app(tiny_run)) as c:
         body = c.post("/embed", files=[("images", ("e.png", _png(empty)))]).json()
         assert "faces" not in body and len(body["embeddings"]) == 1
+
+
+def test_page_draws_the_face_box_in_headless_chromium(tiny_run, att_faces, mtcnn, tmp_path):
+    import shutil
+    import socket
+    import threading
+    import time
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (dev extra)")
+    httpx = pytest.importorskip("httpx")
+    uvicorn = pytest.importorskip("uvicorn")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tripletlab.serve import create_app
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    drv = shutil.which("chromedriver")
+    if exe is None or drv is None:
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    frame, _ = paste_scene([att_faces[0]], (240, 320), fixed=[(90, 50, 0.9)])
+    scene = tmp_path / "scene.png"
+    scene.write_bytes(_png(frame))
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    app = create_app(tiny_run, faces="arcface")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    driver = None
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        r = httpx.post(url + "/gallery", files={"images": ("a.png", _png(frame))},
+                       data={"label": "s1"})  # fmt: skip
+        assert r.status_code == 201, r.text
+        box = httpx.post(url + "/search", files={"image": ("q.png", _png(frame))}).json()["face"]
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = exe
+        for f in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                  "--window-size=390,844"]:  # fmt: skip
+            opts.add_argument(f)
+        driver = webdriver.Chrome(
+            options=opts, service=webdriver.ChromeService(executable_path=drv)
+        )
+        driver.set_page_load_timeout(60)
+        wait = WebDriverWait(driver, 60)
+        driver.get(url + "/")
+        inp = driver.find_element(By.ID, "search-file")
+        driver.execute_script("arguments[0].hidden = false", inp)
+        inp.send_keys(str(scene))
+        wait.until(lambda d: d.find_element(By.ID, "results").get_attribute("data-state") == "done")
+        wait.until(lambda d: d.find_element(By.ID, "face-box").get_attribute("hidden") is None)
+        el, prev = (
+            driver.find_element(By.ID, "face-box"),
+            driver.find_element(By.ID, "search-preview"),
+        )
+        scale = prev.size["width"] / 320
+        x1, _, x2, _ = box["box"]
+        assert el.size["width"] == pytest.approx((x2 - x1) * scale, abs=2)
+        assert el.location["x"] - prev.location["x"] == pytest.approx(x1 * scale, abs=2)
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.should_exit = True
+        thread.join(timeout=10)
