@@ -74,6 +74,16 @@ def test_embed_and_index_with_faces(tiny_run, photos, tmp_path, capsys):
                  "--faces", "arcface", "--json"]) == 0  # fmt: skip
     hits = json.loads(capsys.readouterr().out)
     assert json.dumps(hits).count(q) >= 1  # the query itself is its nearest item
+    # a query folder: its images without a face are skipped with a note
+    argv = ["search", str(photos), "--model", str(tiny_run), "--index", str(idx), "-k", "1"]
+    assert main([*argv, "--faces", "arcface", "--json"]) == 0
+    out = capsys.readouterr()
+    assert len(json.loads(out.out)) == 4
+    assert f"note: no face found in {photos / 'person1' / 'empty.png'}: skipped" in out.err
+    empty = str(photos / "person1" / "empty.png")
+    assert main(["search", empty, "--model", str(tiny_run), "--index", str(idx),
+                 "--faces"]) == 1  # fmt: skip
+    assert f"no face found in {empty}" in capsys.readouterr().err
 
 
 def test_verify_and_eval_with_faces(tiny_run, photos, capsys):

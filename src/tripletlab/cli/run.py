@@ -372,10 +372,30 @@ def _expand_folders(queries: list[str]) -> list[str]:
     return out
 
 
+def _with_a_face(inf, queries: list[str]) -> list[str]:
+    """The queries of a folder given with --faces, less the images without a face (one note
+    each on stderr; detections are cached, so embedding them does not detect again)."""
+    kept = []
+    for q in queries:
+        try:
+            inf.detect_face(q)
+        except InputError as e:
+            if not str(e).startswith("no face found"):
+                raise
+            print(f"note: {e}: skipped", file=sys.stderr)
+            continue
+        kept.append(q)
+    if not kept:
+        raise InputError(f"no face found in any of the {len(queries)} query images")
+    return kept
+
+
 def _cmd_search(args) -> int:
     inf = _inference(args)
     index = inf.load_index(args.index)
     queries = args.queries if inf.takes_texts else _expand_folders(args.queries)
+    if inf.faces is not None and inf.takes_images and any(Path(q).is_dir() for q in args.queries):
+        queries = _with_a_face(inf, queries)
     emb, names = inf.embed_inputs(queries)
     if args.k > len(index):
         print(f"note: -k {args.k} is more than the {len(index)} indexed items; showing all of "
