@@ -150,3 +150,25 @@ def test_page_draws_the_face_box_in_headless_chromium(tiny_run, att_faces, mtcnn
             driver.quit()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_serve_onnx_runtime_with_faces(tiny_run, att_faces, mtcnn, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from fastapi.testclient import TestClient
+
+    from tripletlab.serve import create_app
+
+    frame, _ = paste_scene([att_faces[0]], (240, 320), fixed=[(90, 50, 0.9)])
+    scene = tmp_path / "scene.png"
+    scene.write_bytes(_png(frame))
+    inf = Inference.from_run(tiny_run)
+    inf.use_faces("arcface")
+    with TestClient(create_app(tiny_run, runtime="onnx", faces="arcface")) as c:
+        body = c.post("/embed", files=[("images", ("a.png", _png(frame)))]).json()
+        assert len(body["faces"]) == 1
+        np.testing.assert_allclose(body["embeddings"], inf.embed_files([str(scene)]), atol=1e-4)
+        r = c.post(
+            "/embed", files=[("images", ("e.png", _png(texture(80, 90, np.random.default_rng(1)))))]
+        )
+        assert r.status_code == 422 and "no face found" in r.text
