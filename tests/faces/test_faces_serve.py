@@ -172,3 +172,28 @@ def test_serve_onnx_runtime_with_faces(tiny_run, att_faces, mtcnn, tmp_path):
             "/embed", files=[("images", ("e.png", _png(texture(80, 90, np.random.default_rng(1)))))]
         )
         assert r.status_code == 422 and "no face found" in r.text
+
+
+def test_serve_all_faces_answers_one_result_per_face(tiny_run, att_faces, mtcnn):
+    from fastapi.testclient import TestClient
+
+    from tripletlab.serve import ServeSettings, create_app
+
+    pair, _ = paste_scene(att_faces[:2], (240, 320), fixed=[(10, 10, 0.7), (180, 80, 1.0)])
+    one, _ = paste_scene([att_faces[0]], (240, 320), fixed=[(90, 50, 0.9)])
+    settings = ServeSettings(threshold=0.5, all_faces=True)
+    with TestClient(create_app(tiny_run, settings=settings, faces="arcface")) as c:
+        r = c.post("/gallery", files={"images": ("a.png", _png(one))}, data={"label": "s1"})
+        assert r.status_code == 201
+        r = c.post("/search", files={"image": ("p.png", _png(pair))}, data={"k": 1}).json()
+        assert len(r["faces"]) == 2 and r["face"] == r["faces"][0]["face"]
+        assert r["faces"][0]["face"]["box"][0] > 150 > r["faces"][1]["face"]["box"][0]
+        assert r["neighbours"] == r["faces"][0]["neighbours"]
+        assert all(f["neighbours"][0]["label"] == "s1" for f in r["faces"])
+        who = c.post("/identify", files={"image": ("p.png", _png(pair))}).json()
+        assert len(who["faces"]) == 2 and who["face"]["box"][0] > 150
+        assert who["faces"][1]["face"]["box"][0] < 60
+        r = c.post(
+            "/search", files={"image": ("e.png", _png(texture(80, 90, np.random.default_rng(1))))}
+        )
+        assert r.status_code == 422 and "no face found in the image" in r.text

@@ -54,6 +54,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--threshold", type=float, default=None, help="override the run's threshold")
     add_postprocess(p, "of /search and /identify (a gallery built with another is refused)")
     add_faces(p)
+    p.add_argument(
+        "--all-faces",
+        action="store_true",
+        help="with --faces (or a run trained with it): /search and /identify answer one "
+        "result per face of the photo ('faces'), the largest first (its result stays the "
+        "top-level answer)",
+    )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="request size limit (10)")
     p.add_argument(
         "--max-pixels", type=int, default=4096 * 4096, help="pixels per image (16,777,216)"
@@ -134,6 +141,7 @@ def _cmd_serve(args) -> int:
         max_request_pixels=args.max_request_pixels,
         max_inflight_pixels=max(16 * 4096 * 4096, args.max_request_pixels),
         threshold=args.threshold,
+        all_faces=args.all_faces,
     )
     app = create_app(
         args.model,

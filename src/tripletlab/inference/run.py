@@ -639,6 +639,27 @@ class Inference:
             out.append((crop, face))
         return out
 
+    def face_crops_all(self, image: Image) -> list[tuple[Image, Any]]:
+        """Every face of one PIL image, aligned (:attr:`faces`), the largest first, then by
+        decreasing score: ``[(crop, AlignedFace), ...]``; none: "no face found in the image"."""
+        from PIL import Image as PILImage
+
+        from ..faces import detect_and_align
+
+        found = detect_and_align(
+            image, template=self.faces or "arcface", size=self.face_size, faces="all",
+            detector=self._face_detector(),
+        )  # fmt: skip
+        if not found:
+            raise InputError("no face found in the image")
+        area = [float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])) for f in found]
+        first = int(np.argmax(area))
+        found = [found[first]] + [f for i, f in enumerate(found) if i != first]
+        return [
+            (PILImage.fromarray(f.crop.permute(1, 2, 0).contiguous().numpy(), "RGB"), f)
+            for f in found
+        ]
+
     def embed_images(self, images: Sequence[Image], detect: bool = True) -> np.ndarray:
         """Embeddings of PIL images (e.g. uploads), preprocessed exactly as training did (with
         :attr:`faces` set: of the largest face of each, see :meth:`embed_files`; ``detect``

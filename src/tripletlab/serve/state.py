@@ -53,6 +53,8 @@ class ServeSettings:
     max_wait_ms: float = 2.0  # how long the batcher waits for more requests
     threshold: float | None = None  # overrides the run's calibrated threshold
     thumbnail_size: int = 160
+    # with faces on (serve --faces): /search and /identify answer one result per face
+    all_faces: bool = False
 
 
 def check_settings(s: ServeSettings) -> None:
@@ -204,6 +206,16 @@ class ServeState:
             ]
         e = await self.batcher.submit("images", images)
         return (e, faces) if with_faces else e
+
+    async def embed_all_faces(self, image) -> tuple[np.ndarray, list[dict]]:
+        """``serve --faces --all-faces``: the embeddings (F, D) of every face of one image,
+        the largest first, and their ``{"box", "score"}``; no face: an InputError (422)."""
+        found = await run_in_threadpool(self.embedder.face_crops_all, image)
+        faces = [
+            {"box": [round(float(v), 1) for v in f.box], "score": round(f.score, 4)}
+            for _, f in found
+        ]
+        return await self.batcher.submit("images", [c for c, _ in found]), faces
 
     def hits(self, dist: np.ndarray, ids: np.ndarray) -> list[dict]:
         """One query's neighbours as the CLI's `search` describes them, plus `match`."""

@@ -174,7 +174,10 @@ def build_router(state: ServeState) -> APIRouter:
         ((im, _),) = await state.read_images([image], "image")
         if len(store) == 0:
             raise HTTPException(409, "the gallery is empty: enrol images with POST /gallery")
-        e, faces = await state.embed_images([im], with_faces=True)
+        if s.all_faces and state.faces is not None:  # one result per face, the largest first
+            e, faces = await state.embed_all_faces(im)
+        else:
+            e, faces = await state.embed_images([im], with_faces=True)
         dist, ids = await run_in_threadpool(store.search, e, k)
         out = {
             "k": k,
@@ -182,6 +185,11 @@ def build_router(state: ServeState) -> APIRouter:
             "metric": embedder.distance,
             "neighbours": state.hits(dist[0], ids[0]),
         }
+        if faces and s.all_faces:
+            per_face = [
+                {"face": f, "neighbours": state.hits(dist[i], ids[i])} for i, f in enumerate(faces)
+            ]
+            return {**out, "face": faces[0], "faces": per_face}
         return {**out, "face": faces[0]} if faces else out
 
     @router.post("/verify")
@@ -206,10 +214,16 @@ def build_router(state: ServeState) -> APIRouter:
         ((im, _),) = await state.read_images([image], "image")
         if len(store) == 0:
             return identification_answer(None, threshold)
-        e, faces = await state.embed_images([im], with_faces=True)
+        if s.all_faces and state.faces is not None:  # one answer per face, the largest first
+            e, faces = await state.embed_all_faces(im)
+        else:
+            e, faces = await state.embed_images([im], with_faces=True)
         dist, ids = await run_in_threadpool(store.search, e, 1)
-        (best,) = state.hits(dist[0], ids[0])
-        out = identification_answer(best, threshold)
-        return {**out, "face": faces[0]} if faces else out
+        answers = [
+            {**identification_answer(state.hits(dist[i], ids[i])[0], threshold), "face": f}
+            for i, f in enumerate(faces or [None])
+        ]
+        out = answers[0] if faces else {k: v for k, v in answers[0].items() if k != "face"}
+        return {**out, "faces": answers} if faces and s.all_faces else out
 
     return router
