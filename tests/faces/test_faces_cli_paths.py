@@ -129,5 +129,7 @@ def test_verify_and_eval_with_faces(tiny_run, photos, capsys):
                  "--json"]) == 0  # fmt: skip
     res = json.loads(capsys.readouterr().out)
     assert res["faces"]["no_face"] == 1 and res["faces"]["with_face"] == 4
+    assert main(["eval", "--model", str(tiny_run), "--faces", "arcface", "--json"]) == 0
+    assert "note: --faces applies to --data" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_run), "--faces", "dlib"]) == 2
     assert "--faces must be one of" in capsys.readouterr().err

@@ -183,6 +183,9 @@ def _cmd_eval(args) -> int:
     from ..metrics.evaluate import summary_lines
 
     inf = _inference(args)
+    if args.data is None and inf.faces != (inf.config.get("train") or {}).get("faces"):
+        print("note: --faces applies to --data; the run's own test split is read as the run "
+              "was trained", file=sys.stderr)  # fmt: skip
     if _streams(inf, args):
         emb, labels, paths, _ = _embed_source(inf, args)
         groups = _eval_groups(inf, args, paths, len(labels))
