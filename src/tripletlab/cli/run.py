@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..validation import EVAL_DISTANCES
-from ._base import add_postprocess, print_json, register_command
+from ._base import add_faces, add_postprocess, faces_line, print_json, register_command
 
 
 def _inference(args):
@@ -23,7 +23,14 @@ def _inference(args):
 
     inf = Inference.from_run(args.model, device=getattr(args, "device", "auto"))
     inf.use_postprocess(getattr(args, "postprocess", None) or "auto")
+    inf.use_faces(getattr(args, "faces", None) or "auto")
     return inf
+
+
+def _print_faces(inf, file=None) -> None:
+    line = faces_line(inf)
+    if line:
+        print(line, file=file)
 
 
 def _embed_source(inf, args):
@@ -101,6 +108,11 @@ def _embeddings(inf, args):
     from ..inference.shard import Embedded, embed_sharded
 
     stream = _streams(inf, args)
+    if args.distributed and inf.faces is not None:
+        raise UsageError(
+            "--faces is not supported with --distributed yet: align the folder first with "
+            "`tripletlab faces FOLDER --out ALIGNED` and embed that"
+        )
     if args.distributed:
         from ..runtime.process_group import init_from_env, shutdown
 
@@ -141,6 +153,7 @@ def _add_eval(sub) -> None:
         help="distance for evaluation (default: cosine for normalised embeddings)",
     )
     add_postprocess(p, 'scored beside the raw metrics ("postprocess" in --json)')
+    add_faces(p)
     p.add_argument(
         "--groups",
         default=None,
@@ -170,6 +183,9 @@ def _cmd_eval(args) -> int:
     from ..metrics.evaluate import summary_lines
 
     inf = _inference(args)
+    if args.data is None and inf.faces != (inf.config.get("train") or {}).get("faces"):
+        print("note: --faces applies to --data; the run's own test split is read as the run "
+              "was trained", file=sys.stderr)  # fmt: skip
     if _streams(inf, args):
         emb, labels, paths, _ = _embed_source(inf, args)
         groups = _eval_groups(inf, args, paths, len(labels))
@@ -183,10 +199,14 @@ def _cmd_eval(args) -> int:
         result = inf.evaluate(ds, args.distance, data=args.data, groups=groups)
     if args.data is not None:  # a folder of the user's, not the run's test split
         result = {**result, "split": "data", "data": str(args.data)}
+    if inf.faces_summary:
+        keep = ("images", "with_face", "no_face", "errors", "template", "size")
+        result = {**result, "faces": {k: inf.faces_summary[k] for k in keep}}
     if args.json:
         print_json(result)
     else:
         print("\n".join(summary_lines(result, inf.run_dir, training=False)))
+        _print_faces(inf)
     return 0
 
 
@@ -200,6 +220,7 @@ def _add_embed(sub) -> None:
     )
     _add_model_data(p, data_required=True)
     p.add_argument("--out", required=True, help="output .npz file")
+    add_faces(p)
     _add_distributed(p)
     p.set_defaults(func=_cmd_embed)
 
@@ -227,6 +248,7 @@ def _cmd_embed(args) -> int:
     )
     atomic_write_bytes(args.out, buf.getvalue())
     print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {Path(args.out)}")
+    _print_faces(inf)
     return 0
 
 
@@ -255,6 +277,7 @@ def _add_index(sub) -> None:
     )
     add_postprocess(p, "built into the index (DBA augments the stored gallery; the manifest "
                     "records it and search uses it)")  # fmt: skip
+    add_faces(p)
     _add_distributed(p)
     p.set_defaults(func=_cmd_index)
 
@@ -292,6 +315,7 @@ def _cmd_index(args) -> int:
             lock.close()
     post = "" if index.postprocess.method == "none" else f", post-processing {index.postprocess}"
     print(f"indexed {len(index)} items ({inf.distance}, {args.kind}{post}) in {args.out}")
+    _print_faces(inf)
     q = index.quality
     if q:
         print(
@@ -322,6 +346,7 @@ def _add_search(sub) -> None:
     p.add_argument("--index", required=True, metavar="DIR", help="index directory")
     p.add_argument("-k", type=int, default=5, help="neighbours per query (5)")
     add_postprocess(p, "(must be the one the index was built with)")
+    add_faces(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_search)
 
@@ -350,10 +375,30 @@ def _expand_folders(queries: list[str]) -> list[str]:
     return out
 
 
+def _with_a_face(inf, queries: list[str]) -> list[str]:
+    """The queries of a folder given with --faces, less the images without a face (one note
+    each on stderr; detections are cached, so embedding them does not detect again)."""
+    kept = []
+    for q in queries:
+        try:
+            inf.detect_face(q)
+        except InputError as e:
+            if not str(e).startswith("no face found"):
+                raise
+            print(f"note: {e}: skipped", file=sys.stderr)
+            continue
+        kept.append(q)
+    if not kept:
+        raise InputError(f"no face found in any of the {len(queries)} query images")
+    return kept
+
+
 def _cmd_search(args) -> int:
     inf = _inference(args)
     index = inf.load_index(args.index)
     queries = args.queries if inf.takes_texts else _expand_folders(args.queries)
+    if inf.faces is not None and inf.takes_images and any(Path(q).is_dir() for q in args.queries):
+        queries = _with_a_face(inf, queries)
     emb, names = inf.embed_inputs(queries)
     if args.k > len(index):
         print(f"note: -k {args.k} is more than the {len(index)} indexed items; showing all of "
@@ -403,6 +448,7 @@ def _add_verify(sub) -> None:
         help="CSV file with one pair per line: path_a,path_b (text_a,text_b for a text model)",
     )
     p.add_argument("--threshold", type=float, default=None, help="override the threshold")
+    add_faces(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError, missing_dependency, require
-from ._base import add_postprocess, print_json, register_command
+from ._base import add_faces, add_postprocess, print_json, register_command
 
 
 @register_command("serve")
@@ -53,6 +53,14 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--threshold", type=float, default=None, help="override the run's threshold")
     add_postprocess(p, "of /search and /identify (a gallery built with another is refused)")
+    add_faces(p)
+    p.add_argument(
+        "--all-faces",
+        action="store_true",
+        help="with --faces (or a run trained with it): /search and /identify answer one "
+        "result per face of the photo ('faces'), the largest first (its result stays the "
+        "top-level answer)",
+    )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="request size limit (10)")
     p.add_argument(
         "--max-pixels", type=int, default=4096 * 4096, help="pixels per image (16,777,216)"
@@ -133,6 +141,7 @@ def _cmd_serve(args) -> int:
         max_request_pixels=args.max_request_pixels,
         max_inflight_pixels=max(16 * 4096 * 4096, args.max_request_pixels),
         threshold=args.threshold,
+        all_faces=args.all_faces,
     )
     app = create_app(
         args.model,
@@ -142,6 +151,7 @@ def _cmd_serve(args) -> int:
         onnx_path=args.onnx,
         threads=args.threads or 0,
         postprocess=args.postprocess,
+        faces=args.faces,
     )
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback

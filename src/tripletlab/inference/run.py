@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..index.embedding_index import EmbeddingIndex
 
-__all__ = ["VECTOR_SUFFIXES", "Inference"]
+__all__ = [
+    "FACE_TEMPLATES",
+    "VECTOR_SUFFIXES",
+    "Inference",
+    "check_faces",
+    "face_crop_size",
+    "run_faces",
+]
 
 VECTOR_SUFFIXES = (".npy", ".npz", ".csv")
 
@@ -136,6 +144,12 @@ class Inference:
         self.grayscale: bool | None = prep["grayscale"]
         self.fit: str = prep["fit"]  # how images reach the input size (crop | pad | stretch)
         self.equalize: str = prep["equalize"]  # the run's image preprocessing
+        #: face detection + alignment before embedding images: None, "arcface" or "head" (the
+        #: run's ``--faces``, config.json train.faces; change it with :meth:`use_faces`)
+        self.faces: str | None = run_faces(config)
+        self._detector = None
+        self._face_cache: dict[tuple, Any] = {}
+        self.faces_summary: dict | None = None
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Inference:
@@ -174,6 +188,156 @@ class Inference:
         p = self.postprocess
         return {"method": p.method, "params": dict(p.params), "spec": str(p), "chosen_by": "user"}
 
+    def use_faces(self, template: str | None = "auto") -> str | None:
+        """Detect and align the largest face of every image before embedding it: ``"arcface"``
+        or ``"head"`` (the template, see :mod:`tripletlab.faces.align`), ``None``/``"none"``
+        (the whole image), ``"auto"`` (the run's own, ``config.json`` train.faces). Returns the
+        setting; an unknown template is an :class:`~tripletlab.errors.InputError`."""
+        if template == "auto":
+            self.faces = run_faces(self.config)
+        else:
+            self.faces = check_faces(template)
+        return self.faces
+
+    @property
+    def face_size(self) -> int:
+        """Side of the aligned face crop before the run's resizing (see :func:`face_crop_size`)."""
+        return face_crop_size(self.image_size)
+
+    def _face_detector(self):
+        if self._detector is None:
+            from ..faces import MTCNN
+
+            self._detector = MTCNN()
+        return self._detector
+
+    def detect_face(self, image, name: str = "the image"):
+        """The largest face of ``image`` (a path or PIL image) aligned with the current
+        template (:attr:`faces`): an :class:`~tripletlab.faces.AlignedFace`, or an
+        :class:`~tripletlab.errors.InputError` "no face found in NAME". Detections of files are
+        cached in memory per (path, modification time, size, template)."""
+        from ..faces import detect_and_align
+
+        template = self.faces or "arcface"
+        key = None
+        if isinstance(image, (str, Path)):
+            p = Path(image)
+            st = p.stat()
+            key = (str(p.resolve()), st.st_mtime_ns, st.st_size, template, self.face_size)
+            name = str(image)
+        if key is not None and key in self._face_cache:
+            face = self._face_cache[key]
+        else:
+            found = detect_and_align(
+                image, template=template, size=self.face_size, faces="largest",
+                detector=self._face_detector(),
+            )  # fmt: skip
+            face = found[0] if found else None
+            if key is not None:
+                self._face_cache[key] = face
+        if face is None:
+            raise InputError(f"no face found in {name}")
+        return face
+
+    def _face_arrays(self, items: Sequence, names: Sequence[str]) -> torch.Tensor:
+        """Aligned crops of ``items`` (paths or PIL images) through the run's preprocessing."""
+        from PIL import Image as PILImage
+
+        from ..data.loaders import image_to_array
+
+        mode = "L" if self.input_shape[0] == 1 else "RGB"
+        size = (self.input_shape[1], self.input_shape[2])
+        arrays = []
+        for item, name in zip(items, names, strict=True):
+            crop = self.detect_face(item, name).crop
+            im = PILImage.fromarray(crop.permute(1, 2, 0).contiguous().numpy(), "RGB")
+            arrays.append(image_to_array(im, mode, size, self.fit))
+        return torch.from_numpy(np.stack(arrays)).float().div_(255.0)
+
+    def face_folder(self, folder: str | Path) -> tuple[Path, dict[str, str], dict]:
+        """``folder`` (an image folder) aligned once with the current template (:attr:`faces`,
+        :func:`~tripletlab.faces.align_folder`, largest face): ``(aligned folder, {crop path:
+        source path}, summary)``. The crops are cached in ``RUN_DIR/faces_cache/<key>`` (a temp
+        directory when the run directory is read-only), the key being the folder, the template,
+        the crop size and every file's (name, mtime, size), so a changed folder is aligned
+        again. The summary's ``no_face`` counts the images left out."""
+        import hashlib
+        import os
+        import tempfile
+
+        from ..data.image_sources import scan_images
+        from ..faces import MANIFEST_NAME, align_folder
+
+        src = Path(folder)
+        template = self.faces or "arcface"
+        paths, _ = scan_images(src, unlabelled=True)
+        h = hashlib.sha256(f"{src.resolve()}|{template}|{self.face_size}".encode())
+        for p in paths:
+            st = os.stat(p)
+            h.update(f"|{os.path.relpath(p, src)}:{st.st_mtime_ns}:{st.st_size}".encode())
+        key = h.hexdigest()[:16]
+        out = self.run_dir / "faces_cache" / key
+        train = self.config.get("train") or {}
+        own = self.run_dir / "faces"  # the run's training folder, aligned by train --faces
+        if (
+            train.get("faces") == template
+            and isinstance(train.get("data"), str)
+            and Path(train["data"]).resolve() == src.resolve()
+            and (own / ".summary.json").is_file()
+            and json.loads((own / ".summary.json").read_text(encoding="utf-8")).get("size")
+            == self.face_size
+        ):
+            out = own
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            probe = out.parent / ".write_probe"
+            probe.touch()
+            probe.unlink()
+        except OSError:
+            if out != own:
+                out = Path(tempfile.gettempdir()) / "tripletlab_faces" / key
+        done = out / ".summary.json"
+        if done.is_file():
+            summary = json.loads(done.read_text(encoding="utf-8"))
+        else:
+            summary = align_folder(
+                src, out, template=template, size=self.face_size, overwrite=True,
+                detector=self._face_detector(),
+            )  # fmt: skip
+            done.write_text(json.dumps(summary), encoding="utf-8")
+        back: dict[str, str] = {}
+        for line in (out / MANIFEST_NAME).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("status") == "ok":
+                back[str((out / row["crop"]).resolve())] = str(src / row["source"])
+        #: the summary of the last folder aligned (``images``, ``with_face``, ``no_face`` ...)
+        self.faces_summary = summary
+        return out, back, summary
+
+    def _own_source(self) -> tuple[dict, Any]:
+        """The config to read the run's own test split with, and a path mapper (or None): a
+        run trained with ``--faces`` is read from its aligned training folder, so the saved
+        split indices refer to the same items."""
+        train = self.config.get("train") or {}
+        faces, data = run_faces(self.config), train.get("data")
+        if faces is None or not isinstance(data, str) or not Path(data).is_dir():
+            return self.config, None
+        saved, self.faces = self.faces, faces
+        try:
+            out, back, _ = self.face_folder(data)
+        finally:
+            self.faces = saved
+        cfg = {**self.config, "train": {**train, "data": str(out)}}
+        return cfg, (lambda ps: [back.get(str(Path(p).resolve()), p) for p in ps])
+
+    def _faces_data(self, data: str | None):
+        """``data`` with faces on: an image folder is replaced by its aligned crops, and a
+        function mapping the crops' paths back to the source files; else ``data`` as is."""
+        if self.faces is None or not self.takes_images or data is None or not Path(data).is_dir():
+            return data, None
+        out, back, _ = self.face_folder(data)
+        return str(out), (lambda ps: [back.get(str(Path(p).resolve()), p) for p in ps])
+
     @property
     def takes_images(self) -> bool:
         """True for image models (input C x H x W), False for vector and text models."""
@@ -187,19 +351,29 @@ class Inference:
     # ------------------------------------------------------------------ data sets
     def load_data(self, data: str | None = None, skip_bad: bool = False) -> Dataset:
         """``data`` loaded with the run's preprocessing (a folder is used whole), or the run's
-        own test split when ``data`` is None."""
+        own test split when ``data`` is None. With :attr:`faces` set, a folder ``data`` is
+        aligned first (:meth:`face_folder`; images without a face are left out) and the
+        dataset's paths are the source files."""
         if data is not None:
-            return load_dataset_for_run(self.config, data, skip_bad)
+            aligned, back = self._faces_data(data)
+            ds = load_dataset_for_run(self.config, aligned, skip_bad)
+            if back is not None and ds.paths is not None:
+                ds.paths = back(ds.paths)
+            return ds
         split = read_json(self.run_dir / "split.json", "split")
         if split.get("by") == "triplets":
             raise InputError(
                 f"{self.run_dir} was trained on a triplet file, which has no labelled test "
                 "split; give a labelled text file (text,label) with --data"
             )
-        train_data = self.config.get("train", {}).get("data", "digits")
-        ds = load_dataset_for_run(self.config, train_data, skip_bad)
+        cfg, back = self._own_source()
+        train_data = cfg.get("train", {}).get("data", "digits")
+        ds = load_dataset_for_run(cfg, train_data, skip_bad)
         split = read_json(self.run_dir / "split.json", "split")
-        return apply_split(ds, split["test"])[1]
+        test = apply_split(ds, split["test"])[1]
+        if back is not None and test.paths is not None:
+            test.paths = back(test.paths)
+        return test
 
     def embed_source(
         self,
@@ -217,11 +391,16 @@ class Inference:
         ``workers`` decoding processes, so memory does not grow with the number of images;
         other data (digits, idx, vectors) is loaded whole. ``shard=(rank, world_size)``: only
         that rank's contiguous share (see :mod:`tripletlab.inference.shard`). ``unlabelled``:
-        a plain photo folder is accepted, each image labelled by its path (embed, index)."""
+        a plain photo folder is accepted, each image labelled by its path (embed, index).
+        With :attr:`faces` set, a folder is aligned first (see :meth:`load_data`)."""
+        aligned, back = self._faces_data(data)
+        cfg = self.config
+        if data is None:
+            cfg, back = self._own_source()
         emb, labels, paths, classes = embed_data(
             self.model,
-            self.config,
-            data,
+            cfg,
+            aligned,
             self.run_dir,
             skip_bad=skip_bad,
             device=self.device,
@@ -231,6 +410,8 @@ class Inference:
             shard=shard,
             unlabelled=unlabelled,
         )
+        if back is not None and paths is not None:
+            paths = back(paths)
         return emb.numpy(), labels, paths, classes
 
     def evaluate_embeddings(
@@ -422,13 +603,19 @@ class Inference:
             raise InputError("this model takes vectors: give one .npy/.npz/.csv file of queries")
 
     def embed_files(self, paths: Sequence[str | Path]) -> np.ndarray:
-        """Embeddings of image files, read, converted and resized exactly as training did."""
+        """Embeddings of image files, read, converted and resized exactly as training did; with
+        :attr:`faces` set, of the largest face of each (detected, aligned, then preprocessed as
+        training did; "no face found in FILE" is an InputError)."""
         self._check_images_model()
         for q in paths:
             if not Path(q).is_file():
                 raise InputError(f"query not found: {q}")
             if Path(q).suffix.lower() not in IMAGE_EXTENSIONS:
                 raise InputError(f"{q} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+        if self.faces is not None:
+            if not paths:
+                return np.zeros((0, self.embedding_dim), dtype=np.float32)
+            return self._embed_tensor(self._face_arrays(list(paths), [str(p) for p in paths]))
         x, _ = load_image_files(
             [str(p) for p in paths],
             image_size=tuple(self.input_shape[1:]),
@@ -438,13 +625,54 @@ class Inference:
         warn_unlike_training([str(p) for p in paths], self.input_shape, self.fit)
         return self._embed_tensor(x)
 
-    def embed_images(self, images: Sequence[Image]) -> np.ndarray:
-        """Embeddings of PIL images (e.g. uploads), preprocessed exactly as training did."""
+    def face_crops(self, images: Sequence[Image]) -> list[tuple[Image, Any]]:
+        """The largest face of each PIL image, aligned (:attr:`faces`): ``[(crop as a PIL RGB
+        image, AlignedFace), ...]``; "no face found in ..." is an InputError. The crops are
+        what :meth:`embed_images` with ``detect=False`` embeds (the server detects first)."""
+        from PIL import Image as PILImage
+
+        n = len(images)
+        out = []
+        for i, im in enumerate(images):
+            face = self.detect_face(im, "the image" if n == 1 else f"image {i + 1} of {n}")
+            crop = PILImage.fromarray(face.crop.permute(1, 2, 0).contiguous().numpy(), "RGB")
+            out.append((crop, face))
+        return out
+
+    def face_crops_all(self, image: Image) -> list[tuple[Image, Any]]:
+        """Every face of one PIL image, aligned (:attr:`faces`), the largest first, then by
+        decreasing score: ``[(crop, AlignedFace), ...]``; none: "no face found in the image"."""
+        from PIL import Image as PILImage
+
+        from ..faces import detect_and_align
+
+        found = detect_and_align(
+            image, template=self.faces or "arcface", size=self.face_size, faces="all",
+            detector=self._face_detector(),
+        )  # fmt: skip
+        if not found:
+            raise InputError("no face found in the image")
+        area = [float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])) for f in found]
+        first = int(np.argmax(area))
+        found = [found[first]] + [f for i, f in enumerate(found) if i != first]
+        return [
+            (PILImage.fromarray(f.crop.permute(1, 2, 0).contiguous().numpy(), "RGB"), f)
+            for f in found
+        ]
+
+    def embed_images(self, images: Sequence[Image], detect: bool = True) -> np.ndarray:
+        """Embeddings of PIL images (e.g. uploads), preprocessed exactly as training did (with
+        :attr:`faces` set: of the largest face of each, see :meth:`embed_files`; ``detect``
+        False: the images are taken as aligned crops already, see :meth:`face_crops`)."""
         from ..data.loaders import image_to_array
 
         self._check_images_model()
         if not images:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        if self.faces is not None and detect:
+            n = len(images)
+            names = ["the image" if n == 1 else f"image {i + 1} of {n}" for i in range(n)]
+            return self._embed_tensor(self._face_arrays(list(images), names))
         mode = "L" if self.input_shape[0] == 1 else "RGB"
         size = (self.input_shape[1], self.input_shape[2])
         warn_unlike_training([im.size for im in images], self.input_shape, self.fit)
@@ -587,6 +815,43 @@ class Inference:
                 )
             out.append(hits)
         return out
+
+
+FACE_TEMPLATES = ("arcface", "head")
+
+
+def check_faces(template: str | None) -> str | None:
+    """``template`` checked: None (also ``"none"``), ``"arcface"`` or ``"head"``; anything
+    else is an :class:`~tripletlab.errors.InputError` naming the choices.
+
+    Example:
+        >>> check_faces("none") is None, check_faces("head")
+        (True, 'head')
+    """
+    if template is None or template == "none":
+        return None
+    if template not in FACE_TEMPLATES:
+        raise InputError(
+            f"--faces must be one of {', '.join(FACE_TEMPLATES)} or none, got {template!r}"
+        )
+    return str(template)
+
+
+def run_faces(config: dict) -> str | None:
+    """The face template a run was trained with (``config.json`` train.faces), or None."""
+    return check_faces((config.get("train") or {}).get("faces"))
+
+
+def face_crop_size(image_size: Sequence[int] | None) -> int:
+    """Side of the aligned face crop: 112 (the ArcFace template's own size), or the longer
+    side of the run's image size when that is larger, so no detail is lost before resizing.
+    Training (``--faces``) and inference use the same rule.
+
+    Example:
+        >>> face_crop_size([112, 92]), face_crop_size([224, 224]), face_crop_size(None)
+        (112, 224, 112)
+    """
+    return max(112, *(int(v) for v in image_size)) if image_size else 112
 
 
 def check_index_postprocess(index: EmbeddingIndex, expected: PostProcess, where: Any) -> None:

@@ -49,6 +49,7 @@ def create_app(
     onnx_path: str | Path | None = None,
     threads: int = 0,
     postprocess: str = "auto",
+    faces: str | None = "auto",
 ) -> FastAPI:
     """The FastAPI app serving ``model`` (a run directory, or an object with the
     :class:`~tripletlab.serve.engine.Embedder` interface) with the gallery in ``index`` (an
@@ -57,7 +58,10 @@ def create_app(
     ``threads`` intra-op threads (0: its default); torch's threads are the process's.
     ``postprocess``: the retrieval post-processing of ``/search`` and ``/identify`` ("auto": the
     run's choice, see :meth:`~tripletlab.inference.Inference.use_postprocess`); a gallery
-    directory built with another one is refused at start-up.
+    directory built with another one is refused at start-up. ``faces``: detect and align the
+    largest face of every posted photo first ("auto": the run's own ``train --faces``;
+    "arcface" | "head" | None), see :meth:`~tripletlab.inference.Inference.use_faces`; the
+    answers then carry the face's box, and a photo without a face is a 422.
 
     Example:
         >>> import uvicorn
@@ -78,6 +82,8 @@ def create_app(
     )
     if hasattr(embedder, "use_postprocess"):
         embedder.use_postprocess(postprocess)
+    if hasattr(embedder, "use_faces"):
+        embedder.use_faces(faces)
     state = ServeState.for_embedder(embedder, index, s)
     app = FastAPI(
         title="tripletlab",

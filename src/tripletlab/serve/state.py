@@ -53,6 +53,8 @@ class ServeSettings:
     max_wait_ms: float = 2.0  # how long the batcher waits for more requests
     threshold: float | None = None  # overrides the run's calibrated threshold
     thumbnail_size: int = 160
+    # with faces on (serve --faces): /search and /identify answer one result per face
+    all_faces: bool = False
 
 
 def check_settings(s: ServeSettings) -> None:
@@ -119,9 +121,14 @@ class ServeState:
             embedder.fingerprint,
             postprocess=getattr(embedder, "postprocess", "none"),
         )
+        faces = getattr(embedder, "faces", None)
         batcher = BatchQueue(
             {
-                "images": embedder.embed_images,
+                # with faces on, the routes detect first (one answer per request, the box in
+                # it) and the batch embeds the aligned crops
+                "images": (lambda ims: embedder.embed_images(ims, detect=False))
+                if faces is not None
+                else embedder.embed_images,
                 "vectors": lambda rows: embedder.embed_vectors(np.stack(rows)),
             },
             max_batch=settings.max_batch,
@@ -178,9 +185,37 @@ class ServeState:
 
         return await run_in_threadpool(decode)
 
-    async def embed_images(self, images: list) -> np.ndarray:
-        """Embeddings of decoded images, through the micro-batcher."""
-        return await self.batcher.submit("images", images)
+    @property
+    def faces(self) -> str | None:
+        """The face template applied to posted photos (``--faces``), or None."""
+        return getattr(self.embedder, "faces", None)
+
+    async def embed_images(self, images: list, with_faces: bool = False):
+        """Embeddings of decoded images, through the micro-batcher. With faces on (the run's
+        ``--faces`` or ``serve --faces``) each image's largest face is detected and aligned
+        first (off the event loop; no face: an InputError, answered 422).
+        ``with_faces``: return ``(embeddings, faces)``, ``faces`` a list of ``{"box": [x1, y1,
+        x2, y2], "score"}`` per image (None with faces off)."""
+        faces = None
+        if self.faces is not None:
+            found = await run_in_threadpool(self.embedder.face_crops, images)
+            images = [crop for crop, _ in found]
+            faces = [
+                {"box": [round(float(v), 1) for v in f.box], "score": round(f.score, 4)}
+                for _, f in found
+            ]
+        e = await self.batcher.submit("images", images)
+        return (e, faces) if with_faces else e
+
+    async def embed_all_faces(self, image) -> tuple[np.ndarray, list[dict]]:
+        """``serve --faces --all-faces``: the embeddings (F, D) of every face of one image,
+        the largest first, and their ``{"box", "score"}``; no face: an InputError (422)."""
+        found = await run_in_threadpool(self.embedder.face_crops_all, image)
+        faces = [
+            {"box": [round(float(v), 1) for v in f.box], "score": round(f.score, 4)}
+            for _, f in found
+        ]
+        return await self.batcher.submit("images", [c for c, _ in found]), faces
 
     def hits(self, dist: np.ndarray, ids: np.ndarray) -> list[dict]:
         """One query's neighbours as the CLI's `search` describes them, plus `match`."""

@@ -167,7 +167,18 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
         ds, given_test = ctx.data
         notes: list = []
     else:
-        ds, files, notes = open_data(cfg, resume=ctx.resume)
+        aligned = None
+        if cfg.faces is not None:  # issue #26: train on the aligned faces
+            from .image_data import prepare_faces
+
+            if ctx.dist is not None:
+                raise InputError(
+                    "--faces is not supported with torchrun yet: align the folder first with "
+                    "`tripletlab faces FOLDER --out ALIGNED` and train on that"
+                )
+
+            aligned = str(prepare_faces(cfg, ctx.run_dir, ctx.log if ctx.is_main else None))
+        ds, files, notes = open_data(cfg, resume=ctx.resume, data=aligned)
         given_test = None
         apply_preprocessing(cfg.equalize, ds, files)
     defaults = resolve_defaults(cfg, ds.kind, ctx.data is not None, notes, files is not None)

@@ -178,6 +178,15 @@ class TrainConfig:
     grayscale: bool | None = _opt(
         None, "None: grey if every image is single-channel", cli=False, group="data and split"
     )
+    # issue #26: photos, not pre-cropped faces; aligned once into RUN_DIR/faces/
+    faces: str | None = _opt(
+        None,
+        "detect the largest face of every training image (MTCNN) and train on its aligned "
+        "crop: arcface (the 112x112 ArcFace template) | head (a looser crop with hair and "
+        "chin); the folder is aligned once into RUN_DIR/faces/, images without a face are left "
+        "out and counted; recorded in the run, so embed/search/verify/serve detect by themselves",
+        group="data and split",
+    )
     skip_bad: bool = _opt(
         False, "skip unreadable files with a warning instead of failing", group="data and split"
     )
@@ -582,6 +591,7 @@ def option_choices() -> dict[str, list[str]]:
         "resize": list(FIT_MODES),
         "val_mode": ["both", "only"],
         "equalize": ["none", "clahe"],
+        "faces": ["arcface", "head"],
     }
 
 

@@ -11,6 +11,8 @@ to embed a set).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..data import Dataset
@@ -35,8 +37,11 @@ __all__ = [
 ]
 
 
-def open_data(cfg: TrainConfig, resume: bool = False) -> tuple[Dataset, ImageFiles | None, list]:
-    """``(dataset, files, notes)`` of ``cfg.data`` (:func:`tripletlab.data.open.open_data`);
+def open_data(
+    cfg: TrainConfig, resume: bool = False, data: str | None = None
+) -> tuple[Dataset, ImageFiles | None, list]:
+    """``(dataset, files, notes)`` of ``cfg.data`` (or of ``data``, e.g. the folder of aligned
+    faces, :func:`prepare_faces`) (:func:`tripletlab.data.open.open_data`);
     the automatic choices made from the data (:func:`~tripletlab.train.auto.auto_settings`,
     not when resuming) are written into ``cfg`` so the run's config.json records them."""
 
@@ -50,7 +55,7 @@ def open_data(cfg: TrainConfig, resume: bool = False) -> tuple[Dataset, ImageFil
         return cfg.image_size, notes
 
     return open_source(
-        cfg.data,
+        cfg.data if data is None else data,
         image_size=cfg.image_size,
         grayscale=cfg.grayscale,
         skip_bad=cfg.skip_bad,
@@ -59,6 +64,44 @@ def open_data(cfg: TrainConfig, resume: bool = False) -> tuple[Dataset, ImageFil
         choose=None if resume else choose,
         explain=not resume,
     )
+
+
+def prepare_faces(cfg: TrainConfig, run_dir: Path, log=None) -> Path:
+    """``--faces``: the training folder ``cfg.data`` aligned once into ``RUN_DIR/faces/``
+    (:func:`tripletlab.faces.align_folder`, largest face, the crop size of
+    :func:`tripletlab.inference.run.face_crop_size`, so inference aligns alike), reused when
+    resuming; logs one line (faces, images without a face). Returns the folder."""
+    import json
+
+    from ..errors import InputError
+    from ..inference.run import face_crop_size
+
+    if not isinstance(cfg.data, str) or not Path(cfg.data).is_dir():
+        raise InputError(
+            f"--faces needs one image folder (ROOT/<class>/<image>) as --data, got {cfg.data!r}"
+        )
+    out = Path(run_dir) / "faces"
+    done = out / ".summary.json"
+    if done.is_file():
+        summary = json.loads(done.read_text(encoding="utf-8"))
+    else:
+        from ..faces import align_folder
+
+        summary = align_folder(
+            cfg.data, out, template=cfg.faces, size=face_crop_size(cfg.image_size),
+            overwrite=True, skip_bad=cfg.skip_bad,
+        )  # fmt: skip
+        done.write_text(json.dumps(summary), encoding="utf-8")
+    if not summary["faces_written"]:
+        raise InputError(f"--faces: no face found in any of the {summary['images']} images of "
+                         f"{cfg.data}")  # fmt: skip
+    if log is not None:
+        errs = f", {summary['errors']} unreadable" if summary.get("errors") else ""
+        log(
+            f"faces ({cfg.faces}): {summary['faces_written']} faces in {summary['images']} "
+            f"images, {summary['no_face']} images without a face left out{errs} -> {out}"
+        )
+    return out
 
 
 def stream_augment(aug) -> SampleAugment | None:

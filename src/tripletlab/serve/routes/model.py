@@ -149,16 +149,19 @@ def build_router(state: ServeState) -> APIRouter:
         """Embeddings of uploaded images (multipart field `images`, repeatable; image models) or
         of input vectors (JSON `{"vectors": [[...], ...]}`; vector models)."""
         ctype = request.headers.get("content-type", "")
+        faces = None
         if ctype.startswith("application/json"):
             x = await vectors_from_json(state, request)
             e = await state.batcher.submit("vectors", list(x))
         elif ctype.startswith("multipart/form-data"):
-            e = await state.embed_images(await images_from_form(state, request))
+            images = await images_from_form(state, request)
+            e, faces = await state.embed_images(images, with_faces=True)
         else:
             raise HTTPException(
                 415, "send multipart/form-data with 'images' or JSON with 'vectors'"
             )
-        return {"embeddings": e.tolist(), "dim": int(e.shape[1]), "metric": embedder.distance}
+        out = {"embeddings": e.tolist(), "dim": int(e.shape[1]), "metric": embedder.distance}
+        return {**out, "faces": faces} if faces is not None else out
 
     @router.post("/search")
     async def search(
@@ -171,14 +174,23 @@ def build_router(state: ServeState) -> APIRouter:
         ((im, _),) = await state.read_images([image], "image")
         if len(store) == 0:
             raise HTTPException(409, "the gallery is empty: enrol images with POST /gallery")
-        e = await state.embed_images([im])
+        if s.all_faces and state.faces is not None:  # one result per face, the largest first
+            e, faces = await state.embed_all_faces(im)
+        else:
+            e, faces = await state.embed_images([im], with_faces=True)
         dist, ids = await run_in_threadpool(store.search, e, k)
-        return {
+        out = {
             "k": k,
             "threshold": threshold,
             "metric": embedder.distance,
             "neighbours": state.hits(dist[0], ids[0]),
         }
+        if faces and s.all_faces:
+            per_face = [
+                {"face": f, "neighbours": state.hits(dist[i], ids[i])} for i, f in enumerate(faces)
+            ]
+            return {**out, "face": faces[0], "faces": per_face}
+        return {**out, "face": faces[0]} if faces else out
 
     @router.post("/verify")
     async def verify(
@@ -189,7 +201,9 @@ def build_router(state: ServeState) -> APIRouter:
         if threshold is None:
             raise HTTPException(409, NO_THRESHOLD)
         (a, _), (b, _) = await state.read_images([image_a, image_b], "image")
-        return verification_answer(state, await state.embed_images([a, b]))
+        e, faces = await state.embed_images([a, b], with_faces=True)
+        out = verification_answer(state, e)
+        return {**out, "faces": faces} if faces else out
 
     @router.post("/identify")
     async def identify(image: Annotated[UploadFile, File()]) -> dict:
@@ -200,9 +214,16 @@ def build_router(state: ServeState) -> APIRouter:
         ((im, _),) = await state.read_images([image], "image")
         if len(store) == 0:
             return identification_answer(None, threshold)
-        e = await state.embed_images([im])
+        if s.all_faces and state.faces is not None:  # one answer per face, the largest first
+            e, faces = await state.embed_all_faces(im)
+        else:
+            e, faces = await state.embed_images([im], with_faces=True)
         dist, ids = await run_in_threadpool(store.search, e, 1)
-        (best,) = state.hits(dist[0], ids[0])
-        return identification_answer(best, threshold)
+        answers = [
+            {**identification_answer(state.hits(dist[i], ids[i])[0], threshold), "face": f}
+            for i, f in enumerate(faces or [None])
+        ]
+        out = answers[0] if faces else {k: v for k, v in answers[0].items() if k != "face"}
+        return {**out, "faces": answers} if faces and s.all_faces else out
 
     return router

@@ -1,0 +1,77 @@
+"""``tripletlab train --faces`` (issue #26): the folder is aligned once into RUN_DIR/faces/,
+the run trains on it, records ``faces`` in config.json and applies it by itself at inference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from faces_fixtures import *  # noqa: F403 - the fixtures mtcnn, att_face(s), _one_thread
+from PIL import Image
+
+from faces_in_scenes import paste_scene, texture
+from tripletlab.cli import main
+from tripletlab.inference import Inference
+from tripletlab.train.config import resolve_config
+
+FAST = ["--steps", "6", "--eval-every", "3", "--embedding-dim", "8", "--no-report"]
+pytestmark = pytest.mark.filterwarnings("ignore:.*inputs looked at differ")
+
+
+@pytest.fixture(scope="module")
+def face_run(tmp_path_factory, att_faces):
+    base = tmp_path_factory.mktemp("faces_train")
+    root = base / "photos"
+    g = np.random.default_rng(0)
+    for c, face in enumerate(att_faces):
+        d = root / f"person{c}"
+        d.mkdir(parents=True)
+        for i, (x0, y0, s) in enumerate([(30, 20, 0.8), (150, 90, 0.6), (120, 30, 0.8)]):
+            frame, _ = paste_scene([face], (240, 320), rng=g, fixed=[(x0, y0, s)])
+            Image.fromarray(frame).save(d / f"img{i}.png")
+    Image.fromarray(texture(120, 160, g)).save(root / "person1" / "empty.png")
+    run = base / "run"
+    args = ["train", "--data", str(root), "--out", str(run), "--p", "2", "--k", "2"]
+    return run, root, [*args, "--test-classes", "person3", "--val-fraction", "0", *FAST]
+
+
+def test_train_with_faces_records_and_applies_it(face_run, mtcnn, capsys):
+    run, root, argv = face_run
+    assert main([*argv, "--faces", "arcface"]) == 0
+    err = capsys.readouterr().err
+    summary = json.loads((run / "faces" / ".summary.json").read_text())
+    assert summary["no_face"] >= 1 and summary["with_face"] + summary["no_face"] == 13
+    line = (f"faces (arcface): {summary['faces_written']} faces in 13 images, "
+            f"{summary['no_face']} images without a face left out")  # fmt: skip
+    assert line in err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["faces"] == "arcface" and cfg["train"]["data"] == str(root)
+    assert (run / "faces" / "person0" / "img0.png").is_file()
+    inf = Inference.from_run(run)
+    assert inf.faces == "arcface"  # applied by itself
+    inf._detector = mtcnn
+    scene = root / "person0" / "img0.png"
+    by_scene = inf.embed_files([str(scene)])
+    inf.use_faces("none")
+    np.testing.assert_allclose(
+        by_scene, inf.embed_files([str(run / "faces" / "person0" / "img0.png")]), atol=1e-5
+    )
+    # the run's own test split is read from RUN_DIR/faces (no second alignment)
+    inf.use_faces("auto")
+    test = inf.load_data()
+    assert test.paths and all(str(root) in p for p in test.paths)
+    assert main(["eval", "--model", str(run), "--json"]) == 0
+    assert not (run / "faces_cache").exists()
+
+
+def test_faces_option_is_checked(tmp_path, capsys):
+    from tripletlab import InputError
+
+    with pytest.raises(InputError, match="unknown faces 'dlib'"):
+        resolve_config(overrides={"faces": "dlib"})
+    assert main(["train", "--faces", "dlib", "--out", str(tmp_path / "r")]) == 2
+    capsys.readouterr()
+    # digits are no image folder
+    assert main(["train", "--faces", "head", "--out", str(tmp_path / "r"), *FAST]) == 1
+    assert "--faces needs one image folder" in capsys.readouterr().err
