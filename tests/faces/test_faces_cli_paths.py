@@ -84,6 +84,12 @@ def test_embed_and_index_with_faces(tiny_run, photos, tmp_path, capsys):
     assert main(["search", empty, "--model", str(tiny_run), "--index", str(idx),
                  "--faces"]) == 1  # fmt: skip
     assert f"no face found in {empty}" in capsys.readouterr().err
+    # the index records --faces: queries embedded otherwise are refused, never silently wrong
+    assert json.loads((idx / "manifest.json").read_text())["faces"] == "arcface"
+    assert main(["search", q, "--model", str(tiny_run), "--index", str(idx),
+                 "--faces", "none"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "built from --faces arcface" in err and "whole images" in err
 
 
 def test_verify_and_eval_with_faces(tiny_run, photos, capsys):

@@ -165,6 +165,8 @@ class EmbeddingIndex:
         self.postprocess = parse_postprocess(postprocess)
         self._raw = np.zeros((0, self.dim), dtype=np.float32)  # kept with a postprocess
         self._aug: np.ndarray | None = None  # the DBA of _raw (dba, dba+aqe), once computed
+        #: the face template the indexed images were aligned with (``--faces``), or None
+        self.faces: str | None = None
 
     # ------------------------------------------------------------------ build
     def _new_faiss(self):
@@ -446,6 +448,7 @@ class EmbeddingIndex:
             pq_bits=self.pq_bits if self.kind == "ivfpq" else None,
             quality=self.quality,
             postprocess=str(self.postprocess),
+            faces=self.faces,
         )
 
     @staticmethod
@@ -505,6 +508,7 @@ class EmbeddingIndex:
                 postprocess=post,
             )
             index.quality = man.get("quality")
+            index.faces = man.get("faces") if isinstance(man.get("faces"), str) else None
         except (InputError, ValueError, TypeError) as e:
             raise FileFormatError(f"corrupt index manifest {man_path}: {e}") from None
         try:

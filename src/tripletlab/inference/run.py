@@ -767,6 +767,7 @@ class Inference:
         )
         index.add(emb, labels=np.asarray(labels), paths=paths)
         index.classes = classes
+        index.faces = self.faces  # the manifest records it; load_index checks it
         if kind != "flat":  # approximate: measure what it costs in recall (kept in the manifest)
             index.quality = search_quality(index, emb, n_queries=1000, k=10)
         if files and paths is not None and any(not Path(p).is_absolute() for p in paths):
@@ -780,6 +781,7 @@ class Inference:
 
         index = EmbeddingIndex.load(directory, expected_fingerprint=self.fingerprint)
         check_index_postprocess(index, self.postprocess, directory)
+        check_index_faces(index, self.faces, directory)
         return index
 
     def search(
@@ -852,6 +854,19 @@ def face_crop_size(image_size: Sequence[int] | None) -> int:
         (112, 224, 112)
     """
     return max(112, *(int(v) for v in image_size)) if image_size else 112
+
+
+def check_index_faces(index: EmbeddingIndex, expected: str | None, where: Any) -> None:
+    """An InputError when ``index`` holds embeddings of face crops aligned otherwise than the
+    queries will be (``--faces``): whole images against aligned faces match nothing."""
+    if index.faces != expected:
+        built = f"--faces {index.faces}" if index.faces else "whole images (no --faces)"
+        now = f"--faces {expected}" if expected else "whole images (no --faces)"
+        raise InputError(
+            f"the index in {where} was built from {built}, but the queries are embedded from "
+            f"{now}: rebuild it with `tripletlab index`, or pass --faces "
+            f"{index.faces or 'none'}"
+        )
 
 
 def check_index_postprocess(index: EmbeddingIndex, expected: PostProcess, where: Any) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..index.embedding_index import EmbeddingIndex
-from ..inference.run import check_index_postprocess
+from ..inference.run import check_index_faces, check_index_postprocess
 from ..metrics.postprocess import PostProcess, parse_postprocess
 from ..rundir.lock import lock_gallery
 from ..utils import atomic_write_bytes, atomic_write_json, fsync_dir
@@ -82,9 +82,11 @@ class GalleryStore:
         fingerprint: str,
         images_dir: str | Path | None = None,
         postprocess: str | PostProcess = "none",
+        faces: str | None = None,
     ) -> None:
         self.directory = Path(directory) if directory is not None else None
         self.postprocess = parse_postprocess(postprocess)  # of every search; kept on changes
+        self.faces = faces  # the face template of the embeddings (serve --faces), or None
         self.fingerprint = fingerprint
         self.lock = threading.RLock()  # guards the in-memory index
         self._write_lock = threading.Lock()  # serialises apply() (changes + persist)
@@ -113,6 +115,7 @@ class GalleryStore:
         if self.directory is not None and (self.directory / "manifest.json").exists():
             self.index = EmbeddingIndex.load(self.directory, expected_fingerprint=fingerprint)
             check_index_postprocess(self.index, self.postprocess, self.directory)
+            check_index_faces(self.index, self.faces, self.directory)
             if self.index.dim != dim or self.index.metric != metric:
                 raise InputError(
                     f"the gallery {self.directory} holds {self.index.metric} vectors of dimension "
@@ -121,6 +124,7 @@ class GalleryStore:
         else:
             self.index = EmbeddingIndex(dim, metric=metric, postprocess=self.postprocess)
             self.index.classes, self.index.paths = [], []
+            self.index.faces = self.faces
         if self.index.classes is None:  # e.g. an index of vectors with integer labels
             n = int(self.index.labels.max()) + 1 if len(self.index) else 0
             self.index.classes = [str(i) for i in range(max(n, 0))]
@@ -278,4 +282,5 @@ class GalleryStore:
             self.index = EmbeddingIndex(
                 self.index.dim, metric=self.index.metric, postprocess=self.postprocess
             )
+            self.index.faces = self.faces
             self.index.classes, self.index.paths = [], []

@@ -120,6 +120,7 @@ class ServeState:
             embedder.distance,
             embedder.fingerprint,
             postprocess=getattr(embedder, "postprocess", "none"),
+            faces=getattr(embedder, "faces", None),
         )
         faces = getattr(embedder, "faces", None)
         batcher = BatchQueue(
