@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-__all__ = ["_one_thread", "att_face", "att_faces", "mtcnn"]
+__all__ = ["_one_thread", "att_face", "att_faces", "mtcnn", "tiny_run", "write_person_photos"]
 
 # as tests/conftest.py (a nested conftest cannot import that module by name)
 _SHARED = Path(
@@ -61,3 +61,34 @@ def att_face() -> np.ndarray:
 def att_faces() -> list[np.ndarray]:
     root = shared_data("att_faces")
     return [np.asarray(Image.open(root / f"s{s}" / "1.pgm").convert("L")) for s in (1, 2, 3, 4)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny image run (4 classes of 16x12 images, 6 steps) to embed faces with."""
+    from tripletlab.cli import main
+
+    from conftest import make_image_folder
+
+    base = tmp_path_factory.mktemp("faces_run")
+    data = make_image_folder(base / "imgs", n_classes=4, per_class=6, size=(16, 12))
+    run = base / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--p", "2", "--k", "3"]
+    fast = ["--steps", "6", "--eval-every", "3", "--embedding-dim", "8", "--quiet", "--no-report"]
+    assert main([*args, "--test-classes", "class3", "--val-fraction", "0", *fast]) == 0
+    return run
+
+
+def write_person_photos(root: Path, faces: list[np.ndarray], suffix: str = ".png", **save):
+    """Folders person0, person1 of two 320x240 scenes each (``img0``, ``img1``) with the
+    first two ``faces`` pasted at fixed places; returns the generator for more scenes."""
+    from faces_in_scenes import paste_scene
+
+    g = np.random.default_rng(0)
+    for c, face in enumerate(faces[:2]):
+        d = root / f"person{c}"
+        d.mkdir(parents=True)
+        for i, (x0, y0, s) in enumerate([(30, 20, 0.8), (150, 90, 0.6)]):
+            frame, _ = paste_scene([face], (240, 320), rng=g, fixed=[(x0, y0, s)])
+            Image.fromarray(frame).save(d / f"img{i}{suffix}", **save)
+    return g

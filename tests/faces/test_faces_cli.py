@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from faces_fixtures import *  # noqa: F403 - the fixtures mtcnn, att_face(s), _one_thread
 from PIL import Image
@@ -17,13 +16,7 @@ from tripletlab.cli import main
 @pytest.fixture
 def photo_folder(tmp_path, att_faces, mtcnn):
     root = tmp_path / "photos"
-    g = np.random.default_rng(0)
-    for c, face in enumerate(att_faces[:2]):
-        d = root / f"person{c}"
-        d.mkdir(parents=True)
-        for i, (x0, y0, s) in enumerate([(30, 20, 0.8), (150, 90, 0.6)]):
-            frame, _ = paste_scene([face], (240, 320), rng=g, fixed=[(x0, y0, s)])
-            Image.fromarray(frame).save(d / f"img{i}.jpg", quality=95)
+    g = write_person_photos(root, att_faces, ".jpg", quality=95)  # noqa: F405
     # two faces in one photo, and one with none
     frame, _ = paste_scene(att_faces[2:4], (240, 320), fixed=[(10, 10, 0.7), (180, 80, 1.0)])
     Image.fromarray(frame).save(root / "person0" / "pair.png")

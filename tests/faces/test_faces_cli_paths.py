@@ -10,36 +10,18 @@ import pytest
 from faces_fixtures import *  # noqa: F403 - the fixtures mtcnn, att_face(s), _one_thread
 from PIL import Image
 
-from faces_in_scenes import paste_scene, texture
+from faces_in_scenes import texture
 from tripletlab.cli import main
 from tripletlab.inference import Inference
-
-from conftest import make_image_folder
 
 FAST = ["--steps", "6", "--eval-every", "3", "--embedding-dim", "8", "--quiet", "--no-report"]
 pytestmark = pytest.mark.filterwarnings("ignore:.*inputs looked at differ")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("faces_cli")
-    data = make_image_folder(base / "imgs", n_classes=4, per_class=6, size=(16, 12))
-    run = base / "run"
-    args = ["train", "--data", str(data), "--out", str(run), "--p", "2", "--k", "3"]
-    assert main([*args, "--test-classes", "class3", "--val-fraction", "0", *FAST]) == 0
-    return run
-
-
 @pytest.fixture
 def photos(tmp_path, att_faces, mtcnn):
     root = tmp_path / "photos"
-    g = np.random.default_rng(0)
-    for c, face in enumerate(att_faces[:2]):
-        d = root / f"person{c}"
-        d.mkdir(parents=True)
-        for i, (x0, y0, s) in enumerate([(30, 20, 0.8), (150, 90, 0.6)]):
-            frame, _ = paste_scene([face], (240, 320), rng=g, fixed=[(x0, y0, s)])
-            Image.fromarray(frame).save(d / f"img{i}.png")
+    g = write_person_photos(root, att_faces)  # noqa: F405 - from faces_fixtures
     Image.fromarray(texture(120, 160, g)).save(root / "person1" / "empty.png")
     return root
 

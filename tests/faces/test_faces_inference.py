@@ -11,23 +11,10 @@ from PIL import Image
 
 from faces_in_scenes import paste_scene, texture
 from tripletlab import InputError
-from tripletlab.cli import main
 from tripletlab.inference import Inference
 from tripletlab.inference.run import check_faces, face_crop_size, run_faces
 
-from conftest import make_image_folder
-
 FAST = ["--steps", "6", "--eval-every", "3", "--embedding-dim", "8", "--quiet", "--no-report"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("faces_inf")
-    data = make_image_folder(base / "imgs", n_classes=4, per_class=6, size=(16, 12))
-    run = base / "run"
-    args = ["train", "--data", str(data), "--out", str(run), "--p", "2", "--k", "3"]
-    assert main([*args, "--test-classes", "class3", "--val-fraction", "0", *FAST]) == 0
-    return run
 
 
 @pytest.fixture

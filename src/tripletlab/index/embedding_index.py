@@ -225,7 +225,7 @@ class EmbeddingIndex:
         if self.postprocess.method != "none":
             self._raw = np.concatenate([self._raw, x])
         if self.postprocess.method in _DBA:
-            self._store(self._augmented(self._raw, cache=True), rebuild=True)
+            self._reaugment()
         else:
             self._store(x)
         self.ids = np.concatenate([self.ids, new_ids])
@@ -233,16 +233,20 @@ class EmbeddingIndex:
         if paths is not None:
             self.paths = list(self.paths or []) + [str(p) for p in paths]
 
-    def _augmented(self, raw: np.ndarray | None = None, cache: bool = False) -> np.ndarray:
-        """The DBA of the raw gallery (``dba``, ``dba+aqe``); without ``raw``, the index's own
-        (computed once: ``add`` and ``remove_ids`` replace it)."""
-        if raw is None:
-            if self._aug is None or self._aug.shape[0] != len(self):
-                self._aug = self._augmented(self._raw)
-            return self._aug
-        if cache:
-            self._aug = self._augmented(raw)
-            return self._aug
+    def _reaugment(self) -> None:
+        """Recompute the DBA of the whole raw gallery and store it as the searched vectors
+        (``dba``, ``dba+aqe``; after every change: each item's neighbours may have changed)."""
+        self._aug = self._augmented(self._raw)
+        self._store(self._aug, rebuild=True)
+
+    def _gallery_augmented(self) -> np.ndarray:
+        """The index's own DBA gallery, computed once (a loaded index computes it lazily)."""
+        if self._aug is None:
+            self._aug = self._augmented(self._raw)
+        return self._aug
+
+    def _augmented(self, raw: np.ndarray) -> np.ndarray:
+        """The DBA of ``raw`` gallery vectors."""
         if raw.shape[0] == 0:
             return raw
         p = self.postprocess.params
@@ -297,7 +301,7 @@ class EmbeddingIndex:
         if method == "rerank":
             return self._rerank(q, k)
         if method in ("aqe", "dba+aqe"):
-            gallery = self._raw if method == "aqe" else self._augmented()
+            gallery = self._raw if method == "aqe" else self._gallery_augmented()
             q = self._prep(
                 alpha_query_expansion(torch.from_numpy(q), torch.from_numpy(gallery),
                     k=min(int(p["k"]), len(self)), alpha=p["alpha"], distance=self.metric,
@@ -364,7 +368,7 @@ class EmbeddingIndex:
         if self.postprocess.method != "none":
             self._raw = self._raw[keep]
         if self.postprocess.method in _DBA:  # every item's DBA neighbours may have changed
-            self._store(self._augmented(self._raw, cache=True), rebuild=True)
+            self._reaugment()
         elif self.backend == "faiss":
             self._index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(drop).astype(np.int64)))
         else:
