@@ -424,6 +424,56 @@ def test_bad_requests_get_4xx_json_and_the_server_stays_up(env, server):
     assert m["routes"]["POST /search"]["requests"] >= 10
 
 
+def raw_post(url: str, headers: dict, body_chunks, timeout: float = 30.0) -> tuple[int, dict]:
+    """POST over a raw socket: send the headers and *every* body byte, then read the answer.
+    A server that answers early and closes with the body unread makes the kernel reset the
+    connection (ECONNRESET / EPIPE here), which is what a real client sees."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(f"POST /search HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode())
+        for chunk in body_chunks:
+            sock.sendall(chunk)
+        data = b""
+        while got := sock.recv(65536):  # the answer says "connection: close"
+            data += got
+    head, _, payload = data.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        out = b""
+        while payload:
+            size, _, rest = payload.partition(b"\r\n")
+            out, payload = out + rest[: int(size, 16)], rest[int(size, 16) + 2 :]
+        payload = out
+    return int(head.split(b" ", 2)[1]), json.loads(payload)
+
+
+@pytest.mark.parametrize("case", ["content-length", "chunked", "no token"])
+def test_an_early_answer_reaches_a_client_still_uploading(server, case):
+    """A 413 or 401 sent before the body is read: the server reads (and drops) the rest of the
+    upload first, bounded, so the client gets its answer instead of a connection reset (the
+    kernel resets a socket closed with unread data). Found as an intermittent CI failure."""
+    mb8 = [b"\x00" * 65536] * 128  # 8 MB: more than the loopback socket buffers hold
+    part = (
+        b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n"
+    )
+    body = [part, *mb8, b"\r\n--xyz--\r\n"]
+    size = sum(len(c) for c in body)
+    headers = {"Content-Type": "multipart/form-data; boundary=xyz", **AUTH}
+    if case == "chunked":
+        headers["Transfer-Encoding"] = "chunked"
+        body = [b"%x\r\n%s\r\n" % (len(c), c) for c in body] + [b"0\r\n\r\n"]
+    else:
+        headers["Content-Length"] = str(size)
+    if case == "no token":
+        del headers["Authorization"]
+    for _ in range(3):
+        status, answer = raw_post(server.url, headers, body)
+        assert status == (401 if case == "no token" else 413), answer
+        assert answer["error"]["message"]
+    assert server.alive()
+
+
 # ------------------------------------------------------------------------- load, onnx
 
 

@@ -20,6 +20,7 @@ from .. import __version__
 from .engine import load_embedder
 from .http import (
     _BodyLimit,
+    _DrainBody,
     _EarlyAuth,
     _MetricsMiddleware,
     _ReleasePixels,
@@ -103,6 +104,7 @@ def create_app(
     app.add_middleware(_ReleasePixels, budget=state.pixels)
     app.add_middleware(_BodyLimit, max_bytes=s.max_upload_bytes)
     app.add_middleware(_EarlyAuth, settings=s)  # 401 before a byte of the body is read
+    app.add_middleware(_DrainBody)  # ... and the rest of the upload dropped before an early answer
     # the metrics name a request rejected before routing by its path when that is a route's:
     # the routers' own routes too (recent FastAPI keeps an included router as one entry)
     known_routes = [*app.router.routes, *(r for router in route_groups for r in router.routes)]

@@ -83,6 +83,66 @@ class _BodyLimit:
             await _send_json(send, e.status_code, body)
 
 
+class _DrainBody:
+    """Read (and drop) what is left of a request body before an early answer goes out.
+
+    A layer inside may answer before the body is read: a 413 from the Content-Length alone or
+    mid-stream, a 401 before the body of an unauthenticated request is parsed. The server then
+    closes the connection, and a socket closed with unread bytes in its buffer is *reset* by the
+    kernel: a client still uploading gets "connection reset by peer" instead of the answer.
+    Here, when the answer starts while the declared body is not complete, up to
+    ``drain_bytes`` more are read within ``drain_s`` seconds and thrown away (nothing is
+    parsed or kept; the lingering close of nginx and Apache does the same). A bigger or slower
+    body is cut off as before.
+    """
+
+    def __init__(self, app, drain_bytes: int = 64 * 1024 * 1024, drain_s: float = 5.0) -> None:
+        self.app, self.drain_bytes, self.drain_s = app, int(drain_bytes), float(drain_s)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"transfer-encoding", b"").lower() == b"chunked"
+        try:
+            declared = declared or int(headers.get(b"content-length", b"0")) > 0
+        except ValueError:
+            pass
+        body_done = not declared
+
+        async def tracking_receive():
+            nonlocal body_done
+            msg = await receive()
+            if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
+                body_done = True
+            return msg
+
+        async def draining_send(msg):
+            nonlocal body_done
+            if msg["type"] == "http.response.start" and not body_done:
+                body_done = True
+                await self._drain(receive)
+            await send(msg)
+
+        await self.app(scope, tracking_receive, draining_send)
+
+    async def _drain(self, receive) -> None:
+        dropped, deadline = 0, time.monotonic() + self.drain_s
+        while dropped <= self.drain_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                msg = await asyncio.wait_for(receive(), left)
+            except TimeoutError:
+                return
+            if msg["type"] != "http.request":
+                return
+            dropped += len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                return
+
+
 _RESERVED: contextvars.ContextVar[list | None] = contextvars.ContextVar(
     "tripletlab_reserved_pixels", default=None
 )
