@@ -4,6 +4,7 @@ the run trains on it, records ``faces`` in config.json and applies it by itself 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -42,8 +43,8 @@ def test_train_with_faces_records_and_applies_it(face_run, mtcnn, capsys):
     err = capsys.readouterr().err
     summary = json.loads((run / "faces" / ".summary.json").read_text())
     assert summary["no_face"] >= 1 and summary["with_face"] + summary["no_face"] == 13
-    line = (f"faces (arcface): {summary['faces_written']} faces in 13 images, "
-            f"{summary['no_face']} images without a face left out")  # fmt: skip
+    line = (f"faces (arcface): {summary['faces_written']} faces in 13 images of {root}, "
+            f"{summary['no_face']} without a face left out")  # fmt: skip
     assert line in err
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train"]["faces"] == "arcface" and cfg["train"]["data"] == str(root)
@@ -74,4 +75,30 @@ def test_faces_option_is_checked(tmp_path, capsys):
     capsys.readouterr()
     # digits are no image folder
     assert main(["train", "--faces", "head", "--out", str(tmp_path / "r"), *FAST]) == 1
-    assert "--faces needs one image folder" in capsys.readouterr().err
+    assert "--faces needs image folders (ROOT/<class>/<image>) as --data" in capsys.readouterr().err
+
+
+def test_faces_with_several_sources_and_val_data(face_run, tmp_path, capsys):
+    """``--data A --data B --val-data V --faces``: each source aligned into
+    RUN_DIR/faces/<name>/ (its classes keep their names), the validation folder into
+    RUN_DIR/faces/val/<name>/ and validated on aligned like the training faces."""
+    _, root, _ = face_run
+    a, b, v = tmp_path / "src_a", tmp_path / "src_b", tmp_path / "val_v"
+    people = sorted(p.name for p in root.iterdir())
+    for dst, names in ((a, people[:2]), (b, people[2:3]), (v, people[3:])):
+        for n in names:
+            shutil.copytree(root / n, dst / n)
+    run = tmp_path / "run2"
+    argv = ["train", "--data", str(a), "--data", str(b), "--val-data", str(v),
+            "--val-mode", "only", "--test-fraction", "0.34", "--test-classes", f"src_a/{people[0]}",
+            "--out", str(run), "--p", "2", "--k", "2", "--faces", "head", *FAST]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    for src, out in ((a, run / "faces" / "src_a"), (b, run / "faces" / "src_b"),
+                     (v, run / "faces" / "val" / "val_v")):  # fmt: skip
+        assert (out / ".summary.json").is_file() and f"images of {src}," in err
+        assert list(out.rglob("*.png"))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["data"] == [str(a), str(b)] and cfg["train"]["val_data"] == [str(v)]
+    ev = json.loads((run / "eval.json").read_text())
+    assert "val_v" in json.dumps(ev.get("validation", ev))  # the aligned source kept its name

@@ -163,6 +163,7 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
     from .image_data import open_data
 
     files = None
+    val_faces = None  # --faces with --val-data: the aligned validation folders
     if ctx.data is not None:
         ds, given_test = ctx.data
         notes: list = []
@@ -177,7 +178,7 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
                     "`tripletlab faces FOLDER --out ALIGNED` and train on that"
                 )
 
-            aligned = str(prepare_faces(cfg, ctx.run_dir, ctx.log if ctx.is_main else None))
+            aligned, val_faces = prepare_faces(cfg, ctx.run_dir, ctx.log if ctx.is_main else None)
         ds, files, notes = open_data(cfg, resume=ctx.resume, data=aligned)
         given_test = None
         apply_preprocessing(cfg.equalize, ds, files)
@@ -192,7 +193,7 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
         train_full = train
         val_info = info.get("val")
         train, val = apply_split(train, val_info) if val_info else (train, None)
-        val = add_val_data(cfg, ds, files, val)
+        val = add_val_data(cfg, ds, files, val, val_faces)
     else:
         by = cfg.split_by or (
             "predefined"
@@ -241,7 +242,7 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
                 train, val, val_info = split_dataset(
                     train, by="sample", test_fraction=cfg.val_fraction, seed=cfg.seed + 1
                 )
-        val = add_val_data(cfg, ds, files, val)
+        val = add_val_data(cfg, ds, files, val, val_faces)
         split_info = {"test": test_info, "val": val_info}
         if val is not None and val.info.get("val_sources"):
             split_info["val_sources"] = val.info["val_sources"]
@@ -283,12 +284,13 @@ def val_mode(cfg: TrainConfig) -> str | None:
     return cfg.val_mode or "both"
 
 
-def add_val_data(cfg: TrainConfig, ds, files, val):
+def add_val_data(cfg: TrainConfig, ds, files, val, specs: list[str] | None = None):
     """The validation set of a run: the held-out training classes ``val`` (None: none) and,
     with ``--val-data``, the classes of the other sources
     (:func:`tripletlab.data.open.open_val_data`), joined into one data set whose
     ``info["val_sources"]`` lists each source (name, kind, items, classes) and
-    ``info["val_groups"]`` the class ids of each (the evaluator scores each alone)."""
+    ``info["val_groups"]`` the class ids of each (the evaluator scores each alone).
+    ``specs``: read these folders instead of ``cfg.val_data`` (its aligned faces, ``--faces``)."""
     mode = val_mode(cfg)
     if mode is None or not cfg.evaluate:
         return val
@@ -296,7 +298,7 @@ def add_val_data(cfg: TrainConfig, ds, files, val):
 
     shape = files.input_shape if files is not None else ds.input_shape
     ext = open_val_data(
-        cfg.val_data,
+        specs or cfg.val_data,
         shape,
         ds,
         skip_bad=cfg.skip_bad,

@@ -38,7 +38,7 @@ __all__ = [
 
 
 def open_data(
-    cfg: TrainConfig, resume: bool = False, data: str | None = None
+    cfg: TrainConfig, resume: bool = False, data: str | list[str] | None = None
 ) -> tuple[Dataset, ImageFiles | None, list]:
     """``(dataset, files, notes)`` of ``cfg.data`` (or of ``data``, e.g. the folder of aligned
     faces, :func:`prepare_faces`) (:func:`tripletlab.data.open.open_data`);
@@ -66,21 +66,53 @@ def open_data(
     )
 
 
-def prepare_faces(cfg: TrainConfig, run_dir: Path, log=None) -> Path:
+def prepare_faces(
+    cfg: TrainConfig, run_dir: Path, log=None
+) -> tuple[str | list[str], list[str] | None]:
     """``--faces``: the training folder ``cfg.data`` aligned once into ``RUN_DIR/faces/``
     (:func:`tripletlab.faces.align_folder`, largest face, the crop size of
     :func:`tripletlab.inference.run.face_crop_size`, so inference aligns alike), reused when
-    resuming; logs one line (faces, images without a face). Returns the folder."""
+    resuming; logs one line (faces, images without a face). Several sources (``--data A
+    --data B``): each into ``RUN_DIR/faces/<its name>/`` (so its classes keep their names).
+    ``--val-data`` folders are aligned alike into ``RUN_DIR/faces/val/<name>/``. Returns
+    ``(the folder or folders to train on, the aligned --val-data folders or None)``;
+    ``cfg`` is unchanged (its config.json names the source folders)."""
+    from ..data.open import source_name
+
+    def folder_list(value, what: str) -> list[str]:
+        items = [value] if isinstance(value, str) else list(value or [])
+        bad = [str(v) for v in items if not Path(str(v)).is_dir()]
+        if not items or bad:
+            raise InputError(
+                f"--faces needs image folders (ROOT/<class>/<image>) as {what}, got "
+                f"{bad[0] if bad else value!r}"
+            )
+        return [str(v) for v in items]
+
+    from ..errors import InputError
+
+    out = Path(run_dir) / "faces"
+    sources = folder_list(cfg.data, "--data")
+    if len(sources) == 1:
+        aligned: str | list[str] = str(_align_source(cfg, sources[0], out, log))
+    else:
+        aligned = [str(_align_source(cfg, s, out / source_name(s), log)) for s in sources]
+    val = None
+    if cfg.val_data and cfg.evaluate:
+        val = [
+            str(_align_source(cfg, s, out / "val" / source_name(s), log))
+            for s in folder_list(cfg.val_data, "--val-data")
+        ]
+    return aligned, val
+
+
+def _align_source(cfg: TrainConfig, folder: str, out: Path, log=None) -> Path:
+    """One folder aligned into ``out`` (reused when its summary exists); one log line."""
     import json
 
     from ..errors import InputError
     from ..inference.run import face_crop_size
 
-    if not isinstance(cfg.data, str) or not Path(cfg.data).is_dir():
-        raise InputError(
-            f"--faces needs one image folder (ROOT/<class>/<image>) as --data, got {cfg.data!r}"
-        )
-    out = Path(run_dir) / "faces"
     done = out / ".summary.json"
     if done.is_file():
         summary = json.loads(done.read_text(encoding="utf-8"))
@@ -88,18 +120,18 @@ def prepare_faces(cfg: TrainConfig, run_dir: Path, log=None) -> Path:
         from ..faces import align_folder
 
         summary = align_folder(
-            cfg.data, out, template=cfg.faces, size=face_crop_size(cfg.image_size),
+            folder, out, template=cfg.faces, size=face_crop_size(cfg.image_size),
             overwrite=True, skip_bad=cfg.skip_bad,
         )  # fmt: skip
         done.write_text(json.dumps(summary), encoding="utf-8")
     if not summary["faces_written"]:
         raise InputError(f"--faces: no face found in any of the {summary['images']} images of "
-                         f"{cfg.data}")  # fmt: skip
+                         f"{folder}")  # fmt: skip
     if log is not None:
         errs = f", {summary['errors']} unreadable" if summary.get("errors") else ""
         log(
             f"faces ({cfg.faces}): {summary['faces_written']} faces in {summary['images']} "
-            f"images, {summary['no_face']} images without a face left out{errs} -> {out}"
+            f"images of {folder}, {summary['no_face']} without a face left out{errs} -> {out}"
         )
     return out
 
