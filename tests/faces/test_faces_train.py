@@ -14,7 +14,7 @@ from PIL import Image
 from faces_in_scenes import paste_scene, texture
 from tripletlab.cli import main
 from tripletlab.inference import Inference
-from tripletlab.train.config import resolve_config
+from tripletlab.train.config import load_config_file, resolve_config
 
 FAST = ["--steps", "6", "--eval-every", "3", "--embedding-dim", "8", "--no-report"]
 pytestmark = pytest.mark.filterwarnings("ignore:.*inputs looked at differ")
@@ -102,3 +102,29 @@ def test_faces_with_several_sources_and_val_data(face_run, tmp_path, capsys):
     assert cfg["train"]["data"] == [str(a), str(b)] and cfg["train"]["val_data"] == [str(v)]
     ev = json.loads((run / "eval.json").read_text())
     assert "val_v" in json.dumps(ev.get("validation", ev))  # the aligned source kept its name
+
+
+def test_faces_auto_aligns_photos_and_leaves_face_crops(face_run, tmp_path, capsys):
+    """``--faces auto`` (the faces recipe's default): photos (a face well under a quarter of
+    the image) are aligned with arcface, face crops are left alone; config.json records the
+    decision, so inference applies the same."""
+    from tripletlab.faces import looks_like_photos
+
+    _, root, argv = face_run
+    photos, facts = looks_like_photos(root)
+    assert photos and facts["with_face"] >= facts["sampled"] // 2 and facts["median_area"] < 0.25
+    run = tmp_path / "auto_photos"
+    assert main([*argv[:3], "--out", str(run), *argv[5:], "--faces", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "auto: --faces arcface (" in err and "photos" in err
+    assert json.loads((run / "config.json").read_text())["train"]["faces"] == "arcface"
+    crops = tmp_path / "crops"  # the aligned faces of that run are face crops
+    shutil.copytree(run / "faces", crops, ignore=shutil.ignore_patterns(".*"))
+    run2 = tmp_path / "auto_crops"
+    assert (
+        main(["train", "--data", str(crops), "--out", str(run2), *argv[5:], "--faces", "auto"]) == 0
+    )
+    assert "auto: --faces off (" in capsys.readouterr().err
+    assert json.loads((run2 / "config.json").read_text())["train"]["faces"] is None
+    assert not (run2 / "faces").exists()
+    assert resolve_config(load_config_file("faces")).faces == "auto"

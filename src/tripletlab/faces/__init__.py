@@ -5,7 +5,8 @@
 * :mod:`.detect` - the three-stage cascade: :class:`MTCNN`, :func:`detect_faces`;
 * :mod:`.align` - Umeyama similarity transform onto a template, ``grid_sample`` warp;
 * :mod:`.pipeline` - :func:`detect_and_align`, the one call every path uses;
-* :mod:`.folder` - :func:`align_folder`, behind ``tripletlab faces``.
+* :mod:`.folder` - :func:`align_folder`, behind ``tripletlab faces``; :func:`looks_like_photos`,
+  behind ``--faces auto``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .align import (
     warp_affine,
 )
 from .detect import MTCNN, Detections, detect_faces
-from .folder import MANIFEST_NAME, align_folder
+from .folder import MANIFEST_NAME, align_folder, looks_like_photos
 from .image import load_image, to_rgb_tensor
 from .networks import ONet, PNet, RNet, load_mtcnn, mtcnn_weights_dir
 from .nms import box_overlap, nms
@@ -37,6 +38,7 @@ __all__ = [
     "align_folder",
     "apply_transform",
     "detect_and_align",
+    "looks_like_photos",
     "similarity_transform",
     "template_points",
     "warp_affine",

@@ -165,10 +165,13 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
     files = None
     val_faces = None  # --faces with --val-data: the aligned validation folders
     if ctx.data is not None:
+        if cfg.faces in ("auto", "none"):  # the caller's own tensors: no folder to align
+            cfg.faces = None
         ds, given_test = ctx.data
         notes: list = []
     else:
         aligned = None
+        resolve_faces(cfg, ctx)
         if cfg.faces is not None:  # issue #26: train on the aligned faces
             from .image_data import prepare_faces
 
@@ -282,6 +285,40 @@ def val_mode(cfg: TrainConfig) -> str | None:
             "(or use --val-mode both)"
         )
     return cfg.val_mode or "both"
+
+
+def resolve_faces(cfg: TrainConfig, ctx: Context) -> None:
+    """``--faces auto`` (the faces recipe) decided from a sample of the training images
+    (:func:`tripletlab.faces.looks_like_photos`): ``arcface`` for photos, off for face crops,
+    one ``auto:`` line; ``none`` is off. Resumed runs keep their recorded choice."""
+    if cfg.faces == "none":
+        cfg.faces = None
+    if cfg.faces != "auto":
+        return
+    folders = [cfg.data] if isinstance(cfg.data, str) else list(cfg.data or [])
+    if not folders or not all(Path(str(f)).is_dir() for f in folders):
+        cfg.faces = None
+        ctx.log("auto: --faces off (the data is not image folders)")
+        return
+    from ..errors import MissingDependencyError
+    from ..faces import looks_like_photos
+
+    try:
+        photos, facts = looks_like_photos([str(f) for f in folders])
+    except MissingDependencyError as e:
+        cfg.faces = None
+        ctx.log(f"auto: --faces off ({e})")
+        return
+    cfg.faces = "arcface" if photos else None
+    area = facts["median_area"]
+    seen = f"{facts['with_face']} of {facts['sampled']} sampled images hold a face"
+    if area is not None:
+        seen += f", its box {area:.0%} of the image (median)"
+    ctx.log(
+        f"auto: --faces arcface ({seen}: photos; faces are detected and aligned)"
+        if photos
+        else f"auto: --faces off ({seen}: face crops already; --faces arcface to align anyway)"
+    )
 
 
 def add_val_data(cfg: TrainConfig, ds, files, val, specs: list[str] | None = None):

@@ -184,7 +184,9 @@ class TrainConfig:
         "detect the largest face of every training image (MTCNN) and train on its aligned "
         "crop: arcface (the 112x112 ArcFace template) | head (a looser crop with hair and "
         "chin); the folder is aligned once into RUN_DIR/faces/, images without a face are left "
-        "out and counted; recorded in the run, so embed/search/verify/serve detect by themselves",
+        "out and counted; recorded in the run, so embed/search/verify/serve detect by themselves; "
+        "auto: arcface when a sample of the images looks like photos (faces cover under a "
+        "quarter of the image), none for face crops (the faces recipe's default); none: off",
         group="data and split",
     )
     skip_bad: bool = _opt(
@@ -591,7 +593,7 @@ def option_choices() -> dict[str, list[str]]:
         "resize": list(FIT_MODES),
         "val_mode": ["both", "only"],
         "equalize": ["none", "clahe"],
-        "faces": ["arcface", "head"],
+        "faces": ["arcface", "head", "auto", "none"],
     }
 
 

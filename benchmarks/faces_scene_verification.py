@@ -1,0 +1,178 @@
+"""Face verification in scenes (issue #26): whole-image embedding vs ``--faces``, through the CLI.
+
+The people splits are the cross-domain protocol's (``benchmarks/face_protocol.py``, fixed,
+never chosen by a test score): AT&T s1-s25 train, s26-s30 validation, s31-s40 test; Extended
+Yale B the first 15 people train, the next 5 validation. Every photo of the AT&T validation
+and test people is pasted alone into its own textured 640x480 frame (``faces_in_scenes``'s
+generator; a random position and scale 0.3-1.0 of the 92x112 crop, seeded per photo).
+
+Runs, all ``--config faces`` on the AT&T + Yale B training people (the AT&T test people held
+out by name) with ``--val-data`` the two sources' validation people (``--val-mode only``): ``none`` (whole images, today's recipe),
+``arcface`` and ``head`` (``--faces``). Each run is then scored (``tripletlab eval --data``) on
+the validation people (crops and scenes), which choose the template and whether ``--faces``
+pays; the test people (crops and scenes) are scored afterwards, for the record.
+
+    PYTHONPATH=src python benchmarks/faces_scene_verification.py build
+    PYTHONPATH=src python benchmarks/faces_scene_verification.py train   # the three runs
+    PYTHONPATH=src python benchmarks/faces_scene_verification.py eval    # the table (JSON + md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from faces_in_scenes import paste_scene  # noqa: E402
+
+DATA = (HERE.parent / ".." / "shared" / "data").resolve()
+if not DATA.exists():
+    DATA = Path("/work/shared/data")
+WORK = Path("/work/cache/face_scenes")
+RUNS = ("none", "arcface", "head")
+
+
+def att_part(name: str) -> str:
+    n = int(name[1:])
+    return "train" if n <= 25 else "val" if n <= 30 else "test"
+
+
+def yale_parts(names: list[str]) -> dict[str, str]:
+    order = sorted(names, key=lambda s: int(s.replace("yaleB", "")))
+    return {n: "train" if i < 15 else "val" if i < 20 else "test" for i, n in enumerate(order)}
+
+
+def stage_build(work: Path, size=(480, 640)) -> None:
+    """Class folders of crops per part, and the AT&T validation and test people in scenes."""
+    att, yale = DATA / "att_faces", DATA / "extended_yale_b"
+    parts = {p.name: att_part(p.name) for p in att.iterdir() if p.is_dir()}
+    for person, part in parts.items():
+        shutil.copytree(att / person, work / "crops" / f"att_{part}" / person, dirs_exist_ok=True)
+        if part != "val":  # the training source: the test people are held out by name
+            shutil.copytree(att / person, work / "crops" / "att" / person, dirs_exist_ok=True)
+    ysplit = yale_parts([p.name for p in yale.iterdir() if p.is_dir()])
+    for person, part in ysplit.items():
+        if part != "test":
+            dst = work / "crops" / f"yale_{part}" / person
+            shutil.copytree(yale / person, dst, dirs_exist_ok=True)
+    pastes = {}
+    for part in ("val", "test"):
+        for person in sorted(p for p, q in parts.items() if q == part):
+            for f in sorted((att / person).iterdir()):
+                seed = int(person[1:]) * 100 + int(f.stem)
+                face = np.asarray(Image.open(f).convert("L"))
+                frame, placed = paste_scene([face], size, rng=np.random.default_rng(seed))
+                out = work / "scenes" / f"att_{part}" / person / f"{f.stem}.png"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(frame).save(out)
+                pastes[str(out.relative_to(work))] = placed[0]
+    (work / "scenes" / "pastes.json").write_text(json.dumps(pastes, indent=0))
+    print(f"built {work}: crops {sorted(p.name for p in (work / 'crops').iterdir())}, "
+          f"{len(pastes)} scenes")  # fmt: skip
+
+
+def cli(argv: list[str]) -> tuple[int, str]:
+    from tripletlab.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(argv)
+    return rc, out.getvalue()
+
+
+def stage_train(work: Path, runs: list[str], extra: list[str]) -> None:
+    c = work / "crops"
+    for name in runs:
+        out = work / "runs" / name
+        if (out / "model.pt").exists() or (out / "config.json").exists() and not extra:
+            print(f"{name}: exists ({out})")
+            continue
+        test = ",".join(f"att/s{i}" for i in range(31, 41))
+        argv = ["train", "--data", str(c / "att"), "--data", str(c / "yale_train"),
+                "--val-data", str(c / "att_val"), "--val-data", str(c / "yale_val"),
+                "--val-mode", "only", "--test-classes", test, "--config", "faces",
+                "--out", str(out), "--no-report", *extra]  # fmt: skip
+        if name != "none":
+            argv += ["--faces", name]
+        t = time.time()
+        rc, _ = cli(argv)
+        print(f"{name}: rc {rc}, {time.time() - t:.0f} s", flush=True)
+
+
+def score(run: Path, folder: Path, faces: str | None) -> dict:
+    argv = ["eval", "--model", str(run), "--data", str(folder), "--json", "--postprocess", "none"]
+    if faces is not None:
+        argv += ["--faces", faces]
+    rc, out = cli(argv)
+    if rc != 0:
+        return {"error": rc}
+    r = json.loads(out)
+    v, q = r.get("verification", {}), r.get("retrieval", {})
+    keep = {k: v.get(k) for k in ("roc_auc", "eer", "far_at_threshold", "tar_at_threshold")}
+    keep.update({k: q.get(k) for k in ("precision_at_1", "map_at_r")})
+    if "faces" in r:
+        keep["faces"] = r["faces"]
+    return keep
+
+
+def stage_eval(work: Path, out_json: Path) -> None:
+    rows = []
+    for name in RUNS:
+        run = work / "runs" / name
+        if not (run / "config.json").exists():
+            continue
+        modes = {"none": ["none", "arcface", "head"]}.get(name, [name, "none"])
+        for part in ("val", "test"):
+            for kind in ("crops", "scenes"):
+                folder = work / kind / f"att_{part}"
+                for faces in modes:
+                    t = time.time()
+                    r = score(run, folder, faces)
+                    rows.append({"run": name, "people": part, "images": kind,
+                                 "faces_at_inference": faces, **r,
+                                 "seconds": round(time.time() - t, 1)})  # fmt: skip
+                    print(json.dumps(rows[-1]), flush=True)
+    out_json.write_text(json.dumps(rows, indent=1))
+    print("\n| run (trained) | --faces at inference | people | crops AUC / EER | scenes AUC / EER |")
+    print("|---|---|---|---|---|")
+    for name in RUNS:
+        for faces in {"none": ["none", "arcface", "head"]}.get(name, [name, "none"]):
+            for part in ("val", "test"):
+                cell = []
+                for kind in ("crops", "scenes"):
+                    r = next((x for x in rows if (x["run"], x["people"], x["images"],
+                              x["faces_at_inference"]) == (name, part, kind, faces)), None)  # fmt: skip
+                    ok = r and r.get("roc_auc") is not None
+                    cell.append(f"{r['roc_auc']:.3f} / {100 * r['eer']:.1f}%" if ok else "-")
+                print(f"| {name} | {faces} | {part} | {cell[0]} | {cell[1]} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("stage", choices=["build", "train", "eval"])
+    ap.add_argument("--work", type=Path, default=WORK)
+    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--json", type=Path, default=None)
+    args, extra = ap.parse_known_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.stage == "build":
+        stage_build(args.work)
+    elif args.stage == "train":
+        stage_train(args.work, args.runs.split(","), extra)
+    else:
+        stage_eval(args.work, args.json or args.work / "scene_verification.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
