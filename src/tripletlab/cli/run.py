@@ -118,11 +118,6 @@ def _embeddings(inf, args):
     from ..inference.shard import Embedded, embed_sharded
 
     stream = _streams(inf, args)
-    if args.distributed and inf.faces is not None:
-        raise UsageError(
-            "--faces is not supported with --distributed yet: align the folder first with "
-            "`tripletlab faces FOLDER --out ALIGNED` and embed that"
-        )
     if args.distributed:
         from ..runtime.process_group import init_from_env, shutdown
 

@@ -150,6 +150,8 @@ class Inference:
         self._detector = None
         self._face_cache: dict[tuple, Any] = {}
         self.faces_summary: dict | None = None
+        #: the face-cache entries this object's :meth:`face_folder` calls removed (least
+        #: recently used ones; see :mod:`tripletlab.rundir.cache`)
         self.faces_pruned: list[str] = []
         self._faces_held: list = []  # open lock files of the face-cache entries being read
 
@@ -265,8 +267,8 @@ class Inference:
         again. The summary's ``no_face`` counts the images left out.
 
         The cache keeps the :func:`~tripletlab.rundir.cache.cache_keep` (8) most recently used
-        entries (:mod:`tripletlab.rundir.cache`): after a new one the others are removed (listed
-        in :attr:`faces_pruned`), except entries another process is reading or writing. This
+        entries (:mod:`tripletlab.rundir.cache`): after a new one the others are removed (added
+        to :attr:`faces_pruned`), except entries another process is reading or writing. This
         object holds the returned entry (no pruner removes it) until the data is read
         (:meth:`load_data`, :meth:`embed_source`) or :meth:`release_faces`."""
         import hashlib
@@ -288,7 +290,6 @@ class Inference:
         cache = self.run_dir / "faces_cache"
         train = self.config.get("train") or {}
         own = self.run_dir / "faces"  # the run's training folder, aligned by train --faces
-        self.faces_pruned = []
         if (
             train.get("faces") == template
             and isinstance(train.get("data"), str)
@@ -318,8 +319,7 @@ class Inference:
             out, summary, held, removed = cached_folder(cache, key, build, keep=cache_keep())
             if held is not None:
                 self._faces_held.append(held)
-            #: the cache entries removed by the last :meth:`face_folder` (least recently used)
-            self.faces_pruned = [str(cache / k) for k in removed]
+            self.faces_pruned += [str(cache / k) for k in removed]
         back: dict[str, str] = {}
         for line in (out / MANIFEST_NAME).read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
