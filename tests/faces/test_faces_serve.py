@@ -4,6 +4,8 @@ the face's box, a photo without a face is a 422 with a clear message."""
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,75 +83,171 @@ def test_serve_detects_first_and_answers_the_box(tiny_run, att_faces, mtcnn, tmp
         assert "faces" not in body and len(body["embeddings"]) == 1
 
 
-def test_page_draws_the_face_box_in_headless_chromium(tiny_run, att_faces, mtcnn, tmp_path):
-    import shutil
-    import socket
-    import threading
-    import time
+class _Page:
+    """The app served by uvicorn on a free port and a headless chromium on a phone-sized
+    window (skips without selenium, uvicorn, httpx or Debian's chromium and its driver)."""
 
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (dev extra)")
-    httpx = pytest.importorskip("httpx")
-    uvicorn = pytest.importorskip("uvicorn")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    def __init__(self, app, tmp_path):
+        import shutil
+        import socket
+        import threading
+        import time
 
-    from tripletlab.serve import create_app
+        self.webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium")
+        self.httpx = pytest.importorskip("httpx")
+        uvicorn = pytest.importorskip("uvicorn")
+        from selenium.webdriver.support.ui import WebDriverWait
 
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    drv = shutil.which("chromedriver")
-    if exe is None or drv is None:
-        pytest.skip("needs Debian's chromium and chromium-driver")
-    frame, _ = paste_scene([att_faces[0]], (240, 320), fixed=[(90, 50, 0.9)])
-    scene = tmp_path / "scene.png"
-    scene.write_bytes(_png(frame))
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    app = create_app(tiny_run, faces="arcface")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    driver = None
-    try:
+        exe = shutil.which("chromium") or shutil.which("chromium-browser")
+        drv = shutil.which("chromedriver")
+        if exe is None or drv is None:
+            pytest.skip("needs Debian's chromium and chromium-driver")
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{port}"
+        self.driver = None
         for _ in range(200):
-            if server.started:
+            if self.server.started:
                 break
             time.sleep(0.05)
-        r = httpx.post(url + "/gallery", files={"images": ("a.png", _png(frame))},
-                       data={"label": "s1"})  # fmt: skip
-        assert r.status_code == 201, r.text
-        box = httpx.post(url + "/search", files={"image": ("q.png", _png(frame))}).json()["face"]
-        opts = webdriver.ChromeOptions()
+        opts = self.webdriver.ChromeOptions()
         opts.binary_location = exe
         for f in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
                   "--window-size=390,844"]:  # fmt: skip
             opts.add_argument(f)
-        driver = webdriver.Chrome(
-            options=opts, service=webdriver.ChromeService(executable_path=drv)
+        try:
+            self.driver = self.webdriver.Chrome(
+                options=opts, service=self.webdriver.ChromeService(executable_path=drv)
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.driver.set_page_load_timeout(60)
+        self.wait = WebDriverWait(self.driver, 60)
+
+    def search(self, photo) -> None:
+        """Open the page and pick ``photo`` as the query; waits for the results."""
+        from selenium.webdriver.common.by import By
+
+        self.driver.get(self.url + "/")
+        inp = self.driver.find_element(By.ID, "search-file")
+        self.driver.execute_script("arguments[0].hidden = false", inp)
+        inp.send_keys(str(photo))
+        self.wait.until(
+            lambda d: d.find_element(By.ID, "results").get_attribute("data-state") == "done"
         )
-        driver.set_page_load_timeout(60)
-        wait = WebDriverWait(driver, 60)
-        driver.get(url + "/")
-        inp = driver.find_element(By.ID, "search-file")
-        driver.execute_script("arguments[0].hidden = false", inp)
-        inp.send_keys(str(scene))
-        wait.until(lambda d: d.find_element(By.ID, "results").get_attribute("data-state") == "done")
-        wait.until(lambda d: d.find_element(By.ID, "face-box").get_attribute("hidden") is None)
-        el, prev = (
-            driver.find_element(By.ID, "face-box"),
-            driver.find_element(By.ID, "search-preview"),
+
+    def box(self, el_id: str, width: int = 320) -> tuple[float, float, float]:
+        """``(left, top, width)`` of a drawn box in the photo's pixels (when it is shown)."""
+        from selenium.webdriver.common.by import By
+
+        self.wait.until(lambda d: d.find_element(By.ID, el_id).get_attribute("hidden") is None)
+        el = self.driver.find_element(By.ID, el_id)
+        prev = self.driver.find_element(By.ID, "search-preview")
+        scale = prev.size["width"] / width
+        return (
+            (el.location["x"] - prev.location["x"]) / scale,
+            (el.location["y"] - prev.location["y"]) / scale,
+            el.size["width"] / scale,
         )
-        scale = prev.size["width"] / 320
-        x1, _, x2, _ = box["box"]
-        assert el.size["width"] == pytest.approx((x2 - x1) * scale, abs=2)
-        assert el.location["x"] - prev.location["x"] == pytest.approx(x1 * scale, abs=2)
+
+    def close(self) -> None:
+        if self.driver is not None:
+            self.driver.quit()
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_page_draws_the_face_box_in_headless_chromium(tiny_run, att_faces, mtcnn, tmp_path):
+    from tripletlab.serve import create_app
+
+    frame, _ = paste_scene([att_faces[0]], (240, 320), fixed=[(90, 50, 0.9)])
+    scene = tmp_path / "scene.png"
+    scene.write_bytes(_png(frame))
+    from tripletlab.serve import ServeSettings
+
+    settings = ServeSettings(threshold=0.5)
+    page = _Page(create_app(tiny_run, settings=settings, faces="arcface"), tmp_path)
+    try:
+        r = page.httpx.post(page.url + "/gallery", files={"images": ("a.png", _png(frame))},
+                            data={"label": "s1"})  # fmt: skip
+        assert r.status_code == 201, r.text
+        box = page.httpx.post(page.url + "/search", files={"image": ("q.png", _png(frame))})
+        x1, _, x2, _ = box.json()["face"]["box"]
+        page.search(scene)
+        left, _, width = page.box("face-box")
+        assert width == pytest.approx(x2 - x1, abs=8) and left == pytest.approx(x1, abs=8)
+        # one face: no second box, the one line of identify
+        assert page.driver.execute_script("return document.getElementById('face-box-1')") is None
+        assert page.driver.find_element("id", "identify").text.startswith("Identified: s1 ")
     finally:
-        if driver is not None:
-            driver.quit()
-        server.should_exit = True
-        thread.join(timeout=10)
+        page.close()
+
+
+def test_page_draws_every_face_with_all_faces(tiny_run, att_faces, mtcnn, tmp_path):
+    """``serve --faces --all-faces``: both faces of a photo boxed where the server found them,
+    numbered, the largest chosen (green) with its neighbours; a click on the other box shows
+    that face's neighbours."""
+    from selenium.webdriver.common.by import By
+
+    from tripletlab.serve import ServeSettings, create_app
+
+    pair, _ = paste_scene(att_faces[:2], (240, 320), fixed=[(10, 10, 0.7), (180, 80, 1.0)])
+    scene = tmp_path / "pair.png"
+    scene.write_bytes(_png(pair))
+    one, _ = paste_scene([att_faces[0]], (240, 320), fixed=[(90, 50, 0.9)])
+    two, _ = paste_scene([att_faces[1]], (240, 320), fixed=[(30, 20, 0.8)])
+    settings = ServeSettings(threshold=0.5, all_faces=True)
+    page = _Page(create_app(tiny_run, settings=settings, faces="arcface"), tmp_path)
+    try:
+        for label, im in (("s1", one), ("s2", two)):
+            r = page.httpx.post(page.url + "/gallery", files={"images": ("a.png", _png(im))},
+                                data={"label": label})  # fmt: skip
+            assert r.status_code == 201, r.text
+        r = page.httpx.post(page.url + "/search", files={"image": ("p.png", _png(pair))}).json()
+        faces = r["faces"]
+        assert len(faces) == 2
+        page.search(scene)
+        d = page.driver
+        for i, f in enumerate(faces):
+            x1, y1, x2, _ = f["face"]["box"]
+            left, top, width = page.box("face-box" if i == 0 else f"face-box-{i}")
+            assert (left, top, width) == pytest.approx((x1, y1, x2 - x1), abs=4), i
+        first, second = d.find_element(By.ID, "face-box"), d.find_element(By.ID, "face-box-1")
+        assert first.text == "1" and second.text == "2"
+        assert "chosen" in first.get_attribute("class").split()
+        assert "chosen" not in second.get_attribute("class").split()
+        assert first.value_of_css_property("border-top-color") != second.value_of_css_property(
+            "border-top-color"
+        )
+        lines = d.find_element(By.ID, "identify").text.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("Face 1 (largest): ")
+        assert lines[1].startswith("Face 2: ")
+        cards = d.find_elements(By.CSS_SELECTOR, "#results .result")
+        assert [int(c.get_attribute("data-id")) for c in cards] == [
+            h["id"] for h in faces[0]["neighbours"]
+        ]
+        if os.environ.get("TRIPLETLAB_SCREENSHOT"):  # a look at the page
+            Path(os.environ["TRIPLETLAB_SCREENSHOT"]).write_bytes(d.get_screenshot_as_png())
+        second.click()
+        page.wait.until(
+            lambda d: d.find_element(By.ID, "results").get_attribute("data-face") == "1"
+        )
+        assert "chosen" in d.find_element(By.ID, "face-box-1").get_attribute("class").split()
+        cards = d.find_elements(By.CSS_SELECTOR, "#results .result")
+        assert [int(c.get_attribute("data-id")) for c in cards] == [
+            h["id"] for h in faces[1]["neighbours"]
+        ]
+        width = d.execute_script("return [document.documentElement.scrollWidth, innerWidth]")
+        assert width[0] <= width[1], width  # the larger preview still fits a phone
+    finally:
+        page.close()
 
 
 def test_serve_onnx_runtime_with_faces(tiny_run, att_faces, mtcnn, tmp_path):

@@ -31,6 +31,16 @@ def _print_faces(inf, file=None) -> None:
     line = faces_line(inf)
     if line:
         print(line, file=file)
+    _faces_notes(inf)
+
+
+def _faces_notes(inf) -> None:
+    """One stderr note per face-cache entry pruned by the last folder aligned."""
+    from ..rundir.cache import cache_keep
+
+    for p in getattr(inf, "faces_pruned", None) or []:
+        print(f"note: faces cache: removed the least recently used {p} (keeping "
+              f"{cache_keep()}; TRIPLETLAB_FACES_CACHE_KEEP sets it)", file=sys.stderr)  # fmt: skip
 
 
 def _embed_source(inf, args):
@@ -108,11 +118,6 @@ def _embeddings(inf, args):
     from ..inference.shard import Embedded, embed_sharded
 
     stream = _streams(inf, args)
-    if args.distributed and inf.faces is not None:
-        raise UsageError(
-            "--faces is not supported with --distributed yet: align the folder first with "
-            "`tripletlab faces FOLDER --out ALIGNED` and embed that"
-        )
     if args.distributed:
         from ..runtime.process_group import init_from_env, shutdown
 
@@ -204,6 +209,7 @@ def _cmd_eval(args) -> int:
         result = {**result, "faces": {k: inf.faces_summary[k] for k in keep}}
     if args.json:
         print_json(result)
+        _faces_notes(inf)
     else:
         print("\n".join(summary_lines(result, inf.run_dir, training=False)))
         _print_faces(inf)

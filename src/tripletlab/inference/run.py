@@ -150,6 +150,10 @@ class Inference:
         self._detector = None
         self._face_cache: dict[tuple, Any] = {}
         self.faces_summary: dict | None = None
+        #: the face-cache entries this object's :meth:`face_folder` calls removed (least
+        #: recently used ones; see :mod:`tripletlab.rundir.cache`)
+        self.faces_pruned: list[str] = []
+        self._faces_held: list = []  # open lock files of the face-cache entries being read
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Inference:
@@ -260,13 +264,20 @@ class Inference:
         source path}, summary)``. The crops are cached in ``RUN_DIR/faces_cache/<key>`` (a temp
         directory when the run directory is read-only), the key being the folder, the template,
         the crop size and every file's (name, mtime, size), so a changed folder is aligned
-        again. The summary's ``no_face`` counts the images left out."""
+        again. The summary's ``no_face`` counts the images left out.
+
+        The cache keeps the :func:`~tripletlab.rundir.cache.cache_keep` (8) most recently used
+        entries (:mod:`tripletlab.rundir.cache`): after a new one the others are removed (added
+        to :attr:`faces_pruned`), except entries another process is reading or writing. This
+        object holds the returned entry (no pruner removes it) until the data is read
+        (:meth:`load_data`, :meth:`embed_source`) or :meth:`release_faces`."""
         import hashlib
         import os
         import tempfile
 
         from ..data.image_sources import scan_images
         from ..faces import MANIFEST_NAME, align_folder
+        from ..rundir.cache import cache_keep, cached_folder
 
         src = Path(folder)
         template = self.faces or "arcface"
@@ -276,7 +287,7 @@ class Inference:
             st = os.stat(p)
             h.update(f"|{os.path.relpath(p, src)}:{st.st_mtime_ns}:{st.st_size}".encode())
         key = h.hexdigest()[:16]
-        out = self.run_dir / "faces_cache" / key
+        cache = self.run_dir / "faces_cache"
         train = self.config.get("train") or {}
         own = self.run_dir / "faces"  # the run's training folder, aligned by train --faces
         if (
@@ -288,23 +299,27 @@ class Inference:
             == self.face_size
         ):
             out = own
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            probe = out.parent / ".write_probe"
-            probe.touch()
-            probe.unlink()
-        except OSError:
-            if out != own:
-                out = Path(tempfile.gettempdir()) / "tripletlab_faces" / key
-        done = out / ".summary.json"
-        if done.is_file():
-            summary = json.loads(done.read_text(encoding="utf-8"))
+            summary = json.loads((own / ".summary.json").read_text(encoding="utf-8"))
         else:
-            summary = align_folder(
-                src, out, template=template, size=self.face_size, overwrite=True,
-                detector=self._face_detector(),
-            )  # fmt: skip
-            done.write_text(json.dumps(summary), encoding="utf-8")
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+                probe = cache / f".write_probe-{os.getpid()}"
+                probe.touch()
+                probe.unlink()
+            except OSError:
+                cache = Path(tempfile.gettempdir()) / "tripletlab_faces"
+
+            def build(tmp: Path) -> dict:
+                s = align_folder(
+                    src, tmp, template=template, size=self.face_size, overwrite=True,
+                    detector=self._face_detector(),
+                )  # fmt: skip
+                return {**s, "out": str(cache / key), "manifest": str(cache / key / MANIFEST_NAME)}
+
+            out, summary, held, removed = cached_folder(cache, key, build, keep=cache_keep())
+            if held is not None:
+                self._faces_held.append(held)
+            self.faces_pruned += [str(cache / k) for k in removed]
         back: dict[str, str] = {}
         for line in (out / MANIFEST_NAME).read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
@@ -313,6 +328,11 @@ class Inference:
         #: the summary of the last folder aligned (``images``, ``with_face``, ``no_face`` ...)
         self.faces_summary = summary
         return out, back, summary
+
+    def release_faces(self) -> None:
+        """Let go of the face-cache entries :meth:`face_folder` holds (they may be pruned)."""
+        while self._faces_held:
+            self._faces_held.pop().close()
 
     def _own_source(self) -> tuple[dict, Any]:
         """The config to read the run's own test split with, and a path mapper (or None): a
@@ -354,26 +374,29 @@ class Inference:
         own test split when ``data`` is None. With :attr:`faces` set, a folder ``data`` is
         aligned first (:meth:`face_folder`; images without a face are left out) and the
         dataset's paths are the source files."""
-        if data is not None:
-            aligned, back = self._faces_data(data)
-            ds = load_dataset_for_run(self.config, aligned, skip_bad)
-            if back is not None and ds.paths is not None:
-                ds.paths = back(ds.paths)
-            return ds
-        split = read_json(self.run_dir / "split.json", "split")
-        if split.get("by") == "triplets":
-            raise InputError(
-                f"{self.run_dir} was trained on a triplet file, which has no labelled test "
-                "split; give a labelled text file (text,label) with --data"
-            )
-        cfg, back = self._own_source()
-        train_data = cfg.get("train", {}).get("data", "digits")
-        ds = load_dataset_for_run(cfg, train_data, skip_bad)
-        split = read_json(self.run_dir / "split.json", "split")
-        test = apply_split(ds, split["test"])[1]
-        if back is not None and test.paths is not None:
-            test.paths = back(test.paths)
-        return test
+        try:
+            if data is not None:
+                aligned, back = self._faces_data(data)
+                ds = load_dataset_for_run(self.config, aligned, skip_bad)
+                if back is not None and ds.paths is not None:
+                    ds.paths = back(ds.paths)
+                return ds
+            split = read_json(self.run_dir / "split.json", "split")
+            if split.get("by") == "triplets":
+                raise InputError(
+                    f"{self.run_dir} was trained on a triplet file, which has no labelled test "
+                    "split; give a labelled text file (text,label) with --data"
+                )
+            cfg, back = self._own_source()
+            train_data = cfg.get("train", {}).get("data", "digits")
+            ds = load_dataset_for_run(cfg, train_data, skip_bad)
+            split = read_json(self.run_dir / "split.json", "split")
+            test = apply_split(ds, split["test"])[1]
+            if back is not None and test.paths is not None:
+                test.paths = back(test.paths)
+            return test
+        finally:
+            self.release_faces()  # read: the cache entry may go
 
     def embed_source(
         self,
@@ -393,23 +416,26 @@ class Inference:
         that rank's contiguous share (see :mod:`tripletlab.inference.shard`). ``unlabelled``:
         a plain photo folder is accepted, each image labelled by its path (embed, index).
         With :attr:`faces` set, a folder is aligned first (see :meth:`load_data`)."""
-        aligned, back = self._faces_data(data)
-        cfg = self.config
-        if data is None:
-            cfg, back = self._own_source()
-        emb, labels, paths, classes = embed_data(
-            self.model,
-            cfg,
-            aligned,
-            self.run_dir,
-            skip_bad=skip_bad,
-            device=self.device,
-            workers=workers,
-            batch_size=batch_size,
-            progress=progress,
-            shard=shard,
-            unlabelled=unlabelled,
-        )
+        try:
+            aligned, back = self._faces_data(data)
+            cfg = self.config
+            if data is None:
+                cfg, back = self._own_source()
+            emb, labels, paths, classes = embed_data(
+                self.model,
+                cfg,
+                aligned,
+                self.run_dir,
+                skip_bad=skip_bad,
+                device=self.device,
+                workers=workers,
+                batch_size=batch_size,
+                progress=progress,
+                shard=shard,
+                unlabelled=unlabelled,
+            )
+        finally:
+            self.release_faces()
         if back is not None and paths is not None:
             paths = back(paths)
         return emb.numpy(), labels, paths, classes

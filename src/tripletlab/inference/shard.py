@@ -20,7 +20,14 @@ import torch.distributed as dist
 from ..losses.distributed import is_distributed
 from ..runtime.process_group import DistEnv
 
-__all__ = ["Embedded", "embed_sharded", "gather_objects_to_main", "gather_to_main", "shard_bounds"]
+__all__ = [
+    "Embedded",
+    "align_faces_on_main",
+    "embed_sharded",
+    "gather_objects_to_main",
+    "gather_to_main",
+    "shard_bounds",
+]
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -87,6 +94,51 @@ class Embedded:
     texts: list[str] | None = None
 
 
+def align_faces_on_main(inf, data: str | None, env: DistEnv) -> None:
+    """``--distributed --faces``: rank 0 aligns the image folder ``data`` into the run's face
+    cache (:meth:`~tripletlab.inference.Inference.face_folder`) while the other ranks wait in a
+    broadcast (bounded by the process group's timeout, ``--dist-timeout``); then every rank
+    finds the aligned folder in the cache and reads its own share of it. A failure on rank 0
+    stops every rank (rank 0 with its own error, the others with an
+    :class:`~tripletlab.errors.InputError` that points to it). Nothing to do for data that is
+    not a folder, or for the run's own test split (read from ``RUN_DIR/faces/``).
+
+    Example:
+        >>> align_faces_on_main(inf, "photos/", env)  # doctest: +SKIP
+    """
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..runtime.process_group import broadcast_flag
+
+    if data is None or not Path(data).is_dir() or not inf.takes_images:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if env.backend == "nccl" \
+        else torch.device("cpu")  # fmt: skip
+    if env.is_main:
+        try:
+            inf.face_folder(data)
+        except BaseException:
+            broadcast_flag(False, device)  # the others stop now, not at the timeout
+            raise
+        finally:
+            inf.release_faces()
+        broadcast_flag(True, device)
+        return
+    try:
+        ok = broadcast_flag(False, device)
+    except RuntimeError as e:  # rank 0 took longer than the timeout, or is gone
+        raise InputError(
+            f"--faces: rank 0 did not finish aligning the faces of {data} within --dist-timeout "
+            f"({type(e).__name__}): raise --dist-timeout, or align the folder first with "
+            "`tripletlab faces FOLDER --out ALIGNED` and embed that"
+        ) from None
+    if not ok:
+        raise InputError(
+            f"--faces: rank 0 could not align the faces of {data} (its error says why)"
+        )
+
+
 def embed_sharded(
     inf,
     data: str | None,
@@ -110,6 +162,8 @@ def embed_sharded(
     """
     rank, world = env.rank, env.world_size
     texts = None
+    if getattr(inf, "faces", None) is not None:
+        align_faces_on_main(inf, data, env)
     if stream:
         emb, labels, paths, classes = inf.embed_source(
             data, skip_bad=skip_bad, workers=workers, batch_size=batch_size, shard=(rank, world)

@@ -175,13 +175,12 @@ def prepare_splits(cfg: TrainConfig, ctx: Context) -> tuple[Splits, Defaults]:
         if cfg.faces is not None:  # issue #26: train on the aligned faces
             from .image_data import prepare_faces
 
-            if ctx.dist is not None:
-                raise InputError(
-                    "--faces is not supported with torchrun yet: align the folder first with "
-                    "`tripletlab faces FOLDER --out ALIGNED` and train on that"
-                )
+            if ctx.dist is not None:  # torchrun: rank 0 aligns, every rank reads RUN_DIR/faces
+                from .image_data import prepare_faces_on_main
 
-            aligned, val_faces = prepare_faces(cfg, ctx.run_dir, ctx.log if ctx.is_main else None)
+                aligned, val_faces = prepare_faces_on_main(cfg, ctx.run_dir, ctx.log, ctx.device)
+            else:
+                aligned, val_faces = prepare_faces(cfg, ctx.run_dir, ctx.log)
         ds, files, notes = open_data(cfg, resume=ctx.resume, data=aligned)
         given_test = None
         apply_preprocessing(cfg.equalize, ds, files)

@@ -112,6 +112,7 @@ def _align_source(cfg: TrainConfig, folder: str, out: Path, log=None) -> Path:
 
     from ..errors import InputError
     from ..inference.run import face_crop_size
+    from ..utils import atomic_write_json
 
     done = out / ".summary.json"
     if done.is_file():
@@ -123,7 +124,7 @@ def _align_source(cfg: TrainConfig, folder: str, out: Path, log=None) -> Path:
             folder, out, template=cfg.faces, size=face_crop_size(cfg.image_size),
             overwrite=True, skip_bad=cfg.skip_bad,
         )  # fmt: skip
-        done.write_text(json.dumps(summary), encoding="utf-8")
+        atomic_write_json(done, summary)  # whole or absent: other ranks and --resume read it
     if not summary["faces_written"]:
         raise InputError(f"--faces: no face found in any of the {summary['images']} images of "
                          f"{folder}")  # fmt: skip
@@ -134,6 +135,48 @@ def _align_source(cfg: TrainConfig, folder: str, out: Path, log=None) -> Path:
             f"images of {folder}, {summary['no_face']} without a face left out{errs} -> {out}"
         )
     return out
+
+
+def prepare_faces_on_main(
+    cfg: TrainConfig, run_dir: Path, log=None, device="cpu"
+) -> tuple[str | list[str], list[str] | None]:
+    """:func:`prepare_faces` under torchrun: rank 0 aligns the folder into ``RUN_DIR/faces/``
+    (and logs the line) while the other ranks wait for it in a broadcast (bounded by
+    ``--dist-timeout``), then every rank reads that folder. A failure on rank 0 (e.g. no face
+    in any image) stops every rank: rank 0 with its own error, the others with an
+    :class:`~tripletlab.errors.InputError` that points to it."""
+    import torch.distributed as dist
+
+    from ..errors import InputError
+    from ..runtime.process_group import broadcast_flag
+
+    flag_device = device if torch.device(device).type == "cuda" else "cpu"
+    if dist.get_rank() == 0:
+        try:
+            out = prepare_faces(cfg, run_dir, log)
+        except BaseException:
+            broadcast_flag(False, flag_device)  # the others stop now, not at the timeout
+            raise
+        broadcast_flag(True, flag_device)
+        return out
+    try:
+        ok = broadcast_flag(False, flag_device)
+    except RuntimeError as e:  # rank 0 took longer than --dist-timeout, or is gone
+        raise InputError(
+            f"--faces: rank 0 did not finish aligning the faces of {cfg.data} within "
+            f"--dist-timeout {cfg.dist_timeout:g} s ({type(e).__name__}): raise --dist-timeout, "
+            "or align the folder first with `tripletlab faces FOLDER --out ALIGNED` and train "
+            "on that"
+        ) from None
+    if not ok:
+        raise InputError("--faces: rank 0 could not align the training folder (its error says why)")
+    if not (Path(run_dir) / "faces").is_dir():
+        raise InputError(
+            f"--faces: rank 0 aligned the faces into {Path(run_dir) / 'faces'}, which this rank "
+            f"(rank {dist.get_rank()}) cannot see: the run directory must be shared by every "
+            "node, or align the folder first with `tripletlab faces` on each node"
+        )
+    return prepare_faces(cfg, run_dir)  # reads rank 0's summaries in RUN_DIR/faces/
 
 
 def stream_augment(aug) -> SampleAugment | None:
