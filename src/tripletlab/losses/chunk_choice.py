@@ -51,16 +51,18 @@ DEFAULT_FREE_BYTES = 2 << 30
 
 
 def format_bytes(n: float) -> str:
-    """``n`` bytes as GiB (two decimals) from 1 GiB up, else MiB or KiB.
+    """``n`` bytes as GiB (two decimals) from 1 GiB up, else MiB, KiB or bytes.
 
-    >>> format_bytes(3 * 2**30), format_bytes(1.5 * 2**20), format_bytes(2048)
-    ('3.00 GiB', '1.5 MiB', '2.0 KiB')
+    >>> format_bytes(3 * 2**30), format_bytes(1.5 * 2**20), format_bytes(2048), format_bytes(266)
+    ('3.00 GiB', '1.5 MiB', '2.0 KiB', '266 B')
     """
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     if n >= 2**20:
         return f"{n / 2**20:.1f} MiB"
-    return f"{n / 2**10:.1f} KiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n:.0f} B"
 
 
 @dataclass(frozen=True)
