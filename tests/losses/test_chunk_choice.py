@@ -38,13 +38,18 @@ class Conv(torch.nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-def test_mlp_cost_is_its_saved_activations_per_item():
-    cost = measure_activation_cost(_mlp(), torch.randn(16, 12))
-    # ReLU's output (64 floats), which the second Linear saves too (counted once), and the
-    # 8 output floats; the input and the weights are held anyway
-    assert cost.method == "saved tensors"
-    assert cost.per_item_bytes == (64 + 8) * 4 and cost.fixed_bytes == 0
-    assert cost.measured == (8 * 288, 16 * 288)
+def test_mlp_cost_is_its_peak_per_item_plus_the_gradients():
+    cost = measure_activation_cost(_mlp(), torch.randn(64, 12), sizes=(8, 16, 32, 64))
+    # per item: the hidden layer (64 floats), ReLU's output (64), the output and its gradient
+    # (8 + 8), the hidden layer's gradient (64) = 208 floats; fixed: the weight gradients
+    # alive at the peak (520 floats); the inputs and the weights are not counted
+    assert cost.method == "tensor peak"
+    assert cost.per_item_bytes == 208 * 4 and cost.fixed_bytes == 520 * 4
+    assert cost.measured == tuple(520 * 4 + n * 208 * 4 for n in (8, 16, 32, 64))  # linear
+    # below 8 items another moment peaks (the first layer's weight gradient): the peak is the
+    # largest of several lines, so the probe fits where the activations dominate
+    tiny = measure_activation_cost(_mlp(), torch.randn(4, 12), sizes=(1, 4))
+    assert tiny.measured[0] > 520 * 4 + 208 * 4
 
 
 @pytest.mark.parametrize("side", [8, 16])
@@ -64,10 +69,11 @@ def test_conv_cost_scales_with_pixels():
     assert 3.5 < large.per_item_bytes / small.per_item_bytes < 4.5
 
 
-def test_frozen_layers_save_nothing():
+def test_a_frozen_model_costs_its_transient_forward_only():
     model = _mlp()
-    model.requires_grad_(False)  # a frozen model: only its output is counted
-    assert measure_activation_cost(model, torch.randn(16, 12)).per_item_bytes == 8 * 4
+    model.requires_grad_(False)  # no backward, no gradients: the forward's tensors alone
+    cost = measure_activation_cost(model, torch.randn(16, 12))
+    assert cost.per_item_bytes == (64 + 64) * 4 and cost.fixed_bytes == 0
 
 
 def test_the_probe_leaves_model_and_random_state_as_they_were():
@@ -85,25 +91,30 @@ def test_the_probe_leaves_model_and_random_state_as_they_were():
 
 def test_small_free_memory_chunks_large_does_not():
     model, x = _mlp(), torch.randn(16, 12)
-    per = 288
+    fixed, per = 2080, 832
+
+    def free_for(items):  # free memory whose half holds exactly this many items
+        return 2 * (fixed + items * per)
+
     big = choose_chunk_size(model, x, batch_size=1024, free_bytes=1 << 30)
     assert big.chunk_size is None
-    assert big.line().startswith("chunk size off (the batch of 1024 needs ~288.0 KiB")
-    # budget 0.5 x 2 * 100 * 288 = 28,800 B: 100 items fit -> 96 (a multiple of 8)
-    small = choose_chunk_size(model, x, batch_size=1024, free_bytes=2 * 100 * per)
-    assert small.chunk_size == 96
+    assert big.line().startswith("chunk size off (the batch of 1024 needs ~834.0 KiB")
+    small = choose_chunk_size(model, x, batch_size=1024, free_bytes=free_for(100))
+    assert small.chunk_size == 96  # 100 fit: a multiple of 8
     assert small.cost.bytes_for(small.chunk_size) <= small.budget_bytes
-    assert small.line().startswith("chunk size 96 (the batch of 1024 would need ~288.0 KiB")
-    assert "0.5 of it allowed" in small.line() and "(given)" in small.line()
+    assert small.line().startswith("chunk size 96 (the batch of 1024 would need ~834.0 KiB")
+    assert "832 B per item, tensor peak" in small.line() and "(given)" in small.line()
+    assert "0.5 of it allowed" in small.line()
     # fewer than 8 fit: not rounded; none fit: 1, with a warning in the line
-    assert choose_chunk_size(model, x, 1024, free_bytes=2 * 5 * per).chunk_size == 5
-    assert choose_chunk_size(model, x, 1024, free_bytes=2 * 5 * per, multiple=1).chunk_size == 5
+    assert choose_chunk_size(model, x, 1024, free_bytes=free_for(5)).chunk_size == 5
+    assert choose_chunk_size(model, x, 1024, free_bytes=free_for(13), multiple=1).chunk_size == 13
     tiny = choose_chunk_size(model, x, 1024, free_bytes=10)
     assert tiny.chunk_size == 1 and "it may not fit" in tiny.line()
-    # the fraction: all of the free memory
-    assert choose_chunk_size(model, x, 1024, free_bytes=100 * per, fraction=1.0).chunk_size == 96
+    # all of the free memory allowed
+    one = choose_chunk_size(model, x, 1024, free_bytes=free_for(100) // 2, fraction=1.0)
+    assert one.chunk_size == 96
     # just enough for the whole batch: off
-    assert choose_chunk_size(model, x, 1024, free_bytes=2 * 1024 * per).chunk_size is None
+    assert choose_chunk_size(model, x, 1024, free_bytes=free_for(1024)).chunk_size is None
 
 
 def test_mapping_and_short_samples():
@@ -116,9 +127,10 @@ def test_mapping_and_short_samples():
             return torch.tanh(self.lin(batch["x"]))
 
     cost = measure_activation_cost(Keyed(), {"x": torch.randn(16, 12), "n": 3})
-    assert cost.per_item_bytes == 32 * 4  # tanh's output, saved for backward: the output
+    # the linear output, tanh's (the output) and its gradient; the weight's gradients
+    assert cost.per_item_bytes == 3 * 32 * 4 and cost.fixed_bytes == (12 * 32 + 32) * 4
     one = measure_activation_cost(_mlp(), torch.randn(1, 12))  # one item: one point
-    assert one.sizes == (1,) and one.per_item_bytes == 288 and one.fixed_bytes == 0
+    assert one.sizes == (1,) and one.per_item_bytes == one.measured[0] and one.fixed_bytes == 0
     five = measure_activation_cost(_mlp(), torch.randn(5, 12))  # (8, 16) lowered to 5
     assert five.sizes == (5,)
 

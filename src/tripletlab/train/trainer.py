@@ -339,8 +339,8 @@ class Trainer:
         if warmup:  # a head-only warm-up step: measure what the fine-tuning steps will hold
             self.model.set_backbone_trainable(True)
         try:
-            choice = choose_chunk_size(
-                self.batches.forward(self.forward), batch.x, n, module=self.model, amp=self.amp
+            choice = choose_chunk_size(  # the module itself: not its DDP or compiled wrapper
+                self.batches.forward(self.model), batch.x, n, module=self.model, amp=self.amp
             )
         finally:
             if warmup:
