@@ -315,3 +315,31 @@ def test_bad_chunk_size_in_a_config_file_exits_2(tmp_path, capsys):
     assert main(["train", "--config", str(conf), "--out", str(tmp_path / "r")]) == 2
     assert "--chunk-size must be an integer >= 1 or auto, got 'autox'" in capsys.readouterr().err
     assert resolve_config({"chunk_size": "auto"}).chunk_size == "auto"
+
+
+def test_auto_probe_during_a_head_only_warm_up_leaves_the_backbone_frozen(tmp_path, monkeypatch):
+    """The probe measures the backbone as trainable (what the fine-tuning steps hold), then the
+    warm-up step freezes it again: the run equals the plain one."""
+    folder = make_image_folder(tmp_path / "imgs", n_classes=6, per_class=5, size=(16, 12))
+    _fake_free(monkeypatch, 1 << 40)
+
+    def run(name, chunk):
+        cfg = resolve_config(
+            overrides={
+                "data": str(folder), "out": str(tmp_path / name), "steps": 3, "quiet": True,
+                "report": False, "evaluate": False, "backbone": "mobilenet_v2",
+                "image_size": [64, 64], "embedding_dim": 8, "p": 3, "k": 2, "threads": 1,
+                "device": "cpu", "head_warmup_steps": 2, "chunk_size": chunk, "guard": False,
+                "interpolate": "none", "augment": "none", "strategy": "all",
+                "head_init": "random",
+            }
+        )  # fmt: skip
+        lines = []
+        Trainer(cfg, log=lines.append).fit()
+        return lines
+
+    run("plain", None)
+    lines = run("auto", "auto")
+    assert any(x.startswith("auto: chunk size off") for x in lines)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "auto")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the backbone untouched for 2 steps
