@@ -185,6 +185,17 @@ def free_memory(device: torch.device | str = "cpu") -> tuple[int, str]:
     return free, source
 
 
+def _storage(t: Any) -> tuple[int, Any]:
+    """A tensor's storage address and storage; (0, None) for anything else."""
+    if not isinstance(t, torch.Tensor):
+        return 0, None
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return 0, None
+    return storage.data_ptr(), storage
+
+
 class _LiveBytes(TorchDispatchMode):
     """The peak bytes of the tensor storages created while the mode is on and still alive: a
     storage counts from its first tensor to the death of its last one (``weakref.finalize``;
@@ -207,17 +218,12 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
+        inputs = {_storage(t)[0] for t in tree_flatten((args, kwargs))[0]}
         out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
+            ptr, storage = _storage(t)
+            if storage is None:
+                continue  # not a tensor, or one without a storage (sparse, nested)
             if ptr == 0 or (ptr in inputs and ptr not in self.refs):
                 continue  # empty, or a view of what existed before
             if ptr not in self.refs:
