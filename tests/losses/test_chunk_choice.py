@@ -10,6 +10,7 @@ import torch
 from tripletlab import InputError
 from tripletlab.losses import choose_chunk_size
 from tripletlab.losses.chunk_choice import (
+    _cgroup_free,
     _meminfo_available,
     format_bytes,
     free_memory,
@@ -162,3 +163,21 @@ def test_bad_arguments(kwargs, match):
     args = {"batch_size": 64, "free_bytes": 1 << 20, **kwargs}
     with pytest.raises(InputError, match=match):
         choose_chunk_size(_mlp(), torch.randn(16, 12), **args)
+
+
+def test_cgroup_limits(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{1 << 30}\n")
+    (v2 / "memory.current").write_text(f"{1 << 28}\n")
+    assert _cgroup_free(str(v2)) == (1 << 30) - (1 << 28)
+    (v2 / "memory.max").write_text("max\n")  # no limit
+    assert _cgroup_free(str(v2)) is None
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{1 << 33}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{1 << 34}\n")  # over the limit: nothing left
+    assert _cgroup_free(str(tmp_path / "v1")) == 0
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert _cgroup_free(str(tmp_path / "v1")) is None
+    assert _cgroup_free(str(tmp_path / "none")) is None

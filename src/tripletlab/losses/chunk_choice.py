@@ -126,18 +126,15 @@ class ChunkChoice:
         )
 
 
-def _cgroup_free() -> int | None:
+def _cgroup_free(root: str = "/sys/fs/cgroup") -> int | None:
     """Bytes left under this process's cgroup memory limit (v2, then v1), None without one."""
     for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        ),
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
     ):
         try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
+            limit = (Path(root) / limit_file).read_text().strip()
+            usage = int((Path(root) / usage_file).read_text().strip())
         except (OSError, ValueError):
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # no limit
