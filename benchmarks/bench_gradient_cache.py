@@ -4,6 +4,12 @@
     python benchmarks/bench_gradient_cache.py --sizes 1024 --chunk 64 --steps 1
     python benchmarks/bench_gradient_cache.py --sizes 128 --alternate 4   # time ratio only
     python benchmarks/bench_gradient_cache.py --model minilm --sizes 256,1024 --chunk 64
+    python benchmarks/bench_gradient_cache.py --probe --sizes 256,1024,4096   # --chunk-size auto
+    python benchmarks/bench_gradient_cache.py --sizes 256 --chunk auto --free-gib 2 --skip-plain
+
+``--probe``: what ``choose_chunk_size`` (``--chunk-size auto``) measures on 16 inputs of the
+model and chooses for each B, at this machine's free memory or ``--free-gib``; ``--chunk auto``:
+a worker takes the chunk size so chosen (the row says which) and reports its memory.
 
 ``--model minilm``: the built-in all-MiniLM-L6-v2 text encoder (all layers trained, 128-d
 projection), on random 32-word sentences of a 2,000-word vocabulary (about 40 tokens each).
@@ -99,8 +105,32 @@ def alternate(b: int, chunk: int, reps: int, threads: int) -> None:
     )
 
 
-def worker(b: int, chunk: int | None, steps: int, threads: int) -> dict:
+def probe(sizes: list[int], threads: int, free_gib: float | None) -> None:
+    """The automatic chunk size of each B: the probe's cost and the choice (one line each)."""
+    from tripletlab.losses.chunk_choice import choose_chunk_size
+
+    torch.set_num_threads(threads)
+    model, _ = _model()
+    x = _inputs(16)
+    free = int(free_gib * 2**30) if free_gib else None
+    for b in sizes:
+        t = time.perf_counter()
+        c = choose_chunk_size(model, x, b, free_bytes=free)
+        cost = c.cost
+        print(
+            f"B = {b:,}: auto: {c.line()}\n    probe {time.perf_counter() - t:.1f} s; measured "
+            f"{', '.join(f'{m / 2**20:.1f} MiB' for m in cost.measured)} at "
+            f"{', '.join(map(str, cost.sizes))} items: fixed {cost.fixed_bytes / 2**20:.1f} MiB "
+            f"+ {cost.per_item_bytes / 2**20:.2f} MiB per item",
+            flush=True,
+        )
+
+
+def worker(
+    b: int, chunk: int | str | None, steps: int, threads: int, free_gib: float | None = None
+) -> dict:
     from tripletlab import TripletLoss
+    from tripletlab.losses.chunk_choice import choose_chunk_size
     from tripletlab.losses.gradient_cache import cached_backward
 
     torch.set_num_threads(threads)
@@ -110,6 +140,11 @@ def worker(b: int, chunk: int | None, steps: int, threads: int) -> dict:
     loss_fn = TripletLoss(strategy="hard", margin=0.2)
     x = _inputs(b)
     y = torch.arange(b // 4).repeat_interleave(4)
+    chosen = None
+    if chunk == "auto":  # --chunk-size auto: chosen on 16 of the items
+        free = int(free_gib * 2**30) if free_gib else None
+        choice = choose_chunk_size(model, x[:16], b, free_bytes=free)
+        chunk = chosen = choice.chunk_size
     before = _rss_gib()
     times, losses = [], []
     for _ in range(steps):
@@ -130,13 +165,23 @@ def worker(b: int, chunk: int | None, steps: int, threads: int) -> dict:
         "peak_rss_gib": peak,
         "before_gib": before,
         "loss": losses[0],
+        "chosen": chosen,
     }
     return {**out, "weights": weights or "random"}
 
 
-def run_worker(b: int, chunk: int | None, steps: int, threads: int, timeout: float) -> dict:
+def run_worker(
+    b: int,
+    chunk: int | str | None,
+    steps: int,
+    threads: int,
+    timeout: float,
+    free_gib: float | None = None,
+) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--sizes", str(b), "--steps", str(steps)]
     cmd += ["--threads", str(threads), "--chunk", str(chunk or 0), "--model", MODEL["name"]]
+    if free_gib:
+        cmd += ["--free-gib", str(free_gib)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -150,7 +195,18 @@ def run_worker(b: int, chunk: int | None, steps: int, threads: int, timeout: flo
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="64,256", help="comma-separated batch sizes B (PK, K = 4)")
-    p.add_argument("--chunk", type=int, default=32, help="items per chunk (0 = plain only)")
+    p.add_argument(
+        "--chunk",
+        default="32",
+        help="items per chunk (0 = plain only; auto = choose_chunk_size, as --chunk-size auto)",
+    )
+    p.add_argument(
+        "--free-gib",
+        type=float,
+        default=None,
+        help="free memory the automatic choice assumes (default: this machine's)",
+    )
+    p.add_argument("--probe", action="store_true", help="instead: the automatic choice per B")
     p.add_argument(
         "--steps",
         type=int,
@@ -173,11 +229,15 @@ def main() -> int:
     args = p.parse_args()
     MODEL["name"] = args.model
     sizes = [int(s) for s in args.sizes.split(",")]
+    args.chunk = args.chunk if args.chunk == "auto" else int(args.chunk)
+    if args.probe:
+        probe(sizes, args.threads, args.free_gib)
+        return 0
     if args.alternate:
         alternate(sizes[0], args.chunk, args.alternate, args.threads)
         return 0
     if args.worker:
-        out = worker(sizes[0], args.chunk or None, args.steps, args.threads)
+        out = worker(sizes[0], args.chunk or None, args.steps, args.threads, args.free_gib)
         print(json.dumps(out))
         return 0
     what = (
@@ -195,8 +255,10 @@ def main() -> int:
     for b in sizes:
         modes = ([] if args.skip_plain else [None]) + ([args.chunk] if args.chunk else [])
         for chunk in modes:
-            r = run_worker(b, chunk, args.steps, args.threads, args.timeout)
+            r = run_worker(b, chunk, args.steps, args.threads, args.timeout, args.free_gib)
             name = "plain" if chunk is None else f"chunked ({chunk})"
+            if chunk == "auto":
+                name = f"auto: {r.get('chosen') or 'off'}"
             if "error" in r:
                 rows.append(f"| {b:,} | {name} | {r['error']} | | | | |")
             else:

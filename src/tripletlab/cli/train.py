@@ -39,6 +39,15 @@ def _scalar_type(f: dataclasses.Field) -> type:
     return _SCALARS.get(ann, str)
 
 
+def _int_or_word(text: str) -> int | str:
+    """An option that takes an integer or a word (``--chunk-size 32`` / ``auto``): the int when
+    ``text`` is one, else the text (checked by :func:`~.train.config.resolve_config`)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _help(f: dataclasses.Field) -> str:
     text = f.metadata.get("help", "")
     if f.default not in (None, dataclasses.MISSING) and not isinstance(f.default, bool):
@@ -76,7 +85,7 @@ def add_field_flag(target, f: dataclasses.Field, choices: dict[str, list[str]]) 
     target.add_argument(
         flag,
         dest=f.name,
-        type=kind,
+        type=_int_or_word if f.metadata.get("or_word") else kind,
         default=None,
         choices=choices.get(f.name),
         nargs=f.metadata.get("nargs"),

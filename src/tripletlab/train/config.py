@@ -63,7 +63,8 @@ def _opt(
     """A TrainConfig field: its default, its ``--help`` text, its ``--help`` group (one of
     :data:`OPTION_GROUPS`) and CLI hints in the metadata (``flag``: the option's name when not
     ``--<field-name>``; ``cli=False``: config file only; ``nargs``/``metavar``; ``list_sep``: a
-    list given as one separated string)."""
+    list given as one separated string; ``or_word``: a word the option takes besides its type,
+    e.g. ``--chunk-size auto``)."""
     if group not in OPTION_GROUPS:
         raise ValueError(f"unknown option group {group!r}")
     meta = {"help": help, "group": group, **meta}
@@ -437,14 +438,16 @@ class TrainConfig:
     )
     grad_clip: float = _opt(5.0, "max gradient norm, 0 = off", group="optimisation")
     # off: a batch that fits needs no second forward pass
-    chunk_size: int | None = _opt(
+    chunk_size: int | str | None = _opt(
         None,
         "gradient caching: embed the P*K batch N items at a time (no graph), mine and take "
         "the loss on the whole batch, then re-run each chunk to backpropagate (exact unless "
         "BatchNorm trains; about one extra forward; for batches larger than memory; default: "
-        "off)",
+        "off) | auto (chosen at the first step from the free memory and a measured per-item "
+        "activation cost, printed as auto: and recorded in config.json)",
         group="optimisation",
-        metavar="N",
+        metavar="N|auto",
+        or_word="auto",
     )
     skip_nonfinite: bool = _opt(
         False,
@@ -658,6 +661,8 @@ def _normalise(values: dict, source: str) -> dict:
         elif v is not None and k == "data" and isinstance(v, list):  # several sources
             if not v or not all(isinstance(x, str) for x in v):
                 raise InputError(f"{source}: option 'data' must be a string or a list of them")
+        elif isinstance(v, str) and _FIELDS[k].metadata.get("or_word"):
+            pass  # a word (e.g. chunk_size "auto"): checked by resolve_config
         elif v is not None and not _kind_ok(kind, v):
             raise InputError(f"{source}: option {k!r} must be {_KIND_WORDS[kind]}, got {v!r}")
         out[k] = v
@@ -815,14 +820,18 @@ def resolve_config(file_values: dict | None = None, overrides: dict | None = Non
         )
     if cfg.sampler == "hard-class":
         _check_hard_class(cfg)
-    if cfg.chunk_size is not None and (
-        isinstance(cfg.chunk_size, bool)
-        or not isinstance(cfg.chunk_size, int)
-        or cfg.chunk_size < 1
+    if (
+        cfg.chunk_size is not None
+        and cfg.chunk_size != "auto"
+        and (
+            isinstance(cfg.chunk_size, bool)
+            or not isinstance(cfg.chunk_size, int)
+            or cfg.chunk_size < 1
+        )
     ):
         from ..errors import UsageError
 
-        raise UsageError(f"--chunk-size must be an integer >= 1, got {cfg.chunk_size!r}")
+        raise UsageError(f"--chunk-size must be an integer >= 1 or auto, got {cfg.chunk_size!r}")
     if not 0.0 < cfg.target_far < 1.0:
         raise InputError(f"target_far must lie in (0, 1), got {cfg.target_far}")
     if cfg.postprocess != "auto":

@@ -98,7 +98,7 @@ class Trainer:
         name = (
             "custom" if user_data else "+".join(Path(d).name or d for d in data_sources(cfg.data))
         )
-        self.run_dir = run_dir = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.run_dir = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         tensorboard = TensorBoard() if cfg.tensorboard else None  # (checks it is installed)
         # torchrun: join the process group; rank 0 alone writes files (see docs/scaling.md)
         self.device = resolve_device(cfg.device)
@@ -160,10 +160,7 @@ class Trainer:
                 self.hard_classes,
             ]
             if self.is_main:
-                env = environment(str(self.device), self.threads())
-                write_run_config(
-                    run_dir, cfg.to_dict(), p.model_config, d.dataset, self.splits(), env
-                )
+                self._write_config()
             if resume:
                 self._restore()
         except BaseException:
@@ -315,6 +312,8 @@ class Trainer:
             if anchor is not None
             else None
         )
+        if self.cfg.chunk_size == "auto" and self.features is None:
+            self._choose_chunk_size(batch)
         out = optimisation_step(
             batch, self.batches.forward(self.forward), self.model, self.criterion,
             self.opt, self.sched, self.scaler, self.amp, self.device, self.cfg.grad_clip,
@@ -323,6 +322,52 @@ class Trainer:
         if out.nonfinite is not None:
             return self._nonfinite(out.nonfinite)
         return out.loss, out.stats
+
+    def _choose_chunk_size(self, batch: Batch) -> None:
+        """``--chunk-size auto``, at the first step of a run: the chunk size chosen by
+        :func:`~tripletlab.losses.chunk_choice.choose_chunk_size` on this batch (a probe of 8
+        and 16 of its items; the random state and the buffers are put back, so the step is
+        the one an explicit ``--chunk-size`` would take), the smallest over the ranks under
+        ``--distributed``. It is printed as ``auto:``, kept in eval.json's ``auto`` list and
+        written into config.json (``chunk_size``: the number, or null for off), so a resumed
+        run uses the same one."""
+        from ..losses.chunk_choice import choose_chunk_size
+        from ..losses.gradient_cache import batch_length
+
+        n = batch_length(batch.x)
+        warmup = hasattr(self.model, "set_backbone_trainable")
+        if warmup:  # a head-only warm-up step: measure what the fine-tuning steps will hold
+            self.model.set_backbone_trainable(True)
+        try:
+            choice = choose_chunk_size(  # the module itself: not its DDP or compiled wrapper
+                self.batches.forward(self.model), batch.x, n, module=self.model, amp=self.amp
+            )
+        finally:
+            if warmup:
+                self.model.set_backbone_trainable(self.state.step >= self.cfg.head_warmup_steps)
+        chunk, line = choice.chunk_size, choice.line()
+        if self.dist is not None:  # one chunk size on every rank: the smallest
+            import torch.distributed as dist
+
+            t = torch.tensor([n if chunk is None else chunk], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            agreed = None if int(t.item()) >= n else int(t.item())
+            if agreed != chunk:
+                line += f"; {agreed or 'off'}, the smallest choice over the ranks"
+            chunk = agreed
+        self.cfg.chunk_size = chunk
+        self.choices.append(line)
+        if self.is_main:
+            self.log(f"auto: {line}")
+            if chunk is not None:
+                self.log(f"gradient caching: the batch of {n} embedded {chunk} at a time")
+            self._write_config()
+
+    def _write_config(self) -> None:
+        env = environment(str(self.device), self.threads())
+        write_run_config(
+            self.run_dir, self.cfg.to_dict(), self.model_config, self.dataset, self.splits(), env
+        )
 
     def _nonfinite(self, what: str) -> tuple[float, dict]:
         st = self.state
@@ -423,7 +468,7 @@ class Trainer:
         local = (
             f"this rank's {batch // world} of the P*K = {batch}" if world > 1 else f"P*K = {batch}"
         )
-        if chunk is not None and self.features is None and self.is_main:
+        if chunk is not None and chunk != "auto" and self.features is None and self.is_main:
             if self.task is LABELLED_DATA and chunk >= batch // world:
                 self.log(f"note: --chunk-size {chunk} >= the batch ({local}): no caching")
             elif self.task is LABELLED_DATA:
