@@ -128,3 +128,25 @@ def test_faces_auto_aligns_photos_and_leaves_face_crops(face_run, tmp_path, caps
     assert json.loads((run2 / "config.json").read_text())["train"]["faces"] is None
     assert not (run2 / "faces").exists()
     assert resolve_config(load_config_file("faces")).faces == "auto"
+
+
+def test_face_size_sets_the_aligned_crop_in_training_and_inference(face_run, tmp_path, capsys):
+    """``--face-size 32``: the training faces are aligned at 32x32, config.json records it and
+    inference aligns queries at the same size (the embedding of a photo equals that of its
+    training crop); a bad size exits 2 or 1 with the option named."""
+    _, root, argv = face_run
+    run = tmp_path / "small"
+    args = [*argv[:3], "--out", str(run), *argv[5:], "--faces", "arcface", "--face-size", "32"]
+    assert main(args) == 0
+    capsys.readouterr()
+    crop = run / "faces" / "person0" / "img0.png"
+    assert Image.open(crop).size == (32, 32)
+    assert json.loads((run / "config.json").read_text())["train"]["face_size"] == 32
+    inf = Inference.from_run(run)
+    assert inf.face_size == 32
+    by_photo = inf.embed_files([str(root / "person0" / "img0.png")])
+    inf.use_faces("none")
+    np.testing.assert_allclose(by_photo, inf.embed_files([str(crop)]), atol=1e-5)
+    for bad in ("8", "x"):
+        assert main([*args[:-1], bad, "--out", str(tmp_path / f"bad{bad}")]) in (1, 2)
+        assert "face" in capsys.readouterr().err

@@ -206,7 +206,7 @@ class Inference:
     @property
     def face_size(self) -> int:
         """Side of the aligned face crop before the run's resizing (see :func:`face_crop_size`)."""
-        return face_crop_size(self.image_size)
+        return face_crop_size(self.image_size, (self.config.get("train") or {}).get("face_size"))
 
     def _face_detector(self):
         if self._detector is None:
@@ -870,15 +870,20 @@ def run_faces(config: dict) -> str | None:
     return check_faces((config.get("train") or {}).get("faces"))
 
 
-def face_crop_size(image_size: Sequence[int] | None) -> int:
-    """Side of the aligned face crop: 112 (the ArcFace template's own size), or the longer
-    side of the run's image size when that is larger, so no detail is lost before resizing.
-    Training (``--faces``) and inference use the same rule.
+def face_crop_size(image_size: Sequence[int] | None, face_size: int | None = None) -> int:
+    """Side of the aligned face crop: the run's ``face_size`` when set (``--face-size``), else
+    112 (the ArcFace template's own size) or the longer side of the run's image size when
+    that is larger, so no detail is lost before resizing. Training (``--faces``) and
+    inference use the same rule.
 
     Example:
         >>> face_crop_size([112, 92]), face_crop_size([224, 224]), face_crop_size(None)
         (112, 224, 112)
+        >>> face_crop_size([136, 112], face_size=48)
+        48
     """
+    if face_size:
+        return int(face_size)
     return max(112, *(int(v) for v in image_size)) if image_size else 112
 
 

@@ -121,7 +121,7 @@ def _align_source(cfg: TrainConfig, folder: str, out: Path, log=None) -> Path:
         from ..faces import align_folder
 
         summary = align_folder(
-            folder, out, template=cfg.faces, size=face_crop_size(cfg.image_size),
+            folder, out, template=cfg.faces, size=face_crop_size(cfg.image_size, cfg.face_size),
             overwrite=True, skip_bad=cfg.skip_bad,
         )  # fmt: skip
         atomic_write_json(done, summary)  # whole or absent: other ranks and --resume read it
