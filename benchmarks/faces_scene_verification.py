@@ -7,10 +7,12 @@ and test people is pasted alone into its own textured 640x480 frame (``faces_in_
 generator; a random position and scale 0.3-1.0 of the 92x112 crop, seeded per photo).
 
 Runs, all ``--config faces`` on the AT&T + Yale B training people (the AT&T test people held
-out by name) with ``--val-data`` the two sources' validation people (``--val-mode only``): ``none`` (whole images, today's recipe),
-``arcface`` and ``head`` (``--faces``). Each run is then scored (``tripletlab eval --data``) on
-the validation people (crops and scenes), which choose the template and whether ``--faces``
-pays; the test people (crops and scenes) are scored afterwards, for the record.
+out by name) with ``--val-data`` the two sources' validation people (``--val-mode only``):
+``none`` (whole images), ``arcface`` and ``head`` (``--faces``, crop 136), and ``arcface<S>``
+(``--faces arcface --face-size S``). Each run is scored (``tripletlab eval --data``) on the
+validation people: AT&T crops, AT&T scenes and Yale B crops, which choose the template, the
+face size and whether ``--faces`` pays; the test people (AT&T crops and scenes) are scored
+afterwards, once, for the record.
 
     PYTHONPATH=src python benchmarks/faces_scene_verification.py build
     PYTHONPATH=src python benchmarks/faces_scene_verification.py train   # the three runs
@@ -39,7 +41,16 @@ DATA = (HERE.parent / ".." / "shared" / "data").resolve()
 if not DATA.exists():
     DATA = Path("/work/shared/data")
 WORK = Path("/work/cache/face_scenes")
-RUNS = ("none", "arcface", "head")
+RUNS = ("none", "arcface", "head", "arcface32", "arcface48", "arcface64", "arcface96")
+
+
+def run_options(name: str) -> list[str]:
+    """The training options of run ``name`` (see the module docstring)."""
+    if name == "none":
+        return ["--faces", "none"]
+    template = name.rstrip("0123456789")
+    size = name[len(template) :] or "136"
+    return ["--faces", template, "--face-size", size]
 
 
 def att_part(name: str) -> str:
@@ -101,15 +112,13 @@ def stage_train(work: Path, runs: list[str], extra: list[str]) -> None:
         argv = ["train", "--data", str(c / "att"), "--data", str(c / "yale_train"),
                 "--val-data", str(c / "att_val"), "--val-data", str(c / "yale_val"),
                 "--val-mode", "only", "--test-classes", test, "--config", "faces",
-                "--out", str(out), "--no-report", *extra]  # fmt: skip
-        if name != "none":
-            argv += ["--faces", name]
+                "--out", str(out), "--no-report", *run_options(name), *extra]  # fmt: skip
         t = time.time()
         rc, _ = cli(argv)
         print(f"{name}: rc {rc}, {time.time() - t:.0f} s", flush=True)
 
 
-def score(run: Path, folder: Path, faces: str | None) -> dict:
+def score(run: Path, folder: Path, faces: str | None = None) -> dict:
     argv = ["eval", "--model", str(run), "--data", str(folder), "--json", "--postprocess", "none"]
     if faces is not None:
         argv += ["--faces", faces]
@@ -125,41 +134,49 @@ def score(run: Path, folder: Path, faces: str | None) -> dict:
     return keep
 
 
-def stage_eval(work: Path, out_json: Path) -> None:
+SETS = {  # (people, images, folder under WORK)
+    "val": [("crops", "crops/att_val"), ("scenes", "scenes/att_val"), ("yale", "crops/yale_val")],
+    "test": [("crops", "crops/att_test"), ("scenes", "scenes/att_test")],
+}
+
+
+def stage_eval(work: Path, out_json: Path, parts=("val", "test")) -> None:
     rows = []
     for name in RUNS:
         run = work / "runs" / name
         if not (run / "config.json").exists():
             continue
-        modes = {"none": ["none", "arcface", "head"]}.get(name, [name, "none"])
-        for part in ("val", "test"):
-            for kind in ("crops", "scenes"):
-                folder = work / kind / f"att_{part}"
-                for faces in modes:
-                    t = time.time()
-                    r = score(run, folder, faces)
-                    rows.append({"run": name, "people": part, "images": kind,
-                                 "faces_at_inference": faces, **r,
-                                 "seconds": round(time.time() - t, 1)})  # fmt: skip
-                    print(json.dumps(rows[-1]), flush=True)
+        for part in parts:
+            for kind, folder in SETS[part]:
+                t = time.time()
+                r = score(run, work / folder, None)  # the run's own --faces and --face-size
+                rows.append({"run": name, "people": part, "images": kind, **r,
+                             "seconds": round(time.time() - t, 1)})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
     out_json.write_text(json.dumps(rows, indent=1))
-    print("\n| run (trained) | --faces at inference | people | crops AUC / EER | scenes AUC / EER |")
-    print("|---|---|---|---|---|")
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of ``rows``: one line per run, AUC / EER per (people, images)."""
+    cols = [(p, k) for p in SETS for k, _ in SETS[p]]
+    head = " | ".join(f"{p} {k}" for p, k in cols)
+    out = [f"| run | {head} |", "|---" * (len(cols) + 1) + "|"]
     for name in RUNS:
-        for faces in {"none": ["none", "arcface", "head"]}.get(name, [name, "none"]):
-            for part in ("val", "test"):
-                cell = []
-                for kind in ("crops", "scenes"):
-                    r = next((x for x in rows if (x["run"], x["people"], x["images"],
-                              x["faces_at_inference"]) == (name, part, kind, faces)), None)  # fmt: skip
-                    ok = r and r.get("roc_auc") is not None
-                    cell.append(f"{r['roc_auc']:.3f} / {100 * r['eer']:.1f}%" if ok else "-")
-                print(f"| {name} | {faces} | {part} | {cell[0]} | {cell[1]} |")
+        cells = []
+        for p, k in cols:
+            r = next((x for x in rows if (x["run"], x["people"], x["images"]) == (name, p, k)), {})
+            ok = r.get("roc_auc") is not None
+            cells.append(f"{r['roc_auc']:.3f} / {100 * r['eer']:.1f}%" if ok else "-")
+        if any(c != "-" for c in cells):
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stage", choices=["build", "train", "eval"])
+    ap.add_argument("--parts", default="val,test", help="eval: val, test or both")
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--json", type=Path, default=None)
@@ -170,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "train":
         stage_train(args.work, args.runs.split(","), extra)
     else:
-        stage_eval(args.work, args.json or args.work / "scene_verification.json")
+        out = args.json or args.work / f"scene_verification_{args.parts.replace(',', '_')}.json"
+        stage_eval(args.work, out, tuple(args.parts.split(",")))
     return 0
 
 

@@ -195,7 +195,7 @@ class TrainConfig:
         "side in pixels of the aligned face crop (--faces) before the run's resizing; default "
         "112, or the longer side of --image-size when larger. Smaller brings every face to one "
         "resolution: faces in photos come at many sizes, and a small face upscaled matches a "
-        "large one badly (the faces recipe: 48, chosen on validation people in scenes)",
+        "large one badly (the faces recipe: 64, chosen on validation people in scenes)",
         group="data and split",
     )
     skip_bad: bool = _opt(
