@@ -9,7 +9,8 @@ generator; a random position and scale 0.3-1.0 of the 92x112 crop, seeded per ph
 Runs, all ``--config faces`` on the AT&T + Yale B training people (the AT&T test people held
 out by name) with ``--val-data`` the two sources' validation people (``--val-mode only``):
 ``none`` (whole images), ``arcface`` and ``head`` (``--faces``, crop 136), and ``arcface<S>``
-(``--faces arcface --face-size S``). Each run is scored (``tripletlab eval --data``) on the
+(``--faces arcface --face-size S``); ``arcface64-photos`` is validated (its step, head and
+threshold chosen) on the AT&T validation people in scenes instead of crops. Each run is scored (``tripletlab eval --data``) on the
 validation people: AT&T crops, AT&T scenes and Yale B crops, which choose the template, the
 face size and whether ``--faces`` pays; the test people (AT&T crops and scenes) are scored
 afterwards, once, for the record.
@@ -41,15 +42,16 @@ DATA = (HERE.parent / ".." / "shared" / "data").resolve()
 if not DATA.exists():
     DATA = Path("/work/shared/data")
 WORK = Path("/work/cache/face_scenes")
-RUNS = ("none", "arcface", "head", "arcface32", "arcface48", "arcface64", "arcface96")
+RUNS = ("none", "arcface", "head", "arcface32", "arcface48", "arcface64", "arcface96",
+        "arcface64-photos")  # fmt: skip
 
 
 def run_options(name: str) -> list[str]:
     """The training options of run ``name`` (see the module docstring)."""
     if name == "none":
         return ["--faces", "none"]
-    template = name.rstrip("0123456789")
-    size = name[len(template) :] or "136"
+    template = name.removesuffix("-photos").rstrip("0123456789")
+    size = name.removesuffix("-photos")[len(template) :] or "136"
     return ["--faces", template, "--face-size", size]
 
 
@@ -109,8 +111,11 @@ def stage_train(work: Path, runs: list[str], extra: list[str]) -> None:
             print(f"{name}: exists ({out})")
             continue
         test = ",".join(f"att/s{i}" for i in range(31, 41))
+        # "-photos": the AT&T validation people in scenes, not crops, pick the step and
+        # calibrate the threshold (validated on photos like the ones it will be used on)
+        att_val = work / "scenes" / "att_val" if name.endswith("-photos") else c / "att_val"
         argv = ["train", "--data", str(c / "att"), "--data", str(c / "yale_train"),
-                "--val-data", str(c / "att_val"), "--val-data", str(c / "yale_val"),
+                "--val-data", str(att_val), "--val-data", str(c / "yale_val"),
                 "--val-mode", "only", "--test-classes", test, "--config", "faces",
                 "--out", str(out), "--no-report", *run_options(name), *extra]  # fmt: skip
         t = time.time()
