@@ -10,8 +10,8 @@ Runs, all ``--config faces`` on the AT&T + Yale B training people (the AT&T test
 out by name) with ``--val-data`` the two sources' validation people (``--val-mode only``):
 ``none`` (whole images), ``arcface`` and ``head`` (``--faces``, crop 136), and ``arcface<S>``
 (``--faces arcface --face-size S``); ``arcface64-photos`` is validated (its step, head and
-threshold chosen) on the AT&T validation people in scenes instead of crops. Each run is scored (``tripletlab eval --data``) on the
-validation people: AT&T crops, AT&T scenes and Yale B crops, which choose the template, the
+threshold chosen) on the AT&T validation people in scenes instead of crops. Each run is
+scored (``tripletlab eval --data``) on the validation people: AT&T crops, AT&T scenes and Yale B crops, which choose the template, the
 face size and whether ``--faces`` pays; the test people (AT&T crops and scenes) are scored
 afterwards, once, for the record.
 
