@@ -8,12 +8,12 @@ generator; a random position and scale 0.3-1.0 of the 92x112 crop, seeded per ph
 
 Runs, all ``--config faces`` on the AT&T + Yale B training people (the AT&T test people held
 out by name) with ``--val-data`` the two sources' validation people (``--val-mode only``):
-``none`` (whole images), ``arcface`` and ``head`` (``--faces``, crop 136), and ``arcface<S>``
+``none`` (whole images), ``arcface`` and ``head`` (``--faces``, crop 136), ``arcface<S>``
 (``--faces arcface --face-size S``); ``arcface64-photos`` is validated (its step, head and
 threshold chosen) on the AT&T validation people in scenes instead of crops. Each run is
-scored (``tripletlab eval --data``) on the validation people: AT&T crops, AT&T scenes and Yale B crops, which choose the template, the
-face size and whether ``--faces`` pays; the test people (AT&T crops and scenes) are scored
-afterwards, once, for the record.
+scored (``tripletlab eval --data``) on the validation people: AT&T crops, AT&T scenes and
+Yale B crops, which choose the template, the face size and whether ``--faces`` pays; the
+test people (AT&T crops and scenes) are scored afterwards, once, for the record.
 
     PYTHONPATH=src python benchmarks/faces_scene_verification.py build
     PYTHONPATH=src python benchmarks/faces_scene_verification.py train   # the three runs
