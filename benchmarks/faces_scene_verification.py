@@ -10,7 +10,9 @@ Runs, all ``--config faces`` on the AT&T + Yale B training people (the AT&T test
 out by name) with ``--val-data`` the two sources' validation people (``--val-mode only``):
 ``none`` (whole images), ``arcface`` and ``head`` (``--faces``, crop 136), ``arcface<S>``
 (``--faces arcface --face-size S``); ``arcface64-photos`` is validated (its step, head and
-threshold chosen) on the AT&T validation people in scenes instead of crops. Each run is
+threshold chosen) on the AT&T validation people in scenes instead of crops;
+``photos-arcface`` and ``photos-arcface64`` also train on the AT&T training people in scenes
+(photos, as a user's own training folder would be). Each run is
 scored (``tripletlab eval --data``) on the validation people: AT&T crops, AT&T scenes and
 Yale B crops, which choose the template, the face size and whether ``--faces`` pays; the
 test people (AT&T crops and scenes) are scored afterwards, once, for the record.
@@ -36,6 +38,8 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from face_protocol import att_split as att_part  # noqa: E402
+from face_protocol import yale_split as yale_parts  # noqa: E402
 from faces_in_scenes import paste_scene  # noqa: E402
 
 DATA = (HERE.parent / ".." / "shared" / "data").resolve()
@@ -43,26 +47,17 @@ if not DATA.exists():
     DATA = Path("/work/shared/data")
 WORK = Path("/work/cache/face_scenes")
 RUNS = ("none", "arcface", "head", "arcface32", "arcface48", "arcface64", "arcface96",
-        "arcface64-photos")  # fmt: skip
+        "arcface64-photos", "photos-arcface", "photos-arcface64")  # fmt: skip
 
 
 def run_options(name: str) -> list[str]:
     """The training options of run ``name`` (see the module docstring)."""
     if name == "none":
         return ["--faces", "none"]
-    template = name.removesuffix("-photos").rstrip("0123456789")
-    size = name.removesuffix("-photos")[len(template) :] or "136"
+    base = name.removesuffix("-photos").removeprefix("photos-")
+    template = base.rstrip("0123456789")
+    size = base[len(template) :] or "136"
     return ["--faces", template, "--face-size", size]
-
-
-def att_part(name: str) -> str:
-    n = int(name[1:])
-    return "train" if n <= 25 else "val" if n <= 30 else "test"
-
-
-def yale_parts(names: list[str]) -> dict[str, str]:
-    order = sorted(names, key=lambda s: int(s.replace("yaleB", "")))
-    return {n: "train" if i < 15 else "val" if i < 20 else "test" for i, n in enumerate(order)}
 
 
 def stage_build(work: Path, size=(480, 640)) -> None:
@@ -79,16 +74,20 @@ def stage_build(work: Path, size=(480, 640)) -> None:
             dst = work / "crops" / f"yale_{part}" / person
             shutil.copytree(yale / person, dst, dirs_exist_ok=True)
     pastes = {}
-    for part in ("val", "test"):
+    for part in ("train", "val", "test"):
         for person in sorted(p for p, q in parts.items() if q == part):
             for f in sorted((att / person).iterdir()):
                 seed = int(person[1:]) * 100 + int(f.stem)
                 face = np.asarray(Image.open(f).convert("L"))
                 frame, placed = paste_scene([face], size, rng=np.random.default_rng(seed))
-                out = work / "scenes" / f"att_{part}" / person / f"{f.stem}.png"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(frame).save(out)
-                pastes[str(out.relative_to(work))] = placed[0]
+                # scenes/att_val, scenes/att_test: scored; scenes/att (training people and
+                # the test people, held out by name): the training source of the photos- runs
+                folders = {"train": ["att"], "val": ["att_val"], "test": ["att_test", "att"]}
+                for folder in folders[part]:
+                    out = work / "scenes" / folder / person / f"{f.stem}.png"
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(frame).save(out)
+                    pastes[str(out.relative_to(work))] = placed[0]
     (work / "scenes" / "pastes.json").write_text(json.dumps(pastes, indent=0))
     print(f"built {work}: crops {sorted(p.name for p in (work / 'crops').iterdir())}, "
           f"{len(pastes)} scenes")  # fmt: skip
@@ -113,8 +112,11 @@ def stage_train(work: Path, runs: list[str], extra: list[str]) -> None:
         test = ",".join(f"att/s{i}" for i in range(31, 41))
         # "-photos": the AT&T validation people in scenes, not crops, pick the step and
         # calibrate the threshold (validated on photos like the ones it will be used on)
-        att_val = work / "scenes" / "att_val" if name.endswith("-photos") else c / "att_val"
-        argv = ["train", "--data", str(c / "att"), "--data", str(c / "yale_train"),
+        photos = name.endswith("-photos") or name.startswith("photos-")
+        att_val = work / "scenes" / "att_val" if photos else c / "att_val"
+        # "photos-": trained on the AT&T training people in scenes too (a user's own photos)
+        att = work / "scenes" / "att" if name.startswith("photos-") else c / "att"
+        argv = ["train", "--data", str(att), "--data", str(c / "yale_train"),
                 "--val-data", str(att_val), "--val-data", str(c / "yale_val"),
                 "--val-mode", "only", "--test-classes", test, "--config", "faces",
                 "--out", str(out), "--no-report", *run_options(name), *extra]  # fmt: skip

@@ -92,3 +92,19 @@ def write_person_photos(root: Path, faces: list[np.ndarray], suffix: str = ".png
             frame, _ = paste_scene([face], (240, 320), rng=g, fixed=[(x0, y0, s)])
             Image.fromarray(frame).save(d / f"img{i}{suffix}", **save)
     return g
+
+
+def write_training_photos(root: Path, faces: list[np.ndarray]) -> Path:
+    """person0..N-1 (one per face), three 320x240 scenes each with the person's face pasted
+    at fixed places; person1 also has a photo without a face. Returns ``root``."""
+    from faces_in_scenes import paste_scene, texture
+
+    g = np.random.default_rng(0)
+    for c, face in enumerate(faces):
+        d = root / f"person{c}"
+        d.mkdir(parents=True)
+        for i, (x0, y0, s) in enumerate([(30, 20, 0.8), (150, 90, 0.6), (120, 30, 0.8)]):
+            frame, _ = paste_scene([face], (240, 320), rng=g, fixed=[(x0, y0, s)])
+            Image.fromarray(frame).save(d / f"img{i}.png")
+    Image.fromarray(texture(120, 160, g)).save(root / "person1" / "empty.png")
+    return root

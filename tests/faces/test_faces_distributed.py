@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 from faces_fixtures import *  # noqa: F403 - the fixtures mtcnn, att_faces, tiny_run, _one_thread
+from faces_fixtures import write_training_photos
 from PIL import Image
 from safetensors.torch import load_file
 
-from faces_in_scenes import paste_scene, texture
+from faces_in_scenes import texture
 from tripletlab.cli import main
 
 from helpers import free_port, subprocess_env
@@ -42,14 +43,7 @@ def photos(tmp_path_factory, att_faces):
     """person0..3, three 320x240 scenes each with the person's face pasted; person1 also has
     a photo without a face."""
     root = tmp_path_factory.mktemp("faces_dist") / "photos"
-    g = np.random.default_rng(0)
-    for c, face in enumerate(att_faces):
-        d = root / f"person{c}"
-        d.mkdir(parents=True)
-        for i, (x0, y0, s) in enumerate([(30, 20, 0.8), (150, 90, 0.6), (120, 30, 0.8)]):
-            frame, _ = paste_scene([face], (240, 320), rng=g, fixed=[(x0, y0, s)])
-            Image.fromarray(frame).save(d / f"img{i}.png")
-    Image.fromarray(texture(120, 160, g)).save(root / "person1" / "empty.png")
+    write_training_photos(root, att_faces)
     return root
 
 

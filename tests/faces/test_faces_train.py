@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 from faces_fixtures import *  # noqa: F403 - the fixtures mtcnn, att_face(s), _one_thread
+from faces_fixtures import write_training_photos
 from PIL import Image
 
-from faces_in_scenes import paste_scene, texture
 from tripletlab.cli import main
 from tripletlab.inference import Inference
 from tripletlab.train.config import load_config_file, resolve_config
@@ -24,14 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*inputs looked at differ")
 def face_run(tmp_path_factory, att_faces):
     base = tmp_path_factory.mktemp("faces_train")
     root = base / "photos"
-    g = np.random.default_rng(0)
-    for c, face in enumerate(att_faces):
-        d = root / f"person{c}"
-        d.mkdir(parents=True)
-        for i, (x0, y0, s) in enumerate([(30, 20, 0.8), (150, 90, 0.6), (120, 30, 0.8)]):
-            frame, _ = paste_scene([face], (240, 320), rng=g, fixed=[(x0, y0, s)])
-            Image.fromarray(frame).save(d / f"img{i}.png")
-    Image.fromarray(texture(120, 160, g)).save(root / "person1" / "empty.png")
+    write_training_photos(root, att_faces)
     run = base / "run"
     args = ["train", "--data", str(root), "--out", str(run), "--p", "2", "--k", "2"]
     return run, root, [*args, "--test-classes", "person3", "--val-fraction", "0", *FAST]
