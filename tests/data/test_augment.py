@@ -25,7 +25,7 @@ def _fields(obj) -> dict:
     return {f.name: getattr(obj.spec, f.name) for f in dataclasses.fields(AugmentSpec)}
 
 
-@pytest.mark.parametrize("preset", ["flip", "light", "faces", "strokes"])
+@pytest.mark.parametrize("preset", ["flip", "light", "faces", "strokes", "strokes-elastic"])
 def test_same_preset_same_fields_in_both_executors(preset):
     batch = build_augment(preset, seed=0)
     sample = SampleAugment.from_config(preset)

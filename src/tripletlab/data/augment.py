@@ -30,7 +30,19 @@ field                     what                                             batch
 ``blur``                  Gaussian blur, sigma in [0, blur] pixels         yes        yes
 ``jpeg``                  JPEG round trip (PIL), quality in [jpeg, 95];    yes        yes
                           0 = off
+``elastic``               a smooth random warp: offsets on a 4x4 grid,     yes        yes
+                          each within ±elastic of the image size,
+                          upsampled bicubically (<= 0.25)
+``thickness``             strokes thicker or thinner by up to ±thickness   yes        yes
+                          pixels (grey min/max filter, <= 3)
 ========================  ===============================================  =========  ==========
+
+The stroke fields (``elastic``, ``thickness``: handwriting, Simard et al., "Best Practices for
+Convolutional Neural Networks Applied to Visual Document Analysis", ICDAR 2003) run after the
+other geometry and before the photometric fields (:func:`draw_strokes`, :func:`strokes`). A
+stroke is the darker side of an image whose mean is above 1/2 (dark ink on light paper, as
+Omniglot) and the lighter side otherwise (MNIST); a fractional width blends the two nearest
+whole-pixel filters.
 
 The photometric fields (``gamma`` .. ``jpeg``: lighting, the variation between face sets) run
 after the geometry, in one shared function (:func:`photometric`), with one draw per image and
@@ -48,7 +60,8 @@ draw exactly what they drew before (the batch executor draws its four affine num
 any of ``degrees`` / ``translate`` / ``scale`` is on, then four per image for a resized crop and
 three for jitter when those are on; the per-sample executor draws its eight
 crop/flip/rotation numbers, one more for ``jitter``, then only what ``translate``, ``scale`` and
-``crop_pad`` need when they are on).
+``crop_pad`` need when they are on); the photometric and then the stroke fields draw last, and
+only when on.
 
 Default augmentation (:func:`default_augment`): ``"light"`` for images in memory; streamed images
 default to ``"crop"`` (a random resized crop and rotation: what streamed runs have always used
@@ -132,9 +145,22 @@ class AugmentSpec:
     illumination: float = 0.0
     blur: float = 0.0
     jpeg: int = 0
+    elastic: float = 0.0
+    thickness: float = 0.0
 
     def __post_init__(self) -> None:
         put = functools.partial(object.__setattr__, self)
+        put("elastic", _number("elastic", self.elastic))
+        if not 0 <= self.elastic <= 0.25:
+            raise InputError(
+                f"elastic is the largest warp offset as a fraction of the image size, in "
+                f"[0, 0.25], got {self.elastic}"
+            )
+        put("thickness", _number("thickness", self.thickness))
+        if not 0 <= self.thickness <= 3:
+            raise InputError(
+                f"thickness is a stroke width change in pixels in [0, 3], got {self.thickness}"
+            )
         put("gamma", _pair("gamma", self.gamma))
         if not 0 < self.gamma[0] <= self.gamma[1]:
             raise InputError(f"gamma must be a range (lo, hi) with 0 < lo <= hi, got {self.gamma}")
@@ -245,10 +271,22 @@ class AugmentSpec:
         )
 
     @property
+    def strokes(self) -> bool:
+        """Warps or changes the width of strokes (``elastic``, ``thickness``)."""
+        return bool(self.elastic or self.thickness)
+
+    @property
     def flips_only(self) -> bool:
         """At most horizontal flips: cached feature maps of images and their mirror images
         reproduce it."""
-        return not (self.affine or self.crops or self.crop_pad or self.jitter or self.photometric)
+        return not (
+            self.affine
+            or self.crops
+            or self.crop_pad
+            or self.jitter
+            or self.photometric
+            or self.strokes
+        )
 
     def to_dict(self) -> dict:
         """The fields that are on (``from_config`` of it gives this spec back)."""
@@ -276,6 +314,14 @@ AUGMENT_PRESETS: dict[str, dict] = {
     "light": {"degrees": 8.0, "translate": 0.05, "scale": [0.95, 1.05]},
     "faces": {"degrees": 10.0, "translate": 0.06, "scale": [0.9, 1.1], "hflip": True},
     "strokes": {"degrees": 10.0, "translate": 0.08, "scale": [0.9, 1.1]},
+    # handwriting (issue 23): the geometry of ``strokes`` plus a smooth warp and stroke width
+    "strokes-elastic": {
+        "degrees": 10.0,
+        "translate": 0.08,
+        "scale": [0.9, 1.1],
+        "elastic": 0.04,
+        "thickness": 0.7,
+    },
     # random resized crops (``crop``: the streamed default)
     "crop": {"crop_scale": [0.85, 1.0], "crop_ratio": [3 / 4, 4 / 3], "degrees": 8.0},
     "faces-crop": {
@@ -410,8 +456,11 @@ class Augment(nn.Module):
             x = torch.addcmul(mean * (1 - k), x, b * k)
             grey = torch.tensordot(_GREY_WEIGHTS.to(x.dtype), x, dims=([0], [1]))[:, None]
             x = torch.lerp(grey, x, sat).clamp(0, 1)
-        if self.spec.photometric:
-            x = photometric(x, draw_photometric(self.spec, self.generator, n))
+        photo = draw_photometric(self.spec, self.generator, n) if self.spec.photometric else {}
+        if self.spec.strokes:  # drawn after the photometric fields, applied before them
+            x = strokes(x, draw_strokes(self.spec, self.generator, n))
+        if photo:
+            x = photometric(x, photo)
         return x
 
     def get_state(self) -> torch.Tensor:
@@ -544,6 +593,70 @@ def _jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).to(x.device)
 
 
+# ------------------------------------------------------------------------ stroke fields
+
+#: the side of the grid of random offsets behind ``elastic`` (a smooth warp of the whole image)
+ELASTIC_GRID = 4
+
+
+def draw_strokes(spec: AugmentSpec, g: torch.Generator, n: int) -> dict[str, torch.Tensor]:
+    """The stroke parameters of ``n`` images, drawn in the order elastic (``(n, 2, 4, 4)``
+    offsets in [-1, 1]), thickness (``(n,)`` in [-1, 1]), each only when on; scaled by the
+    spec: ``elastic`` (a fraction of the image size) and ``thickness`` (pixels)."""
+    out: dict[str, torch.Tensor] = {}
+    k = ELASTIC_GRID
+    if spec.elastic:
+        u = torch.rand(n * 2 * k * k, generator=g, dtype=torch.float64).view(n, 2, k, k)
+        out["offsets"] = (2 * u - 1) * spec.elastic
+    if spec.thickness:
+        out["width"] = (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1) * spec.thickness
+    return out
+
+
+def strokes(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply stroke parameters (:func:`draw_strokes`) to a batch (N, C, H, W) in [0, 1]: the
+    smooth warp (each output pixel ``p`` reads ``x`` at ``p + 2 e(p)`` in ``[-1, 1]``
+    coordinates, ``e`` the bicubic upsampling of the offsets: a displacement of at most about
+    ``elastic`` of the image size), then the stroke width (``w`` > 0 thickens: a grey-level
+    erosion (min filter) of dark ink on a light image, dilation otherwise; ``|w|`` whole pixels
+    of 3x3 filtering, the fraction blended linearly).
+
+    Example:
+        >>> x = torch.ones(1, 1, 9, 9); x[0, 0, 4, 4] = 0.0  # one dark dot on white
+        >>> int((strokes(x, {"width": torch.tensor([1.0])}) < 0.5).sum())
+        9
+        >>> int((strokes(x, {"width": torch.tensor([-1.0])}) < 0.5).sum())
+        0
+    """
+    n, c, h, w = x.shape
+    if "offsets" in params:
+        e = F.interpolate(params["offsets"], size=(h, w), mode="bicubic", align_corners=True)
+        xs, ys = _base_coords(h, w, torch.float64)
+        grid = torch.stack([xs.expand(h, w), ys.expand(h, w)], -1)  # (H, W, 2): x, y
+        grid = grid + 2 * e.permute(0, 2, 3, 1)  # offsets are fractions of the size
+        x = F.grid_sample(x, grid.to(x.dtype), "bilinear", "border", align_corners=False)
+    if "width" in params:
+        width = params["width"].to(x.dtype)
+        steps = int(math.ceil(float(width.abs().max())))
+        if steps:
+            light = x.mean(dim=(1, 2, 3)) > 0.5  # dark ink on light paper
+            thicker = (width > 0) == light  # min filter (else max filter)
+            sign = torch.where(thicker, -1.0, 1.0).to(x.dtype).view(n, 1, 1, 1)
+            levels = [x]
+            z = x * sign  # a max filter of sign * x is the min (or max) filter of x
+            for _ in range(steps):
+                z = F.max_pool2d(F.pad(z, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+                levels.append(z * sign)
+            stack = torch.stack(levels)  # (steps + 1, N, C, H, W)
+            a = width.abs()
+            lo = a.floor().long().clamp(max=steps)
+            hi = (lo + 1).clamp(max=steps)
+            idx = torch.arange(n)
+            frac = (a - lo.to(a.dtype)).view(n, 1, 1, 1)
+            x = torch.lerp(stack[lo, idx], stack[hi, idx], frac)
+    return x
+
+
 # ------------------------------------------------------------------- per-sample executor
 
 
@@ -587,6 +700,8 @@ class SampleAugment:
     illumination: float = 0.0
     blur: float = 0.0
     jpeg: int = 0
+    elastic: float = 0.0
+    thickness: float = 0.0
 
     def __post_init__(self) -> None:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -603,9 +718,9 @@ class SampleAugment:
         saturation) drawn from ``seed`` (``h``, ``w``: the image size, for ``crop_pad``)."""
         return self._draw(seed, h, w)[:2]
 
-    def _draw(self, seed: int, h: int = 0, w: int = 0) -> tuple[list, list, dict]:
-        """:meth:`_params` and then the photometric parameters (:func:`draw_photometric`;
-        empty when none is on)."""
+    def _draw(self, seed: int, h: int = 0, w: int = 0) -> tuple[list, list, dict, dict]:
+        """:meth:`_params`, then the photometric parameters (:func:`draw_photometric`) and the
+        stroke parameters (:func:`draw_strokes`), each empty when none of its fields is on."""
         g = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
         u = torch.rand(8, generator=g).tolist()
         area = self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * u[0]
@@ -639,8 +754,10 @@ class SampleAugment:
         if z != 1.0:
             sw, sh = sw / z, sh / z
         theta = [sw * c * flip, -sh * s, tx, sw * s * flip, sh * c, ty]
-        photo = draw_photometric(self.spec, g, 1) if self.spec.photometric else {}
-        return theta, jit, photo  # photometric: drawn last, only when on
+        spec = self.spec
+        photo = draw_photometric(spec, g, 1) if spec.photometric else {}
+        stroke = draw_strokes(spec, g, 1) if spec.strokes else {}
+        return theta, jit, photo, stroke  # photometric, then strokes: drawn last, when on
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         return self.apply_batch(x[None], [seed])[0]
@@ -653,6 +770,7 @@ class SampleAugment:
         drawn = [self._draw(s, h, w) for s in seeds]
         params = [d[:2] for d in drawn]
         photo = [d[2] for d in drawn if d[2]]
+        stroke = [d[3] for d in drawn if d[3]]
         theta = torch.tensor([p[0] for p in params], dtype=x.dtype).view(-1, 2, 3)
         # F.affine_grid(theta, x.shape, align_corners=False), from cached pixel-centre coordinates:
         # 22 µs instead of 88 µs for one 112x112 image
@@ -669,6 +787,8 @@ class SampleAugment:
             out = torch.addcmul(mean * (1 - k), out, b * k)
             grey = torch.tensordot(_GREY_WEIGHTS.to(out.dtype), out, dims=([0], [1]))[:, None]
             out = torch.lerp(grey, out, sat).clamp_(0, 1)  # saturation: (x - grey) * sat + grey
+        if stroke:
+            out = strokes(out, {k: torch.cat([p[k] for p in stroke]) for k in stroke[0]})
         if photo:
             out = photometric(out, {k: torch.cat([p[k] for p in photo]) for k in photo[0]})
         return out
