@@ -133,6 +133,10 @@ def test_trial_options_keep_the_base_model_and_start_from_the_base():
     first = _base_params(space, TrainConfig(p=12, k=4), 1e-3, "image")
     # p = 12 is off the grid: sampled; unset options take their defaults
     assert first == {"k": 4, "augment": "light", "model.pool": "avg", "width": 1.0, "lr": 1e-3}
+    # the embedding size a run without one uses (64), not a sampled one; a backbone's is auto
+    space["embedding_dim"] = {"type": "categorical", "choices": [64, 128]}
+    assert _base_params(space, TrainConfig(), 1e-3, "image")["embedding_dim"] == 64
+    assert "embedding_dim" not in _base_params(space, TrainConfig(backbone="mobilenet_v2"), 1e-3)
 
 
 def test_tune_first_trial_is_the_base_configuration(tmp_path):

@@ -69,6 +69,9 @@ __all__ = [
 #: largest cache of frozen feature maps (``--freeze-stages N``) a trainer keeps in memory
 PREFIX_CACHE_BYTES = 2 << 30
 
+#: the embedding size of a run that sets none (and has no pretrained backbone: see auto)
+DEFAULT_EMBEDDING_DIM = 64
+
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """The schedule's learning-rate factor at ``step``: linear warm-up, then cosine to 0.
@@ -135,7 +138,7 @@ def resolve_defaults(
     return Defaults(
         lr=lr,
         epochs=epochs,
-        embedding_dim=cfg.embedding_dim if cfg.embedding_dim is not None else 64,
+        embedding_dim=cfg.embedding_dim if cfg.embedding_dim is not None else DEFAULT_EMBEDDING_DIM,
         augment=cfg.augment if cfg.augment is not None else auto_augment,
         notes=list(notes),
         lines=[f"auto: {line}" for line in notes],

@@ -210,6 +210,10 @@ def _base_params(space: dict, cfg: TrainConfig, lr: float, kind: str = "image") 
             v = cfg.model_options.get(key, MODEL_DEFAULTS.get(model, {}).get(key))
         elif name == "augment" and cfg.augment is None:
             v = "light" if kind == "image" else "none"
+        elif name == "embedding_dim" and cfg.embedding_dim is None and not cfg.backbone:
+            from .build import DEFAULT_EMBEDDING_DIM
+
+            v = DEFAULT_EMBEDDING_DIM  # what the run would use (a backbone's is automatic)
         else:
             v = 1.0 if name == "width" else lr if name == "lr" else getattr(cfg, name, None)
         if d["type"] == "categorical":
