@@ -36,6 +36,21 @@ CONFIGS: dict[str, dict] = {
     "ft4_60": {**FT, "steps": 60},
     "ft3": {"freeze_stages": 3, "augment": "flip"},
 }
+# issue 28's value question: does a bigger mined batch pay at equal training examples (= equal
+# time on the plain path: time per step is linear in B here)? ft4_lr01 (the best fine-tuning
+# above: B = 10 x 4 = 40, 300 steps = 12,000 examples) at B = 20, 80 and 200 (20 people are
+# all a fold trains on), and B = 200 through gradient caching in chunks of 40 (exact: the same
+# gradients, so the same figures up to float rounding, in the memory of B = 40).
+_LR01 = {**FT, "backbone_lr_mult": 0.01}
+CONFIGS.update(
+    {
+        "b20": {**_LR01, "p": 5, "k": 4, "steps": 600},
+        "b40": {**_LR01, "p": 10, "k": 4, "steps": 300},
+        "b80": {**_LR01, "p": 20, "k": 4, "steps": 150},
+        "b200": {**_LR01, "p": 20, "k": 10, "steps": 60},
+        "b200_chunk40": {**_LR01, "p": 20, "k": 10, "steps": 60, "chunk_size": 40},
+    }
+)
 
 
 def link_folder(data: Path, dest: Path) -> Path:

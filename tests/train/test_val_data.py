@@ -117,6 +117,13 @@ def test_two_training_sources_with_a_ratio(tmp_path, folders):
     test = Inference.from_run(tmp_path / "two").load_data()
     assert test.classes == t.dataset.classes and torch.equal(test.y, t.test_set.y)
     assert torch.allclose(test.x, t.test_set.x)
+    # eval --data on one of the sources counts the images the run trained on (a leak warning)
+    split = json.loads((tmp_path / "two" / "split.json").read_text())["test"]
+    trained = {c.split("/", 1)[1] for c in split["train_classes"] if c.startswith("yale/")}
+    files = sorted(str(f) for f in b.rglob("*.png"))
+    want = sum(f.split("/")[-2] in trained for f in files)
+    assert 0 < want < len(files)  # some of yale's classes are the run's test classes
+    assert Inference.from_run(tmp_path / "two").training_items(None, str(b), files) == want
     with pytest.raises(InputError, match="several training sources"):
         Trainer(_cfg(tmp_path, "one", data=str(a), source_ratio="1:1"))
 

@@ -471,21 +471,36 @@ class Inference:
         (``data`` None)."""
         if data is None:
             return 0
-        train_data = str(self.config.get("train", {}).get("data", "digits"))
+        spec = self.config.get("train", {}).get("data", "digits")
+        several = isinstance(spec, (list, tuple))
+        train_data = str(spec)
         split_path = self.run_dir / "split.json"
         if not split_path.exists():
             return 0
         test_info = read_json(split_path, "split")["test"]
         paths = paths if paths is not None else (dataset.paths if dataset is not None else None)
         if paths is not None and test_info.get("by") == "class":
-            root = Path(train_data).resolve()
-            train_dirs = [root / c for c in test_info.get("train_classes", [])]
+            classes = test_info.get("train_classes", [])
+            if several:  # classes are "<source name>/<class>": each under its own folder
+                from ..data.open import source_name, source_of
+
+                roots = {source_name(str(d)): Path(d).resolve() for d in spec}
+                train_dirs = [
+                    roots[source_of(c)] / c.split("/", 1)[1]
+                    for c in classes
+                    if "/" in c and source_of(c) in roots
+                ]
+            else:
+                root = Path(train_data).resolve()
+                train_dirs = [root / c for c in classes]
 
             def in_training(p: str) -> bool:
                 rp = Path(p).resolve()
                 return any(rp.is_relative_to(d) for d in train_dirs)
 
             return sum(in_training(p) for p in paths)
+        if several:  # rows of several sources: no same-rows test (image folders: above)
+            return 0
         same_source = data == train_data or (
             Path(data).exists() and Path(data).resolve() == Path(train_data).resolve()
         )
